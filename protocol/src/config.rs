@@ -1,0 +1,928 @@
+//! The configuration file shared by gateways and workers.
+//!
+//! One TOML file describes a deployment; every process reads the same one. Loading is a
+//! single step ([`Config::load`]): parse the file (if any), apply the `TESSERA_*`
+//! environment overrides, then validate everything, so that a process either starts with a
+//! configuration it fully understands or exits naming the key that is wrong.
+//!
+//! Durations are written the human way (`"250ms"`, `"10s"`, `"10m"`), sizes too
+//! (`"64MiB"`). Unknown keys are errors: a misspelt `max_atempts` must not silently fall
+//! back to a default.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Deserializer};
+
+/// Names of the environment variables that override the file, in one place.
+pub mod env {
+    /// Path of the TOML file, when `--config` is not given.
+    pub const CONFIG: &str = "TESSERA_CONFIG";
+    /// Overrides `gateway.listen`.
+    pub const LISTEN: &str = "TESSERA_LISTEN";
+    /// Overrides `upstream.url`.
+    pub const UPSTREAM_URL: &str = "TESSERA_UPSTREAM_URL";
+    /// Overrides `store.memcached`, comma-separated `host:port` list.
+    pub const MEMCACHED: &str = "TESSERA_MEMCACHED";
+    /// Overrides `bus.amqp`.
+    pub const AMQP_URL: &str = "TESSERA_AMQP_URL";
+    /// Overrides `gateway.admin_token`.
+    pub const ADMIN_TOKEN: &str = "TESSERA_ADMIN_TOKEN";
+}
+
+/// Longest route name; keeps every store key far below memcached's 250 bytes.
+pub const MAX_ROUTE_NAME: usize = 64;
+/// Longest namespace.
+pub const MAX_NAMESPACE: usize = 32;
+
+/// Why a configuration was refused. The message always names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or a value has the wrong type.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file (or `<inline>`).
+        path: String,
+        /// toml's message, which names the key and shows the line.
+        message: String,
+    },
+    /// A value parsed but makes no sense.
+    #[error("config key `{key}`: {problem}")]
+    Invalid {
+        /// Dotted path of the key, e.g. `fragment[2].params`.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The HTTP front: listeners and fragment endpoint.
+    pub gateway: GatewayConfig,
+    /// The web application Tessera fronts and renders fragments from.
+    pub upstream: UpstreamConfig,
+    /// L1: the in-process cache of each gateway.
+    pub cache: CacheConfig,
+    /// L2: memcached, or the embedded memory store when `memcached` is absent.
+    pub store: StoreConfig,
+    /// The broker, or the in-process bus when `amqp` is absent.
+    pub bus: BusConfig,
+    /// Build capacity.
+    pub workers: WorkersConfig,
+    /// Fragment routes, in the file as `[[fragment]]` tables.
+    #[serde(rename = "fragment")]
+    pub fragments: Vec<FragmentRoute>,
+}
+
+/// `[gateway]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Public listener. Default `127.0.0.1:8080`.
+    pub listen: String,
+    /// Admin listener (metrics, health, dashboard, purge). Default `127.0.0.1:9090`.
+    pub admin_listen: String,
+    /// Bearer token for the admin listener; required when it is not on loopback.
+    pub admin_token: String,
+    /// Path prefix of fragment endpoints. Default `/fragments/`.
+    pub fragment_prefix: String,
+    /// Cap on `Prefer: wait=N`. Default 30 s.
+    #[serde(deserialize_with = "duration")]
+    pub max_wait: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            admin_token: String::new(),
+            fragment_prefix: "/fragments/".into(),
+            max_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Base URL, `http://host:port` (plain HTTP/1.1). Default `http://127.0.0.1:3000`.
+    pub url: String,
+    /// Deadline for one proxied request or one render. Default 30 s.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:3000".into(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[cache]` — L1 inside each gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Byte budget (bodies plus keys). `0` disables L1. Default 64 MiB.
+    pub capacity: ByteSize,
+    /// Longest time an entry stays in L1; events evict sooner. Default 2 s.
+    #[serde(deserialize_with = "duration")]
+    pub ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            capacity: ByteSize::mib(64),
+            ttl: Duration::from_secs(2),
+        }
+    }
+}
+
+/// `[store]` — L2.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// memcached servers as `host:port`. Empty: the embedded memory store.
+    pub memcached: Vec<String>,
+    /// Prefix of every key, so several deployments can share servers. Default `tessera`.
+    pub namespace: String,
+    /// Deadline for one store call. Default 250 ms.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Largest stored item (memcached's `-I`). Bigger fragments fail their build. Default 1 MiB.
+    pub max_item_size: ByteSize,
+    /// Byte budget of the embedded memory store (unused with memcached). Default 256 MiB.
+    pub memory_capacity: ByteSize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            memcached: Vec::new(),
+            namespace: "tessera".into(),
+            timeout: Duration::from_millis(250),
+            max_item_size: ByteSize::mib(1),
+            memory_capacity: ByteSize::mib(256),
+        }
+    }
+}
+
+/// `[bus]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    /// AMQP URL of the broker. Absent: the embedded in-process bus.
+    pub amqp: Option<String>,
+}
+
+/// `[workers]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersConfig {
+    /// Build tasks inside each gateway. Default 4; `0` with a broker leaves building to
+    /// `tessera-worker` processes.
+    pub embedded: usize,
+    /// Concurrent builds per `tessera-worker` process (also its prefetch). Default 16.
+    pub concurrency: usize,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        Self {
+            embedded: 4,
+            concurrency: 16,
+        }
+    }
+}
+
+/// Where a `vary` value comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum VarySource {
+    /// `cookie:NAME` — the value of one cookie.
+    Cookie(String),
+    /// `header:NAME` — a request header, name lower-cased.
+    Header(String),
+}
+
+impl VarySource {
+    /// The form used in the config file and in canonical identities.
+    pub fn spec(&self) -> String {
+        match self {
+            VarySource::Cookie(n) => format!("cookie:{n}"),
+            VarySource::Header(n) => format!("header:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for VarySource {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, name) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?} must be `cookie:NAME` or `header:NAME`"))?;
+        let name_ok = !name.is_empty()
+            && name.len() <= 128
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !name_ok {
+            return Err(format!(
+                "{s:?}: the name must be 1 to 128 letters, digits, `-`, `_` or `.`"
+            ));
+        }
+        match kind {
+            "cookie" => Ok(VarySource::Cookie(name.to_string())),
+            "header" => Ok(VarySource::Header(name.to_ascii_lowercase())),
+            other => Err(format!(
+                "{s:?}: unknown source {other:?}, expected `cookie` or `header`"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for VarySource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// One `[[fragment]]` table: a fragment endpoint and how to build it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FragmentRoute {
+    /// Served at `{fragment_prefix}{name}`. Lower-case letters, digits, `-`, `_`; required.
+    pub name: String,
+    /// Path on the upstream that renders it; params go in its query. Required.
+    pub render: String,
+    /// Allow-listed query parameters: part of the identity and forwarded; others dropped.
+    #[serde(default)]
+    pub params: Vec<String>,
+    /// Request cookies/headers that are part of the identity and forwarded to the render.
+    #[serde(default)]
+    pub vary: Vec<VarySource>,
+    /// How long a built fragment is served without a rebuild. Default 60 s.
+    #[serde(default = "default_fresh", deserialize_with = "duration")]
+    pub fresh: Duration,
+    /// How long after `fresh` it may still be served while a rebuild runs. Default 10 min.
+    #[serde(default = "default_stale", deserialize_with = "duration")]
+    pub stale: Duration,
+    /// How long a failed build is remembered before another is tried. Default 5 s.
+    #[serde(default = "default_failed_ttl", deserialize_with = "duration")]
+    pub failed_ttl: Duration,
+    /// Deadline for one render attempt. Default 10 s.
+    #[serde(default = "default_build_timeout", deserialize_with = "duration")]
+    pub build_timeout: Duration,
+    /// Render attempts before the build fails (upstream 5xx and timeouts). Default 4.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// HTML shown while the fragment is pending.
+    #[serde(default = "default_placeholder")]
+    pub placeholder: String,
+    /// Broker queue for this route's builds. Default `tessera.build`.
+    #[serde(default = "default_queue")]
+    pub queue: String,
+}
+
+/// Queue that routes use unless they name their own.
+pub const DEFAULT_QUEUE: &str = "tessera.build";
+
+fn default_fresh() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_stale() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_failed_ttl() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_build_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_attempts() -> u32 {
+    4
+}
+fn default_placeholder() -> String {
+    r#"<div class="tessera-loading">Loading…</div>"#.into()
+}
+fn default_queue() -> String {
+    DEFAULT_QUEUE.into()
+}
+
+impl FragmentRoute {
+    /// A route with every optional key at its default.
+    pub fn new(name: impl Into<String>, render: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            render: render.into(),
+            params: Vec::new(),
+            vary: Vec::new(),
+            fresh: default_fresh(),
+            stale: default_stale(),
+            failed_ttl: default_failed_ttl(),
+            build_timeout: default_build_timeout(),
+            max_attempts: default_max_attempts(),
+            placeholder: default_placeholder(),
+            queue: default_queue(),
+        }
+    }
+
+    /// How long a build may hold the pending lease: one attempt plus slack for storing the
+    /// result. Workers extend it before each retry, so it never has to cover all attempts.
+    pub fn lease_ttl(&self) -> Duration {
+        self.build_timeout + LEASE_SLACK
+    }
+}
+
+/// Added to the build timeout for the lease, covering the store write and event publish.
+pub const LEASE_SLACK: Duration = Duration::from_secs(5);
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{s:?} is not a duration ({e}); write e.g. \"250ms\", \"10s\", \"5m\""
+        ))
+    })
+}
+
+impl Config {
+    /// Loads the deployment's configuration: `path`, else `$TESSERA_CONFIG`, else
+    /// built-in defaults; then environment overrides; then validation.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let from_env = std::env::var_os(env::CONFIG).map(PathBuf::from);
+        let path = path.map(Path::to_path_buf).or(from_env);
+        let text = match &path {
+            Some(p) => Some(
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        let name = path.map_or_else(|| "<defaults>".to_string(), |p| p.display().to_string());
+        Self::from_sources(&name, text.as_deref(), |k| std::env::var(k).ok())
+    }
+
+    /// Parses `toml` (or defaults when `None`), applies overrides from `env`, validates.
+    /// `env` is a lookup so tests need not touch the process environment.
+    pub fn from_sources(
+        name: &str,
+        toml: Option<&str>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut config: Config = match toml {
+            Some(text) => toml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: name.to_string(),
+                message: e.to_string(),
+            })?,
+            None => Config::default(),
+        };
+        config.apply_env(env);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses and validates a TOML string without looking at the environment.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Self::from_sources("<inline>", Some(text), |_| None)
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
+        if let Some(v) = env(env::LISTEN) {
+            self.gateway.listen = v;
+        }
+        if let Some(v) = env(env::UPSTREAM_URL) {
+            self.upstream.url = v;
+        }
+        if let Some(v) = env(env::MEMCACHED) {
+            self.store.memcached = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect();
+        }
+        if let Some(v) = env(env::AMQP_URL) {
+            self.bus.amqp = Some(v).filter(|s| !s.trim().is_empty());
+        }
+        if let Some(v) = env(env::ADMIN_TOKEN) {
+            self.gateway.admin_token = v;
+        }
+    }
+
+    /// Checks every rule that the types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let g = &self.gateway;
+        parse_addr("gateway.listen", &g.listen)?;
+        parse_addr("gateway.admin_listen", &g.admin_listen)?;
+        if !(g.fragment_prefix.starts_with('/') && g.fragment_prefix.ends_with('/'))
+            || g.fragment_prefix.len() < 2
+            || g.fragment_prefix.starts_with("/_tessera/")
+        {
+            return Err(invalid(
+                "gateway.fragment_prefix",
+                format!(
+                    "{:?} must start and end with `/`, e.g. \"/fragments/\", and not be under /_tessera/",
+                    g.fragment_prefix
+                ),
+            ));
+        }
+        positive("gateway.max_wait", g.max_wait)?;
+
+        let uri: http::Uri = self.upstream.url.parse().map_err(|e| {
+            invalid(
+                "upstream.url",
+                format!("{:?} is not a URL: {e}", self.upstream.url),
+            )
+        })?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(invalid(
+                "upstream.url",
+                format!(
+                    "{:?} must be http://host[:port] (plain HTTP/1.1)",
+                    self.upstream.url
+                ),
+            ));
+        }
+        if uri.query().is_some() {
+            return Err(invalid("upstream.url", "must not have a query string"));
+        }
+        positive("upstream.timeout", self.upstream.timeout)?;
+
+        positive("cache.ttl", self.cache.ttl)?;
+
+        let s = &self.store;
+        for (i, server) in s.memcached.iter().enumerate() {
+            let host_port = server.strip_prefix("memcache://").unwrap_or(server);
+            let ok = host_port
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return Err(invalid(
+                    format!("store.memcached[{i}]"),
+                    format!("{server:?} must be host:port, e.g. \"127.0.0.1:11211\""),
+                ));
+            }
+        }
+        let ns_ok = !s.namespace.is_empty()
+            && s.namespace.len() <= MAX_NAMESPACE
+            && s.namespace
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !ns_ok {
+            return Err(invalid(
+                "store.namespace",
+                format!(
+                    "{:?} must be 1 to {MAX_NAMESPACE} letters, digits, `-`, `_` or `.`",
+                    s.namespace
+                ),
+            ));
+        }
+        positive("store.timeout", s.timeout)?;
+        if s.max_item_size < ByteSize::kib(4) || s.max_item_size > ByteSize::mib(128) {
+            return Err(invalid(
+                "store.max_item_size",
+                "must be between 4KiB and 128MiB (memcached's -I limit)",
+            ));
+        }
+
+        if let Some(url) = &self.bus.amqp
+            && !(url.starts_with("amqp://") || url.starts_with("amqps://"))
+        {
+            return Err(invalid(
+                "bus.amqp",
+                "must be an amqp:// or amqps:// URL, e.g. \"amqp://guest:guest@127.0.0.1:5672/%2f\"",
+            ));
+        }
+        if self.bus.amqp.is_some() && s.memcached.is_empty() {
+            return Err(invalid(
+                "store.memcached",
+                "required when bus.amqp is set: worker processes cannot reach a gateway's embedded memory store",
+            ));
+        }
+        if self.bus.amqp.is_none() && self.workers.embedded == 0 {
+            return Err(invalid(
+                "workers.embedded",
+                "must be at least 1 without bus.amqp: with the embedded bus nothing else can build fragments",
+            ));
+        }
+        if self.workers.concurrency == 0 || self.workers.concurrency > u16::MAX as usize {
+            return Err(invalid(
+                "workers.concurrency",
+                "must be between 1 and 65535",
+            ));
+        }
+        if self.workers.embedded > u16::MAX as usize {
+            return Err(invalid("workers.embedded", "must be at most 65535"));
+        }
+
+        let mut names = HashSet::new();
+        for (i, r) in self.fragments.iter().enumerate() {
+            r.validate(&format!("fragment[{i}]"))?;
+            if !names.insert(r.name.as_str()) {
+                return Err(invalid(
+                    format!("fragment[{i}].name"),
+                    format!("{:?} is used by an earlier route", r.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The route called `name`.
+    pub fn route(&self, name: &str) -> Option<&FragmentRoute> {
+        self.fragments.iter().find(|r| r.name == name)
+    }
+
+    /// Every queue some route builds on, each once, in route order.
+    pub fn queues(&self) -> Vec<String> {
+        let mut seen = Vec::new();
+        for r in &self.fragments {
+            if !seen.contains(&r.queue) {
+                seen.push(r.queue.clone());
+            }
+        }
+        if seen.is_empty() {
+            seen.push(DEFAULT_QUEUE.to_string());
+        }
+        seen
+    }
+
+    /// True when the memory store and in-process bus are used.
+    pub fn is_embedded(&self) -> bool {
+        self.store.memcached.is_empty() && self.bus.amqp.is_none()
+    }
+}
+
+impl FragmentRoute {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= MAX_ROUTE_NAME
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !name_ok {
+            return Err(invalid(
+                format!("{at}.name"),
+                format!(
+                    "{:?} must be 1 to {MAX_ROUTE_NAME} lower-case letters, digits, `-` or `_`",
+                    self.name
+                ),
+            ));
+        }
+        let render_ok = self.render.starts_with('/')
+            && !self.render.contains(['?', '#'])
+            && self.render.parse::<http::uri::PathAndQuery>().is_ok();
+        if !render_ok {
+            return Err(invalid(
+                format!("{at}.render"),
+                format!(
+                    "{:?} must be a path on the upstream starting with `/`, without query or fragment",
+                    self.render
+                ),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for p in &self.params {
+            let ok = !p.is_empty()
+                && p.len() <= 64
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.[]".contains(&b));
+            if !ok {
+                return Err(invalid(
+                    format!("{at}.params"),
+                    format!("{p:?} must be 1 to 64 letters, digits, `-`, `_`, `.`, `[` or `]`"),
+                ));
+            }
+            if !seen.insert(p) {
+                return Err(invalid(
+                    format!("{at}.params"),
+                    format!("{p:?} is listed twice"),
+                ));
+            }
+        }
+        let mut seen = HashSet::new();
+        for v in &self.vary {
+            if !seen.insert(v) {
+                return Err(invalid(
+                    format!("{at}.vary"),
+                    format!("{:?} is listed twice", v.spec()),
+                ));
+            }
+            if matches!(v, VarySource::Header(h) if h == "cookie") {
+                return Err(invalid(
+                    format!("{at}.vary"),
+                    "vary on single cookies with `cookie:NAME`, not on the whole Cookie header",
+                ));
+            }
+        }
+        positive(&format!("{at}.fresh"), self.fresh)?;
+        positive(&format!("{at}.failed_ttl"), self.failed_ttl)?;
+        positive(&format!("{at}.build_timeout"), self.build_timeout)?;
+        let month = Duration::from_secs(30 * 24 * 3600);
+        if self.fresh + self.stale > month {
+            return Err(invalid(
+                format!("{at}.stale"),
+                "fresh + stale must be at most 30 days (memcached's relative expiry limit)",
+            ));
+        }
+        if !(1..=20).contains(&self.max_attempts) {
+            return Err(invalid(
+                format!("{at}.max_attempts"),
+                "must be between 1 and 20",
+            ));
+        }
+        if self.placeholder.len() > 16 * 1024 {
+            return Err(invalid(
+                format!("{at}.placeholder"),
+                "must be at most 16KiB",
+            ));
+        }
+        let queue_ok = !self.queue.is_empty()
+            && self.queue.len() <= 200
+            && !self.queue.starts_with("amq.")
+            && self
+                .queue
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+        if !queue_ok {
+            return Err(invalid(
+                format!("{at}.queue"),
+                format!(
+                    "{:?} must be 1 to 200 letters, digits, `-`, `_`, `.` or `:`, not starting with `amq.`",
+                    self.queue
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{value:?} must be an IP address and port, e.g. \"127.0.0.1:8080\""),
+        )
+    })
+}
+
+fn positive(key: &str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        return Err(invalid(key, "must be greater than zero"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(toml: &str) -> String {
+        match Config::from_toml(toml) {
+            Ok(_) => panic!("config was accepted:\n{toml}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    const ROUTE: &str = "[[fragment]]\nname = \"recs\"\nrender = \"/_render/recs\"\n";
+
+    #[test]
+    fn defaults_need_no_file() {
+        let c = Config::from_sources("<defaults>", None, |_| None).unwrap();
+        assert_eq!(c.gateway.listen, "127.0.0.1:8080");
+        assert!(c.is_embedded());
+        assert_eq!(c.workers.embedded, 4);
+        assert_eq!(c.cache.capacity, ByteSize::mib(64));
+        assert_eq!(c.store.timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn design_example_parses() {
+        let c = Config::from_toml(
+            r#"
+[gateway]
+listen = "127.0.0.1:8080"
+admin_listen = "127.0.0.1:9090"
+admin_token = ""
+fragment_prefix = "/fragments/"
+max_wait = "30s"
+[upstream]
+url = "http://127.0.0.1:3000"
+timeout = "30s"
+[cache]
+capacity = "64MiB"
+ttl = "2s"
+[store]
+memcached = ["127.0.0.1:11211"]
+namespace = "tessera"
+timeout = "250ms"
+max_item_size = "1MiB"
+[bus]
+amqp = "amqp://guest:guest@127.0.0.1:5672/%2f"
+[workers]
+embedded = 4
+concurrency = 16
+[[fragment]]
+name = "recommendations"
+render = "/_render/recommendations"
+params = ["user_id", "limit"]
+vary = ["cookie:session_id", "header:accept-language"]
+fresh = "60s"
+stale = "10m"
+failed_ttl = "5s"
+build_timeout = "10s"
+max_attempts = 4
+placeholder = '<div class="tessera-loading">Loading…</div>'
+queue = "tessera.build"
+"#,
+        )
+        .unwrap();
+        let r = c.route("recommendations").unwrap();
+        assert_eq!(r.stale, Duration::from_secs(600));
+        assert_eq!(
+            r.vary,
+            vec![
+                VarySource::Cookie("session_id".into()),
+                VarySource::Header("accept-language".into())
+            ]
+        );
+        assert_eq!(c.store.max_item_size, ByteSize::mib(1));
+        assert!(!c.is_embedded());
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let c = Config::from_sources(
+            "t",
+            Some("[gateway]\nlisten = \"127.0.0.1:1\"\n"),
+            |k| match k {
+                env::LISTEN => Some("127.0.0.1:2".into()),
+                env::MEMCACHED => Some("127.0.0.1:11211, 127.0.0.1:11212".into()),
+                env::AMQP_URL => Some("amqp://127.0.0.1".into()),
+                _ => None,
+            },
+        )
+        .unwrap();
+        assert_eq!(c.gateway.listen, "127.0.0.1:2");
+        assert_eq!(
+            c.store.memcached,
+            vec!["127.0.0.1:11211", "127.0.0.1:11212"]
+        );
+        assert_eq!(c.bus.amqp.as_deref(), Some("amqp://127.0.0.1"));
+    }
+
+    #[test]
+    fn every_validation_error_names_its_key() {
+        let cases: &[(&str, &str)] = &[
+            ("[gateway]\nlisten = \"nope\"", "gateway.listen"),
+            (
+                "[gateway]\nadmin_listen = \"1.2.3.4\"",
+                "gateway.admin_listen",
+            ),
+            (
+                "[gateway]\nfragment_prefix = \"frag\"",
+                "gateway.fragment_prefix",
+            ),
+            ("[gateway]\nmax_wait = \"0s\"", "gateway.max_wait"),
+            ("[upstream]\nurl = \"https://x\"", "upstream.url"),
+            ("[upstream]\nurl = \"http://x/?a=1\"", "upstream.url"),
+            ("[upstream]\ntimeout = \"0s\"", "upstream.timeout"),
+            ("[cache]\nttl = \"0s\"", "cache.ttl"),
+            ("[store]\nmemcached = [\"nohost\"]", "store.memcached[0]"),
+            ("[store]\nnamespace = \"a b\"", "store.namespace"),
+            ("[store]\ntimeout = \"0ms\"", "store.timeout"),
+            ("[store]\nmax_item_size = \"1KiB\"", "store.max_item_size"),
+            ("[bus]\namqp = \"http://x\"", "bus.amqp"),
+            ("[bus]\namqp = \"amqp://x\"", "store.memcached"),
+            ("[workers]\nembedded = 0", "workers.embedded"),
+            ("[workers]\nconcurrency = 0", "workers.concurrency"),
+            (
+                "[[fragment]]\nname = \"Bad Name\"\nrender = \"/r\"",
+                "fragment[0].name",
+            ),
+            (
+                "[[fragment]]\nname = \"a\"\nrender = \"r\"",
+                "fragment[0].render",
+            ),
+            (
+                "[[fragment]]\nname = \"a\"\nrender = \"/r?x=1\"",
+                "fragment[0].render",
+            ),
+            (
+                "[[fragment]]\nname = \"a\"\nrender = \"/r\"\nparams = [\"a\", \"a\"]",
+                "fragment[0].params",
+            ),
+            (
+                "[[fragment]]\nname = \"a\"\nrender = \"/r\"\nparams = [\"a b\"]",
+                "fragment[0].params",
+            ),
+            (
+                "[[fragment]]\nname = \"a\"\nrender = \"/r\"\nvary = [\"header:x\", \"header:X\"]",
+                "fragment[0].vary",
+            ),
+            (
+                "[[fragment]]\nname = \"a\"\nrender = \"/r\"\nvary = [\"header:cookie\"]",
+                "fragment[0].vary",
+            ),
+            (
+                "[[fragment]]\nname = \"a\"\nrender = \"/r\"\nfresh = \"0s\"",
+                "fragment[0].fresh",
+            ),
+            (
+                "[[fragment]]\nname = \"a\"\nrender = \"/r\"\nstale = \"31days\"",
+                "fragment[0].stale",
+            ),
+            (
+                "[[fragment]]\nname = \"a\"\nrender = \"/r\"\nfailed_ttl = \"0s\"",
+                "fragment[0].failed_ttl",
+            ),
+            (
+                "[[fragment]]\nname = \"a\"\nrender = \"/r\"\nbuild_timeout = \"0s\"",
+                "fragment[0].build_timeout",
+            ),
+            (
+                "[[fragment]]\nname = \"a\"\nrender = \"/r\"\nmax_attempts = 0",
+                "fragment[0].max_attempts",
+            ),
+            (
+                "[[fragment]]\nname = \"a\"\nrender = \"/r\"\nqueue = \"amq.x\"",
+                "fragment[0].queue",
+            ),
+            (
+                "[[fragment]]\nname = \"a\"\nrender = \"/r\"\nqueue = \"a b\"",
+                "fragment[0].queue",
+            ),
+        ];
+        for (toml, key) in cases {
+            let msg = err(toml);
+            assert!(
+                msg.contains(&format!("`{key}`")),
+                "{toml:?} gave {msg:?}, expected key {key}"
+            );
+        }
+        let dup = format!("{ROUTE}{ROUTE}");
+        assert!(err(&dup).contains("`fragment[1].name`"));
+    }
+
+    #[test]
+    fn parse_errors_name_the_key() {
+        for (toml, needle) in [
+            ("[cache]\nttl = \"soon\"", "ttl"),
+            ("[cache]\ncapacity = \"lots\"", "capacity"),
+            ("[gateway]\nlisten_port = 1", "listen_port"),
+            ("[[fragment]]\nname = \"a\"", "render"),
+            (
+                "[[fragment]]\nname = \"a\"\nrender = \"/r\"\nvary = [\"query:x\"]",
+                "vary",
+            ),
+            (
+                "[[fragment]]\nname = \"a\"\nrender = \"/r\"\nmax_atempts = 3",
+                "max_atempts",
+            ),
+        ] {
+            let msg = err(toml);
+            assert!(msg.contains(needle), "{toml:?} gave {msg:?}");
+        }
+    }
+
+    #[test]
+    fn queues_are_listed_once() {
+        let c = Config::from_toml(&format!(
+            "{ROUTE}[[fragment]]\nname = \"slow\"\nrender = \"/s\"\nqueue = \"tessera.slow\"\n[[fragment]]\nname = \"b\"\nrender = \"/b\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.queues(), vec!["tessera.build", "tessera.slow"]);
+    }
+}

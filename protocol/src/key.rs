@@ -1,0 +1,491 @@
+//! Fragment identity and store keys.
+//!
+//! A request for `/fragments/{route}?{query}` identifies a fragment by the route, the
+//! route's allow-listed params (sorted, percent-encoded), the route's `vary` values and
+//! the route's generation. Everything else in the request is ignored, so random query
+//! strings cannot flood the cache or the workers.
+//!
+//! Store keys never contain client bytes: the canonical identity is hashed (BLAKE3,
+//! 128 bits, hex), and the other parts (namespace, route, generation) are validated at
+//! config load. Every key is therefore short (well under memcached's 250 bytes), has no
+//! spaces or control characters, and has a fixed length per route.
+//!
+//! | key | holds |
+//! | --- | --- |
+//! | `{ns}:f:{route}:{gen}:{digest}` | the envelope |
+//! | `{ns}:p:{route}:{gen}:{digest}` | the pending lease (no data) |
+//! | `{ns}:g:{route}` | the route's generation |
+
+use std::fmt;
+
+use http::HeaderMap;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+
+use crate::config::{FragmentRoute, VarySource};
+
+/// Longest query string accepted on a fragment request.
+pub const MAX_QUERY: usize = 4096;
+/// Longest single param or vary value, after decoding.
+pub const MAX_VALUE: usize = 1024;
+/// Most values one allow-listed param may repeat.
+pub const MAX_REPEATS: usize = 16;
+
+/// RFC 3986 unreserved characters stay as they are; everything else is encoded.
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// Percent-encodes a query component the canonical way.
+pub fn encode(s: &str) -> String {
+    utf8_percent_encode(s, COMPONENT).to_string()
+}
+
+/// A key for the store. Only this module makes them, so every key that reaches memcached
+/// was built from validated or hashed parts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StoreKey(String);
+
+impl StoreKey {
+    /// The key as sent to the store.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for StoreKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The envelope and lease keys of one fragment.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FragmentKeys {
+    /// Where the envelope lives.
+    pub envelope: StoreKey,
+    /// The pending lease: present while exactly one build is queued or running.
+    pub lease: StoreKey,
+}
+
+/// Builds keys under one namespace.
+#[derive(Debug, Clone)]
+pub struct Keyspace {
+    ns: String,
+}
+
+impl Keyspace {
+    /// `namespace` must already be validated by the config loader.
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            ns: namespace.to_string(),
+        }
+    }
+
+    /// The keys of a fragment in `generation` of its route.
+    pub fn fragment(&self, identity: &Identity, generation: u64) -> FragmentKeys {
+        let digest = identity.digest();
+        FragmentKeys {
+            envelope: StoreKey(format!(
+                "{}:f:{}:{generation}:{digest}",
+                self.ns, identity.route
+            )),
+            lease: StoreKey(format!(
+                "{}:p:{}:{generation}:{digest}",
+                self.ns, identity.route
+            )),
+        }
+    }
+
+    /// Where the generation of `route` is kept. `route` must be a configured route name.
+    pub fn generation(&self, route: &str) -> StoreKey {
+        StoreKey(format!("{}:g:{route}", self.ns))
+    }
+
+    /// Recovers an envelope key from its text, as carried in messages from other
+    /// programs. `None` unless it has exactly the shape this keyspace builds.
+    pub fn parse_envelope_key(&self, text: &str) -> Option<StoreKey> {
+        let rest = text.strip_prefix(&self.ns)?.strip_prefix(":f:")?;
+        let mut parts = rest.split(':');
+        let (route, generation, digest) = (parts.next()?, parts.next()?, parts.next()?);
+        let valid = parts.next().is_none()
+            && !route.is_empty()
+            && route.len() <= crate::config::MAX_ROUTE_NAME
+            && route
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            && generation.parse::<u64>().is_ok()
+            && digest.len() == DIGEST_HEX
+            && digest
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+        valid.then(|| StoreKey(text.to_string()))
+    }
+}
+
+/// Hex characters of the identity digest (128 bits).
+pub const DIGEST_HEX: usize = 32;
+
+/// What identifies a fragment within a generation of its route.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Identity {
+    /// The route name.
+    pub route: String,
+    /// Allow-listed params, sorted by name; repeated values keep their request order.
+    pub params: Vec<(String, String)>,
+    /// `(spec, value)` for each of the route's vary sources that the request carried,
+    /// in the route's order; e.g. `("cookie:session_id", "abc")`.
+    pub vary: Vec<(String, String)>,
+}
+
+/// Why a fragment request cannot be mapped to an identity. Always the client's fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// The query string is longer than [`MAX_QUERY`].
+    #[error("query string is {0} bytes; at most {MAX_QUERY} are accepted")]
+    QueryTooLong(usize),
+    /// A value is longer than [`MAX_VALUE`].
+    #[error("value of {0:?} is longer than {MAX_VALUE} bytes")]
+    ValueTooLong(String),
+    /// A param repeats more than [`MAX_REPEATS`] times.
+    #[error("parameter {0:?} is repeated more than {MAX_REPEATS} times")]
+    TooManyValues(String),
+    /// Percent-decoding produced invalid UTF-8 or a control character.
+    #[error(
+        "value of {0:?} is not valid text (bad percent-encoding, invalid UTF-8 or control characters)"
+    )]
+    BadValue(String),
+}
+
+impl Identity {
+    /// The identity of a request for `route` with `query` and `headers`.
+    ///
+    /// Params not on the route's allow-list are dropped; vary values are read from the
+    /// named headers and cookies. Nothing from the request is trusted beyond that.
+    pub fn from_request(
+        route: &FragmentRoute,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<Identity, IdentityError> {
+        Ok(Identity {
+            route: route.name.clone(),
+            params: allowed_params(route, query.unwrap_or(""))?,
+            vary: vary_values(route, headers)?,
+        })
+    }
+
+    /// The canonical text form: equal identities, equal text; different, different.
+    /// Each part is percent-encoded, so the separators cannot occur inside a part.
+    pub fn canonical(&self) -> String {
+        let join = |pairs: &[(String, String)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+                .collect::<Vec<_>>()
+                .join("&")
+        };
+        format!(
+            "{}\n{}\n{}",
+            encode(&self.route),
+            join(&self.params),
+            join(&self.vary)
+        )
+    }
+
+    /// Fixed-length digest of the canonical form.
+    pub fn digest(&self) -> String {
+        let hash = blake3::hash(self.canonical().as_bytes());
+        hash.to_hex()[..DIGEST_HEX].to_string()
+    }
+
+    /// The params as a query string for the upstream render (canonical order).
+    pub fn query_string(&self) -> String {
+        self.params
+            .iter()
+            .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+            .collect::<Vec<_>>()
+            .join("&")
+    }
+}
+
+fn decode(raw: &str, name_for_errors: &str) -> Result<String, IdentityError> {
+    let spaced = raw.replace('+', " ");
+    let text = percent_decode_str(&spaced)
+        .decode_utf8()
+        .map_err(|_| IdentityError::BadValue(name_for_errors.to_string()))?;
+    if text.chars().any(char::is_control) {
+        return Err(IdentityError::BadValue(name_for_errors.to_string()));
+    }
+    Ok(text.into_owned())
+}
+
+fn allowed_params(
+    route: &FragmentRoute,
+    query: &str,
+) -> Result<Vec<(String, String)>, IdentityError> {
+    if query.len() > MAX_QUERY {
+        return Err(IdentityError::QueryTooLong(query.len()));
+    }
+    let mut out: Vec<(String, String)> = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
+        // Names on the allow-list are plain ASCII, so a name that fails to decode cannot
+        // be one of them: drop it like any other unknown param.
+        let Ok(name) = decode(raw_name, "?") else {
+            continue;
+        };
+        let Some(allowed) = route.params.iter().find(|p| **p == name) else {
+            continue;
+        };
+        let value = decode(raw_value, allowed)?;
+        if value.len() > MAX_VALUE {
+            return Err(IdentityError::ValueTooLong(allowed.clone()));
+        }
+        if out.iter().filter(|(n, _)| n == allowed).count() >= MAX_REPEATS {
+            return Err(IdentityError::TooManyValues(allowed.clone()));
+        }
+        out.push((allowed.clone(), value));
+    }
+    // Stable: repeated values of one name keep their order (`tag=b&tag=a` differs from
+    // `tag=a&tag=b`), while different names are put in canonical order.
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn vary_values(
+    route: &FragmentRoute,
+    headers: &HeaderMap,
+) -> Result<Vec<(String, String)>, IdentityError> {
+    let mut out = Vec::new();
+    for source in &route.vary {
+        let spec = source.spec();
+        let value = match source {
+            VarySource::Header(name) => {
+                let values: Vec<&str> = headers
+                    .get_all(name.as_str())
+                    .iter()
+                    .map(|v| {
+                        v.to_str()
+                            .map_err(|_| IdentityError::BadValue(spec.clone()))
+                    })
+                    .collect::<Result<_, _>>()?;
+                (!values.is_empty()).then(|| values.join(", "))
+            }
+            VarySource::Cookie(name) => cookie(headers, name),
+        };
+        if let Some(value) = value {
+            if value.len() > MAX_VALUE {
+                return Err(IdentityError::ValueTooLong(spec));
+            }
+            if value.chars().any(char::is_control) {
+                return Err(IdentityError::BadValue(spec));
+            }
+            out.push((spec, value));
+        }
+    }
+    Ok(out)
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers (first occurrence).
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn route() -> FragmentRoute {
+        let mut r = FragmentRoute::new("recs", "/_render/recs");
+        r.params = vec!["user_id".into(), "limit".into()];
+        r
+    }
+
+    fn id(route: &FragmentRoute, q: &str) -> Identity {
+        Identity::from_request(route, Some(q), &HeaderMap::new()).unwrap()
+    }
+
+    #[test]
+    fn param_order_does_not_matter() {
+        let r = route();
+        assert_eq!(id(&r, "user_id=1&limit=5"), id(&r, "limit=5&user_id=1"));
+        assert_eq!(
+            id(&r, "limit=5&user_id=1").query_string(),
+            "limit=5&user_id=1"
+        );
+    }
+
+    #[test]
+    fn only_allow_listed_params_count() {
+        let r = route();
+        let a = id(&r, "user_id=1&utm_source=x&_=1234");
+        assert_eq!(a, id(&r, "user_id=1"));
+        assert_eq!(a.params, vec![("user_id".to_string(), "1".to_string())]);
+        assert_ne!(id(&r, "user_id=1"), id(&r, "user_id=2"));
+    }
+
+    #[test]
+    fn encoding_variants_are_one_identity() {
+        let r = route();
+        assert_eq!(id(&r, "user_id=a+b"), id(&r, "user_id=a%20b"));
+        assert_eq!(id(&r, "user_id=%C3%A9"), id(&r, "user_id=é"));
+    }
+
+    #[test]
+    fn repeated_values_keep_their_order() {
+        let r = route();
+        assert_ne!(id(&r, "limit=1&limit=2"), id(&r, "limit=2&limit=1"));
+    }
+
+    #[test]
+    fn separators_inside_values_cannot_collide() {
+        let r = route();
+        assert_ne!(
+            id(&r, "user_id=1%26limit%3D2").digest(),
+            id(&r, "user_id=1&limit=2").digest()
+        );
+    }
+
+    #[test]
+    fn hostile_bytes_are_refused() {
+        let r = route();
+        for q in [
+            "user_id=%0d%0aset x",
+            "user_id=%ff",
+            "user_id=%00",
+            "user_id=a%7fb",
+        ] {
+            let e = Identity::from_request(&r, Some(q), &HeaderMap::new()).unwrap_err();
+            assert!(matches!(e, IdentityError::BadValue(_)), "{q}: {e}");
+        }
+        // Unknown params are ignored whatever they hold.
+        assert!(Identity::from_request(&r, Some("junk=%ff"), &HeaderMap::new()).is_ok());
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let r = route();
+        let long = "x".repeat(MAX_QUERY + 1);
+        assert_eq!(
+            Identity::from_request(&r, Some(&long), &HeaderMap::new()),
+            Err(IdentityError::QueryTooLong(MAX_QUERY + 1))
+        );
+        let big = format!("user_id={}", "a".repeat(MAX_VALUE + 1));
+        assert!(matches!(
+            Identity::from_request(&r, Some(&big), &HeaderMap::new()),
+            Err(IdentityError::ValueTooLong(_))
+        ));
+        let many = vec!["limit=1"; MAX_REPEATS + 1].join("&");
+        assert!(matches!(
+            Identity::from_request(&r, Some(&many), &HeaderMap::new()),
+            Err(IdentityError::TooManyValues(_))
+        ));
+    }
+
+    #[test]
+    fn keys_are_short_fixed_and_clean() {
+        let ks = Keyspace::new("tessera");
+        let long_name = "r".repeat(crate::config::MAX_ROUTE_NAME);
+        let mut r = FragmentRoute::new(long_name, "/x");
+        r.params = vec!["q".into()];
+        let q = format!("q={}", "%E2%9C%93".repeat(300));
+        let identity = Identity::from_request(&r, Some(&q), &HeaderMap::new()).unwrap();
+        let keys = ks.fragment(&identity, u64::MAX);
+        for k in [&keys.envelope, &keys.lease, &ks.generation(&r.name)] {
+            assert!(k.as_str().len() <= 250, "{k}");
+            assert!(k.as_str().bytes().all(|b| b.is_ascii_graphic()), "{k}");
+        }
+        let other = ks.fragment(&id(&r, "q=1"), u64::MAX);
+        assert_eq!(other.envelope.as_str().len(), keys.envelope.as_str().len());
+        assert_eq!(
+            ks.parse_envelope_key(keys.envelope.as_str()),
+            Some(keys.envelope.clone())
+        );
+    }
+
+    #[test]
+    fn generation_changes_keys() {
+        let ks = Keyspace::new("t");
+        let i = id(&route(), "user_id=1");
+        assert_ne!(ks.fragment(&i, 1).envelope, ks.fragment(&i, 2).envelope);
+        assert!(
+            ks.fragment(&i, 7)
+                .envelope
+                .as_str()
+                .starts_with("t:f:recs:7:")
+        );
+        assert!(ks.fragment(&i, 7).lease.as_str().starts_with("t:p:recs:7:"));
+        assert_eq!(ks.generation("recs").as_str(), "t:g:recs");
+    }
+
+    #[test]
+    fn parse_envelope_key_refuses_foreign_shapes() {
+        let ks = Keyspace::new("t");
+        let digest = "0".repeat(DIGEST_HEX);
+        assert!(
+            ks.parse_envelope_key(&format!("t:f:recs:1:{digest}"))
+                .is_some()
+        );
+        for bad in [
+            format!("u:f:recs:1:{digest}"),
+            format!("t:p:recs:1:{digest}"),
+            format!("t:f:recs:x:{digest}"),
+            format!("t:f:recs:1:{digest}0"),
+            format!("t:f:re cs:1:{digest}"),
+            format!("t:f:recs:1:{digest}\r\nflush_all"),
+        ] {
+            assert!(ks.parse_envelope_key(&bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn vary_reads_headers_and_single_cookies() {
+        let mut r = route();
+        r.vary = vec![
+            "cookie:session_id".parse().unwrap(),
+            "header:accept-language".parse().unwrap(),
+        ];
+        let mut h = HeaderMap::new();
+        h.insert(
+            "cookie",
+            HeaderValue::from_static("theme=dark; session_id=abc"),
+        );
+        h.insert("accept-language", HeaderValue::from_static("de"));
+        let a = Identity::from_request(&r, None, &h).unwrap();
+        assert_eq!(
+            a.vary,
+            vec![
+                ("cookie:session_id".to_string(), "abc".to_string()),
+                ("header:accept-language".to_string(), "de".to_string())
+            ]
+        );
+        h.insert(
+            "cookie",
+            HeaderValue::from_static("theme=light; session_id=abc"),
+        );
+        assert_eq!(
+            Identity::from_request(&r, None, &h).unwrap(),
+            a,
+            "other cookies are ignored"
+        );
+        h.insert("cookie", HeaderValue::from_static("session_id=xyz"));
+        assert_ne!(
+            Identity::from_request(&r, None, &h).unwrap().digest(),
+            a.digest()
+        );
+        // Absent and empty differ.
+        let none = Identity::from_request(&r, None, &HeaderMap::new()).unwrap();
+        h.insert("cookie", HeaderValue::from_static("session_id="));
+        h.remove("accept-language");
+        assert_ne!(Identity::from_request(&r, None, &h).unwrap(), none);
+    }
+}

@@ -1,0 +1,232 @@
+//! Messages on the broker: build requests and events.
+//!
+//! Both are JSON with a `v` field so that other programs can publish them — a Rails app
+//! warming its cache can publish a `BuildRequest` with any AMQP client — and so that a
+//! future format can be told apart. Decoding checks the version; anything that does not
+//! decode is dead-lettered by the consumer, never retried in a loop.
+
+use serde::{Deserialize, Serialize};
+
+use crate::key::Identity;
+
+/// Current message format version.
+pub const VERSION: u32 = 1;
+
+/// A message could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    /// Not JSON, or not the expected shape.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// A `v` this build does not read.
+    #[error("message version {0} is not supported (this build reads {VERSION})")]
+    Version(u32),
+}
+
+/// Ask the workers to build one fragment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRequest {
+    /// Format version, [`VERSION`].
+    pub v: u32,
+    /// Unique id of this request (kept across retries), for logs.
+    pub id: String,
+    /// Envelope key the result goes to; workers check it against `identity`.
+    pub key: String,
+    /// Route, allow-listed params and vary values to render with.
+    #[serde(flatten)]
+    pub identity: Identity,
+    /// Route generation the key belongs to; a build for an older generation is dropped.
+    pub generation: u64,
+    /// 1 for the first attempt, incremented on each retry.
+    pub attempt: u32,
+    /// When the first attempt was requested (Unix ms).
+    pub requested_at: u64,
+    /// When the pending lease expires (Unix ms); after it another build may be queued.
+    pub lease_deadline: u64,
+    /// Trace id of the request that caused the build, carried into worker logs.
+    pub trace_id: String,
+}
+
+impl BuildRequest {
+    /// JSON bytes for the broker.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing plain strings and integers to a Vec cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses JSON bytes from the broker.
+    pub fn decode(bytes: &[u8]) -> Result<BuildRequest, MessageError> {
+        let req: BuildRequest = serde_json::from_slice(bytes)?;
+        if req.v != VERSION {
+            return Err(MessageError::Version(req.v));
+        }
+        Ok(req)
+    }
+}
+
+/// What happened to a fragment or route, fanned out to every gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Event {
+    /// A fragment was built and stored.
+    Built {
+        /// Envelope key.
+        key: String,
+        /// ETag of the new body.
+        etag: String,
+    },
+    /// A build failed for good; a `failed` envelope was stored.
+    Failed {
+        /// Envelope key.
+        key: String,
+        /// Why.
+        error: String,
+    },
+    /// Content was purged: one key, or a whole route by generation.
+    Purged {
+        /// The route whose generation was bumped.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        route: Option<String>,
+        /// Its new generation.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        generation: Option<u64>,
+        /// The single envelope key deleted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct EventWire {
+    v: u32,
+    #[serde(flatten)]
+    event: Event,
+}
+
+impl Event {
+    /// JSON bytes for the broker.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(&EventWire {
+            v: VERSION,
+            event: self.clone(),
+        })
+        .unwrap_or_default()
+    }
+
+    /// Parses JSON bytes from the broker.
+    pub fn decode(bytes: &[u8]) -> Result<Event, MessageError> {
+        let wire: EventWire = serde_json::from_slice(bytes)?;
+        if wire.v != VERSION {
+            return Err(MessageError::Version(wire.v));
+        }
+        Ok(wire.event)
+    }
+
+    /// The envelope key the event is about, when it is about one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Event::Built { key, .. } | Event::Failed { key, .. } => Some(key),
+            Event::Purged { key, .. } => key.as_deref(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> BuildRequest {
+        BuildRequest {
+            v: VERSION,
+            id: "b1".into(),
+            key: "tessera:f:recs:1:00".into(),
+            identity: Identity {
+                route: "recs".into(),
+                params: vec![("user_id".into(), "7".into())],
+                vary: vec![("cookie:session_id".into(), "abc".into())],
+            },
+            generation: 1,
+            attempt: 1,
+            requested_at: 1,
+            lease_deadline: 2,
+            trace_id: "t".into(),
+        }
+    }
+
+    #[test]
+    fn build_request_round_trips_as_json() {
+        let r = request();
+        let json: serde_json::Value = serde_json::from_slice(&r.encode()).unwrap();
+        assert_eq!(json["v"], 1);
+        assert_eq!(json["route"], "recs");
+        assert_eq!(json["params"][0][0], "user_id");
+        assert_eq!(BuildRequest::decode(&r.encode()).unwrap(), r);
+    }
+
+    #[test]
+    fn other_programs_can_write_one() {
+        let text = br#"{"v":1,"id":"warm-1","key":"tessera:f:recs:0:x","route":"recs",
+            "params":[["user_id","7"]],"vary":[],"generation":0,"attempt":1,
+            "requested_at":0,"lease_deadline":0,"trace_id":""}"#;
+        let r = BuildRequest::decode(text).unwrap();
+        assert_eq!(
+            r.identity.params,
+            vec![("user_id".to_string(), "7".to_string())]
+        );
+    }
+
+    #[test]
+    fn bad_messages_are_errors() {
+        assert!(matches!(
+            BuildRequest::decode(b"\xff\x00"),
+            Err(MessageError::Malformed(_))
+        ));
+        assert!(matches!(
+            BuildRequest::decode(b"{}"),
+            Err(MessageError::Malformed(_))
+        ));
+        let mut r = request();
+        r.v = 2;
+        assert!(matches!(
+            BuildRequest::decode(&r.encode()),
+            Err(MessageError::Version(2))
+        ));
+    }
+
+    #[test]
+    fn events_round_trip() {
+        for e in [
+            Event::Built {
+                key: "k".into(),
+                etag: "\"e\"".into(),
+            },
+            Event::Failed {
+                key: "k".into(),
+                error: "x".into(),
+            },
+            Event::Purged {
+                route: Some("recs".into()),
+                generation: Some(3),
+                key: None,
+            },
+            Event::Purged {
+                route: None,
+                generation: None,
+                key: Some("k".into()),
+            },
+        ] {
+            assert_eq!(Event::decode(&e.encode()).unwrap(), e);
+        }
+        let json: serde_json::Value = serde_json::from_slice(
+            &Event::Built {
+                key: "k".into(),
+                etag: "e".into(),
+            }
+            .encode(),
+        )
+        .unwrap();
+        assert_eq!(json["type"], "built");
+        assert_eq!(json["v"], 1);
+        assert!(Event::decode(br#"{"v":9,"type":"built","key":"k","etag":"e"}"#).is_err());
+    }
+}

@@ -1,0 +1,382 @@
+//! L2: where envelopes, pending leases and route generations live.
+//!
+//! The contract is memcached's, because that is the shared store in distributed mode; the
+//! in-memory twin ([`MemoryStore`]) keeps the same semantics so the gateway and workers
+//! behave the same in both modes and the same tests run against both.
+//!
+//! - Values are opaque bytes, at most `max_item_size`; bigger ones fail with
+//!   [`StoreError::TooLarge`] and are never cut.
+//! - TTLs are durations rounded up to whole seconds; [`Duration::ZERO`] means "never
+//!   expires" (the store may still evict under memory pressure).
+//! - `add` is atomic across every process sharing the store: of many concurrent callers
+//!   for one absent key exactly one gets `true`. This is what makes "exactly one build".
+//! - A lost connection is a [`StoreError::Unavailable`]; the implementation reconnects on
+//!   a later call by itself. Every call has a deadline.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::key::StoreKey;
+use crate::time::{ceil_secs, now_ms};
+
+/// A store call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The store did not answer in time or the connection failed. Retrying later helps.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The value is bigger than the store accepts. Permanent for this value.
+    #[error("value of {size} bytes exceeds the store's item limit of {max} bytes")]
+    TooLarge {
+        /// Encoded size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The store answered something unexpected.
+    #[error("store protocol error: {0}")]
+    Protocol(String),
+}
+
+impl StoreError {
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// The shared key-value store (memcached semantics).
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// The value of `key`, or `None` when absent or expired.
+    async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError>;
+
+    /// The values of all present `keys` in one round trip per server.
+    async fn get_many(&self, keys: &[StoreKey]) -> Result<HashMap<StoreKey, Bytes>, StoreError>;
+
+    /// Stores `value` only if `key` is absent. Atomic across all processes sharing the
+    /// store: `Ok(true)` for exactly one of concurrent callers, `Ok(false)` for the rest.
+    async fn add(&self, key: &StoreKey, value: &[u8], ttl: Duration) -> Result<bool, StoreError>;
+
+    /// Stores `value`, replacing any previous one.
+    async fn set(&self, key: &StoreKey, value: &[u8], ttl: Duration) -> Result<(), StoreError>;
+
+    /// Removes `key`. `Ok(false)` when it was not there.
+    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError>;
+
+    /// Atomically adds `delta` to the decimal number stored at `key` and returns the new
+    /// value; `Ok(None)` when the key is absent (nothing is created).
+    async fn incr(&self, key: &StoreKey, delta: u64) -> Result<Option<u64>, StoreError>;
+
+    /// Checks that the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Reads a route's generation, creating it when absent.
+///
+/// A new generation starts at the current Unix time in milliseconds, not at 0: if the
+/// store ever loses the key (eviction, restart), the recreated generation is still higher
+/// than any generation whose entries may linger, so a purged route never comes back.
+pub async fn generation(store: &dyn Store, key: &StoreKey) -> Result<u64, StoreError> {
+    for _ in 0..3 {
+        if let Some(bytes) = store.get(key).await? {
+            return parse_generation(&bytes);
+        }
+        let seed = now_ms();
+        if store
+            .add(key, seed.to_string().as_bytes(), Duration::ZERO)
+            .await?
+        {
+            return Ok(seed);
+        }
+        // Someone else created it between our get and add: read theirs.
+    }
+    Err(StoreError::Protocol(format!(
+        "generation key {key} keeps disappearing"
+    )))
+}
+
+/// Moves a route to a new generation and returns it. Entries of older generations are
+/// never looked up again and age out on their own ("ignore rather than expire").
+pub async fn bump_generation(store: &dyn Store, key: &StoreKey) -> Result<u64, StoreError> {
+    for _ in 0..3 {
+        generation(store, key).await?;
+        if let Some(next) = store.incr(key, 1).await? {
+            return Ok(next);
+        }
+    }
+    Err(StoreError::Protocol(format!(
+        "generation key {key} keeps disappearing"
+    )))
+}
+
+fn parse_generation(bytes: &[u8]) -> Result<u64, StoreError> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| StoreError::Protocol("generation is not a decimal number".into()))
+}
+
+/// Rejects values over `max`, for implementations to share.
+pub fn check_size(value: &[u8], max: usize) -> Result<(), StoreError> {
+    if value.len() > max {
+        return Err(StoreError::TooLarge {
+            size: value.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
+#[derive(Clone)]
+struct Item {
+    data: Bytes,
+    /// On tokio's clock, so tests can pause time; `None` never expires.
+    expires_at: Option<tokio::time::Instant>,
+    ttl: Option<Duration>,
+}
+
+impl Item {
+    fn live(&self, now: tokio::time::Instant) -> bool {
+        self.expires_at.is_none_or(|t| now < t)
+    }
+}
+
+struct ItemExpiry;
+
+impl moka::Expiry<StoreKey, Item> for ItemExpiry {
+    // Only reclaims memory; reads check `expires_at` themselves, on tokio's clock.
+    fn expire_after_create(
+        &self,
+        _: &StoreKey,
+        item: &Item,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        item.ttl
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &StoreKey,
+        item: &Item,
+        _: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        item.ttl
+    }
+}
+
+/// The embedded store: a bounded moka cache with memcached's semantics (atomic `add`,
+/// whole-second TTLs, item size limit, decimal `incr`). Used when `[store]` names no
+/// memcached servers.
+#[derive(Clone)]
+pub struct MemoryStore {
+    items: moka::sync::Cache<StoreKey, Item>,
+    max_item_size: usize,
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("entries", &self.items.entry_count())
+            .field("max_item_size", &self.max_item_size)
+            .finish()
+    }
+}
+
+impl MemoryStore {
+    /// A store holding at most `capacity` bytes, each value at most `max_item_size`.
+    pub fn new(capacity: u64, max_item_size: usize) -> Self {
+        let items = moka::sync::Cache::builder()
+            .max_capacity(capacity)
+            .weigher(|k: &StoreKey, v: &Item| {
+                u32::try_from(k.as_str().len() + v.data.len() + 64).unwrap_or(u32::MAX)
+            })
+            .expire_after(ItemExpiry)
+            .build();
+        Self {
+            items,
+            max_item_size,
+        }
+    }
+
+    fn item(value: &[u8], ttl: Duration) -> Item {
+        // memcached counts whole seconds; do the same so both backends expire alike.
+        let ttl = (!ttl.is_zero()).then(|| Duration::from_secs(ceil_secs(ttl)));
+        Item {
+            data: Bytes::copy_from_slice(value),
+            expires_at: ttl.map(|t| tokio::time::Instant::now() + t),
+            ttl,
+        }
+    }
+
+    fn live(&self, key: &StoreKey) -> Option<Item> {
+        let now = tokio::time::Instant::now();
+        self.items.get(key).filter(|i| i.live(now))
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
+        Ok(self.live(key).map(|i| i.data))
+    }
+
+    async fn get_many(&self, keys: &[StoreKey]) -> Result<HashMap<StoreKey, Bytes>, StoreError> {
+        Ok(keys
+            .iter()
+            .filter_map(|k| self.live(k).map(|i| (k.clone(), i.data)))
+            .collect())
+    }
+
+    async fn add(&self, key: &StoreKey, value: &[u8], ttl: Duration) -> Result<bool, StoreError> {
+        check_size(value, self.max_item_size)?;
+        let now = tokio::time::Instant::now();
+        let item = Self::item(value, ttl);
+        let result = self
+            .items
+            .entry(key.clone())
+            .and_compute_with(|existing| match existing {
+                Some(e) if e.value().live(now) => moka::ops::compute::Op::Nop,
+                _ => moka::ops::compute::Op::Put(item),
+            });
+        Ok(matches!(
+            result,
+            moka::ops::compute::CompResult::Inserted(_)
+                | moka::ops::compute::CompResult::ReplacedWith(_)
+        ))
+    }
+
+    async fn set(&self, key: &StoreKey, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
+        check_size(value, self.max_item_size)?;
+        self.items.insert(key.clone(), Self::item(value, ttl));
+        Ok(())
+    }
+
+    async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let now = tokio::time::Instant::now();
+        Ok(self.items.remove(key).is_some_and(|i| i.live(now)))
+    }
+
+    async fn incr(&self, key: &StoreKey, delta: u64) -> Result<Option<u64>, StoreError> {
+        let now = tokio::time::Instant::now();
+        let mut outcome = Ok(None);
+        self.items
+            .entry(key.clone())
+            .and_compute_with(|existing| match existing {
+                Some(e) if e.value().live(now) => match parse_generation(&e.value().data) {
+                    Ok(n) => {
+                        // memcached wraps at 2^64; so do we.
+                        let next = n.wrapping_add(delta);
+                        outcome = Ok(Some(next));
+                        let mut item = e.into_value();
+                        item.data = Bytes::from(next.to_string());
+                        moka::ops::compute::Op::Put(item)
+                    }
+                    Err(_) => {
+                        outcome = Err(StoreError::Protocol(
+                            "cannot increment or decrement non-numeric value".into(),
+                        ));
+                        moka::ops::compute::Op::Nop
+                    }
+                },
+                _ => moka::ops::compute::Op::Nop,
+            });
+        outcome
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// A shared handle, as the gateway and workers hold it.
+pub type SharedStore = Arc<dyn Store>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::Keyspace;
+
+    fn key(n: &str) -> StoreKey {
+        Keyspace::new("t").generation(n)
+    }
+
+    #[tokio::test]
+    async fn add_is_exclusive_until_expiry() {
+        tokio::time::pause();
+        let s = MemoryStore::new(1 << 20, 1024);
+        let k = key("a");
+        assert!(s.add(&k, b"1", Duration::from_millis(1500)).await.unwrap());
+        assert!(!s.add(&k, b"2", Duration::from_secs(10)).await.unwrap());
+        assert_eq!(s.get(&k).await.unwrap().as_deref(), Some(&b"1"[..]));
+        // 1.5 s rounds up to 2 s, like memcached.
+        tokio::time::advance(Duration::from_millis(1900)).await;
+        assert!(s.get(&k).await.unwrap().is_some());
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert!(s.get(&k).await.unwrap().is_none());
+        assert!(s.add(&k, b"3", Duration::ZERO).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn concurrent_adds_have_one_winner() {
+        let s = Arc::new(MemoryStore::new(1 << 20, 1024));
+        let k = key("race");
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let (s, k) = (s.clone(), k.clone());
+                tokio::spawn(async move { s.add(&k, b"x", Duration::from_secs(5)).await.unwrap() })
+            })
+            .collect();
+        let mut winners = 0;
+        for t in tasks {
+            winners += usize::from(t.await.unwrap());
+        }
+        assert_eq!(winners, 1);
+    }
+
+    #[tokio::test]
+    async fn oversize_values_fail_whole() {
+        let s = MemoryStore::new(1 << 20, 8);
+        let k = key("big");
+        let e = s.set(&k, b"123456789", Duration::ZERO).await.unwrap_err();
+        assert!(matches!(e, StoreError::TooLarge { size: 9, max: 8 }));
+        assert!(!e.is_retryable());
+        assert!(s.get(&k).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn get_many_returns_present_keys_only() {
+        let s = MemoryStore::new(1 << 20, 1024);
+        s.set(&key("a"), b"A", Duration::ZERO).await.unwrap();
+        s.set(&key("c"), b"C", Duration::ZERO).await.unwrap();
+        let got = s.get_many(&[key("a"), key("b"), key("c")]).await.unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[&key("c")], Bytes::from_static(b"C"));
+        assert!(s.delete(&key("a")).await.unwrap());
+        assert!(!s.delete(&key("a")).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn generations_start_high_and_only_grow() {
+        let s = MemoryStore::new(1 << 20, 1024);
+        let k = key("recs");
+        let g0 = generation(&s, &k).await.unwrap();
+        assert!(g0 >= now_ms() - 10_000, "seeded from the clock");
+        assert_eq!(generation(&s, &k).await.unwrap(), g0);
+        let g1 = bump_generation(&s, &k).await.unwrap();
+        assert_eq!(g1, g0 + 1);
+        assert_eq!(generation(&s, &k).await.unwrap(), g1);
+        // Losing the key never goes back to an old generation.
+        s.delete(&k).await.unwrap();
+        assert!(generation(&s, &k).await.unwrap() >= g0);
+        assert_eq!(s.incr(&key("absent"), 1).await.unwrap(), None);
+        s.set(&key("text"), b"abc", Duration::ZERO).await.unwrap();
+        assert!(s.incr(&key("text"), 1).await.is_err());
+    }
+}
