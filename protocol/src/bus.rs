@@ -66,6 +66,15 @@ pub struct DeadLetter {
     pub reason: String,
 }
 
+/// What the broker says about one build queue.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct QueueStats {
+    /// Messages waiting to be delivered.
+    pub messages: u64,
+    /// Consumers attached (worker processes, or embedded worker pools).
+    pub consumers: u64,
+}
+
 /// The message broker.
 #[async_trait]
 pub trait Bus: Send + Sync + fmt::Debug + 'static {
@@ -95,6 +104,31 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
 
     /// Checks that the broker answers.
     async fn ping(&self) -> Result<(), BusError>;
+
+    /// Depth and consumers of `queue`, as the broker reports them.
+    async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BusError> {
+        let _ = queue;
+        Err(BusError::Unavailable(
+            "queue statistics are not supported by this bus".into(),
+        ))
+    }
+
+    /// Up to `limit` dead letters, oldest first, without removing them.
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
+        let _ = limit;
+        Err(BusError::Unavailable(
+            "dead-letter listing is not supported by this bus".into(),
+        ))
+    }
+
+    /// Moves up to `limit` dead letters back to the queues they came from; returns how
+    /// many moved.
+    async fn requeue_dead_letters(&self, limit: usize) -> Result<usize, BusError> {
+        let _ = limit;
+        Err(BusError::Unavailable(
+            "dead-letter requeue is not supported by this bus".into(),
+        ))
+    }
 }
 
 /// A stream of build deliveries.
@@ -198,6 +232,8 @@ struct Inner {
     ready: Notify,
     events: broadcast::Sender<Event>,
     dead: Mutex<VecDeque<DeadLetter>>,
+    /// Consumers attached per queue.
+    consumers: Mutex<HashMap<String, u64>>,
 }
 
 impl Inner {
@@ -264,6 +300,7 @@ impl MemoryBus {
                 ready: Notify::new(),
                 events: broadcast::channel(EVENT_BUFFER).0,
                 dead: Mutex::new(VecDeque::new()),
+                consumers: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -333,6 +370,16 @@ impl Bus for MemoryBus {
         queues: &[String],
         prefetch: u16,
     ) -> Result<Box<dyn Consumer>, BusError> {
+        {
+            let mut consumers = self
+                .inner
+                .consumers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for q in queues {
+                *consumers.entry(q.clone()).or_default() += 1;
+            }
+        }
         Ok(Box::new(MemoryConsumer {
             inner: self.inner.clone(),
             queues: queues.to_vec(),
@@ -356,6 +403,48 @@ impl Bus for MemoryBus {
     async fn ping(&self) -> Result<(), BusError> {
         Ok(())
     }
+
+    async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BusError> {
+        let consumers = self
+            .inner
+            .consumers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(QueueStats {
+            messages: self.depth(queue) as u64,
+            consumers: consumers.get(queue).copied().unwrap_or(0),
+        })
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
+        let dead = self
+            .inner
+            .dead
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(dead.iter().take(limit).cloned().collect())
+    }
+
+    async fn requeue_dead_letters(&self, limit: usize) -> Result<usize, BusError> {
+        let taken: Vec<DeadLetter> = {
+            let mut dead = self
+                .inner
+                .dead
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let n = limit.min(dead.len());
+            dead.drain(..n).collect()
+        };
+        let moved = taken.len();
+        for letter in taken {
+            let message = Message {
+                body: letter.body,
+                redelivered: false,
+            };
+            self.inner.push(&letter.queue, message, false)?;
+        }
+        Ok(moved)
+    }
 }
 
 #[derive(Debug)]
@@ -364,6 +453,21 @@ struct MemoryConsumer {
     queues: Vec<String>,
     permits: Arc<Semaphore>,
     turn: usize,
+}
+
+impl Drop for MemoryConsumer {
+    fn drop(&mut self) {
+        let mut consumers = self
+            .inner
+            .consumers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for q in &self.queues {
+            if let Some(n) = consumers.get_mut(q) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -554,6 +658,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn stats_and_dead_letter_requeue() {
+        let bus = MemoryBus::new();
+        bus.publish_build("q", &request("a")).await.unwrap();
+        let c = bus.consume(&queues(), 1).await.unwrap();
+        assert_eq!(
+            Bus::queue_stats(&bus, "q").await.unwrap(),
+            QueueStats {
+                messages: 1,
+                consumers: 1
+            }
+        );
+        drop(c);
+        assert_eq!(Bus::queue_stats(&bus, "q").await.unwrap().consumers, 0);
+        let mut c = bus.consume(&queues(), 1).await.unwrap();
+        c.next().await.unwrap().dead_letter("boom").await.unwrap();
+        assert_eq!(Bus::dead_letters(&bus, 10).await.unwrap().len(), 1);
+        assert_eq!(bus.requeue_dead_letters(10).await.unwrap(), 1);
+        assert!(Bus::dead_letters(&bus, 10).await.unwrap().is_empty());
+        let (id, _) = next_id(&mut c).await;
+        assert_eq!(id, "a", "back on its queue");
+    }
+
+    #[tokio::test]
     async fn retries_arrive_after_their_delay() {
         tokio::time::pause();
         let bus = MemoryBus::new();
@@ -591,6 +718,7 @@ mod tests {
         let e = Event::Built {
             key: "k".into(),
             etag: "e".into(),
+            build_ms: None,
         };
         bus.publish_event(&e).await.unwrap();
         assert_eq!(a.next().await, Some(Notice::Event(e.clone())));

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bytesize::ByteSize;
+pub use bytesize::ByteSize;
 use serde::{Deserialize, Deserializer};
 
 /// Names of the environment variables that override the file, in one place.
@@ -31,6 +31,8 @@ pub mod env {
     pub const AMQP_URL: &str = "TESSERA_AMQP_URL";
     /// Overrides `gateway.admin_token`.
     pub const ADMIN_TOKEN: &str = "TESSERA_ADMIN_TOKEN";
+    /// `json` for one JSON object per log line.
+    pub const LOG_FORMAT: &str = "TESSERA_LOG_FORMAT";
 }
 
 /// Longest route name; keeps every store key far below memcached's 250 bytes.
@@ -307,6 +309,9 @@ pub struct FragmentRoute {
     /// HTML shown while the fragment is pending.
     #[serde(default = "default_placeholder")]
     pub placeholder: String,
+    /// HTML the browser client shows when it gives up waiting for the fragment.
+    #[serde(default = "default_fallback")]
+    pub fallback: String,
     /// Broker queue for this route's builds. Default `tessera.build`.
     #[serde(default = "default_queue")]
     pub queue: String,
@@ -333,6 +338,9 @@ fn default_max_attempts() -> u32 {
 fn default_placeholder() -> String {
     r#"<div class="tessera-loading">Loading…</div>"#.into()
 }
+fn default_fallback() -> String {
+    r#"<div class="tessera-unavailable">This content is unavailable right now.</div>"#.into()
+}
 fn default_queue() -> String {
     DEFAULT_QUEUE.into()
 }
@@ -351,6 +359,7 @@ impl FragmentRoute {
             build_timeout: default_build_timeout(),
             max_attempts: default_max_attempts(),
             placeholder: default_placeholder(),
+            fallback: default_fallback(),
             queue: default_queue(),
         }
     }
@@ -363,7 +372,7 @@ impl FragmentRoute {
 }
 
 /// Added to the build timeout for the lease, covering the store write and event publish.
-pub const LEASE_SLACK: Duration = Duration::from_secs(5);
+pub const LEASE_SLACK: Duration = Duration::from_secs(2);
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
@@ -444,7 +453,16 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let g = &self.gateway;
         parse_addr("gateway.listen", &g.listen)?;
-        parse_addr("gateway.admin_listen", &g.admin_listen)?;
+        let admin = parse_addr("gateway.admin_listen", &g.admin_listen)?;
+        if !admin.ip().is_loopback() && g.admin_token.is_empty() {
+            return Err(invalid(
+                "gateway.admin_token",
+                format!(
+                    "required when gateway.admin_listen ({admin}) is not on loopback: anyone who reaches it could purge content (set it, or {})",
+                    env::ADMIN_TOKEN
+                ),
+            ));
+        }
         if !(g.fragment_prefix.starts_with('/') && g.fragment_prefix.ends_with('/'))
             || g.fragment_prefix.len() < 2
             || g.fragment_prefix.starts_with("/_tessera/")
@@ -810,6 +828,10 @@ queue = "tessera.build"
             (
                 "[gateway]\nadmin_listen = \"1.2.3.4\"",
                 "gateway.admin_listen",
+            ),
+            (
+                "[gateway]\nadmin_listen = \"0.0.0.0:9090\"",
+                "gateway.admin_token",
             ),
             (
                 "[gateway]\nfragment_prefix = \"frag\"",

@@ -151,6 +151,9 @@ pub enum IdentityError {
     /// A param repeats more than [`MAX_REPEATS`] times.
     #[error("parameter {0:?} is repeated more than {MAX_REPEATS} times")]
     TooManyValues(String),
+    /// A param or vary source the route does not list (in a message).
+    #[error("{0:?} is not on the route's allow-list")]
+    NotAllowed(String),
     /// Percent-decoding produced invalid UTF-8 or a control character.
     #[error(
         "value of {0:?} is not valid text (bad percent-encoding, invalid UTF-8 or control characters)"
@@ -173,6 +176,28 @@ impl Identity {
             params: allowed_params(route, query.unwrap_or(""))?,
             vary: vary_values(route, headers)?,
         })
+    }
+
+    /// Checks an identity that arrived in a message (possibly from another program)
+    /// against its route: only allow-listed params and the route's vary sources, with
+    /// values a request could have produced.
+    pub fn check(&self, route: &FragmentRoute) -> Result<(), IdentityError> {
+        for (name, value) in &self.params {
+            if !route.params.contains(name) {
+                return Err(IdentityError::NotAllowed(name.clone()));
+            }
+            check_value(name, value)?;
+            if self.params.iter().filter(|(n, _)| n == name).count() > MAX_REPEATS {
+                return Err(IdentityError::TooManyValues(name.clone()));
+            }
+        }
+        for (spec, value) in &self.vary {
+            if !route.vary.iter().any(|v| v.spec() == *spec) {
+                return Err(IdentityError::NotAllowed(spec.clone()));
+            }
+            check_value(spec, value)?;
+        }
+        Ok(())
     }
 
     /// The canonical text form: equal identities, equal text; different, different.
@@ -207,6 +232,16 @@ impl Identity {
             .collect::<Vec<_>>()
             .join("&")
     }
+}
+
+fn check_value(name: &str, value: &str) -> Result<(), IdentityError> {
+    if value.len() > MAX_VALUE {
+        return Err(IdentityError::ValueTooLong(name.to_string()));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(IdentityError::BadValue(name.to_string()));
+    }
+    Ok(())
 }
 
 fn decode(raw: &str, name_for_errors: &str) -> Result<String, IdentityError> {
@@ -445,6 +480,36 @@ mod tests {
         ] {
             assert!(ks.parse_envelope_key(&bad).is_none(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn identities_from_messages_are_checked_against_the_route() {
+        let mut r = route();
+        r.vary = vec!["cookie:sid".parse().unwrap()];
+        let ok = Identity {
+            route: "recs".into(),
+            params: vec![("limit".into(), "5".into())],
+            vary: vec![("cookie:sid".into(), "abc".into())],
+        };
+        assert_eq!(ok.check(&r), Ok(()));
+        let mut bad = ok.clone();
+        bad.params.push(("admin".into(), "1".into()));
+        assert_eq!(
+            bad.check(&r),
+            Err(IdentityError::NotAllowed("admin".into()))
+        );
+        let mut bad = ok.clone();
+        bad.vary = vec![("header:authorization".into(), "x".into())];
+        assert!(matches!(bad.check(&r), Err(IdentityError::NotAllowed(_))));
+        let mut bad = ok.clone();
+        bad.params[0].1 = "5\r\nX: y".into();
+        assert!(matches!(bad.check(&r), Err(IdentityError::BadValue(_))));
+        let mut bad = ok;
+        bad.params = vec![("limit".into(), "1".into()); MAX_REPEATS + 1];
+        assert!(matches!(
+            bad.check(&r),
+            Err(IdentityError::TooManyValues(_))
+        ));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! - [`store`]: the `Store` trait (memcached semantics) and its in-memory twin.
 //! - [`bus`]: the `Bus` trait (AMQP semantics) and its in-process twin.
 //! - [`backends`]: picks memory or network implementations from the configuration.
+//! - [`process`]: logging set-up and shutdown signals shared by both binaries.
 //! - [`time`]: wall-clock milliseconds shared by envelopes and messages.
 
 pub mod backends;
@@ -21,11 +22,12 @@ pub mod config;
 pub mod envelope;
 pub mod key;
 pub mod message;
+pub mod process;
 pub mod store;
 pub mod time;
 
 pub use backends::Backends;
-pub use bus::{Bus, BusError, Consumer, Delivery, Notice, Subscription};
+pub use bus::{Bus, BusError, Consumer, DeadLetter, Delivery, Notice, QueueStats, Subscription};
 pub use config::{Config, ConfigError, FragmentRoute};
 pub use envelope::{Envelope, Status};
 pub use key::{FragmentKeys, Identity, Keyspace, StoreKey};

@@ -74,6 +74,9 @@ pub enum Event {
         key: String,
         /// ETag of the new body.
         etag: String,
+        /// How long the render took, for build-latency figures.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        build_ms: Option<u64>,
     },
     /// A build failed for good; a `failed` envelope was stored.
     Failed {
@@ -199,6 +202,7 @@ mod tests {
             Event::Built {
                 key: "k".into(),
                 etag: "\"e\"".into(),
+                build_ms: Some(12),
             },
             Event::Failed {
                 key: "k".into(),
@@ -221,6 +225,7 @@ mod tests {
             &Event::Built {
                 key: "k".into(),
                 etag: "e".into(),
+                build_ms: None,
             }
             .encode(),
         )
