@@ -1,1 +1,16 @@
-//! placeholder
+//! Tessera's fragment workers: they take build requests off the broker, render the
+//! fragment (by default by calling the upstream application), store it, and tell every
+//! gateway. Run them as `tessera-worker` processes (distributed mode), or inside the
+//! gateway (embedded mode) — the same code either way.
+//!
+//! # Layout
+//! - [`worker`]: the build loop and the store → release → announce → acknowledge contract.
+//! - [`builder`]: the [`FragmentBuilder`] trait, its errors, and the default [`HttpBuilder`].
+//! - [`retry`]: exponential backoff with jitter.
+
+pub mod builder;
+pub mod retry;
+pub mod worker;
+
+pub use builder::{BuildError, FragmentBuilder, HttpBuilder, Rendered};
+pub use worker::{WorkerError, run};

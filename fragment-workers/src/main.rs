@@ -1,1 +1,57 @@
-fn main() {}
+//! `tessera-worker`: parse the command line and config, set up logging, connect, build.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use tessera_protocol::{Backends, Config};
+
+/// Fragment worker: consumes build requests from the broker and renders fragments.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file, shared with the gateways (default: $TESSERA_CONFIG).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Concurrent builds in this process (default: workers.concurrency).
+    #[arg(long, value_name = "N")]
+    concurrency: Option<usize>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tessera_protocol::process::init_logging();
+    let config = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tessera-worker: {e}");
+            std::process::exit(2);
+        }
+    };
+    if config.bus.amqp.is_none() || config.store.memcached.is_empty() {
+        eprintln!(
+            "tessera-worker: needs `[store] memcached` and `[bus] amqp` in the config (or \
+             TESSERA_MEMCACHED and TESSERA_AMQP_URL): in embedded mode the workers run inside \
+             the gateway (`[workers] embedded`)"
+        );
+        std::process::exit(2);
+    }
+    let concurrency = args.concurrency.unwrap_or(config.workers.concurrency);
+    if concurrency == 0 {
+        eprintln!("tessera-worker: --concurrency must be at least 1");
+        std::process::exit(2);
+    }
+    let backends = Backends::connect(&config).await?;
+    let builder = tessera_workers::HttpBuilder::new(&config)?;
+    tessera_workers::run(
+        backends,
+        Arc::new(config),
+        Arc::new(builder),
+        concurrency,
+        tessera_protocol::process::shutdown_signal(),
+    )
+    .await?;
+    tracing::info!("worker stopped");
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! How a fragment is rendered: the [`FragmentBuilder`] trait and its default, the
+//! [`HttpBuilder`], which GETs the route's render path on the upstream application.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, StatusCode, header};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tessera_protocol::config::{Config, VarySource};
+use tessera_protocol::{BuildRequest, FragmentRoute};
+
+/// A rendered fragment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// The fragment.
+    pub body: Bytes,
+    /// Its `Content-Type`.
+    pub content_type: String,
+}
+
+/// Why a build failed: who is to blame, and whether trying again can help.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BuildError {
+    /// The upstream answered 5xx: its fault, maybe passing.
+    #[error("upstream answered {0}")]
+    UpstreamServer(StatusCode),
+    /// The upstream answered 4xx: the request is wrong, asking again will not help.
+    #[error("upstream answered {0}")]
+    UpstreamClient(StatusCode),
+    /// The upstream answered 3xx: fragments are never fetched through redirects.
+    #[error("upstream answered {0} (redirects are not followed)")]
+    UpstreamRedirect(StatusCode),
+    /// No complete answer within the route's `build_timeout`.
+    #[error("no answer within build_timeout ({0:?})")]
+    Timeout(Duration),
+    /// The upstream could not be reached, or the connection broke.
+    #[error("upstream unreachable: {0}")]
+    Connect(String),
+    /// The fragment is bigger than the store takes.
+    #[error("fragment of {size} bytes or more exceeds store.max_item_size ({max} bytes)")]
+    TooLarge {
+        /// Bytes seen (at least).
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The builder panicked.
+    #[error("the fragment builder panicked")]
+    Panicked,
+    /// The store could not take the result.
+    #[error("store: {0}")]
+    Store(String),
+}
+
+impl BuildError {
+    /// Whether a later attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            BuildError::UpstreamServer(_)
+                | BuildError::Timeout(_)
+                | BuildError::Connect(_)
+                | BuildError::Store(_)
+        )
+    }
+}
+
+/// Renders fragments. Implement it to build fragments some other way than over HTTP.
+#[async_trait]
+pub trait FragmentBuilder: Send + Sync + std::fmt::Debug + 'static {
+    /// Renders `request` for `route`. The worker bounds the call by `route.build_timeout`
+    /// and catches panics; implementations should still honour the timeout themselves.
+    async fn build(
+        &self,
+        route: &FragmentRoute,
+        request: &BuildRequest,
+    ) -> Result<Rendered, BuildError>;
+}
+
+/// Idle pooled connections are closed after this, below common upstream keep-alive
+/// timeouts (Node's is 5 s).
+const POOL_IDLE: Duration = Duration::from_secs(4);
+
+/// A pooled HTTP/1.1 client for the upstream, as renders and the gateway's proxy use it.
+pub fn upstream_client<B>(connect_timeout: Duration) -> Client<HttpConnector, B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE)
+        .build(connector)
+}
+
+/// The default builder: `GET {upstream.url}{render}?{params}` with the vary headers and
+/// cookies of the request, and nothing else from the browser.
+#[derive(Debug, Clone)]
+pub struct HttpBuilder {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    base: String,
+    max_body: usize,
+    user_agent: HeaderValue,
+}
+
+impl HttpBuilder {
+    /// A builder for the upstream and item size limit of `config`.
+    pub fn new(config: &Config) -> Result<Self, BuildError> {
+        Ok(Self {
+            client: upstream_client(config.upstream.timeout),
+            base: config.upstream.url.trim_end_matches('/').to_string(),
+            max_body: tessera_protocol::backends::item_limit(config),
+            user_agent: HeaderValue::from_static(concat!(
+                "tessera-worker/",
+                env!("CARGO_PKG_VERSION")
+            )),
+        })
+    }
+
+    fn request(
+        &self,
+        route: &FragmentRoute,
+        req: &BuildRequest,
+    ) -> Result<Request<Empty<Bytes>>, BuildError> {
+        let query = req.identity.query_string();
+        let uri = if query.is_empty() {
+            format!("{}{}", self.base, route.render)
+        } else {
+            format!("{}{}?{query}", self.base, route.render)
+        };
+        let mut builder = Request::get(uri).header(header::USER_AGENT, self.user_agent.clone());
+        let mut cookies = Vec::new();
+        for (spec, value) in &req.identity.vary {
+            match spec.parse::<VarySource>() {
+                Ok(VarySource::Header(name)) => {
+                    let name = HeaderName::from_bytes(name.as_bytes())
+                        .map_err(|e| BuildError::Connect(e.to_string()))?;
+                    builder = builder.header(name, value.as_str());
+                }
+                Ok(VarySource::Cookie(name)) => cookies.push(format!("{name}={value}")),
+                Err(_) => {}
+            }
+        }
+        if !cookies.is_empty() {
+            builder = builder.header(header::COOKIE, cookies.join("; "));
+        }
+        if !req.trace_id.is_empty() {
+            builder = builder.header("x-request-id", req.trace_id.as_str());
+        }
+        builder
+            .body(Empty::new())
+            .map_err(|e| BuildError::Connect(format!("cannot build the render request: {e}")))
+    }
+}
+
+#[async_trait]
+impl FragmentBuilder for HttpBuilder {
+    async fn build(
+        &self,
+        route: &FragmentRoute,
+        req: &BuildRequest,
+    ) -> Result<Rendered, BuildError> {
+        let request = self.request(route, req)?;
+        let max = self.max_body;
+        let work = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| BuildError::Connect(e.to_string()))?;
+            let status = response.status();
+            if status.is_server_error() {
+                return Err(BuildError::UpstreamServer(status));
+            }
+            if status.is_client_error() {
+                return Err(BuildError::UpstreamClient(status));
+            }
+            if !status.is_success() {
+                return Err(BuildError::UpstreamRedirect(status));
+            }
+            let content_type = response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("text/html; charset=utf-8")
+                .to_string();
+            // A fragment that does not fit is an error, never a truncated fragment.
+            let body = Limited::new(response.into_body(), max)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some()
+                    {
+                        BuildError::TooLarge { size: max + 1, max }
+                    } else {
+                        BuildError::Connect(e.to_string())
+                    }
+                })?
+                .to_bytes();
+            Ok(Rendered { body, content_type })
+        };
+        tokio::time::timeout(route.build_timeout, work)
+            .await
+            .map_err(|_| BuildError::Timeout(route.build_timeout))?
+    }
+}

@@ -1,0 +1,402 @@
+//! The build loop: take a request off the broker, render, store, announce, acknowledge.
+//!
+//! The order of the steps is the contract that makes the worker pattern safe:
+//!
+//! 1. the envelope is stored, 2. the lease is deleted, 3. `built` is published,
+//! 4. only then is the message acknowledged.
+//!
+//! A worker that dies anywhere before 4 leaves the message unacknowledged, so the broker
+//! hands it to another worker; builds are idempotent (same key, same result), so doing
+//! one twice is harmless. The lease expires on its own, so no key stays pending forever.
+//!
+//! Failures are decided from the error's type: upstream 5xx, timeouts, unreachable
+//! upstreams and store outages are retried through the broker's retry queue with
+//! exponential backoff and jitter (the lease is extended first); 4xx, redirects,
+//! oversize fragments and panics are final. A final failure stores a `failed` envelope
+//! (which keeps the last good copy for stale-if-error) for the route's `failed_ttl`.
+//! Requests that exhausted their attempts, could not be decoded, or do not fit the
+//! configuration are dead-lettered — never requeued in a loop.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tessera_protocol::time::{add_ms, now_ms};
+use tessera_protocol::{
+    Backends, BuildRequest, BusError, Config, Delivery, Envelope, Event, FragmentKeys,
+    FragmentRoute, StoreError, store,
+};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::builder::{BuildError, FragmentBuilder, Rendered};
+use crate::retry::backoff;
+
+/// Why the build loop could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Consuming from the broker failed.
+    #[error("cannot consume build requests: {0}")]
+    Bus(#[from] BusError),
+}
+
+/// Margin on top of `build_timeout` before the worker gives up on a builder that
+/// ignores its own deadline.
+const RENDER_MARGIN: Duration = Duration::from_secs(1);
+/// Pause before requeueing a request that could not be settled (store and broker both
+/// in trouble), so an outage does not turn into a hot loop.
+const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+/// Bytes an item takes in memcached beyond its value and key (item header, flags, CAS).
+const ITEM_OVERHEAD: usize = 512;
+
+/// Runs `concurrency` concurrent builds from every configured queue until `shutdown`,
+/// then finishes in-flight builds (bounded by the longest `build_timeout` + 5 s) and
+/// releases any left to other workers.
+pub async fn run(
+    backends: Backends,
+    config: Arc<Config>,
+    builder: Arc<dyn FragmentBuilder>,
+    concurrency: usize,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), WorkerError> {
+    let concurrency = concurrency.max(1);
+    let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
+    let queues = config.queues();
+    let mut consumer = backends.bus.consume(&queues, prefetch).await?;
+    tracing::info!(?queues, concurrency, "worker consuming");
+    let worker = Arc::new(Worker {
+        backends,
+        config: config.clone(),
+        builder,
+    });
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let mut builds = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        while let Some(done) = builds.try_join_next() {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "build task failed");
+            }
+        }
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
+        let delivery = tokio::select! {
+            () = &mut shutdown => break,
+            d = consumer.next() => match d {
+                Some(d) => d,
+                None => break,
+            },
+        };
+        let worker = worker.clone();
+        builds.spawn(async move {
+            let _slot = slot;
+            worker.handle(delivery).await;
+        });
+    }
+    drop(consumer);
+    let longest = config
+        .fragments
+        .iter()
+        .map(|r| r.build_timeout)
+        .max()
+        .unwrap_or_default();
+    let drain = longest + Duration::from_secs(5);
+    tracing::info!(
+        in_flight = builds.len(),
+        "worker stopping; finishing in-flight builds"
+    );
+    if tokio::time::timeout(drain, async { while builds.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = builds.len(),
+            "builds still running after {drain:?}; releasing them to other workers"
+        );
+        // Dropping their deliveries requeues them (the bus contract).
+        builds.abort_all();
+        while builds.join_next().await.is_some() {}
+    }
+    Ok(())
+}
+
+struct Worker {
+    backends: Backends,
+    config: Arc<Config>,
+    builder: Arc<dyn FragmentBuilder>,
+}
+
+/// How a build attempt ended, before the message is settled.
+enum Outcome {
+    Stored,
+    Retry(BuildError),
+    Fail(BuildError),
+}
+
+impl Worker {
+    async fn handle(&self, delivery: Delivery) {
+        let req = match BuildRequest::decode(&delivery.body) {
+            Ok(r) => r,
+            Err(e) => return reject(delivery, &format!("undecodable build request: {e}")).await,
+        };
+        let Some(route) = self.config.route(&req.identity.route) else {
+            let reason = format!("unknown route {:?}", req.identity.route);
+            return reject(delivery, &reason).await;
+        };
+        if let Err(e) = req.identity.check(route) {
+            return reject(
+                delivery,
+                &format!("request does not fit route {:?}: {e}", route.name),
+            )
+            .await;
+        }
+        let keys = self.backends.keys.fragment(&req.identity, req.generation);
+        if !req.key.is_empty() && req.key != keys.envelope.as_str() {
+            return reject(
+                delivery,
+                "key does not match the request's route, params and generation",
+            )
+            .await;
+        }
+        let span = tracing::info_span!(
+            "build",
+            route = %route.name,
+            key = %keys.envelope,
+            request = %req.id,
+            trace_id = %req.trace_id,
+            attempt = req.attempt,
+        );
+        async {
+            match self.attempt(route, &req, &keys).await {
+                None => settle(delivery.ack().await),
+                Some(Outcome::Stored) => {
+                    tracing::info!("built");
+                    settle(delivery.ack().await);
+                }
+                Some(Outcome::Retry(e)) => self.retry(delivery, route, &req, &keys, e).await,
+                Some(Outcome::Fail(e)) => self.fail(delivery, route, &req, &keys, e).await,
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// One render-and-store; `None` when the request is obsolete (route purged since).
+    async fn attempt(
+        &self,
+        route: &FragmentRoute,
+        req: &BuildRequest,
+        keys: &FragmentKeys,
+    ) -> Option<Outcome> {
+        let store = self.backends.store.as_ref();
+        match store::generation(store, &self.backends.keys.generation(&route.name)).await {
+            Ok(current) if req.generation < current => {
+                tracing::debug!(route = %route.name, generation = req.generation, current, "route purged since; build dropped");
+                return None;
+            }
+            Ok(_) => {}
+            Err(e) => return Some(self.classify(route, req, BuildError::Store(e.to_string()))),
+        }
+        let started = Instant::now();
+        let rendered = match self.render(route, req).await {
+            Ok(r) => r,
+            Err(e) => return Some(self.classify(route, req, e)),
+        };
+        let took = started.elapsed();
+        Some(
+            match self.store_ready(route, req, keys, rendered, took).await {
+                Ok(()) => Outcome::Stored,
+                Err(e) => self.classify(route, req, e),
+            },
+        )
+    }
+
+    fn classify(&self, route: &FragmentRoute, req: &BuildRequest, e: BuildError) -> Outcome {
+        if e.is_retryable() && req.attempt < route.max_attempts {
+            Outcome::Retry(e)
+        } else {
+            Outcome::Fail(e)
+        }
+    }
+
+    /// Runs the builder in its own task, so a panic is caught and a builder that ignores
+    /// its deadline is cut off.
+    async fn render(
+        &self,
+        route: &FragmentRoute,
+        req: &BuildRequest,
+    ) -> Result<Rendered, BuildError> {
+        let (builder, r, q) = (self.builder.clone(), route.clone(), req.clone());
+        let task = tokio::spawn(async move { builder.build(&r, &q).await });
+        let abort = task.abort_handle();
+        match tokio::time::timeout(route.build_timeout + RENDER_MARGIN, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) if join.is_panic() => Err(BuildError::Panicked),
+            Ok(Err(join)) => Err(BuildError::Connect(format!("build task ended: {join}"))),
+            Err(_) => {
+                abort.abort();
+                Err(BuildError::Timeout(route.build_timeout))
+            }
+        }
+    }
+
+    /// Steps 1–3 of the contract: store, release the lease, announce.
+    async fn store_ready(
+        &self,
+        route: &FragmentRoute,
+        req: &BuildRequest,
+        keys: &FragmentKeys,
+        rendered: Rendered,
+        took: Duration,
+    ) -> Result<(), BuildError> {
+        let build_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+        let envelope = Envelope::ready(
+            rendered.body,
+            rendered.content_type,
+            route.fresh,
+            route.stale,
+            u32::try_from(build_ms).unwrap_or(u32::MAX),
+            req.attempt,
+        );
+        let bytes = envelope.encode();
+        let max = tessera_protocol::backends::item_limit(&self.config);
+        if bytes.len() + keys.envelope.as_str().len() + ITEM_OVERHEAD > max {
+            return Err(BuildError::TooLarge {
+                size: envelope.body.len(),
+                max,
+            });
+        }
+        let store = &self.backends.store;
+        store
+            .set(&keys.envelope, &bytes, envelope.store_ttl(now_ms()))
+            .await
+            .map_err(|e| match e {
+                StoreError::TooLarge { size, max } => BuildError::TooLarge { size, max },
+                other => BuildError::Store(other.to_string()),
+            })?;
+        if let Err(e) = store.delete(&keys.lease).await {
+            // The lease expires by itself; a new request waits for that at worst.
+            tracing::warn!(error = %e, "could not release the lease");
+        }
+        let event = Event::Built {
+            key: keys.envelope.to_string(),
+            etag: envelope.etag.clone(),
+            build_ms: Some(build_ms),
+        };
+        if let Err(e) = self.backends.bus.publish_event(&event).await {
+            // Gateways still see the result once their L1 entry expires (cache.ttl).
+            tracing::warn!(error = %e, "could not announce the build");
+        }
+        Ok(())
+    }
+
+    /// Schedules the next attempt through the broker's retry queue, then acknowledges.
+    async fn retry(
+        &self,
+        delivery: Delivery,
+        route: &FragmentRoute,
+        req: &BuildRequest,
+        keys: &FragmentKeys,
+        error: BuildError,
+    ) {
+        let delay = backoff(req.attempt, &mut rand::rng());
+        let lease = delay + route.lease_ttl();
+        // Hold the lease through the wait, so no gateway queues a second build meanwhile.
+        if let Err(e) = self.backends.store.set(&keys.lease, b"", lease).await {
+            tracing::warn!(error = %e, "could not extend the lease");
+        }
+        let mut next = req.clone();
+        next.attempt += 1;
+        next.lease_deadline = add_ms(now_ms(), lease);
+        tracing::info!(%error, ?delay, "build failed; retrying");
+        match self
+            .backends
+            .bus
+            .publish_retry(&route.queue, &next, delay)
+            .await
+        {
+            Ok(()) => settle(delivery.ack().await),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not schedule the retry; requeueing");
+                tokio::time::sleep(REQUEUE_PAUSE).await;
+                settle(delivery.requeue().await);
+            }
+        }
+    }
+
+    /// Stores a `failed` envelope, releases the lease, announces, settles.
+    async fn fail(
+        &self,
+        delivery: Delivery,
+        route: &FragmentRoute,
+        req: &BuildRequest,
+        keys: &FragmentKeys,
+        error: BuildError,
+    ) {
+        let store = &self.backends.store;
+        let previous = match store.get(&keys.envelope).await {
+            Ok(bytes) => bytes.and_then(|b| Envelope::decode(&b).ok()),
+            Err(_) => None,
+        };
+        let envelope = Envelope::failed(
+            error.to_string(),
+            route.failed_ttl,
+            req.attempt,
+            previous.as_ref(),
+        );
+        if let Err(e) = store
+            .set(
+                &keys.envelope,
+                &envelope.encode(),
+                envelope.store_ttl(now_ms()),
+            )
+            .await
+        {
+            // Nowhere to record the failure: keep the request rather than lose it.
+            tracing::warn!(%error, store_error = %e, "build failed and the store is unavailable; requeueing");
+            tokio::time::sleep(REQUEUE_PAUSE).await;
+            settle(delivery.requeue().await);
+            return;
+        }
+        if let Err(e) = store.delete(&keys.lease).await {
+            tracing::warn!(error = %e, "could not release the lease");
+        }
+        let event = Event::Failed {
+            key: keys.envelope.to_string(),
+            error: error.to_string(),
+        };
+        if let Err(e) = self.backends.bus.publish_event(&event).await {
+            tracing::warn!(error = %e, "could not announce the failure");
+        }
+        if error.is_retryable() {
+            tracing::warn!(%error, attempts = req.attempt, "build failed for good; dead-lettered");
+            settle(
+                delivery
+                    .dead_letter(&format!("{error} (after {} attempts)", req.attempt))
+                    .await,
+            );
+        } else {
+            tracing::warn!(%error, "build failed; not retried");
+            settle(delivery.ack().await);
+        }
+    }
+}
+
+async fn reject(delivery: Delivery, reason: &str) {
+    tracing::warn!(queue = %delivery.queue, reason, "build request dead-lettered");
+    settle(delivery.dead_letter(reason).await);
+}
+
+/// A settle that fails (the channel died) needs no action: the broker redelivers the
+/// message to another consumer.
+fn settle(result: Result<(), BusError>) {
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "could not settle a delivery; the broker will redeliver it");
+    }
+}
