@@ -1,1 +1,265 @@
-//! placeholder
+//! The Tessera gateway: a reverse proxy in front of a web application that serves slow
+//! page fragments from cache and never renders them on the request path.
+//!
+//! A request for a fragment is answered from L1 (moka, in process) or L2 (the shared
+//! store); a miss is answered at once with a placeholder while exactly one build is queued
+//! for the fragment workers, which may run inside this process (embedded mode) or as
+//! `tessera-worker` processes anywhere (distributed mode). Everything else is proxied.
+//!
+//! # Layout
+//! - [`admin`]: the admin listener: metrics, health, purge.
+//! - [`metrics`]: the Prometheus registry of one gateway.
+//! - [`compose`]: ESI page composition from cached fragments.
+//! - [`esi`]: the ESI 1.0 subset parser.
+//! - [`server`]: the accept loop (hyper 1, HTTP/1.1 and h2c), limits, graceful shutdown.
+//! - [`fragment`]: the fragment endpoint: lookup, build requests, answers.
+//! - [`cache`]: L1, with coalescing and an invalidation log.
+//! - [`waiters`]: long-poll wake-ups for `Prefer: wait`.
+//! - [`events`]: follows built/failed/purged events from every worker.
+//! - [`proxy`]: the reverse proxy to the upstream.
+//! - [`headers`]: small request-header parsers.
+//! - [`error`]: the one error type and its problem responses.
+//! - [`body`]: the response body type.
+//! - [`demo`]: the bundled demo upstream for `--demo`.
+//! - [`cli`]: the `purge` and `dead-letters` subcommands (admin API clients).
+
+pub mod admin;
+pub mod body;
+pub mod cache;
+pub mod cli;
+pub mod compose;
+pub mod demo;
+pub mod error;
+pub mod esi;
+pub mod events;
+pub mod fragment;
+pub mod headers;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+pub mod waiters;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use tessera_protocol::{Backends, Config};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::body::Body;
+use crate::cache::L1;
+use crate::error::GatewayError;
+use crate::waiters::Waiters;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A backend could not be set up.
+    #[error(transparent)]
+    Backend(#[from] tessera_protocol::backends::BackendError),
+    /// The event subscription could not be opened.
+    #[error("cannot subscribe to events: {0}")]
+    Events(#[from] tessera_protocol::BusError),
+    /// The upstream client or the embedded workers could not be set up.
+    #[error(transparent)]
+    Setup(#[from] GatewayError),
+    /// The embedded workers could not be set up.
+    #[error("embedded workers: {0}")]
+    Workers(String),
+    /// A listener could not be bound.
+    #[error("cannot listen on {what} = {addr}: {source}")]
+    Bind {
+        /// The config key.
+        what: &'static str,
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// State shared by every request.
+#[derive(Debug)]
+pub struct Gateway {
+    config: Arc<Config>,
+    backends: Backends,
+    l1: L1,
+    waiters: Waiters,
+    upstream: proxy::Upstream,
+    metrics: metrics::Metrics,
+    /// The latest build failures any worker reported, newest last (bounded).
+    failures: std::sync::Mutex<std::collections::VecDeque<admin::Failure>>,
+    /// Cancelled when the gateway starts shutting down: long-polls answer at once.
+    stopping: CancellationToken,
+}
+
+/// How long shutdown waits for embedded workers to finish in-flight builds.
+const WORKER_DRAIN: Duration = Duration::from_secs(15);
+
+/// Runs a gateway on `listener` (public traffic) and on `gateway.admin_listen`, with the
+/// backends `config` names, until `shutdown`.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    let admin = TcpListener::bind(&config.gateway.admin_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: "gateway.admin_listen",
+            addr: config.gateway.admin_listen.clone(),
+            source,
+        })?;
+    let backends = Backends::connect(&config).await?;
+    serve(listener, Some(admin), config, backends, shutdown).await
+}
+
+/// Runs a gateway on `listener` and, when given, an admin listener, with the given
+/// backends (tests share one memory backend between gateways this way).
+pub async fn serve(
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    config: Config,
+    backends: Backends,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    let config = Arc::new(config);
+    let gateway = Arc::new(Gateway {
+        l1: L1::new(config.cache.capacity.as_u64(), config.cache.ttl),
+        waiters: Waiters::default(),
+        upstream: proxy::Upstream::new(&config.upstream.url, config.upstream.timeout)?,
+        stopping: CancellationToken::new(),
+        metrics: metrics::Metrics::new(),
+        failures: std::sync::Mutex::new(std::collections::VecDeque::new()),
+        backends: backends.clone(),
+        config: config.clone(),
+    });
+    // Subscribe before serving, so no event after the first request is missed.
+    let subscription = backends.bus.subscribe().await?;
+    let events = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(events::follow(
+        gateway.clone(),
+        subscription,
+    )));
+
+    let workers = if config.workers.embedded > 0 {
+        let builder = tessera_workers::HttpBuilder::new(&config)
+            .map_err(|e| StartError::Workers(e.to_string()))?;
+        let stop = gateway.stopping.clone();
+        // Abort on drop: if this future is dropped (the task running the gateway was
+        // aborted), the embedded workers go with it, like a crashed process.
+        Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+            tessera_workers::run(
+                backends,
+                config.clone(),
+                Arc::new(builder),
+                config.workers.embedded,
+                async move { stop.cancelled().await },
+            ),
+        )))
+    } else {
+        None
+    };
+
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, embedded_workers = config.workers.embedded, routes = config.fragments.len(), "gateway listening");
+    }
+    if let Ok(addr) = admin.as_ref().map(TcpListener::local_addr).transpose() {
+        tracing::info!(admin = ?addr, "admin listening");
+    }
+    let stopping = gateway.stopping.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // Long-polls answer at once instead of holding the drain.
+        stopping.cancel();
+    };
+    let admin_server = admin.map(|admin| {
+        let (gw, stop) = (gateway.clone(), gateway.stopping.clone());
+        tokio::spawn(server::serve(
+            admin,
+            move |req, peer| gw.clone().admin(req, peer),
+            async move { stop.cancelled().await },
+        ))
+    });
+    let public = gateway.clone();
+    server::serve(
+        listener,
+        move |req, peer| public.clone().handle(req, peer),
+        shutdown,
+    )
+    .await;
+    if let Some(admin_server) = admin_server {
+        let _ = admin_server.await;
+    }
+
+    if let Some(workers) = workers {
+        match tokio::time::timeout(WORKER_DRAIN, workers).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "embedded workers stopped with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "embedded workers task failed"),
+            Err(_) => tracing::warn!("embedded workers did not stop within {WORKER_DRAIN:?}"),
+        }
+    }
+    events.abort();
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+impl Gateway {
+    /// Routes one request.
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<hyper::body::Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
+        let prefix = self.config.gateway.fragment_prefix.as_str();
+        if let Some(name) = req.uri().path().strip_prefix(prefix) {
+            let name = name.to_string();
+            return self.fragment(&req, &name).await;
+        }
+        if req.uri().path() == compose::CLIENT_JS_PATH {
+            return client_js(&req);
+        }
+        // Composition needs the page request's cookies and headers for `vary`.
+        let headers = req.headers().clone();
+        let head = req.method() == http::Method::HEAD;
+        let response = self.upstream.forward(req, peer).await;
+        if head {
+            return response;
+        }
+        let trace = headers::trace_id(&headers);
+        self.compose_response(response, &headers, &trace).await
+    }
+}
+
+/// The client script, embedded in the binary.
+const CLIENT_JS: &str = include_str!("../assets/client.js");
+
+fn client_js(req: &Request<hyper::body::Incoming>) -> Response<Body> {
+    use http::{HeaderValue, StatusCode, header};
+    let etag = tessera_protocol::envelope::etag_of(CLIENT_JS.as_bytes());
+    let not_modified = headers::if_none_match(req.headers(), &etag);
+    let mut r = Response::new(if not_modified {
+        body::empty()
+    } else {
+        body::full(CLIENT_JS)
+    });
+    if not_modified {
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+    }
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/javascript; charset=utf-8"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    r
+}

@@ -1,1 +1,142 @@
-fn main() {}
+//! `tessera-gateway`: parse the command line and config, set up logging, bind, run.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use http::Method;
+use tessera_protocol::Config;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Fragment-cache gateway: serves slow page fragments from cache, builds them in the
+/// background.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file (default: $TESSERA_CONFIG, else built-in defaults).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Also start a bundled demo upstream with slow fragments, and print the URL to open.
+    #[arg(long)]
+    demo: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Operations on a running gateway, through its admin listener (`gateway.admin_listen`
+/// and `gateway.admin_token` from the same config).
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Purge content on every gateway.
+    Purge {
+        #[command(subcommand)]
+        what: Purge,
+        /// Admin URL (default: http://{gateway.admin_listen}).
+        #[arg(long, global = true)]
+        admin: Option<String>,
+    },
+    /// List dead-lettered build requests, or put them back on their queues.
+    DeadLetters {
+        /// Re-queue up to this many instead of listing.
+        #[arg(long, value_name = "N")]
+        requeue: Option<usize>,
+        /// Admin URL (default: http://{gateway.admin_listen}).
+        #[arg(long)]
+        admin: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Purge {
+    /// One fragment, e.g. `purge fragment '/fragments/recs?user_id=7'`.
+    Fragment {
+        /// The fragment's public path with its params.
+        path: String,
+    },
+    /// A whole route (its generation is bumped; nothing of it is served again).
+    Route {
+        /// The route name.
+        name: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tessera_protocol::process::init_logging();
+    let mut config = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tessera-gateway: {e}");
+            std::process::exit(2);
+        }
+    };
+
+    if let Some(command) = args.command {
+        return admin_command(&config, command).await;
+    }
+
+    let stop_demo = CancellationToken::new();
+    if args.demo {
+        let upstream = tessera_gateway::demo::start(stop_demo.clone())
+            .await
+            .context("starting the demo upstream")?;
+        tessera_gateway::demo::configure(&mut config, upstream);
+    }
+
+    let listener = TcpListener::bind(&config.gateway.listen)
+        .await
+        .with_context(|| format!("binding gateway.listen = {}", config.gateway.listen))?;
+    if args.demo {
+        println!("Tessera demo: open http://{}/", listener.local_addr()?);
+    }
+    tessera_gateway::run(
+        listener,
+        config,
+        tessera_protocol::process::shutdown_signal(),
+    )
+    .await?;
+    stop_demo.cancel();
+    Ok(())
+}
+
+async fn admin_command(config: &Config, command: Command) -> anyhow::Result<()> {
+    let default_admin = format!("http://{}", config.gateway.admin_listen);
+    let token = &config.gateway.admin_token;
+    let (admin, method, path) = match command {
+        Command::Purge { what, admin } => {
+            let path = match what {
+                Purge::Fragment { path } => tessera_gateway::cli::fragment_purge_path(
+                    &path,
+                    &config.gateway.fragment_prefix,
+                ),
+                Purge::Route { name } => format!("/routes/{name}"),
+            };
+            (admin, Method::DELETE, path)
+        }
+        Command::DeadLetters {
+            requeue: Some(n),
+            admin,
+        } => (
+            admin,
+            Method::POST,
+            format!("/dead-letters/requeue?limit={n}"),
+        ),
+        Command::DeadLetters {
+            requeue: None,
+            admin,
+        } => (admin, Method::GET, "/dead-letters".into()),
+    };
+    let base = admin.unwrap_or(default_admin);
+    match tessera_gateway::cli::call(&base, token, method, &path).await {
+        Ok(body) => {
+            println!("{body}");
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("tessera-gateway: {e}");
+            std::process::exit(1);
+        }
+    }
+}

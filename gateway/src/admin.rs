@@ -1,0 +1,343 @@
+//! The admin listener, separate from public traffic: metrics, health, purge.
+//!
+//! | request | answer |
+//! | --- | --- |
+//! | `GET /healthz` | 200 while the process serves |
+//! | `GET /readyz` | 200 when the store and the bus answer, else 503 naming which |
+//! | `GET /metrics` | Prometheus text format |
+//! | `DELETE /fragments/{name}?{params}` | deletes one fragment (with the request's `vary` cookies/headers) |
+//! | `DELETE /routes/{name}` | moves the route to a new generation: every fragment of it is gone |
+//! | `GET /` | the dashboard (refreshes itself from `GET /api/status`) |
+//! | `GET /dead-letters` | dead-lettered build requests with their errors (JSON) |
+//! | `POST /dead-letters/requeue?limit=N` | puts up to N (default 100) back on their queues |
+//!
+//! When `gateway.admin_token` is set, every request must carry
+//! `Authorization: Bearer {token}` (or HTTP Basic with the token as password, which is
+//! how a browser logs in to the dashboard); the gateway refuses to start with an admin listener
+//! off loopback and no token. Purges are announced on the events exchange, so every
+//! gateway's L1 forgets the content: a purged fragment is never served again, not even
+//! as stale.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use tessera_protocol::{Event, Identity, store};
+
+use crate::Gateway;
+use crate::body::{Body, full};
+use crate::error::{GatewayError, problem};
+
+/// Deadline for each readiness check.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Gateway {
+    /// Routes one admin request.
+    pub(crate) async fn admin(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        _peer: SocketAddr,
+    ) -> Response<Body> {
+        if !self.authorized(&req) {
+            let mut r = problem(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this admin endpoint needs `Authorization: Bearer <gateway.admin_token>`",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Bearer, Basic realm="tessera admin""#),
+            );
+            return r;
+        }
+        let path = req.uri().path().to_string();
+        match (req.method(), path.as_str()) {
+            (&Method::GET, "/") => {
+                text(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD.into())
+            }
+            (&Method::GET, "/api/status") => self.status().await,
+            (&Method::GET, "/dead-letters") => {
+                match self.backends.bus.dead_letters(DEAD_LETTER_PAGE).await {
+                    Ok(letters) => json(
+                        StatusCode::OK,
+                        &serde_json::Value::Array(letters.iter().map(letter_json).collect()),
+                    ),
+                    Err(e) => GatewayError::Bus(e).into_response(),
+                }
+            }
+            (&Method::POST, "/dead-letters/requeue") => {
+                let limit = query_usize(req.uri().query(), "limit").unwrap_or(DEAD_LETTER_PAGE);
+                match self.backends.bus.requeue_dead_letters(limit).await {
+                    Ok(n) => json(StatusCode::OK, &serde_json::json!({ "requeued": n })),
+                    Err(e) => GatewayError::Bus(e).into_response(),
+                }
+            }
+            (&Method::GET, "/healthz") => {
+                text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into())
+            }
+            (&Method::GET, "/readyz") => self.ready().await,
+            (&Method::GET, "/metrics") => {
+                self.l1.settle_counts().await;
+                self.metrics
+                    .l1_entries
+                    .set(i64::try_from(self.l1.entry_count()).unwrap_or(i64::MAX));
+                self.metrics
+                    .l1_bytes
+                    .set(i64::try_from(self.l1.weighted_size()).unwrap_or(i64::MAX));
+                self.metrics
+                    .long_polls
+                    .set(i64::try_from(self.waiters.len()).unwrap_or(i64::MAX));
+                text(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    self.metrics.render(""),
+                )
+            }
+            (&Method::DELETE, p) if p.starts_with("/fragments/") => {
+                let name = &p["/fragments/".len()..];
+                self.purge_fragment(name, &req)
+                    .await
+                    .unwrap_or_else(GatewayError::into_response)
+            }
+            (&Method::DELETE, p) if p.starts_with("/routes/") => {
+                let name = &p["/routes/".len()..];
+                self.purge_route(name)
+                    .await
+                    .unwrap_or_else(GatewayError::into_response)
+            }
+            _ => problem(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no admin endpoint {} {path}", req.method()),
+            ),
+        }
+    }
+
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let token = self.config.gateway.admin_token.as_bytes();
+        if token.is_empty() {
+            return true;
+        }
+        let Some(auth) = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return false;
+        };
+        let given = if let Some(bearer) = auth.strip_prefix("Bearer ") {
+            bearer.trim().as_bytes().to_vec()
+        } else if let Some(basic) = auth.strip_prefix("Basic ") {
+            use base64::Engine;
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(basic.trim())
+                .unwrap_or_default();
+            // `user:password`; the user name is not checked.
+            match decoded.iter().position(|b| *b == b':') {
+                Some(colon) => decoded[colon + 1..].to_vec(),
+                None => return false,
+            }
+        } else {
+            return false;
+        };
+        constant_time_eq(&given, token)
+    }
+
+    /// `("ok" | why, "ok" | why)` for the store and the bus.
+    async fn readiness(&self) -> (String, String) {
+        let (store, bus) = tokio::join!(
+            tokio::time::timeout(READY_TIMEOUT, self.backends.store.ping()),
+            tokio::time::timeout(READY_TIMEOUT, self.backends.bus.ping()),
+        );
+        let verdict = |r: Result<Result<(), String>, tokio::time::error::Elapsed>| match r {
+            Ok(Ok(())) => "ok".to_string(),
+            Ok(Err(e)) => e,
+            Err(_) => format!("no answer within {READY_TIMEOUT:?}"),
+        };
+        (
+            verdict(store.map(|r| r.map_err(|e| e.to_string()))),
+            verdict(bus.map(|r| r.map_err(|e| e.to_string()))),
+        )
+    }
+
+    async fn ready(&self) -> Response<Body> {
+        let (store, bus) = self.readiness().await;
+        let ok = store == "ok" && bus == "ok";
+        let body = serde_json::json!({ "store": store, "bus": bus }).to_string();
+        let status = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        text(status, "application/json", body)
+    }
+
+    /// Deletes one fragment everywhere and tells every gateway.
+    async fn purge_fragment(
+        &self,
+        name: &str,
+        req: &Request<Incoming>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let route = self
+            .config
+            .route(name)
+            .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
+        let identity = Identity::from_request(route, req.uri().query(), req.headers())?;
+        let (_, keys) = self.keys(route, &identity).await?;
+        let deleted = self.backends.store.delete(&keys.envelope).await?;
+        // Evict here first, so this gateway is right even if the broker is down.
+        self.l1.invalidate_key(&keys.envelope).await;
+        let event = Event::Purged {
+            route: None,
+            generation: None,
+            key: Some(keys.envelope.to_string()),
+        };
+        self.backends.bus.publish_event(&event).await?;
+        tracing::info!(route = %route.name, key = %keys.envelope, deleted, "fragment purged");
+        let body = serde_json::json!({ "route": route.name, "key": keys.envelope.as_str(), "deleted": deleted });
+        Ok(text(StatusCode::OK, "application/json", body.to_string()))
+    }
+
+    /// Moves a route to a new generation and tells every gateway.
+    async fn purge_route(&self, name: &str) -> Result<Response<Body>, GatewayError> {
+        let route = self
+            .config
+            .route(name)
+            .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
+        let key = self.backends.keys.generation(&route.name);
+        let generation = store::bump_generation(self.backends.store.as_ref(), &key).await?;
+        self.l1.invalidate_route(&route.name).await;
+        let event = Event::Purged {
+            route: Some(route.name.clone()),
+            generation: Some(generation),
+            key: None,
+        };
+        self.backends.bus.publish_event(&event).await?;
+        tracing::info!(route = %route.name, generation, "route purged");
+        let body = serde_json::json!({ "route": route.name, "generation": generation });
+        Ok(text(StatusCode::OK, "application/json", body.to_string()))
+    }
+}
+
+/// A build failure reported by a worker, as the dashboard lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failure {
+    /// When this gateway heard of it (Unix ms).
+    pub at: u64,
+    /// The route, read from the key.
+    pub route: String,
+    /// The worker's error.
+    pub error: String,
+}
+
+/// Recent failures kept for the dashboard.
+const FAILURES_KEPT: usize = 50;
+/// Dead letters listed or requeued per request.
+const DEAD_LETTER_PAGE: usize = 100;
+const DASHBOARD: &str = include_str!("../assets/dashboard.html");
+
+impl Gateway {
+    /// Remembers a failure event for the dashboard (bounded).
+    pub(crate) fn record_failure(&self, key: &str, error: &str) {
+        let route = key.split(':').nth(2).unwrap_or("").to_string();
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if failures.len() >= FAILURES_KEPT {
+            failures.pop_front();
+        }
+        failures.push_back(Failure {
+            at: tessera_protocol::time::now_ms(),
+            route,
+            error: error.to_string(),
+        });
+    }
+
+    /// What the dashboard shows beyond `/metrics`, as JSON: queues, failures, dead
+    /// letters, readiness.
+    async fn status(&self) -> Response<Body> {
+        let mut queues = Vec::new();
+        for name in self.config.queues() {
+            let stats =
+                tokio::time::timeout(READY_TIMEOUT, self.backends.bus.queue_stats(&name)).await;
+            let (messages, consumers) = match stats {
+                Ok(Ok(s)) => (Some(s.messages), Some(s.consumers)),
+                _ => (None, None),
+            };
+            queues.push(
+                serde_json::json!({ "name": name, "messages": messages, "consumers": consumers }),
+            );
+        }
+        let dead =
+            match tokio::time::timeout(READY_TIMEOUT, self.backends.bus.dead_letters(20)).await {
+                Ok(Ok(letters)) => letters.iter().map(letter_json).collect(),
+                _ => Vec::new(),
+            };
+        let failures: Vec<Failure> = {
+            let f = self
+                .failures
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            f.iter().rev().cloned().collect()
+        };
+        let ready = self.readiness().await;
+        json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "queues": queues,
+                "recent_failures": failures,
+                "dead_letters": dead,
+                "ready": { "store": ready.0, "bus": ready.1 },
+            }),
+        )
+    }
+}
+
+fn letter_json(d: &tessera_protocol::DeadLetter) -> serde_json::Value {
+    let body = String::from_utf8_lossy(&d.body);
+    let shown: String = body.chars().take(300).collect();
+    serde_json::json!({ "queue": d.queue, "reason": d.reason, "body": shown })
+}
+
+fn query_usize(query: Option<&str>, name: &str) -> Option<usize> {
+    query?
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    text(status, "application/json", value.to_string())
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// Compares without leaking where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}

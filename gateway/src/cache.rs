@@ -1,0 +1,401 @@
+//! L1: the in-process cache in front of the store.
+//!
+//! Two moka caches: slots (what the store said about one envelope key — an envelope, or
+//! "pending") and route generations. Both are bounded (bytes for slots) and hold entries
+//! for at most `cache.ttl`; events evict sooner.
+//!
+//! Concurrent misses on one key are coalesced by moka's `try_get_with`: a burst of
+//! identical requests costs one store lookup (and, on a cold key, one lease attempt).
+//!
+//! Eviction by event has a race that a plain `invalidate` does not close: a load that
+//! started *before* an event can finish *after* it and insert what it read. So every event
+//! is also written to an invalidation log (key → when), every entry remembers when its load
+//! started, and an entry loaded before a logged invalidation is treated as absent. This is
+//! what makes "a purged fragment is never served again" and "a long-poll wakes the moment
+//! the fragment is built" hold under concurrency, not just usually.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tessera_protocol::time::now_ms;
+use tessera_protocol::{Envelope, StoreKey};
+
+use crate::error::GatewayError;
+
+/// What the store said about one envelope key.
+#[derive(Debug)]
+pub enum SlotState {
+    /// An envelope (ready or failed).
+    Found(Envelope),
+    /// No envelope; a build is queued or running (the lease is held).
+    Pending,
+}
+
+/// One cached answer from the store.
+#[derive(Debug)]
+pub struct Slot {
+    /// The answer.
+    pub state: SlotState,
+    /// When the load that produced it started.
+    loaded_at: Instant,
+    /// Set once a rebuild was requested from this slot, so a stale entry served to many
+    /// requests asks for one rebuild, not one per request.
+    rebuild_requested: AtomicBool,
+}
+
+impl Slot {
+    fn new(state: SlotState, loaded_at: Instant) -> Self {
+        Self {
+            state,
+            loaded_at,
+            rebuild_requested: AtomicBool::new(false),
+        }
+    }
+
+    /// True for the first caller only.
+    pub fn claim_rebuild(&self) -> bool {
+        !self.rebuild_requested.swap(true, Ordering::AcqRel)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Generation {
+    value: u64,
+    loaded_at: Instant,
+}
+
+/// Extra life of invalidation records beyond `cache.ttl`: covers loads that were slow
+/// (store and bus timeouts) between starting and inserting.
+const LOG_SLACK: Duration = Duration::from_secs(30);
+/// Most invalidation records kept; past it the oldest go first.
+const LOG_CAPACITY: u64 = 100_000;
+/// Most route generations cached.
+const GENERATION_CAPACITY: u64 = 10_000;
+
+struct SlotExpiry {
+    ttl: Duration,
+}
+
+impl moka::Expiry<StoreKey, Arc<Slot>> for SlotExpiry {
+    fn expire_after_create(&self, _: &StoreKey, slot: &Arc<Slot>, _: Instant) -> Option<Duration> {
+        let ttl = match &slot.state {
+            // Never keep an envelope past the moment the store would drop it.
+            SlotState::Found(e) => self.ttl.min(e.store_ttl(now_ms())),
+            SlotState::Pending => self.ttl,
+        };
+        Some(ttl)
+    }
+}
+
+/// The L1 cache of one gateway.
+pub struct L1 {
+    slots: Option<moka::future::Cache<StoreKey, Arc<Slot>>>,
+    generations: moka::future::Cache<String, Generation>,
+    log: moka::sync::Cache<String, Instant>,
+    /// Entries loaded before `base + everything_before` nanoseconds are invalid.
+    base: Instant,
+    everything_before: AtomicU64,
+}
+
+impl std::fmt::Debug for L1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("L1")
+            .field("entries", &self.entry_count())
+            .field("bytes", &self.weighted_size())
+            .finish()
+    }
+}
+
+fn route_log_key(route: &str) -> String {
+    format!("route:{route}")
+}
+
+impl L1 {
+    /// A cache of at most `capacity` bytes whose entries live at most `ttl`.
+    /// `capacity == 0` disables slot caching (every request reads the store).
+    pub fn new(capacity: u64, ttl: Duration) -> Self {
+        let slots = (capacity > 0).then(|| {
+            moka::future::Cache::builder()
+                .max_capacity(capacity)
+                .weigher(|k: &StoreKey, s: &Arc<Slot>| {
+                    let body = match &s.state {
+                        SlotState::Found(e) => e.body.len() + e.content_type.len() + e.etag.len(),
+                        SlotState::Pending => 0,
+                    };
+                    u32::try_from(k.as_str().len() + body + 128).unwrap_or(u32::MAX)
+                })
+                .expire_after(SlotExpiry { ttl })
+                .build()
+        });
+        Self {
+            slots,
+            generations: moka::future::Cache::builder()
+                .max_capacity(GENERATION_CAPACITY)
+                .time_to_live(ttl)
+                .build(),
+            log: moka::sync::Cache::builder()
+                .max_capacity(LOG_CAPACITY)
+                .time_to_live(ttl + LOG_SLACK)
+                .build(),
+            base: Instant::now(),
+            everything_before: AtomicU64::new(0),
+        }
+    }
+
+    fn still_valid(&self, log_key: &str, loaded_at: Instant) -> bool {
+        let everything =
+            self.base + Duration::from_nanos(self.everything_before.load(Ordering::Acquire));
+        loaded_at > everything && self.log.get(log_key).is_none_or(|t| loaded_at > t)
+    }
+
+    /// The generation of `route`, from L1 or from `load`.
+    pub async fn generation<F>(&self, route: &str, load: F) -> Result<u64, GatewayError>
+    where
+        F: Future<Output = Result<u64, GatewayError>>,
+    {
+        let log_key = route_log_key(route);
+        if let Some(g) = self.generations.get(route).await {
+            if self.still_valid(&log_key, g.loaded_at) {
+                return Ok(g.value);
+            }
+            self.generations.invalidate(route).await;
+        }
+        let started = Instant::now();
+        let g = self
+            .generations
+            .try_get_with(route.to_string(), async move {
+                load.await.map(|value| Generation {
+                    value,
+                    loaded_at: started,
+                })
+            })
+            .await
+            .map_err(unshare)?;
+        Ok(g.value)
+    }
+
+    /// The slot of `key`, from L1 or from `load` (coalesced across concurrent callers).
+    pub async fn slot<F>(&self, key: &StoreKey, load: F) -> Result<Arc<Slot>, GatewayError>
+    where
+        F: Future<Output = Result<SlotState, GatewayError>>,
+    {
+        let started = Instant::now();
+        let Some(slots) = &self.slots else {
+            return Ok(Arc::new(Slot::new(load.await?, started)));
+        };
+        if let Some(slot) = slots.get(key).await {
+            if self.still_valid(key.as_str(), slot.loaded_at) {
+                return Ok(slot);
+            }
+            slots.invalidate(key).await;
+        }
+        slots
+            .try_get_with(key.clone(), async move {
+                load.await.map(|state| Arc::new(Slot::new(state, started)))
+            })
+            .await
+            .map_err(unshare)
+    }
+
+    /// The cached slot of `key`, if there is a valid one; never loads.
+    pub async fn peek(&self, key: &StoreKey) -> Option<Arc<Slot>> {
+        let slot = self.slots.as_ref()?.get(key).await?;
+        self.still_valid(key.as_str(), slot.loaded_at)
+            .then_some(slot)
+    }
+
+    /// Caches what a batch load that started at `loaded_at` found for `key`, and returns it.
+    pub async fn insert(&self, key: &StoreKey, state: SlotState, loaded_at: Instant) -> Arc<Slot> {
+        let slot = Arc::new(Slot::new(state, loaded_at));
+        if let Some(slots) = &self.slots
+            && self.still_valid(key.as_str(), loaded_at)
+        {
+            slots.insert(key.clone(), slot.clone()).await;
+        }
+        slot
+    }
+
+    /// Forgets `key` and anything loaded for it before now (built, failed, purged).
+    pub async fn invalidate_key(&self, key: &StoreKey) {
+        self.log.insert(key.as_str().to_string(), Instant::now());
+        if let Some(slots) = &self.slots {
+            slots.invalidate(key).await;
+        }
+    }
+
+    /// A route moved to a new generation: forget its cached generation.
+    pub async fn invalidate_route(&self, route: &str) {
+        self.log.insert(route_log_key(route), Instant::now());
+        self.generations.invalidate(route).await;
+    }
+
+    /// Events may have been missed: forget everything loaded before now.
+    pub fn invalidate_all(&self) {
+        let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.everything_before.fetch_max(nanos, Ordering::AcqRel);
+        if let Some(slots) = &self.slots {
+            slots.invalidate_all();
+        }
+        self.generations.invalidate_all();
+    }
+
+    /// Brings the entry and byte counts up to date (moka counts lazily).
+    pub async fn settle_counts(&self) {
+        if let Some(slots) = &self.slots {
+            slots.run_pending_tasks().await;
+        }
+    }
+
+    /// Entries held (approximate until [`L1::settle_counts`]).
+    pub fn entry_count(&self) -> u64 {
+        self.slots.as_ref().map_or(0, |s| s.entry_count())
+    }
+
+    /// Bytes held (approximate).
+    pub fn weighted_size(&self) -> u64 {
+        self.slots.as_ref().map_or(0, |s| s.weighted_size())
+    }
+}
+
+/// moka hands concurrent waiters a shared error; turn it back into an owned one with the
+/// same meaning (the message is all that is logged or shown).
+fn unshare(e: Arc<GatewayError>) -> GatewayError {
+    match Arc::try_unwrap(e) {
+        Ok(e) => e,
+        Err(shared) => match &*shared {
+            GatewayError::Store(s) => GatewayError::Store(s.clone()),
+            GatewayError::Bus(b) => GatewayError::Bus(b.clone()),
+            GatewayError::BuildFailed { error, retry_after } => GatewayError::BuildFailed {
+                error: error.clone(),
+                retry_after: *retry_after,
+            },
+            other => GatewayError::Upstream(other.to_string()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use tessera_protocol::{Identity, Keyspace};
+
+    fn key(n: u64) -> StoreKey {
+        let id = Identity {
+            route: "r".into(),
+            params: vec![],
+            vary: vec![],
+        };
+        Keyspace::new("t").fragment(&id, n).envelope
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_load_once() {
+        let l1 = Arc::new(L1::new(1 << 20, Duration::from_secs(2)));
+        let loads = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..100)
+            .map(|_| {
+                let (l1, loads) = (l1.clone(), loads.clone());
+                tokio::spawn(async move {
+                    l1.slot(&key(1), async {
+                        loads.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok(SlotState::Pending)
+                    })
+                    .await
+                    .unwrap()
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_load_that_straddles_an_invalidation_is_not_served() {
+        let l1 = Arc::new(L1::new(1 << 20, Duration::from_secs(60)));
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+        let loader = {
+            let l1 = l1.clone();
+            tokio::spawn(async move {
+                l1.slot(&key(1), async move {
+                    started_tx.send(()).unwrap();
+                    finish_rx.await.unwrap();
+                    Ok(SlotState::Pending)
+                })
+                .await
+                .unwrap()
+            })
+        };
+        started_rx.await.unwrap();
+        // The event arrives while the load is in flight…
+        l1.invalidate_key(&key(1)).await;
+        finish_tx.send(()).unwrap();
+        loader.await.unwrap();
+        // …so what it inserted must not be used: the next read loads again.
+        let reloaded = AtomicBool::new(false);
+        l1.slot(&key(1), async {
+            reloaded.store(true, Ordering::SeqCst);
+            Ok(SlotState::Pending)
+        })
+        .await
+        .unwrap();
+        assert!(reloaded.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn errors_are_not_cached() {
+        let l1 = L1::new(1 << 20, Duration::from_secs(60));
+        let e = l1
+            .slot(&key(1), async {
+                Err(GatewayError::Store(
+                    tessera_protocol::StoreError::Unavailable("x".into()),
+                ))
+            })
+            .await;
+        assert!(matches!(e, Err(GatewayError::Store(_))));
+        let ok = l1.slot(&key(1), async { Ok(SlotState::Pending) }).await;
+        assert!(ok.is_ok());
+    }
+
+    #[tokio::test]
+    async fn route_invalidation_reloads_the_generation() {
+        let l1 = L1::new(1 << 20, Duration::from_secs(60));
+        assert_eq!(l1.generation("r", async { Ok(1) }).await.unwrap(), 1);
+        assert_eq!(
+            l1.generation("r", async { Ok(2) }).await.unwrap(),
+            1,
+            "cached"
+        );
+        l1.invalidate_route("r").await;
+        assert_eq!(l1.generation("r", async { Ok(2) }).await.unwrap(), 2);
+        l1.invalidate_all();
+        assert_eq!(l1.generation("r", async { Ok(3) }).await.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn disabled_cache_always_loads() {
+        let l1 = L1::new(0, Duration::from_secs(60));
+        let loads = AtomicUsize::new(0);
+        for _ in 0..3 {
+            l1.slot(&key(1), async {
+                loads.fetch_add(1, Ordering::SeqCst);
+                Ok(SlotState::Pending)
+            })
+            .await
+            .unwrap();
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn rebuild_is_claimed_once() {
+        let slot = Slot::new(SlotState::Pending, Instant::now());
+        assert!(slot.claim_rebuild());
+        assert!(!slot.claim_rebuild());
+    }
+}

@@ -1,0 +1,144 @@
+//! `tessera-gateway --demo`: a small bundled upstream with deliberately slow fragments
+//! and a page that includes them, so the worker pattern can be seen without an app.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tessera_protocol::FragmentRoute;
+use tessera_protocol::config::Config;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// `(route, render time)` of the demo fragments.
+const FRAGMENTS: [(&str, u64); 4] = [
+    ("weather", 300),
+    ("greeting", 700),
+    ("recommendations", 1200),
+    ("news", 2000),
+];
+
+/// Rewrites `config` for the demo: fragment routes served by the upstream at `upstream`.
+pub fn configure(config: &mut Config, upstream: SocketAddr) {
+    config.upstream.url = format!("http://{upstream}");
+    config.fragments = FRAGMENTS
+        .iter()
+        .map(|(name, _)| {
+            let mut route = FragmentRoute::new(*name, format!("/_render/{name}"));
+            route.fresh = Duration::from_secs(30);
+            route.stale = Duration::from_secs(300);
+            match *name {
+                "recommendations" => route.params = vec!["user".into()],
+                "greeting" => {
+                    route.vary = vec![tessera_protocol::config::VarySource::Cookie("name".into())]
+                }
+                _ => {}
+            }
+            route
+        })
+        .collect();
+}
+
+/// Starts the demo upstream on 127.0.0.1 (any free port) until `stop` is cancelled.
+pub async fn start(stop: CancellationToken) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                () = stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(_) => continue,
+                },
+            };
+            tokio::spawn(async move {
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder.http1().timer(TokioTimer::new());
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), service_fn(answer))
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn answer(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path();
+    if path == "/" {
+        let mut page = html(StatusCode::OK, PAGE.to_string());
+        // Ask the gateway to compose the page from cached fragments.
+        page.headers_mut().insert(
+            "surrogate-control",
+            http::HeaderValue::from_static("content=\"ESI/1.0\""),
+        );
+        return Ok(page);
+    }
+    let Some((name, delay)) = path
+        .strip_prefix("/_render/")
+        .and_then(|n| FRAGMENTS.iter().find(|(f, _)| *f == n))
+    else {
+        return Ok(html(StatusCode::NOT_FOUND, "<h1>Not found</h1>".into()));
+    };
+    tokio::time::sleep(Duration::from_millis(*delay)).await;
+    let query = req.uri().query().unwrap_or("");
+    let who =
+        tessera_protocol::key::cookie(req.headers(), "name").unwrap_or_else(|| "stranger".into());
+    let built = tessera_protocol::time::now_ms() / 1000;
+    let body = match *name {
+        "weather" => "<p>☀️ 21 °C, light breeze.</p>".to_string(),
+        "greeting" => format!("<p>Hello, {}!</p>", escape(&who)),
+        "recommendations" => format!(
+            "<ul><li>Rust in Action</li><li>Designing Data-Intensive Applications</li></ul><small>for {}</small>",
+            escape(query)
+        ),
+        _ => "<ol><li>Fragment caches are back</li><li>Workers scale out</li></ol>".to_string(),
+    };
+    Ok(html(
+        StatusCode::OK,
+        format!("{body}<small> rendered in {delay} ms at {built}</small>"),
+    ))
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn html(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    r
+}
+
+const PAGE: &str = r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Tessera demo</title>
+<style>body{font:16px/1.5 system-ui,sans-serif;max-width:44rem;margin:2rem auto}
+section{border:1px solid #ccc;border-radius:6px;padding:.5rem 1rem;margin:1rem 0}
+.tessera-loading{color:#888}</style></head>
+<body><h1>Tessera demo</h1>
+<p>This page came back at once. Each box below is a fragment that takes 0.3–2 s to render:
+the gateway composed the page from its cache, left a placeholder for every fragment not
+built yet, queued one build for each, and the client script fills them in the moment they
+are built. Reload: the page arrives whole, straight from the cache.</p>
+<esi:remove><p><strong>Not composed:</strong> open this page through the Tessera gateway.</p></esi:remove>
+<section><h2>Weather</h2><esi:include src="/fragments/weather"/></section>
+<section><h2>Greeting</h2><esi:include src="/fragments/greeting" onerror="continue"/></section>
+<section><h2>Recommendations</h2><esi:include src="/fragments/recommendations?user=42"/></section>
+<section><h2>News</h2><esi:include src="/fragments/news"/></section>
+<script>if (!document.cookie.includes("name=")) document.cookie = "name=demo visitor; path=/";</script>
+</body></html>
+"#;

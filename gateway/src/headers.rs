@@ -1,0 +1,138 @@
+//! Small request-header parsers: `Prefer: wait`, `If-None-Match`, trace ids.
+
+use std::time::Duration;
+
+use http::HeaderMap;
+use http::header::{ACCEPT, IF_NONE_MATCH};
+
+/// The `wait` preference (RFC 7240) in seconds, if any. `Prefer: respond-async, wait=10`.
+pub fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|pref| {
+            let first = pref.split(';').next()?.trim();
+            let (name, value) = first.split_once('=')?;
+            name.trim()
+                .eq_ignore_ascii_case("wait")
+                .then(|| value.trim().trim_matches('"').parse::<u64>().ok())
+                .flatten()
+        })
+        .next()
+        .map(Duration::from_secs)
+}
+
+/// Whether `If-None-Match` matches `etag` (weak comparison, RFC 9110 §13.1.2).
+pub fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+    let strip = |t: &str| t.trim().trim_start_matches("W/").to_string();
+    let ours = strip(etag);
+    headers
+        .get_all(IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim() == "*" || strip(t) == ours)
+}
+
+/// Whether the client prefers JSON over HTML.
+pub fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            let v = v.to_ascii_lowercase();
+            (v.contains("application/json") || v.contains("+json")) && !v.contains("text/html")
+        })
+}
+
+/// The trace id of a request: the W3C `traceparent` trace id, else `X-Request-Id` when
+/// it is a safe token, else a new random one. Never logs raw client bytes.
+pub fn trace_id(headers: &HeaderMap) -> String {
+    let safe = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        let mut parts = tp.trim().split('-');
+        if let (Some(_version), Some(id)) = (parts.next(), parts.next())
+            && id.len() == 32
+            && id.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return id.to_ascii_lowercase();
+        }
+    }
+    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok())
+        && safe(id.trim())
+    {
+        return id.trim().to_string();
+    }
+    format!("{:032x}", rand::random::<u128>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn h(name: &'static str, v: &'static str) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert(name, HeaderValue::from_static(v));
+        m
+    }
+
+    #[test]
+    fn prefer_wait_forms() {
+        assert_eq!(
+            prefer_wait(&h("prefer", "wait=5")),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            prefer_wait(&h("prefer", "respond-async, wait=10")),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            prefer_wait(&h("prefer", "WAIT = \"3\"")),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(prefer_wait(&h("prefer", "wait=soon")), None);
+        assert_eq!(prefer_wait(&h("prefer", "return=minimal")), None);
+        assert_eq!(prefer_wait(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn etag_matching() {
+        assert!(if_none_match(&h("if-none-match", "\"a\""), "\"a\""));
+        assert!(if_none_match(
+            &h("if-none-match", "\"x\", W/\"a\""),
+            "\"a\""
+        ));
+        assert!(if_none_match(&h("if-none-match", "*"), "\"a\""));
+        assert!(!if_none_match(&h("if-none-match", "\"b\""), "\"a\""));
+        assert!(!if_none_match(&HeaderMap::new(), "\"a\""));
+    }
+
+    #[test]
+    fn json_is_chosen_only_when_asked() {
+        assert!(wants_json(&h("accept", "application/json")));
+        assert!(!wants_json(&h("accept", "text/html,application/xhtml+xml")));
+        assert!(!wants_json(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn trace_ids() {
+        let tp = h(
+            "traceparent",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        );
+        assert_eq!(trace_id(&tp), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(trace_id(&h("x-request-id", "req-42")), "req-42");
+        let hostile = trace_id(&h("x-request-id", "a\"b c"));
+        assert_eq!(hostile.len(), 32);
+        assert_ne!(trace_id(&HeaderMap::new()), trace_id(&HeaderMap::new()));
+    }
+}

@@ -1,0 +1,245 @@
+//! The gateway's Prometheus metrics.
+//!
+//! Each gateway owns its registry (no process-global state), so several gateways in one
+//! process — tests, or embedded workers beside a gateway — keep their own figures.
+//! Histograms have explicit buckets so they can be aggregated across gateways.
+
+use std::fmt::Write;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// How a fragment request was answered.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum CacheStatus {
+    /// Fresh (200 or 304).
+    hit,
+    /// Stale, or a failed build's last good copy.
+    stale,
+    /// 202 placeholder.
+    pending,
+    /// 4xx/5xx.
+    error,
+}
+
+/// Labels of per-route request counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Route name (only configured routes; unknown names count as `""`).
+    pub route: String,
+    /// How it was answered.
+    pub cache: CacheStatus,
+}
+
+/// Labels that are just the route.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// Route name.
+    pub route: String,
+}
+
+/// Latency buckets in seconds: 0.5 ms to ~33 s (long-polls included).
+pub fn latency_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 17)
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(latency_buckets())
+}
+
+/// Every metric the gateway exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Fragment requests by route and cache status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Fragment request latency by route.
+    pub latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    /// Builds this gateway queued (it won the lease).
+    pub builds_published: Family<RouteLabels, Counter>,
+    /// Build requests that found one already queued (lost the lease).
+    pub builds_coalesced: Family<RouteLabels, Counter>,
+    /// Store call failures seen while answering.
+    pub store_errors: Counter,
+    /// Bus publish failures seen while answering.
+    pub bus_errors: Counter,
+    /// Envelopes in the store that did not decode (treated as misses).
+    pub undecodable: Counter,
+    /// ESI includes refused because their `src` named no route.
+    pub includes_refused: Counter,
+    /// Times the event subscription said events may have been missed.
+    pub events_lagged: Counter,
+    /// L1 entries (set at scrape).
+    pub l1_entries: Gauge,
+    /// L1 bytes (set at scrape).
+    pub l1_bytes: Gauge,
+    /// Requests holding a `Prefer: wait` (set at scrape).
+    pub long_polls: Gauge,
+    /// Build durations reported in `built` events, by route.
+    pub build_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tessera");
+        let requests = Family::default();
+        let latency = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let builds_published = Family::default();
+        let builds_coalesced = Family::default();
+        let (store_errors, bus_errors, undecodable, includes_refused, events_lagged) =
+            Default::default();
+        let (l1_entries, l1_bytes, long_polls) = Default::default();
+        let build_duration = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "requests",
+            "Fragment requests by route and cache status",
+            Family::clone(&requests),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Fragment request latency",
+            Family::clone(&latency),
+        );
+        registry.register(
+            "builds_published",
+            "Builds queued by this gateway",
+            Family::clone(&builds_published),
+        );
+        registry.register(
+            "builds_coalesced",
+            "Build requests that found one already queued",
+            Family::clone(&builds_coalesced),
+        );
+        registry.register(
+            "store_errors",
+            "Store failures while answering",
+            Counter::clone(&store_errors),
+        );
+        registry.register(
+            "bus_errors",
+            "Bus failures while answering",
+            Counter::clone(&bus_errors),
+        );
+        registry.register(
+            "envelopes_undecodable",
+            "Stored envelopes that did not decode",
+            Counter::clone(&undecodable),
+        );
+        registry.register(
+            "esi_includes_refused",
+            "ESI includes whose src named no fragment route",
+            Counter::clone(&includes_refused),
+        );
+        registry.register(
+            "events_lagged",
+            "Times events may have been missed and L1 was dropped",
+            Counter::clone(&events_lagged),
+        );
+        registry.register(
+            "build_duration_seconds",
+            "Build durations reported by workers",
+            Family::clone(&build_duration),
+        );
+        registry.register("l1_entries", "Entries in L1", Gauge::clone(&l1_entries));
+        registry.register("l1_bytes", "Bytes held by L1", Gauge::clone(&l1_bytes));
+        registry.register(
+            "long_polls",
+            "Fragments with requests waiting on them (Prefer: wait)",
+            Gauge::clone(&long_polls),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            builds_published,
+            builds_coalesced,
+            store_errors,
+            bus_errors,
+            undecodable,
+            includes_refused,
+            events_lagged,
+            l1_entries,
+            l1_bytes,
+            long_polls,
+            build_duration,
+        }
+    }
+
+    /// Build durations by route, as reported in `built` events by any worker.
+    pub fn observe_build(&self, route: &str, seconds: f64) {
+        self.build_duration
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// Counts one answered fragment request.
+    pub fn request(&self, route: &str, cache: CacheStatus, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_string(),
+                cache,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// The Prometheus text exposition, with `extra` (already in text format) appended.
+    pub fn render(&self, extra: &str) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode_registry(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out.push_str(extra);
+        let _ = writeln!(out, "# EOF");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_real_histogram_buckets() {
+        let m = Metrics::new();
+        m.request("recs", CacheStatus::hit, 0.002);
+        m.request("recs", CacheStatus::pending, 0.001);
+        m.builds_published
+            .get_or_create(&RouteLabels {
+                route: "recs".into(),
+            })
+            .inc();
+        let text = m.render("");
+        assert!(
+            text.contains(r#"tessera_requests_total{route="recs",cache="hit"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tessera_builds_published_total{route="recs"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("tessera_request_duration_seconds_bucket{le=\"0.001\",route=\"recs\"} 1"),
+            "{text}"
+        );
+        assert!(text.trim_end().ends_with("# EOF"));
+    }
+}

@@ -1,0 +1,119 @@
+//! The `tessera-gateway` binary: refuses bad configurations before binding anything.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+fn run_with_config(toml: &str) -> std::process::Output {
+    let dir = std::env::temp_dir().join(format!("tessera-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{:x}.toml", rand::random::<u64>()));
+    std::fs::write(&path, toml).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_tessera-gateway"))
+        .arg("--config")
+        .arg(&path)
+        .env_remove("TESSERA_CONFIG")
+        .env_remove("TESSERA_ADMIN_TOKEN")
+        .output()
+        .expect("the binary runs")
+}
+
+#[test]
+fn refuses_an_exposed_admin_listener_without_a_token() {
+    let out =
+        run_with_config("[gateway]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"0.0.0.0:0\"\n");
+    assert_eq!(out.status.code(), Some(2), "exit status");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("gateway.admin_token"), "{stderr}");
+}
+
+#[test]
+fn names_the_bad_key_and_exits_non_zero() {
+    let out = run_with_config("[[fragment]]\nname = \"x\"\nrender = \"/r\"\nmax_attempts = 0\n");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("fragment[0].max_attempts"), "{stderr}");
+}
+
+#[test]
+fn help_describes_the_command_line() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera-gateway"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--config", "--demo"] {
+        assert!(text.contains(flag), "{text}");
+    }
+}
+
+/// Starts a gateway in this process with memory backends; returns its admin URL.
+async fn running_gateway(token: &str) -> (String, tokio_util::sync::CancellationToken) {
+    let mut config = tessera_protocol::Config {
+        fragments: vec![tessera_protocol::FragmentRoute::new(
+            "news",
+            "/_render/news",
+        )],
+        ..Default::default()
+    };
+    config.gateway.admin_token = token.into();
+    let backends = tessera_protocol::Backends::memory(&config);
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", admin.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        tessera_gateway::serve(public, Some(admin), config, backends, async move {
+            s.cancelled().await
+        })
+        .await
+        .unwrap();
+    });
+    (url, stop)
+}
+
+fn purge(config: &str, args: &[&str]) -> std::process::Output {
+    let path = std::env::temp_dir().join(format!("tessera-cli-{:x}.toml", rand::random::<u64>()));
+    std::fs::write(&path, config).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_tessera-gateway"))
+        .arg("--config")
+        .arg(&path)
+        .args(args)
+        .env_remove("TESSERA_CONFIG")
+        .env_remove("TESSERA_ADMIN_TOKEN")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_route_from_the_command_line() {
+    let (admin, stop) = running_gateway("tok").await;
+    let config =
+        "[gateway]\nadmin_token = \"tok\"\n[[fragment]]\nname = \"news\"\nrender = \"/r\"\n";
+    let a = admin.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        purge(config, &["purge", "route", "news", "--admin", &a])
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["route"], "news");
+    assert!(body["generation"].as_u64().unwrap() > 0);
+
+    let wrong = "[gateway]\nadmin_token = \"nope\"\n";
+    let out = tokio::task::spawn_blocking(move || {
+        purge(wrong, &["purge", "route", "news", "--admin", &admin])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    stop.cancel();
+}
