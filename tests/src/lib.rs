@@ -1,1 +1,39 @@
-//! placeholder
+//! Helpers shared by Tessera's end-to-end tests: a fake upstream that counts renders, a
+//! gateway harness on `127.0.0.1:0`, backends of either kind, and `eventually`.
+//!
+//! # Layout
+//! - [`upstream`]: the fake web application (scriptable statuses and delays, counts).
+//! - [`browser`]: headless Chromium through chromedriver, for tests as a person sees it.
+//! - [`counting`]: a `Store` wrapper that counts round trips.
+//! - [`harness`]: start and stop gateways; choose memory or real backends.
+//! - [`eventually`]: wait for a condition with a bounded deadline.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod browser;
+pub mod counting;
+pub mod harness;
+pub mod upstream;
+
+use std::future::Future;
+use std::time::Duration;
+
+/// Waits until `check` returns true, polling every 20 ms; panics naming `what` when it is
+/// still false after `within`.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,121 @@
+//! Start gateways the way the binary does (`tessera_gateway::serve` on `127.0.0.1:0`),
+//! with backends of either kind.
+
+use std::time::Duration;
+
+use tessera_protocol::config::Config;
+use tessera_protocol::{Backends, FragmentRoute};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Which `Store`/`Bus` implementations a scenario runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// In-process memory store and bus (embedded mode).
+    Memory,
+}
+
+/// A config for tests: free port, the given upstream and routes, short L1 TTL.
+pub fn config(upstream_url: &str, routes: Vec<FragmentRoute>) -> Config {
+    let mut c = Config::default();
+    c.gateway.listen = "127.0.0.1:0".into();
+    c.upstream.url = upstream_url.to_string();
+    c.upstream.timeout = Duration::from_secs(5);
+    c.fragments = routes;
+    c.workers.embedded = 4;
+    c
+}
+
+/// A route with test-friendly timings: builds time out after 2 s, retries are few.
+pub fn route(name: &str) -> FragmentRoute {
+    let mut r = FragmentRoute::new(name, format!("/_render/{name}"));
+    r.build_timeout = Duration::from_secs(2);
+    r.max_attempts = 3;
+    r
+}
+
+/// Backends of `kind` for `config`, unique to the caller.
+pub async fn backends(kind: Backend, config: &mut Config) -> Backends {
+    match kind {
+        Backend::Memory => {
+            config.validate().expect("test config is valid");
+            Backends::memory(config)
+        }
+    }
+}
+
+/// A gateway running in this process.
+#[derive(Debug)]
+pub struct TestGateway {
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    /// The admin listener, `http://127.0.0.1:PORT`.
+    pub admin: String,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestGateway {
+    /// Starts a gateway on a free port with `backends`.
+    pub async fn start(config: Config, backends: Backends) -> TestGateway {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let admin_url = format!("http://{}", admin.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            tessera_gateway::serve(listener, Some(admin), config, backends, async move {
+                s.cancelled().await
+            })
+            .await
+            .expect("gateway runs");
+        });
+        TestGateway {
+            url,
+            admin: admin_url,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// `url` + `path`.
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    /// Graceful shutdown; panics if it takes longer than 30 s.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("gateway stops within 30 s")
+                .expect("gateway task did not panic");
+        }
+    }
+
+    /// Stops it the hard way: its tasks are dropped mid-flight, as in a crash.
+    pub fn kill(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// An HTTP client that never uses a proxy and never waits more than 30 s.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap()
+}

@@ -1,0 +1,305 @@
+//! The admin listener: token, health, metrics after traffic, purges across gateways.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use tessera_tests::eventually;
+use tessera_tests::harness::{Backend, TestGateway, backends, client, config, route};
+use tessera_tests::upstream::FakeUpstream;
+
+const WITHIN: Duration = Duration::from_secs(15);
+
+async fn wait_for(url: &str) -> reqwest::Response {
+    client()
+        .get(url)
+        .header("prefer", "wait=5")
+        .send()
+        .await
+        .unwrap()
+}
+
+fn metric(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn the_token_guards_every_admin_endpoint() {
+    let up = FakeUpstream::start().await;
+    let mut c = config(&up.url(), vec![route("a")]);
+    c.gateway.admin_token = "s3cret".into();
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    for (method, path) in [
+        ("GET", "/metrics"),
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("DELETE", "/routes/a"),
+    ] {
+        let url = format!("{}{path}", gw.admin);
+        let r = client()
+            .request(method.parse().unwrap(), &url)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} without a token"
+        );
+        assert!(
+            r.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .starts_with("Bearer")
+        );
+        let r = client()
+            .request(method.parse().unwrap(), &url)
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} with a wrong token"
+        );
+        let r = client()
+            .request(method.parse().unwrap(), &url)
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{method} {path} with the token");
+    }
+    // Nothing admin is reachable on the public port: it is proxied to the upstream.
+    client().get(gw.at("/metrics")).send().await.unwrap();
+    assert_eq!(
+        up.renders("/metrics"),
+        1,
+        "the public /metrics went to the upstream"
+    );
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let up = FakeUpstream::start().await;
+    let mut c = config(&up.url(), vec![]);
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let r = client()
+        .get(format!("{}/healthz", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = client()
+        .get(format!("{}/readyz", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body, serde_json::json!({"store": "ok", "bus": "ok"}));
+}
+
+#[tokio::test]
+async fn metrics_move_with_traffic() {
+    let up = FakeUpstream::start().await;
+    let mut c = config(&up.url(), vec![route("m")]);
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let url = gw.at("/fragments/m");
+    assert_eq!(
+        client().get(&url).send().await.unwrap().status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(wait_for(&url).await.status(), StatusCode::OK);
+    for _ in 0..3 {
+        assert_eq!(
+            client().get(&url).send().await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+    client()
+        .get(gw.at("/fragments/unknown-thing"))
+        .send()
+        .await
+        .unwrap();
+    let text = client()
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metric(
+            &text,
+            r#"tessera_requests_total{route="m",cache="pending"}"#
+        ) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, r#"tessera_requests_total{route="m",cache="hit"}"#) >= 4.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, r#"tessera_requests_total{route="",cache="error"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, r#"tessera_builds_published_total{route="m"}"#),
+        1.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            r#"tessera_request_duration_seconds_count{route="m"}"#
+        ) >= 5.0,
+        "{text}"
+    );
+    assert!(text.contains(r#"tessera_request_duration_seconds_bucket{le="0.001",route="m"}"#));
+    assert!(metric(&text, "tessera_l1_entries") >= 1.0, "{text}");
+}
+
+#[tokio::test]
+async fn a_purged_fragment_is_never_served_again() {
+    let up = FakeUpstream::start().await;
+    let mut r = route("p");
+    r.params = vec!["id".into()];
+    let mut c = config(&up.url(), vec![r]);
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let url = gw.at("/fragments/p?id=1");
+    assert_eq!(wait_for(&url).await.status(), StatusCode::OK);
+    assert_eq!(
+        wait_for(&gw.at("/fragments/p?id=2")).await.status(),
+        StatusCode::OK
+    );
+    let r = client()
+        .delete(format!("{}/fragments/p?id=1", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["deleted"],
+        true
+    );
+    let after = client().get(&url).send().await.unwrap();
+    assert_eq!(
+        after.status(),
+        StatusCode::ACCEPTED,
+        "not served, not even stale"
+    );
+    assert_eq!(
+        client()
+            .get(gw.at("/fragments/p?id=2"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK,
+        "others stay"
+    );
+    eventually("rebuilt after the purge", WITHIN, || async {
+        wait_for(&url).await.status() == StatusCode::OK
+    })
+    .await;
+    assert_eq!(up.renders("/_render/p"), 3);
+}
+
+#[tokio::test]
+async fn purging_a_route_reaches_every_gateway() {
+    let up = FakeUpstream::start().await;
+    let mut r = route("news");
+    r.params = vec!["page".into()];
+    let mut c = config(&up.url(), vec![r]);
+    c.cache.ttl = Duration::from_secs(60); // only events can evict L1 in time
+    let b = backends(Backend::Memory, &mut c).await;
+    let one = TestGateway::start(c.clone(), b.clone()).await;
+    let two = TestGateway::start(c, b).await;
+    for page in 1..=3 {
+        assert_eq!(
+            wait_for(&one.at(&format!("/fragments/news?page={page}")))
+                .await
+                .status(),
+            StatusCode::OK
+        );
+        // Both gateways hold it in L1 now.
+        assert_eq!(
+            client()
+                .get(two.at(&format!("/fragments/news?page={page}")))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::OK
+        );
+    }
+    let r = client()
+        .delete(format!("{}/routes/news", one.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let purged_at = r.json::<serde_json::Value>().await.unwrap()["generation"]
+        .as_u64()
+        .unwrap();
+    assert!(purged_at > 0);
+    eventually("the other gateway forgets the route", WITHIN, || async {
+        client()
+            .get(two.at("/fragments/news?page=1"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == StatusCode::ACCEPTED
+    })
+    .await;
+    for page in 2..=3 {
+        for gw in [&one, &two] {
+            let s = client()
+                .get(gw.at(&format!("/fragments/news?page={page}")))
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert_ne!(
+                s,
+                StatusCode::OK,
+                "page {page} served after its route was purged"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn unknown_admin_paths_and_routes_are_problems() {
+    let up = FakeUpstream::start().await;
+    let mut c = config(&up.url(), vec![]);
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let r = client()
+        .delete(format!("{}/routes/none", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = client()
+        .get(format!("{}/nothing-here", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+}

@@ -1,0 +1,200 @@
+//! The browser client in a real browser: headless Chromium opens composed pages whose
+//! fragments are cold and sees the placeholders filled. Screenshots are kept in
+//! `tests/artifacts/`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use tessera_protocol::FragmentRoute;
+use tessera_tests::browser::{Browser, artifact};
+use tessera_tests::eventually;
+use tessera_tests::harness::{Backend, TestGateway, backends, config, route};
+use tessera_tests::upstream::{FakeUpstream, Script};
+
+/// Two browsers at once on a small machine would measure each other, not the client.
+static BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Records `tessera:load` / `tessera:error` events as the page sees them.
+const RECORDER: &str = r#"<script>
+window.__loads = []; window.__errors = [];
+document.addEventListener("tessera:load", (e) => window.__loads.push({ src: e.detail.src, t: performance.now() }));
+document.addEventListener("tessera:error", (e) => window.__errors.push(e.detail.reason));
+</script>"#;
+
+fn serve_page(up: &FakeUpstream, path: &str, html: String, esi: bool) {
+    let headers = if esi {
+        vec![("surrogate-control".into(), "content=\"ESI/1.0\"".into())]
+    } else {
+        vec![]
+    };
+    up.script(
+        path,
+        Script {
+            body: Some(html.into()),
+            headers,
+            ..Script::default()
+        },
+    );
+}
+
+fn slow_fragment(up: &FakeUpstream, name: &str, ms: u64, html: &str) -> FragmentRoute {
+    up.script(
+        &format!("/_render/{name}"),
+        Script {
+            delay: Duration::from_millis(ms),
+            body: Some(html.to_string().into()),
+            ..Script::default()
+        },
+    );
+    route(name)
+}
+
+async fn gateway(up: &FakeUpstream, routes: Vec<FragmentRoute>) -> TestGateway {
+    let mut c = config(&up.url(), routes);
+    let b = backends(Backend::Memory, &mut c).await;
+    TestGateway::start(c, b).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_composed_page_fills_in_within_build_time_plus_a_second() {
+    let up = FakeUpstream::start().await;
+    let routes = vec![
+        slow_fragment(&up, "weather", 300, r#"<p id="weather">Sunny, 21 °C</p>"#),
+        slow_fragment(
+            &up,
+            "recs",
+            800,
+            r#"<ul id="recs"><li>Book one</li><li>Book two</li></ul>"#,
+        ),
+        slow_fragment(
+            &up,
+            "news",
+            1200,
+            r#"<ol id="news"><li>Fragments are back</li></ol>"#,
+        ),
+    ];
+    let slowest = Duration::from_millis(1200);
+    serve_page(
+        &up,
+        "/",
+        format!(
+            r#"<!doctype html><html><head><title>Composed</title>{RECORDER}</head><body>
+<h1>A composed page</h1>
+<section><esi:include src="/fragments/weather"/></section>
+<section><esi:include src="/fragments/recs"/></section>
+<section><esi:include src="/fragments/news"/></section>
+</body></html>"#
+        ),
+        true,
+    );
+    let gw = gateway(&up, routes).await;
+    let browser = Browser::start().await;
+
+    let _one_at_a_time = BROWSER.lock().await;
+    browser.open(&gw.at("/")).await;
+    let placeholders = browser
+        .eval("return document.querySelectorAll('[data-tessera-src]').length")
+        .await;
+    assert_eq!(placeholders, 3, "the page arrived with every fragment cold");
+    eventually(
+        "every placeholder is replaced",
+        Duration::from_secs(10),
+        || async {
+            browser
+                .eval("return document.querySelectorAll('[data-tessera-src]').length")
+                .await
+                == 0
+        },
+    )
+    .await;
+    browser.screenshot(&artifact("composed-page.png")).await;
+    // Measured by the page itself, from the start of navigation to the last fragment
+    // swapped in: the browser's own start-up is not part of it.
+    let last_ms = browser
+        .eval("return Math.max(...window.__loads.map((l) => l.t))")
+        .await;
+    let took = Duration::from_millis(last_ms.as_f64().unwrap() as u64);
+    assert!(
+        took <= slowest + Duration::from_secs(1),
+        "filled {took:?} after navigation; the slowest fragment takes {slowest:?}"
+    );
+    let text = browser.eval("return document.body.innerText").await;
+    let text = text.as_str().unwrap();
+    for expected in ["Sunny, 21 °C", "Book two", "Fragments are back"] {
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from {text:?}"
+        );
+    }
+    assert_eq!(
+        browser.eval("return window.__loads.length").await,
+        3,
+        "one tessera:load each"
+    );
+    assert_eq!(
+        browser
+            .eval("return document.querySelectorAll('#recs li').length")
+            .await,
+        2
+    );
+    for name in ["weather", "recs", "news"] {
+        assert_eq!(up.renders(&format!("/_render/{name}")), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_hand_placeholders_give_up_at_their_deadline_and_late_ones_are_found() {
+    let up = FakeUpstream::start().await;
+    let routes = vec![
+        slow_fragment(&up, "never", 30_000, "<p>too late</p>"),
+        slow_fragment(
+            &up,
+            "later",
+            200,
+            r#"<p id="later">added later, filled anyway</p>"#,
+        ),
+    ];
+    serve_page(
+        &up,
+        "/by-hand",
+        format!(
+            r#"<!doctype html><html><head>{RECORDER}</head><body>
+<div data-tessera-src="/fragments/never" data-tessera-deadline="1500">Loading…<template class="tessera-fallback"><p id="fb">Fallback shown</p></template></div>
+<div id="slot"></div>
+<script>setTimeout(() => {{
+  document.getElementById("slot").innerHTML = '<div data-tessera-src="/fragments/later">…</div>';
+}}, 300);</script>
+<script src="/_tessera/client.js" defer></script>
+</body></html>"#
+        ),
+        false,
+    );
+    let gw = gateway(&up, routes).await;
+    let browser = Browser::start().await;
+    let _one_at_a_time = BROWSER.lock().await;
+    browser.open(&gw.at("/by-hand")).await;
+    eventually(
+        "the late placeholder is filled",
+        Duration::from_secs(10),
+        || async {
+            browser
+                .eval("return !!document.getElementById('later')")
+                .await
+                == true
+        },
+    )
+    .await;
+    eventually(
+        "the fallback is shown at the deadline",
+        Duration::from_secs(10),
+        || async { browser.eval("return !!document.getElementById('fb')").await == true },
+    )
+    .await;
+    browser.screenshot(&artifact("by-hand-fallback.png")).await;
+    assert_eq!(
+        browser.eval("return window.__errors").await,
+        serde_json::json!(["deadline"])
+    );
+    assert_eq!(browser.eval("return window.__loads.length").await, 1);
+}

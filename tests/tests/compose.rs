@@ -1,0 +1,322 @@
+//! ESI composition of upstream pages.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use tessera_protocol::FragmentRoute;
+use tessera_tests::counting::{Calls, CountingStore};
+use tessera_tests::eventually;
+use tessera_tests::harness::{Backend, TestGateway, backends, client, config, route};
+use tessera_tests::upstream::{FakeUpstream, Script};
+
+const ESI: (&str, &str) = ("surrogate-control", "content=\"ESI/1.0\"");
+
+fn page(up: &FakeUpstream, path: &str, html: &str) {
+    up.script(
+        path,
+        Script {
+            body: Some(html.to_string().into()),
+            headers: vec![(ESI.0.into(), ESI.1.into())],
+            ..Script::default()
+        },
+    );
+}
+
+fn fragment(up: &FakeUpstream, name: &str, html: &str) {
+    up.script(
+        &format!("/_render/{name}"),
+        Script {
+            body: Some(html.to_string().into()),
+            ..Script::default()
+        },
+    );
+}
+
+async fn start(up: &FakeUpstream, routes: Vec<FragmentRoute>) -> (TestGateway, Arc<Calls>) {
+    let mut c = config(&up.url(), routes);
+    let mut b = backends(Backend::Memory, &mut c).await;
+    let (store, calls) = CountingStore::wrap(b.store.clone());
+    b.store = store;
+    (TestGateway::start(c, b).await, calls)
+}
+
+async fn text(url: &str) -> (reqwest::header::HeaderMap, String) {
+    let r = client().get(url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    (r.headers().clone(), r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn every_esi_form_is_composed() {
+    let up = FakeUpstream::start().await;
+    page(
+        &up,
+        "/",
+        r#"<html><body><h1>Shop</h1><esi:include src="/fragments/box"/><esi:remove><p>NO-ESI</p></esi:remove><!--esi <p>ESI-ONLY</p> --><esi:include src="/fragments/gone" alt="/fragments/box" onerror="continue"/></body></html>"#,
+    );
+    fragment(&up, "box", "<b>BOX</b>");
+    up.script(
+        "/_render/gone",
+        Script {
+            then: Some(404),
+            ..Script::default()
+        },
+    );
+    let (gw, _) = start(&up, vec![route("box"), route("gone")]).await;
+
+    let (headers, cold) = text(&gw.at("/")).await;
+    assert!(
+        !headers.contains_key("surrogate-control"),
+        "Surrogate-Control is not for clients"
+    );
+    assert!(
+        cold.contains(r#"data-tessera-src="/fragments/box""#),
+        "{cold}"
+    );
+    assert!(cold.contains("tessera-loading"), "the route's placeholder");
+    assert_eq!(
+        cold.matches("/_tessera/client.js").count(),
+        1,
+        "script injected once: {cold}"
+    );
+    assert!(!cold.contains("NO-ESI") && cold.contains("<p>ESI-ONLY</p>"));
+    assert!(
+        !cold.contains("esi:"),
+        "no ESI markup reaches the client: {cold}"
+    );
+
+    eventually(
+        "both fragments are built",
+        Duration::from_secs(15),
+        || async {
+            let (_, warm) = text(&gw.at("/")).await;
+            !warm.contains("data-tessera-src")
+        },
+    )
+    .await;
+    let (headers, warm) = text(&gw.at("/")).await;
+    assert_eq!(
+        warm.matches("<b>BOX</b>").count(),
+        2,
+        "include and alt both filled: {warm}"
+    );
+    assert!(
+        !warm.contains("client.js"),
+        "no script when nothing is pending"
+    );
+    assert_eq!(headers["content-length"], warm.len().to_string());
+    assert_eq!(up.renders("/_render/box"), 1);
+}
+
+#[tokio::test]
+async fn onerror_continue_drops_a_failed_include() {
+    let up = FakeUpstream::start().await;
+    page(
+        &up,
+        "/",
+        r#"<p>a</p><esi:include src="/fragments/bad" onerror="continue"/><p>b</p>"#,
+    );
+    up.script(
+        "/_render/bad",
+        Script {
+            then: Some(404),
+            ..Script::default()
+        },
+    );
+    let (gw, _) = start(&up, vec![route("bad")]).await;
+    text(&gw.at("/")).await;
+    eventually(
+        "the failed include is dropped",
+        Duration::from_secs(15),
+        || async { text(&gw.at("/")).await.1 == "<p>a</p><p>b</p>" },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn only_configured_routes_are_ever_fetched() {
+    let up = FakeUpstream::start().await;
+    page(
+        &up,
+        "/",
+        r#"<esi:include src="http://127.0.0.1:1/steal"/><esi:include src="/_render/box"/><esi:include src="/fragments/nope"/><esi:include src="/fragments/box"/>"#,
+    );
+    let (gw, _) = start(&up, vec![route("box")]).await;
+    let (_, body) = text(&gw.at("/")).await;
+    assert_eq!(
+        body.matches("<!-- tessera: include of").count(),
+        3,
+        "{body}"
+    );
+    assert!(body.contains("data-tessera-src=\"/fragments/box\""));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        up.renders("/_render/box"),
+        1,
+        "the configured route is built once"
+    );
+    assert_eq!(up.renders("/steal"), 0);
+}
+
+#[tokio::test]
+async fn fragments_may_include_fragments_up_to_the_depth_limit() {
+    let up = FakeUpstream::start().await;
+    page(&up, "/", r#"[<esi:include src="/fragments/l1"/>]"#);
+    fragment(&up, "l1", r#"1<esi:include src="/fragments/l2"/>"#);
+    fragment(&up, "l2", r#"2<esi:include src="/fragments/l3"/>"#);
+    fragment(&up, "l3", r#"3<esi:include src="/fragments/l4"/>"#);
+    fragment(&up, "l4", "4");
+    let routes = ["l1", "l2", "l3", "l4"].map(route).to_vec();
+    let (gw, _) = start(&up, routes).await;
+    eventually(
+        "three levels are composed",
+        Duration::from_secs(15),
+        || async { text(&gw.at("/")).await.1.starts_with("[123") },
+    )
+    .await;
+    let (_, body) = text(&gw.at("/")).await;
+    assert_eq!(body, "[123<!-- tessera: depth limit reached -->]");
+    assert_eq!(
+        up.renders("/_render/l4"),
+        0,
+        "nothing is built past the limit"
+    );
+}
+
+#[tokio::test]
+async fn malformed_markup_passes_through() {
+    let up = FakeUpstream::start().await;
+    let html = r#"<p>x</p><esi:include src="/fragments/box" <esi:remove>open <!--esi open"#;
+    page(&up, "/", html);
+    let (gw, _) = start(&up, vec![route("box")]).await;
+    assert_eq!(text(&gw.at("/")).await.1, html);
+}
+
+#[tokio::test]
+async fn fifty_includes_cost_one_multi_get() {
+    let up = FakeUpstream::start().await;
+    let includes: String = (0..50)
+        .map(|i| format!(r#"<esi:include src="/fragments/item?id={i}"/>"#))
+        .collect();
+    page(&up, "/", &includes);
+    let mut item = route("item");
+    item.params = vec!["id".into()];
+    let mut c = config(&up.url(), vec![item]);
+    c.cache.capacity = bytesize(0); // L1 off: every lookup reaches the store
+    let mut b = backends(Backend::Memory, &mut c).await;
+    let (store, calls) = CountingStore::wrap(b.store.clone());
+    b.store = store;
+    let gw = TestGateway::start(c, b).await;
+
+    let (_, cold) = text(&gw.at("/")).await;
+    assert_eq!(cold.matches("data-tessera-src").count(), 50);
+    assert_eq!(
+        Calls::read(&calls.get_many),
+        1,
+        "one multi-get for the page"
+    );
+    assert_eq!(Calls::read(&calls.get_many_keys), 50);
+    assert_eq!(
+        Calls::read(&calls.lease_adds),
+        50,
+        "one lease each, nothing queued twice"
+    );
+
+    eventually("all 50 are built", Duration::from_secs(20), || async {
+        !text(&gw.at("/")).await.1.contains("data-tessera-src")
+    })
+    .await;
+    calls.reset();
+    let (_, warm) = text(&gw.at("/")).await;
+    assert_eq!(warm.matches("/_render/item?id=").count(), 50);
+    assert_eq!(Calls::read(&calls.get_many), 1);
+    assert_eq!(
+        Calls::read(&calls.envelope_gets),
+        0,
+        "no per-include round trips"
+    );
+    assert_eq!(Calls::read(&calls.lease_adds), 0);
+    assert_eq!(
+        up.renders("/_render/item"),
+        50,
+        "one render per distinct include"
+    );
+}
+
+#[tokio::test]
+async fn oversized_pages_pass_through_uncomposed() {
+    let up = FakeUpstream::start().await;
+    let big = format!(
+        r#"<esi:include src="/fragments/box"/>{}"#,
+        "x".repeat(tessera_gateway::compose::MAX_PAGE)
+    );
+    page(&up, "/", &big);
+    let (gw, _) = start(&up, vec![route("box")]).await;
+    let (headers, body) = text(&gw.at("/")).await;
+    assert_eq!(body.len(), big.len());
+    assert!(body.starts_with("<esi:include"), "left as it was");
+    assert!(!headers.contains_key("surrogate-control"));
+    assert_eq!(up.renders("/_render/box"), 0);
+}
+
+#[tokio::test]
+async fn pages_with_per_user_fragments_are_private() {
+    let up = FakeUpstream::start().await;
+    page(&up, "/", r#"<esi:include src="/fragments/me"/>"#);
+    let mut me = route("me");
+    me.vary = vec!["cookie:sid".parse().unwrap()];
+    let (gw, _) = start(&up, vec![me]).await;
+    let (headers, _) = text(&gw.at("/")).await;
+    assert_eq!(headers["cache-control"], "private, no-cache");
+}
+
+#[tokio::test]
+async fn pages_without_surrogate_control_are_untouched() {
+    let up = FakeUpstream::start().await;
+    let html = r#"<esi:include src="/fragments/box"/>"#;
+    up.script(
+        "/plain",
+        Script {
+            body: Some(html.into()),
+            ..Script::default()
+        },
+    );
+    let (gw, _) = start(&up, vec![route("box")]).await;
+    assert_eq!(text(&gw.at("/plain")).await.1, html);
+}
+
+#[tokio::test]
+async fn the_client_script_is_served() {
+    let up = FakeUpstream::start().await;
+    let (gw, _) = start(&up, vec![]).await;
+    let r = client()
+        .get(gw.at("/_tessera/client.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/javascript")
+    );
+    let etag = r.headers()["etag"].clone();
+    let js = r.text().await.unwrap();
+    assert!(js.len() < 8 * 1024, "a few KB: {} bytes", js.len());
+    assert!(js.contains("tessera:load") && js.contains("Prefer"));
+    let r = client()
+        .get(gw.at("/_tessera/client.js"))
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+}
+
+fn bytesize(n: u64) -> tessera_protocol::config::ByteSize {
+    tessera_protocol::config::ByteSize::b(n)
+}

@@ -1,0 +1,502 @@
+//! The fragment lifecycle end to end: gateway, embedded workers, fake upstream.
+//!
+//! Every scenario is a function of the backend kind; the macro at the bottom runs each
+//! against every kind, so memory and real backends are held to the same behaviour.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use reqwest::StatusCode;
+use tessera_tests::eventually;
+use tessera_tests::harness::{Backend, TestGateway, backends, client, config, route};
+use tessera_tests::upstream::{FakeUpstream, Script};
+
+const WITHIN: Duration = Duration::from_secs(15);
+
+async fn get(url: &str) -> reqwest::Response {
+    client().get(url).send().await.expect("request answered")
+}
+
+async fn wait_for(url: &str, secs: u64) -> reqwest::Response {
+    client()
+        .get(url)
+        .header("prefer", format!("wait={secs}"))
+        .send()
+        .await
+        .expect("request answered")
+}
+
+async fn problem(r: reqwest::Response) -> serde_json::Value {
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    r.json().await.expect("problem body is JSON")
+}
+
+pub async fn burst_of_cold_requests_builds_once(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    up.script(
+        "/_render/burst",
+        Script {
+            delay: Duration::from_millis(300),
+            ..Script::default()
+        },
+    );
+    let mut c = config(&up.url(), vec![route("burst")]);
+    let b = backends(kind, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let http = client();
+    let url = gw.at("/fragments/burst?x=1");
+    let answers = join_all((0..500).map(|_| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            tokio::time::timeout(Duration::from_secs(20), http.get(&url).send())
+                .await
+                .expect("no request hangs")
+                .expect("answered")
+                .status()
+        }
+    }))
+    .await;
+    for s in &answers {
+        assert!(
+            *s == StatusCode::OK || *s == StatusCode::ACCEPTED,
+            "answer {s}"
+        );
+    }
+    eventually("the fragment is served", WITHIN, || async {
+        get(&url).await.status() == 200
+    })
+    .await;
+    // Give any duplicate build time to show up before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        up.renders("/_render/burst"),
+        1,
+        "exactly one render for 500 cold requests"
+    );
+    gw.stop().await;
+}
+
+pub async fn long_poll_answers_when_built(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    up.script(
+        "/_render/slow",
+        Script {
+            delay: Duration::from_millis(300),
+            ..Script::default()
+        },
+    );
+    let mut c = config(&up.url(), vec![route("slow")]);
+    let b = backends(kind, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let started = Instant::now();
+    let r = wait_for(&gw.at("/fragments/slow"), 5).await;
+    let took = started.elapsed();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.text().await.unwrap().contains("/_render/slow"));
+    // The render takes 300 ms; a woken long-poll answers right after it, a polling one
+    // would not.
+    assert!(took < Duration::from_secs(1), "long-poll took {took:?}");
+    gw.stop().await;
+}
+
+pub async fn long_poll_gives_up_at_its_deadline(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    up.script(
+        "/_render/glacial",
+        Script {
+            delay: Duration::from_secs(10),
+            ..Script::default()
+        },
+    );
+    let mut r = route("glacial");
+    r.build_timeout = Duration::from_secs(20);
+    let mut c = config(&up.url(), vec![r]);
+    let b = backends(kind, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let started = Instant::now();
+    let r = wait_for(&gw.at("/fragments/glacial"), 1).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "held past its deadline"
+    );
+    gw.stop().await;
+}
+
+pub async fn fresh_hits_carry_cache_headers_and_revalidate(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    let mut c = config(&up.url(), vec![route("hit")]);
+    let b = backends(kind, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let url = gw.at("/fragments/hit");
+    let first = get(&url).await;
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    assert_eq!(first.headers()["retry-after"], "1");
+    assert!(
+        first.text().await.unwrap().contains("tessera-loading"),
+        "HTML placeholder"
+    );
+    let r = wait_for(&url, 5).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    let status = r.headers()["cache-status"].to_str().unwrap().to_string();
+    assert!(status.starts_with("tessera; hit; ttl="), "{status}");
+    assert_eq!(r.headers()["cache-control"], "public, no-cache");
+    let r = client()
+        .get(&url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    let r = client()
+        .get(&url)
+        .header("if-none-match", "\"other\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let head = client().head(&url).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(up.renders("/_render/hit"), 1);
+    gw.stop().await;
+}
+
+pub async fn pending_answers_json_when_asked(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    up.script(
+        "/_render/j",
+        Script {
+            delay: Duration::from_secs(2),
+            ..Script::default()
+        },
+    );
+    let mut c = config(&up.url(), vec![route("j")]);
+    let b = backends(kind, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let r = client()
+        .get(gw.at("/fragments/j"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "pending");
+    assert_eq!(body["route"], "j");
+    gw.stop().await;
+}
+
+pub async fn stale_is_served_and_rebuilt_once(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    let mut r = route("stale");
+    r.fresh = Duration::from_secs(1);
+    r.stale = Duration::from_secs(60);
+    let mut c = config(&up.url(), vec![r]);
+    c.cache.ttl = Duration::from_millis(200);
+    let b = backends(kind, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let url = gw.at("/fragments/stale");
+    assert_eq!(wait_for(&url, 5).await.status(), StatusCode::OK);
+    assert_eq!(up.renders("/_render/stale"), 1);
+    up.script(
+        "/_render/stale",
+        Script {
+            delay: Duration::from_millis(500),
+            ..Script::default()
+        },
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let answers = join_all((0..50).map(|_| get(&url))).await;
+    for a in answers {
+        assert_eq!(
+            a.status(),
+            StatusCode::OK,
+            "stale copy served, not a placeholder"
+        );
+        let status = a.headers()["cache-status"].to_str().unwrap().to_string();
+        assert!(status.contains("fwd=stale"), "{status}");
+    }
+    eventually("the rebuild lands", WITHIN, || async {
+        let r = get(&url).await;
+        r.headers()["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("hit")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(up.renders("/_render/stale"), 2, "exactly one rebuild");
+    gw.stop().await;
+}
+
+pub async fn upstream_errors_are_retried_then_fail(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    up.script(
+        "/_render/broken",
+        Script {
+            then: Some(500),
+            ..Script::default()
+        },
+    );
+    let mut c = config(&up.url(), vec![route("broken")]);
+    let b = backends(kind, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let url = gw.at("/fragments/broken");
+    assert_eq!(get(&url).await.status(), StatusCode::ACCEPTED);
+    eventually("the build fails for good", WITHIN, || async {
+        get(&url).await.status() == StatusCode::BAD_GATEWAY
+    })
+    .await;
+    let r = get(&url).await;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert!(r.headers().contains_key("retry-after"));
+    let body = problem(r).await;
+    assert_eq!(body["status"], 502);
+    assert!(
+        !body.to_string().contains("500"),
+        "worker detail is not shown: {body}"
+    );
+    assert_eq!(up.renders("/_render/broken"), 3, "max_attempts renders");
+    gw.stop().await;
+}
+
+pub async fn upstream_4xx_is_not_retried(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    up.script(
+        "/_render/missing",
+        Script {
+            then: Some(404),
+            ..Script::default()
+        },
+    );
+    let mut c = config(&up.url(), vec![route("missing")]);
+    let b = backends(kind, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let url = gw.at("/fragments/missing");
+    let r = wait_for(&url, 5).await;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(up.renders("/_render/missing"), 1, "a 4xx is final");
+    gw.stop().await;
+}
+
+pub async fn client_mistakes_are_problems(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    let mut r = route("p");
+    r.params = vec!["q".into()];
+    let mut c = config(&up.url(), vec![r]);
+    let b = backends(kind, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let r = get(&gw.at("/fragments/nope")).await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert!(
+        problem(r).await["detail"]
+            .as_str()
+            .unwrap()
+            .contains("nope")
+    );
+    let long = format!("/fragments/p?q={}", "a".repeat(10 * 1024));
+    let r = get(&gw.at(&long)).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(problem(r).await["status"], 400);
+    let r = get(&gw.at("/fragments/p?q=%ff")).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = client().post(gw.at("/fragments/p")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.headers()["allow"], "GET, HEAD");
+    assert_eq!(
+        up.renders("/_render/p"),
+        0,
+        "nothing was built for bad requests"
+    );
+    gw.stop().await;
+}
+
+pub async fn params_are_allow_listed(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    let mut r = route("listed");
+    r.params = vec!["user_id".into(), "limit".into()];
+    let mut c = config(&up.url(), vec![r]);
+    let b = backends(kind, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let r = wait_for(&gw.at("/fragments/listed?limit=5&utm=x&user_id=7"), 5).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    // Same identity in another order and without the junk: a hit, not a new build.
+    let r = get(&gw.at("/fragments/listed?user_id=7&limit=5&_=123")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let reqs = up.requests("/_render/listed");
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].0.as_deref(), Some("limit=5&user_id=7"));
+    assert!(!reqs[0].1.contains_key("cookie"), "no cookie without vary");
+    gw.stop().await;
+}
+
+pub async fn vary_cookies_never_cross(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    let mut r = route("me");
+    r.vary = vec!["cookie:session_id".parse().unwrap()];
+    let mut c = config(&up.url(), vec![r]);
+    let b = backends(kind, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let as_user = |sid: &'static str| {
+        let url = gw.at("/fragments/me");
+        async move {
+            client()
+                .get(url)
+                .header("prefer", "wait=5")
+                .header("cookie", format!("theme=dark; session_id={sid}; other=1"))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let (a, b2) = tokio::join!(as_user("alice"), as_user("bob"));
+    assert_eq!(a.status(), StatusCode::OK);
+    assert_eq!(b2.status(), StatusCode::OK);
+    assert_eq!(a.headers()["cache-control"], "private, no-cache");
+    let (a, b2) = (a.text().await.unwrap(), b2.text().await.unwrap());
+    assert!(a.contains("cookie=[session_id=alice]"), "{a}");
+    assert!(b2.contains("cookie=[session_id=bob]"), "{b2}");
+    for _ in 0..3 {
+        let a2 = as_user("alice").await.text().await.unwrap();
+        assert_eq!(a2, a, "alice only ever sees alice's fragment");
+    }
+    assert_eq!(up.renders("/_render/me"), 2);
+    gw.stop().await;
+}
+
+pub async fn an_abandoned_lease_expires(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    let mut r = route("orphan");
+    r.build_timeout = Duration::from_secs(1);
+    let mut c = config(&up.url(), vec![r.clone()]);
+    let b = backends(kind, &mut c).await;
+    // A build that died: its lease is held, its message is gone.
+    let generation =
+        tessera_protocol::store::generation(b.store.as_ref(), &b.keys.generation("orphan"))
+            .await
+            .unwrap();
+    let identity = tessera_protocol::Identity {
+        route: "orphan".into(),
+        params: vec![],
+        vary: vec![],
+    };
+    let keys = b.keys.fragment(&identity, generation);
+    assert!(b.store.add(&keys.lease, b"", r.lease_ttl()).await.unwrap());
+    let gw = TestGateway::start(c, b).await;
+    let url = gw.at("/fragments/orphan");
+    assert_eq!(get(&url).await.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        up.renders("/_render/orphan"),
+        0,
+        "pending while the lease is held"
+    );
+    eventually("a new build after the lease expired", WITHIN, || async {
+        wait_for(&url, 2).await.status() == StatusCode::OK
+    })
+    .await;
+    assert_eq!(up.renders("/_render/orphan"), 1);
+    gw.stop().await;
+}
+
+pub async fn a_build_killed_midway_is_redone(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    up.script(
+        "/_render/crash",
+        Script {
+            first_delay: Some(Duration::from_secs(30)),
+            ..Script::default()
+        },
+    );
+    let mut r = route("crash");
+    r.build_timeout = Duration::from_secs(60);
+    let mut c = config(&up.url(), vec![r]);
+    let b = backends(kind, &mut c).await;
+    let first = TestGateway::start(c.clone(), b.clone()).await;
+    assert_eq!(
+        get(&first.at("/fragments/crash")).await.status(),
+        StatusCode::ACCEPTED
+    );
+    eventually("the first build is running", WITHIN, || async {
+        up.renders("/_render/crash") == 1
+    })
+    .await;
+    first.kill();
+    let second = TestGateway::start(c, b).await;
+    let r = wait_for(&second.at("/fragments/crash"), 10).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "rebuilt by the surviving workers"
+    );
+    assert_eq!(up.renders("/_render/crash"), 2);
+    second.stop().await;
+}
+
+pub async fn graceful_stop_answers_waiting_clients(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    up.script(
+        "/_render/hold",
+        Script {
+            delay: Duration::from_secs(3),
+            ..Script::default()
+        },
+    );
+    let mut c = config(&up.url(), vec![route("hold")]);
+    let b = backends(kind, &mut c).await;
+    let gw = Arc::new(TestGateway::start(c, b).await);
+    let url = gw.at("/fragments/hold");
+    let waiting = tokio::spawn(async move { wait_for(&url, 20).await.status() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    Arc::try_unwrap(gw).unwrap().stop().await;
+    let status = waiting.await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "a long-poll is answered when stopping"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+macro_rules! scenarios {
+    ($kind:expr, $($name:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name($kind).await;
+            }
+        )+
+    };
+}
+
+macro_rules! all_scenarios {
+    ($kind:expr) => {
+        scenarios!(
+            $kind,
+            burst_of_cold_requests_builds_once,
+            long_poll_answers_when_built,
+            long_poll_gives_up_at_its_deadline,
+            fresh_hits_carry_cache_headers_and_revalidate,
+            pending_answers_json_when_asked,
+            stale_is_served_and_rebuilt_once,
+            upstream_errors_are_retried_then_fail,
+            upstream_4xx_is_not_retried,
+            client_mistakes_are_problems,
+            params_are_allow_listed,
+            vary_cookies_never_cross,
+            an_abandoned_lease_expires,
+            a_build_killed_midway_is_redone,
+            graceful_stop_answers_waiting_clients,
+        );
+    };
+}
+
+mod memory {
+    all_scenarios!(tessera_tests::harness::Backend::Memory);
+}
