@@ -280,7 +280,7 @@ impl Worker {
                 StoreError::TooLarge { size, max } => BuildError::TooLarge { size, max },
                 other => BuildError::Store(other.to_string()),
             })?;
-        if let Err(e) = store.delete(&keys.lease).await {
+        if let Err(e) = store.delete(&keys.lease()).await {
             // The lease expires by itself; a new request waits for that at worst.
             tracing::warn!(error = %e, "could not release the lease");
         }
@@ -308,7 +308,7 @@ impl Worker {
         let delay = backoff(req.attempt, &mut rand::rng());
         let lease = delay + route.lease_ttl();
         // Hold the lease through the wait, so no gateway queues a second build meanwhile.
-        if let Err(e) = self.backends.store.set(&keys.lease, b"", lease).await {
+        if let Err(e) = self.backends.store.set(&keys.lease(), b"", lease).await {
             tracing::warn!(error = %e, "could not extend the lease");
         }
         let mut next = req.clone();
@@ -364,7 +364,7 @@ impl Worker {
             settle(delivery.requeue().await);
             return;
         }
-        if let Err(e) = store.delete(&keys.lease).await {
+        if let Err(e) = store.delete(&keys.lease()).await {
             tracing::warn!(error = %e, "could not release the lease");
         }
         let event = Event::Failed {

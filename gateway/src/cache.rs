@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use http::HeaderValue;
 use tessera_protocol::time::now_ms;
 use tessera_protocol::{Envelope, StoreKey};
 
@@ -42,14 +43,28 @@ pub struct Slot {
     /// Set once a rebuild was requested from this slot, so a stale entry served to many
     /// requests asks for one rebuild, not one per request.
     rebuild_requested: AtomicBool,
+    /// `Content-Type` and `ETag` of a found envelope, validated once rather than on
+    /// every hit; `None` when a value cannot be a header (it is then left out).
+    pub content_type: Option<HeaderValue>,
+    /// See `content_type`.
+    pub etag: Option<HeaderValue>,
 }
 
 impl Slot {
     fn new(state: SlotState, loaded_at: Instant) -> Self {
+        let (content_type, etag) = match &state {
+            SlotState::Found(e) => (
+                HeaderValue::from_str(&e.content_type).ok(),
+                HeaderValue::from_str(&e.etag).ok(),
+            ),
+            SlotState::Pending => (None, None),
+        };
         Self {
             state,
             loaded_at,
             rebuild_requested: AtomicBool::new(false),
+            content_type,
+            etag,
         }
     }
 
@@ -96,6 +111,8 @@ pub struct L1 {
     /// Entries loaded before `base + everything_before` nanoseconds are invalid.
     base: Instant,
     everything_before: AtomicU64,
+    /// Nanoseconds after `base` of the latest invalidation of any kind.
+    last_invalidation: AtomicU64,
 }
 
 impl std::fmt::Debug for L1 {
@@ -140,18 +157,30 @@ impl L1 {
                 .build(),
             base: Instant::now(),
             everything_before: AtomicU64::new(0),
+            last_invalidation: AtomicU64::new(0),
         }
     }
 
     fn still_valid(&self, log_key: &str, loaded_at: Instant) -> bool {
-        let everything =
-            self.base + Duration::from_nanos(self.everything_before.load(Ordering::Acquire));
-        loaded_at > everything && self.log.get(log_key).is_none_or(|t| loaded_at > t)
+        let at =
+            |nanos: &AtomicU64| self.base + Duration::from_nanos(nanos.load(Ordering::Acquire));
+        // Fast path: loaded after the latest invalidation of anything.
+        if loaded_at > at(&self.last_invalidation) {
+            return true;
+        }
+        loaded_at > at(&self.everything_before)
+            && self.log.get(log_key).is_none_or(|t| loaded_at > t)
+    }
+
+    fn note_invalidation(&self) {
+        let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_invalidation.fetch_max(nanos, Ordering::AcqRel);
     }
 
     /// The generation of `route`, from L1 or from `load`.
-    pub async fn generation<F>(&self, route: &str, load: F) -> Result<u64, GatewayError>
+    pub async fn generation<L, F>(&self, route: &str, load: L) -> Result<u64, GatewayError>
     where
+        L: FnOnce() -> F,
         F: Future<Output = Result<u64, GatewayError>>,
     {
         let log_key = route_log_key(route);
@@ -162,27 +191,33 @@ impl L1 {
             self.generations.invalidate(route).await;
         }
         let started = Instant::now();
-        let g = self
-            .generations
-            .try_get_with(route.to_string(), async move {
-                load.await.map(|value| Generation {
-                    value,
-                    loaded_at: started,
-                })
-            })
-            .await
-            .map_err(unshare)?;
+        // Boxed, like the miss path of `slot`: it keeps the hit path's future small.
+        let g = Box::pin(
+            self.generations
+                .try_get_with(route.to_string(), async move {
+                    load().await.map(|value| Generation {
+                        value,
+                        loaded_at: started,
+                    })
+                }),
+        )
+        .await
+        .map_err(unshare)?;
         Ok(g.value)
     }
 
     /// The slot of `key`, from L1 or from `load` (coalesced across concurrent callers).
-    pub async fn slot<F>(&self, key: &StoreKey, load: F) -> Result<Arc<Slot>, GatewayError>
+    ///
+    /// `load` builds the loading future only on a miss, and the miss path is boxed: a hit
+    /// then creates and moves a small future, which is most of what a hit costs.
+    pub async fn slot<L, F>(&self, key: &StoreKey, load: L) -> Result<Arc<Slot>, GatewayError>
     where
+        L: FnOnce() -> F,
         F: Future<Output = Result<SlotState, GatewayError>>,
     {
         let started = Instant::now();
         let Some(slots) = &self.slots else {
-            return Ok(Arc::new(Slot::new(load.await?, started)));
+            return Ok(Arc::new(Slot::new(Box::pin(load()).await?, started)));
         };
         if let Some(slot) = slots.get(key).await {
             if self.still_valid(key.as_str(), slot.loaded_at) {
@@ -190,12 +225,13 @@ impl L1 {
             }
             slots.invalidate(key).await;
         }
-        slots
-            .try_get_with(key.clone(), async move {
-                load.await.map(|state| Arc::new(Slot::new(state, started)))
-            })
-            .await
-            .map_err(unshare)
+        Box::pin(slots.try_get_with(key.clone(), async move {
+            load()
+                .await
+                .map(|state| Arc::new(Slot::new(state, started)))
+        }))
+        .await
+        .map_err(unshare)
     }
 
     /// The cached slot of `key`, if there is a valid one; never loads.
@@ -219,6 +255,7 @@ impl L1 {
     /// Forgets `key` and anything loaded for it before now (built, failed, purged).
     pub async fn invalidate_key(&self, key: &StoreKey) {
         self.log.insert(key.as_str().to_string(), Instant::now());
+        self.note_invalidation();
         if let Some(slots) = &self.slots {
             slots.invalidate(key).await;
         }
@@ -227,6 +264,7 @@ impl L1 {
     /// A route moved to a new generation: forget its cached generation.
     pub async fn invalidate_route(&self, route: &str) {
         self.log.insert(route_log_key(route), Instant::now());
+        self.note_invalidation();
         self.generations.invalidate(route).await;
     }
 
@@ -234,6 +272,7 @@ impl L1 {
     pub fn invalidate_all(&self) {
         let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.everything_before.fetch_max(nanos, Ordering::AcqRel);
+        self.last_invalidation.fetch_max(nanos, Ordering::AcqRel);
         if let Some(slots) = &self.slots {
             slots.invalidate_all();
         }
@@ -298,7 +337,7 @@ mod tests {
             .map(|_| {
                 let (l1, loads) = (l1.clone(), loads.clone());
                 tokio::spawn(async move {
-                    l1.slot(&key(1), async {
+                    l1.slot(&key(1), || async {
                         loads.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         Ok(SlotState::Pending)
@@ -322,7 +361,7 @@ mod tests {
         let loader = {
             let l1 = l1.clone();
             tokio::spawn(async move {
-                l1.slot(&key(1), async move {
+                l1.slot(&key(1), || async move {
                     started_tx.send(()).unwrap();
                     finish_rx.await.unwrap();
                     Ok(SlotState::Pending)
@@ -338,7 +377,7 @@ mod tests {
         loader.await.unwrap();
         // …so what it inserted must not be used: the next read loads again.
         let reloaded = AtomicBool::new(false);
-        l1.slot(&key(1), async {
+        l1.slot(&key(1), || async {
             reloaded.store(true, Ordering::SeqCst);
             Ok(SlotState::Pending)
         })
@@ -351,30 +390,30 @@ mod tests {
     async fn errors_are_not_cached() {
         let l1 = L1::new(1 << 20, Duration::from_secs(60));
         let e = l1
-            .slot(&key(1), async {
+            .slot(&key(1), || async {
                 Err(GatewayError::Store(
                     tessera_protocol::StoreError::Unavailable("x".into()),
                 ))
             })
             .await;
         assert!(matches!(e, Err(GatewayError::Store(_))));
-        let ok = l1.slot(&key(1), async { Ok(SlotState::Pending) }).await;
+        let ok = l1.slot(&key(1), || async { Ok(SlotState::Pending) }).await;
         assert!(ok.is_ok());
     }
 
     #[tokio::test]
     async fn route_invalidation_reloads_the_generation() {
         let l1 = L1::new(1 << 20, Duration::from_secs(60));
-        assert_eq!(l1.generation("r", async { Ok(1) }).await.unwrap(), 1);
+        assert_eq!(l1.generation("r", || async { Ok(1) }).await.unwrap(), 1);
         assert_eq!(
-            l1.generation("r", async { Ok(2) }).await.unwrap(),
+            l1.generation("r", || async { Ok(2) }).await.unwrap(),
             1,
             "cached"
         );
         l1.invalidate_route("r").await;
-        assert_eq!(l1.generation("r", async { Ok(2) }).await.unwrap(), 2);
+        assert_eq!(l1.generation("r", || async { Ok(2) }).await.unwrap(), 2);
         l1.invalidate_all();
-        assert_eq!(l1.generation("r", async { Ok(3) }).await.unwrap(), 3);
+        assert_eq!(l1.generation("r", || async { Ok(3) }).await.unwrap(), 3);
     }
 
     #[tokio::test]
@@ -382,7 +421,7 @@ mod tests {
         let l1 = L1::new(0, Duration::from_secs(60));
         let loads = AtomicUsize::new(0);
         for _ in 0..3 {
-            l1.slot(&key(1), async {
+            l1.slot(&key(1), || async {
                 loads.fetch_add(1, Ordering::SeqCst);
                 Ok(SlotState::Pending)
             })

@@ -31,6 +31,7 @@ use crate::cache::{Slot, SlotState};
 use crate::error::GatewayError;
 use crate::esi::{self, Segment};
 use crate::fragment::{Found, Requested};
+use crate::headers::Trace;
 
 /// Largest page composed; bigger ones pass through as they are.
 pub const MAX_PAGE: usize = 4 * 1024 * 1024;
@@ -72,7 +73,7 @@ impl Gateway {
         self: &Arc<Self>,
         page: &[u8],
         headers: &HeaderMap,
-        trace: &str,
+        trace: &Trace<'_>,
     ) -> Composed {
         let mut out = Composed::default();
         let mut budget = MAX_INCLUDES;
@@ -88,7 +89,7 @@ impl Gateway {
         self: &'a Arc<Self>,
         page: &'a [u8],
         headers: &'a HeaderMap,
-        trace: &'a str,
+        trace: &'a Trace<'a>,
         depth: usize,
         budget: &'a mut usize,
         out: &'a mut Composed,
@@ -198,8 +199,9 @@ impl Gateway {
         self: &Arc<Self>,
         response: Response<Body>,
         request_headers: &HeaderMap,
-        trace: &str,
     ) -> Response<Body> {
+        let trace = Trace::new(request_headers);
+        let trace = &trace;
         let (mut parts, body) = response.into_parts();
         let esi = parts
             .headers
@@ -282,7 +284,7 @@ impl Gateway {
     async fn batch(
         self: &Arc<Self>,
         targets: &[&Target<'_>],
-        trace: &str,
+        trace: &Trace<'_>,
     ) -> HashMap<StoreKey, Found> {
         let mut slots: HashMap<StoreKey, Arc<Slot>> = HashMap::new();
         let mut missing: Vec<&Target<'_>> = Vec::new();
@@ -319,7 +321,7 @@ impl Gateway {
                         }
                     }
                     let requested = join_all(absent.iter().map(|t| {
-                        self.request_build(t.route, &t.identity, t.generation, &t.keys, trace)
+                        self.request_build(t.route, &t.identity, t.generation, &t.keys, trace.id())
                     }))
                     .await;
                     for (t, outcome) in absent.iter().zip(requested) {

@@ -29,8 +29,8 @@ use crate::Gateway;
 use crate::body::{Body, empty, full};
 use crate::cache::{Slot, SlotState};
 use crate::error::GatewayError;
-use crate::headers::{if_none_match, prefer_wait, trace_id, wants_json};
-use crate::metrics::{CacheStatus, RouteLabels};
+use crate::headers::{Trace, if_none_match, prefer_wait, wants_json};
+use crate::metrics::CacheStatus;
 
 /// `Retry-After` on pending answers: clients should prefer `Prefer: wait`.
 const PENDING_RETRY_AFTER: u64 = 1;
@@ -102,15 +102,9 @@ impl Gateway {
             StatusCode::ACCEPTED => CacheStatus::pending,
             _ => CacheStatus::error,
         };
-        // Only configured names become label values: arbitrary paths must not grow the
-        // metric set.
-        let label = if self.config.route(name).is_some() {
-            name
-        } else {
-            ""
-        };
         self.metrics
-            .request(label, cache, started.elapsed().as_secs_f64());
+            .route(name)
+            .request(cache, started.elapsed().as_secs_f64());
         response
     }
 
@@ -130,7 +124,7 @@ impl Gateway {
             .route(name)
             .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
         let identity = Identity::from_request(route, req.uri().query(), req.headers())?;
-        let trace = trace_id(req.headers());
+        let trace = Trace::new(req.headers());
         let wait = prefer_wait(req.headers()).map(|w| w.min(self.config.gateway.max_wait));
         let deadline = wait.map(|w| tokio::time::Instant::now() + w);
 
@@ -146,10 +140,10 @@ impl Gateway {
                 (Found::Pending, Some(deadline), Some(waiter))
                     if tokio::time::Instant::now() < deadline =>
                 {
-                    tokio::select! {
-                        () = waiter.woken() => continue,
-                        () = tokio::time::sleep_until(deadline) => {}
-                        () = self.stopping.cancelled() => {}
+                    // Boxed: waiting is the rare path, and its timer would otherwise
+                    // enlarge every request's future.
+                    if Box::pin(self.wait(waiter, deadline)).await {
+                        continue;
                     }
                     // Deadline or shutdown: one last look, then answer whatever it is.
                     let found = self
@@ -162,6 +156,20 @@ impl Gateway {
         }
     }
 
+    /// Sleeps until `waiter` is woken (true), or the deadline passes or the gateway stops
+    /// (false).
+    async fn wait(
+        &self,
+        waiter: &mut crate::waiters::Waiter<'_>,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        tokio::select! {
+            () = waiter.woken() => true,
+            () = tokio::time::sleep_until(deadline) => false,
+            () = self.stopping.cancelled() => false,
+        }
+    }
+
     /// The route's current generation and the keys of `identity` in it.
     pub(crate) async fn keys(
         &self,
@@ -170,7 +178,7 @@ impl Gateway {
     ) -> Result<(u64, FragmentKeys), GatewayError> {
         let generation = self
             .l1
-            .generation(&route.name, async {
+            .generation(&route.name, || async {
                 let key = self.backends.keys.generation(&route.name);
                 Ok(store::generation(self.backends.store.as_ref(), &key).await?)
             })
@@ -189,11 +197,11 @@ impl Gateway {
         identity: &Identity,
         generation: u64,
         keys: &FragmentKeys,
-        trace: &str,
+        trace: &Trace<'_>,
     ) -> Result<Found, GatewayError> {
         let slot = self
             .l1
-            .slot(&keys.envelope, async {
+            .slot(&keys.envelope, || async {
                 if let Some(bytes) = self.backends.store.get(&keys.envelope).await? {
                     match Envelope::decode(&bytes) {
                         Ok(envelope) => return Ok(SlotState::Found(envelope)),
@@ -203,7 +211,7 @@ impl Gateway {
                         }
                     }
                 }
-                Ok(match self.request_build(route, identity, generation, keys, trace).await? {
+                Ok(match self.request_build(route, identity, generation, keys, trace.id()).await? {
                     Requested::JustBuilt(envelope) => SlotState::Found(envelope),
                     Requested::Queued | Requested::AlreadyPending => SlotState::Pending,
                 })
@@ -220,7 +228,7 @@ impl Gateway {
         identity: &Identity,
         generation: u64,
         keys: &FragmentKeys,
-        trace: &str,
+        trace: &Trace<'_>,
         slot: Arc<Slot>,
     ) -> Found {
         let now = now_ms();
@@ -235,7 +243,7 @@ impl Gateway {
                 route.clone(),
                 identity.clone(),
                 keys.clone(),
-                trace.to_string(),
+                trace.id().to_string(),
             );
             tokio::spawn(async move {
                 if let Err(e) = this
@@ -278,11 +286,9 @@ impl Gateway {
     ) -> Result<Requested, GatewayError> {
         let store = &self.backends.store;
         let lease_ttl = route.lease_ttl();
-        let labels = RouteLabels {
-            route: route.name.clone(),
-        };
-        if !store.add(&keys.lease, b"", lease_ttl).await? {
-            self.metrics.builds_coalesced.get_or_create(&labels).inc();
+        let metrics = self.metrics.route(&route.name);
+        if !store.add(&keys.lease(), b"", lease_ttl).await? {
+            metrics.coalesced.inc();
             return Ok(Requested::AlreadyPending);
         }
         // Between our read and our add, a worker may have stored a result and released
@@ -292,7 +298,7 @@ impl Gateway {
             && let Ok(envelope) = Envelope::decode(&bytes)
             && now < envelope.fresh_until
         {
-            store.delete(&keys.lease).await?;
+            store.delete(&keys.lease()).await?;
             return Ok(Requested::JustBuilt(envelope));
         }
         let request = BuildRequest {
@@ -314,12 +320,12 @@ impl Gateway {
         {
             // Nothing was queued: give the lease back so the next request can try again
             // instead of waiting for it to expire.
-            if let Err(se) = store.delete(&keys.lease).await {
-                tracing::warn!(key = %keys.lease, error = %se, "could not release the lease");
+            if let Err(se) = store.delete(&keys.lease()).await {
+                tracing::warn!(key = %keys.lease(), error = %se, "could not release the lease");
             }
             return Err(e.into());
         }
-        self.metrics.builds_published.get_or_create(&labels).inc();
+        metrics.published.inc();
         tracing::debug!(route = %route.name, key = %keys.envelope, request = %request.id, trace_id = %trace, "build queued");
         Ok(Requested::Queued)
     }
@@ -332,7 +338,7 @@ fn respond(
 ) -> Response<Body> {
     match found {
         Found::Serve { slot, stale } => match &slot.state {
-            SlotState::Found(envelope) => serve(route, req, envelope, stale),
+            SlotState::Found(envelope) => serve(route, req, &slot, envelope, stale),
             SlotState::Pending => pending(route, req.headers()),
         },
         Found::Pending => pending(route, req.headers()),
@@ -345,6 +351,7 @@ fn respond(
 fn serve(
     route: &FragmentRoute,
     req: &Request<hyper::body::Incoming>,
+    slot: &Slot,
     envelope: &Envelope,
     stale: bool,
 ) -> Response<Body> {
@@ -361,13 +368,17 @@ fn serve(
     }
     let h = response.headers_mut();
     if !not_modified {
-        insert(h, header::CONTENT_TYPE, &envelope.content_type);
+        if let Some(ct) = &slot.content_type {
+            h.insert(header::CONTENT_TYPE, ct.clone());
+        }
         h.insert(
             header::CONTENT_LENGTH,
             HeaderValue::from(envelope.body.len()),
         );
     }
-    insert(h, header::ETAG, &envelope.etag);
+    if let Some(etag) = &slot.etag {
+        h.insert(header::ETAG, etag.clone());
+    }
     cache_headers(route, h);
     let status = if stale {
         let age = ceil_secs(remaining(envelope.fresh_until, now));
@@ -383,7 +394,9 @@ fn serve(
             remaining(now, envelope.fresh_until).as_secs()
         )
     };
-    insert(h, "cache-status", &status);
+    if let Ok(v) = HeaderValue::try_from(status) {
+        h.insert("cache-status", v);
+    }
     response
 }
 

@@ -48,6 +48,29 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
         })
 }
 
+/// A request's trace id, worked out only when something needs it (a build request):
+/// the hit path never pays for it.
+#[derive(Debug)]
+pub struct Trace<'a> {
+    headers: &'a HeaderMap,
+    id: std::sync::OnceLock<String>,
+}
+
+impl<'a> Trace<'a> {
+    /// The trace of a request with `headers`.
+    pub fn new(headers: &'a HeaderMap) -> Self {
+        Self {
+            headers,
+            id: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The id, see [`trace_id`].
+    pub fn id(&self) -> &str {
+        self.id.get_or_init(|| trace_id(self.headers))
+    }
+}
+
 /// The trace id of a request: the W3C `traceparent` trace id, else `X-Request-Id` when
 /// it is a safe token, else a new random one. Never logs raw client bytes.
 pub fn trace_id(headers: &HeaderMap) -> String {

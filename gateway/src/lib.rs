@@ -132,7 +132,7 @@ pub async fn serve(
         waiters: Waiters::default(),
         upstream: proxy::Upstream::new(&config.upstream.url, config.upstream.timeout)?,
         stopping: CancellationToken::new(),
-        metrics: metrics::Metrics::new(),
+        metrics: metrics::Metrics::new(config.fragments.iter().map(|r| r.name.as_str())),
         failures: std::sync::Mutex::new(std::collections::VecDeque::new()),
         backends: backends.clone(),
         config: config.clone(),
@@ -216,12 +216,21 @@ impl Gateway {
     ) -> Response<Body> {
         let prefix = self.config.gateway.fragment_prefix.as_str();
         if let Some(name) = req.uri().path().strip_prefix(prefix) {
-            let name = name.to_string();
-            return self.fragment(&req, &name).await;
+            return self.fragment(&req, name).await;
         }
         if req.uri().path() == compose::CLIENT_JS_PATH {
             return client_js(&req);
         }
+        // Boxed: the proxy and composition futures are large, and without the box every
+        // fragment hit would build and move a future of their size.
+        Box::pin(self.proxy(req, peer)).await
+    }
+
+    async fn proxy(
+        self: Arc<Self>,
+        req: Request<hyper::body::Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
         // Composition needs the page request's cookies and headers for `vary`.
         let headers = req.headers().clone();
         let head = req.method() == http::Method::HEAD;
@@ -229,8 +238,7 @@ impl Gateway {
         if head {
             return response;
         }
-        let trace = headers::trace_id(&headers);
-        self.compose_response(response, &headers, &trace).await
+        self.compose_response(response, &headers).await
     }
 }
 

@@ -52,6 +52,35 @@ fn latency_histogram() -> Histogram {
     Histogram::new(latency_buckets())
 }
 
+/// One route's request and build counters, created once so the hot path neither
+/// allocates label strings nor looks labels up.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    hit: Counter,
+    stale: Counter,
+    pending: Counter,
+    error: Counter,
+    latency: Histogram,
+    /// Builds this gateway queued for the route.
+    pub published: Counter,
+    /// Build requests for the route that found one already queued.
+    pub coalesced: Counter,
+}
+
+impl RouteMetrics {
+    /// Counts one answered fragment request.
+    pub fn request(&self, cache: CacheStatus, seconds: f64) {
+        match cache {
+            CacheStatus::hit => &self.hit,
+            CacheStatus::stale => &self.stale,
+            CacheStatus::pending => &self.pending,
+            CacheStatus::error => &self.error,
+        }
+        .inc();
+        self.latency.observe(seconds);
+    }
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -82,22 +111,19 @@ pub struct Metrics {
     pub long_polls: Gauge,
     /// Build durations reported in `built` events, by route.
     pub build_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
+    routes: std::collections::HashMap<String, RouteMetrics>,
+    /// Requests for names that are no route (label `""`).
+    unknown: RouteMetrics,
 }
 
 impl Metrics {
-    /// A fresh registry with every metric registered.
-    pub fn new() -> Self {
+    /// A fresh registry with every metric registered, for the given route names.
+    pub fn new<'a>(route_names: impl IntoIterator<Item = &'a str>) -> Self {
         let mut registry = Registry::with_prefix("tessera");
-        let requests = Family::default();
+        let requests: Family<RequestLabels, Counter> = Family::default();
         let latency = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
-        let builds_published = Family::default();
-        let builds_coalesced = Family::default();
+        let builds_published: Family<RouteLabels, Counter> = Family::default();
+        let builds_coalesced: Family<RouteLabels, Counter> = Family::default();
         let (store_errors, bus_errors, undecodable, includes_refused, events_lagged) =
             Default::default();
         let (l1_entries, l1_bytes, long_polls) = Default::default();
@@ -159,7 +185,36 @@ impl Metrics {
             "Fragments with requests waiting on them (Prefer: wait)",
             Gauge::clone(&long_polls),
         );
+        let handles = |route: &str| {
+            let by = |cache| {
+                requests
+                    .get_or_create(&RequestLabels {
+                        route: route.to_string(),
+                        cache,
+                    })
+                    .clone()
+            };
+            let labels = RouteLabels {
+                route: route.to_string(),
+            };
+            RouteMetrics {
+                hit: by(CacheStatus::hit),
+                stale: by(CacheStatus::stale),
+                pending: by(CacheStatus::pending),
+                error: by(CacheStatus::error),
+                latency: latency.get_or_create(&labels).clone(),
+                published: builds_published.get_or_create(&labels).clone(),
+                coalesced: builds_coalesced.get_or_create(&labels).clone(),
+            }
+        };
+        let routes = route_names
+            .into_iter()
+            .map(|r| (r.to_string(), handles(r)))
+            .collect();
+        let unknown = handles("");
         Self {
+            routes,
+            unknown,
             registry,
             requests,
             latency,
@@ -186,19 +241,10 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// Counts one answered fragment request.
-    pub fn request(&self, route: &str, cache: CacheStatus, seconds: f64) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.to_string(),
-                cache,
-            })
-            .inc();
-        self.latency
-            .get_or_create(&RouteLabels {
-                route: route.to_string(),
-            })
-            .observe(seconds);
+    /// The counters of `route`; names that are no configured route share one set (label
+    /// `""`), so arbitrary paths cannot grow the metric set.
+    pub fn route(&self, route: &str) -> &RouteMetrics {
+        self.routes.get(route).unwrap_or(&self.unknown)
     }
 
     /// The Prometheus text exposition, with `extra` (already in text format) appended.
@@ -219,14 +265,11 @@ mod tests {
 
     #[test]
     fn renders_counters_and_real_histogram_buckets() {
-        let m = Metrics::new();
-        m.request("recs", CacheStatus::hit, 0.002);
-        m.request("recs", CacheStatus::pending, 0.001);
-        m.builds_published
-            .get_or_create(&RouteLabels {
-                route: "recs".into(),
-            })
-            .inc();
+        let m = Metrics::new(["recs"]);
+        m.route("recs").request(CacheStatus::hit, 0.002);
+        m.route("recs").request(CacheStatus::pending, 0.001);
+        m.route("recs").published.inc();
+        m.route("no-such-route").request(CacheStatus::error, 0.001);
         let text = m.render("");
         assert!(
             text.contains(r#"tessera_requests_total{route="recs",cache="hit"} 1"#),
@@ -238,6 +281,10 @@ mod tests {
         );
         assert!(
             text.contains("tessera_request_duration_seconds_bucket{le=\"0.001\",route=\"recs\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tessera_requests_total{route="",cache="error"} 1"#),
             "{text}"
         );
         assert!(text.trim_end().ends_with("# EOF"));

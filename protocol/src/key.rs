@@ -60,13 +60,23 @@ impl fmt::Display for StoreKey {
     }
 }
 
-/// The envelope and lease keys of one fragment.
+/// The keys of one fragment.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FragmentKeys {
     /// Where the envelope lives.
     pub envelope: StoreKey,
-    /// The pending lease: present while exactly one build is queued or running.
-    pub lease: StoreKey,
+    /// Where `:f:` starts in `envelope`, to derive the lease key from it.
+    kind_at: usize,
+}
+
+impl FragmentKeys {
+    /// The pending lease: present while exactly one build is queued or running. Built on
+    /// demand: the hit path never needs it.
+    pub fn lease(&self) -> StoreKey {
+        let mut key = self.envelope.0.clone();
+        key.replace_range(self.kind_at..self.kind_at + 3, ":p:");
+        StoreKey(key)
+    }
 }
 
 /// Builds keys under one namespace.
@@ -91,10 +101,7 @@ impl Keyspace {
                 "{}:f:{}:{generation}:{digest}",
                 self.ns, identity.route
             )),
-            lease: StoreKey(format!(
-                "{}:p:{}:{generation}:{digest}",
-                self.ns, identity.route
-            )),
+            kind_at: self.ns.len(),
         }
     }
 
@@ -203,25 +210,43 @@ impl Identity {
     /// The canonical text form: equal identities, equal text; different, different.
     /// Each part is percent-encoded, so the separators cannot occur inside a part.
     pub fn canonical(&self) -> String {
-        let join = |pairs: &[(String, String)]| {
-            pairs
-                .iter()
-                .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
-                .collect::<Vec<_>>()
-                .join("&")
-        };
-        format!(
-            "{}\n{}\n{}",
-            encode(&self.route),
-            join(&self.params),
-            join(&self.vary)
-        )
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = self.write_canonical(&mut out);
+        out
+    }
+
+    /// Writes the canonical form without building it in memory first.
+    fn write_canonical(&self, w: &mut impl std::fmt::Write) -> std::fmt::Result {
+        fn component(s: &str) -> percent_encoding::PercentEncode<'_> {
+            utf8_percent_encode(s, COMPONENT)
+        }
+        writeln!(w, "{}", component(&self.route))?;
+        for (i, (k, v)) in self.params.iter().enumerate() {
+            let amp = if i == 0 { "" } else { "&" };
+            write!(w, "{amp}{}={}", component(k), component(v))?;
+        }
+        w.write_char('\n')?;
+        for (i, (k, v)) in self.vary.iter().enumerate() {
+            let amp = if i == 0 { "" } else { "&" };
+            write!(w, "{amp}{}={}", component(k), component(v))?;
+        }
+        Ok(())
     }
 
     /// Fixed-length digest of the canonical form.
     pub fn digest(&self) -> String {
-        let hash = blake3::hash(self.canonical().as_bytes());
-        hash.to_hex()[..DIGEST_HEX].to_string()
+        /// Feeds formatted text straight into the hasher.
+        struct Hashing(blake3::Hasher);
+        impl std::fmt::Write for Hashing {
+            fn write_str(&mut self, s: &str) -> std::fmt::Result {
+                self.0.update(s.as_bytes());
+                Ok(())
+            }
+        }
+        let mut h = Hashing(blake3::Hasher::new());
+        let _ = self.write_canonical(&mut h);
+        h.0.finalize().to_hex()[..DIGEST_HEX].to_string()
     }
 
     /// The params as a query string for the upstream render (canonical order).
@@ -350,6 +375,24 @@ mod tests {
     }
 
     #[test]
+    fn canonical_form_and_digest_are_stable() {
+        // Changing either orphans every cached fragment of every deployment: only do it
+        // together with a namespace change, on purpose.
+        let id = Identity {
+            route: "recs".into(),
+            params: vec![("limit".into(), "5".into()), ("q".into(), "a b&c".into())],
+            vary: vec![("cookie:sid".into(), "x y".into())],
+        };
+        assert_eq!(
+            id.canonical(),
+            "recs\nlimit=5&q=a%20b%26c\ncookie%3Asid=x%20y"
+        );
+        let expected = blake3::hash(id.canonical().as_bytes()).to_hex();
+        assert_eq!(id.digest(), &expected[..DIGEST_HEX]);
+        assert_eq!(id.digest(), "f0cfb3fa2aaf08d3ffc6a37bda83096e");
+    }
+
+    #[test]
     fn param_order_does_not_matter() {
         let r = route();
         assert_eq!(id(&r, "user_id=1&limit=5"), id(&r, "limit=5&user_id=1"));
@@ -435,7 +478,7 @@ mod tests {
         let q = format!("q={}", "%E2%9C%93".repeat(300));
         let identity = Identity::from_request(&r, Some(&q), &HeaderMap::new()).unwrap();
         let keys = ks.fragment(&identity, u64::MAX);
-        for k in [&keys.envelope, &keys.lease, &ks.generation(&r.name)] {
+        for k in [&keys.envelope, &keys.lease(), &ks.generation(&r.name)] {
             assert!(k.as_str().len() <= 250, "{k}");
             assert!(k.as_str().bytes().all(|b| b.is_ascii_graphic()), "{k}");
         }
@@ -458,7 +501,12 @@ mod tests {
                 .as_str()
                 .starts_with("t:f:recs:7:")
         );
-        assert!(ks.fragment(&i, 7).lease.as_str().starts_with("t:p:recs:7:"));
+        assert!(
+            ks.fragment(&i, 7)
+                .lease()
+                .as_str()
+                .starts_with("t:p:recs:7:")
+        );
         assert_eq!(ks.generation("recs").as_str(), "t:g:recs");
     }
 
