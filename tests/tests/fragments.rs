@@ -387,7 +387,12 @@ pub async fn an_abandoned_lease_expires(kind: Backend) {
         vary: vec![],
     };
     let keys = b.keys.fragment(&identity, generation);
-    assert!(b.store.add(&keys.lease, b"", r.lease_ttl()).await.unwrap());
+    assert!(
+        b.store
+            .add(&keys.lease(), b"", r.lease_ttl())
+            .await
+            .unwrap()
+    );
     let gw = TestGateway::start(c, b).await;
     let url = gw.at("/fragments/orphan");
     assert_eq!(get(&url).await.status(), StatusCode::ACCEPTED);
