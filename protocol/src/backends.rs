@@ -5,9 +5,11 @@
 
 use std::sync::Arc;
 
+use crate::amqp::AmqpBus;
 use crate::bus::{MemoryBus, SharedBus};
 use crate::config::Config;
 use crate::key::Keyspace;
+use crate::memcached::MemcachedStore;
 use crate::store::{MemoryStore, SharedStore};
 
 /// Connecting to a backend failed at start-up.
@@ -46,20 +48,31 @@ impl Backends {
     }
 
     /// The backends the configuration names: memcached and AMQP when given, the
-    /// in-process ones otherwise.
+    /// in-process ones otherwise. Does no network I/O: servers that are down are reached
+    /// on first use, and calls fail with `Unavailable` until then.
     pub async fn connect(config: &Config) -> Result<Backends, BackendError> {
         let memory = Backends::memory(config);
-        if !config.store.memcached.is_empty() {
-            return Err(BackendError::Store(
-                "store.memcached is not supported by this build yet".into(),
-            ));
-        }
-        if config.bus.amqp.is_some() {
-            return Err(BackendError::Bus(
-                "bus.amqp is not supported by this build yet".into(),
-            ));
-        }
-        Ok(memory)
+        let store: SharedStore = if config.store.memcached.is_empty() {
+            memory.store
+        } else {
+            Arc::new(
+                MemcachedStore::new(
+                    &config.store.memcached,
+                    config.store.timeout,
+                    item_limit(config),
+                )
+                .map_err(|e| BackendError::Store(e.to_string()))?,
+            )
+        };
+        let bus: SharedBus = match &config.bus.amqp {
+            Some(url) => Arc::new(AmqpBus::new(url, &config.store.namespace)),
+            None => memory.bus,
+        };
+        Ok(Backends {
+            store,
+            bus,
+            keys: memory.keys,
+        })
     }
 }
 

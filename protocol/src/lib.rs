@@ -11,16 +11,20 @@
 //! - [`envelope`]: the versioned, compact value stored for a fragment.
 //! - [`message`]: `BuildRequest` and events, JSON with a `v` field.
 //! - [`store`]: the `Store` trait (memcached semantics) and its in-memory twin.
+//! - [`memcached`]: the `Store` on memcached servers.
 //! - [`bus`]: the `Bus` trait (AMQP semantics) and its in-process twin.
+//! - [`amqp`]: the `Bus` on RabbitMQ, with its topology and reconnection.
 //! - [`backends`]: picks memory or network implementations from the configuration.
 //! - [`process`]: logging set-up and shutdown signals shared by both binaries.
 //! - [`time`]: wall-clock milliseconds shared by envelopes and messages.
 
+pub mod amqp;
 pub mod backends;
 pub mod bus;
 pub mod config;
 pub mod envelope;
 pub mod key;
+pub mod memcached;
 pub mod message;
 pub mod process;
 pub mod store;

@@ -1,0 +1,805 @@
+//! The bus on RabbitMQ (crate `lapin`, AMQP 0-9-1).
+//!
+//! # Topology
+//! Declared idempotently by whichever process connects first, on every (re)connection.
+//! Names start with the store namespace (`{ns}`), so deployments sharing a vhost, and
+//! parallel tests, stay apart. Route queues keep their configured names.
+//!
+//! | name | kind | role |
+//! | --- | --- | --- |
+//! | `{ns}.build` | direct exchange, durable | build requests, routing key = queue name |
+//! | `{queue}` | durable queue | one per configured route queue; rejected messages dead-letter to `{ns}.dead` |
+//! | `{queue}.retry.{N}s` | durable queue, `x-message-ttl` N s | delayed retries; expired messages dead-letter back to `{ns}.build` with routing key `{queue}` |
+//! | `{ns}.dead` | fanout exchange + durable queue | dead letters, with headers `x-tessera-error` and `x-tessera-queue` |
+//! | `{ns}.events` | fanout exchange | built / failed / purged events |
+//! | (server-named) | exclusive, auto-delete queue | one per subscribing gateway |
+//!
+//! Retries use fixed delay buckets (1, 2, 4, … 32 s) rather than per-message TTLs,
+//! which RabbitMQ only expires at the head of a queue: a long delay never holds back a
+//! short one. A retry waits for the smallest bucket at least as long as asked.
+//!
+//! # Delivery and failure
+//! Build messages are persistent and published with publisher confirms (bounded by
+//! [`OP_TIMEOUT`]); unroutable ones come back (`mandatory`) and count as failures.
+//! Consumers set `basic_qos(prefetch)` before consuming and acknowledge manually.
+//!
+//! One connection per process. When it drops, publishes fail fast with
+//! [`BusError::Unavailable`] while a reconnection is attempted (at most every
+//! [`RECONNECT_MIN`]); consumers and subscriptions reconnect by themselves with backoff
+//! (100 ms doubling to 5 s), re-declare and resume; a subscription then yields
+//! [`Notice::Lagged`], since events may have been lost meanwhile. Deliveries taken before
+//! a reconnection can no longer be acknowledged — the broker redelivers them instead,
+//! which is why builds are idempotent. Nothing here panics or exits the process.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use tokio::sync::mpsc;
+
+use crate::bus::{
+    Acker, Bus, BusError, Consumer, DeadLetter, Delivery, Notice, QueueStats, Subscription,
+};
+use crate::message::{BuildRequest, Event};
+
+/// Deadline for one broker operation (connect, declare, publish confirm, ack).
+pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Least time between two connection attempts made on behalf of publishers.
+pub const RECONNECT_MIN: Duration = Duration::from_millis(500);
+/// Retry delay buckets, in seconds.
+pub const RETRY_BUCKETS: [u64; 6] = [1, 2, 4, 8, 16, 32];
+/// Events buffered for a slow subscriber before it is told it lagged.
+const EVENT_BUFFER: usize = 4096;
+
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
+async fn timed<T>(
+    what: &str,
+    f: impl std::future::Future<Output = lapin::Result<T>>,
+) -> Result<T, BusError> {
+    match tokio::time::timeout(OP_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(unavailable(format!("{what}: {e}"))),
+        Err(_) => Err(unavailable(format!(
+            "{what}: no answer within {OP_TIMEOUT:?}"
+        ))),
+    }
+}
+
+fn short(s: &str) -> ShortString {
+    ShortString::from(s.to_string())
+}
+
+/// A live connection and the confirm-mode channel publishers share.
+struct Link {
+    conn: Connection,
+    publish: Channel,
+    /// Queues declared on this connection.
+    declared: Mutex<HashSet<String>>,
+}
+
+impl Link {
+    fn alive(&self) -> bool {
+        self.conn.status().connected() && self.publish.status().connected()
+    }
+}
+
+struct Inner {
+    url: String,
+    ns: String,
+    link: tokio::sync::Mutex<Option<Arc<Link>>>,
+    last_attempt: Mutex<Option<Instant>>,
+}
+
+/// RabbitMQ, as a [`Bus`].
+#[derive(Clone)]
+pub struct AmqpBus {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AmqpBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpBus")
+            .field("namespace", &self.inner.ns)
+            .finish()
+    }
+}
+
+impl AmqpBus {
+    /// A bus on the broker at `url`, naming its exchanges after `namespace`. Connects
+    /// lazily: a broker that is down at start-up is not an error.
+    pub fn new(url: &str, namespace: &str) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                url: url.to_string(),
+                ns: namespace.to_string(),
+                link: tokio::sync::Mutex::new(None),
+                last_attempt: Mutex::new(None),
+            }),
+        }
+    }
+
+    fn exchange(&self, what: &str) -> String {
+        format!("{}.{what}", self.inner.ns)
+    }
+
+    /// Opens a connection, declares the shared topology.
+    async fn connect(&self) -> Result<Link, BusError> {
+        let conn = timed(
+            "connect",
+            Connection::connect(&self.inner.url, ConnectionProperties::default()),
+        )
+        .await?;
+        let publish = timed("open channel", conn.create_channel()).await?;
+        timed(
+            "confirm_select",
+            publish.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        for (name, kind) in [
+            (self.exchange("build"), ExchangeKind::Direct),
+            (self.exchange("dead"), ExchangeKind::Fanout),
+            (self.exchange("events"), ExchangeKind::Fanout),
+        ] {
+            timed(
+                "declare exchange",
+                publish.exchange_declare(short(&name), kind, durable, FieldTable::default()),
+            )
+            .await?;
+        }
+        let dead = self.exchange("dead");
+        timed(
+            "declare dead-letter queue",
+            publish.queue_declare(
+                short(&dead),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        timed(
+            "bind dead-letter queue",
+            publish.queue_bind(
+                short(&dead),
+                short(&dead),
+                short(""),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        Ok(Link {
+            conn,
+            publish,
+            declared: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The live link, reconnecting when it is gone (rate limited, so publishers fail fast
+    /// while the broker is down).
+    async fn link(&self) -> Result<Arc<Link>, BusError> {
+        let mut slot = self.inner.link.lock().await;
+        if let Some(link) = slot.as_ref().filter(|l| l.alive()) {
+            return Ok(link.clone());
+        }
+        {
+            let mut last = self
+                .inner
+                .last_attempt
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|t| t.elapsed() < RECONNECT_MIN) {
+                return Err(unavailable("broker connection lost; reconnecting"));
+            }
+            *last = Some(Instant::now());
+        }
+        match self.connect().await {
+            Ok(link) => {
+                tracing::info!("connected to the broker");
+                let link = Arc::new(link);
+                *slot = Some(link.clone());
+                Ok(link)
+            }
+            Err(e) => {
+                *slot = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Declares a route queue and its retry queues on `channel`, once per link.
+    async fn declare_queue(
+        &self,
+        link: &Link,
+        channel: &Channel,
+        queue: &str,
+    ) -> Result<(), BusError> {
+        if link
+            .declared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(queue)
+        {
+            return Ok(());
+        }
+        let mut args = FieldTable::default();
+        args.insert(
+            short("x-dead-letter-exchange"),
+            AMQPValue::LongString(LongString::from(self.exchange("dead"))),
+        );
+        timed(
+            "declare queue",
+            channel.queue_declare(short(queue), QueueDeclareOptions::durable(), args),
+        )
+        .await?;
+        let build = self.exchange("build");
+        timed(
+            "bind queue",
+            channel.queue_bind(
+                short(queue),
+                short(&build),
+                short(queue),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        for secs in RETRY_BUCKETS {
+            let mut args = FieldTable::default();
+            args.insert(
+                short("x-message-ttl"),
+                AMQPValue::LongInt(i32::try_from(secs * 1000).unwrap_or(i32::MAX)),
+            );
+            args.insert(
+                short("x-dead-letter-exchange"),
+                AMQPValue::LongString(LongString::from(build.clone())),
+            );
+            args.insert(
+                short("x-dead-letter-routing-key"),
+                AMQPValue::LongString(LongString::from(queue.to_string())),
+            );
+            let retry = retry_queue(queue, secs);
+            timed(
+                "declare retry queue",
+                channel.queue_declare(short(&retry), QueueDeclareOptions::durable(), args),
+            )
+            .await?;
+        }
+        link.declared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(queue.to_string());
+        Ok(())
+    }
+
+    /// Publishes with a confirm; `Ok` only once the broker took the message.
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), BusError> {
+        let link = self.link().await?;
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let result = async {
+            let confirm = timed(
+                "publish",
+                link.publish.basic_publish(
+                    short(exchange),
+                    short(routing_key),
+                    options,
+                    body,
+                    props,
+                ),
+            )
+            .await?;
+            match timed("publisher confirm", confirm).await? {
+                Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+                Confirmation::Ack(Some(_)) => Err(BusError::Rejected(format!(
+                    "no queue is bound for {routing_key:?} on {exchange:?}"
+                ))),
+                Confirmation::Nack(_) => {
+                    Err(BusError::Rejected("the broker refused the message".into()))
+                }
+            }
+        }
+        .await;
+        if let Err(BusError::Unavailable(_)) = &result {
+            // Let the next call reconnect.
+            *self.inner.link.lock().await = None;
+        }
+        result
+    }
+
+    async fn publish_to_queue(&self, queue: &str, body: &[u8]) -> Result<(), BusError> {
+        let link = self.link().await?;
+        self.declare_queue(&link, &link.publish, queue).await?;
+        self.publish(&self.exchange("build"), queue, body, persistent())
+            .await
+    }
+}
+
+fn persistent() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(short("application/json"))
+}
+
+fn retry_queue(queue: &str, secs: u64) -> String {
+    format!("{queue}.retry.{secs}s")
+}
+
+/// The smallest bucket at least as long as `delay` (the longest for longer delays).
+pub fn retry_bucket(delay: Duration) -> u64 {
+    let secs = delay.as_secs_f64();
+    RETRY_BUCKETS
+        .iter()
+        .copied()
+        .find(|b| *b as f64 >= secs)
+        .unwrap_or(RETRY_BUCKETS[RETRY_BUCKETS.len() - 1])
+}
+
+#[async_trait]
+impl Bus for AmqpBus {
+    async fn publish_build(&self, queue: &str, request: &BuildRequest) -> Result<(), BusError> {
+        self.publish_to_queue(queue, &request.encode()).await
+    }
+
+    async fn publish_retry(
+        &self,
+        queue: &str,
+        request: &BuildRequest,
+        delay: Duration,
+    ) -> Result<(), BusError> {
+        let link = self.link().await?;
+        self.declare_queue(&link, &link.publish, queue).await?;
+        let retry = retry_queue(queue, retry_bucket(delay));
+        // The default exchange routes straight to the bucket queue.
+        self.publish("", &retry, &request.encode(), persistent())
+            .await
+    }
+
+    async fn consume(
+        &self,
+        queues: &[String],
+        prefetch: u16,
+    ) -> Result<Box<dyn Consumer>, BusError> {
+        let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
+        let task = tokio::spawn(consume_loop(
+            self.clone(),
+            queues.to_vec(),
+            prefetch.max(1),
+            tx,
+        ));
+        Ok(Box::new(AmqpConsumer {
+            rx,
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+        }))
+    }
+
+    async fn publish_event(&self, event: &Event) -> Result<(), BusError> {
+        let props = BasicProperties::default().with_content_type(short("application/json"));
+        // Fanout: routable whenever the exchange exists, even with no subscriber.
+        let link = self.link().await?;
+        let confirm = timed(
+            "publish event",
+            link.publish.basic_publish(
+                short(&self.exchange("events")),
+                short(""),
+                BasicPublishOptions::default(),
+                &event.encode(),
+                props,
+            ),
+        )
+        .await?;
+        timed("event confirm", confirm).await.map(|_| ())
+    }
+
+    async fn subscribe(&self) -> Result<Box<dyn Subscription>, BusError> {
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(subscribe_loop(self.clone(), tx, ready_tx));
+        // Wait (bounded) for the first subscription, so events published after
+        // `subscribe` returns are seen; a broker that is down is not fatal.
+        let _ = tokio::time::timeout(OP_TIMEOUT, ready_rx).await;
+        Ok(Box::new(AmqpSubscription {
+            rx,
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+        }))
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        self.link().await.map(|_| ())
+    }
+
+    async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BusError> {
+        let link = self.link().await?;
+        // A passive declare of a missing queue closes its channel: use a throwaway one.
+        let channel = timed("open channel", link.conn.create_channel()).await?;
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let q = timed(
+            "inspect queue",
+            channel.queue_declare(short(queue), options, FieldTable::default()),
+        )
+        .await;
+        let _ = channel.close(200, short("done")).await;
+        let q = q?;
+        Ok(QueueStats {
+            messages: u64::from(q.message_count()),
+            consumers: u64::from(q.consumer_count()),
+        })
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
+        self.take_dead_letters(limit, false).await
+    }
+
+    async fn requeue_dead_letters(&self, limit: usize) -> Result<usize, BusError> {
+        self.take_dead_letters(limit, true).await.map(|l| l.len())
+    }
+}
+
+impl AmqpBus {
+    /// Reads up to `limit` dead letters; with `requeue`, publishes each back to its queue
+    /// and removes it, otherwise leaves them all where they were.
+    async fn take_dead_letters(
+        &self,
+        limit: usize,
+        requeue: bool,
+    ) -> Result<Vec<DeadLetter>, BusError> {
+        let link = self.link().await?;
+        let channel = timed("open channel", link.conn.create_channel()).await?;
+        let mut letters = Vec::new();
+        let mut held = Vec::new();
+        while letters.len() < limit {
+            let Some(msg) = timed(
+                "read dead letter",
+                channel.basic_get(short(&self.exchange("dead")), BasicGetOptions::default()),
+            )
+            .await?
+            else {
+                break;
+            };
+            let header = |name: &str| {
+                msg.delivery
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| h.inner().get(name))
+                    .map(|v| match v {
+                        AMQPValue::LongString(s) => {
+                            String::from_utf8_lossy(s.as_bytes()).into_owned()
+                        }
+                        other => format!("{other:?}"),
+                    })
+            };
+            let letter = DeadLetter {
+                queue: header("x-tessera-queue").unwrap_or_default(),
+                body: Bytes::from(msg.delivery.data.clone()),
+                reason: header("x-tessera-error").unwrap_or_else(|| "rejected".into()),
+            };
+            if requeue && !letter.queue.is_empty() {
+                self.publish_to_queue(&letter.queue, &letter.body).await?;
+                timed(
+                    "ack dead letter",
+                    msg.delivery.acker.ack(BasicAckOptions::default()),
+                )
+                .await?;
+            } else {
+                held.push(msg.delivery.acker.clone());
+            }
+            letters.push(letter);
+        }
+        // Closing the channel returns everything read but not acknowledged, in order.
+        drop(held);
+        let _ = channel.close(200, short("done")).await;
+        Ok(letters)
+    }
+}
+
+/// Keeps a consumer on `queues` alive across reconnections, feeding `tx`.
+async fn consume_loop(
+    bus: AmqpBus,
+    queues: Vec<String>,
+    prefetch: u16,
+    tx: mpsc::Sender<Delivery>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match consume_once(&bus, &queues, prefetch, &tx).await {
+            Ok(()) => return, // the receiving side is gone
+            Err(e) => {
+                tracing::warn!(error = %e, ?backoff, "build consumer lost; reconnecting");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn consume_once(
+    bus: &AmqpBus,
+    queues: &[String],
+    prefetch: u16,
+    tx: &mpsc::Sender<Delivery>,
+) -> Result<(), BusError> {
+    let link = bus.link().await?;
+    let channel = timed("open channel", link.conn.create_channel()).await?;
+    timed(
+        "qos",
+        channel.basic_qos(prefetch, BasicQosOptions::default()),
+    )
+    .await?;
+    let mut streams = Vec::new();
+    for q in queues {
+        bus.declare_queue(&link, &channel, q).await?;
+        let consumer = timed(
+            "consume",
+            channel.basic_consume(
+                short(q),
+                short(""),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        streams.push(consumer.map(move |d| (d, q.clone())));
+    }
+    tracing::info!(?queues, prefetch, "consuming build requests");
+    let mut all = futures_util::stream::select_all(streams);
+    while let Some((delivery, queue)) = all.next().await {
+        let d = delivery.map_err(unavailable)?;
+        let acker = AmqpAcker {
+            bus: bus.clone(),
+            acker: d.acker,
+            queue: queue.clone(),
+            body: Bytes::from(d.data.clone()),
+            settled: false,
+        };
+        let delivery = Delivery::new(Bytes::from(d.data), queue, d.redelivered, Box::new(acker));
+        if tx.send(delivery).await.is_err() {
+            return Ok(());
+        }
+    }
+    Err(unavailable("consumer stream ended"))
+}
+
+#[derive(Debug)]
+struct AmqpConsumer {
+    rx: mpsc::Receiver<Delivery>,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+#[async_trait]
+impl Consumer for AmqpConsumer {
+    async fn next(&mut self) -> Option<Delivery> {
+        self.rx.recv().await
+    }
+}
+
+struct AmqpAcker {
+    bus: AmqpBus,
+    acker: lapin::Acker,
+    queue: String,
+    body: Bytes,
+    settled: bool,
+}
+
+impl std::fmt::Debug for AmqpAcker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpAcker")
+            .field("queue", &self.queue)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl Acker for AmqpAcker {
+    async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
+        self.settled = true;
+        timed("ack", self.acker.ack(BasicAckOptions::default()))
+            .await
+            .map(|_| ())
+    }
+
+    async fn reject(mut self: Box<Self>, requeue: bool, reason: &str) -> Result<(), BusError> {
+        self.settled = true;
+        if requeue {
+            let options = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            return timed("nack", self.acker.nack(options)).await.map(|_| ());
+        }
+        // Keep the reason: publish a copy with headers to the dead-letter exchange, then
+        // acknowledge. If that publish fails, a plain reject still dead-letters it.
+        let mut headers = FieldTable::default();
+        headers.insert(
+            short("x-tessera-error"),
+            AMQPValue::LongString(LongString::from(reason.to_string())),
+        );
+        headers.insert(
+            short("x-tessera-queue"),
+            AMQPValue::LongString(LongString::from(self.queue.clone())),
+        );
+        let props = persistent().with_headers(headers);
+        match self
+            .bus
+            .publish(&self.bus.exchange("dead"), "", &self.body, props)
+            .await
+        {
+            Ok(()) => timed("ack", self.acker.ack(BasicAckOptions::default()))
+                .await
+                .map(|_| ()),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not publish the dead letter with its reason; rejecting");
+                let options = BasicNackOptions {
+                    requeue: false,
+                    ..BasicNackOptions::default()
+                };
+                timed("nack", self.acker.nack(options)).await.map(|_| ())
+            }
+        }
+    }
+
+    fn release(mut self: Box<Self>) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        let acker = self.acker.clone();
+        // Dropped mid-build: hand it back now rather than when the channel closes.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let options = BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                };
+                let _ = tokio::time::timeout(OP_TIMEOUT, acker.nack(options)).await;
+            });
+        }
+    }
+}
+
+/// Keeps an events subscription alive across reconnections.
+async fn subscribe_loop(
+    bus: AmqpBus,
+    tx: mpsc::Sender<Notice>,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut ready = Some(ready);
+    let mut backoff = Duration::from_millis(100);
+    let mut first = true;
+    loop {
+        let result = subscribe_once(&bus, &tx, &mut ready, first).await;
+        first = false;
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, ?backoff, "event subscription lost; reconnecting");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn subscribe_once(
+    bus: &AmqpBus,
+    tx: &mpsc::Sender<Notice>,
+    ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
+    first: bool,
+) -> Result<(), BusError> {
+    let link = bus.link().await?;
+    let channel = timed("open channel", link.conn.create_channel()).await?;
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = timed(
+        "declare event queue",
+        channel.queue_declare(short(""), options, FieldTable::default()),
+    )
+    .await?;
+    let name = queue.name().clone();
+    timed(
+        "bind event queue",
+        channel.queue_bind(
+            name.clone(),
+            short(&bus.exchange("events")),
+            short(""),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    let options = BasicConsumeOptions {
+        no_ack: true,
+        ..BasicConsumeOptions::default()
+    };
+    let mut consumer = timed(
+        "consume events",
+        channel.basic_consume(name, short(""), options, FieldTable::default()),
+    )
+    .await?;
+    if let Some(ready) = ready.take() {
+        let _ = ready.send(());
+    }
+    if !first && tx.send(Notice::Lagged).await.is_err() {
+        return Ok(());
+    }
+    while let Some(d) = consumer.next().await {
+        let d = d.map_err(unavailable)?;
+        let notice = match Event::decode(&d.data) {
+            Ok(e) => Notice::Event(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable event ignored");
+                continue;
+            }
+        };
+        match tx.try_send(notice) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // The gateway fell behind: tell it once there is room.
+                if tx.send(Notice::Lagged).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+        }
+    }
+    Err(unavailable("event stream ended"))
+}
+
+#[derive(Debug)]
+struct AmqpSubscription {
+    rx: mpsc::Receiver<Notice>,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+#[async_trait]
+impl Subscription for AmqpSubscription {
+    async fn next(&mut self) -> Option<Notice> {
+        self.rx.recv().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_wait_for_the_next_bucket_up() {
+        assert_eq!(retry_bucket(Duration::from_millis(300)), 1);
+        assert_eq!(retry_bucket(Duration::from_secs(1)), 1);
+        assert_eq!(retry_bucket(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_bucket(Duration::from_secs(9)), 16);
+        assert_eq!(retry_bucket(Duration::from_secs(600)), 32);
+    }
+}
