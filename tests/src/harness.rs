@@ -14,6 +14,46 @@ use tokio_util::sync::CancellationToken;
 pub enum Backend {
     /// In-process memory store and bus (embedded mode).
     Memory,
+    /// memcached and RabbitMQ (distributed mode), on their test addresses.
+    Real,
+}
+
+/// memcached for tests: `TESSERA_TEST_MEMCACHED`, default `127.0.0.1:11211`.
+pub fn memcached_addr() -> String {
+    std::env::var("TESSERA_TEST_MEMCACHED").unwrap_or_else(|_| "127.0.0.1:11211".into())
+}
+
+/// RabbitMQ for tests: `TESSERA_TEST_AMQP`, default the local guest account.
+pub fn amqp_url() -> String {
+    std::env::var("TESSERA_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Fails the test, saying how to start them, unless memcached and RabbitMQ answer.
+pub fn require_servers() {
+    let amqp_host = amqp_url()
+        .rsplit('@')
+        .next()
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("127.0.0.1:5672")
+        .to_string();
+    for (what, addr) in [("memcached", memcached_addr()), ("RabbitMQ", amqp_host)] {
+        let reachable = addr
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .and_then(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok())
+            .is_some();
+        assert!(
+            reachable,
+            "{what} is not reachable at {addr}: start the test servers with `bash scripts/services.sh` \
+             (or point TESSERA_TEST_MEMCACHED / TESSERA_TEST_AMQP at running ones)"
+        );
+    }
+}
+
+/// A namespace no other test uses, so tests share servers without seeing each other.
+pub fn unique_namespace() -> String {
+    format!("t{:016x}", rand::random::<u64>())
 }
 
 /// A config for tests: free port, the given upstream and routes, short L1 TTL.
@@ -41,6 +81,18 @@ pub async fn backends(kind: Backend, config: &mut Config) -> Backends {
         Backend::Memory => {
             config.validate().expect("test config is valid");
             Backends::memory(config)
+        }
+        Backend::Real => {
+            require_servers();
+            let ns = unique_namespace();
+            config.store.memcached = vec![memcached_addr()];
+            config.bus.amqp = Some(amqp_url());
+            for route in &mut config.fragments {
+                route.queue = format!("{ns}.{}", route.queue);
+            }
+            config.store.namespace = ns;
+            config.validate().expect("test config is valid");
+            Backends::connect(config).await.expect("backends connect")
         }
     }
 }

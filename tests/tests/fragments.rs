@@ -505,3 +505,8 @@ macro_rules! all_scenarios {
 mod memory {
     all_scenarios!(tessera_tests::harness::Backend::Memory);
 }
+
+/// The same scenarios on memcached and RabbitMQ.
+mod real {
+    all_scenarios!(tessera_tests::harness::Backend::Real);
+}
