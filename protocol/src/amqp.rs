@@ -333,6 +333,11 @@ impl AmqpBus {
         result
     }
 
+    /// Publishes raw bytes to a build queue, as any other program could.
+    pub async fn publish_raw(&self, queue: &str, body: &[u8]) -> Result<(), BusError> {
+        self.publish_to_queue(queue, body).await
+    }
+
     async fn publish_to_queue(&self, queue: &str, body: &[u8]) -> Result<(), BusError> {
         let link = self.link().await?;
         self.declare_queue(&link, &link.publish, queue).await?;

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`upstream`]: the fake web application (scriptable statuses and delays, counts).
 //! - [`browser`]: headless Chromium through chromedriver, for tests as a person sees it.
+//! - [`cluster`]: real gateway and worker processes on memcached and RabbitMQ.
 //! - [`counting`]: a `Store` wrapper that counts round trips.
 //! - [`harness`]: start and stop gateways; choose memory or real backends.
 //! - [`eventually`]: wait for a condition with a bounded deadline.
@@ -11,6 +12,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod browser;
+pub mod cluster;
 pub mod counting;
 pub mod harness;
 pub mod upstream;
