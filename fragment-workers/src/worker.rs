@@ -141,7 +141,7 @@ enum Outcome {
 
 impl Worker {
     async fn handle(&self, delivery: Delivery) {
-        let req = match BuildRequest::decode(&delivery.body) {
+        let mut req = match BuildRequest::decode(&delivery.body) {
             Ok(r) => r,
             Err(e) => return reject(delivery, &format!("undecodable build request: {e}")).await,
         };
@@ -155,6 +155,27 @@ impl Worker {
                 &format!("request does not fit route {:?}: {e}", route.name),
             )
             .await;
+        }
+        req.identity.canonicalize(route);
+        if req.generation == 0 {
+            // Generation 0 asks for "the current one" (other programs warming the cache
+            // need not read generations); the key is then derived, not given.
+            let key = self.backends.keys.generation(&route.name);
+            match store::generation(self.backends.store.as_ref(), &key).await {
+                Ok(current) => req.generation = current,
+                Err(e) => {
+                    tracing::warn!(error = %e, "store unavailable; requeueing");
+                    tokio::time::sleep(REQUEUE_PAUSE).await;
+                    return settle(delivery.requeue().await);
+                }
+            }
+            if !req.key.is_empty() {
+                return reject(
+                    delivery,
+                    "a request for generation 0 must leave `key` empty",
+                )
+                .await;
+            }
         }
         let keys = self.backends.keys.fragment(&req.identity, req.generation);
         if !req.key.is_empty() && req.key != keys.envelope.as_str() {

@@ -207,6 +207,15 @@ impl Identity {
         Ok(())
     }
 
+    /// Puts params and vary values in the order the gateway derives them in (params by
+    /// name, repeated values in their order; vary values in the route's order), so a
+    /// request from another program maps to the same key.
+    pub fn canonicalize(&mut self, route: &FragmentRoute) {
+        self.params.sort_by(|a, b| a.0.cmp(&b.0));
+        self.vary
+            .sort_by_key(|(spec, _)| route.vary.iter().position(|v| v.spec() == *spec));
+    }
+
     /// The canonical text form: equal identities, equal text; different, different.
     /// Each part is percent-encoded, so the separators cannot occur inside a part.
     pub fn canonical(&self) -> String {
@@ -558,6 +567,29 @@ mod tests {
             bad.check(&r),
             Err(IdentityError::TooManyValues(_))
         ));
+    }
+
+    #[test]
+    fn identities_from_other_programs_are_put_in_canonical_order() {
+        let mut r = route();
+        r.vary = vec![
+            "header:accept-language".parse().unwrap(),
+            "cookie:sid".parse().unwrap(),
+        ];
+        let mut h = HeaderMap::new();
+        h.insert("cookie", HeaderValue::from_static("sid=abc"));
+        h.insert("accept-language", HeaderValue::from_static("de"));
+        let from_gateway = Identity::from_request(&r, Some("user_id=7&limit=5"), &h).unwrap();
+        let mut from_elsewhere = Identity {
+            route: "recs".into(),
+            params: vec![("user_id".into(), "7".into()), ("limit".into(), "5".into())],
+            vary: vec![
+                ("cookie:sid".into(), "abc".into()),
+                ("header:accept-language".into(), "de".into()),
+            ],
+        };
+        from_elsewhere.canonicalize(&r);
+        assert_eq!(from_elsewhere, from_gateway);
     }
 
     #[test]

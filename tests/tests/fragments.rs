@@ -469,6 +469,36 @@ pub async fn graceful_stop_answers_waiting_clients(kind: Backend) {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
+pub async fn other_programs_can_warm_the_cache(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    let mut r = route("warm");
+    r.params = vec!["id".into()];
+    let mut c = config(&up.url(), vec![r.clone()]);
+    let b = backends(kind, &mut c).await;
+    let queue = c.fragments[0].queue.clone();
+    let gw = TestGateway::start(c, b.clone()).await;
+    // What a Rails app would publish: no key, generation 0 ("current").
+    let json = br#"{"v":1,"id":"warm-1","key":"","route":"warm","params":[["id","7"]],
+        "vary":[],"generation":0,"attempt":1,"requested_at":0,"lease_deadline":0,"trace_id":""}"#;
+    let request = tessera_protocol::BuildRequest::decode(json).unwrap();
+    b.bus.publish_build(&queue, &request).await.unwrap();
+    eventually("the warmed fragment is rendered", WITHIN, || async {
+        up.renders("/_render/warm") == 1
+    })
+    .await;
+    let url = gw.at("/fragments/warm?id=7");
+    eventually("and served as a hit", WITHIN, || async {
+        get(&url).await.status() == StatusCode::OK
+    })
+    .await;
+    assert_eq!(
+        up.renders("/_render/warm"),
+        1,
+        "served from the warmed cache, not rebuilt"
+    );
+    gw.stop().await;
+}
+
 macro_rules! scenarios {
     ($kind:expr, $($name:ident),+ $(,)?) => {
         $(
@@ -498,6 +528,7 @@ macro_rules! all_scenarios {
             an_abandoned_lease_expires,
             a_build_killed_midway_is_redone,
             graceful_stop_answers_waiting_clients,
+            other_programs_can_warm_the_cache,
         );
     };
 }
