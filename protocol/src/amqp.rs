@@ -101,6 +101,8 @@ impl Link {
 struct Inner {
     url: String,
     ns: String,
+    /// `x-expires` for this namespace's durable queues, when set.
+    expiry: Option<Duration>,
     link: tokio::sync::Mutex<Option<Arc<Link>>>,
     last_attempt: Mutex<Option<Instant>>,
 }
@@ -123,8 +125,15 @@ impl AmqpBus {
     /// A bus on the broker at `url`, naming its exchanges after `namespace`. Connects
     /// lazily: a broker that is down at start-up is not an error.
     pub fn new(url: &str, namespace: &str) -> Self {
+        Self::with_queue_expiry(url, namespace, None)
+    }
+
+    /// Like [`AmqpBus::new`]; with `expiry`, RabbitMQ deletes the namespace's queues once
+    /// unused that long (throw-away namespaces only, see `bus.queue_expiry`).
+    pub fn with_queue_expiry(url: &str, namespace: &str, expiry: Option<Duration>) -> Self {
         Self {
             inner: Arc::new(Inner {
+                expiry,
                 url: url.to_string(),
                 ns: namespace.to_string(),
                 link: tokio::sync::Mutex::new(None),
@@ -135,6 +144,16 @@ impl AmqpBus {
 
     fn exchange(&self, what: &str) -> String {
         format!("{}.{what}", self.inner.ns)
+    }
+
+    /// Arguments every durable queue of this namespace gets.
+    fn queue_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        if let Some(expiry) = self.inner.expiry {
+            let ms = i32::try_from(expiry.as_millis()).unwrap_or(i32::MAX);
+            args.insert(short("x-expires"), AMQPValue::LongInt(ms));
+        }
+        args
     }
 
     /// Opens a connection, declares the shared topology.
@@ -171,7 +190,7 @@ impl AmqpBus {
             publish.queue_declare(
                 short(&dead),
                 QueueDeclareOptions::durable(),
-                FieldTable::default(),
+                self.queue_args(),
             ),
         )
         .await?;
@@ -240,7 +259,7 @@ impl AmqpBus {
         {
             return Ok(());
         }
-        let mut args = FieldTable::default();
+        let mut args = self.queue_args();
         args.insert(
             short("x-dead-letter-exchange"),
             AMQPValue::LongString(LongString::from(self.exchange("dead"))),
@@ -263,7 +282,7 @@ impl AmqpBus {
         )
         .await?;
         for secs in RETRY_BUCKETS {
-            let mut args = FieldTable::default();
+            let mut args = self.queue_args();
             args.insert(
                 short("x-message-ttl"),
                 AMQPValue::LongInt(i32::try_from(secs * 1000).unwrap_or(i32::MAX)),

@@ -65,7 +65,11 @@ impl Backends {
             )
         };
         let bus: SharedBus = match &config.bus.amqp {
-            Some(url) => Arc::new(AmqpBus::new(url, &config.store.namespace)),
+            Some(url) => Arc::new(AmqpBus::with_queue_expiry(
+                url,
+                &config.store.namespace,
+                config.bus.queue_expiry,
+            )),
             None => memory.bus,
         };
         Ok(Backends {

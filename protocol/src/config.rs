@@ -201,6 +201,11 @@ impl Default for StoreConfig {
 pub struct BusConfig {
     /// AMQP URL of the broker. Absent: the embedded in-process bus.
     pub amqp: Option<String>,
+    /// Let RabbitMQ delete this namespace's queues after they have been unused this long
+    /// (`x-expires`). For throw-away namespaces (tests, benchmarks, previews); absent by
+    /// default, as production queues must never vanish.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub queue_expiry: Option<Duration>,
 }
 
 /// `[workers]`
@@ -381,6 +386,10 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
             "{s:?} is not a duration ({e}); write e.g. \"250ms\", \"10s\", \"5m\""
         ))
     })
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 impl Config {
@@ -798,6 +807,9 @@ queue = "tessera.build"
         );
         assert_eq!(c.store.max_item_size, ByteSize::mib(1));
         assert!(!c.is_embedded());
+        assert_eq!(c.bus.queue_expiry, None, "queues never expire unless asked");
+        let c = Config::from_toml("[bus]\nqueue_expiry = \"10m\"").unwrap();
+        assert_eq!(c.bus.queue_expiry, Some(Duration::from_secs(600)));
     }
 
     #[test]

@@ -25,6 +25,7 @@ fn chromium() -> PathBuf {
 #[derive(Debug)]
 pub struct Browser {
     driver: Child,
+    profile: PathBuf,
     base: String,
     session: String,
     http: reqwest::Client,
@@ -91,6 +92,7 @@ impl Browser {
             .to_string();
         Browser {
             driver,
+            profile,
             base,
             session,
             http,
@@ -144,6 +146,13 @@ impl Drop for Browser {
     fn drop(&mut self) {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
+        // Chromium outlives a killed chromedriver: stop every process of this session's
+        // profile (the path is unique to it), then remove the profile.
+        let _ = Command::new("pkill")
+            .args(["-f", "--"])
+            .arg(format!("--user-data-dir={}", self.profile.display()))
+            .status();
+        let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
 

@@ -10,21 +10,24 @@ use tessera_protocol::FragmentRoute;
 use crate::harness::{amqp_url, memcached_addr, require_servers, unique_namespace};
 
 /// Where the workspace's binaries are: `TESSERA_BIN_DIR`, else next to this test
-/// executable (`target/<profile>/`), built with cargo first if missing.
+/// executable (`target/<profile>/`), where they are brought up to date with cargo once per
+/// test process (stale binaries would test old code).
 pub fn bin_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("TESSERA_BIN_DIR") {
-        return PathBuf::from(dir);
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps/<test>")
-        .to_path_buf();
-    if !dir.join("tessera-gateway").exists() || !dir.join("tessera-worker").exists() {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("TESSERA_BIN_DIR") {
+            return PathBuf::from(dir);
+        }
+        let exe = std::env::current_exe().expect("test executable path");
+        let dir = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("target/<profile>/deps/<test>")
+            .to_path_buf();
         let status = Command::new(env!("CARGO"))
             .args([
                 "build",
+                "-q",
                 "-p",
                 "tessera-gateway",
                 "-p",
@@ -34,8 +37,9 @@ pub fn bin_dir() -> PathBuf {
             .status()
             .expect("cargo runs");
         assert!(status.success(), "building the binaries failed");
-    }
-    dir
+        dir
+    })
+    .clone()
 }
 
 /// A free TCP port on 127.0.0.1 (free when asked; good enough for tests).
@@ -84,6 +88,19 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// Starts `command`; the process is killed when the returned value is dropped.
+    pub fn spawn(command: &mut Command, name: &str) -> Proc {
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            child,
+            name: name.to_string(),
+        }
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
@@ -124,7 +141,7 @@ impl Cluster {
         }
         let mut toml = format!(
             "[upstream]\nurl = \"{upstream}\"\ntimeout = \"5s\"\n[store]\nmemcached = [\"{}\"]\nnamespace = \"{namespace}\"\n\
-             [bus]\namqp = \"{}\"\n[workers]\nembedded = 0\nconcurrency = 8\n[cache]\nttl = \"2s\"\n",
+             [bus]\namqp = \"{}\"\nqueue_expiry = \"10m\"\n[workers]\nembedded = 0\nconcurrency = 8\n[cache]\nttl = \"2s\"\n",
             memcached.unwrap_or_else(memcached_addr),
             amqp_url(),
         );

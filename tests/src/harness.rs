@@ -51,6 +51,9 @@ pub fn require_servers() {
     }
 }
 
+/// Test queues are deleted by RabbitMQ once unused this long.
+pub const QUEUE_EXPIRY: Duration = Duration::from_secs(600);
+
 /// A namespace no other test uses, so tests share servers without seeing each other.
 pub fn unique_namespace() -> String {
     format!("t{:016x}", rand::random::<u64>())
@@ -87,6 +90,7 @@ pub async fn backends(kind: Backend, config: &mut Config) -> Backends {
             let ns = unique_namespace();
             config.store.memcached = vec![memcached_addr()];
             config.bus.amqp = Some(amqp_url());
+            config.bus.queue_expiry = Some(QUEUE_EXPIRY);
             for route in &mut config.fragments {
                 route.queue = format!("{ns}.{}", route.queue);
             }

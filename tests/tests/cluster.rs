@@ -12,7 +12,7 @@ use futures_util::future::join_all;
 use reqwest::StatusCode;
 use tessera_protocol::amqp::AmqpBus;
 use tessera_protocol::{Bus, FragmentRoute};
-use tessera_tests::cluster::{Cluster, free_port};
+use tessera_tests::cluster::{Cluster, Proc, free_port};
 use tessera_tests::eventually;
 use tessera_tests::harness::{amqp_url, client};
 use tessera_tests::upstream::{FakeUpstream, Script};
@@ -169,7 +169,11 @@ async fn garbage_on_the_build_queue_is_dead_lettered() {
     let mut cluster = Cluster::new(&up.url(), vec![route("ok")], None);
     let gw = cluster.gateway().await;
     cluster.worker();
-    let bus = AmqpBus::new(&amqp_url(), &cluster.namespace);
+    let bus = AmqpBus::with_queue_expiry(
+        &amqp_url(),
+        &cluster.namespace,
+        Some(Duration::from_secs(600)),
+    );
     let queue = format!("{}.tessera.build", cluster.namespace);
     bus.publish_raw(&queue, b"\x00 this is not a build request")
         .await
@@ -261,19 +265,20 @@ async fn a_memcached_restart_is_ridden_out() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let port = free_port();
     let start_memcached = || {
-        Command::new("memcached")
-            .args([
+        let port = port.to_string();
+        Proc::spawn(
+            Command::new("memcached").args([
                 "-u",
                 "root",
                 "-l",
                 "127.0.0.1",
                 "-p",
-                &port.to_string(),
+                &port,
                 "-m",
                 "64",
-            ])
-            .spawn()
-            .expect("memcached installed (bash scripts/services.sh installs it)")
+            ]),
+            "memcached (bash scripts/services.sh installs it)",
+        )
     };
     let mut memcached = start_memcached();
     let up = FakeUpstream::start().await;
@@ -290,8 +295,7 @@ async fn a_memcached_restart_is_ridden_out() {
     .await;
     assert!(built(&format!("{gw}/fragments/m?id=1")).await);
 
-    memcached.kill().unwrap();
-    memcached.wait().unwrap();
+    memcached.kill();
     // Meanwhile: placeholders or 503, never a hang or a crash.
     for id in 2..5 {
         let s = tokio::time::timeout(
@@ -305,7 +309,7 @@ async fn a_memcached_restart_is_ridden_out() {
             "{s}"
         );
     }
-    let mut memcached = start_memcached();
+    let memcached = start_memcached();
     eventually(
         "the gateway recovers without a restart",
         Duration::from_secs(30),
@@ -316,6 +320,5 @@ async fn a_memcached_restart_is_ridden_out() {
     )
     .await;
     assert!(cluster.gateway_procs[0].running());
-    memcached.kill().unwrap();
-    let _ = memcached.wait();
+    drop(memcached);
 }

@@ -1,0 +1,176 @@
+//! End-to-end build throughput of `tessera-worker` processes, and the raw RabbitMQ
+//! consume+ack rate on the same broker for comparison.
+//!
+//! `build-throughput BIN_DIR BUILDS RENDER_MS WORKERS...`
+//!
+//! For each worker count: queue BUILDS build requests (as another program would), start
+//! that many `tessera-worker` processes (concurrency 16 each) against an in-process
+//! upstream that answers after RENDER_MS, and time until every fragment is in memcached.
+//! Needs memcached on 127.0.0.1:11211 and RabbitMQ on 127.0.0.1:5672.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Response;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tessera_protocol::amqp::AmqpBus;
+use tessera_protocol::memcached::MemcachedStore;
+use tessera_protocol::{BuildRequest, Bus, Identity, Keyspace, Store, store};
+use tokio::net::TcpListener;
+
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const MEMCACHED: &str = "127.0.0.1:11211";
+/// Benchmark queues are deleted by RabbitMQ once unused this long.
+const EXPIRY: Duration = Duration::from_secs(300);
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 5 {
+        eprintln!("usage: build-throughput BIN_DIR BUILDS RENDER_MS WORKERS...");
+        std::process::exit(2);
+    }
+    let bin = PathBuf::from(&args[1]);
+    let builds: usize = args[2].parse()?;
+    let render = Duration::from_millis(args[3].parse()?);
+    let counts: Vec<usize> = args[4..]
+        .iter()
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    let upstream = start_upstream(render).await?;
+
+    println!(
+        "raw RabbitMQ consume+ack: {:.0} msg/s",
+        raw_rate(builds).await?
+    );
+    for workers in counts {
+        let rate = run(&bin, &upstream, builds, workers).await?;
+        println!(
+            "{workers} worker process(es), {} ms renders: {rate:.0} builds/s",
+            render.as_millis()
+        );
+    }
+    Ok(())
+}
+
+async fn start_upstream(delay: Duration) -> std::io::Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req| async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                        b"<p>fragment</p>",
+                    ))))
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(format!("http://{addr}"))
+}
+
+fn namespace() -> String {
+    format!("bench{:x}", rand::random::<u32>())
+}
+
+async fn raw_rate(n: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    let ns = namespace();
+    let bus = AmqpBus::with_queue_expiry(AMQP, &ns, Some(EXPIRY));
+    let queue = format!("{ns}.raw");
+    for _ in 0..n {
+        bus.publish_raw(&queue, b"{}").await?;
+    }
+    let mut consumer = bus.consume(&[queue], 64).await?;
+    let started = Instant::now();
+    for _ in 0..n {
+        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await?
+            .ok_or("consumer closed")?;
+        d.ack().await?;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn run(
+    bin: &std::path::Path,
+    upstream: &str,
+    n: usize,
+    workers: usize,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    let ns = namespace();
+    let queue = format!("{ns}.build");
+    let config = format!(
+        "[upstream]\nurl = \"{upstream}\"\n[store]\nmemcached = [\"{MEMCACHED}\"]\nnamespace = \"{ns}\"\n[bus]\namqp = \"{AMQP}\"\nqueue_expiry = \"5m\"\n\
+         [workers]\nembedded = 0\nconcurrency = 16\n[[fragment]]\nname = \"b\"\nrender = \"/r\"\nparams = [\"id\"]\nqueue = \"{queue}\"\n"
+    );
+    let path = std::env::temp_dir().join(format!("{ns}.toml"));
+    std::fs::write(&path, config)?;
+    let bus = AmqpBus::with_queue_expiry(AMQP, &ns, Some(EXPIRY));
+    let store: Arc<dyn Store> = Arc::new(MemcachedStore::new(
+        &[MEMCACHED.into()],
+        Duration::from_secs(1),
+        1 << 20,
+    )?);
+    let keys = Keyspace::new(&ns);
+    let generation = store::generation(store.as_ref(), &keys.generation("b")).await?;
+    let mut wanted = Vec::new();
+    for i in 0..n {
+        let identity = Identity {
+            route: "b".into(),
+            params: vec![("id".into(), i.to_string())],
+            vary: vec![],
+        };
+        wanted.push(keys.fragment(&identity, generation).envelope);
+        let req = BuildRequest {
+            v: 1,
+            id: i.to_string(),
+            key: String::new(),
+            identity,
+            generation: 0,
+            attempt: 1,
+            requested_at: 0,
+            lease_deadline: 0,
+            trace_id: String::new(),
+        };
+        bus.publish_build(&queue, &req).await?;
+    }
+    let started = Instant::now();
+    let mut procs: Vec<_> = (0..workers)
+        .map(|_| {
+            Command::new(bin.join("tessera-worker"))
+                .arg("--config")
+                .arg(&path)
+                .env("RUST_LOG", "error")
+                .stdout(Stdio::null())
+                .spawn()
+        })
+        .collect::<Result<_, _>>()?;
+    loop {
+        let found = store.get_many(&wanted).await?.len();
+        if found == n {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            return Err(format!("only {found} of {n} built after 300 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    for p in &mut procs {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    Ok(rate)
+}
