@@ -89,10 +89,11 @@ impl Gateway {
                 self.metrics
                     .long_polls
                     .set(i64::try_from(self.waiters.len()).unwrap_or(i64::MAX));
+                let queues = self.queue_metrics().await;
                 text(
                     StatusCode::OK,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    self.metrics.render(""),
+                    self.metrics.render(&queues),
                 )
             }
             (&Method::DELETE, p) if p.starts_with("/fragments/") => {
@@ -254,6 +255,32 @@ impl Gateway {
             route,
             error: error.to_string(),
         });
+    }
+
+    /// Depth and consumers of every configured queue, read from the broker at scrape
+    /// time, as Prometheus text (queues the broker does not answer for are left out).
+    async fn queue_metrics(&self) -> String {
+        let mut messages = String::from(
+            "# HELP tessera_queue_messages Build requests waiting in the queue.\n# TYPE tessera_queue_messages gauge\n",
+        );
+        let mut consumers = String::from(
+            "# HELP tessera_queue_consumers Consumers (worker pools) attached to the queue.\n# TYPE tessera_queue_consumers gauge\n",
+        );
+        for queue in self.config.queues() {
+            if let Ok(Ok(stats)) =
+                tokio::time::timeout(READY_TIMEOUT, self.backends.bus.queue_stats(&queue)).await
+            {
+                messages.push_str(&format!(
+                    "tessera_queue_messages{{queue=\"{queue}\"}} {}\n",
+                    stats.messages
+                ));
+                consumers.push_str(&format!(
+                    "tessera_queue_consumers{{queue=\"{queue}\"}} {}\n",
+                    stats.consumers
+                ));
+            }
+        }
+        messages + &consumers
     }
 
     /// What the dashboard shows beyond `/metrics`, as JSON: queues, failures, dead

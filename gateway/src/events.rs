@@ -31,17 +31,28 @@ pub async fn follow(gateway: Arc<Gateway>, mut events: Box<dyn Subscription>) {
 }
 
 async fn apply(gateway: &Gateway, event: &Event) {
-    match event {
-        Event::Failed { key, error } => gateway.record_failure(key, error),
-        Event::Built {
-            key,
-            build_ms: Some(ms),
-            ..
-        } => {
-            let route = key.split(':').nth(2).unwrap_or("");
-            if gateway.config.route(route).is_some() {
-                gateway.metrics.observe_build(route, *ms as f64 / 1000.0);
+    // Only configured routes become label values.
+    let route = event
+        .key()
+        .and_then(|k| k.split(':').nth(2))
+        .filter(|r| gateway.config.route(r).is_some())
+        .map(|r| crate::metrics::RouteLabels {
+            route: r.to_string(),
+        });
+    match (event, route) {
+        (Event::Failed { key, error }, route) => {
+            gateway.record_failure(key, error);
+            if let Some(route) = route {
+                gateway.metrics.builds_failed.get_or_create(&route).inc();
             }
+        }
+        (Event::Built { build_ms, .. }, Some(route)) => {
+            if let Some(ms) = build_ms {
+                gateway
+                    .metrics
+                    .observe_build(&route.route, *ms as f64 / 1000.0);
+            }
+            gateway.metrics.builds_succeeded.get_or_create(&route).inc();
         }
         _ => {}
     }

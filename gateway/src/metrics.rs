@@ -111,6 +111,10 @@ pub struct Metrics {
     pub long_polls: Gauge,
     /// Build durations reported in `built` events, by route.
     pub build_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    /// Builds any worker reported done (`built` events), by route.
+    pub builds_succeeded: Family<RouteLabels, Counter>,
+    /// Builds any worker reported failed for good (`failed` events), by route.
+    pub builds_failed: Family<RouteLabels, Counter>,
     routes: std::collections::HashMap<String, RouteMetrics>,
     /// Requests for names that are no route (label `""`).
     unknown: RouteMetrics,
@@ -128,6 +132,8 @@ impl Metrics {
             Default::default();
         let (l1_entries, l1_bytes, long_polls) = Default::default();
         let build_duration = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let builds_succeeded: Family<RouteLabels, Counter> = Family::default();
+        let builds_failed: Family<RouteLabels, Counter> = Family::default();
         registry.register(
             "requests",
             "Fragment requests by route and cache status",
@@ -172,6 +178,16 @@ impl Metrics {
             "events_lagged",
             "Times events may have been missed and L1 was dropped",
             Counter::clone(&events_lagged),
+        );
+        registry.register(
+            "builds_succeeded",
+            "Builds reported done by any worker",
+            Family::clone(&builds_succeeded),
+        );
+        registry.register(
+            "builds_failed",
+            "Builds reported failed for good by any worker",
+            Family::clone(&builds_failed),
         );
         registry.register(
             "build_duration_seconds",
@@ -229,6 +245,8 @@ impl Metrics {
             l1_bytes,
             long_polls,
             build_duration,
+            builds_succeeded,
+            builds_failed,
         }
     }
 

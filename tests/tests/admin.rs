@@ -169,6 +169,22 @@ async fn metrics_move_with_traffic() {
     );
     assert!(text.contains(r#"tessera_request_duration_seconds_bucket{le="0.001",route="m"}"#));
     assert!(metric(&text, "tessera_l1_entries") >= 1.0, "{text}");
+    assert_eq!(
+        metric(&text, r#"tessera_builds_succeeded_total{route="m"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, r#"tessera_queue_consumers{queue="tessera.build"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, r#"tessera_queue_messages{queue="tessera.build"}"#),
+        0.0,
+        "{text}"
+    );
+    assert!(text.contains("tessera_queue_messages{"), "{text}");
 }
 
 #[tokio::test]

@@ -198,3 +198,80 @@ async fn by_hand_placeholders_give_up_at_their_deadline_and_late_ones_are_found(
     );
     assert_eq!(browser.eval("return window.__loads.length").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_live_figures() {
+    let up = FakeUpstream::start().await;
+    up.script(
+        "/_render/broken",
+        Script {
+            then: Some(404),
+            ..Script::default()
+        },
+    );
+    let routes = vec![
+        slow_fragment(&up, "fast", 10, "<p>fast</p>"),
+        route("broken"),
+    ];
+    let mut c = config(&up.url(), routes);
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let http = tessera_tests::harness::client();
+    let fast = gw.at("/fragments/fast");
+    http.get(&fast)
+        .header("prefer", "wait=5")
+        .send()
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        http.get(&fast).send().await.unwrap();
+    }
+    http.get(gw.at("/fragments/broken"))
+        .header("prefer", "wait=5")
+        .send()
+        .await
+        .unwrap();
+
+    let browser = Browser::start().await;
+    let _one_at_a_time = BROWSER.lock().await;
+    // (The token check has its own tests; a browser cannot be handed Basic credentials
+    // through the URL.)
+    browser.open(&format!("{}/", gw.admin)).await;
+    eventually(
+        "the dashboard has loaded its figures",
+        Duration::from_secs(10),
+        || async {
+            browser
+                .eval("return document.getElementById('updated').textContent")
+                .await
+                .as_str()
+                .unwrap_or("")
+                .starts_with("updated")
+        },
+    )
+    .await;
+    browser.screenshot(&artifact("dashboard.png")).await;
+    let text = |id: &'static str| {
+        let b = &browser;
+        async move {
+            b.eval(&format!(
+                "return document.getElementById('{id}').textContent"
+            ))
+            .await
+        }
+    };
+    let requests: u64 = text("requests").await.as_str().unwrap().parse().unwrap();
+    assert!(requests >= 7, "{requests} requests shown");
+    assert_ne!(text("hit-ratio").await, "–");
+    assert_eq!(text("health").await, "ok");
+    let body = browser.eval("return document.body.innerText").await;
+    let body = body.as_str().unwrap();
+    assert!(
+        body.contains("fast"),
+        "build latency lists the route: {body}"
+    );
+    assert!(
+        body.contains("418") || body.contains("404"),
+        "the failure is listed with its error: {body}"
+    );
+}
