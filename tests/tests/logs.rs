@@ -1,0 +1,93 @@
+//! What the gateway and its workers write to their logs: structured JSON on request, the
+//! request's trace id carried to the worker that builds it, and never a cookie value.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tessera_tests::cluster::{Proc, bin_dir, free_port};
+use tessera_tests::eventually;
+use tessera_tests::harness::client;
+use tessera_tests::upstream::FakeUpstream;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_trace_id_and_no_cookie() {
+    let up = FakeUpstream::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("tessera-logs-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("tessera.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+             [upstream]\nurl = \"{}\"\n[[fragment]]\nname = \"me\"\nrender = \"/_render/me\"\n\
+             vary = [\"cookie:session_id\"]\n",
+            up.url()
+        ),
+    )
+    .unwrap();
+    let log = dir.join("gateway.log");
+    let mut gateway = Proc::spawn(
+        Command::new(bin_dir().join("tessera-gateway"))
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "debug")
+            .env("TESSERA_LOG_FORMAT", "json")
+            .env_remove("TESSERA_CONFIG")
+            // Logs go to stdout, as a twelve-factor process's do.
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null()),
+        "tessera-gateway",
+    );
+    let url = format!("http://127.0.0.1:{port}/fragments/me");
+    eventually("the gateway answers", Duration::from_secs(20), || async {
+        client()
+            .get(format!("http://127.0.0.1:{admin}/healthz"))
+            .send()
+            .await
+            .is_ok()
+    })
+    .await;
+
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let secret = "s3cr3t-session-4711";
+    let r = client()
+        .get(&url)
+        .header("prefer", "wait=5")
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .header("cookie", format!("session_id={secret}; theme=dark"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    assert!(
+        r.text().await.unwrap().contains(secret),
+        "the upstream did get the cookie"
+    );
+    let exit = tokio::task::block_in_place(|| gateway.terminate(Duration::from_secs(20)));
+    assert!(exit.is_some_and(|s| s.success()), "graceful exit: {exit:?}");
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains(secret),
+        "a cookie value reached the logs:\n{text}"
+    );
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+    let with_trace: Vec<&str> = text.lines().filter(|l| l.contains(trace)).collect();
+    assert!(
+        with_trace.iter().any(|l| l.contains("build queued")),
+        "the gateway logs the trace id with the build it queued:\n{text}"
+    );
+    assert!(
+        with_trace
+            .iter()
+            .any(|l| l.contains(r#""message":"built""#)),
+        "the worker that built it logs the trace id:\n{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
