@@ -7,10 +7,15 @@
 //! - [`worker`]: the build loop and the store → release → announce → acknowledge contract.
 //! - [`builder`]: the [`FragmentBuilder`] trait, its errors, and the default [`HttpBuilder`].
 //! - [`retry`]: exponential backoff with jitter.
+//! - [`metrics`]: build outcomes and durations, for Prometheus.
+//! - [`admin`]: a worker process's metrics and health listener.
 
+pub mod admin;
 pub mod builder;
+pub mod metrics;
 pub mod retry;
 pub mod worker;
 
 pub use builder::{BuildError, FragmentBuilder, HttpBuilder, Rendered};
+pub use metrics::WorkerMetrics;
 pub use worker::{WorkerError, run};

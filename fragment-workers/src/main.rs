@@ -3,8 +3,12 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use anyhow::Context;
 use clap::Parser;
+use tessera_protocol::config::admin_listener;
 use tessera_protocol::{Backends, Config};
+use tessera_workers::WorkerMetrics;
+use tokio::net::TcpListener;
 
 /// Fragment worker: consumes build requests from the broker and renders fragments.
 #[derive(Debug, Parser)]
@@ -16,13 +20,17 @@ struct Args {
     /// Concurrent builds in this process (default: workers.concurrency).
     #[arg(long, value_name = "N")]
     concurrency: Option<usize>,
+    /// Address of this process's metrics and health listener (default:
+    /// workers.admin_listen; port 0 picks a free port, logged at start).
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tessera_protocol::process::init_logging();
-    let config = match Config::load(args.config.as_deref()) {
+    let mut config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tessera-worker: {e}");
@@ -42,13 +50,36 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("tessera-worker: --concurrency must be at least 1");
         std::process::exit(2);
     }
+    if let Some(addr) = args.admin_listen {
+        config.workers.admin_listen = addr;
+    }
+    let w = &config.workers;
+    if let Err(e) = admin_listener("workers", &w.admin_listen, &w.admin_token) {
+        eprintln!("tessera-worker: {e}");
+        std::process::exit(2);
+    }
+    let admin = TcpListener::bind(&w.admin_listen)
+        .await
+        .with_context(|| format!("binding workers.admin_listen = {}", w.admin_listen))?;
+    tracing::info!(admin = %admin.local_addr()?, "worker admin listening");
+
     let backends = Backends::connect(&config).await?;
     let builder = tessera_workers::HttpBuilder::new(&config)?;
+    let metrics = WorkerMetrics::default();
+    // Serves until the process exits, so probes answer while builds drain.
+    tokio::spawn(tessera_workers::admin::serve(
+        admin,
+        metrics.clone(),
+        backends.clone(),
+        w.admin_token.clone(),
+        std::future::pending(),
+    ));
     tessera_workers::run(
         backends,
         Arc::new(config),
         Arc::new(builder),
         concurrency,
+        metrics,
         tessera_protocol::process::shutdown_signal(),
     )
     .await?;

@@ -30,7 +30,10 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::builder::{BuildError, FragmentBuilder, Rendered};
+use crate::metrics::{RouteLabels, WorkerMetrics};
 use crate::retry::backoff;
 
 /// Why the build loop could not run.
@@ -52,12 +55,13 @@ const ITEM_OVERHEAD: usize = 512;
 
 /// Runs `concurrency` concurrent builds from every configured queue until `shutdown`,
 /// then finishes in-flight builds (bounded by the longest `build_timeout` + 5 s) and
-/// releases any left to other workers.
+/// releases any left to other workers. Outcomes are counted in `metrics`.
 pub async fn run(
     backends: Backends,
     config: Arc<Config>,
     builder: Arc<dyn FragmentBuilder>,
     concurrency: usize,
+    metrics: WorkerMetrics,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), WorkerError> {
     let concurrency = concurrency.max(1);
@@ -69,6 +73,7 @@ pub async fn run(
         backends,
         config: config.clone(),
         builder,
+        metrics,
     });
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut builds = JoinSet::new();
@@ -96,6 +101,8 @@ pub async fn run(
         let worker = worker.clone();
         builds.spawn(async move {
             let _slot = slot;
+            // Counted down even when the task is aborted at shutdown.
+            let _in_flight = InFlight::enter(&worker.metrics.in_flight);
             worker.handle(delivery).await;
         });
     }
@@ -130,11 +137,29 @@ struct Worker {
     backends: Backends,
     config: Arc<Config>,
     builder: Arc<dyn FragmentBuilder>,
+    metrics: WorkerMetrics,
+}
+
+/// Holds one unit of a gauge while alive.
+struct InFlight<'a>(&'a Gauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// How a build attempt ended, before the message is settled.
 enum Outcome {
-    Stored,
+    /// Stored, after this long.
+    Stored(Duration),
     Retry(BuildError),
     Fail(BuildError),
 }
@@ -143,18 +168,24 @@ impl Worker {
     async fn handle(&self, delivery: Delivery) {
         let mut req = match BuildRequest::decode(&delivery.body) {
             Ok(r) => r,
-            Err(e) => return reject(delivery, &format!("undecodable build request: {e}")).await,
+            Err(e) => {
+                return self
+                    .reject(delivery, "", &format!("undecodable build request: {e}"))
+                    .await;
+            }
         };
         let Some(route) = self.config.route(&req.identity.route) else {
             let reason = format!("unknown route {:?}", req.identity.route);
-            return reject(delivery, &reason).await;
+            return self.reject(delivery, "", &reason).await;
         };
         if let Err(e) = req.identity.check(route) {
-            return reject(
-                delivery,
-                &format!("request does not fit route {:?}: {e}", route.name),
-            )
-            .await;
+            return self
+                .reject(
+                    delivery,
+                    &route.name,
+                    &format!("request does not fit route {:?}: {e}", route.name),
+                )
+                .await;
         }
         req.identity.canonicalize(route);
         if req.generation == 0 {
@@ -164,26 +195,31 @@ impl Worker {
             match store::generation(self.backends.store.as_ref(), &key).await {
                 Ok(current) => req.generation = current,
                 Err(e) => {
+                    self.metrics.store_errors.inc();
                     tracing::warn!(error = %e, "store unavailable; requeueing");
                     tokio::time::sleep(REQUEUE_PAUSE).await;
-                    return settle(delivery.requeue().await);
+                    return self.settle(delivery.requeue().await);
                 }
             }
             if !req.key.is_empty() {
-                return reject(
-                    delivery,
-                    "a request for generation 0 must leave `key` empty",
-                )
-                .await;
+                return self
+                    .reject(
+                        delivery,
+                        &route.name,
+                        "a request for generation 0 must leave `key` empty",
+                    )
+                    .await;
             }
         }
         let keys = self.backends.keys.fragment(&req.identity, req.generation);
         if !req.key.is_empty() && req.key != keys.envelope.as_str() {
-            return reject(
-                delivery,
-                "key does not match the request's route, params and generation",
-            )
-            .await;
+            return self
+                .reject(
+                    delivery,
+                    &route.name,
+                    "key does not match the request's route, params and generation",
+                )
+                .await;
         }
         let span = tracing::info_span!(
             "build",
@@ -195,10 +231,17 @@ impl Worker {
         );
         async {
             match self.attempt(route, &req, &keys).await {
-                None => settle(delivery.ack().await),
-                Some(Outcome::Stored) => {
+                None => self.settle(delivery.ack().await),
+                Some(Outcome::Stored(took)) => {
                     tracing::info!("built");
-                    settle(delivery.ack().await);
+                    WorkerMetrics::count(&self.metrics.succeeded, &route.name);
+                    self.metrics
+                        .duration
+                        .get_or_create(&RouteLabels {
+                            route: route.name.clone(),
+                        })
+                        .observe(took.as_secs_f64());
+                    self.settle(delivery.ack().await);
                 }
                 Some(Outcome::Retry(e)) => self.retry(delivery, route, &req, &keys, e).await,
                 Some(Outcome::Fail(e)) => self.fail(delivery, route, &req, &keys, e).await,
@@ -222,7 +265,10 @@ impl Worker {
                 return None;
             }
             Ok(_) => {}
-            Err(e) => return Some(self.classify(route, req, BuildError::Store(e.to_string()))),
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                return Some(self.classify(route, req, BuildError::Store(e.to_string())));
+            }
         }
         let started = Instant::now();
         let rendered = match self.render(route, req).await {
@@ -232,7 +278,7 @@ impl Worker {
         let took = started.elapsed();
         Some(
             match self.store_ready(route, req, keys, rendered, took).await {
-                Ok(()) => Outcome::Stored,
+                Ok(()) => Outcome::Stored(started.elapsed()),
                 Err(e) => self.classify(route, req, e),
             },
         )
@@ -299,10 +345,14 @@ impl Worker {
             .await
             .map_err(|e| match e {
                 StoreError::TooLarge { size, max } => BuildError::TooLarge { size, max },
-                other => BuildError::Store(other.to_string()),
+                other => {
+                    self.metrics.store_errors.inc();
+                    BuildError::Store(other.to_string())
+                }
             })?;
         if let Err(e) = store.delete(&keys.lease()).await {
             // The lease expires by itself; a new request waits for that at worst.
+            self.metrics.store_errors.inc();
             tracing::warn!(error = %e, "could not release the lease");
         }
         let event = Event::Built {
@@ -312,6 +362,7 @@ impl Worker {
         };
         if let Err(e) = self.backends.bus.publish_event(&event).await {
             // Gateways still see the result once their L1 entry expires (cache.ttl).
+            self.metrics.bus_errors.inc();
             tracing::warn!(error = %e, "could not announce the build");
         }
         Ok(())
@@ -330,6 +381,7 @@ impl Worker {
         let lease = delay + route.lease_ttl();
         // Hold the lease through the wait, so no gateway queues a second build meanwhile.
         if let Err(e) = self.backends.store.set(&keys.lease(), b"", lease).await {
+            self.metrics.store_errors.inc();
             tracing::warn!(error = %e, "could not extend the lease");
         }
         let mut next = req.clone();
@@ -342,11 +394,15 @@ impl Worker {
             .publish_retry(&route.queue, &next, delay)
             .await
         {
-            Ok(()) => settle(delivery.ack().await),
+            Ok(()) => {
+                WorkerMetrics::count(&self.metrics.retried, &route.name);
+                self.settle(delivery.ack().await);
+            }
             Err(e) => {
+                self.metrics.bus_errors.inc();
                 tracing::warn!(error = %e, "could not schedule the retry; requeueing");
                 tokio::time::sleep(REQUEUE_PAUSE).await;
-                settle(delivery.requeue().await);
+                self.settle(delivery.requeue().await);
             }
         }
     }
@@ -380,12 +436,15 @@ impl Worker {
             .await
         {
             // Nowhere to record the failure: keep the request rather than lose it.
+            self.metrics.store_errors.inc();
             tracing::warn!(%error, store_error = %e, "build failed and the store is unavailable; requeueing");
             tokio::time::sleep(REQUEUE_PAUSE).await;
-            settle(delivery.requeue().await);
+            self.settle(delivery.requeue().await);
             return;
         }
+        WorkerMetrics::count(&self.metrics.failed, &route.name);
         if let Err(e) = store.delete(&keys.lease()).await {
+            self.metrics.store_errors.inc();
             tracing::warn!(error = %e, "could not release the lease");
         }
         let event = Event::Failed {
@@ -393,31 +452,37 @@ impl Worker {
             error: error.to_string(),
         };
         if let Err(e) = self.backends.bus.publish_event(&event).await {
+            self.metrics.bus_errors.inc();
             tracing::warn!(error = %e, "could not announce the failure");
         }
         if error.is_retryable() {
             tracing::warn!(%error, attempts = req.attempt, "build failed for good; dead-lettered");
-            settle(
+            WorkerMetrics::count(&self.metrics.dead_lettered, &route.name);
+            self.settle(
                 delivery
                     .dead_letter(&format!("{error} (after {} attempts)", req.attempt))
                     .await,
             );
         } else {
             tracing::warn!(%error, "build failed; not retried");
-            settle(delivery.ack().await);
+            self.settle(delivery.ack().await);
         }
     }
-}
 
-async fn reject(delivery: Delivery, reason: &str) {
-    tracing::warn!(queue = %delivery.queue, reason, "build request dead-lettered");
-    settle(delivery.dead_letter(reason).await);
-}
+    /// Dead-letters a request that cannot be built as it is (`route` is `""` when the
+    /// request names no configured route).
+    async fn reject(&self, delivery: Delivery, route: &str, reason: &str) {
+        tracing::warn!(queue = %delivery.queue, reason, "build request dead-lettered");
+        WorkerMetrics::count(&self.metrics.dead_lettered, route);
+        self.settle(delivery.dead_letter(reason).await);
+    }
 
-/// A settle that fails (the channel died) needs no action: the broker redelivers the
-/// message to another consumer.
-fn settle(result: Result<(), BusError>) {
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "could not settle a delivery; the broker will redeliver it");
+    /// A settle that fails (the channel died) needs no action: the broker redelivers the
+    /// message to another consumer.
+    fn settle(&self, result: Result<(), BusError>) {
+        if let Err(e) = result {
+            self.metrics.bus_errors.inc();
+            tracing::warn!(error = %e, "could not settle a delivery; the broker will redeliver it");
+        }
     }
 }

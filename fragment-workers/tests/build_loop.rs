@@ -15,10 +15,10 @@ use tessera_protocol::message::VERSION;
 use tessera_protocol::{
     Backends, BuildRequest, Bus, Config, Envelope, FragmentRoute, Identity, store,
 };
-use tessera_workers::{BuildError, FragmentBuilder, Rendered};
+use tessera_workers::{BuildError, FragmentBuilder, Rendered, WorkerMetrics};
 use tokio_util::sync::CancellationToken;
 
-/// Panics on its first call for id 1, renders everything else.
+/// Scripted by the `id` param: `panics`, `teapot` (418), `down` (503); renders the rest.
 #[derive(Debug, Default)]
 struct Scripted {
     calls: AtomicUsize,
@@ -31,6 +31,9 @@ impl FragmentBuilder for Scripted {
         match req.identity.params[0].1.as_str() {
             "panics" => panic!("a bug in a builder"),
             "teapot" => Err(BuildError::UpstreamClient(http::StatusCode::IM_A_TEAPOT)),
+            "down" => Err(BuildError::UpstreamServer(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+            )),
             id => Ok(Rendered {
                 body: Bytes::from(format!("<p>{id}</p>")),
                 content_type: "text/html".into(),
@@ -46,11 +49,13 @@ struct Setup {
     stop: CancellationToken,
     worker: tokio::task::JoinHandle<()>,
     route: FragmentRoute,
+    metrics: WorkerMetrics,
 }
 
 async fn setup() -> Setup {
     let mut route = FragmentRoute::new("r", "/r");
     route.params = vec!["id".into()];
+    route.max_attempts = 2;
     let config = Config {
         fragments: vec![route.clone()],
         ..Config::default()
@@ -60,13 +65,20 @@ async fn setup() -> Setup {
     backends.bus = Arc::new(bus.clone());
     let builder = Arc::new(Scripted::default());
     let stop = CancellationToken::new();
-    let (b, s, f) = (backends.clone(), stop.clone(), builder.clone());
+    let metrics = WorkerMetrics::default();
+    let (b, s, f, m) = (
+        backends.clone(),
+        stop.clone(),
+        builder.clone(),
+        metrics.clone(),
+    );
     let worker = tokio::spawn(async move {
         tessera_workers::run(
             b,
             Arc::new(config),
             f,
             4,
+            m,
             async move { s.cancelled().await },
         )
         .await
@@ -79,6 +91,7 @@ async fn setup() -> Setup {
         stop,
         worker,
         route,
+        metrics,
     }
 }
 
@@ -226,6 +239,101 @@ async fn a_request_that_does_not_fit_its_route_is_dead_lettered() {
     assert!(reasons[0].contains("undecodable"), "{reasons:?}");
     assert!(reasons[1].contains("allow-list"), "{reasons:?}");
     assert_eq!(s.builder.calls.load(Ordering::SeqCst), 0);
+    s.stop.cancel();
+    s.worker.await.unwrap();
+}
+
+/// `GET http://{addr}{path}` with an optional bearer token: status and body.
+async fn get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    use http_body_util::{BodyExt, Empty};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<Bytes>>();
+    let mut req = http::Request::get(format!("http://{addr}{path}"));
+    if let Some(token) = token {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    let response = client
+        .request(req.body(Empty::new()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn the_admin_listener_reports_outcomes_and_health() {
+    let s = setup().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = s.stop.clone();
+    tokio::spawn(tessera_workers::admin::serve(
+        listener,
+        s.metrics.clone(),
+        s.backends.clone(),
+        "t0ken".into(),
+        async move { stop.cancelled().await },
+    ));
+
+    let generation = current_generation(&s).await;
+    let fine = request(&s, "fine", generation).await;
+    let teapot = request(&s, "teapot", generation).await;
+    let down = request(&s, "down", generation).await;
+    s.bus
+        .publish_raw(&s.route.queue, Bytes::from_static(b"not json"))
+        .unwrap();
+    for keys in [&fine, &teapot] {
+        envelope(&s, keys).await;
+    }
+    // `down` fails, is retried once (max_attempts = 2), then fails for good.
+    assert_eq!(envelope(&s, &down).await.status, Status::Failed);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while s.bus.dead_letters().len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            s.bus.dead_letters()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        assert_eq!(
+            get(addr, path, None).await.0,
+            401,
+            "{path} without the token"
+        );
+        assert_eq!(
+            get(addr, path, Some("wrong")).await.0,
+            401,
+            "{path} with a wrong token"
+        );
+    }
+    let (status, text) = get(addr, "/metrics", Some("t0ken")).await;
+    assert_eq!(status, 200);
+    for line in [
+        r#"tessera_worker_builds_succeeded_total{route="r"} 1"#,
+        r#"tessera_worker_builds_failed_total{route="r"} 2"#,
+        r#"tessera_worker_builds_retried_total{route="r"} 1"#,
+        r#"tessera_worker_builds_dead_lettered_total{route="r"} 1"#,
+        r#"tessera_worker_builds_dead_lettered_total{route=""} 1"#,
+        r#"tessera_worker_build_duration_seconds_count{route="r"} 1"#,
+        "tessera_worker_builds_in_flight 0",
+        "tessera_bus_reconnects_total 0",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    assert_eq!(
+        get(addr, "/healthz", Some("t0ken")).await,
+        (200, "ok\n".into())
+    );
+    let (status, ready) = get(addr, "/readyz", Some("t0ken")).await;
+    assert_eq!(
+        (status, ready.as_str()),
+        (200, r#"{"bus":"ok","store":"ok"}"#)
+    );
+    assert_eq!(get(addr, "/nope", Some("t0ken")).await.0, 404);
     s.stop.cancel();
     s.worker.await.unwrap();
 }

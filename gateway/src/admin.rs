@@ -20,18 +20,15 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tessera_protocol::{Event, Identity, store};
 
 use crate::Gateway;
-use crate::body::{Body, full};
-use crate::error::{GatewayError, problem};
+use tessera_protocol::web::{self, Body, READY_TIMEOUT, json, problem, text};
 
-/// Deadline for each readiness check.
-const READY_TIMEOUT: Duration = Duration::from_secs(2);
+use crate::error::GatewayError;
 
 impl Gateway {
     /// Routes one admin request.
@@ -40,23 +37,12 @@ impl Gateway {
         req: Request<Incoming>,
         _peer: SocketAddr,
     ) -> Response<Body> {
-        if !self.authorized(&req) {
-            let mut r = problem(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this admin endpoint needs `Authorization: Bearer <gateway.admin_token>`",
-            );
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(r#"Bearer, Basic realm="tessera admin""#),
-            );
-            return r;
+        if !web::authorized(req.headers(), &self.config.gateway.admin_token) {
+            return web::unauthorized("gateway.admin_token");
         }
         let path = req.uri().path().to_string();
         match (req.method(), path.as_str()) {
-            (&Method::GET, "/") => {
-                text(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD.into())
-            }
+            (&Method::GET, "/") => text(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD),
             (&Method::GET, "/api/status") => self.status().await,
             (&Method::GET, "/dead-letters") => {
                 match self.backends.bus.dead_letters(DEAD_LETTER_PAGE).await {
@@ -74,10 +60,8 @@ impl Gateway {
                     Err(e) => GatewayError::Bus(e).into_response(),
                 }
             }
-            (&Method::GET, "/healthz") => {
-                text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into())
-            }
-            (&Method::GET, "/readyz") => self.ready().await,
+            (&Method::GET, "/healthz") => web::alive(),
+            (&Method::GET, "/readyz") => web::ready(&self.backends).await,
             (&Method::GET, "/metrics") => {
                 self.l1.settle_counts().await;
                 self.metrics
@@ -90,11 +74,7 @@ impl Gateway {
                     .long_polls
                     .set(i64::try_from(self.waiters.len()).unwrap_or(i64::MAX));
                 let queues = self.queue_metrics().await;
-                text(
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    self.metrics.render(&queues),
-                )
+                web::metrics(self.metrics.registry(), &queues, &self.backends)
             }
             (&Method::DELETE, p) if p.starts_with("/fragments/") => {
                 let name = &p["/fragments/".len()..];
@@ -114,65 +94,6 @@ impl Gateway {
                 &format!("no admin endpoint {} {path}", req.method()),
             ),
         }
-    }
-
-    fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let token = self.config.gateway.admin_token.as_bytes();
-        if token.is_empty() {
-            return true;
-        }
-        let Some(auth) = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-        else {
-            return false;
-        };
-        let given = if let Some(bearer) = auth.strip_prefix("Bearer ") {
-            bearer.trim().as_bytes().to_vec()
-        } else if let Some(basic) = auth.strip_prefix("Basic ") {
-            use base64::Engine;
-            let decoded = base64::engine::general_purpose::STANDARD
-                .decode(basic.trim())
-                .unwrap_or_default();
-            // `user:password`; the user name is not checked.
-            match decoded.iter().position(|b| *b == b':') {
-                Some(colon) => decoded[colon + 1..].to_vec(),
-                None => return false,
-            }
-        } else {
-            return false;
-        };
-        constant_time_eq(&given, token)
-    }
-
-    /// `("ok" | why, "ok" | why)` for the store and the bus.
-    async fn readiness(&self) -> (String, String) {
-        let (store, bus) = tokio::join!(
-            tokio::time::timeout(READY_TIMEOUT, self.backends.store.ping()),
-            tokio::time::timeout(READY_TIMEOUT, self.backends.bus.ping()),
-        );
-        let verdict = |r: Result<Result<(), String>, tokio::time::error::Elapsed>| match r {
-            Ok(Ok(())) => "ok".to_string(),
-            Ok(Err(e)) => e,
-            Err(_) => format!("no answer within {READY_TIMEOUT:?}"),
-        };
-        (
-            verdict(store.map(|r| r.map_err(|e| e.to_string()))),
-            verdict(bus.map(|r| r.map_err(|e| e.to_string()))),
-        )
-    }
-
-    async fn ready(&self) -> Response<Body> {
-        let (store, bus) = self.readiness().await;
-        let ok = store == "ok" && bus == "ok";
-        let body = serde_json::json!({ "store": store, "bus": bus }).to_string();
-        let status = if ok {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        };
-        text(status, "application/json", body)
     }
 
     /// Deletes one fragment everywhere and tells every gateway.
@@ -310,7 +231,7 @@ impl Gateway {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             f.iter().rev().cloned().collect()
         };
-        let ready = self.readiness().await;
+        let ready = web::readiness(&self.backends).await;
         json(
             StatusCode::OK,
             &serde_json::json!({
@@ -335,36 +256,4 @@ fn query_usize(query: Option<&str>, name: &str) -> Option<usize> {
         .filter_map(|p| p.split_once('='))
         .find(|(k, _)| *k == name)
         .and_then(|(_, v)| v.parse().ok())
-}
-
-fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    text(status, "application/json", value.to_string())
-}
-
-fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
-    let mut r = Response::new(full(body));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
-}
-
-/// Compares without leaking where the first difference is.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_comparison() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"x"));
-    }
 }

@@ -26,12 +26,12 @@ use http_body_util::{BodyExt, BodyStream, StreamBody};
 use tessera_protocol::{Envelope, FragmentKeys, FragmentRoute, Identity, StoreKey};
 
 use crate::Gateway;
-use crate::body::{Body, BoxError, full};
 use crate::cache::{Slot, SlotState};
 use crate::error::GatewayError;
 use crate::esi::{self, Segment};
 use crate::fragment::{Found, Requested};
 use crate::headers::Trace;
+use tessera_protocol::web::{Body, BoxError, full};
 
 /// Largest page composed; bigger ones pass through as they are.
 pub const MAX_PAGE: usize = 4 * 1024 * 1024;

@@ -9,7 +9,8 @@ use std::time::Duration;
 use http::{HeaderValue, Response, StatusCode, header};
 use tessera_protocol::{BusError, StoreError, key::IdentityError};
 
-use crate::body::{Body, full};
+use tessera_protocol::web::Body;
+pub use tessera_protocol::web::problem;
 
 /// Everything that can go wrong while answering a request.
 #[derive(Debug, thiserror::Error)]
@@ -116,26 +117,6 @@ impl GatewayError {
         }
         response
     }
-}
-
-/// An RFC 9457 problem response. `code` is a stable machine-readable name.
-pub fn problem(status: StatusCode, code: &str, detail: &str) -> Response<Body> {
-    let body = serde_json::json!({
-        "type": "about:blank",
-        "title": status.canonical_reason().unwrap_or("Error"),
-        "status": status.as_u16(),
-        "detail": detail,
-        "code": code,
-    });
-    let mut response = Response::new(full(body.to_string()));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
 }
 
 #[cfg(test)]

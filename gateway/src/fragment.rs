@@ -26,11 +26,11 @@ use tessera_protocol::time::{add_ms, ceil_secs, now_ms, remaining};
 use tessera_protocol::{BuildRequest, Envelope, FragmentKeys, FragmentRoute, Identity, store};
 
 use crate::Gateway;
-use crate::body::{Body, empty, full};
 use crate::cache::{Slot, SlotState};
 use crate::error::GatewayError;
 use crate::headers::{Trace, if_none_match, prefer_wait, wants_json};
 use crate::metrics::CacheStatus;
+use tessera_protocol::web::{Body, empty, full};
 
 /// `Retry-After` on pending answers: clients should prefer `Prefer: wait`.
 const PENDING_RETRY_AFTER: u64 = 1;

@@ -11,7 +11,6 @@
 //! - [`metrics`]: the Prometheus registry of one gateway.
 //! - [`compose`]: ESI page composition from cached fragments.
 //! - [`esi`]: the ESI 1.0 subset parser.
-//! - [`server`]: the accept loop (hyper 1, HTTP/1.1 and h2c), limits, graceful shutdown.
 //! - [`fragment`]: the fragment endpoint: lookup, build requests, answers.
 //! - [`cache`]: L1, with coalescing and an invalidation log.
 //! - [`waiters`]: long-poll wake-ups for `Prefer: wait`.
@@ -19,12 +18,10 @@
 //! - [`proxy`]: the reverse proxy to the upstream.
 //! - [`headers`]: small request-header parsers.
 //! - [`error`]: the one error type and its problem responses.
-//! - [`body`]: the response body type.
 //! - [`demo`]: the bundled demo upstream for `--demo`.
 //! - [`cli`]: the `purge` and `dead-letters` subcommands (admin API clients).
 
 pub mod admin;
-pub mod body;
 pub mod cache;
 pub mod cli;
 pub mod compose;
@@ -36,7 +33,6 @@ pub mod fragment;
 pub mod headers;
 pub mod metrics;
 pub mod proxy;
-pub mod server;
 pub mod waiters;
 
 use std::future::Future;
@@ -49,10 +45,10 @@ use tessera_protocol::{Backends, Config};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::Body;
 use crate::cache::L1;
 use crate::error::GatewayError;
 use crate::waiters::Waiters;
+use tessera_protocol::web::Body;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +152,7 @@ pub async fn serve(
                 config.clone(),
                 Arc::new(builder),
                 config.workers.embedded,
+                gateway.metrics.worker.clone(),
                 async move { stop.cancelled().await },
             ),
         )))
@@ -177,14 +174,14 @@ pub async fn serve(
     };
     let admin_server = admin.map(|admin| {
         let (gw, stop) = (gateway.clone(), gateway.stopping.clone());
-        tokio::spawn(server::serve(
+        tokio::spawn(tessera_protocol::web::serve(
             admin,
             move |req, peer| gw.clone().admin(req, peer),
             async move { stop.cancelled().await },
         ))
     });
     let public = gateway.clone();
-    server::serve(
+    tessera_protocol::web::serve(
         listener,
         move |req, peer| public.clone().handle(req, peer),
         shutdown,
@@ -250,9 +247,9 @@ fn client_js(req: &Request<hyper::body::Incoming>) -> Response<Body> {
     let etag = tessera_protocol::envelope::etag_of(CLIENT_JS.as_bytes());
     let not_modified = headers::if_none_match(req.headers(), &etag);
     let mut r = Response::new(if not_modified {
-        body::empty()
+        tessera_protocol::web::empty()
     } else {
-        body::full(CLIENT_JS)
+        tessera_protocol::web::full(CLIENT_JS)
     });
     if not_modified {
         *r.status_mut() = StatusCode::NOT_MODIFIED;

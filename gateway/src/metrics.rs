@@ -4,14 +4,13 @@
 //! process — tests, or embedded workers beside a gateway — keep their own figures.
 //! Histograms have explicit buckets so they can be aggregated across gateways.
 
-use std::fmt::Write;
-
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use tessera_workers::metrics::WorkerMetrics;
 
 /// How a fragment request was answered.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -115,6 +114,8 @@ pub struct Metrics {
     pub builds_succeeded: Family<RouteLabels, Counter>,
     /// Builds any worker reported failed for good (`failed` events), by route.
     pub builds_failed: Family<RouteLabels, Counter>,
+    /// The embedded workers' metrics (`tessera_worker_*`).
+    pub worker: WorkerMetrics,
     routes: std::collections::HashMap<String, RouteMetrics>,
     /// Requests for names that are no route (label `""`).
     unknown: RouteMetrics,
@@ -223,12 +224,15 @@ impl Metrics {
                 coalesced: builds_coalesced.get_or_create(&labels).clone(),
             }
         };
+        let worker = WorkerMetrics::default();
+        worker.register(registry.sub_registry_with_prefix("worker"));
         let routes = route_names
             .into_iter()
             .map(|r| (r.to_string(), handles(r)))
             .collect();
         let unknown = handles("");
         Self {
+            worker,
             routes,
             unknown,
             registry,
@@ -265,15 +269,9 @@ impl Metrics {
         self.routes.get(route).unwrap_or(&self.unknown)
     }
 
-    /// The Prometheus text exposition, with `extra` (already in text format) appended.
-    pub fn render(&self, extra: &str) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode_registry(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out.push_str(extra);
-        let _ = writeln!(out, "# EOF");
-        out
+    /// Every registered metric.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 }
 
@@ -288,7 +286,8 @@ mod tests {
         m.route("recs").request(CacheStatus::pending, 0.001);
         m.route("recs").published.inc();
         m.route("no-such-route").request(CacheStatus::error, 0.001);
-        let text = m.render("");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, m.registry()).unwrap();
         assert!(
             text.contains(r#"tessera_requests_total{route="recs",cache="hit"} 1"#),
             "{text}"

@@ -16,8 +16,8 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioIo;
 
-use crate::body::Body;
 use crate::error::GatewayError;
+use tessera_protocol::web::Body;
 
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -141,7 +141,7 @@ impl Upstream {
                 parts.headers.insert(header::UPGRADE, protocol);
             }
             append(&mut parts.headers, header::VIA, VIA);
-            return Ok(Response::from_parts(parts, crate::body::empty()));
+            return Ok(Response::from_parts(parts, tessera_protocol::web::empty()));
         }
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);

@@ -32,6 +32,7 @@
 //! which is why builds are idempotent. Nothing here panics or exits the process.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -105,6 +106,10 @@ struct Inner {
     expiry: Option<Duration>,
     link: tokio::sync::Mutex<Option<Arc<Link>>>,
     last_attempt: Mutex<Option<Instant>>,
+    /// Set after the first successful connection.
+    connected: std::sync::atomic::AtomicBool,
+    /// Connections made after a lost one.
+    reconnects: std::sync::atomic::AtomicU64,
 }
 
 /// RabbitMQ, as a [`Bus`].
@@ -138,6 +143,8 @@ impl AmqpBus {
                 ns: namespace.to_string(),
                 link: tokio::sync::Mutex::new(None),
                 last_attempt: Mutex::new(None),
+                connected: std::sync::atomic::AtomicBool::new(false),
+                reconnects: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -233,6 +240,9 @@ impl AmqpBus {
         match self.connect().await {
             Ok(link) => {
                 tracing::info!("connected to the broker");
+                if self.inner.connected.swap(true, Ordering::Relaxed) {
+                    self.inner.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
                 let link = Arc::new(link);
                 *slot = Some(link.clone());
                 Ok(link)
@@ -387,6 +397,10 @@ pub fn retry_bucket(delay: Duration) -> u64 {
 
 #[async_trait]
 impl Bus for AmqpBus {
+    fn reconnects(&self) -> u64 {
+        self.inner.reconnects.load(Ordering::Relaxed)
+    }
+
     async fn publish_build(&self, queue: &str, request: &BuildRequest) -> Result<(), BusError> {
         self.publish_to_queue(queue, &request.encode()).await
     }

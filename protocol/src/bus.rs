@@ -105,6 +105,11 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     /// Checks that the broker answers.
     async fn ping(&self) -> Result<(), BusError>;
 
+    /// Connections re-established after a lost one, since start.
+    fn reconnects(&self) -> u64 {
+        0
+    }
+
     /// Depth and consumers of `queue`, as the broker reports them.
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BusError> {
         let _ = queue;

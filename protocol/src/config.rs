@@ -29,7 +29,9 @@ pub mod env {
     pub const MEMCACHED: &str = "TESSERA_MEMCACHED";
     /// Overrides `bus.amqp`.
     pub const AMQP_URL: &str = "TESSERA_AMQP_URL";
-    /// Overrides `gateway.admin_token`.
+    /// Overrides `gateway.admin_listen`.
+    pub const ADMIN_LISTEN: &str = "TESSERA_ADMIN_LISTEN";
+    /// Overrides `gateway.admin_token` and `workers.admin_token`.
     pub const ADMIN_TOKEN: &str = "TESSERA_ADMIN_TOKEN";
     /// `json` for one JSON object per log line.
     pub const LOG_FORMAT: &str = "TESSERA_LOG_FORMAT";
@@ -217,6 +219,11 @@ pub struct WorkersConfig {
     pub embedded: usize,
     /// Concurrent builds per `tessera-worker` process (also its prefetch). Default 16.
     pub concurrency: usize,
+    /// Where each `tessera-worker` serves its metrics and health (`--admin-listen`
+    /// overrides it per process). Default `127.0.0.1:9091`.
+    pub admin_listen: String,
+    /// Bearer token for the worker admin listener; required when it is not on loopback.
+    pub admin_token: String,
 }
 
 impl Default for WorkersConfig {
@@ -224,6 +231,8 @@ impl Default for WorkersConfig {
         Self {
             embedded: 4,
             concurrency: 16,
+            admin_listen: "127.0.0.1:9091".into(),
+            admin_token: String::new(),
         }
     }
 }
@@ -453,7 +462,11 @@ impl Config {
         if let Some(v) = env(env::AMQP_URL) {
             self.bus.amqp = Some(v).filter(|s| !s.trim().is_empty());
         }
+        if let Some(v) = env(env::ADMIN_LISTEN) {
+            self.gateway.admin_listen = v;
+        }
         if let Some(v) = env(env::ADMIN_TOKEN) {
+            self.workers.admin_token.clone_from(&v);
             self.gateway.admin_token = v;
         }
     }
@@ -462,16 +475,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let g = &self.gateway;
         parse_addr("gateway.listen", &g.listen)?;
-        let admin = parse_addr("gateway.admin_listen", &g.admin_listen)?;
-        if !admin.ip().is_loopback() && g.admin_token.is_empty() {
-            return Err(invalid(
-                "gateway.admin_token",
-                format!(
-                    "required when gateway.admin_listen ({admin}) is not on loopback: anyone who reaches it could purge content (set it, or {})",
-                    env::ADMIN_TOKEN
-                ),
-            ));
-        }
+        admin_listener("gateway", &g.admin_listen, &g.admin_token)?;
         if !(g.fragment_prefix.starts_with('/') && g.fragment_prefix.ends_with('/'))
             || g.fragment_prefix.len() < 2
             || g.fragment_prefix.starts_with("/_tessera/")
@@ -569,6 +573,11 @@ impl Config {
                 "must be between 1 and 65535",
             ));
         }
+        admin_listener(
+            "workers",
+            &self.workers.admin_listen,
+            &self.workers.admin_token,
+        )?;
         if self.workers.embedded > u16::MAX as usize {
             return Err(invalid("workers.embedded", "must be at most 65535"));
         }
@@ -716,6 +725,26 @@ impl FragmentRoute {
     }
 }
 
+/// Checks `{section}.admin_listen`, and that an admin listener off loopback has a token.
+pub fn admin_listener(section: &str, listen: &str, token: &str) -> Result<SocketAddr, ConfigError> {
+    let admin = parse_addr(&format!("{section}.admin_listen"), listen)?;
+    if !admin.ip().is_loopback() && token.is_empty() {
+        return Err(invalid(
+            format!("{section}.admin_token"),
+            format!(
+                "required when {section}.admin_listen ({admin}) is not on loopback: anyone who reaches it could {} (set it, or {})",
+                if section == "gateway" {
+                    "purge content"
+                } else {
+                    "read its metrics"
+                },
+                env::ADMIN_TOKEN
+            ),
+        ));
+    }
+    Ok(admin)
+}
+
 fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     value.parse().map_err(|_| {
         invalid(
@@ -781,6 +810,8 @@ amqp = "amqp://guest:guest@127.0.0.1:5672/%2f"
 [workers]
 embedded = 4
 concurrency = 16
+admin_listen = "127.0.0.1:9091"
+admin_token = ""
 [[fragment]]
 name = "recommendations"
 render = "/_render/recommendations"
@@ -821,11 +852,16 @@ queue = "tessera.build"
                 env::LISTEN => Some("127.0.0.1:2".into()),
                 env::MEMCACHED => Some("127.0.0.1:11211, 127.0.0.1:11212".into()),
                 env::AMQP_URL => Some("amqp://127.0.0.1".into()),
+                env::ADMIN_TOKEN => Some("s3cret".into()),
+                env::ADMIN_LISTEN => Some("127.0.0.1:3".into()),
                 _ => None,
             },
         )
         .unwrap();
         assert_eq!(c.gateway.listen, "127.0.0.1:2");
+        assert_eq!(c.gateway.admin_token, "s3cret");
+        assert_eq!(c.workers.admin_token, "s3cret");
+        assert_eq!(c.gateway.admin_listen, "127.0.0.1:3");
         assert_eq!(
             c.store.memcached,
             vec!["127.0.0.1:11211", "127.0.0.1:11212"]
@@ -862,6 +898,11 @@ queue = "tessera.build"
             ("[bus]\namqp = \"amqp://x\"", "store.memcached"),
             ("[workers]\nembedded = 0", "workers.embedded"),
             ("[workers]\nconcurrency = 0", "workers.concurrency"),
+            ("[workers]\nadmin_listen = \"x\"", "workers.admin_listen"),
+            (
+                "[workers]\nadmin_listen = \"0.0.0.0:9091\"",
+                "workers.admin_token",
+            ),
             (
                 "[[fragment]]\nname = \"Bad Name\"\nrender = \"/r\"",
                 "fragment[0].name",

@@ -15,6 +15,7 @@
 //! - [`bus`]: the `Bus` trait (AMQP semantics) and its in-process twin.
 //! - [`amqp`]: the `Bus` on RabbitMQ, with its topology and reconnection.
 //! - [`backends`]: picks memory or network implementations from the configuration.
+//! - [`web`]: the accept loop, body type, problems and admin pieces both binaries serve.
 //! - [`process`]: logging set-up and shutdown signals shared by both binaries.
 //! - [`time`]: wall-clock milliseconds shared by envelopes and messages.
 
@@ -29,6 +30,7 @@ pub mod message;
 pub mod process;
 pub mod store;
 pub mod time;
+pub mod web;
 
 pub use backends::Backends;
 pub use bus::{Bus, BusError, Consumer, DeadLetter, Delivery, Notice, QueueStats, Subscription};

@@ -50,6 +50,8 @@ pub struct MemcachedStore {
     servers: Vec<Server>,
     timeout: Duration,
     max_item_size: usize,
+    /// Pool resets after connection failures.
+    resets: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for MemcachedStore {
@@ -107,6 +109,7 @@ impl MemcachedStore {
             servers,
             timeout,
             max_item_size,
+            resets: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -161,7 +164,9 @@ impl MemcachedStore {
                 *server
                     .client
                     .write()
-                    .unwrap_or_else(PoisonError::into_inner) = fresh
+                    .unwrap_or_else(PoisonError::into_inner) = fresh;
+                self.resets
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             Err(e) => tracing::warn!(error = %e, "could not reset memcached connections"),
         }
@@ -188,6 +193,10 @@ fn expiry(ttl: Duration) -> u32 {
 
 #[async_trait]
 impl Store for MemcachedStore {
+    fn reconnects(&self) -> u64 {
+        self.resets.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
         let k = key.as_str().to_string();
         self.call(self.server_of(&k), move |c| c.get::<Vec<u8>>(&k))

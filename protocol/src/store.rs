@@ -75,6 +75,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Checks that the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Connection resets after connection failures, since start.
+    fn reconnects(&self) -> u64 {
+        0
+    }
 }
 
 /// Reads a route's generation, creating it when absent.

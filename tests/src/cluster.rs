@@ -212,6 +212,7 @@ impl Cluster {
         let child = Command::new(bin_dir().join("tessera-worker"))
             .arg("--config")
             .arg(&self.config_path)
+            .args(["--admin-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "warn")
             .env_remove("TESSERA_CONFIG")
             .stdout(Stdio::null())

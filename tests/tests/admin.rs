@@ -185,6 +185,21 @@ async fn metrics_move_with_traffic() {
         "{text}"
     );
     assert!(text.contains("tessera_queue_messages{"), "{text}");
+    // The embedded workers' own figures, under the names a tessera-worker exports.
+    assert_eq!(
+        metric(&text, r#"tessera_worker_builds_succeeded_total{route="m"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"tessera_worker_build_duration_seconds_count{route="m"}"#
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "tessera_bus_reconnects_total"), 0.0, "{text}");
 }
 
 #[tokio::test]

@@ -152,6 +152,7 @@ async fn run(
             Command::new(bin.join("tessera-worker"))
                 .arg("--config")
                 .arg(&path)
+                .args(["--admin-listen", "127.0.0.1:0"])
                 .env("RUST_LOG", "error")
                 .stdout(Stdio::null())
                 .spawn()

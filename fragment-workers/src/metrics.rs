@@ -1,0 +1,119 @@
+//! What a pool of workers counts: build outcomes and durations by route, builds in
+//! flight, store and bus errors.
+//!
+//! A `tessera-worker` serves them on its admin listener as `tessera_worker_*`; embedded
+//! workers register them in their gateway's registry under the same names, so one
+//! dashboard query covers both modes.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels that are just the route (`""` for requests that name no configured route).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// Route name.
+    pub route: String,
+}
+
+/// The metrics of one worker pool. Cheap to share: every field is a handle.
+#[derive(Debug, Clone)]
+pub struct WorkerMetrics {
+    /// Builds stored.
+    pub succeeded: Family<RouteLabels, Counter>,
+    /// Builds that ended in a `failed` envelope (4xx, oversize, or out of attempts).
+    pub failed: Family<RouteLabels, Counter>,
+    /// Attempts scheduled again after a retryable error.
+    pub retried: Family<RouteLabels, Counter>,
+    /// Requests sent to the dead-letter queue (out of attempts, undecodable, misfit).
+    pub dead_lettered: Family<RouteLabels, Counter>,
+    /// Render-and-store time of stored builds.
+    pub duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    /// Builds running now.
+    pub in_flight: Gauge,
+    /// Store calls that failed.
+    pub store_errors: Counter,
+    /// Bus calls (publish, settle) that failed.
+    pub bus_errors: Counter,
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 ms to ~65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        Self {
+            succeeded: Family::default(),
+            failed: Family::default(),
+            retried: Family::default(),
+            dead_lettered: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            in_flight: Gauge::default(),
+            store_errors: Counter::default(),
+            bus_errors: Counter::default(),
+        }
+    }
+}
+
+impl WorkerMetrics {
+    /// Registers every metric in `registry` (names relative to its prefix).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("builds_succeeded", "Builds stored", self.succeeded.clone());
+        registry.register(
+            "builds_failed",
+            "Builds that ended in a failed envelope",
+            self.failed.clone(),
+        );
+        registry.register(
+            "builds_retried",
+            "Attempts scheduled again after a retryable error",
+            self.retried.clone(),
+        );
+        registry.register(
+            "builds_dead_lettered",
+            "Build requests sent to the dead-letter queue",
+            self.dead_lettered.clone(),
+        );
+        registry.register(
+            "build_duration_seconds",
+            "Render-and-store time of stored builds",
+            self.duration.clone(),
+        );
+        registry.register(
+            "builds_in_flight",
+            "Builds running now",
+            self.in_flight.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Store calls that failed",
+            self.store_errors.clone(),
+        );
+        registry.register(
+            "bus_errors",
+            "Bus calls that failed",
+            self.bus_errors.clone(),
+        );
+    }
+
+    /// A registry holding these metrics as `tessera_worker_*`.
+    pub fn registry(&self) -> Registry {
+        let mut registry = Registry::with_prefix("tessera_worker");
+        self.register(&mut registry);
+        registry
+    }
+
+    /// One route's counter of `family`.
+    pub(crate) fn count(family: &Family<RouteLabels, Counter>, route: &str) {
+        family
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .inc();
+    }
+}
