@@ -11,7 +11,6 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tessera_protocol::FragmentRoute;
 use tessera_protocol::config::Config;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -24,30 +23,20 @@ const FRAGMENTS: [(&str, u64); 4] = [
     ("news", 2000),
 ];
 
+/// The demo's fragment routes, as TOML (also what `deploy/local/cluster.sh` configures).
+pub const ROUTES_TOML: &str = include_str!("../assets/demo.toml");
+
 /// Rewrites `config` for the demo: fragment routes served by the upstream at `upstream`.
 pub fn configure(config: &mut Config, upstream: SocketAddr) {
     config.upstream.url = format!("http://{upstream}");
-    config.fragments = FRAGMENTS
-        .iter()
-        .map(|(name, _)| {
-            let mut route = FragmentRoute::new(*name, format!("/_render/{name}"));
-            route.fresh = Duration::from_secs(30);
-            route.stale = Duration::from_secs(300);
-            match *name {
-                "recommendations" => route.params = vec!["user".into()],
-                "greeting" => {
-                    route.vary = vec![tessera_protocol::config::VarySource::Cookie("name".into())]
-                }
-                _ => {}
-            }
-            route
-        })
-        .collect();
+    // A test (`demo_routes_parse`) proves the bundled file is valid.
+    config.fragments = Config::from_toml(ROUTES_TOML)
+        .map(|demo| demo.fragments)
+        .unwrap_or_default();
 }
 
-/// Starts the demo upstream on 127.0.0.1 (any free port) until `stop` is cancelled.
-pub async fn start(stop: CancellationToken) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+/// Serves the demo upstream on `listener` until `stop` is cancelled.
+pub fn start(listener: TcpListener, stop: CancellationToken) -> std::io::Result<SocketAddr> {
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
@@ -142,3 +131,21 @@ are built. Reload: the page arrives whole, straight from the cache.</p>
 <script>if (!document.cookie.includes("name=")) document.cookie = "name=demo visitor; path=/";</script>
 </body></html>
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_routes_parse_and_match_the_upstream() {
+        let mut config = Config::default();
+        configure(&mut config, "127.0.0.1:3000".parse().unwrap());
+        let names: Vec<&str> = config.fragments.iter().map(|r| r.name.as_str()).collect();
+        let served: Vec<&str> = FRAGMENTS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, served);
+        for route in &config.fragments {
+            assert_eq!(route.render, format!("/_render/{}", route.name));
+        }
+        assert_eq!(config.upstream.url, "http://127.0.0.1:3000");
+    }
+}

@@ -45,6 +45,13 @@ enum Command {
         #[arg(long)]
         admin: Option<String>,
     },
+    /// Run only the bundled demo upstream (the app `--demo` fronts), e.g. as the
+    /// upstream of a local cluster; its routes are in `gateway/assets/demo.toml`.
+    DemoUpstream {
+        /// Address to listen on.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:3000")]
+        listen: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,8 +86,8 @@ async fn main() -> anyhow::Result<()> {
 
     let stop_demo = CancellationToken::new();
     if args.demo {
-        let upstream = tessera_gateway::demo::start(stop_demo.clone())
-            .await
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let upstream = tessera_gateway::demo::start(listener, stop_demo.clone())
             .context("starting the demo upstream")?;
         tessera_gateway::demo::configure(&mut config, upstream);
     }
@@ -127,6 +134,7 @@ async fn admin_command(config: &Config, command: Command) -> anyhow::Result<()> 
             requeue: None,
             admin,
         } => (admin, Method::GET, "/dead-letters".into()),
+        Command::DemoUpstream { listen } => return demo_upstream(&listen).await,
     };
     let base = admin.unwrap_or(default_admin);
     match tessera_gateway::cli::call(&base, token, method, &path).await {
@@ -139,4 +147,16 @@ async fn admin_command(config: &Config, command: Command) -> anyhow::Result<()> 
             std::process::exit(1);
         }
     }
+}
+
+async fn demo_upstream(listen: &str) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the demo upstream to {listen}"))?;
+    let stop = CancellationToken::new();
+    let addr = tessera_gateway::demo::start(listener, stop.clone())?;
+    println!("Tessera demo upstream on http://{addr}/");
+    tessera_protocol::process::shutdown_signal().await;
+    stop.cancel();
+    Ok(())
 }
