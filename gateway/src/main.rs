@@ -45,6 +45,13 @@ enum Command {
         #[arg(long)]
         admin: Option<String>,
     },
+    /// Exit 0 when an admin URL (of a gateway or a worker) answers 2xx, else 1: a
+    /// container health probe that needs no curl, e.g.
+    /// `tessera-gateway probe http://127.0.0.1:9090/readyz`. Sends the admin token.
+    Probe {
+        /// The URL to check.
+        url: String,
+    },
     /// Run only the bundled demo upstream (the app `--demo` fronts), e.g. as the
     /// upstream of a local cluster; its routes are in `gateway/assets/demo.toml`.
     DemoUpstream {
@@ -135,6 +142,21 @@ async fn admin_command(config: &Config, command: Command) -> anyhow::Result<()> 
             admin,
         } => (admin, Method::GET, "/dead-letters".into()),
         Command::DemoUpstream { listen } => return demo_upstream(&listen).await,
+        Command::Probe { url } => {
+            // Either token opens both listeners when set from TESSERA_ADMIN_TOKEN.
+            let token = if token.is_empty() {
+                &config.workers.admin_token
+            } else {
+                token
+            };
+            return match tessera_gateway::cli::call(&url, token, Method::GET, "").await {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    eprintln!("tessera-gateway probe: {e}");
+                    std::process::exit(1);
+                }
+            };
+        }
     };
     let base = admin.unwrap_or(default_admin);
     match tessera_gateway::cli::call(&base, token, method, &path).await {

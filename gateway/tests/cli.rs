@@ -117,3 +117,46 @@ async fn purge_route_from_the_command_line() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_checks_health_with_the_admin_token() {
+    let (admin, stop) = running_gateway("tok").await;
+    let probe = |config: &'static str, path: &str| {
+        let url = format!("{admin}{path}");
+        tokio::task::spawn_blocking(move || purge(config, &["probe", &url]))
+    };
+    let ok = probe("[gateway]\nadmin_token = \"tok\"\n", "/readyz")
+        .await
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    // The workers' token is used when the gateway's is not set.
+    let ok = probe("[workers]\nadmin_token = \"tok\"\n", "/healthz")
+        .await
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let refused = probe("", "/healthz").await.unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
+    stop.cancel();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("http://{closed}/healthz");
+    let down = tokio::task::spawn_blocking(move || purge("", &["probe", &url]))
+        .await
+        .unwrap();
+    assert_eq!(
+        down.status.code(),
+        Some(1),
+        "nothing listening fails the probe"
+    );
+}
