@@ -1,7 +1,9 @@
 //! Real processes for distributed tests: `tessera-gateway` and `tessera-worker` binaries
-//! sharing one config (memcached, RabbitMQ, a unique namespace), killed when dropped.
+//! sharing one config (memcached, RabbitMQ, a unique namespace), started and stopped by
+//! `deploy/local/cluster.sh` (the script users run), and single child processes killed
+//! when dropped.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -107,28 +109,150 @@ impl Drop for Proc {
     }
 }
 
-/// A config file and the processes started from it.
+/// `deploy/local/cluster.sh`, the one script that starts and stops local clusters.
+pub fn cluster_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/cluster.sh")
+}
+
+/// Runs `cluster.sh ARGS --dir DIR`; returns its stdout, panicking with its output when it
+/// fails.
+pub fn run_script(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("bash")
+        .arg(cluster_script())
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("bash runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "cluster.sh {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// One process started by `cluster.sh` (not a child of this test: it is signalled by pid).
+#[derive(Debug)]
+pub struct Member {
+    /// Its name in the cluster (`worker-0`).
+    pub name: String,
+    /// Its pid.
+    pub pid: u32,
+    dir: PathBuf,
+}
+
+impl Member {
+    fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([signal, &self.pid.to_string()])
+            .status();
+    }
+
+    /// Sends SIGKILL.
+    pub fn kill(&mut self) {
+        self.signal("-KILL");
+    }
+
+    /// Sends SIGTERM (graceful stop) and waits up to `within` for it to exit; returns its
+    /// exit status.
+    pub fn terminate(&mut self, within: Duration) -> Option<i32> {
+        self.signal("-TERM");
+        let exit = self.dir.join("run").join(format!("{}.exit", self.name));
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Some(code) = std::fs::read_to_string(&exit)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                return Some(code);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Whether it is still running (a zombie is not).
+    pub fn running(&self) -> bool {
+        pid_alive(self.pid)
+    }
+}
+
+/// Whether `pid` is a live process (not a zombie).
+pub fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // `pid (comm) STATE ...`; comm may contain spaces, so read after the last `)`.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+/// One line of `DIR/procs`: `KIND NAME PID URL ADMIN_URL`.
+#[derive(Debug, Clone)]
+pub struct ProcLine {
+    /// `gateway`, `worker`, `upstream`, `memcached`, `rabbitmq`.
+    pub kind: String,
+    /// `gateway-0`, …
+    pub name: String,
+    /// Its pid (`None` for a daemon started without one).
+    pub pid: Option<u32>,
+    /// Public URL (`-` when none).
+    pub url: String,
+    /// Admin URL (`-` when none).
+    pub admin: String,
+}
+
+/// Parses a line `cluster.sh` printed or recorded.
+pub fn parse_proc_line(line: &str) -> ProcLine {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(f.len(), 5, "a cluster.sh process line: {line:?}");
+    ProcLine {
+        kind: f[0].into(),
+        name: f[1].into(),
+        pid: f[2].parse().ok(),
+        url: f[3].into(),
+        admin: f[4].into(),
+    }
+}
+
+/// Every process recorded in `DIR/procs`.
+pub fn recorded(dir: &Path) -> Vec<ProcLine> {
+    std::fs::read_to_string(dir.join("procs"))
+        .unwrap_or_default()
+        .lines()
+        .map(parse_proc_line)
+        .collect()
+}
+
+/// A cluster started with `deploy/local/cluster.sh` from a test's config (memcached,
+/// RabbitMQ, a unique namespace), stopped with `cluster.sh down` when dropped.
 #[derive(Debug)]
 pub struct Cluster {
-    /// The TOML every process reads (gateways get their listeners prepended).
+    /// The TOML every process reads.
     pub base_toml: String,
-    /// The workers' config file.
+    /// The config file.
     pub config_path: PathBuf,
     /// Its namespace (also the prefix of its queues and exchanges).
     pub namespace: String,
+    /// The script's state directory (pids, logs).
+    pub dir: PathBuf,
     /// Public URLs of the gateways started so far.
     pub gateways: Vec<String>,
     /// Admin URLs, in the same order.
     pub admins: Vec<String>,
     /// Gateway processes.
-    pub gateway_procs: Vec<Proc>,
+    pub gateway_procs: Vec<Member>,
     /// Worker processes.
-    pub workers: Vec<Proc>,
+    pub workers: Vec<Member>,
 }
 
 impl Cluster {
     /// Writes a config for `routes` (their queues prefixed with a fresh namespace) against
-    /// `upstream`, on `memcached` (default: the test memcached) and the test RabbitMQ.
+    /// `upstream`, on `memcached` (default: the test memcached) and the test RabbitMQ, and
+    /// brings up an empty cluster (`cluster.sh up --gateways 0 --workers 0`).
     pub fn new(
         upstream: &str,
         mut routes: Vec<FragmentRoute>,
@@ -139,10 +263,10 @@ impl Cluster {
         for r in &mut routes {
             r.queue = format!("{namespace}.{}", r.queue);
         }
+        let memcached = memcached.unwrap_or_else(memcached_addr);
         let mut toml = format!(
-            "[upstream]\nurl = \"{upstream}\"\ntimeout = \"5s\"\n[store]\nmemcached = [\"{}\"]\nnamespace = \"{namespace}\"\n\
+            "[upstream]\nurl = \"{upstream}\"\ntimeout = \"5s\"\n[store]\nmemcached = [\"{memcached}\"]\nnamespace = \"{namespace}\"\n\
              [bus]\namqp = \"{}\"\nqueue_expiry = \"10m\"\n[workers]\nembedded = 0\nconcurrency = 8\n[cache]\nttl = \"2s\"\n",
-            memcached.unwrap_or_else(memcached_addr),
             amqp_url(),
         );
         for r in &routes {
@@ -156,12 +280,34 @@ impl Cluster {
                 r.queue
             ));
         }
-        let config_path = std::env::temp_dir().join(format!("{namespace}.toml"));
+        let dir = std::env::temp_dir().join(format!("{namespace}-cluster"));
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        let config_path = dir.join("tessera.toml");
         std::fs::write(&config_path, &toml).expect("config written");
+        let bin = bin_dir();
+        run_script(
+            &dir,
+            &[
+                "up",
+                "--config",
+                &config_path.to_string_lossy(),
+                "--gateways",
+                "0",
+                "--workers",
+                "0",
+                "--memcached",
+                &memcached,
+                "--amqp",
+                &amqp_url(),
+                "--bin",
+                &bin.to_string_lossy(),
+            ],
+        );
         Cluster {
             base_toml: toml,
             config_path,
             namespace,
+            dir,
             gateways: Vec::new(),
             admins: Vec::new(),
             gateway_procs: Vec::new(),
@@ -169,60 +315,47 @@ impl Cluster {
         }
     }
 
-    /// Starts a gateway process; waits (bounded) until it answers. Returns its URL.
-    pub async fn gateway(&mut self) -> String {
-        let (port, admin) = (free_port(), free_port());
-        let n = self.gateway_procs.len();
-        let path = std::env::temp_dir().join(format!("{}-gw{n}.toml", self.namespace));
-        let toml = format!(
-            "[gateway]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n{}",
-            self.base_toml
-        );
-        std::fs::write(&path, toml).expect("gateway config written");
-        let child = Command::new(bin_dir().join("tessera-gateway"))
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .env_remove("TESSERA_CONFIG")
-            .env_remove("TESSERA_LISTEN")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("gateway starts");
-        self.gateway_procs.push(Proc {
-            child,
-            name: format!("gateway {n}"),
-        });
-        let (url, admin_url) = (
-            format!("http://127.0.0.1:{port}"),
-            format!("http://127.0.0.1:{admin}"),
-        );
-        let health = format!("{admin_url}/healthz");
-        crate::eventually("the gateway answers", Duration::from_secs(20), || {
-            let health = health.clone();
-            async move { crate::harness::client().get(health).send().await.is_ok() }
-        })
-        .await;
-        self.gateways.push(url.clone());
-        self.admins.push(admin_url);
-        url
+    fn add(&self, kind: &str) -> (Member, ProcLine) {
+        let dir = self.dir.clone();
+        let line = parse_proc_line(run_script(&dir, &["add", kind]).trim());
+        let member = Member {
+            name: line.name.clone(),
+            pid: line.pid.expect("a started process has a pid"),
+            dir,
+        };
+        (member, line)
     }
 
-    /// Starts a worker process.
+    /// Starts a gateway (`cluster.sh add gateway` returns once it answers). Returns its URL.
+    pub async fn gateway(&mut self) -> String {
+        let (member, line) = tokio::task::block_in_place(|| self.add("gateway"));
+        self.gateway_procs.push(member);
+        self.gateways.push(line.url.clone());
+        self.admins.push(line.admin);
+        line.url
+    }
+
+    /// Starts a worker process; returns its index in `workers`.
     pub fn worker(&mut self) -> usize {
-        let child = Command::new(bin_dir().join("tessera-worker"))
-            .arg("--config")
-            .arg(&self.config_path)
-            .args(["--admin-listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
-            .env_remove("TESSERA_CONFIG")
+        let (member, _) = tokio::task::block_in_place(|| self.add("worker"));
+        self.workers.push(member);
+        self.workers.len() - 1
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(cluster_script())
+            .args(["down", "--dir"])
+            .arg(&self.dir)
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .spawn()
-            .expect("worker starts");
-        let n = self.workers.len();
-        self.workers.push(Proc {
-            child,
-            name: format!("worker {n}"),
-        });
-        n
+            .status();
+        if std::thread::panicking() {
+            eprintln!("cluster logs kept in {}", self.dir.join("logs").display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! - [`cluster`]: real gateway and worker processes on memcached and RabbitMQ.
 //! - [`counting`]: a `Store` wrapper that counts round trips.
 //! - [`harness`]: start and stop gateways; choose memory or real backends.
-//! - [`eventually`]: wait for a condition with a bounded deadline.
+//! - [`eventually`]: wait for a condition with a bounded deadline; [`metric`]: read a sample.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -38,4 +38,14 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The value of the first Prometheus sample line starting with `line_start` (name and
+/// labels), or 0 when there is none.
+pub fn metric(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }

@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use tessera_tests::eventually;
 use tessera_tests::harness::{Backend, TestGateway, backends, client, config, route};
 use tessera_tests::upstream::FakeUpstream;
+use tessera_tests::{eventually, metric};
 
 const WITHIN: Duration = Duration::from_secs(15);
 
@@ -18,14 +18,6 @@ async fn wait_for(url: &str) -> reqwest::Response {
         .send()
         .await
         .unwrap()
-}
-
-fn metric(text: &str, line_start: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test]

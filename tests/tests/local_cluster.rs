@@ -1,0 +1,138 @@
+//! `deploy/local/cluster.sh` as a user runs it: a whole cluster with the demo upstream,
+//! a fragment served end to end through both gateways, and nothing left behind.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Stdio};
+
+use reqwest::StatusCode;
+use tessera_tests::cluster::{bin_dir, cluster_script, pid_alive, recorded, run_script};
+use tessera_tests::harness::{client, memcached_addr, require_servers, unique_namespace};
+
+async fn fragment(gateway: &str, path: &str) -> (StatusCode, String) {
+    let r = client()
+        .get(format!("{gateway}{path}"))
+        .header("prefer", "wait=10")
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_cluster_serves_through_both_gateways_and_stops_cleanly() {
+    require_servers();
+    let namespace = unique_namespace();
+    let dir = std::env::temp_dir().join(format!("{namespace}-local"));
+    let bin = bin_dir();
+    let up = tokio::task::block_in_place(|| {
+        run_script(
+            &dir,
+            &[
+                "up",
+                "--gateways",
+                "2",
+                "--workers",
+                "2",
+                "--namespace",
+                &namespace,
+                "--queue-expiry",
+                "10m",
+                "--bin",
+                &bin.to_string_lossy(),
+            ],
+        )
+    });
+    let procs = recorded(&dir);
+    let of = |kind: &str| procs.iter().filter(|p| p.kind == kind).collect::<Vec<_>>();
+    let (gateways, workers) = (of("gateway"), of("worker"));
+    assert_eq!(
+        (gateways.len(), workers.len(), of("upstream").len()),
+        (2, 2, 1),
+        "{up}"
+    );
+    for g in &gateways {
+        assert!(up.contains(&g.url), "up prints every gateway URL:\n{up}");
+    }
+    assert!(
+        of("memcached").is_empty() && of("rabbitmq").is_empty(),
+        "the running memcached and RabbitMQ were used, not started again: {procs:?}"
+    );
+
+    // Built once by a worker, then served by either gateway from memcached.
+    let (status, first) = fragment(&gateways[0].url, "/fragments/weather").await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert!(first.contains("21 °C"), "{first}");
+    let (status, second) = fragment(&gateways[1].url, "/fragments/weather").await;
+    assert_eq!((status, &second), (StatusCode::OK, &first));
+    let page = client()
+        .get(format!("{}/", gateways[1].url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("Tessera demo") && page.contains("21 °C"),
+        "{page}"
+    );
+    let mut built = 0.0;
+    for w in &workers {
+        let text = client()
+            .get(format!("{}/metrics", w.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        built += tessera_tests::metric(
+            &text,
+            r#"tessera_worker_builds_succeeded_total{route="weather"}"#,
+        );
+    }
+    assert_eq!(built, 1.0, "one build of the weather fragment");
+
+    let down = tokio::task::block_in_place(|| run_script(&dir, &["down"]));
+    assert!(down.contains("stopped 5 processes"), "{down}");
+    for p in &procs {
+        let pid = p.pid.unwrap();
+        assert!(!pid_alive(pid), "{} (pid {pid}) is still running", p.name);
+    }
+    assert!(
+        std::net::TcpStream::connect(memcached_addr()).is_ok(),
+        "the memcached the script did not start is left alone"
+    );
+    let again = tokio::task::block_in_place(|| run_script(&dir, &["down"]));
+    assert!(again.contains("nothing running"), "{again}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_script_says_what_is_missing() {
+    let dir = std::env::temp_dir().join(format!("{}-nobin", unique_namespace()));
+    let out = Command::new("bash")
+        .arg(cluster_script())
+        .args(["up", "--bin", "/nonexistent", "--dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cargo build --release"), "{stderr}");
+    let out = Command::new("bash")
+        .arg(cluster_script())
+        .args(["add", "worker", "--dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no cluster in"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
