@@ -45,6 +45,9 @@ enum Command {
         #[arg(long)]
         admin: Option<String>,
     },
+    /// Load and validate the configuration (file and TESSERA_* environment), print a
+    /// summary and exit 0; exit 2 naming the key at fault otherwise. Touches no server.
+    Check,
     /// Exit 0 when an admin URL (of a gateway or a worker) answers 2xx, else 1: a
     /// container health probe that needs no curl, e.g.
     /// `tessera-gateway probe http://127.0.0.1:9090/readyz`. Sends the admin token.
@@ -79,6 +82,10 @@ enum Purge {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tessera_protocol::process::init_logging();
+    if let Some(Command::DemoUpstream { listen }) = &args.command {
+        // Needs no configuration.
+        return demo_upstream(listen).await;
+    }
     let mut config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -141,7 +148,30 @@ async fn admin_command(config: &Config, command: Command) -> anyhow::Result<()> 
             requeue: None,
             admin,
         } => (admin, Method::GET, "/dead-letters".into()),
-        Command::DemoUpstream { listen } => return demo_upstream(&listen).await,
+        Command::DemoUpstream { listen } => return demo_upstream(&listen).await, // not reached
+        Command::Check => {
+            let store = if config.store.memcached.is_empty() {
+                "in-process".to_string()
+            } else {
+                format!("memcached {}", config.store.memcached.join(", "))
+            };
+            let bus = if config.bus.amqp.is_some() {
+                "RabbitMQ"
+            } else {
+                "in-process"
+            };
+            let mode = format!(
+                "store {store}; bus {bus}; {} embedded workers",
+                config.workers.embedded
+            );
+            let routes: Vec<&str> = config.fragments.iter().map(|r| r.name.as_str()).collect();
+            println!(
+                "configuration OK: {mode}; upstream {}; routes: {}",
+                config.upstream.url,
+                routes.join(", ")
+            );
+            return Ok(());
+        }
         Command::Probe { url } => {
             // Either token opens both listeners when set from TESSERA_ADMIN_TOKEN.
             let token = if token.is_empty() {

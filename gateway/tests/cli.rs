@@ -160,3 +160,24 @@ async fn probe_checks_health_with_the_admin_token() {
         "nothing listening fails the probe"
     );
 }
+
+#[test]
+fn check_validates_a_config_without_starting_anything() {
+    let ok = purge(
+        "[gateway]\nlisten = \"127.0.0.1:1\"\n[[fragment]]\nname = \"news\"\nrender = \"/r\"\n",
+        &["check"],
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let summary = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        summary.contains("configuration OK") && summary.contains("routes: news"),
+        "{summary}"
+    );
+    let bad = purge("[cache]\nttl = \"0s\"\n", &["check"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("cache.ttl"));
+}
