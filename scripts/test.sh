@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a clean clone on a fresh machine:
-#   1. install and start what the tests need (memcached, RabbitMQ, Chromium),
+#   1. install and start what the tests need (memcached, RabbitMQ, Chromium, the deploy
+#      validators),
 #   2. check formatting and lints,
 #   3. run every test in the workspace.
 # Any step failing fails the run; nothing is skipped silently.
@@ -8,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/services.sh
+bash scripts/deploy-tools.sh
 
 # The browser tests drive Debian's Chromium through chromedriver.
 if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then

@@ -170,7 +170,7 @@ ensure_rabbitmq() {
 }
 
 up() {
-  local gateways=2 workers=2 config= namespace=tessera expiry=
+  local gateways=2 workers=2 config='' namespace=tessera expiry=''
   BIN=$ROOT/target/release
   MEMCACHED=127.0.0.1:11211
   AMQP='amqp://guest:guest@127.0.0.1:5672/%2f'
