@@ -107,7 +107,7 @@ impl Gateway {
             .route(name)
             .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
         let identity = Identity::from_request(route, req.uri().query(), req.headers())?;
-        let (_, keys) = self.keys(route, &identity).await?;
+        let (_, keys, _) = self.keys(route, &identity).await?;
         let deleted = self.backends.store.delete(&keys.envelope).await?;
         // Evict here first, so this gateway is right even if the broker is down.
         self.l1.invalidate_key(&keys.envelope).await;

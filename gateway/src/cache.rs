@@ -68,6 +68,11 @@ impl Slot {
         }
     }
 
+    /// When the load that produced it started.
+    pub fn loaded_at(&self) -> Instant {
+        self.loaded_at
+    }
+
     /// True for the first caller only.
     pub fn claim_rebuild(&self) -> bool {
         !self.rebuild_requested.swap(true, Ordering::AcqRel)
@@ -113,6 +118,8 @@ pub struct L1 {
     everything_before: AtomicU64,
     /// Nanoseconds after `base` of the latest invalidation of any kind.
     last_invalidation: AtomicU64,
+    /// `cache.ttl`.
+    ttl: Duration,
 }
 
 impl std::fmt::Debug for L1 {
@@ -158,6 +165,7 @@ impl L1 {
             base: Instant::now(),
             everything_before: AtomicU64::new(0),
             last_invalidation: AtomicU64::new(0),
+            ttl,
         }
     }
 
@@ -177,8 +185,13 @@ impl L1 {
         self.last_invalidation.fetch_max(nanos, Ordering::AcqRel);
     }
 
-    /// The generation of `route`, from L1 or from `load`.
-    pub async fn generation<L, F>(&self, route: &str, load: L) -> Result<u64, GatewayError>
+    /// The generation of `route`, from L1 or from `load`, and when it was read from the
+    /// store.
+    pub async fn generation<L, F>(
+        &self,
+        route: &str,
+        load: L,
+    ) -> Result<(u64, Instant), GatewayError>
     where
         L: FnOnce() -> F,
         F: Future<Output = Result<u64, GatewayError>>,
@@ -186,7 +199,7 @@ impl L1 {
         let log_key = route_log_key(route);
         if let Some(g) = self.generations.get(route).await {
             if self.still_valid(&log_key, g.loaded_at) {
-                return Ok(g.value);
+                return Ok((g.value, g.loaded_at));
             }
             self.generations.invalidate(route).await;
         }
@@ -203,7 +216,20 @@ impl L1 {
         )
         .await
         .map_err(unshare)?;
-        Ok(g.value)
+        Ok((g.value, g.loaded_at))
+    }
+
+    /// Whether nothing was invalidated since `at` (events, purges, lost events), and
+    /// an entry loaded at `loaded_at` is within `cache.ttl`: what lets a hot answer
+    /// checked at `at` be reused without looking anything up.
+    pub fn unchanged_since(&self, at: Instant, loaded_at: Instant) -> bool {
+        let last = self.base + Duration::from_nanos(self.last_invalidation.load(Ordering::Acquire));
+        at > last && loaded_at.elapsed() < self.ttl
+    }
+
+    /// Whether slots are cached at all (`cache.capacity` > 0).
+    pub fn enabled(&self) -> bool {
+        self.slots.is_some()
     }
 
     /// The slot of `key`, from L1 or from `load` (coalesced across concurrent callers).
@@ -404,16 +430,16 @@ mod tests {
     #[tokio::test]
     async fn route_invalidation_reloads_the_generation() {
         let l1 = L1::new(1 << 20, Duration::from_secs(60));
-        assert_eq!(l1.generation("r", || async { Ok(1) }).await.unwrap(), 1);
+        assert_eq!(l1.generation("r", || async { Ok(1) }).await.unwrap().0, 1);
         assert_eq!(
-            l1.generation("r", || async { Ok(2) }).await.unwrap(),
+            l1.generation("r", || async { Ok(2) }).await.unwrap().0,
             1,
             "cached"
         );
         l1.invalidate_route("r").await;
-        assert_eq!(l1.generation("r", || async { Ok(2) }).await.unwrap(), 2);
+        assert_eq!(l1.generation("r", || async { Ok(2) }).await.unwrap().0, 2);
         l1.invalidate_all();
-        assert_eq!(l1.generation("r", || async { Ok(3) }).await.unwrap(), 3);
+        assert_eq!(l1.generation("r", || async { Ok(3) }).await.unwrap().0, 3);
     }
 
     #[tokio::test]

@@ -270,7 +270,7 @@ impl Gateway {
         let name = path.strip_prefix(self.config.gateway.fragment_prefix.as_str())?;
         let route = self.config.route(name)?;
         let identity = Identity::from_request(route, query, headers).ok()?;
-        let (generation, keys) = self.keys(route, &identity).await.ok()?;
+        let (generation, keys, _) = self.keys(route, &identity).await.ok()?;
         Some(Target {
             src: canonical_src(&self.config.gateway.fragment_prefix, route, &identity),
             route,

@@ -123,13 +123,22 @@ impl Gateway {
             .config
             .route(name)
             .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
+        if route.vary.is_empty()
+            && let Some(hot) = self.hot.get(&route.name, req.uri().query())
+            && self.l1.unchanged_since(hot.checked_at, hot.loaded_at)
+            && let SlotState::Found(envelope) = &hot.slot.state
+            && matches!(envelope.freshness(now_ms()), Freshness::Fresh)
+        {
+            return Ok(serve(route, req, &hot.slot, envelope, false));
+        }
         let identity = Identity::from_request(route, req.uri().query(), req.headers())?;
         let trace = Trace::new(req.headers());
         let wait = prefer_wait(req.headers()).map(|w| w.min(self.config.gateway.max_wait));
         let deadline = wait.map(|w| tokio::time::Instant::now() + w);
 
         loop {
-            let (generation, keys) = self.keys(route, &identity).await?;
+            let checked_at = std::time::Instant::now();
+            let (generation, keys, generation_read_at) = self.keys(route, &identity).await?;
             // Register before looking, so a `built` event between the lookup and the
             // wait still wakes us.
             let mut waiter = deadline.map(|_| self.waiters.register(keys.envelope.as_str()));
@@ -151,7 +160,21 @@ impl Gateway {
                         .await?;
                     return Ok(respond(route, req, found));
                 }
-                (found, _, _) => return Ok(respond(route, req, found)),
+                (found, _, _) => {
+                    if let Found::Serve { slot, stale: false } = &found
+                        && route.vary.is_empty()
+                        && self.l1.enabled()
+                    {
+                        self.hot.insert(
+                            &route.name,
+                            req.uri().query(),
+                            slot.clone(),
+                            checked_at,
+                            generation_read_at.min(slot.loaded_at()),
+                        );
+                    }
+                    return Ok(respond(route, req, found));
+                }
             }
         }
     }
@@ -170,13 +193,14 @@ impl Gateway {
         }
     }
 
-    /// The route's current generation and the keys of `identity` in it.
+    /// The route's current generation and the keys of `identity` in it, and when that
+    /// generation was read from the store.
     pub(crate) async fn keys(
         &self,
         route: &FragmentRoute,
         identity: &Identity,
-    ) -> Result<(u64, FragmentKeys), GatewayError> {
-        let generation = self
+    ) -> Result<(u64, FragmentKeys, std::time::Instant), GatewayError> {
+        let (generation, read_at) = self
             .l1
             .generation(&route.name, || async {
                 let key = self.backends.keys.generation(&route.name);
@@ -186,6 +210,7 @@ impl Gateway {
         Ok((
             generation,
             self.backends.keys.fragment(identity, generation),
+            read_at,
         ))
     }
 

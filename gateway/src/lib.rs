@@ -13,6 +13,7 @@
 //! - [`esi`]: the ESI 1.0 subset parser.
 //! - [`fragment`]: the fragment endpoint: lookup, build requests, answers.
 //! - [`cache`]: L1, with coalescing and an invalidation log.
+//! - [`hot`]: the last fresh answer per route and raw query, for the hit path.
 //! - [`waiters`]: long-poll wake-ups for `Prefer: wait`.
 //! - [`events`]: follows built/failed/purged events from every worker.
 //! - [`proxy`]: the reverse proxy to the upstream.
@@ -31,6 +32,7 @@ pub mod esi;
 pub mod events;
 pub mod fragment;
 pub mod headers;
+pub mod hot;
 pub mod metrics;
 pub mod proxy;
 pub mod waiters;
@@ -83,6 +85,7 @@ pub struct Gateway {
     config: Arc<Config>,
     backends: Backends,
     l1: L1,
+    hot: hot::HotAnswers,
     waiters: Waiters,
     upstream: proxy::Upstream,
     metrics: metrics::Metrics,
@@ -125,6 +128,7 @@ pub async fn serve(
     let config = Arc::new(config);
     let gateway = Arc::new(Gateway {
         l1: L1::new(config.cache.capacity.as_u64(), config.cache.ttl),
+        hot: hot::HotAnswers::default(),
         waiters: Waiters::default(),
         upstream: proxy::Upstream::new(&config.upstream.url, config.upstream.timeout)?,
         stopping: CancellationToken::new(),
