@@ -51,7 +51,7 @@ pub struct Slot {
 }
 
 impl Slot {
-    fn new(state: SlotState, loaded_at: Instant) -> Self {
+    pub(crate) fn new(state: SlotState, loaded_at: Instant) -> Self {
         let (content_type, etag) = match &state {
             SlotState::Found(e) => (
                 HeaderValue::from_str(&e.content_type).ok(),
@@ -440,6 +440,28 @@ mod tests {
         assert_eq!(l1.generation("r", || async { Ok(2) }).await.unwrap().0, 2);
         l1.invalidate_all();
         assert_eq!(l1.generation("r", || async { Ok(3) }).await.unwrap().0, 3);
+    }
+
+    #[tokio::test]
+    async fn unchanged_since_sees_every_invalidation_and_the_ttl() {
+        let l1 = L1::new(1 << 20, Duration::from_secs(60));
+        let checked = Instant::now();
+        assert!(l1.unchanged_since(checked, checked));
+        l1.invalidate_key(&key(1)).await;
+        assert!(!l1.unchanged_since(checked, checked), "any key's event");
+        let checked = Instant::now();
+        assert!(l1.unchanged_since(checked, checked));
+        l1.invalidate_route("r").await;
+        assert!(!l1.unchanged_since(checked, checked), "a route purge");
+        let checked = Instant::now();
+        l1.invalidate_all();
+        assert!(!l1.unchanged_since(checked, checked), "lost events");
+        let checked = Instant::now();
+        let long_ago = checked.checked_sub(Duration::from_secs(61)).unwrap();
+        assert!(
+            !l1.unchanged_since(checked, long_ago),
+            "older than cache.ttl"
+        );
     }
 
     #[tokio::test]

@@ -75,3 +75,38 @@ impl HotAnswers {
         table.insert(hash, hot);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::SlotState;
+
+    fn slot() -> Arc<Slot> {
+        Arc::new(Slot::new(SlotState::Pending, Instant::now()))
+    }
+
+    #[test]
+    fn answers_only_the_exact_route_and_query() {
+        let hot = HotAnswers::default();
+        let now = Instant::now();
+        hot.insert("news", Some("page=1"), slot(), now, now);
+        hot.insert("news", None, slot(), now, now);
+        assert!(hot.get("news", Some("page=1")).is_some());
+        assert!(hot.get("news", None).is_some());
+        assert!(hot.get("news", Some("page=2")).is_none());
+        assert!(hot.get("news", Some("")).is_none());
+        assert!(hot.get("weather", Some("page=1")).is_none());
+    }
+
+    #[test]
+    fn stays_bounded() {
+        let hot = HotAnswers::default();
+        let now = Instant::now();
+        for i in 0..=CAPACITY {
+            hot.insert("r", Some(&i.to_string()), slot(), now, now);
+        }
+        let len = hot.table.read().unwrap().len();
+        assert!(len <= CAPACITY, "{len}");
+        assert!(hot.get("r", Some(&CAPACITY.to_string())).is_some());
+    }
+}
