@@ -13,7 +13,7 @@ tmp=$(mktemp -d); pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
 trap cleanup EXIT
 
-taskset -c 0 target/release/plain-server 127.0.0.1:18081 2048 2>/dev/null & pids+=($!)
+TOKIO_WORKER_THREADS=1 taskset -c 0 target/release/plain-server 127.0.0.1:18081 2048 2>/dev/null & pids+=($!)
 cat > "$tmp/tessera.toml" <<TOML
 [gateway]
 listen = "127.0.0.1:18080"
@@ -24,7 +24,7 @@ name = "bench"
 render = "/_render/bench"
 fresh = "1h"
 TOML
-RUST_LOG=warn taskset -c 0 target/release/tessera-gateway --config "$tmp/tessera.toml" & pids+=($!)
+RUST_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c 0 target/release/tessera-gateway --config "$tmp/tessera.toml" & pids+=($!)
 for _ in $(seq 100); do
   code=$(curl -s -o /dev/null -w '%{http_code}' -H 'Prefer: wait=5' http://127.0.0.1:18080/fragments/bench || true)
   [ "$code" = 200 ] && break; sleep 0.1
@@ -33,19 +33,37 @@ done
 size=$(curl -s http://127.0.0.1:18080/fragments/bench | wc -c)
 echo "fragment size: $size bytes"
 
-rate() { taskset -c 1 wrk -t1 -c"$conns" -d"${secs}s" --latency "$1" | tee -a "$2" | awk '/Requests\/sec/ {print $2}'; }
+plain_pid=${pids[0]}; gateway_pid=${pids[1]}
+# CPU ticks (user + system) a process has used so far.
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+# One round against URL served by PID: prints "REQ_PER_S CPU_MICROSECONDS_PER_REQUEST".
+round() { # url, pid, wrk output file
+  local before after out
+  before=$(ticks "$2")
+  out=$(taskset -c 1 wrk -t1 -c"$conns" -d"${secs}s" --latency "$1")
+  after=$(ticks "$2")
+  echo "$out" >>"$3"
+  awk -v b="$before" -v a="$after" -v hz="$hz" '
+    /requests in/ { n = $1 }
+    /Requests\/sec/ { r = $2 }
+    END { printf "%.0f %.2f\n", r, (a - b) / hz * 1e6 / n }' <<<"$out"
+}
 median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 taskset -c 1 wrk -t1 -c"$conns" -d2s http://127.0.0.1:18081/_render/bench >/dev/null   # warm-up
 taskset -c 1 wrk -t1 -c"$conns" -d2s http://127.0.0.1:18080/fragments/bench >/dev/null
 for r in $(seq "$rounds"); do
-  p=$(rate http://127.0.0.1:18081/_render/bench "$tmp/plain.txt"); echo "$p" >>"$tmp/plain.rates"
-  g=$(rate http://127.0.0.1:18080/fragments/bench "$tmp/gw.txt"); echo "$g" >>"$tmp/gw.rates"
-  awk -v r="$r" -v g="$g" -v p="$p" 'BEGIN { printf "round %d: plain %.0f req/s, gateway %.0f req/s, ratio %.2f\n", r, p, g, g / p }'
+  read -r p pc < <(round http://127.0.0.1:18081/_render/bench "$plain_pid" "$tmp/plain.txt")
+  read -r g gc < <(round http://127.0.0.1:18080/fragments/bench "$gateway_pid" "$tmp/gw.txt")
+  echo "$p $pc" >>"$tmp/plain.rates"; echo "$g $gc" >>"$tmp/gw.rates"
+  awk -v r="$r" -v g="$g" -v p="$p" -v gc="$gc" -v pc="$pc" 'BEGIN {
+    printf "round %d: plain %.0f req/s %.2f us CPU/req; gateway %.0f req/s %.2f us CPU/req; ratio %.2f\n", r, p, pc, g, gc, g / p }'
 done
-plain=$(median <"$tmp/plain.rates")
-gateway=$(median <"$tmp/gw.rates")
+plain=$(cut -d' ' -f1 "$tmp/plain.rates" | median); plain_cpu=$(cut -d' ' -f2 "$tmp/plain.rates" | median)
+gateway=$(cut -d' ' -f1 "$tmp/gw.rates" | median); gateway_cpu=$(cut -d' ' -f2 "$tmp/gw.rates" | median)
 echo "p99 latency, plain:   $(awk '/ 99%/ {print $2}' "$tmp/plain.txt" | tr '\n' ' ')"
 echo "p99 latency, gateway: $(awk '/ 99%/ {print $2}' "$tmp/gw.txt" | tr '\n' ' ')"
-echo "plain hyper server (median): $plain req/s"
-echo "tessera gateway (median):    $gateway req/s"
-awk -v g="$gateway" -v p="$plain" 'BEGIN { printf "ratio gateway/plain: %.2f\n", g / p }'
+echo "plain hyper server (median): $plain req/s, $plain_cpu us CPU per request"
+echo "tessera gateway (median):    $gateway req/s, $gateway_cpu us CPU per request"
+awk -v g="$gateway" -v p="$plain" -v gc="$gateway_cpu" -v pc="$plain_cpu" 'BEGIN {
+  printf "ratio gateway/plain: %.2f by throughput, %.2f by CPU per request (plain/gateway)\n", g / p, pc / gc }'
