@@ -139,6 +139,19 @@ async fn envelope(s: &Setup, keys: &tessera_protocol::FragmentKeys) -> Envelope 
     }
 }
 
+/// Waits (bounded) until `n` requests are dead-lettered.
+async fn dead_letters(s: &Setup, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while s.bus.dead_letters().len() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            s.bus.dead_letters()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn current_generation(s: &Setup) -> u64 {
     store::generation(s.backends.store.as_ref(), &s.backends.keys.generation("r"))
         .await
@@ -226,15 +239,7 @@ async fn a_request_that_does_not_fit_its_route_is_dead_lettered() {
     s.bus
         .publish_raw(&s.route.queue, Bytes::from_static(forged))
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while s.bus.dead_letters().len() < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            s.bus.dead_letters()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    dead_letters(&s, 2).await;
     let reasons: Vec<String> = s.bus.dead_letters().into_iter().map(|d| d.reason).collect();
     assert!(reasons[0].contains("undecodable"), "{reasons:?}");
     assert!(reasons[1].contains("allow-list"), "{reasons:?}");
@@ -287,15 +292,7 @@ async fn the_admin_listener_reports_outcomes_and_health() {
     }
     // `down` fails, is retried once (max_attempts = 2), then fails for good.
     assert_eq!(envelope(&s, &down).await.status, Status::Failed);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while s.bus.dead_letters().len() < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            s.bus.dead_letters()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    dead_letters(&s, 2).await;
 
     for path in ["/metrics", "/healthz", "/readyz"] {
         assert_eq!(

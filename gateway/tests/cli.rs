@@ -125,23 +125,18 @@ async fn probe_checks_health_with_the_admin_token() {
         let url = format!("{admin}{path}");
         tokio::task::spawn_blocking(move || purge(config, &["probe", &url]))
     };
-    let ok = probe("[gateway]\nadmin_token = \"tok\"\n", "/readyz")
-        .await
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
     // The workers' token is used when the gateway's is not set.
-    let ok = probe("[workers]\nadmin_token = \"tok\"\n", "/healthz")
-        .await
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    for (config, path) in [
+        ("[gateway]\nadmin_token = \"tok\"\n", "/readyz"),
+        ("[workers]\nadmin_token = \"tok\"\n", "/healthz"),
+    ] {
+        let ok = probe(config, path).await.unwrap();
+        assert!(
+            ok.status.success(),
+            "{config}: {}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+    }
     let refused = probe("", "/healthz").await.unwrap();
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));

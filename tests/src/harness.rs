@@ -175,3 +175,15 @@ pub fn client() -> reqwest::Client {
         .build()
         .unwrap()
 }
+
+/// The body of `GET url`, panicking when it cannot be fetched.
+pub async fn text(url: impl reqwest::IntoUrl) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use tessera_tests::harness::{Backend, TestGateway, backends, client, config, route};
+use tessera_tests::harness::{Backend, TestGateway, backends, client, config, route, text};
 use tessera_tests::upstream::FakeUpstream;
 use tessera_tests::{eventually, metric};
 
@@ -123,14 +123,7 @@ async fn metrics_move_with_traffic() {
         .send()
         .await
         .unwrap();
-    let text = client()
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = text(format!("{}/metrics", gw.admin)).await;
     assert!(
         metric(
             &text,

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 
 use reqwest::StatusCode;
 use tessera_tests::cluster::{bin_dir, cluster_script, pid_alive, recorded, run_script};
-use tessera_tests::harness::{client, memcached_addr, require_servers, unique_namespace};
+use tessera_tests::harness::{client, memcached_addr, require_servers, text, unique_namespace};
 
 async fn fragment(gateway: &str, path: &str) -> (StatusCode, String) {
     let r = client()
@@ -65,30 +65,15 @@ async fn the_local_cluster_serves_through_both_gateways_and_stops_cleanly() {
     assert!(first.contains("21 °C"), "{first}");
     let (status, second) = fragment(&gateways[1].url, "/fragments/weather").await;
     assert_eq!((status, &second), (StatusCode::OK, &first));
-    let page = client()
-        .get(format!("{}/", gateways[1].url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = text(format!("{}/", gateways[1].url)).await;
     assert!(
         page.contains("Tessera demo") && page.contains("21 °C"),
         "{page}"
     );
     let mut built = 0.0;
     for w in &workers {
-        let text = client()
-            .get(format!("{}/metrics", w.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
         built += tessera_tests::metric(
-            &text,
+            &text(format!("{}/metrics", w.admin)).await,
             r#"tessera_worker_builds_succeeded_total{route="weather"}"#,
         );
     }
