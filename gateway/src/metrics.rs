@@ -10,6 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+pub use tessera_workers::metrics::RouteLabels;
 use tessera_workers::metrics::WorkerMetrics;
 
 /// How a fragment request was answered.
@@ -33,13 +34,6 @@ pub struct RequestLabels {
     pub route: String,
     /// How it was answered.
     pub cache: CacheStatus,
-}
-
-/// Labels that are just the route.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
-    /// Route name.
-    pub route: String,
 }
 
 /// Latency buckets in seconds: 0.5 ms to ~33 s (long-polls included).
