@@ -24,27 +24,10 @@ struct Args {
     command: Option<Command>,
 }
 
-/// Operations on a running gateway, through its admin listener (`gateway.admin_listen`
-/// and `gateway.admin_token` from the same config).
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Purge content on every gateway.
-    Purge {
-        #[command(subcommand)]
-        what: Purge,
-        /// Admin URL (default: http://{gateway.admin_listen}).
-        #[arg(long, global = true)]
-        admin: Option<String>,
-    },
-    /// List dead-lettered build requests, or put them back on their queues.
-    DeadLetters {
-        /// Re-queue up to this many instead of listing.
-        #[arg(long, value_name = "N")]
-        requeue: Option<usize>,
-        /// Admin URL (default: http://{gateway.admin_listen}).
-        #[arg(long)]
-        admin: Option<String>,
-    },
+    #[command(flatten)]
+    Admin(Admin),
     /// Load and validate the configuration (file and TESSERA_* environment), print a
     /// summary and exit 0; exit 2 naming the key at fault otherwise. Touches no server.
     Check,
@@ -61,6 +44,29 @@ enum Command {
         /// Address to listen on.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:3000")]
         listen: String,
+    },
+}
+
+/// Operations on a running gateway, through its admin listener (`gateway.admin_listen`
+/// and `gateway.admin_token` from the same config).
+#[derive(Debug, Subcommand)]
+enum Admin {
+    /// Purge content on every gateway.
+    Purge {
+        #[command(subcommand)]
+        what: Purge,
+        /// Admin URL (default: http://{gateway.admin_listen}).
+        #[arg(long, global = true)]
+        admin: Option<String>,
+    },
+    /// List dead-lettered build requests, or put them back on their queues.
+    DeadLetters {
+        /// Re-queue up to this many instead of listing.
+        #[arg(long, value_name = "N")]
+        requeue: Option<usize>,
+        /// Admin URL (default: http://{gateway.admin_listen}).
+        #[arg(long)]
+        admin: Option<String>,
     },
 }
 
@@ -82,24 +88,34 @@ enum Purge {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tessera_protocol::process::init_logging();
-    if let Some(Command::DemoUpstream { listen }) = &args.command {
+    let path = args.config.as_deref();
+    match args.command {
         // Needs no configuration.
-        return demo_upstream(listen).await;
+        Some(Command::DemoUpstream { listen }) => demo_upstream(&listen).await,
+        Some(Command::Check) => {
+            check(&load(path));
+            Ok(())
+        }
+        Some(Command::Probe { url }) => probe(&load(path), &url).await,
+        Some(Command::Admin(command)) => admin_command(&load(path), command).await,
+        None => run(load(path), args.demo).await,
     }
-    let mut config = match Config::load(args.config.as_deref()) {
+}
+
+/// The configuration, or exit 2 naming the key at fault.
+fn load(path: Option<&std::path::Path>) -> Config {
+    match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tessera-gateway: {e}");
             std::process::exit(2);
         }
-    };
-
-    if let Some(command) = args.command {
-        return admin_command(&config, command).await;
     }
+}
 
+async fn run(mut config: Config, demo: bool) -> anyhow::Result<()> {
     let stop_demo = CancellationToken::new();
-    if args.demo {
+    if demo {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let upstream = tessera_gateway::demo::start(listener, stop_demo.clone())
             .context("starting the demo upstream")?;
@@ -109,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = TcpListener::bind(&config.gateway.listen)
         .await
         .with_context(|| format!("binding gateway.listen = {}", config.gateway.listen))?;
-    if args.demo {
+    if demo {
         println!("Tessera demo: open http://{}/", listener.local_addr()?);
     }
     tessera_gateway::run(
@@ -122,11 +138,45 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn admin_command(config: &Config, command: Command) -> anyhow::Result<()> {
+/// Prints what a valid configuration amounts to.
+fn check(config: &Config) {
+    let store = if config.store.memcached.is_empty() {
+        "in-process".to_string()
+    } else {
+        format!("memcached {}", config.store.memcached.join(", "))
+    };
+    let bus = if config.bus.amqp.is_some() {
+        "RabbitMQ"
+    } else {
+        "in-process"
+    };
+    let routes: Vec<&str> = config.fragments.iter().map(|r| r.name.as_str()).collect();
+    println!(
+        "configuration OK: store {store}; bus {bus}; {} embedded workers; upstream {}; routes: {}",
+        config.workers.embedded,
+        config.upstream.url,
+        routes.join(", ")
+    );
+}
+
+async fn probe(config: &Config, url: &str) -> anyhow::Result<()> {
+    // Either token opens both listeners when set from TESSERA_ADMIN_TOKEN.
+    let token = if config.gateway.admin_token.is_empty() {
+        &config.workers.admin_token
+    } else {
+        &config.gateway.admin_token
+    };
+    if let Err(e) = tessera_gateway::cli::call(url, token, Method::GET, "").await {
+        eprintln!("tessera-gateway probe: {e}");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn admin_command(config: &Config, command: Admin) -> anyhow::Result<()> {
     let default_admin = format!("http://{}", config.gateway.admin_listen);
-    let token = &config.gateway.admin_token;
     let (admin, method, path) = match command {
-        Command::Purge { what, admin } => {
+        Admin::Purge { what, admin } => {
             let path = match what {
                 Purge::Fragment { path } => tessera_gateway::cli::fragment_purge_path(
                     &path,
@@ -136,7 +186,7 @@ async fn admin_command(config: &Config, command: Command) -> anyhow::Result<()> 
             };
             (admin, Method::DELETE, path)
         }
-        Command::DeadLetters {
+        Admin::DeadLetters {
             requeue: Some(n),
             admin,
         } => (
@@ -144,52 +194,13 @@ async fn admin_command(config: &Config, command: Command) -> anyhow::Result<()> 
             Method::POST,
             format!("/dead-letters/requeue?limit={n}"),
         ),
-        Command::DeadLetters {
+        Admin::DeadLetters {
             requeue: None,
             admin,
         } => (admin, Method::GET, "/dead-letters".into()),
-        Command::DemoUpstream { listen } => return demo_upstream(&listen).await, // not reached
-        Command::Check => {
-            let store = if config.store.memcached.is_empty() {
-                "in-process".to_string()
-            } else {
-                format!("memcached {}", config.store.memcached.join(", "))
-            };
-            let bus = if config.bus.amqp.is_some() {
-                "RabbitMQ"
-            } else {
-                "in-process"
-            };
-            let mode = format!(
-                "store {store}; bus {bus}; {} embedded workers",
-                config.workers.embedded
-            );
-            let routes: Vec<&str> = config.fragments.iter().map(|r| r.name.as_str()).collect();
-            println!(
-                "configuration OK: {mode}; upstream {}; routes: {}",
-                config.upstream.url,
-                routes.join(", ")
-            );
-            return Ok(());
-        }
-        Command::Probe { url } => {
-            // Either token opens both listeners when set from TESSERA_ADMIN_TOKEN.
-            let token = if token.is_empty() {
-                &config.workers.admin_token
-            } else {
-                token
-            };
-            return match tessera_gateway::cli::call(&url, token, Method::GET, "").await {
-                Ok(_) => Ok(()),
-                Err(e) => {
-                    eprintln!("tessera-gateway probe: {e}");
-                    std::process::exit(1);
-                }
-            };
-        }
     };
     let base = admin.unwrap_or(default_admin);
-    match tessera_gateway::cli::call(&base, token, method, &path).await {
+    match tessera_gateway::cli::call(&base, &config.gateway.admin_token, method, &path).await {
         Ok(body) => {
             println!("{body}");
             Ok(())
