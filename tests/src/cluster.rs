@@ -83,11 +83,6 @@ impl Proc {
         }
         None
     }
-
-    /// Whether it is still running.
-    pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
 }
 
 impl Proc {
@@ -231,18 +226,10 @@ pub fn recorded(dir: &Path) -> Vec<ProcLine> {
 /// RabbitMQ, a unique namespace), stopped with `cluster.sh down` when dropped.
 #[derive(Debug)]
 pub struct Cluster {
-    /// The TOML every process reads.
-    pub base_toml: String,
-    /// The config file.
-    pub config_path: PathBuf,
     /// Its namespace (also the prefix of its queues and exchanges).
     pub namespace: String,
     /// The script's state directory (pids, logs).
     pub dir: PathBuf,
-    /// Public URLs of the gateways started so far.
-    pub gateways: Vec<String>,
-    /// Admin URLs, in the same order.
-    pub admins: Vec<String>,
     /// Gateway processes.
     pub gateway_procs: Vec<Member>,
     /// Worker processes.
@@ -304,12 +291,8 @@ impl Cluster {
             ],
         );
         Cluster {
-            base_toml: toml,
-            config_path,
             namespace,
             dir,
-            gateways: Vec::new(),
-            admins: Vec::new(),
             gateway_procs: Vec::new(),
             workers: Vec::new(),
         }
@@ -330,8 +313,6 @@ impl Cluster {
     pub async fn gateway(&mut self) -> String {
         let (member, line) = tokio::task::block_in_place(|| self.add("gateway"));
         self.gateway_procs.push(member);
-        self.gateways.push(line.url.clone());
-        self.admins.push(line.admin);
         line.url
     }
 

@@ -61,14 +61,20 @@ fn assert_refused(out: &Output, what: &str) {
     );
 }
 
-fn temp(name: &str, contents: &str) -> PathBuf {
+/// A fresh directory under the system's temporary directory.
+fn temp_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "tessera-deploy-{}-{:x}",
         std::process::id(),
         rand::random::<u32>()
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+    dir
+}
+
+/// `contents` written to `name` in a fresh temporary directory.
+fn temp(name: &str, contents: &str) -> PathBuf {
+    let path = temp_dir().join(name);
     std::fs::write(&path, contents).unwrap();
     path
 }
@@ -383,7 +389,7 @@ fn the_dockerfile_passes_hadolint_and_runs_as_non_root() {
 
 #[test]
 fn the_systemd_units_verify() {
-    let dir = temp("placeholder", "").parent().unwrap().to_path_buf();
+    let dir = temp_dir();
     let bin = bin_dir();
     let mut units = Vec::new();
     for (source, name) in [
