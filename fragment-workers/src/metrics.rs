@@ -108,6 +108,17 @@ impl WorkerMetrics {
         registry
     }
 
+    /// A build of `route` stored after `took`.
+    pub(crate) fn stored(&self, route: &str, took: std::time::Duration) {
+        let labels = RouteLabels {
+            route: route.to_string(),
+        };
+        self.succeeded.get_or_create(&labels).inc();
+        self.duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
     /// One route's counter of `family`.
     pub(crate) fn count(family: &Family<RouteLabels, Counter>, route: &str) {
         family

@@ -21,6 +21,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tessera_protocol::time::{add_ms, now_ms};
 use tessera_protocol::{
     Backends, BuildRequest, BusError, Config, Delivery, Envelope, Event, FragmentKeys,
@@ -30,10 +31,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use prometheus_client::metrics::gauge::Gauge;
-
 use crate::builder::{BuildError, FragmentBuilder, Rendered};
-use crate::metrics::{RouteLabels, WorkerMetrics};
+use crate::metrics::WorkerMetrics;
 use crate::retry::backoff;
 
 /// Why the build loop could not run.
@@ -234,13 +233,7 @@ impl Worker {
                 None => self.settle(delivery.ack().await),
                 Some(Outcome::Stored(took)) => {
                     tracing::info!("built");
-                    WorkerMetrics::count(&self.metrics.succeeded, &route.name);
-                    self.metrics
-                        .duration
-                        .get_or_create(&RouteLabels {
-                            route: route.name.clone(),
-                        })
-                        .observe(took.as_secs_f64());
+                    self.metrics.stored(&route.name, took);
                     self.settle(delivery.ack().await);
                 }
                 Some(Outcome::Retry(e)) => self.retry(delivery, route, &req, &keys, e).await,
