@@ -238,7 +238,7 @@ impl Gateway {
                     futures_util::stream::once(async move { Ok(hyper::body::Frame::data(prefix)) });
                 let body =
                     StreamBody::new(futures_util::StreamExt::chain(head, BodyStream::new(rest)));
-                return Response::from_parts(parts, BodyExt::boxed(body));
+                return Response::from_parts(parts, tessera_protocol::web::stream(body));
             }
             Err(e) => {
                 return GatewayError::Upstream(format!("reading an ESI page: {e}")).into_response();

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioIo;
@@ -109,7 +108,7 @@ impl Upstream {
             "surrogate-capability",
             HeaderValue::from_static("tessera=\"ESI/1.0\""),
         );
-        let body = body.map_err(Into::into).boxed();
+        let body = tessera_protocol::web::stream(body);
         let outbound = Request::from_parts(parts, body);
 
         let mut response = tokio::time::timeout(self.timeout, self.client.request(outbound))
@@ -148,7 +147,7 @@ impl Upstream {
         append(&mut parts.headers, header::VIA, VIA);
         Ok(Response::from_parts(
             parts,
-            body.map_err(Into::into).boxed(),
+            tessera_protocol::web::stream(body),
         ))
     }
 }
