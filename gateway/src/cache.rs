@@ -220,11 +220,11 @@ impl L1 {
     }
 
     /// Whether nothing was invalidated since `at` (events, purges, lost events), and
-    /// an entry loaded at `loaded_at` is within `cache.ttl`: what lets a hot answer
-    /// checked at `at` be reused without looking anything up.
-    pub fn unchanged_since(&self, at: Instant, loaded_at: Instant) -> bool {
+    /// an entry loaded at `loaded_at` is, `now`, within `cache.ttl`: what lets a hot
+    /// answer checked at `at` be reused without looking anything up.
+    pub fn unchanged_since(&self, at: Instant, loaded_at: Instant, now: Instant) -> bool {
         let last = self.base + Duration::from_nanos(self.last_invalidation.load(Ordering::Acquire));
-        at > last && loaded_at.elapsed() < self.ttl
+        at > last && now.saturating_duration_since(loaded_at) < self.ttl
     }
 
     /// Whether slots are cached at all (`cache.capacity` > 0).
@@ -446,20 +446,29 @@ mod tests {
     async fn unchanged_since_sees_every_invalidation_and_the_ttl() {
         let l1 = L1::new(1 << 20, Duration::from_secs(60));
         let checked = Instant::now();
-        assert!(l1.unchanged_since(checked, checked));
+        assert!(l1.unchanged_since(checked, checked, Instant::now()));
         l1.invalidate_key(&key(1)).await;
-        assert!(!l1.unchanged_since(checked, checked), "any key's event");
+        assert!(
+            !l1.unchanged_since(checked, checked, Instant::now()),
+            "any key's event"
+        );
         let checked = Instant::now();
-        assert!(l1.unchanged_since(checked, checked));
+        assert!(l1.unchanged_since(checked, checked, Instant::now()));
         l1.invalidate_route("r").await;
-        assert!(!l1.unchanged_since(checked, checked), "a route purge");
+        assert!(
+            !l1.unchanged_since(checked, checked, Instant::now()),
+            "a route purge"
+        );
         let checked = Instant::now();
         l1.invalidate_all();
-        assert!(!l1.unchanged_since(checked, checked), "lost events");
+        assert!(
+            !l1.unchanged_since(checked, checked, Instant::now()),
+            "lost events"
+        );
         let checked = Instant::now();
         let long_ago = checked.checked_sub(Duration::from_secs(61)).unwrap();
         assert!(
-            !l1.unchanged_since(checked, long_ago),
+            !l1.unchanged_since(checked, long_ago, Instant::now()),
             "older than cache.ttl"
         );
     }

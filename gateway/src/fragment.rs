@@ -29,11 +29,15 @@ use crate::Gateway;
 use crate::cache::{Slot, SlotState};
 use crate::error::GatewayError;
 use crate::headers::{Trace, if_none_match, prefer_wait, wants_json};
+use crate::hot::{Hot, LastHeaders};
 use crate::metrics::CacheStatus;
 use tessera_protocol::web::{Body, empty, full};
 
 /// `Retry-After` on pending answers: clients should prefer `Prefer: wait`.
 const PENDING_RETRY_AFTER: u64 = 1;
+
+/// RFC 9211's `Cache-Status`.
+static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
 
 /// What a lookup found, as far as the answer is concerned.
 #[derive(Debug)]
@@ -68,6 +72,37 @@ pub enum Requested {
 }
 
 impl Gateway {
+    /// Answers a fresh hit from the hot answers, without looking anything up or
+    /// awaiting; `None` sends the request down the full path ([`Self::fragment`]).
+    pub(crate) fn hot_fragment(
+        &self,
+        req: &Request<hyper::body::Incoming>,
+    ) -> Option<Response<Body>> {
+        let started = std::time::Instant::now();
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return None;
+        }
+        let hot = self.hot.get(req.uri().path_and_query()?.as_str())?;
+        let SlotState::Found(envelope) = &hot.slot.state else {
+            return None;
+        };
+        if !self
+            .l1
+            .unchanged_since(hot.checked_at, hot.loaded_at, started)
+            || started >= hot.fresh_until
+        {
+            return None;
+        }
+        let ttl = (hot.fresh_until - started).as_secs();
+        let headers = hot.headers.get(ttl, || {
+            answer_headers(&hot.route, &hot.slot, hit_status(ttl))
+        });
+        let response = finish(req, envelope, headers);
+        hot.metrics
+            .request(CacheStatus::hit, started.elapsed().as_secs_f64());
+        Some(response)
+    }
+
     /// Serves one fragment request.
     pub(crate) async fn fragment(
         self: &Arc<Self>,
@@ -90,7 +125,7 @@ impl Gateway {
             StatusCode::OK | StatusCode::NOT_MODIFIED => {
                 let stale = response
                     .headers()
-                    .get("cache-status")
+                    .get(&CACHE_STATUS)
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|v| v.contains("fwd=stale"));
                 if stale {
@@ -123,14 +158,6 @@ impl Gateway {
             .config
             .route(name)
             .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
-        if route.vary.is_empty()
-            && let Some(hot) = self.hot.get(&route.name, req.uri().query())
-            && self.l1.unchanged_since(hot.checked_at, hot.loaded_at)
-            && let SlotState::Found(envelope) = &hot.slot.state
-            && matches!(envelope.freshness(now_ms()), Freshness::Fresh)
-        {
-            return Ok(serve(route, req, &hot.slot, envelope, false));
-        }
         let identity = Identity::from_request(route, req.uri().query(), req.headers())?;
         let trace = Trace::new(req.headers());
         let wait = prefer_wait(req.headers()).map(|w| w.min(self.config.gateway.max_wait));
@@ -165,18 +192,37 @@ impl Gateway {
                         && route.vary.is_empty()
                         && self.l1.enabled()
                     {
-                        self.hot.insert(
-                            &route.name,
-                            req.uri().query(),
-                            slot.clone(),
-                            checked_at,
-                            generation_read_at.min(slot.loaded_at()),
-                        );
+                        self.remember(req, route, slot, checked_at, generation_read_at);
                     }
                     return Ok(respond(route, req, found));
                 }
             }
         }
+    }
+
+    /// Makes a fresh answer the hot answer for its request target.
+    fn remember(
+        &self,
+        req: &Request<hyper::body::Incoming>,
+        route: &FragmentRoute,
+        slot: &Arc<Slot>,
+        checked_at: std::time::Instant,
+        generation_read_at: std::time::Instant,
+    ) {
+        let (SlotState::Found(envelope), Some(target)) = (&slot.state, req.uri().path_and_query())
+        else {
+            return;
+        };
+        self.hot.insert(Hot {
+            target: target.as_str().into(),
+            route: route.clone(),
+            metrics: self.metrics.route(&route.name).clone(),
+            slot: slot.clone(),
+            checked_at,
+            loaded_at: generation_read_at.min(slot.loaded_at()),
+            fresh_until: std::time::Instant::now() + remaining(now_ms(), envelope.fresh_until),
+            headers: LastHeaders::default(),
+        });
     }
 
     /// Sleeps until `waiter` is woken (true), or the deadline passes or the gateway stops
@@ -381,30 +427,6 @@ fn serve(
     stale: bool,
 ) -> Response<Body> {
     let now = now_ms();
-    let not_modified = if_none_match(req.headers(), &envelope.etag);
-    let body = if not_modified || req.method() == Method::HEAD {
-        empty()
-    } else {
-        full(envelope.body.clone())
-    };
-    let mut response = Response::new(body);
-    if not_modified {
-        *response.status_mut() = StatusCode::NOT_MODIFIED;
-    }
-    let h = response.headers_mut();
-    if !not_modified {
-        if let Some(ct) = &slot.content_type {
-            h.insert(header::CONTENT_TYPE, ct.clone());
-        }
-        h.insert(
-            header::CONTENT_LENGTH,
-            HeaderValue::from(envelope.body.len()),
-        );
-    }
-    if let Some(etag) = &slot.etag {
-        h.insert(header::ETAG, etag.clone());
-    }
-    cache_headers(route, h);
     let status = if stale {
         let age = ceil_secs(remaining(envelope.fresh_until, now));
         let detail = if envelope.error.is_some() {
@@ -414,14 +436,56 @@ fn serve(
         };
         format!("tessera; fwd=stale; ttl=-{age}{detail}")
     } else {
-        format!(
-            "tessera; hit; ttl={}",
-            remaining(now, envelope.fresh_until).as_secs()
-        )
+        hit_status(remaining(now, envelope.fresh_until).as_secs())
     };
-    if let Ok(v) = HeaderValue::try_from(status) {
-        h.insert("cache-status", v);
+    finish(req, envelope, answer_headers(route, slot, status))
+}
+
+/// The `Cache-Status` of a fresh hit with `ttl` seconds of freshness left.
+fn hit_status(ttl: u64) -> String {
+    format!("tessera; hit; ttl={ttl}")
+}
+
+/// The headers of a 200 serving `slot`'s envelope with `Cache-Status: {status}`, all but
+/// its length.
+fn answer_headers(route: &FragmentRoute, slot: &Slot, status: String) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(8);
+    if let Some(ct) = &slot.content_type {
+        h.insert(header::CONTENT_TYPE, ct.clone());
     }
+    if let Some(etag) = &slot.etag {
+        h.insert(header::ETAG, etag.clone());
+    }
+    cache_headers(route, &mut h);
+    if let Ok(v) = HeaderValue::try_from(status) {
+        h.insert(&CACHE_STATUS, v);
+    }
+    h
+}
+
+/// The answer to `req` serving `envelope` with `headers`: 304 when `If-None-Match`
+/// matches, no body for `HEAD`.
+fn finish(
+    req: &Request<hyper::body::Incoming>,
+    envelope: &Envelope,
+    mut headers: HeaderMap,
+) -> Response<Body> {
+    let (status, body) = if if_none_match(req.headers(), &envelope.etag) {
+        headers.remove(header::CONTENT_TYPE);
+        (StatusCode::NOT_MODIFIED, empty())
+    } else if req.method() == Method::HEAD {
+        headers.insert(
+            header::CONTENT_LENGTH,
+            HeaderValue::from(envelope.body.len()),
+        );
+        (StatusCode::OK, empty())
+    } else {
+        // hyper writes `Content-Length` from the body's exact size.
+        (StatusCode::OK, full(envelope.body.clone()))
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
     response
 }
 
@@ -447,7 +511,7 @@ fn pending(route: &FragmentRoute, headers: &HeaderMap) -> Response<Body> {
     h.insert(header::RETRY_AFTER, HeaderValue::from(PENDING_RETRY_AFTER));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(
-        "cache-status",
+        &CACHE_STATUS,
         HeaderValue::from_static("tessera; fwd=miss; detail=pending"),
     );
     response

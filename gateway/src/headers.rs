@@ -26,14 +26,20 @@ pub fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
 
 /// Whether `If-None-Match` matches `etag` (weak comparison, RFC 9110 §13.1.2).
 pub fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
-    let strip = |t: &str| t.trim().trim_start_matches("W/").to_string();
-    let ours = strip(etag);
+    fn opaque(t: &str) -> &str {
+        let t = t.trim();
+        t.strip_prefix("W/").unwrap_or(t).trim()
+    }
+    if !headers.contains_key(IF_NONE_MATCH) {
+        return false;
+    }
+    let ours = opaque(etag);
     headers
         .get_all(IF_NONE_MATCH)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim() == "*" || strip(t) == ours)
+        .any(|t| t.trim() == "*" || opaque(t) == ours)
 }
 
 /// Whether the client prefers JSON over HTML.

@@ -1,6 +1,9 @@
-//! Hot answers: the fresh L1 slot last served for each `(route, raw query)` of a route
-//! without `vary`, so a repeated hit skips identity parsing, key derivation and both L1
-//! lookups.
+//! Hot answers: the fresh L1 slot last served for each request target (path and raw
+//! query) of a route without `vary`, so a repeated hit skips routing, identity parsing,
+//! key derivation and both L1 lookups.
+//!
+//! An entry also keeps the headers of its last answer, rebuilt only when the `Cache-Status`
+//! ttl they carry changes (once a second): a hit clones them instead of building them.
 //!
 //! An entry is only a shortcut to what the full path found: it is used only while nothing
 //! at all was invalidated since it was checked (any event, purge or lost event sends every
@@ -13,7 +16,11 @@ use std::hash::BuildHasher;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Instant;
 
+use http::HeaderMap;
+use tessera_protocol::FragmentRoute;
+
 use crate::cache::Slot;
+use crate::metrics::RouteMetrics;
 
 /// Most entries; past it the table starts over (entries are cheap to rebuild).
 const CAPACITY: usize = 10_000;
@@ -21,58 +28,68 @@ const CAPACITY: usize = 10_000;
 /// One remembered answer.
 #[derive(Debug)]
 pub struct Hot {
-    route: Box<str>,
-    query: Option<Box<str>>,
+    /// The request target (path and query) it answers.
+    pub target: Box<str>,
+    /// Its route.
+    pub route: FragmentRoute,
+    /// Its route's counters.
+    pub metrics: RouteMetrics,
     /// The slot served.
     pub slot: Arc<Slot>,
     /// When the full path started checking it: no invalidation may have happened since.
     pub checked_at: Instant,
     /// The older of the slot's and the generation's reads from the store.
     pub loaded_at: Instant,
+    /// When the envelope stops being fresh.
+    pub fresh_until: Instant,
+    /// The headers of its last answer.
+    pub headers: LastHeaders,
+}
+
+/// The headers of an entry's last answer and the `Cache-Status` ttl (seconds) they carry.
+#[derive(Debug, Default)]
+pub struct LastHeaders(RwLock<Option<(u64, HeaderMap)>>);
+
+impl LastHeaders {
+    /// The headers of an answer with ttl `ttl`: the last ones when built for the same
+    /// ttl, else `build`'s (remembered for the next caller).
+    pub fn get(&self, ttl: u64, build: impl FnOnce() -> HeaderMap) -> HeaderMap {
+        if let Some((built_for, headers)) = &*self.0.read().unwrap_or_else(PoisonError::into_inner)
+            && *built_for == ttl
+        {
+            return headers.clone();
+        }
+        let headers = build();
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Some((ttl, headers.clone()));
+        headers
+    }
 }
 
 /// The table of hot answers of one gateway.
 #[derive(Debug, Default)]
 pub struct HotAnswers {
     table: RwLock<HashMap<u64, Arc<Hot>>>,
-    hasher: std::hash::RandomState,
+    /// Seeded per process: a client cannot aim targets at one slot of the table.
+    hasher: foldhash::fast::RandomState,
 }
 
 impl HotAnswers {
-    fn hash(&self, route: &str, query: Option<&str>) -> u64 {
-        self.hasher.hash_one((route, query))
-    }
-
-    /// The entry for `route` and `query`, if any (not yet checked for validity).
-    pub fn get(&self, route: &str, query: Option<&str>) -> Option<Arc<Hot>> {
-        let hash = self.hash(route, query);
+    /// The entry for `target`, if any (not yet checked for validity).
+    pub fn get(&self, target: &str) -> Option<Arc<Hot>> {
+        let hash = self.hasher.hash_one(target);
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
         let hot = table.get(&hash)?;
-        (&*hot.route == route && hot.query.as_deref() == query).then(|| hot.clone())
+        (*hot.target == *target).then(|| hot.clone())
     }
 
     /// Remembers what the full path served.
-    pub fn insert(
-        &self,
-        route: &str,
-        query: Option<&str>,
-        slot: Arc<Slot>,
-        checked_at: Instant,
-        loaded_at: Instant,
-    ) {
-        let hash = self.hash(route, query);
-        let hot = Arc::new(Hot {
-            route: route.into(),
-            query: query.map(Into::into),
-            slot,
-            checked_at,
-            loaded_at,
-        });
+    pub fn insert(&self, hot: Hot) {
+        let hash = self.hasher.hash_one(&*hot.target);
         let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
         if table.len() >= CAPACITY {
             table.clear();
         }
-        table.insert(hash, hot);
+        table.insert(hash, Arc::new(hot));
     }
 }
 
@@ -81,32 +98,65 @@ mod tests {
     use super::*;
     use crate::cache::SlotState;
 
-    fn slot() -> Arc<Slot> {
-        Arc::new(Slot::new(SlotState::Pending, Instant::now()))
+    fn hot(target: &str) -> Hot {
+        let now = Instant::now();
+        Hot {
+            target: target.into(),
+            route: FragmentRoute::new("news", "/news"),
+            metrics: crate::metrics::Metrics::new(["news"]).route("news").clone(),
+            slot: Arc::new(Slot::new(SlotState::Pending, now)),
+            checked_at: now,
+            loaded_at: now,
+            fresh_until: now,
+            headers: LastHeaders::default(),
+        }
     }
 
     #[test]
-    fn answers_only_the_exact_route_and_query() {
-        let hot = HotAnswers::default();
-        let now = Instant::now();
-        hot.insert("news", Some("page=1"), slot(), now, now);
-        hot.insert("news", None, slot(), now, now);
-        assert!(hot.get("news", Some("page=1")).is_some());
-        assert!(hot.get("news", None).is_some());
-        assert!(hot.get("news", Some("page=2")).is_none());
-        assert!(hot.get("news", Some("")).is_none());
-        assert!(hot.get("weather", Some("page=1")).is_none());
+    fn answers_only_the_exact_target() {
+        let table = HotAnswers::default();
+        table.insert(hot("/fragments/news?page=1"));
+        table.insert(hot("/fragments/news"));
+        assert!(table.get("/fragments/news?page=1").is_some());
+        assert!(table.get("/fragments/news").is_some());
+        assert!(table.get("/fragments/news?page=2").is_none());
+        assert!(table.get("/fragments/news?").is_none());
+        assert!(table.get("/fragments/weather?page=1").is_none());
+    }
+
+    #[test]
+    fn rebuilds_headers_only_for_a_new_ttl() {
+        let entry = hot("/fragments/news");
+        let built = std::cell::Cell::new(0);
+        let build = |ttl: &'static str| {
+            built.set(built.get() + 1);
+            let mut h = HeaderMap::new();
+            h.insert("cache-status", http::HeaderValue::from_static(ttl));
+            h
+        };
+        assert_eq!(entry.headers.get(9, || build("9"))["cache-status"], "9");
+        assert_eq!(entry.headers.get(9, || build("other"))["cache-status"], "9");
+        assert_eq!(built.get(), 1, "the same ttl reuses the headers");
+        assert_eq!(entry.headers.get(8, || build("8"))["cache-status"], "8");
+        assert_eq!(built.get(), 2);
     }
 
     #[test]
     fn stays_bounded() {
-        let hot = HotAnswers::default();
-        let now = Instant::now();
+        let table = HotAnswers::default();
+        let proto = hot("");
         for i in 0..=CAPACITY {
-            hot.insert("r", Some(&i.to_string()), slot(), now, now);
+            table.insert(Hot {
+                target: format!("/fragments/news?{i}").into(),
+                route: proto.route.clone(),
+                metrics: proto.metrics.clone(),
+                slot: proto.slot.clone(),
+                headers: LastHeaders::default(),
+                ..proto
+            });
         }
-        let len = hot.table.read().unwrap().len();
+        let len = table.table.read().unwrap().len();
         assert!(len <= CAPACITY, "{len}");
-        assert!(hot.get("r", Some(&CAPACITY.to_string())).is_some());
+        assert!(table.get(&format!("/fragments/news?{CAPACITY}")).is_some());
     }
 }

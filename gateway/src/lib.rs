@@ -209,8 +209,24 @@ pub async fn serve(
 }
 
 impl Gateway {
-    /// Routes one request.
-    async fn handle(
+    /// Routes one request. A fresh hit is answered at once, before any future exists:
+    /// the request, which holds on to hyper's read buffer, is then dropped before hyper
+    /// reads on, so the connection keeps reusing one buffer instead of allocating another
+    /// for each request.
+    fn handle(
+        self: Arc<Self>,
+        req: Request<hyper::body::Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Response<Body>> + Send {
+        use futures_util::future::Either;
+        match self.hot_fragment(&req) {
+            Some(response) => Either::Left(std::future::ready(response)),
+            // Boxed: hyper moves the future it is handed, and the full path's is large.
+            None => Either::Right(Box::pin(self.route(req, peer))),
+        }
+    }
+
+    async fn route(
         self: Arc<Self>,
         req: Request<hyper::body::Incoming>,
         peer: SocketAddr,

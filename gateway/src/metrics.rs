@@ -110,7 +110,7 @@ pub struct Metrics {
     pub builds_failed: Family<RouteLabels, Counter>,
     /// The embedded workers' metrics (`tessera_worker_*`).
     pub worker: WorkerMetrics,
-    routes: std::collections::HashMap<String, RouteMetrics>,
+    routes: std::collections::HashMap<String, RouteMetrics, foldhash::fast::RandomState>,
     /// Requests for names that are no route (label `""`).
     unknown: RouteMetrics,
 }

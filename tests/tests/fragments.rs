@@ -146,6 +146,23 @@ pub async fn fresh_hits_carry_cache_headers_and_revalidate(kind: Backend) {
     let status = r.headers()["cache-status"].to_str().unwrap().to_string();
     assert!(status.starts_with("tessera; hit; ttl="), "{status}");
     assert_eq!(r.headers()["cache-control"], "public, no-cache");
+    let content_type = r.headers()["content-type"].clone();
+    let body = r.text().await.unwrap();
+    // Repeated hits (answered from the hot answers) carry the same headers and body.
+    for _ in 0..3 {
+        let again = get(&url).await;
+        assert_eq!(again.status(), StatusCode::OK);
+        assert_eq!(again.headers()["etag"], etag.as_str());
+        assert_eq!(again.headers()["content-type"], content_type);
+        assert_eq!(again.headers()["cache-control"], "public, no-cache");
+        assert_eq!(
+            again.headers()["content-length"],
+            body.len().to_string().as_str()
+        );
+        let status = again.headers()["cache-status"].to_str().unwrap();
+        assert!(status.starts_with("tessera; hit; ttl="), "{status}");
+        assert_eq!(again.text().await.unwrap(), body);
+    }
     let r = client()
         .get(&url)
         .header("if-none-match", &etag)
@@ -153,6 +170,9 @@ pub async fn fresh_hits_carry_cache_headers_and_revalidate(kind: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(r.headers()["etag"], etag.as_str());
+    assert!(r.headers().get("content-type").is_none());
+    assert!(r.bytes().await.unwrap().is_empty());
     let r = client()
         .get(&url)
         .header("if-none-match", "\"other\"")
@@ -162,6 +182,12 @@ pub async fn fresh_hits_carry_cache_headers_and_revalidate(kind: Backend) {
     assert_eq!(r.status(), StatusCode::OK);
     let head = client().head(&url).send().await.unwrap();
     assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(
+        head.headers()["content-length"],
+        body.len().to_string().as_str(),
+        "HEAD tells the length of what GET would send"
+    );
+    assert!(head.bytes().await.unwrap().is_empty());
     assert_eq!(up.renders("/_render/hit"), 1);
     gw.stop().await;
 }
