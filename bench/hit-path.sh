@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Hit path: wrk against the gateway serving a cached 2 KB fragment, and against a minimal
 # hyper server returning the same 2 KB, in the same run. Both servers run on CPU 0 and wrk
-# on CPU 1 (taskset), and the two are measured in alternating rounds, so a machine whose
-# speed drifts affects both alike. Prints every round, the medians and their ratio.
+# on CPU 1 (taskset), and the two are measured in alternating rounds (which goes first
+# alternates too), so a machine whose speed drifts affects both alike. Prints every round,
+# the medians, and the median of the rounds' ratios.
 #   bash bench/hit-path.sh [SECONDS_PER_ROUND] [CONNECTIONS] [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,9 +54,15 @@ median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] 
 taskset -c 1 wrk -t1 -c"$conns" -d2s http://127.0.0.1:18081/_render/bench >/dev/null   # warm-up
 taskset -c 1 wrk -t1 -c"$conns" -d2s http://127.0.0.1:18080/fragments/bench >/dev/null
 for r in $(seq "$rounds"); do
-  read -r p pc < <(round http://127.0.0.1:18081/_render/bench "$plain_pid" "$tmp/plain.txt")
-  read -r g gc < <(round http://127.0.0.1:18080/fragments/bench "$gateway_pid" "$tmp/gw.txt")
+  if (( r % 2 )); then
+    read -r p pc < <(round http://127.0.0.1:18081/_render/bench "$plain_pid" "$tmp/plain.txt")
+    read -r g gc < <(round http://127.0.0.1:18080/fragments/bench "$gateway_pid" "$tmp/gw.txt")
+  else
+    read -r g gc < <(round http://127.0.0.1:18080/fragments/bench "$gateway_pid" "$tmp/gw.txt")
+    read -r p pc < <(round http://127.0.0.1:18081/_render/bench "$plain_pid" "$tmp/plain.txt")
+  fi
   echo "$p $pc" >>"$tmp/plain.rates"; echo "$g $gc" >>"$tmp/gw.rates"
+  awk -v g="$g" -v p="$p" -v gc="$gc" -v pc="$pc" 'BEGIN { print g / p, pc / gc }' >>"$tmp/ratios"
   awk -v r="$r" -v g="$g" -v p="$p" -v gc="$gc" -v pc="$pc" 'BEGIN {
     printf "round %d: plain %.0f req/s %.2f us CPU/req; gateway %.0f req/s %.2f us CPU/req; ratio %.2f\n", r, p, pc, g, gc, g / p }'
 done
@@ -66,4 +73,6 @@ echo "p99 latency, gateway: $(awk '/ 99%/ {print $2}' "$tmp/gw.txt" | tr '\n' ' 
 echo "plain hyper server (median): $plain req/s, $plain_cpu us CPU per request"
 echo "tessera gateway (median):    $gateway req/s, $gateway_cpu us CPU per request"
 awk -v g="$gateway" -v p="$plain" -v gc="$gateway_cpu" -v pc="$plain_cpu" 'BEGIN {
-  printf "ratio gateway/plain: %.2f by throughput, %.2f by CPU per request (plain/gateway)\n", g / p, pc / gc }'
+  printf "ratio of the medians, gateway/plain: %.2f by throughput, %.2f by CPU per request (plain/gateway)\n", g / p, pc / gc }'
+printf "median of the rounds' ratios: %.2f by throughput, %.2f by CPU per request\n" \
+  "$(cut -d' ' -f1 "$tmp/ratios" | median)" "$(cut -d' ' -f2 "$tmp/ratios" | median)"

@@ -424,6 +424,9 @@ fn the_scripts_pass_shellcheck() {
         "scripts/test.sh",
         "scripts/services.sh",
         "scripts/deploy-tools.sh",
+        "bench/hit-path.sh",
+        "bench/hit-path-instructions.sh",
+        "bench/distributed.sh",
         ".ci/run",
     ]);
     assert_ok(&run(check), "shellcheck");
