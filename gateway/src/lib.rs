@@ -226,6 +226,8 @@ impl Gateway {
         }
     }
 
+    /// Routes a request the hot answers did not answer: the fragment endpoint's full
+    /// path, the client script, or the proxy.
     async fn route(
         self: Arc<Self>,
         req: Request<hyper::body::Incoming>,
