@@ -94,9 +94,10 @@ impl Gateway {
             return None;
         }
         let ttl = (hot.fresh_until - started).as_secs();
-        let headers = hot.headers.get(ttl, || {
-            answer_headers(&hot.route, &hot.slot, hit_status(ttl))
-        });
+        let route = self.config.fragments.get(hot.route)?;
+        let headers = hot
+            .headers
+            .get(ttl, || answer_headers(route, &hot.slot, hit_status(ttl)));
         let response = finish(req, envelope, headers);
         hot.metrics
             .request(CacheStatus::hit, started.elapsed().as_secs_f64());
@@ -209,13 +210,19 @@ impl Gateway {
         checked_at: std::time::Instant,
         generation_read_at: std::time::Instant,
     ) {
-        let (SlotState::Found(envelope), Some(target)) = (&slot.state, req.uri().path_and_query())
-        else {
+        let (SlotState::Found(envelope), Some(target), Some(index)) = (
+            &slot.state,
+            req.uri().path_and_query(),
+            self.config
+                .fragments
+                .iter()
+                .position(|r| std::ptr::eq(r, route)),
+        ) else {
             return;
         };
         self.hot.insert(Hot {
             target: target.as_str().into(),
-            route: route.clone(),
+            route: index,
             metrics: self.metrics.route(&route.name).clone(),
             slot: slot.clone(),
             checked_at,

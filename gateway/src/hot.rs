@@ -17,7 +17,6 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Instant;
 
 use http::HeaderMap;
-use tessera_protocol::FragmentRoute;
 
 use crate::cache::Slot;
 use crate::metrics::RouteMetrics;
@@ -30,8 +29,8 @@ const CAPACITY: usize = 10_000;
 pub struct Hot {
     /// The request target (path and query) it answers.
     pub target: Box<str>,
-    /// Its route.
-    pub route: FragmentRoute,
+    /// Its route's index in `Config::fragments`.
+    pub route: usize,
     /// Its route's counters.
     pub metrics: RouteMetrics,
     /// The slot served.
@@ -102,7 +101,7 @@ mod tests {
         let now = Instant::now();
         Hot {
             target: target.into(),
-            route: FragmentRoute::new("news", "/news"),
+            route: 0,
             metrics: crate::metrics::Metrics::new(["news"]).route("news").clone(),
             slot: Arc::new(Slot::new(SlotState::Pending, now)),
             checked_at: now,
@@ -148,7 +147,6 @@ mod tests {
         for i in 0..=CAPACITY {
             table.insert(Hot {
                 target: format!("/fragments/news?{i}").into(),
-                route: proto.route.clone(),
                 metrics: proto.metrics.clone(),
                 slot: proto.slot.clone(),
                 headers: LastHeaders::default(),
