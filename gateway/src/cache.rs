@@ -73,6 +73,15 @@ impl Slot {
         self.loaded_at
     }
 
+    /// The bytes it holds, roughly (what L1's byte budget counts, with its key).
+    pub fn weight(&self) -> usize {
+        let envelope = match &self.state {
+            SlotState::Found(e) => e.body.len() + e.content_type.len() + e.etag.len(),
+            SlotState::Pending => 0,
+        };
+        envelope + 128
+    }
+
     /// True for the first caller only.
     pub fn claim_rebuild(&self) -> bool {
         !self.rebuild_requested.swap(true, Ordering::AcqRel)
@@ -143,11 +152,7 @@ impl L1 {
             moka::future::Cache::builder()
                 .max_capacity(capacity)
                 .weigher(|k: &StoreKey, s: &Arc<Slot>| {
-                    let body = match &s.state {
-                        SlotState::Found(e) => e.body.len() + e.content_type.len() + e.etag.len(),
-                        SlotState::Pending => 0,
-                    };
-                    u32::try_from(k.as_str().len() + body + 128).unwrap_or(u32::MAX)
+                    u32::try_from(k.as_str().len() + s.weight()).unwrap_or(u32::MAX)
                 })
                 .expire_after(SlotExpiry { ttl })
                 .build()

@@ -21,8 +21,12 @@ use http::HeaderMap;
 use crate::cache::Slot;
 use crate::metrics::RouteMetrics;
 
-/// Most entries; past it the table starts over (entries are cheap to rebuild).
+/// Most entries; past it, or past its byte budget, the table starts over (entries are
+/// cheap to rebuild).
 const CAPACITY: usize = 10_000;
+
+/// Bytes an entry holds besides its slot and target: the entry and its kept headers.
+const OVERHEAD: usize = 512;
 
 /// One remembered answer.
 #[derive(Debug)]
@@ -65,30 +69,64 @@ impl LastHeaders {
 }
 
 /// The table of hot answers of one gateway.
-#[derive(Debug, Default)]
+///
+/// Entries share their slots with L1, but a slot L1 evicts stays alive while an entry
+/// holds it, so the table has a byte budget of its own.
+#[derive(Debug)]
 pub struct HotAnswers {
-    table: RwLock<HashMap<u64, Arc<Hot>>>,
+    table: RwLock<Table>,
+    budget: usize,
     /// Seeded per process: a client cannot aim targets at one slot of the table.
     hasher: foldhash::fast::RandomState,
 }
 
+#[derive(Debug, Default)]
+struct Table {
+    entries: HashMap<u64, Arc<Hot>>,
+    /// What the entries hold, by [`Hot::weight`].
+    bytes: usize,
+}
+
+impl Hot {
+    fn weight(&self) -> usize {
+        self.slot.weight() + self.target.len() + OVERHEAD
+    }
+}
+
 impl HotAnswers {
+    /// A table holding at most `budget` bytes of answers.
+    pub fn new(budget: u64) -> Self {
+        Self {
+            table: RwLock::default(),
+            budget: usize::try_from(budget).unwrap_or(usize::MAX),
+            hasher: foldhash::fast::RandomState::default(),
+        }
+    }
+
     /// The entry for `target`, if any (not yet checked for validity).
     pub fn get(&self, target: &str) -> Option<Arc<Hot>> {
         let hash = self.hasher.hash_one(target);
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
-        let hot = table.get(&hash)?;
+        let hot = table.entries.get(&hash)?;
         (*hot.target == *target).then(|| hot.clone())
     }
 
-    /// Remembers what the full path served.
+    /// Remembers what the full path served (unless it alone is over the budget).
     pub fn insert(&self, hot: Hot) {
+        let weight = hot.weight();
+        if weight > self.budget {
+            return;
+        }
         let hash = self.hasher.hash_one(&*hot.target);
         let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
-        if table.len() >= CAPACITY {
-            table.clear();
+        if let Some(old) = table.entries.remove(&hash) {
+            table.bytes -= old.weight();
         }
-        table.insert(hash, Arc::new(hot));
+        if table.entries.len() >= CAPACITY || table.bytes + weight > self.budget {
+            *table = Table::default();
+        }
+        table.entries.insert(hash, Arc::new(hot));
+        table.bytes += weight;
     }
 }
 
@@ -113,7 +151,7 @@ mod tests {
 
     #[test]
     fn answers_only_the_exact_target() {
-        let table = HotAnswers::default();
+        let table = HotAnswers::new(1 << 30);
         table.insert(hot("/fragments/news?page=1"));
         table.insert(hot("/fragments/news"));
         assert!(table.get("/fragments/news?page=1").is_some());
@@ -141,8 +179,50 @@ mod tests {
     }
 
     #[test]
+    fn stays_within_its_byte_budget() {
+        let found = |target: &str, size: usize| {
+            let envelope = tessera_protocol::Envelope::ready(
+                bytes::Bytes::from(vec![b'x'; size]),
+                "text/html".into(),
+                std::time::Duration::from_secs(60),
+                std::time::Duration::from_secs(600),
+                1,
+                1,
+            );
+            Hot {
+                slot: Arc::new(Slot::new(SlotState::Found(envelope), Instant::now())),
+                ..hot(target)
+            }
+        };
+        let one = found("/f/0", 10_000).weight();
+        let table = HotAnswers::new(u64::try_from(3 * one).unwrap());
+        for i in 0..3 {
+            table.insert(found(&format!("/f/{i}"), 10_000));
+        }
+        assert_eq!(table.table.read().unwrap().bytes, 3 * one);
+        table.insert(found("/f/0", 10_000));
+        assert_eq!(
+            table.table.read().unwrap().bytes,
+            3 * one,
+            "a replaced entry"
+        );
+        assert!(table.get("/f/2").is_some());
+        table.insert(found("/f/3", 10_000));
+        let t = table.table.read().unwrap();
+        assert!(t.bytes <= 3 * one, "{} > {}", t.bytes, 3 * one);
+        assert_eq!(t.entries.len(), 1, "past the budget the table starts over");
+        drop(t);
+        assert!(table.get("/f/3").is_some());
+        table.insert(found("/f/big", 4 * 10_000));
+        assert!(
+            table.get("/f/big").is_none(),
+            "over the budget alone: not kept"
+        );
+    }
+
+    #[test]
     fn stays_bounded() {
-        let table = HotAnswers::default();
+        let table = HotAnswers::new(1 << 30);
         let proto = hot("");
         for i in 0..=CAPACITY {
             table.insert(Hot {
@@ -153,7 +233,7 @@ mod tests {
                 ..proto
             });
         }
-        let len = table.table.read().unwrap().len();
+        let len = table.table.read().unwrap().entries.len();
         assert!(len <= CAPACITY, "{len}");
         assert!(table.get(&format!("/fragments/news?{CAPACITY}")).is_some());
     }

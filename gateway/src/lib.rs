@@ -128,7 +128,8 @@ pub async fn serve(
     let config = Arc::new(config);
     let gateway = Arc::new(Gateway {
         l1: L1::new(config.cache.capacity.as_u64(), config.cache.ttl),
-        hot: hot::HotAnswers::default(),
+        // A quarter of L1's budget: what hot answers may keep alive beyond it.
+        hot: hot::HotAnswers::new(config.cache.capacity.as_u64() / 4),
         waiters: Waiters::default(),
         upstream: proxy::Upstream::new(&config.upstream.url, config.upstream.timeout)?,
         stopping: CancellationToken::new(),
