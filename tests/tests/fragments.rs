@@ -163,6 +163,20 @@ pub async fn fresh_hits_carry_cache_headers_and_revalidate(kind: Backend) {
         assert!(status.starts_with("tessera; hit; ttl="), "{status}");
         assert_eq!(again.text().await.unwrap(), body);
     }
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let over_h2 = h2.get(&url).send().await.unwrap();
+    assert_eq!(over_h2.version(), reqwest::Version::HTTP_2);
+    assert_eq!(over_h2.status(), StatusCode::OK);
+    assert_eq!(over_h2.headers()["etag"], etag.as_str());
+    assert_eq!(
+        over_h2.headers()["content-length"],
+        body.len().to_string().as_str()
+    );
+    assert_eq!(over_h2.text().await.unwrap(), body);
     let r = client()
         .get(&url)
         .header("if-none-match", &etag)
