@@ -111,32 +111,16 @@ impl Gateway {
         name: &str,
     ) -> Response<Body> {
         let started = std::time::Instant::now();
-        let response = match self.fragment_inner(req, name).await {
-            Ok(r) => r,
+        let (response, cache) = match self.fragment_inner(req, name).await {
+            Ok(answer) => answer,
             Err(e) => {
                 if matches!(e, GatewayError::Store(_)) {
                     self.metrics.store_errors.inc();
                 } else if matches!(e, GatewayError::Bus(_)) {
                     self.metrics.bus_errors.inc();
                 }
-                e.into_response()
+                (e.into_response(), CacheStatus::error)
             }
-        };
-        let cache = match response.status() {
-            StatusCode::OK | StatusCode::NOT_MODIFIED => {
-                let stale = response
-                    .headers()
-                    .get(&CACHE_STATUS)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| v.contains("fwd=stale"));
-                if stale {
-                    CacheStatus::stale
-                } else {
-                    CacheStatus::hit
-                }
-            }
-            StatusCode::ACCEPTED => CacheStatus::pending,
-            _ => CacheStatus::error,
         };
         self.metrics
             .route(name)
@@ -148,7 +132,7 @@ impl Gateway {
         self: &Arc<Self>,
         req: &Request<hyper::body::Incoming>,
         name: &str,
-    ) -> Result<Response<Body>, GatewayError> {
+    ) -> Result<(Response<Body>, CacheStatus), GatewayError> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return Err(GatewayError::MethodNotAllowed {
                 method: req.method().clone(),
@@ -189,10 +173,7 @@ impl Gateway {
                     return Ok(respond(route, req, found));
                 }
                 (found, _, _) => {
-                    if let Found::Serve { slot, stale: false } = &found
-                        && route.vary.is_empty()
-                        && self.l1.enabled()
-                    {
+                    if let Found::Serve { slot, stale: false } = &found {
                         self.remember(req, route, slot, checked_at, generation_read_at);
                     }
                     return Ok(respond(route, req, found));
@@ -201,7 +182,8 @@ impl Gateway {
         }
     }
 
-    /// Makes a fresh answer the hot answer for its request target.
+    /// Makes a fresh answer the hot answer for its request target (routes without
+    /// `vary` only, and only while L1 caches slots).
     fn remember(
         &self,
         req: &Request<hyper::body::Incoming>,
@@ -210,6 +192,9 @@ impl Gateway {
         checked_at: std::time::Instant,
         generation_read_at: std::time::Instant,
     ) {
+        if !route.vary.is_empty() || !self.l1.enabled() {
+            return;
+        }
         let (SlotState::Found(envelope), Some(target), Some(index)) = (
             &slot.state,
             req.uri().path_and_query(),
@@ -409,12 +394,22 @@ impl Gateway {
     }
 }
 
+/// The answer to `req` for what a lookup found, and how it counts.
 fn respond(
     route: &FragmentRoute,
     req: &Request<hyper::body::Incoming>,
     found: Found,
-) -> Response<Body> {
-    match found {
+) -> (Response<Body>, CacheStatus) {
+    let cache = match &found {
+        Found::Serve { slot, .. } if matches!(slot.state, SlotState::Pending) => {
+            CacheStatus::pending
+        }
+        Found::Serve { stale: true, .. } => CacheStatus::stale,
+        Found::Serve { stale: false, .. } => CacheStatus::hit,
+        Found::Pending => CacheStatus::pending,
+        Found::Failed { .. } => CacheStatus::error,
+    };
+    let response = match found {
         Found::Serve { slot, stale } => match &slot.state {
             SlotState::Found(envelope) => serve(route, req, &slot, envelope, stale),
             SlotState::Pending => pending(route, req.headers()),
@@ -423,7 +418,8 @@ fn respond(
         Found::Failed { error, retry_after } => {
             GatewayError::BuildFailed { error, retry_after }.into_response()
         }
-    }
+    };
+    (response, cache)
 }
 
 fn serve(
