@@ -13,7 +13,7 @@
 //! - [`esi`]: the ESI 1.0 subset parser.
 //! - [`fragment`]: the fragment endpoint: lookup, build requests, answers.
 //! - [`cache`]: L1, with coalescing and an invalidation log.
-//! - [`hot`]: the last fresh answer per route and raw query, for the hit path.
+//! - [`hot`]: the last fresh answer per request target, for the hit path.
 //! - [`waiters`]: long-poll wake-ups for `Prefer: wait`.
 //! - [`events`]: follows built/failed/purged events from every worker.
 //! - [`proxy`]: the reverse proxy to the upstream.
@@ -242,7 +242,8 @@ impl Gateway {
             return client_js(&req);
         }
         // Boxed: the proxy and composition futures are large, and without the box every
-        // fragment hit would build and move a future of their size.
+        // request down this path (fragment misses, hits on `vary` routes) would allocate
+        // and fill a future of their size.
         Box::pin(self.proxy(req, peer)).await
     }
 
