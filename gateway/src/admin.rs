@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use tessera_protocol::{Event, Identity, store};
+use tessera_protocol::{Event, Identity, QueueStats, store};
 
 use crate::Gateway;
 use tessera_protocol::web::{self, Body, READY_TIMEOUT, json, problem, text};
@@ -119,7 +119,7 @@ impl Gateway {
         self.backends.bus.publish_event(&event).await?;
         tracing::info!(route = %route.name, key = %keys.envelope, deleted, "fragment purged");
         let body = serde_json::json!({ "route": route.name, "key": keys.envelope.as_str(), "deleted": deleted });
-        Ok(text(StatusCode::OK, "application/json", body.to_string()))
+        Ok(json(StatusCode::OK, &body))
     }
 
     /// Moves a route to a new generation and tells every gateway.
@@ -139,7 +139,7 @@ impl Gateway {
         self.backends.bus.publish_event(&event).await?;
         tracing::info!(route = %route.name, generation, "route purged");
         let body = serde_json::json!({ "route": route.name, "generation": generation });
-        Ok(text(StatusCode::OK, "application/json", body.to_string()))
+        Ok(json(StatusCode::OK, &body))
     }
 }
 
@@ -178,6 +178,20 @@ impl Gateway {
         });
     }
 
+    /// Every configured queue with its depth and consumers, read from the broker (all
+    /// queues at once, each bounded by [`READY_TIMEOUT`]; `None` when it did not answer).
+    async fn queue_stats(&self) -> Vec<(String, Option<QueueStats>)> {
+        let queues = self.config.queues();
+        let stats = futures_util::future::join_all(queues.iter().map(|queue| async move {
+            match tokio::time::timeout(READY_TIMEOUT, self.backends.bus.queue_stats(queue)).await {
+                Ok(Ok(stats)) => Some(stats),
+                _ => None,
+            }
+        }))
+        .await;
+        queues.into_iter().zip(stats).collect()
+    }
+
     /// Depth and consumers of every configured queue, read from the broker at scrape
     /// time, as Prometheus text (queues the broker does not answer for are left out).
     async fn queue_metrics(&self) -> String {
@@ -187,10 +201,8 @@ impl Gateway {
         let mut consumers = String::from(
             "# HELP tessera_queue_consumers Consumers (worker pools) attached to the queue.\n# TYPE tessera_queue_consumers gauge\n",
         );
-        for queue in self.config.queues() {
-            if let Ok(Ok(stats)) =
-                tokio::time::timeout(READY_TIMEOUT, self.backends.bus.queue_stats(&queue)).await
-            {
+        for (queue, stats) in self.queue_stats().await {
+            if let Some(stats) = stats {
                 messages.push_str(&format!(
                     "tessera_queue_messages{{queue=\"{queue}\"}} {}\n",
                     stats.messages
@@ -207,18 +219,18 @@ impl Gateway {
     /// What the dashboard shows beyond `/metrics`, as JSON: queues, failures, dead
     /// letters, readiness.
     async fn status(&self) -> Response<Body> {
-        let mut queues = Vec::new();
-        for name in self.config.queues() {
-            let stats =
-                tokio::time::timeout(READY_TIMEOUT, self.backends.bus.queue_stats(&name)).await;
-            let (messages, consumers) = match stats {
-                Ok(Ok(s)) => (Some(s.messages), Some(s.consumers)),
-                _ => (None, None),
-            };
-            queues.push(
-                serde_json::json!({ "name": name, "messages": messages, "consumers": consumers }),
-            );
-        }
+        let queues: Vec<serde_json::Value> = self
+            .queue_stats()
+            .await
+            .into_iter()
+            .map(|(name, stats)| {
+                serde_json::json!({
+                    "name": name,
+                    "messages": stats.as_ref().map(|s| s.messages),
+                    "consumers": stats.as_ref().map(|s| s.consumers),
+                })
+            })
+            .collect();
         let dead =
             match tokio::time::timeout(READY_TIMEOUT, self.backends.bus.dead_letters(20)).await {
                 Ok(Ok(letters)) => letters.iter().map(letter_json).collect(),
