@@ -9,13 +9,15 @@ fn run_with_config(toml: &str) -> std::process::Output {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{:x}.toml", rand::random::<u64>()));
     std::fs::write(&path, toml).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_tessera-gateway"))
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera-gateway"))
         .arg("--config")
         .arg(&path)
         .env_remove("TESSERA_CONFIG")
         .env_remove("TESSERA_ADMIN_TOKEN")
         .output()
-        .expect("the binary runs")
+        .expect("the binary runs");
+    let _ = std::fs::remove_file(&path);
+    out
 }
 
 #[test]
