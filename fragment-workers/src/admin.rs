@@ -17,7 +17,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
 use tessera_protocol::Backends;
-use tessera_protocol::web::{self, Body};
+use tessera_runtime::web::{self, Body};
 use tokio::net::TcpListener;
 
 use crate::metrics::WorkerMetrics;

@@ -8,7 +8,6 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tessera_protocol::config::{Config, VarySource};
 use tessera_protocol::{BuildRequest, FragmentRoute};
 
@@ -80,25 +79,6 @@ pub trait FragmentBuilder: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Rendered, BuildError>;
 }
 
-/// Idle pooled connections are closed after this, below common upstream keep-alive
-/// timeouts (Node's is 5 s).
-const POOL_IDLE: Duration = Duration::from_secs(4);
-
-/// A pooled HTTP/1.1 client for the upstream, as renders and the gateway's proxy use it.
-pub fn upstream_client<B>(connect_timeout: Duration) -> Client<HttpConnector, B>
-where
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-{
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE)
-        .build(connector)
-}
-
 /// The default builder: `GET {upstream.url}{render}?{params}` with the vary headers and
 /// cookies of the request, and nothing else from the browser.
 #[derive(Debug, Clone)]
@@ -113,7 +93,7 @@ impl HttpBuilder {
     /// A builder for the upstream and item size limit of `config`.
     pub fn new(config: &Config) -> Result<Self, BuildError> {
         Ok(Self {
-            client: upstream_client(config.upstream.timeout),
+            client: tessera_runtime::upstream::client(config.upstream.timeout),
             base: config.upstream.url.trim_end_matches('/').to_string(),
             max_body: tessera_protocol::backends::item_limit(config),
             user_agent: HeaderValue::from_static(concat!(

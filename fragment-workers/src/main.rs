@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use tessera_protocol::Config;
 use tessera_protocol::config::admin_listener;
-use tessera_protocol::{Backends, Config};
 use tessera_workers::WorkerMetrics;
 use tokio::net::TcpListener;
 
@@ -29,7 +29,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tessera_protocol::process::init_logging();
+    tessera_runtime::process::init_logging();
     let mut config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -63,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding workers.admin_listen = {}", w.admin_listen))?;
     tracing::info!(admin = %admin.local_addr()?, "worker admin listening");
 
-    let backends = Backends::connect(&config).await?;
+    let backends = tessera_backends::connect(&config).await?;
     let builder = tessera_workers::HttpBuilder::new(&config)?;
     let metrics = WorkerMetrics::default();
     // Serves until the process exits, so probes answer while builds drain.
@@ -80,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
         Arc::new(builder),
         concurrency,
         metrics,
-        tessera_protocol::process::shutdown_signal(),
+        tessera_runtime::process::shutdown_signal(),
     )
     .await?;
     tracing::info!("worker stopped");

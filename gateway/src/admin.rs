@@ -26,7 +26,7 @@ use hyper::body::Incoming;
 use tessera_protocol::{Event, Identity, QueueStats, store};
 
 use crate::Gateway;
-use tessera_protocol::web::{self, Body, READY_TIMEOUT, json, problem, text};
+use tessera_runtime::web::{self, Body, READY_TIMEOUT, json, problem, text};
 
 use crate::error::GatewayError;
 

@@ -31,7 +31,7 @@ use crate::error::GatewayError;
 use crate::esi::{self, Segment};
 use crate::fragment::{Found, Requested};
 use crate::headers::Trace;
-use tessera_protocol::web::{Body, BoxError, full};
+use tessera_runtime::web::{Body, BoxError, full};
 
 /// Largest page composed; bigger ones pass through as they are.
 pub const MAX_PAGE: usize = 4 * 1024 * 1024;
@@ -238,7 +238,7 @@ impl Gateway {
                     futures_util::stream::once(async move { Ok(hyper::body::Frame::data(prefix)) });
                 let body =
                     StreamBody::new(futures_util::StreamExt::chain(head, BodyStream::new(rest)));
-                return Response::from_parts(parts, tessera_protocol::web::stream(body));
+                return Response::from_parts(parts, tessera_runtime::web::stream(body));
             }
             Err(e) => {
                 return GatewayError::Upstream(format!("reading an ESI page: {e}")).into_response();

@@ -9,8 +9,8 @@ use std::time::Duration;
 use http::{HeaderValue, Response, StatusCode, header};
 use tessera_protocol::{BusError, StoreError, key::IdentityError};
 
-use tessera_protocol::web::Body;
-pub use tessera_protocol::web::problem;
+use tessera_runtime::web::Body;
+pub use tessera_runtime::web::problem;
 
 /// Everything that can go wrong while answering a request.
 #[derive(Debug, thiserror::Error)]

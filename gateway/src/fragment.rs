@@ -31,7 +31,7 @@ use crate::error::GatewayError;
 use crate::headers::{Trace, if_none_match, prefer_wait, wants_json};
 use crate::hot::{Hot, LastHeaders};
 use crate::metrics::CacheStatus;
-use tessera_protocol::web::{Body, empty, full};
+use tessera_runtime::web::{Body, empty, full};
 
 /// `Retry-After` on pending answers: clients should prefer `Prefer: wait`.
 const PENDING_RETRY_AFTER: u64 = 1;

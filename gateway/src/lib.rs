@@ -50,14 +50,14 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::L1;
 use crate::error::GatewayError;
 use crate::waiters::Waiters;
-use tessera_protocol::web::Body;
+use tessera_runtime::web::Body;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A backend could not be set up.
     #[error(transparent)]
-    Backend(#[from] tessera_protocol::backends::BackendError),
+    Backend(#[from] tessera_backends::BackendError),
     /// The event subscription could not be opened.
     #[error("cannot subscribe to events: {0}")]
     Events(#[from] tessera_protocol::BusError),
@@ -112,7 +112,7 @@ pub async fn run(
             addr: config.gateway.admin_listen.clone(),
             source,
         })?;
-    let backends = Backends::connect(&config).await?;
+    let backends = tessera_backends::connect(&config).await?;
     serve(listener, Some(admin), config, backends, shutdown).await
 }
 
@@ -179,14 +179,14 @@ pub async fn serve(
     };
     let admin_server = admin.map(|admin| {
         let (gw, stop) = (gateway.clone(), gateway.stopping.clone());
-        tokio::spawn(tessera_protocol::web::serve(
+        tokio::spawn(tessera_runtime::web::serve(
             admin,
             move |req, peer| gw.clone().admin(req, peer),
             async move { stop.cancelled().await },
         ))
     });
     let public = gateway.clone();
-    tessera_protocol::web::serve(
+    tessera_runtime::web::serve(
         listener,
         move |req, peer| public.clone().handle(req, peer),
         shutdown,
@@ -271,9 +271,9 @@ fn client_js(req: &Request<hyper::body::Incoming>) -> Response<Body> {
     let etag = tessera_protocol::envelope::etag_of(CLIENT_JS.as_bytes());
     let not_modified = headers::if_none_match(req.headers(), &etag);
     let mut r = Response::new(if not_modified {
-        tessera_protocol::web::empty()
+        tessera_runtime::web::empty()
     } else {
-        tessera_protocol::web::full(CLIENT_JS)
+        tessera_runtime::web::full(CLIENT_JS)
     });
     if not_modified {
         *r.status_mut() = StatusCode::NOT_MODIFIED;

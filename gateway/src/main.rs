@@ -87,7 +87,7 @@ enum Purge {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tessera_protocol::process::init_logging();
+    tessera_runtime::process::init_logging();
     let path = args.config.as_deref();
     match args.command {
         // Needs no configuration.
@@ -131,7 +131,7 @@ async fn run(mut config: Config, demo: bool) -> anyhow::Result<()> {
     tessera_gateway::run(
         listener,
         config,
-        tessera_protocol::process::shutdown_signal(),
+        tessera_runtime::process::shutdown_signal(),
     )
     .await?;
     stop_demo.cancel();
@@ -219,7 +219,7 @@ async fn demo_upstream(listen: &str) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let addr = tessera_gateway::demo::start(listener, stop.clone())?;
     println!("Tessera demo upstream on http://{addr}/");
-    tessera_protocol::process::shutdown_signal().await;
+    tessera_runtime::process::shutdown_signal().await;
     stop.cancel();
     Ok(())
 }

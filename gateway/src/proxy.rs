@@ -16,7 +16,7 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioIo;
 
 use crate::error::GatewayError;
-use tessera_protocol::web::Body;
+use tessera_runtime::web::Body;
 
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -47,7 +47,7 @@ impl Upstream {
             .parse()
             .map_err(|e| GatewayError::Upstream(format!("bad upstream url: {e}")))?;
         Ok(Self {
-            client: tessera_workers::builder::upstream_client(timeout),
+            client: tessera_runtime::upstream::client(timeout),
             base,
             timeout,
         })
@@ -108,7 +108,7 @@ impl Upstream {
             "surrogate-capability",
             HeaderValue::from_static("tessera=\"ESI/1.0\""),
         );
-        let body = tessera_protocol::web::stream(body);
+        let body = tessera_runtime::web::stream(body);
         let outbound = Request::from_parts(parts, body);
 
         let mut response = tokio::time::timeout(self.timeout, self.client.request(outbound))
@@ -140,14 +140,14 @@ impl Upstream {
                 parts.headers.insert(header::UPGRADE, protocol);
             }
             append(&mut parts.headers, header::VIA, VIA);
-            return Ok(Response::from_parts(parts, tessera_protocol::web::empty()));
+            return Ok(Response::from_parts(parts, tessera_runtime::web::empty()));
         }
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         append(&mut parts.headers, header::VIA, VIA);
         Ok(Response::from_parts(
             parts,
-            tessera_protocol::web::stream(body),
+            tessera_runtime::web::stream(body),
         ))
     }
 }

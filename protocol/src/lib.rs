@@ -3,7 +3,12 @@
 //! Both sides of the worker pattern link this crate, so anything that crosses a process
 //! boundary is defined here exactly once: the configuration file, how a request becomes a
 //! cache key, the envelope stored for a fragment, the JSON messages on the broker, and the
-//! two backends every component talks through.
+//! two backends every component talks through, with their in-process twins.
+//!
+//! It is the lean part of the workspace: it links no network client and no HTTP stack,
+//! so a program that only publishes `BuildRequest`s or reads envelopes needs nothing
+//! else. The memcached and RabbitMQ implementations live in `tessera-backends`; the HTTP
+//! server loop, the upstream client and logging set-up in `tessera-runtime`.
 //!
 //! # Layout
 //! - [`config`]: the TOML schema, environment overrides and validation.
@@ -11,26 +16,18 @@
 //! - [`envelope`]: the versioned, compact value stored for a fragment.
 //! - [`message`]: `BuildRequest` and events, JSON with a `v` field.
 //! - [`store`]: the `Store` trait (memcached semantics) and its in-memory twin.
-//! - [`memcached`]: the `Store` on memcached servers.
 //! - [`bus`]: the `Bus` trait (AMQP semantics) and its in-process twin.
-//! - [`amqp`]: the `Bus` on RabbitMQ, with its topology and reconnection.
-//! - [`backends`]: picks memory or network implementations from the configuration.
-//! - [`web`]: the accept loop, body type, problems and admin pieces both binaries serve.
-//! - [`process`]: logging set-up and shutdown signals shared by both binaries.
+//! - [`backends`]: the store and bus a process works with; the in-process pair.
 //! - [`time`]: wall-clock milliseconds shared by envelopes and messages.
 
-pub mod amqp;
 pub mod backends;
 pub mod bus;
 pub mod config;
 pub mod envelope;
 pub mod key;
-pub mod memcached;
 pub mod message;
-pub mod process;
 pub mod store;
 pub mod time;
-pub mod web;
 
 pub use backends::Backends;
 pub use bus::{Bus, BusError, Consumer, DeadLetter, Delivery, Notice, QueueStats, Subscription};

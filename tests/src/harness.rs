@@ -96,7 +96,9 @@ pub async fn backends(kind: Backend, config: &mut Config) -> Backends {
             }
             config.store.namespace = ns;
             config.validate().expect("test config is valid");
-            Backends::connect(config).await.expect("backends connect")
+            tessera_backends::connect(config)
+                .await
+                .expect("backends connect")
         }
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use reqwest::StatusCode;
-use tessera_protocol::amqp::AmqpBus;
+use tessera_backends::amqp::AmqpBus;
 use tessera_protocol::{Bus, FragmentRoute};
 use tessera_tests::cluster::{Cluster, Proc, free_port};
 use tessera_tests::eventually;

@@ -20,8 +20,8 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tessera_protocol::amqp::AmqpBus;
-use tessera_protocol::memcached::MemcachedStore;
+use tessera_backends::amqp::AmqpBus;
+use tessera_backends::memcached::MemcachedStore;
 use tessera_protocol::{BuildRequest, Bus, Identity, Keyspace, Store, store};
 use tokio::net::TcpListener;
 

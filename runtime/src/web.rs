@@ -30,7 +30,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::Backends;
+use tessera_protocol::Backends;
 
 /// Errors a body stream can end with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -5,8 +5,8 @@
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let json =
-        std::env::var(crate::config::env::LOG_FORMAT).is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let json = std::env::var(tessera_protocol::config::env::LOG_FORMAT)
+        .is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if json {
         builder.json().flatten_event(true).init();

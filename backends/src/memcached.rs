@@ -23,9 +23,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use memcache::{Client, CommandError, ConnectionManager, MemcacheError, Url};
 
-use crate::key::StoreKey;
-use crate::store::{Store, StoreError, check_size};
-use crate::time::ceil_secs;
+use tessera_protocol::key::StoreKey;
+use tessera_protocol::store::{Store, StoreError, check_size};
+use tessera_protocol::time::ceil_secs;
 
 /// Connections per server.
 pub const POOL_SIZE: u32 = 32;
@@ -328,7 +328,7 @@ mod tests {
             1024,
         )
         .unwrap();
-        let key = crate::key::Keyspace::new("t").generation("x");
+        let key = tessera_protocol::key::Keyspace::new("t").generation("x");
         let started = std::time::Instant::now();
         assert!(matches!(
             store.get(&key).await,

@@ -50,10 +50,10 @@ use lapin::{
 };
 use tokio::sync::mpsc;
 
-use crate::bus::{
+use tessera_protocol::bus::{
     Acker, Bus, BusError, Consumer, DeadLetter, Delivery, Notice, QueueStats, Subscription,
 };
-use crate::message::{BuildRequest, Event};
+use tessera_protocol::message::{BuildRequest, Event};
 
 /// Deadline for one broker operation (connect, declare, publish confirm, ack).
 pub const OP_TIMEOUT: Duration = Duration::from_secs(5);

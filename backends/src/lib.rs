@@ -1,0 +1,69 @@
+//! The network backends of Tessera: the [`Store`] on memcached and the [`Bus`] on
+//! RabbitMQ, and [`connect`], which picks them or the in-process twins from the
+//! configuration.
+//!
+//! The contract they implement lives in `tessera-protocol`; a program that only needs the
+//! types (keys, envelope, messages) links that crate alone.
+//!
+//! # Layout
+//! - [`memcached`]: the `Store` on memcached servers.
+//! - [`amqp`]: the `Bus` on RabbitMQ, with its topology and reconnection.
+//!
+//! [`Store`]: tessera_protocol::Store
+//! [`Bus`]: tessera_protocol::Bus
+
+pub mod amqp;
+pub mod memcached;
+
+use std::sync::Arc;
+
+use tessera_protocol::backends::item_limit;
+use tessera_protocol::bus::SharedBus;
+use tessera_protocol::store::SharedStore;
+use tessera_protocol::{Backends, Config};
+
+use crate::amqp::AmqpBus;
+use crate::memcached::MemcachedStore;
+
+/// Connecting to a backend failed at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The store could not be set up.
+    #[error("store: {0}")]
+    Store(String),
+    /// The bus could not be set up.
+    #[error("bus: {0}")]
+    Bus(String),
+}
+
+/// The backends the configuration names: memcached and AMQP when given, the in-process
+/// ones otherwise. Does no network I/O: servers that are down are reached on first use,
+/// and calls fail with `Unavailable` until then.
+pub async fn connect(config: &Config) -> Result<Backends, BackendError> {
+    let memory = Backends::memory(config);
+    let store: SharedStore = if config.store.memcached.is_empty() {
+        memory.store
+    } else {
+        Arc::new(
+            MemcachedStore::new(
+                &config.store.memcached,
+                config.store.timeout,
+                item_limit(config),
+            )
+            .map_err(|e| BackendError::Store(e.to_string()))?,
+        )
+    };
+    let bus: SharedBus = match &config.bus.amqp {
+        Some(url) => Arc::new(AmqpBus::with_queue_expiry(
+            url,
+            &config.store.namespace,
+            config.bus.queue_expiry,
+        )),
+        None => memory.bus,
+    };
+    Ok(Backends {
+        store,
+        bus,
+        keys: memory.keys,
+    })
+}

@@ -1,0 +1,12 @@
+//! What Tessera's two binaries run on besides the contract: the HTTP server loop and
+//! admin pieces they both serve, the upstream HTTP client they both use, and their
+//! process conventions (logging, signals).
+//!
+//! # Layout
+//! - [`web`]: the accept loop, body type, problems and admin pieces both binaries serve.
+//! - [`upstream`]: the pooled HTTP/1.1 client for the upstream application.
+//! - [`process`]: logging set-up and shutdown signals.
+
+pub mod process;
+pub mod upstream;
+pub mod web;
