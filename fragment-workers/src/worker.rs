@@ -22,10 +22,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::gauge::Gauge;
-use tessera_protocol::time::{add_ms, now_ms};
+use tessera_protocol::time::now_ms;
 use tessera_protocol::{
     Backends, BuildRequest, BusError, Config, Delivery, Envelope, Event, FragmentKeys,
-    FragmentRoute, StoreError, store,
+    FragmentRoute, Lease, Store, StoreError, store,
 };
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -343,11 +343,7 @@ impl Worker {
                     BuildError::Store(other.to_string())
                 }
             })?;
-        if let Err(e) = store.delete(&keys.lease()).await {
-            // The lease expires by itself; a new request waits for that at worst.
-            self.metrics.store_errors.inc();
-            tracing::warn!(error = %e, "could not release the lease");
-        }
+        self.release(store.as_ref(), route, keys).await;
         let event = Event::Built {
             key: keys.envelope.to_string(),
             etag: envelope.etag.clone(),
@@ -371,15 +367,15 @@ impl Worker {
         error: BuildError,
     ) {
         let delay = backoff(req.attempt, &mut rand::rng());
-        let lease = delay + route.lease_ttl();
+        let mut next = req.clone();
+        next.attempt += 1;
         // Hold the lease through the wait, so no gateway queues a second build meanwhile.
-        if let Err(e) = self.backends.store.set(&keys.lease(), b"", lease).await {
+        let lease = Lease::new(self.backends.store.as_ref(), keys, route);
+        next.lease_deadline = lease.deadline_after(delay);
+        if let Err(e) = lease.extend(delay).await {
             self.metrics.store_errors.inc();
             tracing::warn!(error = %e, "could not extend the lease");
         }
-        let mut next = req.clone();
-        next.attempt += 1;
-        next.lease_deadline = add_ms(now_ms(), lease);
         tracing::info!(%error, ?delay, "build failed; retrying");
         match self
             .backends
@@ -436,10 +432,7 @@ impl Worker {
             return;
         }
         WorkerMetrics::count(&self.metrics.failed, &route.name);
-        if let Err(e) = store.delete(&keys.lease()).await {
-            self.metrics.store_errors.inc();
-            tracing::warn!(error = %e, "could not release the lease");
-        }
+        self.release(store.as_ref(), route, keys).await;
         let event = Event::Failed {
             key: keys.envelope.to_string(),
             error: error.to_string(),
@@ -459,6 +452,15 @@ impl Worker {
         } else {
             tracing::warn!(%error, "build failed; not retried");
             self.settle(delivery.ack().await);
+        }
+    }
+
+    /// Gives the lease back once the outcome is stored. On failure the lease expires by
+    /// itself; a new request waits for that at worst.
+    async fn release(&self, store: &dyn Store, route: &FragmentRoute, keys: &FragmentKeys) {
+        if let Err(e) = Lease::new(store, keys, route).release().await {
+            self.metrics.store_errors.inc();
+            tracing::warn!(error = %e, "could not release the lease");
         }
     }
 

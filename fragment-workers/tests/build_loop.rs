@@ -102,13 +102,8 @@ async fn request(s: &Setup, id: &str, generation: u64) -> tessera_protocol::Frag
         vary: vec![],
     };
     let keys = s.backends.keys.fragment(&identity, generation);
-    assert!(
-        s.backends
-            .store
-            .add(&keys.lease(), b"", s.route.lease_ttl())
-            .await
-            .unwrap()
-    );
+    let lease = tessera_protocol::Lease::new(s.backends.store.as_ref(), &keys, &s.route);
+    assert!(lease.acquire().await.unwrap().is_some());
     let req = BuildRequest {
         v: VERSION,
         id: id.into(),
@@ -167,7 +162,10 @@ async fn a_panicking_builder_fails_that_build_and_nothing_else() {
     assert_eq!(e.status, Status::Failed);
     assert!(e.error.unwrap().contains("panicked"));
     assert!(
-        s.backends.store.get(&bad.lease()).await.unwrap().is_none(),
+        !tessera_protocol::Lease::new(s.backends.store.as_ref(), &bad, &s.route)
+            .is_held()
+            .await
+            .unwrap(),
         "lease released"
     );
     // The loop survived: the next request is built.

@@ -23,12 +23,13 @@ use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use tessera_protocol::{Event, Identity, QueueStats, store};
+use tessera_protocol::{Identity, QueueStats};
 
 use crate::Gateway;
 use tessera_runtime::web::{self, Body, READY_TIMEOUT, json, problem, text};
 
 use crate::error::GatewayError;
+use crate::headers::Trace;
 
 impl Gateway {
     /// Routes one admin request.
@@ -45,7 +46,7 @@ impl Gateway {
             (&Method::GET, "/") => text(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD),
             (&Method::GET, "/api/status") => self.status().await,
             (&Method::GET, "/dead-letters") => {
-                match self.backends.bus.dead_letters(DEAD_LETTER_PAGE).await {
+                match self.cache.backends.bus.dead_letters(DEAD_LETTER_PAGE).await {
                     Ok(letters) => json(
                         StatusCode::OK,
                         &serde_json::Value::Array(letters.iter().map(letter_json).collect()),
@@ -55,26 +56,26 @@ impl Gateway {
             }
             (&Method::POST, "/dead-letters/requeue") => {
                 let limit = query_usize(req.uri().query(), "limit").unwrap_or(DEAD_LETTER_PAGE);
-                match self.backends.bus.requeue_dead_letters(limit).await {
+                match self.cache.backends.bus.requeue_dead_letters(limit).await {
                     Ok(n) => json(StatusCode::OK, &serde_json::json!({ "requeued": n })),
                     Err(e) => GatewayError::Bus(e).into_response(),
                 }
             }
             (&Method::GET, "/healthz") => web::alive(),
-            (&Method::GET, "/readyz") => web::ready(&self.backends).await,
+            (&Method::GET, "/readyz") => web::ready(&self.cache.backends).await,
             (&Method::GET, "/metrics") => {
-                self.l1.settle_counts().await;
+                self.cache.l1.settle_counts().await;
                 self.metrics
                     .l1_entries
-                    .set(i64::try_from(self.l1.entry_count()).unwrap_or(i64::MAX));
+                    .set(i64::try_from(self.cache.l1.entry_count()).unwrap_or(i64::MAX));
                 self.metrics
                     .l1_bytes
-                    .set(i64::try_from(self.l1.weighted_size()).unwrap_or(i64::MAX));
+                    .set(i64::try_from(self.cache.l1.weighted_size()).unwrap_or(i64::MAX));
                 self.metrics
                     .long_polls
                     .set(i64::try_from(self.waiters.len()).unwrap_or(i64::MAX));
                 let queues = self.queue_metrics().await;
-                web::metrics(self.metrics.registry(), &queues, &self.backends)
+                web::metrics(self.metrics.registry(), &queues, &self.cache.backends)
             }
             (&Method::DELETE, p) if p.starts_with("/fragments/") => {
                 let name = &p["/fragments/".len()..];
@@ -107,18 +108,11 @@ impl Gateway {
             .route(name)
             .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
         let identity = Identity::from_request(route, req.uri().query(), req.headers())?;
-        let (_, keys, _) = self.keys(route, &identity).await?;
-        let deleted = self.backends.store.delete(&keys.envelope).await?;
-        // Evict here first, so this gateway is right even if the broker is down.
-        self.l1.invalidate_key(&keys.envelope).await;
-        let event = Event::Purged {
-            route: None,
-            generation: None,
-            key: Some(keys.envelope.to_string()),
-        };
-        self.backends.bus.publish_event(&event).await?;
-        tracing::info!(route = %route.name, key = %keys.envelope, deleted, "fragment purged");
-        let body = serde_json::json!({ "route": route.name, "key": keys.envelope.as_str(), "deleted": deleted });
+        let trace = Trace::new(req.headers());
+        let target = self.cache.target(route, identity, &trace).await?;
+        let deleted = self.cache.purge_fragment(&target).await?;
+        let key = target.keys.envelope.as_str();
+        let body = serde_json::json!({ "route": route.name, "key": key, "deleted": deleted });
         Ok(json(StatusCode::OK, &body))
     }
 
@@ -128,16 +122,7 @@ impl Gateway {
             .config
             .route(name)
             .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
-        let key = self.backends.keys.generation(&route.name);
-        let generation = store::bump_generation(self.backends.store.as_ref(), &key).await?;
-        self.l1.invalidate_route(&route.name).await;
-        let event = Event::Purged {
-            route: Some(route.name.clone()),
-            generation: Some(generation),
-            key: None,
-        };
-        self.backends.bus.publish_event(&event).await?;
-        tracing::info!(route = %route.name, generation, "route purged");
+        let generation = self.cache.purge_route(route).await?;
         let body = serde_json::json!({ "route": route.name, "generation": generation });
         Ok(json(StatusCode::OK, &body))
     }
@@ -160,12 +145,16 @@ const FAILURES_KEPT: usize = 50;
 const DEAD_LETTER_PAGE: usize = 100;
 const DASHBOARD: &str = include_str!("../assets/dashboard.html");
 
-impl Gateway {
-    /// Remembers a failure event for the dashboard (bounded).
-    pub(crate) fn record_failure(&self, key: &str, error: &str) {
-        let route = key.split(':').nth(2).unwrap_or("").to_string();
+/// The latest build failures any worker reported, newest last, at most
+/// [`FAILURES_KEPT`].
+#[derive(Debug, Default)]
+pub struct Failures(std::sync::Mutex<std::collections::VecDeque<Failure>>);
+
+impl Failures {
+    /// Remembers a failure of `route` (`""` when the key named no route of ours).
+    pub fn record(&self, route: &str, error: &str) {
         let mut failures = self
-            .failures
+            .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if failures.len() >= FAILURES_KEPT {
@@ -173,17 +162,30 @@ impl Gateway {
         }
         failures.push_back(Failure {
             at: tessera_protocol::time::now_ms(),
-            route,
+            route: route.to_string(),
             error: error.to_string(),
         });
     }
 
+    /// The failures kept, newest first.
+    pub fn recent(&self) -> Vec<Failure> {
+        let failures = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        failures.iter().rev().cloned().collect()
+    }
+}
+
+impl Gateway {
     /// Every configured queue with its depth and consumers, read from the broker (all
     /// queues at once, each bounded by [`READY_TIMEOUT`]; `None` when it did not answer).
     async fn queue_stats(&self) -> Vec<(String, Option<QueueStats>)> {
         let queues = self.config.queues();
         let stats = futures_util::future::join_all(queues.iter().map(|queue| async move {
-            match tokio::time::timeout(READY_TIMEOUT, self.backends.bus.queue_stats(queue)).await {
+            match tokio::time::timeout(READY_TIMEOUT, self.cache.backends.bus.queue_stats(queue))
+                .await
+            {
                 Ok(Ok(stats)) => Some(stats),
                 _ => None,
             }
@@ -232,18 +234,14 @@ impl Gateway {
             })
             .collect();
         let dead =
-            match tokio::time::timeout(READY_TIMEOUT, self.backends.bus.dead_letters(20)).await {
+            match tokio::time::timeout(READY_TIMEOUT, self.cache.backends.bus.dead_letters(20))
+                .await
+            {
                 Ok(Ok(letters)) => letters.iter().map(letter_json).collect(),
                 _ => Vec::new(),
             };
-        let failures: Vec<Failure> = {
-            let f = self
-                .failures
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            f.iter().rev().cloned().collect()
-        };
-        let ready = web::readiness(&self.backends).await;
+        let failures = self.failures.recent();
+        let ready = web::readiness(&self.cache.backends).await;
         json(
             StatusCode::OK,
             &serde_json::json!({

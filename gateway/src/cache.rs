@@ -22,7 +22,7 @@ use http::HeaderValue;
 use tessera_protocol::time::now_ms;
 use tessera_protocol::{Envelope, StoreKey};
 
-use crate::error::GatewayError;
+use crate::service::CacheError;
 
 /// What the store said about one envelope key.
 #[derive(Debug)]
@@ -192,14 +192,10 @@ impl L1 {
 
     /// The generation of `route`, from L1 or from `load`, and when it was read from the
     /// store.
-    pub async fn generation<L, F>(
-        &self,
-        route: &str,
-        load: L,
-    ) -> Result<(u64, Instant), GatewayError>
+    pub async fn generation<L, F>(&self, route: &str, load: L) -> Result<(u64, Instant), CacheError>
     where
         L: FnOnce() -> F,
-        F: Future<Output = Result<u64, GatewayError>>,
+        F: Future<Output = Result<u64, CacheError>>,
     {
         let log_key = route_log_key(route);
         if let Some(g) = self.generations.get(route).await {
@@ -241,10 +237,10 @@ impl L1 {
     ///
     /// `load` builds the loading future only on a miss, and the miss path is boxed: a hit
     /// then creates and moves a small future, which is most of what a hit costs.
-    pub async fn slot<L, F>(&self, key: &StoreKey, load: L) -> Result<Arc<Slot>, GatewayError>
+    pub async fn slot<L, F>(&self, key: &StoreKey, load: L) -> Result<Arc<Slot>, CacheError>
     where
         L: FnOnce() -> F,
-        F: Future<Output = Result<SlotState, GatewayError>>,
+        F: Future<Output = Result<SlotState, CacheError>>,
     {
         let started = Instant::now();
         let Some(slots) = &self.slots else {
@@ -328,21 +324,9 @@ impl L1 {
     }
 }
 
-/// moka hands concurrent waiters a shared error; turn it back into an owned one with the
-/// same meaning (the message is all that is logged or shown).
-fn unshare(e: Arc<GatewayError>) -> GatewayError {
-    match Arc::try_unwrap(e) {
-        Ok(e) => e,
-        Err(shared) => match &*shared {
-            GatewayError::Store(s) => GatewayError::Store(s.clone()),
-            GatewayError::Bus(b) => GatewayError::Bus(b.clone()),
-            GatewayError::BuildFailed { error, retry_after } => GatewayError::BuildFailed {
-                error: error.clone(),
-                retry_after: *retry_after,
-            },
-            other => GatewayError::Upstream(other.to_string()),
-        },
-    }
+/// moka hands concurrent waiters a shared error; each gets its own copy.
+fn unshare(e: Arc<CacheError>) -> CacheError {
+    Arc::try_unwrap(e).unwrap_or_else(|shared| (*shared).clone())
 }
 
 #[cfg(test)]
@@ -422,12 +406,12 @@ mod tests {
         let l1 = L1::new(1 << 20, Duration::from_secs(60));
         let e = l1
             .slot(&key(1), || async {
-                Err(GatewayError::Store(
+                Err(CacheError::Store(
                     tessera_protocol::StoreError::Unavailable("x".into()),
                 ))
             })
             .await;
-        assert!(matches!(e, Err(GatewayError::Store(_))));
+        assert!(matches!(e, Err(CacheError::Store(_))));
         let ok = l1.slot(&key(1), || async { Ok(SlotState::Pending) }).await;
         assert!(ok.is_ok());
     }

@@ -17,20 +17,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::future::join_all;
 use http::{HeaderMap, HeaderValue, Response, header};
 use http_body_util::{BodyExt, BodyStream, StreamBody};
-use tessera_protocol::{Envelope, FragmentKeys, FragmentRoute, Identity, StoreKey};
+use tessera_protocol::{FragmentRoute, Identity, StoreKey};
 
 use crate::Gateway;
-use crate::cache::{Slot, SlotState};
+use crate::cache::SlotState;
 use crate::error::GatewayError;
 use crate::esi::{self, Segment};
-use crate::fragment::{Found, Requested};
 use crate::headers::Trace;
+use crate::service::{CacheService, Found, Target};
 use tessera_runtime::web::{Body, BoxError, full};
 
 /// Largest page composed; bigger ones pass through as they are.
@@ -57,140 +55,70 @@ pub struct Composed {
 }
 
 /// An include whose `src` named a configured route.
-#[derive(Debug, Clone)]
-struct Target<'c> {
+#[derive(Debug)]
+struct Include<'c> {
+    /// The canonical `src`, as the client script polls it.
     src: String,
-    route: &'c FragmentRoute,
-    identity: Identity,
-    generation: u64,
-    keys: FragmentKeys,
+    target: Target<'c>,
+}
+
+/// What one `<esi:include>` of a level resolved to, before anything is looked up.
+// Plans live for one level, at most `MAX_INCLUDES` of them: their size does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Plan<'c> {
+    /// Past the depth or include-count limit: left out, with a comment saying which.
+    Limit(&'static str),
+    /// Looked up; `None` where the `src` (or `alt`) names no configured route.
+    Resolved {
+        primary: Option<Include<'c>>,
+        alt: Option<Include<'c>>,
+        continue_on_error: bool,
+    },
+}
+
+impl<'c> Plan<'c> {
+    fn targets(&self) -> impl Iterator<Item = &Target<'c>> {
+        let (primary, alt) = match self {
+            Plan::Resolved { primary, alt, .. } => (primary.as_ref(), alt.as_ref()),
+            Plan::Limit(_) => (None, None),
+        };
+        primary.into_iter().chain(alt).map(|i| &i.target)
+    }
+}
+
+/// One page being composed: the request it answers, and what is left of its budget.
+struct Composer<'c> {
+    cache: &'c Arc<CacheService>,
+    headers: &'c HeaderMap,
+    trace: &'c Trace<'c>,
+    /// Includes that may still be resolved (all levels together).
+    budget: usize,
+    out: Composed,
 }
 
 impl Gateway {
     /// Composes `page`, requested with `headers` (whose cookies and headers feed the
     /// includes' `vary` values).
     pub(crate) async fn compose(
-        self: &Arc<Self>,
+        &self,
         page: &[u8],
         headers: &HeaderMap,
         trace: &Trace<'_>,
     ) -> Composed {
-        let mut out = Composed::default();
-        let mut budget = MAX_INCLUDES;
-        self.compose_level(page, headers, trace, 0, &mut budget, &mut out)
-            .await;
+        let mut composer = Composer {
+            cache: &self.cache,
+            headers,
+            trace,
+            budget: MAX_INCLUDES,
+            out: Composed::default(),
+        };
+        composer.level(page, 0).await;
+        let mut out = composer.out;
         if out.placeholders > 0 {
             inject_client(&mut out.body);
         }
         out
-    }
-
-    fn compose_level<'a>(
-        self: &'a Arc<Self>,
-        page: &'a [u8],
-        headers: &'a HeaderMap,
-        trace: &'a Trace<'a>,
-        depth: usize,
-        budget: &'a mut usize,
-        out: &'a mut Composed,
-    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
-        Box::pin(async move {
-            let segments = esi::parse(page);
-            // Resolve every include of this level before looking any up, so one batch
-            // covers them all.
-            let mut plans = Vec::new();
-            for seg in &segments {
-                if let Segment::Include(inc) = seg {
-                    if depth >= MAX_DEPTH || *budget == 0 {
-                        plans.push(None);
-                        continue;
-                    }
-                    *budget -= 1;
-                    let primary = self.target(&inc.src, headers).await;
-                    let alt = match &inc.alt {
-                        Some(alt) => self.target(alt, headers).await,
-                        None => None,
-                    };
-                    plans.push(Some((primary, alt, inc.continue_on_error)));
-                }
-            }
-            let wanted: Vec<&Target<'_>> = plans
-                .iter()
-                .flatten()
-                .flat_map(|(p, a, _)| p.iter().chain(a.iter()))
-                .collect();
-            let found = self.batch(&wanted, trace).await;
-
-            let mut plans = plans.into_iter();
-            for seg in segments {
-                let inc = match seg {
-                    Segment::Text(t) => {
-                        out.body.extend_from_slice(t);
-                        continue;
-                    }
-                    Segment::Include(inc) => inc,
-                };
-                let Some(Some((primary, alt, continue_on_error))) = plans.next() else {
-                    let why = if depth >= MAX_DEPTH {
-                        "depth"
-                    } else {
-                        "include count"
-                    };
-                    out.body.extend_from_slice(
-                        format!("<!-- tessera: {why} limit reached -->").as_bytes(),
-                    );
-                    continue;
-                };
-                if primary.is_none() {
-                    out.refused += 1;
-                    tracing::debug!(src = %inc.src, "include of a path that is no fragment route refused");
-                }
-                let serve = |t: &Option<Target<'_>>| {
-                    t.as_ref().and_then(|t| match found.get(&t.keys.envelope) {
-                        Some(Found::Serve { slot, .. }) => match &slot.state {
-                            SlotState::Found(e) => Some(e.body.clone()),
-                            SlotState::Pending => None,
-                        },
-                        _ => None,
-                    })
-                };
-                if primary
-                    .iter()
-                    .chain(alt.iter())
-                    .any(|t| !t.route.vary.is_empty())
-                {
-                    out.per_user = true;
-                }
-                if let Some(body) = serve(&primary).or_else(|| serve(&alt)) {
-                    if esi::has_markup(&body) {
-                        self.compose_level(&body, headers, trace, depth + 1, budget, out)
-                            .await;
-                    } else {
-                        out.body.extend_from_slice(&body);
-                    }
-                    continue;
-                }
-                match &primary {
-                    None if continue_on_error => {}
-                    None => out.body.extend_from_slice(
-                        format!(
-                            "<!-- tessera: include of {} refused: not a fragment route -->",
-                            comment_safe(&inc.src)
-                        )
-                        .as_bytes(),
-                    ),
-                    Some(t) => {
-                        let failed =
-                            matches!(found.get(&t.keys.envelope), Some(Found::Failed { .. }));
-                        if failed && continue_on_error {
-                            continue;
-                        }
-                        out.placeholders += 1;
-                        out.body.extend_from_slice(placeholder(t).as_bytes());
-                    }
-                }
-            }
-        })
     }
 
     /// Composes an upstream response when it asks for ESI; passes it through otherwise.
@@ -261,95 +189,140 @@ impl Gateway {
         }
         Response::from_parts(parts, full(composed.body))
     }
+}
 
-    /// Maps an include `src` to a configured route, or `None`: never a fetch.
-    async fn target<'c>(self: &'c Arc<Self>, src: &str, headers: &HeaderMap) -> Option<Target<'c>> {
-        let (path, query) = src
-            .split_once('?')
-            .map_or((src, None), |(p, q)| (p, Some(q)));
-        let name = path.strip_prefix(self.config.gateway.fragment_prefix.as_str())?;
-        let route = self.config.route(name)?;
-        let identity = Identity::from_request(route, query, headers).ok()?;
-        let (generation, keys, _) = self.keys(route, &identity).await.ok()?;
-        Some(Target {
-            src: canonical_src(&self.config.gateway.fragment_prefix, route, &identity),
-            route,
-            identity,
-            generation,
-            keys,
+impl<'c> Composer<'c> {
+    /// Composes one level: plans every include, looks them all up in one batch, then
+    /// writes the level out, descending into fragments that carry markup themselves.
+    fn level<'a>(
+        &'a mut self,
+        page: &'a [u8],
+        depth: usize,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let segments = esi::parse(page);
+            let mut plans = Vec::new();
+            for seg in &segments {
+                if let Segment::Include(inc) = seg {
+                    plans.push(self.plan(inc, depth).await);
+                }
+            }
+            let wanted: Vec<&Target<'_>> = plans.iter().flat_map(Plan::targets).collect();
+            let found = self.cache.lookup_many(&wanted).await;
+            let mut plans = plans.into_iter();
+            for seg in segments {
+                match seg {
+                    Segment::Text(t) => self.out.body.extend_from_slice(t),
+                    Segment::Include(inc) => {
+                        let plan = plans.next().unwrap_or(Plan::Limit("include count"));
+                        self.include(&inc.src, plan, &found, depth).await;
+                    }
+                }
+            }
         })
     }
 
-    /// Looks every target up: L1, then one multi-get, then one build request per miss.
-    async fn batch(
-        self: &Arc<Self>,
-        targets: &[&Target<'_>],
-        trace: &Trace<'_>,
-    ) -> HashMap<StoreKey, Found> {
-        let mut slots: HashMap<StoreKey, Arc<Slot>> = HashMap::new();
-        let mut missing: Vec<&Target<'_>> = Vec::new();
-        for t in targets {
-            if slots.contains_key(&t.keys.envelope) || missing.iter().any(|m| m.keys == t.keys) {
-                continue;
-            }
-            match self.l1.peek(&t.keys.envelope).await {
-                Some(slot) => {
-                    slots.insert(t.keys.envelope.clone(), slot);
-                }
-                None => missing.push(t),
-            }
+    /// Resolves one include against the limits and the configured routes.
+    async fn plan(&mut self, inc: &esi::Include, depth: usize) -> Plan<'c> {
+        if depth >= MAX_DEPTH {
+            return Plan::Limit("depth");
         }
-        if !missing.is_empty() {
-            let started = Instant::now();
-            let keys: Vec<StoreKey> = missing.iter().map(|t| t.keys.envelope.clone()).collect();
-            match self.backends.store.get_many(&keys).await {
-                Ok(mut values) => {
-                    let mut absent = Vec::new();
-                    for t in &missing {
-                        let decoded = values
-                            .remove(&t.keys.envelope)
-                            .and_then(|b| Envelope::decode(&b).ok());
-                        match decoded {
-                            Some(e) => {
-                                let slot = self
-                                    .l1
-                                    .insert(&t.keys.envelope, SlotState::Found(e), started)
-                                    .await;
-                                slots.insert(t.keys.envelope.clone(), slot);
-                            }
-                            None => absent.push(*t),
-                        }
-                    }
-                    let requested = join_all(absent.iter().map(|t| {
-                        self.request_build(t.route, &t.identity, t.generation, &t.keys, trace.id())
-                    }))
-                    .await;
-                    for (t, outcome) in absent.iter().zip(requested) {
-                        let state = match outcome {
-                            Ok(Requested::JustBuilt(e)) => SlotState::Found(e),
-                            Ok(Requested::Queued | Requested::AlreadyPending) => SlotState::Pending,
-                            Err(e) => {
-                                tracing::warn!(route = %t.route.name, error = %e, "include left pending: build not requested");
-                                continue;
-                            }
-                        };
-                        let slot = self.l1.insert(&t.keys.envelope, state, started).await;
-                        slots.insert(t.keys.envelope.clone(), slot);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "store unavailable while composing; includes left as placeholders")
-                }
-            }
+        if self.budget == 0 {
+            return Plan::Limit("include count");
         }
-        targets
+        self.budget -= 1;
+        let primary = self.resolve(&inc.src).await;
+        let alt = match &inc.alt {
+            Some(alt) => self.resolve(alt).await,
+            None => None,
+        };
+        Plan::Resolved {
+            primary,
+            alt,
+            continue_on_error: inc.continue_on_error,
+        }
+    }
+
+    /// Maps an include `src` to a configured route, or `None`: never a fetch.
+    async fn resolve(&self, src: &str) -> Option<Include<'c>> {
+        let (path, query) = src
+            .split_once('?')
+            .map_or((src, None), |(p, q)| (p, Some(q)));
+        let prefix = self.cache.config.gateway.fragment_prefix.as_str();
+        let route = self.cache.config.route(path.strip_prefix(prefix)?)?;
+        let identity = Identity::from_request(route, query, self.headers).ok()?;
+        let src = canonical_src(prefix, route, &identity);
+        let target = self.cache.target(route, identity, self.trace).await.ok()?;
+        Some(Include { src, target })
+    }
+
+    /// Writes one include out: its fragment (composed in turn when it carries markup),
+    /// a placeholder the client script fills, or a comment saying why it is absent.
+    async fn include(
+        &mut self,
+        src: &str,
+        plan: Plan<'c>,
+        found: &HashMap<StoreKey, Found>,
+        depth: usize,
+    ) {
+        let (primary, alt, continue_on_error) = match plan {
+            Plan::Limit(why) => {
+                let comment = format!("<!-- tessera: {why} limit reached -->");
+                self.out.body.extend_from_slice(comment.as_bytes());
+                return;
+            }
+            Plan::Resolved {
+                primary,
+                alt,
+                continue_on_error,
+            } => (primary, alt, continue_on_error),
+        };
+        if primary.is_none() {
+            self.out.refused += 1;
+            tracing::debug!(src = %src, "include of a path that is no fragment route refused");
+        }
+        if primary
             .iter()
-            .filter_map(|t| {
-                let slot = slots.get(&t.keys.envelope)?.clone();
-                let found = self.judge(t.route, &t.identity, t.generation, &t.keys, trace, slot);
-                Some((t.keys.envelope.clone(), found))
-            })
-            .collect()
+            .chain(alt.iter())
+            .any(|i| !i.target.route.vary.is_empty())
+        {
+            self.out.per_user = true;
+        }
+        let serve = |i: &Option<Include<'_>>| match found.get(&i.as_ref()?.target.keys.envelope)? {
+            Found::Serve { slot, .. } => match &slot.state {
+                SlotState::Found(e) => Some(e.body.clone()),
+                SlotState::Pending => None,
+            },
+            _ => None,
+        };
+        if let Some(body) = serve(&primary).or_else(|| serve(&alt)) {
+            if esi::has_markup(&body) {
+                self.level(&body, depth + 1).await;
+            } else {
+                self.out.body.extend_from_slice(&body);
+            }
+            return;
+        }
+        match &primary {
+            None if continue_on_error => {}
+            None => self.out.body.extend_from_slice(
+                format!(
+                    "<!-- tessera: include of {} refused: not a fragment route -->",
+                    comment_safe(src)
+                )
+                .as_bytes(),
+            ),
+            Some(i) => {
+                let failed = matches!(
+                    found.get(&i.target.keys.envelope),
+                    Some(Found::Failed { .. })
+                );
+                if !(failed && continue_on_error) {
+                    self.out.placeholders += 1;
+                    self.out.body.extend_from_slice(placeholder(i).as_bytes());
+                }
+            }
+        }
     }
 }
 
@@ -383,12 +356,13 @@ fn canonical_src(prefix: &str, route: &FragmentRoute, identity: &Identity) -> St
     }
 }
 
-fn placeholder(t: &Target<'_>) -> String {
+fn placeholder(i: &Include<'_>) -> String {
+    let route = i.target.route;
     format!(
         r#"<div class="tessera-fragment" data-tessera-src="{}">{}<template class="tessera-fallback">{}</template></div>"#,
-        html_attr(&t.src),
-        t.route.placeholder,
-        t.route.fallback
+        html_attr(&i.src),
+        route.placeholder,
+        route.fallback
     )
 }
 

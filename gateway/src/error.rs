@@ -51,6 +51,15 @@ pub enum GatewayError {
     UpstreamTimeout(Duration),
 }
 
+impl From<crate::service::CacheError> for GatewayError {
+    fn from(e: crate::service::CacheError) -> Self {
+        match e {
+            crate::service::CacheError::Store(e) => GatewayError::Store(e),
+            crate::service::CacheError::Bus(e) => GatewayError::Bus(e),
+        }
+    }
+}
+
 impl GatewayError {
     /// Status, short code and the message shown to the client.
     fn parts(&self) -> (StatusCode, &'static str, String) {

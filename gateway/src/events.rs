@@ -4,23 +4,38 @@
 use std::sync::Arc;
 
 use tessera_protocol::{Event, Notice, Subscription};
+use tokio_util::sync::CancellationToken;
 
-use crate::Gateway;
+use crate::admin::Failures;
+use crate::metrics::RouteLabels;
+use crate::service::CacheService;
+use crate::waiters::Waiters;
 
-/// Applies events until the bus closes or the gateway stops.
-pub async fn follow(gateway: Arc<Gateway>, mut events: Box<dyn Subscription>) {
+/// What events act on.
+#[derive(Debug)]
+pub struct Followers {
+    /// L1 to evict from, and the metrics that count builds.
+    pub cache: Arc<CacheService>,
+    /// Long-polls to wake.
+    pub waiters: Arc<Waiters>,
+    /// The dashboard's list of recent failures.
+    pub failures: Arc<Failures>,
+}
+
+/// Applies events until the bus closes or `stopping` is cancelled.
+pub async fn follow(to: Followers, mut events: Box<dyn Subscription>, stopping: CancellationToken) {
     loop {
         let notice = tokio::select! {
-            () = gateway.stopping.cancelled() => return,
+            () = stopping.cancelled() => return,
             notice = events.next() => notice,
         };
         match notice {
-            Some(Notice::Event(event)) => apply(&gateway, &event).await,
+            Some(Notice::Event(event)) => to.apply(&event).await,
             Some(Notice::Lagged) => {
                 tracing::info!("events may have been missed; dropping L1");
-                gateway.metrics.events_lagged.inc();
-                gateway.l1.invalidate_all();
-                gateway.waiters.wake_all();
+                to.cache.metrics.events_lagged.inc();
+                to.cache.l1.invalidate_all();
+                to.waiters.wake_all();
             }
             None => {
                 tracing::warn!("event subscription closed");
@@ -30,46 +45,50 @@ pub async fn follow(gateway: Arc<Gateway>, mut events: Box<dyn Subscription>) {
     }
 }
 
-async fn apply(gateway: &Gateway, event: &Event) {
-    // Only configured routes become label values.
-    let route = event
-        .key()
-        .and_then(|k| k.split(':').nth(2))
-        .filter(|r| gateway.config.route(r).is_some())
-        .map(|r| crate::metrics::RouteLabels {
+impl Followers {
+    async fn apply(&self, event: &Event) {
+        let cache = &self.cache;
+        let keys = event
+            .key()
+            .and_then(|text| cache.backends.keys.parse_envelope_key(text));
+        if event.key().is_some() && keys.is_none() {
+            tracing::debug!("event for a key outside this namespace ignored");
+        }
+        // Only configured routes become label values.
+        let route = keys
+            .as_ref()
+            .map(|k| k.route())
+            .filter(|r| cache.config.route(r).is_some());
+        let labels = route.map(|r| RouteLabels {
             route: r.to_string(),
         });
-    match (event, route) {
-        (Event::Failed { key, error }, route) => {
-            gateway.record_failure(key, error);
-            if let Some(route) = route {
-                gateway.metrics.builds_failed.get_or_create(&route).inc();
+        match (event, labels) {
+            (Event::Failed { error, .. }, labels) => {
+                self.failures.record(route.unwrap_or(""), error);
+                if let Some(labels) = labels {
+                    cache.metrics.builds_failed.get_or_create(&labels).inc();
+                }
             }
+            (Event::Built { build_ms, .. }, Some(labels)) => {
+                if let Some(ms) = build_ms {
+                    cache
+                        .metrics
+                        .observe_build(&labels.route, *ms as f64 / 1000.0);
+                }
+                cache.metrics.builds_succeeded.get_or_create(&labels).inc();
+            }
+            _ => {}
         }
-        (Event::Built { build_ms, .. }, Some(route)) => {
-            if let Some(ms) = build_ms {
-                gateway
-                    .metrics
-                    .observe_build(&route.route, *ms as f64 / 1000.0);
-            }
-            gateway.metrics.builds_succeeded.get_or_create(&route).inc();
+        if let Event::Purged {
+            route: Some(route), ..
+        } = event
+        {
+            cache.l1.invalidate_route(route).await;
         }
-        _ => {}
-    }
-    if let Event::Purged {
-        route: Some(route), ..
-    } = event
-    {
-        gateway.l1.invalidate_route(route).await;
-    }
-    if let Some(text) = event.key() {
-        match gateway.backends.keys.parse_envelope_key(text) {
-            Some(key) => {
-                // Evict first, then wake: a woken request must not find the old entry.
-                gateway.l1.invalidate_key(&key).await;
-                gateway.waiters.wake(key.as_str());
-            }
-            None => tracing::debug!("event for a key outside this namespace ignored"),
+        if let Some(keys) = keys {
+            // Evict first, then wake: a woken request must not find the old entry.
+            cache.l1.invalidate_key(&keys.envelope).await;
+            self.waiters.wake(keys.envelope.as_str());
         }
     }
 }

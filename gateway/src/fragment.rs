@@ -11,19 +11,15 @@
 //! | a failed build with a servable copy | 200 stale-if-error |
 //! | a failed build, nothing to serve | 502 problem with `Retry-After` |
 //!
-//! "Exactly one build" rests on the store's atomic `add` of the pending lease: of all
-//! callers in all gateways, only the one that adds it publishes a `BuildRequest`. Inside
-//! one gateway, L1 coalesces identical concurrent misses into one store lookup first.
+//! What is found, and which build is requested, is [`crate::service`]'s business; this
+//! module turns it into HTTP answers.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use tessera_protocol::envelope::Freshness;
-use tessera_protocol::message::VERSION;
-use tessera_protocol::time::{add_ms, ceil_secs, now_ms, remaining};
-use tessera_protocol::{BuildRequest, Envelope, FragmentKeys, FragmentRoute, Identity, store};
+use tessera_protocol::time::{ceil_secs, now_ms, remaining};
+use tessera_protocol::{Envelope, FragmentRoute, Identity};
 
 use crate::Gateway;
 use crate::cache::{Slot, SlotState};
@@ -31,6 +27,7 @@ use crate::error::GatewayError;
 use crate::headers::{Trace, if_none_match, prefer_wait, wants_json};
 use crate::hot::{Hot, LastHeaders};
 use crate::metrics::CacheStatus;
+use crate::service::{Found, Target};
 use tessera_runtime::web::{Body, empty, full};
 
 /// `Retry-After` on pending answers: clients should prefer `Prefer: wait`.
@@ -38,38 +35,6 @@ const PENDING_RETRY_AFTER: u64 = 1;
 
 /// RFC 9211's `Cache-Status`.
 static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
-
-/// What a lookup found, as far as the answer is concerned.
-#[derive(Debug)]
-pub enum Found {
-    /// Serve this envelope's body; `stale` when past fresh (rebuild already requested).
-    Serve {
-        /// The slot holding the envelope.
-        slot: Arc<Slot>,
-        /// Past its fresh time.
-        stale: bool,
-    },
-    /// A build is queued or running.
-    Pending,
-    /// The last build failed and nothing can be served.
-    Failed {
-        /// The worker's error.
-        error: String,
-        /// Until the next build may be tried.
-        retry_after: Duration,
-    },
-}
-
-/// The outcome of asking for a build.
-#[derive(Debug)]
-pub enum Requested {
-    /// We won the lease and queued the build.
-    Queued,
-    /// Someone else holds the lease: a build is already queued or running.
-    AlreadyPending,
-    /// A build finished just before we asked: here is its result, nothing was queued.
-    JustBuilt(Envelope),
-}
 
 impl Gateway {
     /// Answers a fresh hit from the hot answers, without looking anything up or
@@ -87,6 +52,7 @@ impl Gateway {
             return None;
         };
         if !self
+            .cache
             .l1
             .unchanged_since(hot.checked_at, hot.loaded_at, started)
             || started >= hot.fresh_until
@@ -143,20 +109,18 @@ impl Gateway {
             .config
             .route(name)
             .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
-        let identity = Identity::from_request(route, req.uri().query(), req.headers())?;
+        let mut identity = Identity::from_request(route, req.uri().query(), req.headers())?;
         let trace = Trace::new(req.headers());
         let wait = prefer_wait(req.headers()).map(|w| w.min(self.config.gateway.max_wait));
         let deadline = wait.map(|w| tokio::time::Instant::now() + w);
 
         loop {
             let checked_at = std::time::Instant::now();
-            let (generation, keys, generation_read_at) = self.keys(route, &identity).await?;
+            let target = self.cache.target(route, identity, &trace).await?;
             // Register before looking, so a `built` event between the lookup and the
             // wait still wakes us.
-            let mut waiter = deadline.map(|_| self.waiters.register(keys.envelope.as_str()));
-            let found = self
-                .lookup(route, &identity, generation, &keys, &trace)
-                .await?;
+            let mut waiter = deadline.map(|_| self.waiters.register(target.keys.envelope.as_str()));
+            let found = self.cache.lookup(&target).await?;
             match (found, deadline, waiter.as_mut()) {
                 (Found::Pending, Some(deadline), Some(waiter))
                     if tokio::time::Instant::now() < deadline =>
@@ -164,17 +128,16 @@ impl Gateway {
                     // Boxed: waiting is the rare path, and its timer would otherwise
                     // enlarge every request's future.
                     if Box::pin(self.wait(waiter, deadline)).await {
+                        identity = target.identity;
                         continue;
                     }
                     // Deadline or shutdown: one last look, then answer whatever it is.
-                    let found = self
-                        .lookup(route, &identity, generation, &keys, &trace)
-                        .await?;
+                    let found = self.cache.lookup(&target).await?;
                     return Ok(respond(route, req, found));
                 }
                 (found, _, _) => {
                     if let Found::Serve { slot, stale: false } = &found {
-                        self.remember(req, route, slot, checked_at, generation_read_at);
+                        self.remember(req, &target, slot, checked_at);
                     }
                     return Ok(respond(route, req, found));
                 }
@@ -187,15 +150,15 @@ impl Gateway {
     fn remember(
         &self,
         req: &Request<hyper::body::Incoming>,
-        route: &FragmentRoute,
+        target: &Target<'_>,
         slot: &Arc<Slot>,
         checked_at: std::time::Instant,
-        generation_read_at: std::time::Instant,
     ) {
-        if !route.vary.is_empty() || !self.l1.enabled() {
+        let route = target.route;
+        if !route.vary.is_empty() || !self.cache.l1.enabled() {
             return;
         }
-        let (SlotState::Found(envelope), Some(target), Some(index)) = (
+        let (SlotState::Found(envelope), Some(request_target), Some(index)) = (
             &slot.state,
             req.uri().path_and_query(),
             self.config
@@ -206,12 +169,12 @@ impl Gateway {
             return;
         };
         self.hot.insert(Hot {
-            target: target.as_str().into(),
+            target: request_target.as_str().into(),
             route: index,
             metrics: self.metrics.route(&route.name).clone(),
             slot: slot.clone(),
             checked_at,
-            loaded_at: generation_read_at.min(slot.loaded_at()),
+            loaded_at: target.generation_read_at.min(slot.loaded_at()),
             fresh_until: std::time::Instant::now() + remaining(now_ms(), envelope.fresh_until),
             headers: LastHeaders::default(),
         });
@@ -229,168 +192,6 @@ impl Gateway {
             () = tokio::time::sleep_until(deadline) => false,
             () = self.stopping.cancelled() => false,
         }
-    }
-
-    /// The route's current generation and the keys of `identity` in it, and when that
-    /// generation was read from the store.
-    pub(crate) async fn keys(
-        &self,
-        route: &FragmentRoute,
-        identity: &Identity,
-    ) -> Result<(u64, FragmentKeys, std::time::Instant), GatewayError> {
-        let (generation, read_at) = self
-            .l1
-            .generation(&route.name, || async {
-                let key = self.backends.keys.generation(&route.name);
-                Ok(store::generation(self.backends.store.as_ref(), &key).await?)
-            })
-            .await?;
-        Ok((
-            generation,
-            self.backends.keys.fragment(identity, generation),
-            read_at,
-        ))
-    }
-
-    /// Looks a fragment up (L1, then the store), requesting a build when it is missing,
-    /// stale or failed long enough ago.
-    pub(crate) async fn lookup(
-        self: &Arc<Self>,
-        route: &FragmentRoute,
-        identity: &Identity,
-        generation: u64,
-        keys: &FragmentKeys,
-        trace: &Trace<'_>,
-    ) -> Result<Found, GatewayError> {
-        let slot = self
-            .l1
-            .slot(&keys.envelope, || async {
-                if let Some(bytes) = self.backends.store.get(&keys.envelope).await? {
-                    match Envelope::decode(&bytes) {
-                        Ok(envelope) => return Ok(SlotState::Found(envelope)),
-                        Err(e) => {
-                            self.metrics.undecodable.inc();
-                            tracing::warn!(key = %keys.envelope, error = %e, "undecodable envelope, treated as a miss");
-                        }
-                    }
-                }
-                Ok(match self.request_build(route, identity, generation, keys, trace.id()).await? {
-                    Requested::JustBuilt(envelope) => SlotState::Found(envelope),
-                    Requested::Queued | Requested::AlreadyPending => SlotState::Pending,
-                })
-            })
-            .await?;
-        Ok(self.judge(route, identity, generation, keys, trace, slot))
-    }
-
-    /// What to answer for a slot at this instant; requests the one rebuild a stale or
-    /// expired-failure slot calls for (in the background: the answer never waits).
-    pub(crate) fn judge(
-        self: &Arc<Self>,
-        route: &FragmentRoute,
-        identity: &Identity,
-        generation: u64,
-        keys: &FragmentKeys,
-        trace: &Trace<'_>,
-        slot: Arc<Slot>,
-    ) -> Found {
-        let now = now_ms();
-        let SlotState::Found(envelope) = &slot.state else {
-            return Found::Pending;
-        };
-        let freshness = envelope.freshness(now);
-        if matches!(freshness, Freshness::Stale | Freshness::FailedExpired) && slot.claim_rebuild()
-        {
-            let this = self.clone();
-            let (route, identity, keys, trace) = (
-                route.clone(),
-                identity.clone(),
-                keys.clone(),
-                trace.id().to_string(),
-            );
-            tokio::spawn(async move {
-                if let Err(e) = this
-                    .request_build(&route, &identity, generation, &keys, &trace)
-                    .await
-                {
-                    tracing::warn!(route = %route.name, error = %e, "could not request a rebuild");
-                }
-            });
-        }
-        let servable = envelope.servable(now);
-        match freshness {
-            Freshness::Fresh => Found::Serve {
-                slot: slot.clone(),
-                stale: false,
-            },
-            Freshness::Stale | Freshness::Failed | Freshness::FailedExpired if servable => {
-                Found::Serve {
-                    slot: slot.clone(),
-                    stale: true,
-                }
-            }
-            Freshness::Failed => Found::Failed {
-                error: envelope.error.clone().unwrap_or_default(),
-                retry_after: remaining(now, envelope.fresh_until),
-            },
-            Freshness::Stale | Freshness::FailedExpired => Found::Pending,
-        }
-    }
-
-    /// Queues one build of `keys` unless one is already queued anywhere: adds the pending
-    /// lease (atomic across gateways) and, if it won, publishes the request.
-    pub(crate) async fn request_build(
-        &self,
-        route: &FragmentRoute,
-        identity: &Identity,
-        generation: u64,
-        keys: &FragmentKeys,
-        trace: &str,
-    ) -> Result<Requested, GatewayError> {
-        let store = &self.backends.store;
-        let lease_ttl = route.lease_ttl();
-        let metrics = self.metrics.route(&route.name);
-        if !store.add(&keys.lease(), b"", lease_ttl).await? {
-            metrics.coalesced.inc();
-            return Ok(Requested::AlreadyPending);
-        }
-        // Between our read and our add, a worker may have stored a result and released
-        // its lease. Building again then would be a second build: look once more.
-        let now = now_ms();
-        if let Some(bytes) = store.get(&keys.envelope).await?
-            && let Ok(envelope) = Envelope::decode(&bytes)
-            && now < envelope.fresh_until
-        {
-            store.delete(&keys.lease()).await?;
-            return Ok(Requested::JustBuilt(envelope));
-        }
-        let request = BuildRequest {
-            v: VERSION,
-            id: format!("{:016x}", rand::random::<u64>()),
-            key: keys.envelope.as_str().to_string(),
-            identity: identity.clone(),
-            generation,
-            attempt: 1,
-            requested_at: now,
-            lease_deadline: add_ms(now, lease_ttl),
-            trace_id: trace.to_string(),
-        };
-        if let Err(e) = self
-            .backends
-            .bus
-            .publish_build(&route.queue, &request)
-            .await
-        {
-            // Nothing was queued: give the lease back so the next request can try again
-            // instead of waiting for it to expire.
-            if let Err(se) = store.delete(&keys.lease()).await {
-                tracing::warn!(key = %keys.lease(), error = %se, "could not release the lease");
-            }
-            return Err(e.into());
-        }
-        metrics.published.inc();
-        tracing::debug!(route = %route.name, key = %keys.envelope, request = %request.id, trace_id = %trace, "build queued");
-        Ok(Requested::Queued)
     }
 }
 

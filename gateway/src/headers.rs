@@ -58,7 +58,7 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
 /// the hit path never pays for it.
 #[derive(Debug)]
 pub struct Trace<'a> {
-    headers: &'a HeaderMap,
+    headers: Option<&'a HeaderMap>,
     id: std::sync::OnceLock<String>,
 }
 
@@ -66,14 +66,23 @@ impl<'a> Trace<'a> {
     /// The trace of a request with `headers`.
     pub fn new(headers: &'a HeaderMap) -> Self {
         Self {
-            headers,
+            headers: Some(headers),
             id: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// A trace whose id is already known (work carried on after its request ended).
+    pub fn known(id: String) -> Trace<'static> {
+        Trace {
+            headers: None,
+            id: std::sync::OnceLock::from(id),
         }
     }
 
     /// The id, see [`trace_id`].
     pub fn id(&self) -> &str {
-        self.id.get_or_init(|| trace_id(self.headers))
+        self.id
+            .get_or_init(|| self.headers.map(trace_id).unwrap_or_default())
     }
 }
 

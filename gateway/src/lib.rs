@@ -11,7 +11,8 @@
 //! - [`metrics`]: the Prometheus registry of one gateway.
 //! - [`compose`]: ESI page composition from cached fragments.
 //! - [`esi`]: the ESI 1.0 subset parser.
-//! - [`fragment`]: the fragment endpoint: lookup, build requests, answers.
+//! - [`fragment`]: the fragment endpoint: HTTP answers for what the cache found.
+//! - [`service`]: the cache service: lookups, freshness, build requests; no HTTP.
 //! - [`cache`]: L1, with coalescing and an invalidation log.
 //! - [`hot`]: the last fresh answer per request target, for the hit path.
 //! - [`waiters`]: long-poll wake-ups for `Prefer: wait`.
@@ -35,6 +36,7 @@ pub mod headers;
 pub mod hot;
 pub mod metrics;
 pub mod proxy;
+pub mod service;
 pub mod waiters;
 
 use std::future::Future;
@@ -83,14 +85,14 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Gateway {
     config: Arc<Config>,
-    backends: Backends,
-    l1: L1,
+    /// Lookups and build requests; shares `config` and `metrics`.
+    cache: Arc<service::CacheService>,
     hot: hot::HotAnswers,
-    waiters: Waiters,
+    waiters: Arc<Waiters>,
     upstream: proxy::Upstream,
-    metrics: metrics::Metrics,
-    /// The latest build failures any worker reported, newest last (bounded).
-    failures: std::sync::Mutex<std::collections::VecDeque<admin::Failure>>,
+    metrics: Arc<metrics::Metrics>,
+    /// The latest build failures any worker reported, for the dashboard.
+    failures: Arc<admin::Failures>,
     /// Cancelled when the gateway starts shutting down: long-polls answer at once.
     stopping: CancellationToken,
 }
@@ -126,23 +128,36 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
     let config = Arc::new(config);
+    let metrics = Arc::new(metrics::Metrics::new(
+        config.fragments.iter().map(|r| r.name.as_str()),
+    ));
     let gateway = Arc::new(Gateway {
-        l1: L1::new(config.cache.capacity.as_u64(), config.cache.ttl),
+        cache: Arc::new(service::CacheService {
+            config: config.clone(),
+            backends: backends.clone(),
+            l1: L1::new(config.cache.capacity.as_u64(), config.cache.ttl),
+            metrics: metrics.clone(),
+        }),
         // A quarter of L1's budget: what hot answers may keep alive beyond it.
         hot: hot::HotAnswers::new(config.cache.capacity.as_u64() / 4),
-        waiters: Waiters::default(),
+        waiters: Arc::default(),
         upstream: proxy::Upstream::new(&config.upstream.url, config.upstream.timeout)?,
         stopping: CancellationToken::new(),
-        metrics: metrics::Metrics::new(config.fragments.iter().map(|r| r.name.as_str())),
-        failures: std::sync::Mutex::new(std::collections::VecDeque::new()),
-        backends: backends.clone(),
+        metrics,
+        failures: Arc::default(),
         config: config.clone(),
     });
     // Subscribe before serving, so no event after the first request is missed.
     let subscription = backends.bus.subscribe().await?;
+    let followers = events::Followers {
+        cache: gateway.cache.clone(),
+        waiters: gateway.waiters.clone(),
+        failures: gateway.failures.clone(),
+    };
     let events = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(events::follow(
-        gateway.clone(),
+        followers,
         subscription,
+        gateway.stopping.clone(),
     )));
 
     let workers = if config.workers.embedded > 0 {

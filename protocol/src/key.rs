@@ -71,11 +71,17 @@ pub struct FragmentKeys {
 
 impl FragmentKeys {
     /// The pending lease: present while exactly one build is queued or running. Built on
-    /// demand: the hit path never needs it.
-    pub fn lease(&self) -> StoreKey {
+    /// demand: the hit path never needs it. Only [`crate::lease`] uses it.
+    pub(crate) fn lease(&self) -> StoreKey {
         let mut key = self.envelope.0.clone();
         key.replace_range(self.kind_at..self.kind_at + 3, ":p:");
         StoreKey(key)
+    }
+
+    /// The route the fragment belongs to.
+    pub fn route(&self) -> &str {
+        let rest = &self.envelope.0[self.kind_at + 3..];
+        rest.split_once(':').map_or(rest, |(route, _)| route)
     }
 }
 
@@ -110,9 +116,9 @@ impl Keyspace {
         StoreKey(format!("{}:g:{route}", self.ns))
     }
 
-    /// Recovers an envelope key from its text, as carried in messages from other
-    /// programs. `None` unless it has exactly the shape this keyspace builds.
-    pub fn parse_envelope_key(&self, text: &str) -> Option<StoreKey> {
+    /// Recovers a fragment's keys from its envelope key's text, as carried in messages
+    /// from other programs. `None` unless it has exactly the shape this keyspace builds.
+    pub fn parse_envelope_key(&self, text: &str) -> Option<FragmentKeys> {
         let rest = text.strip_prefix(&self.ns)?.strip_prefix(":f:")?;
         let mut parts = rest.split(':');
         let (route, generation, digest) = (parts.next()?, parts.next()?, parts.next()?);
@@ -127,7 +133,10 @@ impl Keyspace {
             && digest
                 .bytes()
                 .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
-        valid.then(|| StoreKey(text.to_string()))
+        valid.then(|| FragmentKeys {
+            envelope: StoreKey(text.to_string()),
+            kind_at: self.ns.len(),
+        })
     }
 }
 
@@ -495,7 +504,7 @@ mod tests {
         assert_eq!(other.envelope.as_str().len(), keys.envelope.as_str().len());
         assert_eq!(
             ks.parse_envelope_key(keys.envelope.as_str()),
-            Some(keys.envelope.clone())
+            Some(keys.clone())
         );
     }
 
@@ -517,16 +526,20 @@ mod tests {
                 .starts_with("t:p:recs:7:")
         );
         assert_eq!(ks.generation("recs").as_str(), "t:g:recs");
+        assert_eq!(ks.fragment(&i, 7).route(), "recs");
+        // A namespace may contain the separator; the route is still found.
+        assert_eq!(Keyspace::new("a:b").fragment(&i, 7).route(), "recs");
     }
 
     #[test]
     fn parse_envelope_key_refuses_foreign_shapes() {
         let ks = Keyspace::new("t");
         let digest = "0".repeat(DIGEST_HEX);
-        assert!(
-            ks.parse_envelope_key(&format!("t:f:recs:1:{digest}"))
-                .is_some()
-        );
+        let parsed = ks
+            .parse_envelope_key(&format!("t:f:recs:1:{digest}"))
+            .unwrap();
+        assert_eq!(parsed.route(), "recs");
+        assert_eq!(parsed.lease().as_str(), format!("t:p:recs:1:{digest}"));
         for bad in [
             format!("u:f:recs:1:{digest}"),
             format!("t:p:recs:1:{digest}"),

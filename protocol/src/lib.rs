@@ -15,6 +15,7 @@
 //! - [`key`]: fragment identity (allow-listed params, vary values, generation) and store keys.
 //! - [`envelope`]: the versioned, compact value stored for a fragment.
 //! - [`message`]: `BuildRequest` and events, JSON with a `v` field.
+//! - [`lease`]: the pending lease, sole owner of "exactly one build per key".
 //! - [`store`]: the `Store` trait (memcached semantics) and its in-memory twin.
 //! - [`bus`]: the `Bus` trait (AMQP semantics) and its in-process twin.
 //! - [`backends`]: the store and bus a process works with; the in-process pair.
@@ -25,6 +26,7 @@ pub mod bus;
 pub mod config;
 pub mod envelope;
 pub mod key;
+pub mod lease;
 pub mod message;
 pub mod store;
 pub mod time;
@@ -34,5 +36,6 @@ pub use bus::{Bus, BusError, Consumer, DeadLetter, Delivery, Notice, QueueStats,
 pub use config::{Config, ConfigError, FragmentRoute};
 pub use envelope::{Envelope, Status};
 pub use key::{FragmentKeys, Identity, Keyspace, StoreKey};
+pub use lease::Lease;
 pub use message::{BuildRequest, Event};
 pub use store::{Store, StoreError};

@@ -439,12 +439,8 @@ pub async fn an_abandoned_lease_expires(kind: Backend) {
         vary: vec![],
     };
     let keys = b.keys.fragment(&identity, generation);
-    assert!(
-        b.store
-            .add(&keys.lease(), b"", r.lease_ttl())
-            .await
-            .unwrap()
-    );
+    let lease = tessera_protocol::Lease::new(b.store.as_ref(), &keys, &r);
+    assert!(lease.acquire().await.unwrap().is_some());
     let gw = TestGateway::start(c, b).await;
     let url = gw.at("/fragments/orphan");
     assert_eq!(get(&url).await.status(), StatusCode::ACCEPTED);

@@ -1,0 +1,376 @@
+//! The fragment cache as a service: what is known about a fragment, and the one build it
+//! may call for. It knows nothing of HTTP; [`crate::fragment`] and [`crate::compose`] turn
+//! what it finds into answers.
+//!
+//! A lookup goes L1, then the store; a missing fragment has its build requested through
+//! the [`Lease`], so of all callers in all gateways exactly one queues it. Inside one
+//! gateway, L1 coalesces identical concurrent misses into one store lookup first.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use tessera_protocol::envelope::Freshness;
+use tessera_protocol::message::VERSION;
+use tessera_protocol::time::{now_ms, remaining};
+use tessera_protocol::{
+    Backends, BuildRequest, BusError, Config, Envelope, Event, FragmentKeys, FragmentRoute,
+    Identity, Lease, StoreError, StoreKey, store,
+};
+
+use crate::cache::{L1, Slot, SlotState};
+use crate::headers::Trace;
+use crate::metrics::Metrics;
+
+/// Why the cache could not answer: a backend failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    /// The shared store could not be reached.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The broker could not take a build request.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// One fragment as a request names it: its route, identity, generation and keys, and the
+/// trace of the request that asked.
+#[derive(Debug, Clone)]
+pub struct Target<'c> {
+    /// The configured route.
+    pub route: &'c FragmentRoute,
+    /// Who and what the fragment is for.
+    pub identity: Identity,
+    /// The route's generation when the request was made.
+    pub generation: u64,
+    /// Where the fragment lives in that generation.
+    pub keys: FragmentKeys,
+    /// When that generation was read from the store.
+    pub generation_read_at: Instant,
+    /// The request's trace, passed on to the build.
+    pub trace: &'c Trace<'c>,
+}
+
+/// What a lookup found, as far as the answer is concerned.
+#[derive(Debug)]
+pub enum Found {
+    /// Serve this envelope's body; `stale` when past fresh (rebuild already requested).
+    Serve {
+        /// The slot holding the envelope.
+        slot: Arc<Slot>,
+        /// Past its fresh time.
+        stale: bool,
+    },
+    /// A build is queued or running.
+    Pending,
+    /// The last build failed and nothing can be served.
+    Failed {
+        /// The worker's error.
+        error: String,
+        /// Until the next build may be tried.
+        retry_after: Duration,
+    },
+}
+
+/// The outcome of asking for a build.
+#[derive(Debug)]
+pub enum Requested {
+    /// We won the lease and queued the build.
+    Queued,
+    /// Someone else holds the lease: a build is already queued or running.
+    AlreadyPending,
+    /// A build finished just before we asked: here is its result, nothing was queued.
+    JustBuilt(Envelope),
+}
+
+/// L1 in front of the store, and the build requests its misses call for.
+#[derive(Debug)]
+pub struct CacheService {
+    /// The configuration the gateway runs with.
+    pub config: Arc<Config>,
+    /// The store and bus.
+    pub backends: Backends,
+    /// The in-process cache.
+    pub l1: L1,
+    /// The gateway's metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl CacheService {
+    /// The target `identity` of `route` names now: reads the route's generation (L1,
+    /// then the store) and derives the keys.
+    pub async fn target<'c>(
+        &self,
+        route: &'c FragmentRoute,
+        identity: Identity,
+        trace: &'c Trace<'c>,
+    ) -> Result<Target<'c>, CacheError> {
+        let (generation, generation_read_at) = self
+            .l1
+            .generation(&route.name, || async {
+                let key = self.backends.keys.generation(&route.name);
+                Ok(store::generation(self.backends.store.as_ref(), &key).await?)
+            })
+            .await?;
+        Ok(Target {
+            keys: self.backends.keys.fragment(&identity, generation),
+            route,
+            identity,
+            generation,
+            generation_read_at,
+            trace,
+        })
+    }
+
+    /// Looks a fragment up (L1, then the store), requesting a build when it is missing,
+    /// stale or failed long enough ago.
+    pub async fn lookup(self: &Arc<Self>, t: &Target<'_>) -> Result<Found, CacheError> {
+        let slot = self
+            .l1
+            .slot(&t.keys.envelope, || async {
+                if let Some(bytes) = self.backends.store.get(&t.keys.envelope).await?
+                    && let Some(envelope) = self.decode(&t.keys.envelope, &bytes)
+                {
+                    return Ok(SlotState::Found(envelope));
+                }
+                Ok(self.request_build(t).await?.into_state())
+            })
+            .await?;
+        Ok(self.judge(t, slot))
+    }
+
+    /// Looks every target up at once: L1, then one multi-get for the rest, then one
+    /// build request per miss. Targets the store could not be asked about are left out.
+    pub async fn lookup_many(
+        self: &Arc<Self>,
+        targets: &[&Target<'_>],
+    ) -> HashMap<StoreKey, Found> {
+        let mut slots: HashMap<StoreKey, Arc<Slot>> = HashMap::new();
+        let mut missing: Vec<&Target<'_>> = Vec::new();
+        for t in targets {
+            if slots.contains_key(&t.keys.envelope) || missing.iter().any(|m| m.keys == t.keys) {
+                continue;
+            }
+            match self.l1.peek(&t.keys.envelope).await {
+                Some(slot) => {
+                    slots.insert(t.keys.envelope.clone(), slot);
+                }
+                None => missing.push(t),
+            }
+        }
+        if !missing.is_empty() {
+            match self.load_many(&missing).await {
+                Ok(loaded) => slots.extend(loaded),
+                Err(e) => {
+                    tracing::warn!(error = %e, "store unavailable while composing; includes left as placeholders");
+                }
+            }
+        }
+        targets
+            .iter()
+            .filter_map(|t| {
+                let slot = slots.get(&t.keys.envelope)?.clone();
+                Some((t.keys.envelope.clone(), self.judge(t, slot)))
+            })
+            .collect()
+    }
+
+    /// Reads `missing` from the store in one multi-get, requests builds of what is not
+    /// there, and caches every answer in L1.
+    async fn load_many(
+        &self,
+        missing: &[&Target<'_>],
+    ) -> Result<Vec<(StoreKey, Arc<Slot>)>, CacheError> {
+        let started = Instant::now();
+        let keys: Vec<StoreKey> = missing.iter().map(|t| t.keys.envelope.clone()).collect();
+        let mut values = self.backends.store.get_many(&keys).await?;
+        let mut slots = Vec::with_capacity(missing.len());
+        let mut absent = Vec::new();
+        for t in missing {
+            let key = &t.keys.envelope;
+            match values.remove(key).and_then(|b| self.decode(key, &b)) {
+                Some(e) => {
+                    let slot = self.l1.insert(key, SlotState::Found(e), started).await;
+                    slots.push((key.clone(), slot));
+                }
+                None => absent.push(*t),
+            }
+        }
+        let requested = join_all(absent.iter().map(|t| self.request_build(t))).await;
+        for (t, outcome) in absent.iter().zip(requested) {
+            match outcome {
+                Ok(requested) => {
+                    let key = &t.keys.envelope;
+                    let slot = self.l1.insert(key, requested.into_state(), started).await;
+                    slots.push((key.clone(), slot));
+                }
+                Err(e) => {
+                    tracing::warn!(route = %t.route.name, error = %e, "include left pending: build not requested");
+                }
+            }
+        }
+        Ok(slots)
+    }
+
+    /// The envelope in `bytes`, or `None` (counted and logged: treated as a miss).
+    fn decode(&self, key: &StoreKey, bytes: &[u8]) -> Option<Envelope> {
+        match Envelope::decode(bytes) {
+            Ok(envelope) => Some(envelope),
+            Err(e) => {
+                self.metrics.undecodable.inc();
+                tracing::warn!(%key, error = %e, "undecodable envelope, treated as a miss");
+                None
+            }
+        }
+    }
+
+    /// What to answer for a slot at this instant; requests the one rebuild a stale or
+    /// expired-failure slot calls for (in the background: the answer never waits).
+    pub fn judge(self: &Arc<Self>, t: &Target<'_>, slot: Arc<Slot>) -> Found {
+        let now = now_ms();
+        let SlotState::Found(envelope) = &slot.state else {
+            return Found::Pending;
+        };
+        let freshness = envelope.freshness(now);
+        if matches!(freshness, Freshness::Stale | Freshness::FailedExpired) && slot.claim_rebuild()
+        {
+            self.rebuild_in_background(t);
+        }
+        let servable = envelope.servable(now);
+        match freshness {
+            Freshness::Fresh => Found::Serve {
+                slot: slot.clone(),
+                stale: false,
+            },
+            Freshness::Stale | Freshness::Failed | Freshness::FailedExpired if servable => {
+                Found::Serve {
+                    slot: slot.clone(),
+                    stale: true,
+                }
+            }
+            Freshness::Failed => Found::Failed {
+                error: envelope.error.clone().unwrap_or_default(),
+                retry_after: remaining(now, envelope.fresh_until),
+            },
+            Freshness::Stale | Freshness::FailedExpired => Found::Pending,
+        }
+    }
+
+    fn rebuild_in_background(self: &Arc<Self>, t: &Target<'_>) {
+        let this = self.clone();
+        let (route, identity, generation, keys, generation_read_at) = (
+            t.route.clone(),
+            t.identity.clone(),
+            t.generation,
+            t.keys.clone(),
+            t.generation_read_at,
+        );
+        let trace = Trace::known(t.trace.id().to_string());
+        tokio::spawn(async move {
+            let target = Target {
+                route: &route,
+                identity,
+                generation,
+                keys,
+                generation_read_at,
+                trace: &trace,
+            };
+            if let Err(e) = this.request_build(&target).await {
+                tracing::warn!(route = %route.name, error = %e, "could not request a rebuild");
+            }
+        });
+    }
+
+    /// Queues one build of `t` unless one is already queued anywhere: acquires the lease
+    /// (atomic across gateways) and, if it won, publishes the request.
+    pub async fn request_build(&self, t: &Target<'_>) -> Result<Requested, CacheError> {
+        let store = self.backends.store.as_ref();
+        let lease = Lease::new(store, &t.keys, t.route);
+        let metrics = self.metrics.route(&t.route.name);
+        let Some(lease_deadline) = lease.acquire().await? else {
+            metrics.coalesced.inc();
+            return Ok(Requested::AlreadyPending);
+        };
+        // Between our read and our acquire, a worker may have stored a result and
+        // released its lease. Building again then would be a second build: look once more.
+        let now = now_ms();
+        if let Some(bytes) = store.get(&t.keys.envelope).await?
+            && let Ok(envelope) = Envelope::decode(&bytes)
+            && now < envelope.fresh_until
+        {
+            lease.release().await?;
+            return Ok(Requested::JustBuilt(envelope));
+        }
+        let request = BuildRequest {
+            v: VERSION,
+            id: format!("{:016x}", rand::random::<u64>()),
+            key: t.keys.envelope.as_str().to_string(),
+            identity: t.identity.clone(),
+            generation: t.generation,
+            attempt: 1,
+            requested_at: now,
+            lease_deadline,
+            trace_id: t.trace.id().to_string(),
+        };
+        if let Err(e) = self
+            .backends
+            .bus
+            .publish_build(&t.route.queue, &request)
+            .await
+        {
+            // Nothing was queued: give the lease back so the next request can try again
+            // instead of waiting for it to expire.
+            if let Err(se) = lease.release().await {
+                tracing::warn!(key = %lease.key(), error = %se, "could not release the lease");
+            }
+            return Err(e.into());
+        }
+        metrics.published.inc();
+        tracing::debug!(route = %t.route.name, key = %t.keys.envelope, request = %request.id, trace_id = %t.trace.id(), "build queued");
+        Ok(Requested::Queued)
+    }
+}
+
+impl CacheService {
+    /// Deletes one fragment everywhere and tells every gateway; whether it was there.
+    pub async fn purge_fragment(&self, t: &Target<'_>) -> Result<bool, CacheError> {
+        let key = &t.keys.envelope;
+        let deleted = self.backends.store.delete(key).await?;
+        // Evict here first, so this gateway is right even if the broker is down.
+        self.l1.invalidate_key(key).await;
+        let event = Event::Purged {
+            route: None,
+            generation: None,
+            key: Some(key.to_string()),
+        };
+        self.backends.bus.publish_event(&event).await?;
+        tracing::info!(route = %t.route.name, %key, deleted, "fragment purged");
+        Ok(deleted)
+    }
+
+    /// Moves a route to a new generation and tells every gateway; the new generation.
+    pub async fn purge_route(&self, route: &FragmentRoute) -> Result<u64, CacheError> {
+        let key = self.backends.keys.generation(&route.name);
+        let generation = store::bump_generation(self.backends.store.as_ref(), &key).await?;
+        self.l1.invalidate_route(&route.name).await;
+        let event = Event::Purged {
+            route: Some(route.name.clone()),
+            generation: Some(generation),
+            key: None,
+        };
+        self.backends.bus.publish_event(&event).await?;
+        tracing::info!(route = %route.name, generation, "route purged");
+        Ok(generation)
+    }
+}
+
+impl Requested {
+    /// What L1 should hold after this request.
+    fn into_state(self) -> SlotState {
+        match self {
+            Requested::JustBuilt(envelope) => SlotState::Found(envelope),
+            Requested::Queued | Requested::AlreadyPending => SlotState::Pending,
+        }
+    }
+}
