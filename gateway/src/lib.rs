@@ -127,26 +127,7 @@ pub async fn serve(
     backends: Backends,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
-    let config = Arc::new(config);
-    let metrics = Arc::new(metrics::Metrics::new(
-        config.fragments.iter().map(|r| r.name.as_str()),
-    ));
-    let gateway = Arc::new(Gateway {
-        cache: Arc::new(service::CacheService {
-            config: config.clone(),
-            backends: backends.clone(),
-            l1: L1::new(config.cache.capacity.as_u64(), config.cache.ttl),
-            metrics: metrics.clone(),
-        }),
-        // A quarter of L1's budget: what hot answers may keep alive beyond it.
-        hot: hot::HotAnswers::new(config.cache.capacity.as_u64() / 4),
-        waiters: Arc::default(),
-        upstream: proxy::Upstream::new(&config.upstream.url, config.upstream.timeout)?,
-        stopping: CancellationToken::new(),
-        metrics,
-        failures: Arc::default(),
-        config: config.clone(),
-    });
+    let gateway = Arc::new(Gateway::new(Arc::new(config), backends.clone())?);
     // Subscribe before serving, so no event after the first request is missed.
     let subscription = backends.bus.subscribe().await?;
     let followers = events::Followers {
@@ -159,69 +140,118 @@ pub async fn serve(
         subscription,
         gateway.stopping.clone(),
     )));
-
-    let workers = if config.workers.embedded > 0 {
-        let builder = tessera_workers::HttpBuilder::new(&config)
-            .map_err(|e| StartError::Workers(e.to_string()))?;
-        let stop = gateway.stopping.clone();
-        // Abort on drop: if this future is dropped (the task running the gateway was
-        // aborted), the embedded workers go with it, like a crashed process.
-        Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
-            tessera_workers::run(
-                backends,
-                config.clone(),
-                Arc::new(builder),
-                config.workers.embedded,
-                gateway.metrics.worker.clone(),
-                async move { stop.cancelled().await },
-            ),
-        )))
-    } else {
-        None
-    };
+    let workers = gateway.start_workers(backends)?;
 
     if let Ok(addr) = listener.local_addr() {
+        let config = &gateway.config;
         tracing::info!(%addr, embedded_workers = config.workers.embedded, routes = config.fragments.len(), "gateway listening");
     }
-    if let Ok(addr) = admin.as_ref().map(TcpListener::local_addr).transpose() {
-        tracing::info!(admin = ?addr, "admin listening");
+    if let Some(addr) = admin.as_ref().and_then(|a| a.local_addr().ok()) {
+        tracing::info!(admin = %addr, "admin listening");
     }
-    let stopping = gateway.stopping.clone();
-    let shutdown = async move {
-        shutdown.await;
-        // Long-polls answer at once instead of holding the drain.
-        stopping.cancel();
-    };
-    let admin_server = admin.map(|admin| {
-        let (gw, stop) = (gateway.clone(), gateway.stopping.clone());
-        tokio::spawn(tessera_runtime::web::serve(
-            admin,
-            move |req, peer| gw.clone().admin(req, peer),
-            async move { stop.cancelled().await },
-        ))
-    });
-    let public = gateway.clone();
-    tessera_runtime::web::serve(
-        listener,
-        move |req, peer| public.clone().handle(req, peer),
-        shutdown,
-    )
-    .await;
-    if let Some(admin_server) = admin_server {
-        let _ = admin_server.await;
-    }
-
+    gateway.clone().listen(listener, admin, shutdown).await;
     if let Some(workers) = workers {
-        match tokio::time::timeout(WORKER_DRAIN, workers).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "embedded workers stopped with an error"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "embedded workers task failed"),
-            Err(_) => tracing::warn!("embedded workers did not stop within {WORKER_DRAIN:?}"),
-        }
+        drain_workers(workers).await;
     }
     events.abort();
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// The embedded workers' task; aborted when dropped.
+type WorkersTask =
+    tokio_util::task::AbortOnDropHandle<Result<(), tessera_workers::WorkerError>>;
+
+/// Waits up to [`WORKER_DRAIN`] for the embedded workers to finish their builds.
+async fn drain_workers(workers: WorkersTask) {
+    match tokio::time::timeout(WORKER_DRAIN, workers).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "embedded workers stopped with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "embedded workers task failed"),
+        Err(_) => tracing::warn!("embedded workers did not stop within {WORKER_DRAIN:?}"),
+    }
+}
+
+impl Gateway {
+    fn new(config: Arc<Config>, backends: Backends) -> Result<Self, StartError> {
+        let metrics = Arc::new(metrics::Metrics::new(
+            config.fragments.iter().map(|r| r.name.as_str()),
+        ));
+        Ok(Gateway {
+            cache: Arc::new(service::CacheService {
+                config: config.clone(),
+                backends,
+                l1: L1::new(config.cache.capacity.as_u64(), config.cache.ttl),
+                metrics: metrics.clone(),
+            }),
+            // A quarter of L1's budget: what hot answers may keep alive beyond it.
+            hot: hot::HotAnswers::new(config.cache.capacity.as_u64() / 4),
+            waiters: Arc::default(),
+            upstream: proxy::Upstream::new(&config.upstream.url, config.upstream.timeout)?,
+            stopping: CancellationToken::new(),
+            metrics,
+            failures: Arc::default(),
+            config,
+        })
+    }
+
+    /// Starts `workers.embedded` workers in this process, if any; they stop when the
+    /// gateway does.
+    fn start_workers(&self, backends: Backends) -> Result<Option<WorkersTask>, StartError> {
+        let config = &self.config;
+        if config.workers.embedded == 0 {
+            return Ok(None);
+        }
+        let builder = tessera_workers::HttpBuilder::new(config)
+            .map_err(|e| StartError::Workers(e.to_string()))?;
+        let stop = self.stopping.clone();
+        // Abort on drop: if this future is dropped (the task running the gateway was
+        // aborted), the embedded workers go with it, like a crashed process.
+        Ok(Some(tokio_util::task::AbortOnDropHandle::new(
+            tokio::spawn(tessera_workers::run(
+                backends,
+                config.clone(),
+                Arc::new(builder),
+                config.workers.embedded,
+                self.metrics.worker.clone(),
+                async move { stop.cancelled().await },
+            )),
+        )))
+    }
+
+    /// Serves public traffic on `listener` and the admin API on `admin` until
+    /// `shutdown`; long-polls are answered at once when it fires.
+    async fn listen(
+        self: Arc<Self>,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) {
+        let stopping = self.stopping.clone();
+        let shutdown = async move {
+            shutdown.await;
+            // Long-polls answer at once instead of holding the drain.
+            stopping.cancel();
+        };
+        let admin_server = admin.map(|admin| {
+            let (gw, stop) = (self.clone(), self.stopping.clone());
+            tokio::spawn(tessera_runtime::web::serve(
+                admin,
+                move |req, peer| gw.clone().admin(req, peer),
+                async move { stop.cancelled().await },
+            ))
+        });
+        let public = self.clone();
+        tessera_runtime::web::serve(
+            listener,
+            move |req, peer| public.clone().handle(req, peer),
+            shutdown,
+        )
+        .await;
+        if let Some(admin_server) = admin_server {
+            let _ = admin_server.await;
+        }
+    }
 }
 
 impl Gateway {

@@ -75,6 +75,35 @@ impl Upstream {
             .filter(|_| connection_has(req.headers(), "upgrade"));
         let client_side = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
+        self.prepare(&mut parts, peer, upgrade)?;
+        let outbound = Request::from_parts(parts, tessera_runtime::web::stream(body));
+
+        let response = tokio::time::timeout(self.timeout, self.client.request(outbound))
+            .await
+            .map_err(|_| GatewayError::UpstreamTimeout(self.timeout))?
+            .map_err(|e| GatewayError::Upstream(e.to_string()))?;
+        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_side) = client_side
+        {
+            return Ok(splice(response, client_side));
+        }
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        append(&mut parts.headers, header::VIA, VIA);
+        Ok(Response::from_parts(
+            parts,
+            tessera_runtime::web::stream(body),
+        ))
+    }
+
+    /// Turns the client's request head into the upstream's: absolute URI on the
+    /// upstream, HTTP/1.1, hop-by-hop headers out, forwarding headers in.
+    fn prepare(
+        &self,
+        parts: &mut http::request::Parts,
+        peer: SocketAddr,
+        upgrade: Option<HeaderValue>,
+    ) -> Result<(), GatewayError> {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri = format!(
             "{}://{}{}",
@@ -97,59 +126,50 @@ impl Upstream {
             parts.headers.insert(header::HOST, host);
         }
         parts.version = Version::HTTP_11;
-        if let Some(protocol) = &upgrade {
+        if let Some(protocol) = upgrade {
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, protocol.clone());
+            parts.headers.insert(header::UPGRADE, protocol);
         }
         // Tell the application it may answer with ESI markup (Edge Architecture spec).
         parts.headers.insert(
             "surrogate-capability",
             HeaderValue::from_static("tessera=\"ESI/1.0\""),
         );
-        let body = tessera_runtime::web::stream(body);
-        let outbound = Request::from_parts(parts, body);
-
-        let mut response = tokio::time::timeout(self.timeout, self.client.request(outbound))
-            .await
-            .map_err(|_| GatewayError::UpstreamTimeout(self.timeout))?
-            .map_err(|e| GatewayError::Upstream(e.to_string()))?;
-        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS
-            && let Some(client_side) = client_side
-        {
-            let upstream_side = hyper::upgrade::on(&mut response);
-            tokio::spawn(async move {
-                match tokio::try_join!(client_side, upstream_side) {
-                    Ok((client, upstream)) => {
-                        let (mut c, mut u) = (TokioIo::new(client), TokioIo::new(upstream));
-                        if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                            tracing::debug!(error = %e, "upgraded connection ended");
-                        }
-                    }
-                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-                }
-            });
-            let (mut parts, _) = response.into_parts();
-            let protocol = parts.headers.get(header::UPGRADE).cloned();
-            strip_hop_by_hop(&mut parts.headers);
-            if let Some(protocol) = protocol {
-                parts
-                    .headers
-                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                parts.headers.insert(header::UPGRADE, protocol);
-            }
-            append(&mut parts.headers, header::VIA, VIA);
-            return Ok(Response::from_parts(parts, tessera_runtime::web::empty()));
-        }
-        let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        append(&mut parts.headers, header::VIA, VIA);
-        Ok(Response::from_parts(
-            parts,
-            tessera_runtime::web::stream(body),
-        ))
+        Ok(())
     }
+}
+
+/// The upstream agreed to an upgrade: splices both upgraded connections together in the
+/// background and hands the client the 101.
+fn splice(
+    mut response: Response<Incoming>,
+    client_side: hyper::upgrade::OnUpgrade,
+) -> Response<Body> {
+    let upstream_side = hyper::upgrade::on(&mut response);
+    tokio::spawn(async move {
+        match tokio::try_join!(client_side, upstream_side) {
+            Ok((client, upstream)) => {
+                let (mut c, mut u) = (TokioIo::new(client), TokioIo::new(upstream));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                    tracing::debug!(error = %e, "upgraded connection ended");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+    let (mut parts, _) = response.into_parts();
+    let protocol = parts.headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = protocol {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol);
+    }
+    append(&mut parts.headers, header::VIA, VIA);
+    Response::from_parts(parts, tessera_runtime::web::empty())
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
