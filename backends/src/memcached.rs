@@ -14,6 +14,11 @@
 //!   restarts every pooled connection would fail forever. A server whose call fails with
 //!   an I/O or pool error gets a fresh pool (at most once per [`REBUILD_EVERY`]); calls
 //!   fail with [`StoreError::Unavailable`] meanwhile. Start-up never waits for a server.
+//! - **`incr` never creates.** The crate's binary `incr` asks memcached to create an absent
+//!   key at 0 (it sends expiration 0, not `0xffffffff`), so `incr` goes over a small
+//!   second pool in the ASCII protocol, whose `incr` answers `NOT_FOUND` instead.
+//! - **TTLs over 30 days** are sent as Unix times (this host's clock), since memcached reads
+//!   any expiration above 30 days as one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -29,6 +34,10 @@ use tessera_protocol::time::ceil_secs;
 
 /// Connections per server.
 pub const POOL_SIZE: u32 = 32;
+/// ASCII-protocol connections per server, for `incr` (generation bumps only).
+pub const COUNTER_POOL_SIZE: u32 = 2;
+/// Longest expiration memcached reads as relative seconds.
+const MAX_RELATIVE_EXPIRY: u64 = 30 * 24 * 3600;
 /// Least time between two pool rebuilds for one server.
 pub const REBUILD_EVERY: Duration = Duration::from_millis(500);
 
@@ -41,7 +50,10 @@ pub fn fnv1a64(key: &str) -> u64 {
 
 struct Server {
     url: Url,
+    /// `url` in the ASCII protocol, for `incr`.
+    ascii: Url,
     client: RwLock<Arc<Client>>,
+    counter: RwLock<Arc<Client>>,
     rebuilt: Mutex<Instant>,
 }
 
@@ -63,9 +75,9 @@ impl std::fmt::Debug for MemcachedStore {
     }
 }
 
-fn pool(url: &Url, timeout: Duration) -> Result<Arc<Client>, StoreError> {
+fn pool(url: &Url, size: u32, timeout: Duration) -> Result<Arc<Client>, StoreError> {
     let pool = r2d2::Pool::builder()
-        .max_size(POOL_SIZE)
+        .max_size(size)
         .min_idle(Some(0))
         .test_on_check_out(false)
         .connection_timeout(timeout)
@@ -93,9 +105,13 @@ impl MemcachedStore {
                     "memcache://{host}?timeout={secs}&tcp_nodelay=true"
                 ))
                 .map_err(|e| StoreError::Protocol(format!("bad memcached address {s:?}: {e}")))?;
+                let mut ascii = url.clone();
+                ascii.query_pairs_mut().append_pair("protocol", "ascii");
                 Ok(Server {
-                    client: RwLock::new(pool(&url, timeout)?),
+                    client: RwLock::new(pool(&url, POOL_SIZE, timeout)?),
+                    counter: RwLock::new(pool(&ascii, COUNTER_POOL_SIZE, timeout)?),
                     url,
+                    ascii,
                     rebuilt: Mutex::new(Instant::now()),
                 })
             })
@@ -124,12 +140,24 @@ impl MemcachedStore {
         T: Send + 'static,
         F: FnOnce(&Client) -> Result<T, MemcacheError> + Send + 'static,
     {
+        self.call_on(i, false, op).await
+    }
+
+    /// Like [`Self::call`], on the ASCII pool when `counter`.
+    async fn call_on<T, F>(&self, i: usize, counter: bool, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Client) -> Result<T, MemcacheError> + Send + 'static,
+    {
         let server = &self.servers[i];
-        let client = server
-            .client
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let client = if counter {
+            &server.counter
+        } else {
+            &server.client
+        }
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
         let task = tokio::task::spawn_blocking(move || op(&client));
         let result = match tokio::time::timeout(self.timeout, task).await {
             Err(_) => Err(StoreError::Unavailable(format!(
@@ -159,12 +187,18 @@ impl MemcachedStore {
             return;
         }
         *last = Instant::now();
-        match pool(&server.url, self.timeout) {
-            Ok(fresh) => {
+        match pool(&server.url, POOL_SIZE, self.timeout)
+            .and_then(|c| Ok((c, pool(&server.ascii, COUNTER_POOL_SIZE, self.timeout)?)))
+        {
+            Ok((fresh, counter)) => {
                 *server
                     .client
                     .write()
                     .unwrap_or_else(PoisonError::into_inner) = fresh;
+                *server
+                    .counter
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = counter;
                 self.resets
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
@@ -186,9 +220,15 @@ fn classify(url: &Url, e: MemcacheError) -> StoreError {
     }
 }
 
-/// memcached's expiry: whole seconds, 0 = never.
+/// memcached's expiry: whole seconds, 0 = never; beyond 30 days a Unix time.
 fn expiry(ttl: Duration) -> u32 {
-    u32::try_from(ceil_secs(ttl)).unwrap_or(u32::MAX)
+    let secs = ceil_secs(ttl);
+    let secs = if secs > MAX_RELATIVE_EXPIRY {
+        tessera_protocol::time::now_ms() / 1000 + secs
+    } else {
+        secs
+    };
+    u32::try_from(secs).unwrap_or(u32::MAX)
 }
 
 #[async_trait]
@@ -265,10 +305,12 @@ impl Store for MemcachedStore {
 
     async fn incr(&self, key: &StoreKey, delta: u64) -> Result<Option<u64>, StoreError> {
         let k = key.as_str().to_string();
-        self.call(self.server_of(&k), move |c| match c.increment(&k, delta) {
-            Ok(v) => Ok(Some(v)),
-            Err(MemcacheError::CommandError(CommandError::KeyNotFound)) => Ok(None),
-            Err(e) => Err(e),
+        self.call_on(self.server_of(&k), true, move |c| {
+            match c.increment(&k, delta) {
+                Ok(v) => Ok(Some(v)),
+                Err(MemcacheError::CommandError(CommandError::KeyNotFound)) => Ok(None),
+                Err(e) => Err(e),
+            }
         })
         .await
     }

@@ -104,6 +104,33 @@ impl Drop for Proc {
     }
 }
 
+/// A memcached of our own on `127.0.0.1:port` (killed when dropped), answering when this
+/// returns; for tests that stop or add servers, which must not touch the shared one.
+pub fn memcached(port: u16) -> Proc {
+    let proc = Proc::spawn(
+        Command::new("memcached").args([
+            "-u",
+            "root",
+            "-l",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-m",
+            "64",
+        ]),
+        "memcached (`bash scripts/services.sh` installs it)",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "memcached did not answer on 127.0.0.1:{port} within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    proc
+}
+
 /// `deploy/local/cluster.sh`, the one script that starts and stops local clusters.
 pub fn cluster_script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/cluster.sh")

@@ -29,26 +29,34 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-/// Fails the test, saying how to start them, unless memcached and RabbitMQ answer.
-pub fn require_servers() {
-    let amqp_host = amqp_url()
+/// Where the test RabbitMQ listens (`host:port`), read from [`amqp_url`].
+pub fn amqp_addr() -> String {
+    amqp_url()
         .rsplit('@')
         .next()
         .and_then(|rest| rest.split('/').next())
         .unwrap_or("127.0.0.1:5672")
-        .to_string();
-    for (what, addr) in [("memcached", memcached_addr()), ("RabbitMQ", amqp_host)] {
-        let reachable = addr
-            .parse::<std::net::SocketAddr>()
-            .ok()
-            .and_then(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok())
-            .is_some();
-        assert!(
-            reachable,
-            "{what} is not reachable at {addr}: start the test servers with `bash scripts/services.sh` \
-             (or point TESSERA_TEST_MEMCACHED / TESSERA_TEST_AMQP at running ones)"
-        );
-    }
+        .to_string()
+}
+
+/// Fails the test, saying how to start them, unless memcached and RabbitMQ answer.
+pub fn require_servers() {
+    require("memcached", &memcached_addr());
+    require("RabbitMQ", &amqp_addr());
+}
+
+/// Fails the test, saying how to start it, unless `what` answers at `addr` (`host:port`).
+pub fn require(what: &str, addr: &str) {
+    let reachable = addr
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .and_then(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok())
+        .is_some();
+    assert!(
+        reachable,
+        "{what} is not reachable at {addr}: start the test servers with `bash scripts/services.sh` \
+         (or point TESSERA_TEST_MEMCACHED / TESSERA_TEST_AMQP at running ones)"
+    );
 }
 
 /// Test queues are deleted by RabbitMQ once unused this long.

@@ -4,7 +4,9 @@
 //! # Layout
 //! - [`upstream`]: the fake web application (scriptable statuses and delays, counts).
 //! - [`browser`]: headless Chromium through chromedriver, for tests as a person sees it.
-//! - [`cluster`]: real gateway and worker processes on memcached and RabbitMQ.
+//! - [`cluster`]: real gateway and worker processes on memcached and RabbitMQ; memcached
+//!   processes of a test's own.
+//! - [`conformance`]: the `Store` and `Bus` conformance suites, run on every backend.
 //! - [`counting`]: a `Store` wrapper that counts round trips.
 //! - [`harness`]: start and stop gateways; choose memory or real backends.
 //! - [`eventually`]: wait for a condition with a bounded deadline; [`metric`]: read a sample.
@@ -13,6 +15,7 @@
 
 pub mod browser;
 pub mod cluster;
+pub mod conformance;
 pub mod counting;
 pub mod harness;
 pub mod upstream;

@@ -1,0 +1,17 @@
+//! The `Bus` conformance suite (`tessera_tests::conformance::bus`) on every
+//! implementation: one module per backend, one line each.
+
+mod memory {
+    tessera_tests::bus_conformance!(tessera_tests::conformance::bus::memory());
+}
+
+/// Needs the test RabbitMQ (`bash scripts/services.sh`).
+mod amqp {
+    tessera_tests::bus_conformance!(tessera_tests::conformance::bus::amqp());
+
+    // Only a bus with a broker can be without one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_broker_is_unavailable() {
+        tessera_tests::conformance::bus::amqp_only::no_broker_is_unavailable().await;
+    }
+}
