@@ -36,6 +36,6 @@ pub use bus::{Bus, BusError, Consumer, DeadLetter, Delivery, Notice, QueueStats,
 pub use config::{Config, ConfigError, FragmentRoute};
 pub use envelope::{Envelope, Status};
 pub use key::{FragmentKeys, Identity, Keyspace, StoreKey};
-pub use lease::Lease;
+pub use lease::{Claim, Lease};
 pub use message::{BuildRequest, Event};
 pub use store::{Store, StoreError};
