@@ -36,26 +36,22 @@ pub enum BackendError {
     Bus(String),
 }
 
-/// The backends the configuration names: memcached and AMQP when given, the in-process
+/// The backends the configuration names in its resolved
+/// [`Backend`](tessera_protocol::Backend): memcached and AMQP when given, the in-process
 /// ones otherwise. Does no network I/O: servers that are down are reached on first use,
 /// and calls fail with `Unavailable` until then.
 pub async fn connect(config: &Config) -> Result<Backends, BackendError> {
     let memory = Backends::memory(config);
-    let store: SharedStore = if config.store.memcached.is_empty() {
-        memory.store
-    } else {
-        Arc::new(
-            MemcachedStore::new(
-                &config.store.memcached,
-                config.store.timeout,
-                item_limit(config),
-            )
-            .map_err(|e| BackendError::Store(e.to_string()))?,
-        )
+    let store: SharedStore = match config.backend.memcached() {
+        None => memory.store,
+        Some(servers) => Arc::new(
+            MemcachedStore::new(servers, config.store.timeout, item_limit(config))
+                .map_err(|e| BackendError::Store(e.to_string()))?,
+        ),
     };
-    let bus: SharedBus = match &config.bus.amqp {
+    let bus: SharedBus = match config.backend.amqp() {
         Some(url) => Arc::new(AmqpBus::with_queue_expiry(
-            url,
+            url.as_str(),
             &config.store.namespace,
             config.bus.queue_expiry,
         )),

@@ -23,6 +23,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use memcache::{Client, CommandError, ConnectionManager, MemcacheError, Url};
 
+use tessera_protocol::config::MemcachedServer;
 use tessera_protocol::key::StoreKey;
 use tessera_protocol::store::{Store, StoreError, check_size};
 use tessera_protocol::time::ceil_secs;
@@ -77,10 +78,10 @@ fn pool(url: &Url, timeout: Duration) -> Result<Arc<Client>, StoreError> {
 }
 
 impl MemcachedStore {
-    /// A store over `servers` (`host:port`), with the given per-call deadline and item
-    /// limit. Does no I/O: servers that are down are connected to on first use.
+    /// A store over `servers` (parsed at config load), with the given per-call deadline
+    /// and item limit. Does no I/O: servers that are down are connected to on first use.
     pub fn new(
-        servers: &[String],
+        servers: &[MemcachedServer],
         timeout: Duration,
         max_item_size: usize,
     ) -> Result<Self, StoreError> {
@@ -88,11 +89,13 @@ impl MemcachedStore {
         let servers = servers
             .iter()
             .map(|s| {
-                let host = s.strip_prefix("memcache://").unwrap_or(s);
-                let url = Url::parse(&format!(
-                    "memcache://{host}?timeout={secs}&tcp_nodelay=true"
-                ))
-                .map_err(|e| StoreError::Protocol(format!("bad memcached address {s:?}: {e}")))?;
+                let url = Url::parse(&format!("memcache://{s}?timeout={secs}&tcp_nodelay=true"))
+                    .map_err(|e| {
+                        StoreError::Protocol(format!(
+                            "bad memcached address {:?}: {e}",
+                            s.to_string()
+                        ))
+                    })?;
                 Ok(Server {
                     client: RwLock::new(pool(&url, timeout)?),
                     url,
@@ -301,9 +304,9 @@ mod tests {
         assert_eq!(fnv1a64("foobar"), 0x8594_4171_f739_67e8);
         let store = MemcachedStore::new(
             &[
-                "127.0.0.1:1".into(),
-                "127.0.0.1:2".into(),
-                "127.0.0.1:3".into(),
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:2".parse().unwrap(),
+                "127.0.0.1:3".parse().unwrap(),
             ],
             Duration::from_millis(100),
             1024,
@@ -323,7 +326,7 @@ mod tests {
             .unwrap()
             .port();
         let store = MemcachedStore::new(
-            &[format!("127.0.0.1:{port}")],
+            &[format!("127.0.0.1:{port}").parse().unwrap()],
             Duration::from_millis(200),
             1024,
         )

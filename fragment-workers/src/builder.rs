@@ -84,6 +84,7 @@ pub trait FragmentBuilder: Send + Sync + std::fmt::Debug + 'static {
 #[derive(Debug, Clone)]
 pub struct HttpBuilder {
     client: Client<HttpConnector, Empty<Bytes>>,
+    /// `upstream.url` without trailing `/`, which the render path follows.
     base: String,
     max_body: usize,
     user_agent: HeaderValue,
@@ -94,7 +95,7 @@ impl HttpBuilder {
     pub fn new(config: &Config) -> Result<Self, BuildError> {
         Ok(Self {
             client: tessera_runtime::upstream::client(config.upstream.timeout),
-            base: config.upstream.url.trim_end_matches('/').to_string(),
+            base: config.upstream.url.base().to_string(),
             max_body: tessera_protocol::backends::item_limit(config),
             user_agent: HeaderValue::from_static(concat!(
                 "tessera-worker/",

@@ -131,7 +131,7 @@ pub async fn serve(
         // A quarter of L1's budget: what hot answers may keep alive beyond it.
         hot: hot::HotAnswers::new(config.cache.capacity.as_u64() / 4),
         waiters: Waiters::default(),
-        upstream: proxy::Upstream::new(&config.upstream.url, config.upstream.timeout)?,
+        upstream: proxy::Upstream::new(&config.upstream.url, config.upstream.timeout),
         stopping: CancellationToken::new(),
         metrics: metrics::Metrics::new(config.fragments.iter().map(|r| r.name.as_str())),
         failures: std::sync::Mutex::new(std::collections::VecDeque::new()),

@@ -16,6 +16,7 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioIo;
 
 use crate::error::GatewayError;
+use tessera_protocol::config::UpstreamUrl;
 use tessera_runtime::web::Body;
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -41,16 +42,13 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// A client for `base` (already validated: `http://host[:port]`).
-    pub fn new(base: &str, timeout: Duration) -> Result<Self, GatewayError> {
-        let base: Uri = base
-            .parse()
-            .map_err(|e| GatewayError::Upstream(format!("bad upstream url: {e}")))?;
-        Ok(Self {
+    /// A client for `base` (`upstream.url`, parsed at load: `http://host[:port]`).
+    pub fn new(base: &UpstreamUrl, timeout: Duration) -> Self {
+        Self {
             client: tessera_runtime::upstream::client(timeout),
-            base,
+            base: base.uri().clone(),
             timeout,
-        })
+        }
     }
 
     /// Forwards `req` from `peer` and streams the answer back.

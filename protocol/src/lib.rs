@@ -31,7 +31,7 @@ pub mod time;
 
 pub use backends::Backends;
 pub use bus::{Bus, BusError, Consumer, DeadLetter, Delivery, Notice, QueueStats, Subscription};
-pub use config::{Config, ConfigError, FragmentRoute};
+pub use config::{Backend, Config, ConfigError, FragmentRoute};
 pub use envelope::{Envelope, Status};
 pub use key::{FragmentKeys, Identity, Keyspace, StoreKey};
 pub use message::{BuildRequest, Event};
