@@ -20,7 +20,7 @@ use std::sync::Arc;
 use tessera_protocol::backends::item_limit;
 use tessera_protocol::bus::SharedBus;
 use tessera_protocol::store::SharedStore;
-use tessera_protocol::{Backends, Config};
+use tessera_protocol::{Backends, BusError, Config, StoreError};
 
 use crate::amqp::AmqpBus;
 use crate::memcached::MemcachedStore;
@@ -30,10 +30,10 @@ use crate::memcached::MemcachedStore;
 pub enum BackendError {
     /// The store could not be set up.
     #[error("store: {0}")]
-    Store(String),
+    Store(#[source] StoreError),
     /// The bus could not be set up.
     #[error("bus: {0}")]
-    Bus(String),
+    Bus(#[source] BusError),
 }
 
 /// The backends the configuration names in its resolved
@@ -46,7 +46,7 @@ pub async fn connect(config: &Config) -> Result<Backends, BackendError> {
         None => memory.store,
         Some(servers) => Arc::new(
             MemcachedStore::new(servers, config.store.timeout, item_limit(config))
-                .map_err(|e| BackendError::Store(e.to_string()))?,
+                .map_err(BackendError::Store)?,
         ),
     };
     let bus: SharedBus = match config.backend.amqp() {

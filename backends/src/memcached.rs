@@ -23,6 +23,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use memcache::{Client, CommandError, ConnectionManager, MemcacheError, Url};
 
+use tessera_protocol::Cause;
 use tessera_protocol::config::MemcachedServer;
 use tessera_protocol::key::StoreKey;
 use tessera_protocol::store::{Store, StoreError, check_size};
@@ -135,13 +136,17 @@ impl MemcachedStore {
             .clone();
         let task = tokio::task::spawn_blocking(move || op(&client));
         let result = match tokio::time::timeout(self.timeout, task).await {
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "{} did not answer within {:?}",
-                server.url.host_str().unwrap_or("memcached"),
-                self.timeout
-            ))),
-            Ok(Err(join)) => Err(StoreError::Unavailable(format!(
-                "store call failed: {join}"
+            Err(_) => Err(StoreError::Unavailable(
+                format!(
+                    "{} did not answer within {:?}",
+                    server.url.host_str().unwrap_or("memcached"),
+                    self.timeout
+                )
+                .into(),
+            )),
+            Ok(Err(join)) => Err(StoreError::Unavailable(Cause::context(
+                "store call failed",
+                join,
             ))),
             Ok(Ok(result)) => result.map_err(|e| classify(&server.url, e)),
         };
@@ -180,8 +185,8 @@ impl MemcachedStore {
 fn classify(url: &Url, e: MemcacheError) -> StoreError {
     let server = url.host_str().unwrap_or("memcached");
     match e {
-        MemcacheError::IOError(e) => StoreError::Unavailable(format!("{server}: {e}")),
-        MemcacheError::PoolError(e) => StoreError::Unavailable(format!("{server}: {e}")),
+        MemcacheError::IOError(e) => StoreError::Unavailable(Cause::context(server, e)),
+        MemcacheError::PoolError(e) => StoreError::Unavailable(Cause::context(server, e)),
         MemcacheError::CommandError(CommandError::ValueTooLarge) => {
             StoreError::TooLarge { size: 0, max: 0 }
         }

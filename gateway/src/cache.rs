@@ -340,7 +340,7 @@ fn unshare(e: Arc<GatewayError>) -> GatewayError {
                 error: error.clone(),
                 retry_after: *retry_after,
             },
-            other => GatewayError::Upstream(other.to_string()),
+            other => GatewayError::Upstream(other.to_string().into()),
         },
     }
 }

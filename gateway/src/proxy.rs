@@ -16,6 +16,7 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioIo;
 
 use crate::error::GatewayError;
+use tessera_protocol::Cause;
 use tessera_protocol::config::UpstreamUrl;
 use tessera_runtime::web::Body;
 
@@ -82,7 +83,7 @@ impl Upstream {
         );
         parts.uri = uri
             .parse()
-            .map_err(|e| GatewayError::Upstream(format!("cannot build upstream URI: {e}")))?;
+            .map_err(|e| GatewayError::Upstream(Cause::context("cannot build upstream URI", e)))?;
         let host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
                 .uri
@@ -112,7 +113,7 @@ impl Upstream {
         let mut response = tokio::time::timeout(self.timeout, self.client.request(outbound))
             .await
             .map_err(|_| GatewayError::UpstreamTimeout(self.timeout))?
-            .map_err(|e| GatewayError::Upstream(e.to_string()))?;
+            .map_err(|e| GatewayError::Upstream(Cause::new(e)))?;
         if response.status() == http::StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_side) = client_side
         {
