@@ -266,7 +266,11 @@ impl Worker {
             Ok(_) => {}
             Err(e) => {
                 self.metrics.store_errors.inc();
-                return Some(self.classify(route, req, BuildError::Store(e.to_string())));
+                return Some(self.classify(
+                    route,
+                    req,
+                    BuildError::Store(tessera_protocol::Cause::new(e)),
+                ));
             }
         }
         match Lease::new(store, keys, route).claim(&req.id).await {
@@ -278,7 +282,11 @@ impl Worker {
             }
             Err(e) => {
                 self.metrics.store_errors.inc();
-                return Some(self.classify(route, req, BuildError::Store(e.to_string())));
+                return Some(self.classify(
+                    route,
+                    req,
+                    BuildError::Store(tessera_protocol::Cause::new(e)),
+                ));
             }
         }
         let started = Instant::now();
@@ -316,7 +324,10 @@ impl Worker {
         match tokio::time::timeout(route.build_timeout + RENDER_MARGIN, task).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) if join.is_panic() => Err(BuildError::Panicked),
-            Ok(Err(join)) => Err(BuildError::Connect(format!("build task ended: {join}"))),
+            Ok(Err(join)) => Err(BuildError::Connect(tessera_protocol::Cause::context(
+                "build task ended",
+                join,
+            ))),
             Err(_) => {
                 abort.abort();
                 Err(BuildError::Timeout(route.build_timeout))
@@ -358,7 +369,7 @@ impl Worker {
                 StoreError::TooLarge { size, max } => BuildError::TooLarge { size, max },
                 other => {
                     self.metrics.store_errors.inc();
-                    BuildError::Store(other.to_string())
+                    BuildError::Store(tessera_protocol::Cause::new(other))
                 }
             })?;
         self.release(store.as_ref(), route, keys).await;

@@ -186,7 +186,7 @@ impl Gateway {
             // A quarter of L1's budget: what hot answers may keep alive beyond it.
             hot: hot::HotAnswers::new(config.cache.capacity.as_u64() / 4),
             waiters: Arc::default(),
-            upstream: proxy::Upstream::new(&config.upstream.url, config.upstream.timeout)?,
+            upstream: proxy::Upstream::new(&config.upstream.url, config.upstream.timeout),
             stopping: CancellationToken::new(),
             metrics,
             failures: Arc::default(),
