@@ -122,27 +122,57 @@ where
         let Some((stream, peer, slot)) = accepted else {
             continue;
         };
-        let drain = drain.clone();
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let service = service_fn(move |req| {
-                let answer = handler(req, peer);
-                async move { Ok::<_, Infallible>(answer.await) }
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            builder.http2().timer(TokioTimer::new());
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = drain.watch(connection.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        tokio::spawn(connection(
+            stream,
+            peer,
+            slot,
+            drain.clone(),
+            handler.clone(),
+        ));
     }
     drop(listener);
+    close_all(&drain, &slots).await;
+}
+
+/// Serves one accepted connection until it closes, holding its `slot` meanwhile.
+async fn connection<H, F>(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    drain: Arc<Drain>,
+    handler: H,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let _slot = slot;
+    let service = service_fn(move |req| {
+        let answer = handler(req, peer);
+        async move { Ok::<_, Infallible>(answer.await) }
+    });
+    // `serve_connection*` borrows the builder, so each connection builds its own.
+    let builder = connection_builder();
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    if let Err(e) = drain.watch(connection.into_owned()).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// HTTP/1.1 and h2c, with timers (without one hyper silently skips the header-read
+/// timeout).
+fn connection_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// Asks every open connection to close after its request, and waits (at most
+/// [`DRAIN_DEADLINE`]) until all did.
+async fn close_all(drain: &Drain, slots: &Semaphore) {
     drain.start();
     // Every open connection holds a slot: all are back once every connection closed.
     let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
