@@ -133,7 +133,8 @@ pub async fn serve(
         waiters: Waiters::default(),
         upstream: proxy::Upstream::new(&config.upstream.url, config.upstream.timeout)?,
         stopping: CancellationToken::new(),
-        metrics: metrics::Metrics::new(config.fragments.iter().map(|r| r.name.as_str())),
+        metrics: metrics::Metrics::new(config.fragments.iter().map(|r| r.name.as_str()))
+            .with_backends(backends.clone()),
         failures: std::sync::Mutex::new(std::collections::VecDeque::new()),
         backends: backends.clone(),
         config: config.clone(),

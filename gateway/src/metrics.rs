@@ -4,12 +4,20 @@
 //! process — tests, or embedded workers beside a gateway — keep their own figures.
 //! Histograms have explicit buckets so they can be aggregated across gateways.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric,
+};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use tessera_protocol::{Backends, QueueStats};
+use tessera_runtime::web::BackendMetrics;
 pub use tessera_workers::metrics::RouteLabels;
 use tessera_workers::metrics::WorkerMetrics;
 
@@ -74,6 +82,65 @@ impl RouteMetrics {
     }
 }
 
+/// Depth and consumers of every build queue, as last read from the broker:
+/// `tessera_queue_messages{queue}` and `tessera_queue_consumers{queue}`.
+///
+/// The broker is read asynchronously and collectors are not, so the admin endpoint reads
+/// every queue first, [`QueueGauges::set`]s the figures, then encodes. Each reading
+/// replaces the last one whole, so concurrent scrapes never mix two readings.
+#[derive(Debug, Clone, Default)]
+pub struct QueueGauges {
+    last: Arc<Mutex<Vec<(String, QueueStats)>>>,
+}
+
+impl QueueGauges {
+    /// Replaces the figures with `stats`; queues without figures (the broker did not
+    /// answer for them) are left out until it does.
+    pub fn set(&self, stats: impl IntoIterator<Item = (String, Option<QueueStats>)>) {
+        let reading = stats
+            .into_iter()
+            .filter_map(|(queue, stats)| Some((queue, stats?)))
+            .collect();
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = reading;
+    }
+}
+
+impl Collector for QueueGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let by_queue = |value: fn(&QueueStats) -> u64| {
+            last.iter()
+                .map(move |(queue, stats)| (queue.as_str(), value(stats)))
+        };
+        encode_queue_gauge(
+            &mut encoder,
+            "queue_messages",
+            "Build requests waiting in the queue.",
+            by_queue(|s| s.messages),
+        )?;
+        encode_queue_gauge(
+            &mut encoder,
+            "queue_consumers",
+            "Consumers (worker pools) attached to the queue.",
+            by_queue(|s| s.consumers),
+        )
+    }
+}
+
+/// One gauge family labelled by queue.
+fn encode_queue_gauge<'q>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: impl Iterator<Item = (&'q str, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (queue, value) in values {
+        ConstGauge::new(value).encode(family.encode_family(&[("queue", queue)])?)?;
+    }
+    Ok(())
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -102,6 +169,8 @@ pub struct Metrics {
     pub l1_bytes: Gauge,
     /// Requests holding a `Prefer: wait` (set at scrape).
     pub long_polls: Gauge,
+    /// Depth and consumers of every build queue (set at scrape).
+    pub queues: QueueGauges,
     /// Build durations reported in `built` events, by route.
     pub build_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Builds any worker reported done (`built` events), by route.
@@ -196,6 +265,8 @@ impl Metrics {
             "Fragments with requests waiting on them (Prefer: wait)",
             Gauge::clone(&long_polls),
         );
+        let queues = QueueGauges::default();
+        registry.register_collector(Box::new(queues.clone()));
         let handles = |route: &str| {
             let by = |cache| {
                 requests
@@ -242,10 +313,19 @@ impl Metrics {
             l1_entries,
             l1_bytes,
             long_polls,
+            queues,
             build_duration,
             builds_succeeded,
             builds_failed,
         }
+    }
+
+    /// Also exports the reconnect counters of `backends` (`tessera_store_reconnects`,
+    /// `tessera_bus_reconnects`), read at each scrape.
+    pub fn with_backends(mut self, backends: Backends) -> Self {
+        self.registry
+            .register_collector(Box::new(BackendMetrics::new(backends)));
+        self
     }
 
     /// Build durations by route, as reported in `built` events by any worker.
@@ -299,5 +379,72 @@ mod tests {
             "{text}"
         );
         assert!(text.trim_end().ends_with("# EOF"));
+    }
+
+    #[test]
+    fn queue_gauges_show_the_last_reading() {
+        let m = Metrics::new(["recs"]);
+        let encode = |m: &Metrics| {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, m.registry()).unwrap();
+            text
+        };
+        // Before any reading: the families are described, with no samples.
+        let text = encode(&m);
+        assert!(
+            text.contains("# HELP tessera_queue_messages Build requests waiting in the queue.\n# TYPE tessera_queue_messages gauge\n# HELP"),
+            "{text}"
+        );
+        let stats = |messages, consumers| QueueStats {
+            messages,
+            consumers,
+        };
+        m.queues.set([
+            ("a".to_string(), Some(stats(3, 1))),
+            ("b".to_string(), None),
+        ]);
+        let text = encode(&m);
+        assert!(
+            text.contains("tessera_queue_messages{queue=\"a\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tessera_queue_consumers{queue=\"a\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "# HELP tessera_queue_consumers Consumers (worker pools) attached to the queue.\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("queue=\"b\""),
+            "no figures, no sample: {text}"
+        );
+        // A new reading replaces the last one whole.
+        m.queues.set([("b".to_string(), Some(stats(0, 2)))]);
+        let text = encode(&m);
+        assert!(!text.contains("queue=\"a\""), "{text}");
+        assert!(
+            text.contains("tessera_queue_consumers{queue=\"b\"} 2\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn backend_reconnects_are_exported_with_the_backends() {
+        let backends = Backends::memory(&tessera_protocol::Config::default());
+        let m = Metrics::new(["recs"]).with_backends(backends);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, m.registry()).unwrap();
+        assert!(
+            text.contains("\ntessera_store_reconnects_total 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\ntessera_bus_reconnects_total 0\n"),
+            "{text}"
+        );
     }
 }
