@@ -110,10 +110,11 @@ impl WorkerMetrics {
         );
     }
 
-    /// A registry holding these metrics as `tessera_worker_*`.
+    /// A registry prefixed `tessera` holding these metrics as `tessera_worker_*`, so
+    /// process-wide figures (backend reconnects) can sit beside them as `tessera_*`.
     pub fn registry(&self) -> Registry {
-        let mut registry = Registry::with_prefix("tessera_worker");
-        self.register(&mut registry);
+        let mut registry = Registry::with_prefix("tessera");
+        self.register(registry.sub_registry_with_prefix("worker"));
         registry
     }
 

@@ -173,9 +173,10 @@ async fn drain_workers(workers: WorkersTask) {
 
 impl Gateway {
     fn new(config: Arc<Config>, backends: Backends) -> Result<Self, StartError> {
-        let metrics = Arc::new(metrics::Metrics::new(
-            config.fragments.iter().map(|r| r.name.as_str()),
-        ));
+        let metrics = Arc::new(
+            metrics::Metrics::new(config.fragments.iter().map(|r| r.name.as_str()))
+                .with_backends(backends.clone()),
+        );
         Ok(Gateway {
             cache: Arc::new(service::CacheService {
                 config: config.clone(),
