@@ -1284,6 +1284,8 @@ queue = "tessera.build"
         assert_eq!(plain.to_string(), "amqps://broker/%2f");
     }
 
+    // A table of cases: long by nature, one line per case.
+    #[allow(clippy::too_many_lines)]
     #[test]
     fn every_validation_error_names_its_key() {
         let cases: &[(&str, &str)] = &[
