@@ -249,7 +249,9 @@ pub struct StoreConfig {
     pub namespace: String,
     /// Deadline for one store call. Default 250 ms.
     pub timeout: Duration,
-    /// Largest stored item (memcached's `-I`). Bigger fragments fail their build. Default 1 MiB.
+    /// Largest value stored (an envelope: a fragment with its headers). Bigger fragments
+    /// fail their build. Keep it below memcached's `-I` by room for the item header and
+    /// key: the default 1023 KiB fits memcached's default `-I 1m`.
     pub max_item_size: ByteSize,
     /// Byte budget of the embedded memory store (unused with memcached). Default 256 MiB.
     pub memory_capacity: ByteSize,
@@ -260,7 +262,7 @@ impl Default for StoreConfig {
         Self {
             namespace: "tessera".into(),
             timeout: Duration::from_millis(250),
-            max_item_size: ByteSize::mib(1),
+            max_item_size: ByteSize::kib(1023),
             memory_capacity: ByteSize::mib(256),
         }
     }
@@ -1175,7 +1177,7 @@ ttl = "2s"
 memcached = ["127.0.0.1:11211"]
 namespace = "tessera"
 timeout = "250ms"
-max_item_size = "1MiB"
+max_item_size = "1023KiB"
 [bus]
 amqp = "amqp://guest:guest@127.0.0.1:5672/%2f"
 [workers]
@@ -1207,7 +1209,7 @@ queue = "tessera.build"
                 VarySource::Header("accept-language".into())
             ]
         );
-        assert_eq!(c.store.max_item_size, ByteSize::mib(1));
+        assert_eq!(c.store.max_item_size, ByteSize::kib(1023));
         assert!(!c.is_embedded());
         assert_eq!(c.bus.queue_expiry, None, "queues never expire unless asked");
         let c = Config::from_toml("[bus]\nqueue_expiry = \"10m\"").unwrap();
