@@ -352,7 +352,8 @@ impl Worker {
             route.stale,
             u32::try_from(build_ms).unwrap_or(u32::MAX),
             req.attempt,
-        );
+        )
+        .with_esi(rendered.esi);
         let bytes = envelope.encode();
         let max = tessera_protocol::backends::item_limit(&self.config);
         let size = bytes.len() + keys.envelope.as_str().len() + ITEM_OVERHEAD;

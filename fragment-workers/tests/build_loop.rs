@@ -38,10 +38,12 @@ impl FragmentBuilder for Scripted {
             "huge" => Ok(Rendered {
                 body: Bytes::from(vec![b'x'; HUGE]),
                 content_type: "text/html".into(),
+                esi: false,
             }),
             id => Ok(Rendered {
                 body: Bytes::from(format!("<p>{id}</p>")),
                 content_type: "text/html".into(),
+                esi: false,
             }),
         }
     }

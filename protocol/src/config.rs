@@ -525,6 +525,12 @@ pub struct FragmentRoute {
     /// Request cookies/headers that are part of the identity and forwarded to the render.
     #[serde(default)]
     pub vary: Vec<VarySource>,
+    /// Share render answers marked `Cache-Control: private` or `no-store` between users
+    /// anyway (routes without `vary` only). Default false: such an answer fails its
+    /// build, since it would be served to everyone. Rails marks answers private by
+    /// default; prefer `expires_in …, public: true` in the render action.
+    #[serde(default)]
+    pub shareable: bool,
     /// How long a built fragment is served without a rebuild. Default 60 s.
     #[serde(default = "default_fresh", deserialize_with = "duration")]
     pub fresh: Duration,
@@ -587,6 +593,7 @@ impl FragmentRoute {
             render: render.into(),
             params: Vec::new(),
             vary: Vec::new(),
+            shareable: false,
             fresh: default_fresh(),
             stale: default_stale(),
             failed_ttl: default_failed_ttl(),

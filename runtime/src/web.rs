@@ -301,6 +301,21 @@ async fn accept(
     }
 }
 
+/// Whether an upstream answer asks a surrogate to process ESI: `Surrogate-Control`
+/// with `content="ESI/1.0"` (Edge Architecture Specification). Pages and fragment
+/// renders are composed only when they ask.
+pub fn asks_for_esi(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("surrogate-control")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.to_ascii_lowercase()
+                .replace(' ', "")
+                .contains("content=\"esi/1.0\"")
+        })
+}
+
 /// An RFC 9457 problem response. `code` is a stable machine-readable name.
 pub fn problem(status: StatusCode, code: &str, detail: &str) -> Response<Body> {
     let body = serde_json::json!({
@@ -572,6 +587,19 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn esi_is_asked_for_by_surrogate_control_only() {
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.append("surrogate-control", HeaderValue::from_static(v));
+            h
+        };
+        assert!(asks_for_esi(&with(r#"content="ESI/1.0""#)));
+        assert!(asks_for_esi(&with(r#"max-age=60, content = "esi/1.0""#)));
+        assert!(!asks_for_esi(&with("max-age=60")));
+        assert!(!asks_for_esi(&HeaderMap::new()));
     }
 
     #[test]

@@ -667,3 +667,60 @@ async fn a_dead_store_does_not_take_cached_fragments_down() {
     assert_eq!(never.status(), StatusCode::SERVICE_UNAVAILABLE);
     gw.stop().await;
 }
+
+/// A render answer marked `Cache-Control: private` on a route without `vary` would be
+/// shared with every user: its build fails, naming the route and the fix, and is not
+/// retried. A route that varies, or one declared `shareable`, stores it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_render_answers_are_not_shared() {
+    let up = FakeUpstream::start().await;
+    for name in ["mine", "varied", "declared"] {
+        up.script(
+            &format!("/_render/{name}"),
+            Script {
+                headers: vec![("cache-control".into(), "private, max-age=0".into())],
+                ..Script::default()
+            },
+        );
+    }
+    let mut varied = route("varied");
+    varied.vary = vec!["cookie:session".parse().unwrap()];
+    let mut declared = route("declared");
+    declared.shareable = true;
+    let mut c = config(&up.url(), vec![route("mine"), varied, declared]);
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+
+    let refused = wait_for(&gw.at("/fragments/mine"), 5).await;
+    assert_eq!(refused.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(up.renders("/_render/mine"), 1, "not retried");
+    let status: serde_json::Value = client()
+        .get(format!("{}/api/status", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let error = status["recent_failures"][0]["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("\"mine\"") && error.contains("private") && error.contains("vary"),
+        "{error}"
+    );
+
+    let ok = client()
+        .get(gw.at("/fragments/varied"))
+        .header("cookie", "session=a")
+        .header("prefer", "wait=5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    assert_eq!(ok.headers()["cache-control"], "private, no-cache");
+    let ok = wait_for(&gw.at("/fragments/declared"), 5).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    gw.stop().await;
+}
