@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use bytesize::ByteSize;
+pub use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
 /// Names of the environment variables that override the file, in one place.
@@ -119,6 +120,12 @@ pub struct GatewayConfig {
     /// Cap on `Prefer: wait=N`. Default 30 s.
     #[serde(deserialize_with = "duration")]
     pub max_wait: Duration,
+    /// Peers whose forwarding headers (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`) are
+    /// believed and extended: the load balancers in front, as addresses or CIDR networks
+    /// (`"10.0.0.0/8"`). Any other peer's are replaced, as a client can claim any
+    /// address. Default none.
+    #[serde(deserialize_with = "ip_nets")]
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Default for GatewayConfig {
@@ -129,8 +136,25 @@ impl Default for GatewayConfig {
             admin_token: String::new(),
             fragment_prefix: "/fragments/".into(),
             max_wait: Duration::from_secs(30),
+            trusted_proxies: Vec::new(),
         }
     }
+}
+
+/// A list of addresses (`"10.0.0.7"`, one host) and CIDR networks (`"10.0.0.0/8"`).
+fn ip_nets<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "{s:?} is neither an IP address nor a CIDR network, e.g. \"10.0.0.0/8\""
+                    ))
+                })
+        })
+        .collect()
 }
 
 /// `[upstream]`
@@ -1416,5 +1440,26 @@ queue = "tessera.build"
         ))
         .unwrap();
         assert_eq!(c.queues(), vec!["tessera.build", "tessera.slow"]);
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_networks() {
+        let c = Config::from_toml(
+            "[gateway]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\", \"::1\"]",
+        )
+        .unwrap();
+        let trusted = |ip: &str| {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            c.gateway.trusted_proxies.iter().any(|n| n.contains(&ip))
+        };
+        assert!(trusted("10.1.2.3") && trusted("192.0.2.7") && trusted("2001:db8::9"));
+        assert!(trusted("::1"));
+        assert!(!trusted("192.0.2.8") && !trusted("11.0.0.1"));
+        assert!(Config::default().gateway.trusted_proxies.is_empty());
+        let msg = err("[gateway]\ntrusted_proxies = [\"10.0.0/8\"]");
+        assert!(
+            msg.contains("trusted_proxies") && msg.contains("10.0.0/8"),
+            "{msg}"
+        );
     }
 }
