@@ -2,13 +2,14 @@
 //!
 //! | request | answer |
 //! | --- | --- |
-//! | `GET /healthz` | 200 while the process serves |
+//! | `GET /healthz` | 200 while the process serves; needs no token (probes) |
 //! | `GET /readyz` | 200 when the store and the bus answer, else 503 naming which |
 //! | `GET /metrics` | Prometheus text format: `tessera_worker_*`, backend reconnects |
 //!
-//! When `workers.admin_token` is set, every request must carry
+//! When `workers.admin_token` is set, every request but `/healthz` must carry
 //! `Authorization: Bearer {token}`; the worker refuses to start with the listener off
-//! loopback and no token.
+//! loopback and no token. Nothing here changes state, but the gate shared with the
+//! gateway's admin would refuse a cross-site request that did.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -56,9 +57,15 @@ pub async fn serve(
 
 impl Admin {
     async fn answer(&self, req: &Request<Incoming>) -> Response<Body> {
-        if !web::authorized(req.headers(), &self.token) {
-            return web::unauthorized("workers.admin_token");
-        }
+        let mut response = match web::admin_gate(req, &self.token, "workers.admin_token") {
+            Some(refused) => refused,
+            None => self.route(req).await,
+        };
+        web::harden(response.headers_mut());
+        response
+    }
+
+    async fn route(&self, req: &Request<Incoming>) -> Response<Body> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => web::alive(),
             (&Method::GET, "/readyz") => web::ready(&self.backends).await,

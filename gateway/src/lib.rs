@@ -187,7 +187,11 @@ impl Gateway {
             // A quarter of L1's budget: what hot answers may keep alive beyond it.
             hot: hot::HotAnswers::new(config.cache.capacity.as_u64() / 4),
             waiters: Arc::default(),
-            upstream: proxy::Upstream::new(&config.upstream.url, config.upstream.timeout),
+            upstream: proxy::Upstream::new(
+                &config.upstream.url,
+                config.upstream.timeout,
+                &config.gateway.trusted_proxies,
+            ),
             stopping: CancellationToken::new(),
             metrics,
             failures: Arc::default(),

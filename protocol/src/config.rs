@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use bytesize::ByteSize;
+pub use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
 /// Names of the environment variables that override the file, in one place.
@@ -117,6 +118,11 @@ pub struct GatewayConfig {
     pub fragment_prefix: String,
     /// Cap on `Prefer: wait=N`. Default 30 s.
     pub max_wait: Duration,
+    /// Peers whose forwarding headers (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`) are
+    /// believed and extended: the load balancers in front, as addresses or CIDR networks
+    /// (`"10.0.0.0/8"`). Any other peer's are replaced, as a client can claim any
+    /// address. Default none.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Default for GatewayConfig {
@@ -127,8 +133,25 @@ impl Default for GatewayConfig {
             admin_token: String::new(),
             fragment_prefix: "/fragments/".into(),
             max_wait: Duration::from_secs(30),
+            trusted_proxies: Vec::new(),
         }
     }
+}
+
+/// A list of addresses (`"10.0.0.7"`, one host) and CIDR networks (`"10.0.0.0/8"`).
+fn ip_nets<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "{s:?} is neither an IP address nor a CIDR network, e.g. \"10.0.0.0/8\""
+                    ))
+                })
+        })
+        .collect()
 }
 
 /// `[upstream]`
@@ -633,7 +656,8 @@ fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
 /// sees an unparsed value; [`ConfigFile::resolve`] turns it into a [`Config`].
 mod file {
     use super::{
-        ByteSize, CacheConfig, Deserialize, Duration, FragmentRoute, duration, optional_duration,
+        ByteSize, CacheConfig, Deserialize, Duration, FragmentRoute, IpNet, duration, ip_nets,
+        optional_duration,
     };
 
     /// The whole file.
@@ -662,6 +686,8 @@ mod file {
         pub fragment_prefix: String,
         #[serde(deserialize_with = "duration")]
         pub max_wait: Duration,
+        #[serde(deserialize_with = "ip_nets")]
+        pub trusted_proxies: Vec<IpNet>,
     }
 
     impl Default for GatewayFile {
@@ -673,6 +699,7 @@ mod file {
                 admin_token: d.admin_token,
                 fragment_prefix: d.fragment_prefix,
                 max_wait: d.max_wait,
+                trusted_proxies: d.trusted_proxies,
             }
         }
     }
@@ -854,6 +881,7 @@ impl GatewayFile {
             admin_token: self.admin_token,
             fragment_prefix: self.fragment_prefix,
             max_wait: self.max_wait,
+            trusted_proxies: self.trusted_proxies,
         };
         gateway.validate()?;
         Ok(gateway)
@@ -1566,5 +1594,26 @@ queue = "tessera.build"
         ))
         .unwrap();
         assert_eq!(c.queues(), vec!["tessera.build", "tessera.slow"]);
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_networks() {
+        let c = Config::from_toml(
+            "[gateway]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\", \"::1\"]",
+        )
+        .unwrap();
+        let trusted = |ip: &str| {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            c.gateway.trusted_proxies.iter().any(|n| n.contains(&ip))
+        };
+        assert!(trusted("10.1.2.3") && trusted("192.0.2.7") && trusted("2001:db8::9"));
+        assert!(trusted("::1"));
+        assert!(!trusted("192.0.2.8") && !trusted("11.0.0.1"));
+        assert!(Config::default().gateway.trusted_proxies.is_empty());
+        let msg = err("[gateway]\ntrusted_proxies = [\"10.0.0/8\"]");
+        assert!(
+            msg.contains("trusted_proxies") && msg.contains("10.0.0/8"),
+            "{msg}"
+        );
     }
 }

@@ -29,7 +29,6 @@ async fn the_token_guards_every_admin_endpoint() {
     let gw = TestGateway::start(c, b).await;
     for (method, path) in [
         ("GET", "/metrics"),
-        ("GET", "/healthz"),
         ("GET", "/readyz"),
         ("DELETE", "/routes/a"),
     ] {
@@ -323,4 +322,170 @@ async fn unknown_admin_paths_and_routes_are_problems() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
+}
+
+/// A gateway whose admin listener needs `s3cret`, with a route `a`.
+async fn guarded_gateway(up: &FakeUpstream) -> TestGateway {
+    let mut c = config(&up.url(), vec![route("a")]);
+    c.gateway.admin_token = "s3cret".into();
+    let b = backends(Backend::Memory, &mut c).await;
+    TestGateway::start(c, b).await
+}
+
+/// `method path` on the admin listener with HTTP Basic (as a browser resends it by
+/// itself) and `headers`.
+async fn admin_request(
+    gw: &TestGateway,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+) -> reqwest::Response {
+    let mut r = client()
+        .request(method.parse().unwrap(), format!("{}{path}", gw.admin))
+        .basic_auth("admin", Some("s3cret"));
+    for (name, value) in headers {
+        r = r.header(*name, value);
+    }
+    r.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn cross_site_state_changes_are_refused() {
+    let up = FakeUpstream::start().await;
+    let gw = guarded_gateway(&up).await;
+    let hostile: [&[(&str, String)]; 6] = [
+        &[("origin", "http://evil.example".into())],
+        &[("origin", "null".into())],
+        &[("origin", gw.admin.replace("127.0.0.1", "localhost"))],
+        &[("sec-fetch-site", "cross-site".into())],
+        &[("sec-fetch-site", "same-site".into())],
+        &[("referer", "http://evil.example/page".into())],
+    ];
+    for (method, path) in [
+        ("POST", "/dead-letters/requeue"),
+        ("DELETE", "/routes/a"),
+        ("DELETE", "/fragments/a"),
+    ] {
+        for headers in hostile {
+            let r = admin_request(&gw, method, path, headers).await;
+            assert_eq!(
+                r.status(),
+                StatusCode::FORBIDDEN,
+                "{method} {path} with {headers:?}"
+            );
+            assert_eq!(r.headers()["content-type"], "application/problem+json");
+            let problem: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(problem["code"], "cross_site", "{problem}");
+        }
+    }
+    // Reading stays possible: a cross-site page cannot read the answer anyway (no CORS).
+    let r = admin_request(&gw, "GET", "/metrics", hostile[0]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn same_origin_and_scripted_state_changes_still_work() {
+    let up = FakeUpstream::start().await;
+    let gw = guarded_gateway(&up).await;
+    let same_origin: [&[(&str, String)]; 5] = [
+        &[],
+        &[("origin", gw.admin.clone())],
+        &[
+            ("origin", gw.admin.clone()),
+            ("sec-fetch-site", "same-origin".into()),
+        ],
+        &[("sec-fetch-site", "none".into())],
+        &[("referer", format!("{}/", gw.admin))],
+    ];
+    for headers in same_origin {
+        for (method, path) in [("POST", "/dead-letters/requeue"), ("DELETE", "/routes/a")] {
+            let r = admin_request(&gw, method, path, headers).await;
+            assert_eq!(
+                r.status(),
+                StatusCode::OK,
+                "{method} {path} with {headers:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_dashboard_cannot_be_framed_or_run_foreign_code() {
+    let up = FakeUpstream::start().await;
+    let gw = guarded_gateway(&up).await;
+    let r = admin_request(&gw, "GET", "/", &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    let csp = r.headers()["content-security-policy"].to_str().unwrap();
+    for directive in [
+        "default-src 'none'",
+        "frame-ancestors 'none'",
+        "connect-src 'self'",
+    ] {
+        assert!(csp.contains(directive), "{directive} missing in {csp}");
+    }
+    assert!(!csp.contains("unsafe"), "{csp}");
+    // Every script and style the page uses is a file the policy allows ('self').
+    let html = r.text().await.unwrap();
+    assert!(!html.contains("<style"), "inline style");
+    for (tag, asset, content_type) in [
+        (
+            "<script src=\"dashboard.js\"",
+            "/dashboard.js",
+            "text/javascript; charset=utf-8",
+        ),
+        (
+            "<link rel=\"stylesheet\" href=\"dashboard.css\"",
+            "/dashboard.css",
+            "text/css; charset=utf-8",
+        ),
+    ] {
+        assert!(html.contains(tag), "{tag} missing");
+        let r = admin_request(&gw, "GET", asset, &[]).await;
+        assert_eq!(r.status(), StatusCode::OK, "{asset}");
+        assert_eq!(r.headers()["content-type"], content_type);
+        assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    }
+    assert_eq!(
+        html.matches("<script").count(),
+        1,
+        "one script, no inline one"
+    );
+}
+
+#[tokio::test]
+async fn the_auth_scheme_is_case_insensitive_and_healthz_is_open() {
+    let up = FakeUpstream::start().await;
+    let gw = guarded_gateway(&up).await;
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let r = client()
+            .get(format!("{}/metrics", gw.admin))
+            .header("authorization", format!("{scheme} s3cret"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{scheme}");
+    }
+    let r = client()
+        .get(format!("{}/metrics", gw.admin))
+        .header("authorization", "basic YWRtaW46czNjcmV0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "lower-case basic");
+    // Probes need no token for liveness; everything else still does.
+    let r = client()
+        .get(format!("{}/healthz", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.text().await.unwrap(), "ok\n");
+    let r = client()
+        .get(format!("{}/readyz", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 }

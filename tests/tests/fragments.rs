@@ -127,6 +127,42 @@ pub async fn long_poll_gives_up_at_its_deadline(kind: Backend) {
     gw.stop().await;
 }
 
+/// A wait too large for any integer is capped at `gateway.max_wait`, not read as 0.
+pub async fn an_out_of_range_wait_is_capped(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    up.script(
+        "/_render/huge",
+        Script {
+            delay: Duration::from_secs(10),
+            ..Script::default()
+        },
+    );
+    let mut r = route("huge");
+    r.build_timeout = Duration::from_secs(20);
+    let mut c = config(&up.url(), vec![r]);
+    c.gateway.max_wait = Duration::from_secs(1);
+    let b = backends(kind, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let started = Instant::now();
+    let r = client()
+        .get(gw.at("/fragments/huge"))
+        .header("prefer", "wait=99999999999999999999")
+        .send()
+        .await
+        .expect("request answered");
+    let took = started.elapsed();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert!(
+        took >= Duration::from_millis(900),
+        "answered after {took:?}: the wait was not held up to max_wait"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "held past max_wait: {took:?}"
+    );
+    gw.stop().await;
+}
+
 pub async fn fresh_hits_carry_cache_headers_and_revalidate(kind: Backend) {
     let up = FakeUpstream::start().await;
     let mut c = config(&up.url(), vec![route("hit")]);
@@ -604,6 +640,7 @@ macro_rules! all_scenarios {
             burst_of_cold_requests_builds_once,
             long_poll_answers_when_built,
             long_poll_gives_up_at_its_deadline,
+            an_out_of_range_wait_is_capped,
             fresh_hits_carry_cache_headers_and_revalidate,
             pending_answers_json_when_asked,
             stale_is_served_and_rebuilt_once,
