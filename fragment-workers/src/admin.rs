@@ -4,7 +4,7 @@
 //! | --- | --- |
 //! | `GET /healthz` | 200 while the process serves; needs no token (probes) |
 //! | `GET /readyz` | 200 when the store and the bus answer, else 503 naming which |
-//! | `GET /metrics` | Prometheus text format: `tessera_worker_*`, backend reconnects |
+//! | `GET /metrics` | Prometheus text format: `tessera_worker_*`, backend reconnects, open connections |
 //!
 //! When `workers.admin_token` is set, every request but `/healthz` must carry
 //! `Authorization: Bearer {token}`; the worker refuses to start with the listener off
@@ -18,6 +18,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
 use tessera_protocol::Backends;
+use tessera_protocol::config::HttpConfig;
 use tessera_runtime::web::{self, Body};
 use tokio::net::TcpListener;
 
@@ -29,16 +30,21 @@ struct Admin {
     token: String,
 }
 
-/// Serves the admin endpoints on `listener` until `shutdown`.
+/// Serves the admin endpoints on `listener`, with the connection limits of `http`, until
+/// `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     metrics: WorkerMetrics,
     backends: Backends,
     token: String,
+    http: HttpConfig,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut registry = metrics.registry();
     registry.register_collector(Box::new(web::BackendMetrics::new(backends.clone())));
+    let connections = web::ConnectionGauges::default();
+    connections.register(&mut registry);
+    let options = web::ServeOptions::new(&http).counted_by(connections.listener("admin"));
     let admin = Arc::new(Admin {
         registry,
         backends,
@@ -46,6 +52,7 @@ pub async fn serve(
     });
     web::serve(
         listener,
+        options,
         move |req, _peer| {
             let admin = admin.clone();
             async move { admin.answer(&req).await }

@@ -286,6 +286,7 @@ async fn the_admin_listener_reports_outcomes_and_health() {
         s.metrics.clone(),
         s.backends.clone(),
         "t0ken".into(),
+        tessera_protocol::config::HttpConfig::default(),
         async move { stop.cancelled().await },
     ));
 

@@ -89,6 +89,8 @@ fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
 pub struct Config {
     /// The HTTP front: listeners and fragment endpoint.
     pub gateway: GatewayConfig,
+    /// Connection limits and timeouts of every listener.
+    pub http: HttpConfig,
     /// The web application Tessera fronts and renders fragments from.
     pub upstream: UpstreamConfig,
     /// L1: the in-process cache of each gateway.
@@ -152,6 +154,70 @@ fn ip_nets<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
                 })
         })
         .collect()
+}
+
+/// `[http]` — how every listener (the gateway's public and admin ones, each
+/// `tessera-worker`'s admin one) treats its connections. Each listener applies the limits
+/// on its own; `max_connections` counts per listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// A new connection that sends no byte within this is closed. Default 10 s.
+    #[serde(deserialize_with = "duration")]
+    pub first_byte_timeout: Duration,
+    /// A request head must be complete this long after its first byte (slow-loris guard);
+    /// on a fresh connection this also bounds the protocol detection and the HTTP/2
+    /// preface and settings exchange. Default 10 s.
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    /// A connection with no request in flight is closed after this (HTTP/1 keep-alive and
+    /// HTTP/2 alike). Default 75 s, longer than the 60 s idle timeout of common load
+    /// balancers, so that they close first.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Most connections served at once; further clients wait in the listen backlog.
+    /// Default 10,000.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers; HTTP/2: the header list); larger
+    /// ones are answered 431. Between 8KiB and 1MiB. Default 64 KiB.
+    pub max_header_bytes: ByteSize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            first_byte_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(75),
+            max_connections: 10_000,
+            max_header_bytes: ByteSize::kib(64),
+        }
+    }
+}
+
+/// Most connections a listener may be configured to hold.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+
+impl HttpConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive("http.first_byte_timeout", self.first_byte_timeout)?;
+        positive("http.header_timeout", self.header_timeout)?;
+        positive("http.idle_timeout", self.idle_timeout)?;
+        if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS_LIMIT {
+            return Err(invalid(
+                "http.max_connections",
+                format!("must be between 1 and {MAX_CONNECTIONS_LIMIT}"),
+            ));
+        }
+        // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
+        if self.max_header_bytes < ByteSize::kib(8) || self.max_header_bytes > ByteSize::mib(1) {
+            return Err(invalid(
+                "http.max_header_bytes",
+                "must be between 8KiB and 1MiB",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[upstream]`
@@ -656,8 +722,8 @@ fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
 /// sees an unparsed value; [`ConfigFile::resolve`] turns it into a [`Config`].
 mod file {
     use super::{
-        ByteSize, CacheConfig, Deserialize, Duration, FragmentRoute, IpNet, duration, ip_nets,
-        optional_duration,
+        ByteSize, CacheConfig, Deserialize, Duration, FragmentRoute, HttpConfig, IpNet, duration,
+        ip_nets, optional_duration,
     };
 
     /// The whole file.
@@ -665,6 +731,7 @@ mod file {
     #[serde(deny_unknown_fields, default)]
     pub(super) struct ConfigFile {
         pub gateway: GatewayFile,
+        pub http: HttpConfig,
         pub upstream: UpstreamFile,
         pub cache: CacheConfig,
         pub store: StoreFile,
@@ -817,6 +884,7 @@ impl ConfigFile {
     /// so the first problem reported is the first one in the file's order.
     fn resolve(self) -> Result<Config, ConfigError> {
         let gateway = self.gateway.resolve()?;
+        self.http.validate()?;
         let url = self
             .upstream
             .url
@@ -857,6 +925,7 @@ impl ConfigFile {
         let workers = self.workers.resolve(&backend)?;
         let config = Config {
             gateway,
+            http: self.http,
             upstream,
             cache: self.cache,
             store,
@@ -950,6 +1019,7 @@ impl Config {
     /// and addresses are valid by their types; a loaded config has passed this already.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.gateway.validate()?;
+        self.http.validate()?;
         self.upstream.validate()?;
         self.cache.validate()?;
         self.store.validate()?;
@@ -1615,5 +1685,45 @@ queue = "tessera.build"
             msg.contains("trusted_proxies") && msg.contains("10.0.0/8"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn http_limits_have_defaults_parse_and_are_checked() {
+        let d = Config::default().http;
+        assert_eq!(d.first_byte_timeout, Duration::from_secs(10));
+        assert_eq!(d.header_timeout, Duration::from_secs(10));
+        assert_eq!(d.idle_timeout, Duration::from_secs(75));
+        assert_eq!(d.max_connections, 10_000);
+        assert_eq!(d.max_header_bytes, ByteSize::kib(64));
+        let c = Config::from_toml(
+            "[http]\nfirst_byte_timeout = \"2s\"\nheader_timeout = \"5s\"\nidle_timeout = \"1m\"\nmax_connections = 500\nmax_header_bytes = \"16KiB\"",
+        )
+        .unwrap();
+        assert_eq!(c.http.first_byte_timeout, Duration::from_secs(2));
+        assert_eq!(c.http.header_timeout, Duration::from_secs(5));
+        assert_eq!(c.http.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.http.max_connections, 500);
+        assert_eq!(c.http.max_header_bytes, ByteSize::kib(16));
+        for (toml, key) in [
+            (
+                "[http]\nfirst_byte_timeout = \"0s\"",
+                "http.first_byte_timeout",
+            ),
+            ("[http]\nheader_timeout = \"0s\"", "http.header_timeout"),
+            ("[http]\nidle_timeout = \"0s\"", "http.idle_timeout"),
+            ("[http]\nmax_connections = 0", "http.max_connections"),
+            (
+                "[http]\nmax_header_bytes = \"4KiB\"",
+                "http.max_header_bytes",
+            ),
+            (
+                "[http]\nmax_header_bytes = \"2MiB\"",
+                "http.max_header_bytes",
+            ),
+        ] {
+            let msg = err(toml);
+            assert!(msg.contains(&format!("`{key}`")), "{toml:?} gave {msg:?}");
+        }
+        assert!(err("[http]\nidle = \"1s\"").contains("idle"));
     }
 }
