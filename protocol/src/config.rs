@@ -641,13 +641,26 @@ pub struct FragmentRoute {
     /// HTML the browser client shows when it gives up waiting for the fragment.
     #[serde(default = "default_fallback")]
     pub fallback: String,
-    /// Broker queue for this route's builds. Default `tessera.build`.
-    #[serde(default = "default_queue")]
+    /// Broker queue for this route's builds, used exactly as written. Default (absent or
+    /// empty): the namespace's own, `{store.namespace}.build` ([`default_queue`]), shared
+    /// by every route that names none.
+    #[serde(default)]
     pub queue: String,
 }
 
-/// Queue that routes use unless they name their own.
-pub const DEFAULT_QUEUE: &str = "tessera.build";
+/// The queue of routes that name none: `{namespace}.build`, so namespaces sharing a
+/// broker never share a queue.
+pub fn default_queue(namespace: &str) -> String {
+    format!("{namespace}.build")
+}
+
+/// Gives each route that names no queue its namespace's [`default_queue`].
+fn with_default_queues(mut routes: Vec<FragmentRoute>, namespace: &str) -> Vec<FragmentRoute> {
+    for r in routes.iter_mut().filter(|r| r.queue.is_empty()) {
+        r.queue = default_queue(namespace);
+    }
+    routes
+}
 
 fn default_fresh() -> Duration {
     Duration::from_secs(60)
@@ -670,12 +683,10 @@ fn default_placeholder() -> String {
 fn default_fallback() -> String {
     r#"<div class="tessera-unavailable">This content is unavailable right now.</div>"#.into()
 }
-fn default_queue() -> String {
-    DEFAULT_QUEUE.into()
-}
 
 impl FragmentRoute {
-    /// A route with every optional key at its default.
+    /// A route with every optional key at its default; its queue is the default
+    /// namespace's (`tessera.build`), since a route alone knows no namespace.
     pub fn new(name: impl Into<String>, render: impl Into<String>) -> Self {
         Self {
             name: name.into(),
@@ -690,7 +701,7 @@ impl FragmentRoute {
             max_attempts: default_max_attempts(),
             placeholder: default_placeholder(),
             fallback: default_fallback(),
-            queue: default_queue(),
+            queue: default_queue(&StoreConfig::default().namespace),
         }
     }
 
@@ -923,6 +934,7 @@ impl ConfigFile {
             .transpose()?;
         let backend = Backend::resolve(servers, amqp)?;
         let workers = self.workers.resolve(&backend)?;
+        let fragments = with_default_queues(self.fragments, &store.namespace);
         let config = Config {
             gateway,
             http: self.http,
@@ -934,7 +946,7 @@ impl ConfigFile {
             },
             backend,
             workers,
-            fragments: self.fragments,
+            fragments,
         };
         config.validate_routes()?;
         Ok(config)
@@ -1056,7 +1068,7 @@ impl Config {
             }
         }
         if seen.is_empty() {
-            seen.push(DEFAULT_QUEUE.to_string());
+            seen.push(default_queue(&self.store.namespace));
         }
         seen
     }
@@ -1725,5 +1737,18 @@ queue = "tessera.build"
             assert!(msg.contains(&format!("`{key}`")), "{toml:?} gave {msg:?}");
         }
         assert!(err("[http]\nidle = \"1s\"").contains("idle"));
+    }
+
+    #[test]
+    fn the_default_queue_is_the_namespace_s_own_and_named_ones_are_kept() {
+        let c = Config::from_toml(&format!(
+            "[store]\nnamespace = \"shop\"\n{ROUTE}[[fragment]]\nname = \"slow\"\nrender = \"/s\"\nqueue = \"tessera.slow\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.fragments[0].queue, "shop.build");
+        assert_eq!(c.fragments[1].queue, "tessera.slow", "kept as written");
+        assert_eq!(c.queues(), vec!["shop.build", "tessera.slow"]);
+        let no_routes = Config::from_toml("[store]\nnamespace = \"shop\"").unwrap();
+        assert_eq!(no_routes.queues(), vec!["shop.build"]);
     }
 }

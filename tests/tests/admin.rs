@@ -5,7 +5,12 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use tessera_tests::harness::{Backend, TestGateway, backends, client, config, route, text};
+use tessera_backends::amqp::AmqpBus;
+use tessera_protocol::Config;
+use tessera_tests::harness::{
+    Backend, TestGateway, amqp_url, backends, client, config, memcached_addr, require_servers,
+    route, text, unique_namespace,
+};
 use tessera_tests::upstream::FakeUpstream;
 use tessera_tests::{eventually, metric};
 
@@ -97,6 +102,55 @@ async fn health_and_readiness() {
     assert_eq!(r.status(), StatusCode::OK);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body, serde_json::json!({"store": "ok", "bus": "ok"}));
+}
+
+/// A namespace whose default build queue already exists on the broker with another
+/// namespace's arguments cannot queue builds: `/readyz` says so from start-up, before any
+/// traffic, and turns ready by itself once the queue can be declared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_reports_a_build_queue_the_bus_cannot_declare() {
+    require_servers();
+    let ns = unique_namespace();
+    let queue = format!("{ns}.build");
+    // Another namespace took the name first, with its own dead-letter exchange; its
+    // queues expire soon after it leaves.
+    let first = format!("{ns}-first");
+    AmqpBus::with_queue_expiry(&amqp_url(), &first, Some(Duration::from_secs(3)))
+        .publish_raw(&queue, b"{}")
+        .await
+        .unwrap();
+    let up = FakeUpstream::start().await;
+    let c = Config::from_toml(&format!(
+        "[upstream]\nurl = \"{}\"\n[store]\nnamespace = \"{ns}\"\nmemcached = [\"{}\"]\n\
+         [bus]\namqp = \"{}\"\nqueue_expiry = \"10m\"\n[workers]\nembedded = 0\n\
+         [[fragment]]\nname = \"news\"\nrender = \"/_render/news\"\n",
+        up.url(),
+        memcached_addr(),
+        amqp_url(),
+    ))
+    .unwrap();
+    let b = tessera_backends::connect(&c).await.unwrap();
+    let gw = TestGateway::start(c, b).await;
+    let readyz = format!("{}/readyz", gw.admin);
+    let r = client().get(&readyz).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["store"], "ok");
+    let bus = body["bus"].as_str().unwrap();
+    assert!(
+        bus.contains("PRECONDITION_FAILED") && bus.contains(&queue),
+        "bus: {bus}"
+    );
+    eventually(
+        "ready once the other namespace's queue expired",
+        WITHIN,
+        || {
+            let readyz = readyz.clone();
+            async move { client().get(&readyz).send().await.unwrap().status() == StatusCode::OK }
+        },
+    )
+    .await;
+    gw.stop().await;
 }
 
 // One scenario checking every family in turn: long by nature.
