@@ -708,7 +708,9 @@ impl FragmentRoute {
     /// How long a build may hold the pending lease: one attempt plus slack for storing the
     /// result. Workers extend it before each retry, so it never has to cover all attempts.
     pub fn lease_ttl(&self) -> Duration {
-        self.build_timeout + LEASE_SLACK
+        // Saturating: validation bounds `build_timeout`, but a hand-made route need not
+        // have passed it.
+        self.build_timeout.saturating_add(LEASE_SLACK)
     }
 }
 
@@ -1259,10 +1261,19 @@ impl FragmentRoute {
         positive(&format!("{at}.failed_ttl"), self.failed_ttl)?;
         positive(&format!("{at}.build_timeout"), self.build_timeout)?;
         let month = Duration::from_secs(30 * 24 * 3600);
-        if self.fresh + self.stale > month {
+        // Saturating: `"18446744073709551615s"` is a valid duration, and the sum must
+        // be refused, not overflow.
+        if self.fresh.saturating_add(self.stale) > month {
             return Err(invalid(
                 format!("{at}.stale"),
                 "fresh + stale must be at most 30 days (memcached's relative expiry limit)",
+            ));
+        }
+        if self.lease_ttl() > month {
+            return Err(invalid(
+                format!("{at}.build_timeout"),
+                "must be at most 30 days less 2s: the pending lease outlives it by 2s and \
+                 memcached reads a longer expiry as a date",
             ));
         }
         if !(1..=20).contains(&self.max_attempts) {
