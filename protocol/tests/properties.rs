@@ -188,7 +188,7 @@ proptest! {
 
 fn envelope() -> impl Strategy<Value = Envelope> {
     (
-        any::<bool>(),
+        (any::<bool>(), any::<bool>()),
         proptest::collection::vec(any::<u8>(), 0..512),
         (any::<String>(), any::<String>()),
         (any::<u64>(), any::<u64>(), any::<u64>()),
@@ -197,7 +197,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
     )
         .prop_map(
             |(
-                ready,
+                (ready, esi),
                 body,
                 (content_type, etag),
                 (built_at, fresh_until, stale_until),
@@ -215,6 +215,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                     build_ms,
                     attempts,
                     error,
+                    esi,
                 }
             },
         )
