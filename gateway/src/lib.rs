@@ -159,8 +159,7 @@ pub async fn serve(
 }
 
 /// The embedded workers' task; aborted when dropped.
-type WorkersTask =
-    tokio_util::task::AbortOnDropHandle<Result<(), tessera_workers::WorkerError>>;
+type WorkersTask = tokio_util::task::AbortOnDropHandle<Result<(), tessera_workers::WorkerError>>;
 
 /// Waits up to [`WORKER_DRAIN`] for the embedded workers to finish their builds.
 async fn drain_workers(workers: WorkersTask) {
