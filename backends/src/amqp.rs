@@ -25,8 +25,9 @@
 //!
 //! One connection per process. When it drops, publishes fail fast with
 //! [`BusError::Unavailable`] while a reconnection is attempted (at most every
-//! [`RECONNECT_MIN`]); consumers and subscriptions reconnect by themselves with backoff
-//! (100 ms doubling to 5 s), re-declare and resume; a subscription then yields
+//! [`RECONNECT_MIN`]); consumers and subscriptions reconnect by themselves with one
+//! backoff policy ([`Backoff`]: 100 ms doubling to 5 s, back to 100 ms once a connection
+//! consumes again), re-declare and resume; a subscription then yields
 //! [`Notice::Lagged`], since events may have been lost meanwhile. Deliveries taken before
 //! a reconnection can no longer be acknowledged — the broker redelivers them instead,
 //! which is why builds are idempotent. Nothing here panics or exits the process.
@@ -59,10 +60,54 @@ use tessera_protocol::message::{BuildRequest, Event};
 pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Least time between two connection attempts made on behalf of publishers.
 pub const RECONNECT_MIN: Duration = Duration::from_millis(500);
+/// First wait of a consumer or subscription before reconnecting.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest wait of a consumer or subscription before reconnecting.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Retry delay buckets, in seconds.
 pub const RETRY_BUCKETS: [u64; 6] = [1, 2, 4, 8, 16, 32];
 /// Events buffered for a slow subscriber before it is told it lagged.
 const EVENT_BUFFER: usize = 4096;
+
+/// How long a consumer or subscription waits before each reconnection attempt: `min`,
+/// doubling up to `max`, and `min` again once a connection worked ([`Backoff::reset`]),
+/// so a broker restart hours after the last one is not waited out for `max`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Default for Backoff {
+    /// [`BACKOFF_MIN`] doubling to [`BACKOFF_MAX`].
+    fn default() -> Self {
+        Self::new(BACKOFF_MIN, BACKOFF_MAX)
+    }
+}
+
+impl Backoff {
+    /// Starts at `min`, doubles up to `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            next: min,
+            min,
+            max: max.max(min),
+        }
+    }
+
+    /// The wait before this attempt; the next one waits twice as long, at most `max`.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = self.next.saturating_mul(2).min(self.max);
+        delay
+    }
+
+    /// A connection worked: the next failure waits `min` again.
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
 
 fn unavailable(e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(e.to_string())
@@ -567,24 +612,26 @@ async fn consume_loop(
     prefetch: u16,
     tx: mpsc::Sender<Delivery>,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::default();
     loop {
-        match consume_once(&bus, &queues, prefetch, &tx).await {
+        match consume_once(&bus, &queues, prefetch, &tx, &mut backoff).await {
             Ok(()) => return, // the receiving side is gone
             Err(e) => {
-                tracing::warn!(error = %e, ?backoff, "build consumer lost; reconnecting");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, ?delay, "build consumer lost; reconnecting");
+                tokio::time::sleep(delay).await;
             }
         }
     }
 }
 
+/// Consumes `queues` on one connection until it fails; resets `backoff` once consuming.
 async fn consume_once(
     bus: &AmqpBus,
     queues: &[String],
     prefetch: u16,
     tx: &mpsc::Sender<Delivery>,
+    backoff: &mut Backoff,
 ) -> Result<(), BusError> {
     let link = bus.link().await?;
     let channel = timed("open channel", link.conn.create_channel()).await?;
@@ -609,6 +656,7 @@ async fn consume_once(
         streams.push(consumer.map(move |d| (d, q.clone())));
     }
     tracing::info!(?queues, prefetch, "consuming build requests");
+    backoff.reset();
     let mut all = futures_util::stream::select_all(streams);
     while let Some((delivery, queue)) = all.next().await {
         let d = delivery.map_err(unavailable)?;
@@ -731,27 +779,30 @@ async fn subscribe_loop(
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut ready = Some(ready);
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::default();
     let mut first = true;
     loop {
-        let result = subscribe_once(&bus, &tx, &mut ready, first).await;
+        let result = subscribe_once(&bus, &tx, &mut ready, first, &mut backoff).await;
         first = false;
         match result {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(error = %e, ?backoff, "event subscription lost; reconnecting");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, ?delay, "event subscription lost; reconnecting");
+                tokio::time::sleep(delay).await;
             }
         }
     }
 }
 
+/// Follows the events exchange on one connection until it fails; resets `backoff` once
+/// subscribed.
 async fn subscribe_once(
     bus: &AmqpBus,
     tx: &mpsc::Sender<Notice>,
     ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
     first: bool,
+    backoff: &mut Backoff,
 ) -> Result<(), BusError> {
     let link = bus.link().await?;
     let channel = timed("open channel", link.conn.create_channel()).await?;
@@ -786,6 +837,7 @@ async fn subscribe_once(
         channel.basic_consume(name, short(""), options, FieldTable::default()),
     )
     .await?;
+    backoff.reset();
     if let Some(ready) = ready.take() {
         let _ = ready.send(());
     }
@@ -839,5 +891,31 @@ mod tests {
         assert_eq!(retry_bucket(Duration::from_millis(1001)), 2);
         assert_eq!(retry_bucket(Duration::from_secs(9)), 16);
         assert_eq!(retry_bucket(Duration::from_secs(600)), 32);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let mut b = Backoff::default();
+        let waits: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
+        let expected = [100, 200, 400, 800, 1600, 3200, 5000, 5000].map(Duration::from_millis);
+        assert_eq!(waits, expected);
+    }
+
+    #[test]
+    fn backoff_starts_over_after_a_good_connection() {
+        let mut b = Backoff::new(Duration::from_millis(10), Duration::from_millis(35));
+        assert_eq!(b.next_delay(), Duration::from_millis(10));
+        assert_eq!(b.next_delay(), Duration::from_millis(20));
+        assert_eq!(b.next_delay(), Duration::from_millis(35));
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(10));
+        assert_eq!(b.next_delay(), Duration::from_millis(20));
+    }
+
+    #[test]
+    fn backoff_with_a_cap_below_its_start_waits_the_start() {
+        let mut b = Backoff::new(Duration::from_secs(2), Duration::from_secs(1));
+        assert_eq!(b.next_delay(), Duration::from_secs(2));
+        assert_eq!(b.next_delay(), Duration::from_secs(2));
     }
 }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use tessera_protocol::backends::item_limit;
 use tessera_protocol::bus::SharedBus;
 use tessera_protocol::store::SharedStore;
-use tessera_protocol::{Backends, Config};
+use tessera_protocol::{Backends, BusError, Config, StoreError};
 
 use crate::amqp::AmqpBus;
 use crate::memcached::MemcachedStore;
@@ -30,32 +30,28 @@ use crate::memcached::MemcachedStore;
 pub enum BackendError {
     /// The store could not be set up.
     #[error("store: {0}")]
-    Store(String),
+    Store(#[source] StoreError),
     /// The bus could not be set up.
     #[error("bus: {0}")]
-    Bus(String),
+    Bus(#[source] BusError),
 }
 
-/// The backends the configuration names: memcached and AMQP when given, the in-process
+/// The backends the configuration names in its resolved
+/// [`Backend`](tessera_protocol::Backend): memcached and AMQP when given, the in-process
 /// ones otherwise. Does no network I/O: servers that are down are reached on first use,
 /// and calls fail with `Unavailable` until then.
 pub async fn connect(config: &Config) -> Result<Backends, BackendError> {
     let memory = Backends::memory(config);
-    let store: SharedStore = if config.store.memcached.is_empty() {
-        memory.store
-    } else {
-        Arc::new(
-            MemcachedStore::new(
-                &config.store.memcached,
-                config.store.timeout,
-                item_limit(config),
-            )
-            .map_err(|e| BackendError::Store(e.to_string()))?,
-        )
+    let store: SharedStore = match config.backend.memcached() {
+        None => memory.store,
+        Some(servers) => Arc::new(
+            MemcachedStore::new(servers, config.store.timeout, item_limit(config))
+                .map_err(BackendError::Store)?,
+        ),
     };
-    let bus: SharedBus = match &config.bus.amqp {
+    let bus: SharedBus = match config.backend.amqp() {
         Some(url) => Arc::new(AmqpBus::with_queue_expiry(
-            url,
+            url.as_str(),
             &config.store.namespace,
             config.bus.queue_expiry,
         )),

@@ -28,6 +28,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use memcache::{Client, CommandError, ConnectionManager, MemcacheError, Url};
 
+use tessera_protocol::Cause;
+use tessera_protocol::config::MemcachedServer;
 use tessera_protocol::key::StoreKey;
 use tessera_protocol::store::{Store, StoreError, check_size};
 use tessera_protocol::time::ceil_secs;
@@ -89,10 +91,10 @@ fn pool(url: &Url, size: u32, timeout: Duration) -> Result<Arc<Client>, StoreErr
 }
 
 impl MemcachedStore {
-    /// A store over `servers` (`host:port`), with the given per-call deadline and item
-    /// limit. Does no I/O: servers that are down are connected to on first use.
+    /// A store over `servers` (parsed at config load), with the given per-call deadline
+    /// and item limit. Does no I/O: servers that are down are connected to on first use.
     pub fn new(
-        servers: &[String],
+        servers: &[MemcachedServer],
         timeout: Duration,
         max_item_size: usize,
     ) -> Result<Self, StoreError> {
@@ -100,11 +102,13 @@ impl MemcachedStore {
         let servers = servers
             .iter()
             .map(|s| {
-                let host = s.strip_prefix("memcache://").unwrap_or(s);
-                let url = Url::parse(&format!(
-                    "memcache://{host}?timeout={secs}&tcp_nodelay=true"
-                ))
-                .map_err(|e| StoreError::Protocol(format!("bad memcached address {s:?}: {e}")))?;
+                let url = Url::parse(&format!("memcache://{s}?timeout={secs}&tcp_nodelay=true"))
+                    .map_err(|e| {
+                        StoreError::Protocol(format!(
+                            "bad memcached address {:?}: {e}",
+                            s.to_string()
+                        ))
+                    })?;
                 let mut ascii = url.clone();
                 ascii.query_pairs_mut().append_pair("protocol", "ascii");
                 Ok(Server {
@@ -160,13 +164,17 @@ impl MemcachedStore {
         .clone();
         let task = tokio::task::spawn_blocking(move || op(&client));
         let result = match tokio::time::timeout(self.timeout, task).await {
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "{} did not answer within {:?}",
-                server.url.host_str().unwrap_or("memcached"),
-                self.timeout
-            ))),
-            Ok(Err(join)) => Err(StoreError::Unavailable(format!(
-                "store call failed: {join}"
+            Err(_) => Err(StoreError::Unavailable(
+                format!(
+                    "{} did not answer within {:?}",
+                    server.url.host_str().unwrap_or("memcached"),
+                    self.timeout
+                )
+                .into(),
+            )),
+            Ok(Err(join)) => Err(StoreError::Unavailable(Cause::context(
+                "store call failed",
+                join,
             ))),
             Ok(Ok(result)) => result.map_err(|e| classify(&server.url, e)),
         };
@@ -211,8 +219,8 @@ impl MemcachedStore {
 fn classify(url: &Url, e: MemcacheError) -> StoreError {
     let server = url.host_str().unwrap_or("memcached");
     match e {
-        MemcacheError::IOError(e) => StoreError::Unavailable(format!("{server}: {e}")),
-        MemcacheError::PoolError(e) => StoreError::Unavailable(format!("{server}: {e}")),
+        MemcacheError::IOError(e) => StoreError::Unavailable(Cause::context(server, e)),
+        MemcacheError::PoolError(e) => StoreError::Unavailable(Cause::context(server, e)),
         MemcacheError::CommandError(CommandError::ValueTooLarge) => {
             StoreError::TooLarge { size: 0, max: 0 }
         }
@@ -343,9 +351,9 @@ mod tests {
         assert_eq!(fnv1a64("foobar"), 0x8594_4171_f739_67e8);
         let store = MemcachedStore::new(
             &[
-                "127.0.0.1:1".into(),
-                "127.0.0.1:2".into(),
-                "127.0.0.1:3".into(),
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:2".parse().unwrap(),
+                "127.0.0.1:3".parse().unwrap(),
             ],
             Duration::from_millis(100),
             1024,
@@ -365,7 +373,7 @@ mod tests {
             .unwrap()
             .port();
         let store = MemcachedStore::new(
-            &[format!("127.0.0.1:{port}")],
+            &[format!("127.0.0.1:{port}").parse().unwrap()],
             Duration::from_millis(200),
             1024,
         )

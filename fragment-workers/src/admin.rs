@@ -36,8 +36,10 @@ pub async fn serve(
     token: String,
     shutdown: impl Future<Output = ()>,
 ) {
+    let mut registry = metrics.registry();
+    registry.register_collector(Box::new(web::BackendMetrics::new(backends.clone())));
     let admin = Arc::new(Admin {
-        registry: metrics.registry(),
+        registry,
         backends,
         token,
     });
@@ -60,7 +62,7 @@ impl Admin {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => web::alive(),
             (&Method::GET, "/readyz") => web::ready(&self.backends).await,
-            (&Method::GET, "/metrics") => web::metrics(&self.registry, "", &self.backends),
+            (&Method::GET, "/metrics") => web::metrics(&self.registry),
             (method, path) => web::problem(
                 StatusCode::NOT_FOUND,
                 "not_found",

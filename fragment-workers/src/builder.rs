@@ -9,7 +9,7 @@ use http::{HeaderName, HeaderValue, Request, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use tessera_protocol::config::{Config, VarySource};
-use tessera_protocol::{BuildRequest, FragmentRoute};
+use tessera_protocol::{BuildRequest, Cause, FragmentRoute};
 
 /// A rendered fragment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +21,9 @@ pub struct Rendered {
 }
 
 /// Why a build failed: who is to blame, and whether trying again can help.
+///
+/// It is `Clone` (the worker reports one error to several places), so sources are kept
+/// as a [`Cause`], which shares them.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BuildError {
     /// The upstream answered 5xx: its fault, maybe passing.
@@ -37,7 +40,12 @@ pub enum BuildError {
     Timeout(Duration),
     /// The upstream could not be reached, or the connection broke.
     #[error("upstream unreachable: {0}")]
-    Connect(String),
+    Connect(#[source] Cause),
+    /// The render request could not be made from the build request (a vary header name
+    /// that is not a valid header name): a problem of the request or the config, which a
+    /// retry cannot fix.
+    #[error("cannot build the render request: {0}")]
+    Request(#[source] Cause),
     /// The fragment is bigger than the store takes.
     #[error("fragment of {size} bytes or more exceeds store.max_item_size ({max} bytes)")]
     TooLarge {
@@ -51,7 +59,7 @@ pub enum BuildError {
     Panicked,
     /// The store could not take the result.
     #[error("store: {0}")]
-    Store(String),
+    Store(#[source] Cause),
 }
 
 impl BuildError {
@@ -84,6 +92,7 @@ pub trait FragmentBuilder: Send + Sync + std::fmt::Debug + 'static {
 #[derive(Debug, Clone)]
 pub struct HttpBuilder {
     client: Client<HttpConnector, Empty<Bytes>>,
+    /// `upstream.url` without trailing `/`, which the render path follows.
     base: String,
     max_body: usize,
     user_agent: HeaderValue,
@@ -94,7 +103,7 @@ impl HttpBuilder {
     pub fn new(config: &Config) -> Result<Self, BuildError> {
         Ok(Self {
             client: tessera_runtime::upstream::client(config.upstream.timeout),
-            base: config.upstream.url.trim_end_matches('/').to_string(),
+            base: config.upstream.url.base().to_string(),
             max_body: tessera_protocol::backends::item_limit(config),
             user_agent: HeaderValue::from_static(concat!(
                 "tessera-worker/",
@@ -120,7 +129,7 @@ impl HttpBuilder {
             match spec.parse::<VarySource>() {
                 Ok(VarySource::Header(name)) => {
                     let name = HeaderName::from_bytes(name.as_bytes())
-                        .map_err(|e| BuildError::Connect(e.to_string()))?;
+                        .map_err(|e| BuildError::Request(Cause::new(e)))?;
                     builder = builder.header(name, value.as_str());
                 }
                 Ok(VarySource::Cookie(name)) => cookies.push(format!("{name}={value}")),
@@ -135,7 +144,7 @@ impl HttpBuilder {
         }
         builder
             .body(Empty::new())
-            .map_err(|e| BuildError::Connect(format!("cannot build the render request: {e}")))
+            .map_err(|e| BuildError::Request(Cause::new(e)))
     }
 }
 
@@ -153,7 +162,7 @@ impl FragmentBuilder for HttpBuilder {
                 .client
                 .request(request)
                 .await
-                .map_err(|e| BuildError::Connect(e.to_string()))?;
+                .map_err(|e| BuildError::Connect(Cause::new(e)))?;
             let status = response.status();
             if status.is_server_error() {
                 return Err(BuildError::UpstreamServer(status));
@@ -180,7 +189,7 @@ impl FragmentBuilder for HttpBuilder {
                     {
                         BuildError::TooLarge { size: max + 1, max }
                     } else {
-                        BuildError::Connect(e.to_string())
+                        BuildError::Connect(Cause::new(e))
                     }
                 })?
                 .to_bytes();
@@ -189,5 +198,33 @@ impl FragmentBuilder for HttpBuilder {
         tokio::time::timeout(route.build_timeout, work)
             .await
             .map_err(|_| BuildError::Timeout(route.build_timeout))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn only_passing_faults_are_retried_and_sources_are_kept() {
+        let bad_name = HeaderName::from_bytes(b"bad name").unwrap_err();
+        let request = BuildError::Request(Cause::new(bad_name));
+        assert!(!request.is_retryable(), "a bad request stays bad");
+        assert!(
+            request
+                .to_string()
+                .starts_with("cannot build the render request: ")
+        );
+        assert!(request.source().is_some());
+
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let connect = BuildError::Connect(Cause::new(io));
+        assert!(connect.is_retryable());
+        assert_eq!(connect.to_string(), "upstream unreachable: refused");
+        let kept = connect.clone();
+        assert!(
+            matches!(kept, BuildError::Connect(c) if c.downcast_ref::<std::io::Error>().is_some())
+        );
     }
 }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use tessera_protocol::Config;
 use tessera_protocol::config::admin_listener;
+use tessera_protocol::{Backend, Config};
 use tessera_workers::WorkerMetrics;
 use tokio::net::TcpListener;
 
@@ -37,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    if config.bus.amqp.is_none() || config.store.memcached.is_empty() {
+    if !matches!(config.backend, Backend::Distributed { .. }) {
         eprintln!(
             "tessera-worker: needs `[store] memcached` and `[bus] amqp` in the config (or \
              TESSERA_MEMCACHED and TESSERA_AMQP_URL): in embedded mode the workers run inside \

@@ -30,6 +30,9 @@ pub struct WorkerMetrics {
     pub retried: Family<RouteLabels, Counter>,
     /// Requests sent to the dead-letter queue (out of attempts, undecodable, misfit).
     pub dead_lettered: Family<RouteLabels, Counter>,
+    /// Requests acknowledged without a build: superseded by a newer request for the
+    /// same fragment, already built, or for a purged generation.
+    pub dropped: Family<RouteLabels, Counter>,
     /// Render-and-store time of stored builds.
     pub duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Builds running now.
@@ -52,6 +55,7 @@ impl Default for WorkerMetrics {
             failed: Family::default(),
             retried: Family::default(),
             dead_lettered: Family::default(),
+            dropped: Family::default(),
             duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             in_flight: Gauge::default(),
             store_errors: Counter::default(),
@@ -80,6 +84,11 @@ impl WorkerMetrics {
             self.dead_lettered.clone(),
         );
         registry.register(
+            "builds_dropped",
+            "Build requests acknowledged without a build (superseded, already built, or purged)",
+            self.dropped.clone(),
+        );
+        registry.register(
             "build_duration_seconds",
             "Render-and-store time of stored builds",
             self.duration.clone(),
@@ -101,10 +110,11 @@ impl WorkerMetrics {
         );
     }
 
-    /// A registry holding these metrics as `tessera_worker_*`.
+    /// A registry prefixed `tessera` holding these metrics as `tessera_worker_*`, so
+    /// process-wide figures (backend reconnects) can sit beside them as `tessera_*`.
     pub fn registry(&self) -> Registry {
-        let mut registry = Registry::with_prefix("tessera_worker");
-        self.register(&mut registry);
+        let mut registry = Registry::with_prefix("tessera");
+        self.register(registry.sub_registry_with_prefix("worker"));
         registry
     }
 

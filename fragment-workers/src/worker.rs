@@ -2,6 +2,9 @@
 //!
 //! The order of the steps is the contract that makes the worker pattern safe:
 //!
+//! 0. the request claims the fragment's lease (a request superseded by a newer one, or
+//!    whose fragment is already fresh, is acknowledged and dropped; see
+//!    [`tessera_protocol::lease`]),
 //! 1. the envelope is stored, 2. the lease is deleted, 3. `built` is published,
 //! 4. only then is the message acknowledged.
 //!
@@ -24,7 +27,7 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::gauge::Gauge;
 use tessera_protocol::time::now_ms;
 use tessera_protocol::{
-    Backends, BuildRequest, BusError, Config, Delivery, Envelope, Event, FragmentKeys,
+    Backends, BuildRequest, BusError, Claim, Config, Delivery, Envelope, Event, FragmentKeys,
     FragmentRoute, Lease, Store, StoreError, store,
 };
 use tokio::sync::Semaphore;
@@ -244,7 +247,9 @@ impl Worker {
         .await;
     }
 
-    /// One render-and-store; `None` when the request is obsolete (route purged since).
+    /// One render-and-store; `None` when the request is obsolete: its route was purged
+    /// since, or its lease says another request builds the fragment (see
+    /// [`tessera_protocol::lease`]).
     async fn attempt(
         &self,
         route: &FragmentRoute,
@@ -255,12 +260,33 @@ impl Worker {
         match store::generation(store, &self.backends.keys.generation(&route.name)).await {
             Ok(current) if req.generation < current => {
                 tracing::debug!(route = %route.name, generation = req.generation, current, "route purged since; build dropped");
+                WorkerMetrics::count(&self.metrics.dropped, &route.name);
                 return None;
             }
             Ok(_) => {}
             Err(e) => {
                 self.metrics.store_errors.inc();
-                return Some(self.classify(route, req, BuildError::Store(e.to_string())));
+                return Some(self.classify(
+                    route,
+                    req,
+                    BuildError::Store(tessera_protocol::Cause::new(e)),
+                ));
+            }
+        }
+        match Lease::new(store, keys, route).claim(&req.id).await {
+            Ok(Claim::Held) => {}
+            Ok(claim) => {
+                tracing::debug!(route = %route.name, ?claim, "build request dropped");
+                WorkerMetrics::count(&self.metrics.dropped, &route.name);
+                return None;
+            }
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                return Some(self.classify(
+                    route,
+                    req,
+                    BuildError::Store(tessera_protocol::Cause::new(e)),
+                ));
             }
         }
         let started = Instant::now();
@@ -298,7 +324,10 @@ impl Worker {
         match tokio::time::timeout(route.build_timeout + RENDER_MARGIN, task).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) if join.is_panic() => Err(BuildError::Panicked),
-            Ok(Err(join)) => Err(BuildError::Connect(format!("build task ended: {join}"))),
+            Ok(Err(join)) => Err(BuildError::Connect(tessera_protocol::Cause::context(
+                "build task ended",
+                join,
+            ))),
             Err(_) => {
                 abort.abort();
                 Err(BuildError::Timeout(route.build_timeout))
@@ -340,7 +369,7 @@ impl Worker {
                 StoreError::TooLarge { size, max } => BuildError::TooLarge { size, max },
                 other => {
                     self.metrics.store_errors.inc();
-                    BuildError::Store(other.to_string())
+                    BuildError::Store(tessera_protocol::Cause::new(other))
                 }
             })?;
         self.release(store.as_ref(), route, keys).await;
@@ -372,7 +401,7 @@ impl Worker {
         // Hold the lease through the wait, so no gateway queues a second build meanwhile.
         let lease = Lease::new(self.backends.store.as_ref(), keys, route);
         next.lease_deadline = lease.deadline_after(delay);
-        if let Err(e) = lease.extend(delay).await {
+        if let Err(e) = lease.extend(&req.id, delay).await {
             self.metrics.store_errors.inc();
             tracing::warn!(error = %e, "could not extend the lease");
         }

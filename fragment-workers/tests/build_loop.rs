@@ -103,7 +103,7 @@ async fn request(s: &Setup, id: &str, generation: u64) -> tessera_protocol::Frag
     };
     let keys = s.backends.keys.fragment(&identity, generation);
     let lease = tessera_protocol::Lease::new(s.backends.store.as_ref(), &keys, &s.route);
-    assert!(lease.acquire().await.unwrap().is_some());
+    assert!(lease.acquire(id).await.unwrap().is_some());
     let req = BuildRequest {
         v: VERSION,
         id: id.into(),
@@ -162,10 +162,11 @@ async fn a_panicking_builder_fails_that_build_and_nothing_else() {
     assert_eq!(e.status, Status::Failed);
     assert!(e.error.unwrap().contains("panicked"));
     assert!(
-        !tessera_protocol::Lease::new(s.backends.store.as_ref(), &bad, &s.route)
-            .is_held()
+        tessera_protocol::Lease::new(s.backends.store.as_ref(), &bad, &s.route)
+            .holder()
             .await
-            .unwrap(),
+            .unwrap()
+            .is_none(),
         "lease released"
     );
     // The loop survived: the next request is built.

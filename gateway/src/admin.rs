@@ -64,18 +64,8 @@ impl Gateway {
             (&Method::GET, "/healthz") => web::alive(),
             (&Method::GET, "/readyz") => web::ready(&self.cache.backends).await,
             (&Method::GET, "/metrics") => {
-                self.cache.l1.settle_counts().await;
-                self.metrics
-                    .l1_entries
-                    .set(i64::try_from(self.cache.l1.entry_count()).unwrap_or(i64::MAX));
-                self.metrics
-                    .l1_bytes
-                    .set(i64::try_from(self.cache.l1.weighted_size()).unwrap_or(i64::MAX));
-                self.metrics
-                    .long_polls
-                    .set(i64::try_from(self.waiters.len()).unwrap_or(i64::MAX));
-                let queues = self.queue_metrics().await;
-                web::metrics(self.metrics.registry(), &queues, &self.cache.backends)
+                self.read_scraped_metrics().await;
+                web::metrics(self.metrics.registry())
             }
             (&Method::DELETE, p) if p.starts_with("/fragments/") => {
                 let name = &p["/fragments/".len()..];
@@ -194,28 +184,19 @@ impl Gateway {
         queues.into_iter().zip(stats).collect()
     }
 
-    /// Depth and consumers of every configured queue, read from the broker at scrape
-    /// time, as Prometheus text (queues the broker does not answer for are left out).
-    async fn queue_metrics(&self) -> String {
-        let mut messages = String::from(
-            "# HELP tessera_queue_messages Build requests waiting in the queue.\n# TYPE tessera_queue_messages gauge\n",
-        );
-        let mut consumers = String::from(
-            "# HELP tessera_queue_consumers Consumers (worker pools) attached to the queue.\n# TYPE tessera_queue_consumers gauge\n",
-        );
-        for (queue, stats) in self.queue_stats().await {
-            if let Some(stats) = stats {
-                messages.push_str(&format!(
-                    "tessera_queue_messages{{queue=\"{queue}\"}} {}\n",
-                    stats.messages
-                ));
-                consumers.push_str(&format!(
-                    "tessera_queue_consumers{{queue=\"{queue}\"}} {}\n",
-                    stats.consumers
-                ));
-            }
-        }
-        messages + &consumers
+    /// Sets the figures read at scrape time rather than counted as they happen: L1 size,
+    /// long-polls, and every queue's depth and consumers from the broker (queues the
+    /// broker does not answer for are left out).
+    async fn read_scraped_metrics(&self) {
+        self.cache.l1.settle_counts().await;
+        let m = &self.metrics;
+        m.l1_entries
+            .set(i64::try_from(self.cache.l1.entry_count()).unwrap_or(i64::MAX));
+        m.l1_bytes
+            .set(i64::try_from(self.cache.l1.weighted_size()).unwrap_or(i64::MAX));
+        m.long_polls
+            .set(i64::try_from(self.waiters.len()).unwrap_or(i64::MAX));
+        m.queues.set(self.queue_stats().await);
     }
 
     /// What the dashboard shows beyond `/metrics`, as JSON: queues, failures, dead

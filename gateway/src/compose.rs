@@ -169,7 +169,11 @@ impl Gateway {
                 return Response::from_parts(parts, tessera_runtime::web::stream(body));
             }
             Err(e) => {
-                return GatewayError::Upstream(format!("reading an ESI page: {e}")).into_response();
+                return GatewayError::Upstream(tessera_protocol::Cause::context(
+                    "reading an ESI page",
+                    e,
+                ))
+                .into_response();
             }
         };
         let composed = self.compose(&page, request_headers, trace).await;

@@ -28,7 +28,10 @@ pub const ROUTES_TOML: &str = include_str!("../assets/demo.toml");
 
 /// Rewrites `config` for the demo: fragment routes served by the upstream at `upstream`.
 pub fn configure(config: &mut Config, upstream: SocketAddr) {
-    config.upstream.url = format!("http://{upstream}");
+    // A socket address always makes a valid `http://host:port`.
+    if let Ok(url) = format!("http://{upstream}").parse() {
+        config.upstream.url = url;
+    }
     // A test (`demo_routes_parse`) proves the bundled file is valid.
     config.fragments = Config::from_toml(ROUTES_TOML)
         .map(|demo| demo.fragments)
@@ -146,6 +149,6 @@ mod tests {
         for route in &config.fragments {
             assert_eq!(route.render, format!("/_render/{}", route.name));
         }
-        assert_eq!(config.upstream.url, "http://127.0.0.1:3000");
+        assert_eq!(config.upstream.url.as_str(), "http://127.0.0.1:3000");
     }
 }

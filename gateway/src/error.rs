@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode, header};
-use tessera_protocol::{BusError, StoreError, key::IdentityError};
+use tessera_protocol::{BusError, Cause, StoreError, key::IdentityError};
 
 use tessera_runtime::web::Body;
 pub use tessera_runtime::web::problem;
@@ -45,7 +45,7 @@ pub enum GatewayError {
     },
     /// The upstream could not be reached or failed (reverse proxy).
     #[error("upstream: {0}")]
-    Upstream(String),
+    Upstream(#[source] Cause),
     /// The upstream did not answer within `upstream.timeout`.
     #[error("upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),

@@ -173,9 +173,10 @@ async fn drain_workers(workers: WorkersTask) {
 
 impl Gateway {
     fn new(config: Arc<Config>, backends: Backends) -> Result<Self, StartError> {
-        let metrics = Arc::new(metrics::Metrics::new(
-            config.fragments.iter().map(|r| r.name.as_str()),
-        ));
+        let metrics = Arc::new(
+            metrics::Metrics::new(config.fragments.iter().map(|r| r.name.as_str()))
+                .with_backends(backends.clone()),
+        );
         Ok(Gateway {
             cache: Arc::new(service::CacheService {
                 config: config.clone(),
@@ -186,7 +187,7 @@ impl Gateway {
             // A quarter of L1's budget: what hot answers may keep alive beyond it.
             hot: hot::HotAnswers::new(config.cache.capacity.as_u64() / 4),
             waiters: Arc::default(),
-            upstream: proxy::Upstream::new(&config.upstream.url, config.upstream.timeout)?,
+            upstream: proxy::Upstream::new(&config.upstream.url, config.upstream.timeout),
             stopping: CancellationToken::new(),
             metrics,
             failures: Arc::default(),

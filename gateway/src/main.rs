@@ -140,12 +140,14 @@ async fn run(mut config: Config, demo: bool) -> anyhow::Result<()> {
 
 /// Prints what a valid configuration amounts to.
 fn check(config: &Config) {
-    let store = if config.store.memcached.is_empty() {
-        "in-process".to_string()
-    } else {
-        format!("memcached {}", config.store.memcached.join(", "))
+    let store = match config.backend.memcached() {
+        None => "in-process".to_string(),
+        Some(servers) => {
+            let servers: Vec<String> = servers.iter().map(ToString::to_string).collect();
+            format!("memcached {}", servers.join(", "))
+        }
     };
-    let bus = if config.bus.amqp.is_some() {
+    let bus = if config.backend.amqp().is_some() {
         "RabbitMQ"
     } else {
         "in-process"

@@ -4,12 +4,20 @@
 //! process — tests, or embedded workers beside a gateway — keep their own figures.
 //! Histograms have explicit buckets so they can be aggregated across gateways.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric,
+};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use tessera_protocol::{Backends, QueueStats};
+use tessera_runtime::web::BackendMetrics;
 pub use tessera_workers::metrics::RouteLabels;
 use tessera_workers::metrics::WorkerMetrics;
 
@@ -61,6 +69,36 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
+    /// The handles of `route` in the gateway's families.
+    fn new(
+        route: &str,
+        requests: &Family<RequestLabels, Counter>,
+        latency: &Family<RouteLabels, Histogram, fn() -> Histogram>,
+        published: &Family<RouteLabels, Counter>,
+        coalesced: &Family<RouteLabels, Counter>,
+    ) -> Self {
+        let by = |cache| {
+            requests
+                .get_or_create(&RequestLabels {
+                    route: route.to_string(),
+                    cache,
+                })
+                .clone()
+        };
+        let labels = RouteLabels {
+            route: route.to_string(),
+        };
+        Self {
+            hit: by(CacheStatus::hit),
+            stale: by(CacheStatus::stale),
+            pending: by(CacheStatus::pending),
+            error: by(CacheStatus::error),
+            latency: latency.get_or_create(&labels).clone(),
+            published: published.get_or_create(&labels).clone(),
+            coalesced: coalesced.get_or_create(&labels).clone(),
+        }
+    }
+
     /// Counts one answered fragment request.
     pub fn request(&self, cache: CacheStatus, seconds: f64) {
         match cache {
@@ -72,6 +110,65 @@ impl RouteMetrics {
         .inc();
         self.latency.observe(seconds);
     }
+}
+
+/// Depth and consumers of every build queue, as last read from the broker:
+/// `tessera_queue_messages{queue}` and `tessera_queue_consumers{queue}`.
+///
+/// The broker is read asynchronously and collectors are not, so the admin endpoint reads
+/// every queue first, [`QueueGauges::set`]s the figures, then encodes. Each reading
+/// replaces the last one whole, so concurrent scrapes never mix two readings.
+#[derive(Debug, Clone, Default)]
+pub struct QueueGauges {
+    last: Arc<Mutex<Vec<(String, QueueStats)>>>,
+}
+
+impl QueueGauges {
+    /// Replaces the figures with `stats`; queues without figures (the broker did not
+    /// answer for them) are left out until it does.
+    pub fn set(&self, stats: impl IntoIterator<Item = (String, Option<QueueStats>)>) {
+        let reading = stats
+            .into_iter()
+            .filter_map(|(queue, stats)| Some((queue, stats?)))
+            .collect();
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = reading;
+    }
+}
+
+impl Collector for QueueGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let by_queue = |value: fn(&QueueStats) -> u64| {
+            last.iter()
+                .map(move |(queue, stats)| (queue.as_str(), value(stats)))
+        };
+        encode_queue_gauge(
+            &mut encoder,
+            "queue_messages",
+            "Build requests waiting in the queue.",
+            by_queue(|s| s.messages),
+        )?;
+        encode_queue_gauge(
+            &mut encoder,
+            "queue_consumers",
+            "Consumers (worker pools) attached to the queue.",
+            by_queue(|s| s.consumers),
+        )
+    }
+}
+
+/// One gauge family labelled by queue.
+fn encode_queue_gauge<'q>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: impl Iterator<Item = (&'q str, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (queue, value) in values {
+        ConstGauge::new(value).encode(family.encode_family(&[("queue", queue)])?)?;
+    }
+    Ok(())
 }
 
 /// Every metric the gateway exports.
@@ -102,6 +199,8 @@ pub struct Metrics {
     pub l1_bytes: Gauge,
     /// Requests holding a `Prefer: wait` (set at scrape).
     pub long_polls: Gauge,
+    /// Depth and consumers of every build queue (set at scrape).
+    pub queues: QueueGauges,
     /// Build durations reported in `built` events, by route.
     pub build_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Builds any worker reported done (`built` events), by route.
@@ -118,134 +217,149 @@ pub struct Metrics {
 impl Metrics {
     /// A fresh registry with every metric registered, for the given route names.
     pub fn new<'a>(route_names: impl IntoIterator<Item = &'a str>) -> Self {
-        let mut registry = Registry::with_prefix("tessera");
-        let requests: Family<RequestLabels, Counter> = Family::default();
+        let requests = Family::default();
         let latency = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
-        let builds_published: Family<RouteLabels, Counter> = Family::default();
-        let builds_coalesced: Family<RouteLabels, Counter> = Family::default();
-        let (store_errors, bus_errors, undecodable, includes_refused, events_lagged) =
-            Default::default();
-        let (l1_entries, l1_bytes, long_polls) = Default::default();
-        let build_duration = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
-        let builds_succeeded: Family<RouteLabels, Counter> = Family::default();
-        let builds_failed: Family<RouteLabels, Counter> = Family::default();
-        registry.register(
-            "requests",
-            "Fragment requests by route and cache status",
-            Family::clone(&requests),
-        );
-        registry.register(
-            "request_duration_seconds",
-            "Fragment request latency",
-            Family::clone(&latency),
-        );
-        registry.register(
-            "builds_published",
-            "Builds queued by this gateway",
-            Family::clone(&builds_published),
-        );
-        registry.register(
-            "builds_coalesced",
-            "Build requests that found one already queued",
-            Family::clone(&builds_coalesced),
-        );
-        registry.register(
-            "store_errors",
-            "Store failures while answering",
-            Counter::clone(&store_errors),
-        );
-        registry.register(
-            "bus_errors",
-            "Bus failures while answering",
-            Counter::clone(&bus_errors),
-        );
-        registry.register(
-            "envelopes_undecodable",
-            "Stored envelopes that did not decode",
-            Counter::clone(&undecodable),
-        );
-        registry.register(
-            "esi_includes_refused",
-            "ESI includes whose src named no fragment route",
-            Counter::clone(&includes_refused),
-        );
-        registry.register(
-            "events_lagged",
-            "Times events may have been missed and L1 was dropped",
-            Counter::clone(&events_lagged),
-        );
-        registry.register(
-            "builds_succeeded",
-            "Builds reported done by any worker",
-            Family::clone(&builds_succeeded),
-        );
-        registry.register(
-            "builds_failed",
-            "Builds reported failed for good by any worker",
-            Family::clone(&builds_failed),
-        );
-        registry.register(
-            "build_duration_seconds",
-            "Build durations reported by workers",
-            Family::clone(&build_duration),
-        );
-        registry.register("l1_entries", "Entries in L1", Gauge::clone(&l1_entries));
-        registry.register("l1_bytes", "Bytes held by L1", Gauge::clone(&l1_bytes));
-        registry.register(
-            "long_polls",
-            "Fragments with requests waiting on them (Prefer: wait)",
-            Gauge::clone(&long_polls),
-        );
+        let (builds_published, builds_coalesced) = Default::default();
         let handles = |route: &str| {
-            let by = |cache| {
-                requests
-                    .get_or_create(&RequestLabels {
-                        route: route.to_string(),
-                        cache,
-                    })
-                    .clone()
-            };
-            let labels = RouteLabels {
-                route: route.to_string(),
-            };
-            RouteMetrics {
-                hit: by(CacheStatus::hit),
-                stale: by(CacheStatus::stale),
-                pending: by(CacheStatus::pending),
-                error: by(CacheStatus::error),
-                latency: latency.get_or_create(&labels).clone(),
-                published: builds_published.get_or_create(&labels).clone(),
-                coalesced: builds_coalesced.get_or_create(&labels).clone(),
-            }
+            RouteMetrics::new(
+                route,
+                &requests,
+                &latency,
+                &builds_published,
+                &builds_coalesced,
+            )
         };
-        let worker = WorkerMetrics::default();
-        worker.register(registry.sub_registry_with_prefix("worker"));
         let routes = route_names
             .into_iter()
             .map(|r| (r.to_string(), handles(r)))
             .collect();
         let unknown = handles("");
-        Self {
-            worker,
-            routes,
-            unknown,
-            registry,
+        let mut metrics = Self {
+            registry: Registry::with_prefix("tessera"),
             requests,
             latency,
             builds_published,
             builds_coalesced,
-            store_errors,
-            bus_errors,
-            undecodable,
-            includes_refused,
-            events_lagged,
-            l1_entries,
-            l1_bytes,
-            long_polls,
-            build_duration,
-            builds_succeeded,
-            builds_failed,
-        }
+            store_errors: Counter::default(),
+            bus_errors: Counter::default(),
+            undecodable: Counter::default(),
+            includes_refused: Counter::default(),
+            events_lagged: Counter::default(),
+            l1_entries: Gauge::default(),
+            l1_bytes: Gauge::default(),
+            long_polls: Gauge::default(),
+            queues: QueueGauges::default(),
+            build_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            builds_succeeded: Family::default(),
+            builds_failed: Family::default(),
+            worker: WorkerMetrics::default(),
+            routes,
+            unknown,
+        };
+        metrics.register_requests();
+        metrics.register_faults();
+        metrics.register_reported_builds();
+        metrics.register_scraped();
+        metrics
+            .worker
+            .register(metrics.registry.sub_registry_with_prefix("worker"));
+        metrics
+    }
+
+    /// Also exports the reconnect counters of `backends` (`tessera_store_reconnects`,
+    /// `tessera_bus_reconnects`), read at each scrape.
+    pub fn with_backends(mut self, backends: Backends) -> Self {
+        self.registry
+            .register_collector(Box::new(BackendMetrics::new(backends)));
+        self
+    }
+
+    /// What this gateway answered and queued.
+    fn register_requests(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "requests",
+            "Fragment requests by route and cache status",
+            self.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Fragment request latency",
+            self.latency.clone(),
+        );
+        r.register(
+            "builds_published",
+            "Builds queued by this gateway",
+            self.builds_published.clone(),
+        );
+        r.register(
+            "builds_coalesced",
+            "Build requests that found one already queued",
+            self.builds_coalesced.clone(),
+        );
+    }
+
+    /// What went wrong while answering.
+    fn register_faults(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "store_errors",
+            "Store failures while answering",
+            self.store_errors.clone(),
+        );
+        r.register(
+            "bus_errors",
+            "Bus failures while answering",
+            self.bus_errors.clone(),
+        );
+        r.register(
+            "envelopes_undecodable",
+            "Stored envelopes that did not decode",
+            self.undecodable.clone(),
+        );
+        r.register(
+            "esi_includes_refused",
+            "ESI includes whose src named no fragment route",
+            self.includes_refused.clone(),
+        );
+        r.register(
+            "events_lagged",
+            "Times events may have been missed and L1 was dropped",
+            self.events_lagged.clone(),
+        );
+    }
+
+    /// Builds as every worker reports them in events.
+    fn register_reported_builds(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "builds_succeeded",
+            "Builds reported done by any worker",
+            self.builds_succeeded.clone(),
+        );
+        r.register(
+            "builds_failed",
+            "Builds reported failed for good by any worker",
+            self.builds_failed.clone(),
+        );
+        r.register(
+            "build_duration_seconds",
+            "Build durations reported by workers",
+            self.build_duration.clone(),
+        );
+    }
+
+    /// Figures set at scrape time rather than counted as they happen.
+    fn register_scraped(&mut self) {
+        let r = &mut self.registry;
+        r.register("l1_entries", "Entries in L1", self.l1_entries.clone());
+        r.register("l1_bytes", "Bytes held by L1", self.l1_bytes.clone());
+        r.register(
+            "long_polls",
+            "Fragments with requests waiting on them (Prefer: wait)",
+            self.long_polls.clone(),
+        );
+        r.register_collector(Box::new(self.queues.clone()));
     }
 
     /// Build durations by route, as reported in `built` events by any worker.
@@ -299,5 +413,72 @@ mod tests {
             "{text}"
         );
         assert!(text.trim_end().ends_with("# EOF"));
+    }
+
+    #[test]
+    fn queue_gauges_show_the_last_reading() {
+        let m = Metrics::new(["recs"]);
+        let encode = |m: &Metrics| {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, m.registry()).unwrap();
+            text
+        };
+        // Before any reading: the families are described, with no samples.
+        let text = encode(&m);
+        assert!(
+            text.contains("# HELP tessera_queue_messages Build requests waiting in the queue.\n# TYPE tessera_queue_messages gauge\n# HELP"),
+            "{text}"
+        );
+        let stats = |messages, consumers| QueueStats {
+            messages,
+            consumers,
+        };
+        m.queues.set([
+            ("a".to_string(), Some(stats(3, 1))),
+            ("b".to_string(), None),
+        ]);
+        let text = encode(&m);
+        assert!(
+            text.contains("tessera_queue_messages{queue=\"a\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tessera_queue_consumers{queue=\"a\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "# HELP tessera_queue_consumers Consumers (worker pools) attached to the queue.\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("queue=\"b\""),
+            "no figures, no sample: {text}"
+        );
+        // A new reading replaces the last one whole.
+        m.queues.set([("b".to_string(), Some(stats(0, 2)))]);
+        let text = encode(&m);
+        assert!(!text.contains("queue=\"a\""), "{text}");
+        assert!(
+            text.contains("tessera_queue_consumers{queue=\"b\"} 2\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn backend_reconnects_are_exported_with_the_backends() {
+        let backends = Backends::memory(&tessera_protocol::Config::default());
+        let m = Metrics::new(["recs"]).with_backends(backends);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, m.registry()).unwrap();
+        assert!(
+            text.contains("\ntessera_store_reconnects_total 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\ntessera_bus_reconnects_total 0\n"),
+            "{text}"
+        );
     }
 }

@@ -16,6 +16,8 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioIo;
 
 use crate::error::GatewayError;
+use tessera_protocol::Cause;
+use tessera_protocol::config::UpstreamUrl;
 use tessera_runtime::web::Body;
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -41,16 +43,13 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// A client for `base` (already validated: `http://host[:port]`).
-    pub fn new(base: &str, timeout: Duration) -> Result<Self, GatewayError> {
-        let base: Uri = base
-            .parse()
-            .map_err(|e| GatewayError::Upstream(format!("bad upstream url: {e}")))?;
-        Ok(Self {
+    /// A client for `base` (`upstream.url`, parsed at load: `http://host[:port]`).
+    pub fn new(base: &UpstreamUrl, timeout: Duration) -> Self {
+        Self {
             client: tessera_runtime::upstream::client(timeout),
-            base,
+            base: base.uri().clone(),
             timeout,
-        })
+        }
     }
 
     /// Forwards `req` from `peer` and streams the answer back.
@@ -81,7 +80,7 @@ impl Upstream {
         let response = tokio::time::timeout(self.timeout, self.client.request(outbound))
             .await
             .map_err(|_| GatewayError::UpstreamTimeout(self.timeout))?
-            .map_err(|e| GatewayError::Upstream(e.to_string()))?;
+            .map_err(|e| GatewayError::Upstream(Cause::new(e)))?;
         if response.status() == http::StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_side) = client_side
         {
@@ -113,7 +112,7 @@ impl Upstream {
         );
         parts.uri = uri
             .parse()
-            .map_err(|e| GatewayError::Upstream(format!("cannot build upstream URI: {e}")))?;
+            .map_err(|e| GatewayError::Upstream(Cause::context("cannot build upstream URI", e)))?;
         let host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
                 .uri

@@ -288,7 +288,8 @@ impl CacheService {
         let store = self.backends.store.as_ref();
         let lease = Lease::new(store, &t.keys, t.route);
         let metrics = self.metrics.route(&t.route.name);
-        let Some(lease_deadline) = lease.acquire().await? else {
+        let id = format!("{:016x}", rand::random::<u64>());
+        let Some(lease_deadline) = lease.acquire(&id).await? else {
             metrics.coalesced.inc();
             return Ok(Requested::AlreadyPending);
         };
@@ -304,7 +305,7 @@ impl CacheService {
         }
         let request = BuildRequest {
             v: VERSION,
-            id: format!("{:016x}", rand::random::<u64>()),
+            id,
             key: t.keys.envelope.as_str().to_string(),
             identity: t.identity.clone(),
             generation: t.generation,

@@ -39,13 +39,6 @@ pub enum BusError {
     Rejected(String),
 }
 
-impl BusError {
-    /// Whether trying again later may succeed.
-    pub fn is_retryable(&self) -> bool {
-        true
-    }
-}
-
 /// What a gateway's event subscription yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {

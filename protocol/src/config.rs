@@ -10,6 +10,7 @@
 //! back to a default.
 
 use std::collections::HashSet;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -78,9 +79,12 @@ fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     }
 }
 
-/// The whole file.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// The whole configuration, parsed and validated: what every process works from.
+///
+/// Only [`Config::load`] and [`Config::from_sources`] make one from a file; code that
+/// builds one by hand (tests, the demo) starts from [`Config::default`] and calls
+/// [`Config::validate`] after changing it.
+#[derive(Debug, Clone, Default)]
 pub struct Config {
     /// The HTTP front: listeners and fragment endpoint.
     pub gateway: GatewayConfig,
@@ -88,14 +92,15 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// L1: the in-process cache of each gateway.
     pub cache: CacheConfig,
-    /// L2: memcached, or the embedded memory store when `memcached` is absent.
+    /// L2 settings shared by both stores (the servers are in [`Config::backend`]).
     pub store: StoreConfig,
-    /// The broker, or the in-process bus when `amqp` is absent.
+    /// Broker settings (the broker's URL is in [`Config::backend`]).
     pub bus: BusConfig,
+    /// Which store and bus run, resolved from `store.memcached` and `bus.amqp`.
+    pub backend: Backend,
     /// Build capacity.
     pub workers: WorkersConfig,
     /// Fragment routes, in the file as `[[fragment]]` tables.
-    #[serde(rename = "fragment")]
     pub fragments: Vec<FragmentRoute>,
 }
 
@@ -129,22 +134,91 @@ impl Default for GatewayConfig {
 }
 
 /// `[upstream]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     /// Base URL, `http://host:port` (plain HTTP/1.1). Default `http://127.0.0.1:3000`.
-    pub url: String,
+    pub url: UpstreamUrl,
     /// Deadline for one proxied request or one render. Default 30 s.
-    #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
 }
 
 impl Default for UpstreamConfig {
     fn default() -> Self {
         Self {
-            url: "http://127.0.0.1:3000".into(),
+            url: UpstreamUrl::default(),
             timeout: Duration::from_secs(30),
         }
+    }
+}
+
+/// `upstream.url`, parsed once: `http://host[:port]`, maybe with a path, never a query.
+///
+/// Kept as written too, since the render URL is that text (without a trailing `/`)
+/// followed by the route's render path, exactly as before the value was typed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    uri: http::Uri,
+    text: String,
+}
+
+/// The upstream of a configuration that names none.
+const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:3000";
+
+impl UpstreamUrl {
+    /// The parsed URL (scheme `http`, with a host).
+    pub fn uri(&self) -> &http::Uri {
+        &self.uri
+    }
+
+    /// The URL as written in the configuration.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The URL without trailing `/`: a render path is appended to it.
+    pub fn base(&self) -> &str {
+        self.text.trim_end_matches('/')
+    }
+}
+
+impl Default for UpstreamUrl {
+    fn default() -> Self {
+        Self {
+            // A constant that parses (`UpstreamUrl::from_str` accepts it, see the tests).
+            uri: http::Uri::from_static(DEFAULT_UPSTREAM),
+            text: DEFAULT_UPSTREAM.into(),
+        }
+    }
+}
+
+impl std::str::FromStr for UpstreamUrl {
+    /// The problem, without the key (the caller names it).
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(format!("{s:?} must be http://host[:port] (plain HTTP/1.1)"));
+        }
+        if uri.query().is_some() {
+            return Err("must not have a query string".into());
+        }
+        Ok(Self {
+            uri,
+            text: s.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl fmt::Debug for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.text, f)
     }
 }
 
@@ -168,16 +242,12 @@ impl Default for CacheConfig {
     }
 }
 
-/// `[store]` — L2.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// `[store]` — L2. Its `memcached` servers are resolved into [`Config::backend`].
+#[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// memcached servers as `host:port`. Empty: the embedded memory store.
-    pub memcached: Vec<String>,
     /// Prefix of every key, so several deployments can share servers. Default `tessera`.
     pub namespace: String,
     /// Deadline for one store call. Default 250 ms.
-    #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
     /// Largest stored item (memcached's `-I`). Bigger fragments fail their build. Default 1 MiB.
     pub max_item_size: ByteSize,
@@ -188,7 +258,6 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
-            memcached: Vec::new(),
             namespace: "tessera".into(),
             timeout: Duration::from_millis(250),
             max_item_size: ByteSize::mib(1),
@@ -197,17 +266,169 @@ impl Default for StoreConfig {
     }
 }
 
-/// `[bus]`
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// One memcached server, parsed once: `host:port` (a `memcache://` prefix is accepted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemcachedServer {
+    host: String,
+    port: u16,
+}
+
+impl MemcachedServer {
+    /// Host name or IP address (an IPv6 address keeps its brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// TCP port, never 0.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl std::str::FromStr for MemcachedServer {
+    /// The problem, without the key (the caller names it).
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let host_port = s.strip_prefix("memcache://").unwrap_or(s);
+        host_port
+            .rsplit_once(':')
+            .and_then(|(host, port)| {
+                let port = port.parse::<u16>().ok().filter(|p| *p > 0)?;
+                (!host.is_empty()).then(|| Self {
+                    host: host.to_string(),
+                    port,
+                })
+            })
+            .ok_or_else(|| format!("{s:?} must be host:port, e.g. \"127.0.0.1:11211\""))
+    }
+}
+
+/// `host:port`
+impl fmt::Display for MemcachedServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// `[bus]` — the broker's URL, `amqp`, is resolved into [`Config::backend`].
+#[derive(Debug, Clone, Default)]
 pub struct BusConfig {
-    /// AMQP URL of the broker. Absent: the embedded in-process bus.
-    pub amqp: Option<String>,
     /// Let RabbitMQ delete this namespace's queues after they have been unused this long
     /// (`x-expires`). For throw-away namespaces (tests, benchmarks, previews); absent by
     /// default, as production queues must never vanish.
-    #[serde(default, deserialize_with = "optional_duration")]
     pub queue_expiry: Option<Duration>,
+}
+
+/// `bus.amqp`, checked once: an `amqp://` or `amqps://` URL.
+///
+/// It carries the broker's password, so it prints (`Display` and `Debug`) with the
+/// password replaced by `***`; [`AmqpUrl::as_str`] gives the URL to connect with.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AmqpUrl(String);
+
+impl AmqpUrl {
+    /// The full URL, password included: for connecting, never for logs.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with its password (if any) replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let url = &self.0;
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return url.clone();
+        };
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        let Some(at) = rest[..authority_end].rfind('@') else {
+            return url.clone();
+        };
+        match rest[..at].split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+            None => url.clone(),
+        }
+    }
+}
+
+impl std::str::FromStr for AmqpUrl {
+    /// The problem, without the key (the caller names it).
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.starts_with("amqp://") || s.starts_with("amqps://") {
+            Ok(Self(s.to_string()))
+        } else {
+            Err(
+                "must be an amqp:// or amqps:// URL, e.g. \"amqp://guest:guest@127.0.0.1:5672/%2f\""
+                    .into(),
+            )
+        }
+    }
+}
+
+impl fmt::Display for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.redacted(), f)
+    }
+}
+
+/// Which store and bus a deployment runs on, decided once at load from `store.memcached`
+/// and `bus.amqp`. A broker without memcached cannot be expressed: worker processes could
+/// not reach a gateway's memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// No `memcached`, no `amqp`: the memory store and the in-process bus.
+    #[default]
+    Embedded,
+    /// `memcached` without `amqp`: a shared store, the in-process bus.
+    Memcached {
+        /// `store.memcached`, never empty.
+        servers: Vec<MemcachedServer>,
+    },
+    /// `memcached` and `amqp`: the distributed mode, with `tessera-worker` processes.
+    Distributed {
+        /// `store.memcached`, never empty.
+        servers: Vec<MemcachedServer>,
+        /// `bus.amqp`.
+        amqp: AmqpUrl,
+    },
+}
+
+impl Backend {
+    /// The rules that tie `store.memcached` and `bus.amqp` together.
+    fn resolve(servers: Vec<MemcachedServer>, amqp: Option<AmqpUrl>) -> Result<Self, ConfigError> {
+        match (servers.is_empty(), amqp) {
+            (true, None) => Ok(Backend::Embedded),
+            (false, None) => Ok(Backend::Memcached { servers }),
+            (false, Some(amqp)) => Ok(Backend::Distributed { servers, amqp }),
+            (true, Some(_)) => Err(invalid(
+                "store.memcached",
+                "required when bus.amqp is set: worker processes cannot reach a gateway's embedded memory store",
+            )),
+        }
+    }
+
+    /// The memcached servers, when the store is memcached.
+    pub fn memcached(&self) -> Option<&[MemcachedServer]> {
+        match self {
+            Backend::Embedded => None,
+            Backend::Memcached { servers } | Backend::Distributed { servers, .. } => Some(servers),
+        }
+    }
+
+    /// The broker, when the bus is AMQP.
+    pub fn amqp(&self) -> Option<&AmqpUrl> {
+        match self {
+            Backend::Distributed { amqp, .. } => Some(amqp),
+            _ => None,
+        }
+    }
 }
 
 /// `[workers]`
@@ -401,49 +622,88 @@ fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
     duration(d).map(Some)
 }
 
-impl Config {
-    /// Loads the deployment's configuration: `path`, else `$TESSERA_CONFIG`, else
-    /// built-in defaults; then environment overrides; then validation.
-    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let from_env = std::env::var_os(env::CONFIG).map(PathBuf::from);
-        let path = path.map(Path::to_path_buf).or(from_env);
-        let text = match &path {
-            Some(p) => Some(
-                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.clone(),
-                    source,
-                })?,
-            ),
-            None => None,
-        };
-        let name = path.map_or_else(|| "<defaults>".to_string(), |p| p.display().to_string());
-        Self::from_sources(&name, text.as_deref(), |k| std::env::var(k).ok())
+/// The file as written, before its URLs and addresses are parsed: what serde reads and
+/// what the `TESSERA_*` overrides replace. Kept private so that nothing downstream ever
+/// sees an unparsed value; [`ConfigFile::resolve`] turns it into a [`Config`].
+mod file {
+    use super::{
+        ByteSize, CacheConfig, Deserialize, Duration, FragmentRoute, GatewayConfig, WorkersConfig,
+        duration, optional_duration,
+    };
+
+    /// The whole file.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub(super) struct ConfigFile {
+        pub gateway: GatewayConfig,
+        pub upstream: UpstreamFile,
+        pub cache: CacheConfig,
+        pub store: StoreFile,
+        pub bus: BusFile,
+        pub workers: WorkersConfig,
+        #[serde(rename = "fragment")]
+        pub fragments: Vec<FragmentRoute>,
     }
 
-    /// Parses `toml` (or defaults when `None`), applies overrides from `env`, validates.
-    /// `env` is a lookup so tests need not touch the process environment.
-    pub fn from_sources(
-        name: &str,
-        toml: Option<&str>,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
-        let mut config: Config = match toml {
-            Some(text) => toml::from_str(text).map_err(|e| ConfigError::Parse {
-                path: name.to_string(),
-                message: e.to_string(),
-            })?,
-            None => Config::default(),
-        };
-        config.apply_env(env);
-        config.validate()?;
-        Ok(config)
+    /// `[upstream]` as written; see [`super::UpstreamConfig`].
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub(super) struct UpstreamFile {
+        pub url: String,
+        #[serde(deserialize_with = "duration")]
+        pub timeout: Duration,
     }
 
-    /// Parses and validates a TOML string without looking at the environment.
-    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        Self::from_sources("<inline>", Some(text), |_| None)
+    impl Default for UpstreamFile {
+        fn default() -> Self {
+            let d = super::UpstreamConfig::default();
+            Self {
+                url: d.url.as_str().to_string(),
+                timeout: d.timeout,
+            }
+        }
     }
 
+    /// `[store]` as written; see [`super::StoreConfig`].
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub(super) struct StoreFile {
+        /// memcached servers as `host:port`. Empty: the embedded memory store.
+        pub memcached: Vec<String>,
+        pub namespace: String,
+        #[serde(deserialize_with = "duration")]
+        pub timeout: Duration,
+        pub max_item_size: ByteSize,
+        pub memory_capacity: ByteSize,
+    }
+
+    impl Default for StoreFile {
+        fn default() -> Self {
+            let d = super::StoreConfig::default();
+            Self {
+                memcached: Vec::new(),
+                namespace: d.namespace,
+                timeout: d.timeout,
+                max_item_size: d.max_item_size,
+                memory_capacity: d.memory_capacity,
+            }
+        }
+    }
+
+    /// `[bus]` as written; see [`super::BusConfig`].
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub(super) struct BusFile {
+        /// AMQP URL of the broker. Absent: the embedded in-process bus.
+        pub amqp: Option<String>,
+        #[serde(default, deserialize_with = "optional_duration")]
+        pub queue_expiry: Option<Duration>,
+    }
+}
+
+use file::ConfigFile;
+
+impl ConfigFile {
     fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
         if let Some(v) = env(env::LISTEN) {
             self.gateway.listen = v;
@@ -471,117 +731,120 @@ impl Config {
         }
     }
 
-    /// Checks every rule that the types alone cannot express.
+    /// Parses what is still text and checks every rule, section by section in file order,
+    /// so the first problem reported is the first one in the file's order.
+    fn resolve(self) -> Result<Config, ConfigError> {
+        self.gateway.validate()?;
+        let url = self
+            .upstream
+            .url
+            .parse::<UpstreamUrl>()
+            .map_err(|problem| invalid("upstream.url", problem))?;
+        let upstream = UpstreamConfig {
+            url,
+            timeout: self.upstream.timeout,
+        };
+        upstream.validate()?;
+        self.cache.validate()?;
+        let servers = self
+            .store
+            .memcached
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse::<MemcachedServer>()
+                    .map_err(|problem| invalid(format!("store.memcached[{i}]"), problem))
+            })
+            .collect::<Result<Vec<MemcachedServer>, _>>()?;
+        let store = StoreConfig {
+            namespace: self.store.namespace,
+            timeout: self.store.timeout,
+            max_item_size: self.store.max_item_size,
+            memory_capacity: self.store.memory_capacity,
+        };
+        store.validate()?;
+        let amqp = self
+            .bus
+            .amqp
+            .map(|url| {
+                url.parse::<AmqpUrl>()
+                    .map_err(|problem| invalid("bus.amqp", problem))
+            })
+            .transpose()?;
+        let backend = Backend::resolve(servers, amqp)?;
+        let config = Config {
+            gateway: self.gateway,
+            upstream,
+            cache: self.cache,
+            store,
+            bus: BusConfig {
+                queue_expiry: self.bus.queue_expiry,
+            },
+            backend,
+            workers: self.workers,
+            fragments: self.fragments,
+        };
+        config.workers.validate(&config.backend)?;
+        config.validate_routes()?;
+        Ok(config)
+    }
+}
+
+impl Config {
+    /// Loads the deployment's configuration: `path`, else `$TESSERA_CONFIG`, else
+    /// built-in defaults; then environment overrides; then validation.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let from_env = std::env::var_os(env::CONFIG).map(PathBuf::from);
+        let path = path.map(Path::to_path_buf).or(from_env);
+        let text = match &path {
+            Some(p) => Some(
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        let name = path.map_or_else(|| "<defaults>".to_string(), |p| p.display().to_string());
+        Self::from_sources(&name, text.as_deref(), |k| std::env::var(k).ok())
+    }
+
+    /// Parses `toml` (or defaults when `None`), applies overrides from `env`, validates.
+    /// `env` is a lookup so tests need not touch the process environment.
+    pub fn from_sources(
+        name: &str,
+        toml: Option<&str>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut file: ConfigFile = match toml {
+            Some(text) => toml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: name.to_string(),
+                message: e.to_string(),
+            })?,
+            None => ConfigFile::default(),
+        };
+        file.apply_env(env);
+        file.resolve()
+    }
+
+    /// Parses and validates a TOML string without looking at the environment.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Self::from_sources("<inline>", Some(text), |_| None)
+    }
+
+    /// Checks every rule that the types alone cannot express, section by section. URLs
+    /// and addresses are valid by their types; a loaded config has passed this already.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let g = &self.gateway;
-        parse_addr("gateway.listen", &g.listen)?;
-        admin_listener("gateway", &g.admin_listen, &g.admin_token)?;
-        if !(g.fragment_prefix.starts_with('/') && g.fragment_prefix.ends_with('/'))
-            || g.fragment_prefix.len() < 2
-            || g.fragment_prefix.starts_with("/_tessera/")
-        {
-            return Err(invalid(
-                "gateway.fragment_prefix",
-                format!(
-                    "{:?} must start and end with `/`, e.g. \"/fragments/\", and not be under /_tessera/",
-                    g.fragment_prefix
-                ),
-            ));
-        }
-        positive("gateway.max_wait", g.max_wait)?;
+        self.gateway.validate()?;
+        self.upstream.validate()?;
+        self.cache.validate()?;
+        self.store.validate()?;
+        self.workers.validate(&self.backend)?;
+        self.validate_routes()
+    }
 
-        let uri: http::Uri = self.upstream.url.parse().map_err(|e| {
-            invalid(
-                "upstream.url",
-                format!("{:?} is not a URL: {e}", self.upstream.url),
-            )
-        })?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
-            return Err(invalid(
-                "upstream.url",
-                format!(
-                    "{:?} must be http://host[:port] (plain HTTP/1.1)",
-                    self.upstream.url
-                ),
-            ));
-        }
-        if uri.query().is_some() {
-            return Err(invalid("upstream.url", "must not have a query string"));
-        }
-        positive("upstream.timeout", self.upstream.timeout)?;
-
-        positive("cache.ttl", self.cache.ttl)?;
-
-        let s = &self.store;
-        for (i, server) in s.memcached.iter().enumerate() {
-            let host_port = server.strip_prefix("memcache://").unwrap_or(server);
-            let ok = host_port
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-            if !ok {
-                return Err(invalid(
-                    format!("store.memcached[{i}]"),
-                    format!("{server:?} must be host:port, e.g. \"127.0.0.1:11211\""),
-                ));
-            }
-        }
-        let ns_ok = !s.namespace.is_empty()
-            && s.namespace.len() <= MAX_NAMESPACE
-            && s.namespace
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !ns_ok {
-            return Err(invalid(
-                "store.namespace",
-                format!(
-                    "{:?} must be 1 to {MAX_NAMESPACE} letters, digits, `-`, `_` or `.`",
-                    s.namespace
-                ),
-            ));
-        }
-        positive("store.timeout", s.timeout)?;
-        if s.max_item_size < ByteSize::kib(4) || s.max_item_size > ByteSize::mib(128) {
-            return Err(invalid(
-                "store.max_item_size",
-                "must be between 4KiB and 128MiB (memcached's -I limit)",
-            ));
-        }
-
-        if let Some(url) = &self.bus.amqp
-            && !(url.starts_with("amqp://") || url.starts_with("amqps://"))
-        {
-            return Err(invalid(
-                "bus.amqp",
-                "must be an amqp:// or amqps:// URL, e.g. \"amqp://guest:guest@127.0.0.1:5672/%2f\"",
-            ));
-        }
-        if self.bus.amqp.is_some() && s.memcached.is_empty() {
-            return Err(invalid(
-                "store.memcached",
-                "required when bus.amqp is set: worker processes cannot reach a gateway's embedded memory store",
-            ));
-        }
-        if self.bus.amqp.is_none() && self.workers.embedded == 0 {
-            return Err(invalid(
-                "workers.embedded",
-                "must be at least 1 without bus.amqp: with the embedded bus nothing else can build fragments",
-            ));
-        }
-        if self.workers.concurrency == 0 || self.workers.concurrency > u16::MAX as usize {
-            return Err(invalid(
-                "workers.concurrency",
-                "must be between 1 and 65535",
-            ));
-        }
-        admin_listener(
-            "workers",
-            &self.workers.admin_listen,
-            &self.workers.admin_token,
-        )?;
-        if self.workers.embedded > u16::MAX as usize {
-            return Err(invalid("workers.embedded", "must be at most 65535"));
-        }
-
+    /// Each route, and that no two share a name.
+    fn validate_routes(&self) -> Result<(), ConfigError> {
         let mut names = HashSet::new();
         for (i, r) in self.fragments.iter().enumerate() {
             r.validate(&format!("fragment[{i}]"))?;
@@ -616,12 +879,101 @@ impl Config {
 
     /// True when the memory store and in-process bus are used.
     pub fn is_embedded(&self) -> bool {
-        self.store.memcached.is_empty() && self.bus.amqp.is_none()
+        self.backend == Backend::Embedded
+    }
+}
+
+impl GatewayConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        parse_addr("gateway.listen", &self.listen)?;
+        admin_listener("gateway", &self.admin_listen, &self.admin_token)?;
+        let prefix = &self.fragment_prefix;
+        if !(prefix.starts_with('/') && prefix.ends_with('/'))
+            || prefix.len() < 2
+            || prefix.starts_with("/_tessera/")
+        {
+            return Err(invalid(
+                "gateway.fragment_prefix",
+                format!(
+                    "{prefix:?} must start and end with `/`, e.g. \"/fragments/\", and not be under /_tessera/"
+                ),
+            ));
+        }
+        positive("gateway.max_wait", self.max_wait)
+    }
+}
+
+impl UpstreamConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive("upstream.timeout", self.timeout)
+    }
+}
+
+impl CacheConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive("cache.ttl", self.ttl)
+    }
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let ns = &self.namespace;
+        let ns_ok = !ns.is_empty()
+            && ns.len() <= MAX_NAMESPACE
+            && ns
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !ns_ok {
+            return Err(invalid(
+                "store.namespace",
+                format!("{ns:?} must be 1 to {MAX_NAMESPACE} letters, digits, `-`, `_` or `.`"),
+            ));
+        }
+        positive("store.timeout", self.timeout)?;
+        if self.max_item_size < ByteSize::kib(4) || self.max_item_size > ByteSize::mib(128) {
+            return Err(invalid(
+                "store.max_item_size",
+                "must be between 4KiB and 128MiB (memcached's -I limit)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl WorkersConfig {
+    /// `backend` decides whether anything but embedded workers can build.
+    fn validate(&self, backend: &Backend) -> Result<(), ConfigError> {
+        if backend.amqp().is_none() && self.embedded == 0 {
+            return Err(invalid(
+                "workers.embedded",
+                "must be at least 1 without bus.amqp: with the embedded bus nothing else can build fragments",
+            ));
+        }
+        if self.concurrency == 0 || self.concurrency > u16::MAX as usize {
+            return Err(invalid(
+                "workers.concurrency",
+                "must be between 1 and 65535",
+            ));
+        }
+        admin_listener("workers", &self.admin_listen, &self.admin_token)?;
+        if self.embedded > u16::MAX as usize {
+            return Err(invalid("workers.embedded", "must be at most 65535"));
+        }
+        Ok(())
     }
 }
 
 impl FragmentRoute {
+    /// Every rule of one route, `at` being its key (`fragment[2]`).
     fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        self.validate_name(at)?;
+        self.validate_render(at)?;
+        self.validate_identity(at)?;
+        self.validate_timings(at)?;
+        self.validate_delivery(at)
+    }
+
+    fn validate_name(&self, at: &str) -> Result<(), ConfigError> {
         let name_ok = !self.name.is_empty()
             && self.name.len() <= MAX_ROUTE_NAME
             && self
@@ -637,6 +989,10 @@ impl FragmentRoute {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    fn validate_render(&self, at: &str) -> Result<(), ConfigError> {
         let render_ok = self.render.starts_with('/')
             && !self.render.contains(['?', '#'])
             && self.render.parse::<http::uri::PathAndQuery>().is_ok();
@@ -649,6 +1005,11 @@ impl FragmentRoute {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// `params` and `vary`: what identifies a fragment.
+    fn validate_identity(&self, at: &str) -> Result<(), ConfigError> {
         let mut seen = HashSet::new();
         for p in &self.params {
             let ok = !p.is_empty()
@@ -683,6 +1044,11 @@ impl FragmentRoute {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// `fresh`, `stale`, `failed_ttl`, `build_timeout`, `max_attempts`.
+    fn validate_timings(&self, at: &str) -> Result<(), ConfigError> {
         positive(&format!("{at}.fresh"), self.fresh)?;
         positive(&format!("{at}.failed_ttl"), self.failed_ttl)?;
         positive(&format!("{at}.build_timeout"), self.build_timeout)?;
@@ -699,6 +1065,11 @@ impl FragmentRoute {
                 "must be between 1 and 20",
             ));
         }
+        Ok(())
+    }
+
+    /// `placeholder` and `queue`: how the fragment is waited for and built.
+    fn validate_delivery(&self, at: &str) -> Result<(), ConfigError> {
         if self.placeholder.len() > 16 * 1024 {
             return Err(invalid(
                 format!("{at}.placeholder"),
@@ -862,13 +1233,59 @@ queue = "tessera.build"
         assert_eq!(c.gateway.admin_token, "s3cret");
         assert_eq!(c.workers.admin_token, "s3cret");
         assert_eq!(c.gateway.admin_listen, "127.0.0.1:3");
-        assert_eq!(
-            c.store.memcached,
-            vec!["127.0.0.1:11211", "127.0.0.1:11212"]
-        );
-        assert_eq!(c.bus.amqp.as_deref(), Some("amqp://127.0.0.1"));
+        let servers: Vec<String> = c
+            .backend
+            .memcached()
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(servers, vec!["127.0.0.1:11211", "127.0.0.1:11212"]);
+        assert_eq!(c.backend.amqp().unwrap().as_str(), "amqp://127.0.0.1");
     }
 
+    #[test]
+    fn backend_is_resolved_from_memcached_and_amqp() {
+        assert_eq!(Config::from_toml("").unwrap().backend, Backend::Embedded);
+        let c = Config::from_toml("[store]\nmemcached = [\"memcache://h:11211\"]").unwrap();
+        let server: MemcachedServer = "h:11211".parse().unwrap();
+        assert_eq!(
+            c.backend,
+            Backend::Memcached {
+                servers: vec![server.clone()]
+            }
+        );
+        assert_eq!((server.host(), server.port()), ("h", 11211));
+        assert!(!c.is_embedded());
+        let c = Config::from_toml(
+            "[store]\nmemcached = [\"h:1\"]\n[bus]\namqp = \"amqp://u:p@b/%2f\"\n[workers]\nembedded = 0",
+        )
+        .unwrap();
+        assert!(matches!(c.backend, Backend::Distributed { .. }));
+    }
+
+    #[test]
+    fn urls_are_parsed_once_and_printed_safely() {
+        let url: UpstreamUrl = "http://app:3000/base/".parse().unwrap();
+        assert_eq!(url.base(), "http://app:3000/base");
+        assert_eq!(url.uri().authority().unwrap().as_str(), "app:3000");
+        assert_eq!(url.to_string(), "http://app:3000/base/");
+        assert_eq!(UpstreamUrl::default().as_str(), DEFAULT_UPSTREAM);
+        assert_eq!(
+            DEFAULT_UPSTREAM.parse::<UpstreamUrl>().unwrap(),
+            UpstreamUrl::default()
+        );
+
+        let amqp: AmqpUrl = "amqp://user:s3cret@broker:5672/%2f".parse().unwrap();
+        assert_eq!(amqp.as_str(), "amqp://user:s3cret@broker:5672/%2f");
+        assert_eq!(amqp.to_string(), "amqp://user:***@broker:5672/%2f");
+        assert!(!format!("{amqp:?}").contains("s3cret"));
+        let plain: AmqpUrl = "amqps://broker/%2f".parse().unwrap();
+        assert_eq!(plain.to_string(), "amqps://broker/%2f");
+    }
+
+    // A table of cases: long by nature, one line per case.
+    #[allow(clippy::too_many_lines)]
     #[test]
     fn every_validation_error_names_its_key() {
         let cases: &[(&str, &str)] = &[

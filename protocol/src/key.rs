@@ -13,7 +13,7 @@
 //! | key | holds |
 //! | --- | --- |
 //! | `{ns}:f:{route}:{gen}:{digest}` | the envelope |
-//! | `{ns}:p:{route}:{gen}:{digest}` | the pending lease (no data) |
+//! | `{ns}:p:{route}:{gen}:{digest}` | the pending lease: the id of the one request allowed to build |
 //! | `{ns}:g:{route}` | the route's generation |
 
 use std::fmt;

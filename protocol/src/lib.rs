@@ -19,12 +19,14 @@
 //! - [`store`]: the `Store` trait (memcached semantics) and its in-memory twin.
 //! - [`bus`]: the `Bus` trait (AMQP semantics) and its in-process twin.
 //! - [`backends`]: the store and bus a process works with; the in-process pair.
+//! - [`error`]: [`Cause`](error::Cause), the source kept under store and upstream errors.
 //! - [`time`]: wall-clock milliseconds shared by envelopes and messages.
 
 pub mod backends;
 pub mod bus;
 pub mod config;
 pub mod envelope;
+pub mod error;
 pub mod key;
 pub mod lease;
 pub mod message;
@@ -33,9 +35,10 @@ pub mod time;
 
 pub use backends::Backends;
 pub use bus::{Bus, BusError, Consumer, DeadLetter, Delivery, Notice, QueueStats, Subscription};
-pub use config::{Config, ConfigError, FragmentRoute};
+pub use config::{Backend, Config, ConfigError, FragmentRoute};
 pub use envelope::{Envelope, Status};
+pub use error::Cause;
 pub use key::{FragmentKeys, Identity, Keyspace, StoreKey};
-pub use lease::Lease;
+pub use lease::{Claim, Lease};
 pub use message::{BuildRequest, Event};
 pub use store::{Store, StoreError};

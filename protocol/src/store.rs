@@ -21,6 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::error::Cause;
 use crate::key::StoreKey;
 use crate::time::{ceil_secs, now_ms};
 
@@ -29,7 +30,7 @@ use crate::time::{ceil_secs, now_ms};
 pub enum StoreError {
     /// The store did not answer in time or the connection failed. Retrying later helps.
     #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Cause),
     /// The value is bigger than the store accepts. Permanent for this value.
     #[error("value of {size} bytes exceeds the store's item limit of {max} bytes")]
     TooLarge {

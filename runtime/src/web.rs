@@ -1,13 +1,12 @@
 //! The HTTP pieces the gateway and `tessera-worker` share: the accept loop, the response
 //! body type, problem responses, and the admin surface both expose (token check,
-//! readiness, backend metrics).
+//! readiness, `/metrics` and the backends' reconnect counters).
 //!
 //! The accept loop serves HTTP/1.1 and h2c on one port, bounded, with a header-read
 //! timeout and graceful shutdown under a deadline.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::fmt::Write;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -26,6 +25,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -122,27 +124,57 @@ where
         let Some((stream, peer, slot)) = accepted else {
             continue;
         };
-        let drain = drain.clone();
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let service = service_fn(move |req| {
-                let answer = handler(req, peer);
-                async move { Ok::<_, Infallible>(answer.await) }
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            builder.http2().timer(TokioTimer::new());
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = drain.watch(connection.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        tokio::spawn(connection(
+            stream,
+            peer,
+            slot,
+            drain.clone(),
+            handler.clone(),
+        ));
     }
     drop(listener);
+    close_all(&drain, &slots).await;
+}
+
+/// Serves one accepted connection until it closes, holding its `slot` meanwhile.
+async fn connection<H, F>(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    drain: Arc<Drain>,
+    handler: H,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let _slot = slot;
+    let service = service_fn(move |req| {
+        let answer = handler(req, peer);
+        async move { Ok::<_, Infallible>(answer.await) }
+    });
+    // `serve_connection*` borrows the builder, so each connection builds its own.
+    let builder = connection_builder();
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    if let Err(e) = drain.watch(connection.into_owned()).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// HTTP/1.1 and h2c, with timers (without one hyper silently skips the header-read
+/// timeout).
+fn connection_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// Asks every open connection to close after its request, and waits (at most
+/// [`DRAIN_DEADLINE`]) until all did.
+async fn close_all(drain: &Drain, slots: &Semaphore) {
     drain.start();
     // Every open connection holds a slot: all are back once every connection closed.
     let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
@@ -389,40 +421,53 @@ pub fn alive() -> Response<Body> {
     text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n")
 }
 
-/// `/metrics`: `registry`, then `extra` (already in text format), then the backends'
-/// reconnect counters.
-pub fn metrics(registry: &Registry, extra: &str, backends: &Backends) -> Response<Body> {
+/// `/metrics`: everything `registry` holds, collectors included, in the OpenMetrics text
+/// format.
+pub fn metrics(registry: &Registry) -> Response<Body> {
     let mut out = String::new();
-    if prometheus_client::encoding::text::encode_registry(&mut out, registry).is_err() {
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        // Writing to a `String` cannot fail; only a collector could report an error.
+        tracing::warn!(error = %e, "metrics did not encode");
         out.clear();
+        out.push_str("# EOF\n");
     }
-    out.push_str(extra);
-    out.push_str(&backend_metrics(backends));
-    out.push_str("# EOF\n");
     text(StatusCode::OK, METRICS_CONTENT_TYPE, out)
 }
 
-/// Reconnect counters of the backends, in Prometheus text format.
-fn backend_metrics(backends: &Backends) -> String {
-    let mut out = String::new();
-    for (name, help, value) in [
-        (
-            "tessera_store_reconnects",
-            "Store connection resets after connection failures",
-            backends.store.reconnects(),
-        ),
-        (
-            "tessera_bus_reconnects",
-            "Broker connections re-established after a lost one",
-            backends.bus.reconnects(),
-        ),
-    ] {
-        let _ = write!(
-            out,
-            "# HELP {name} {help}.\n# TYPE {name} counter\n{name}_total {value}\n"
-        );
+/// The backends' reconnect counters, read at each scrape: `{prefix}_store_reconnects` and
+/// `{prefix}_bus_reconnects`. Register it in a registry prefixed `tessera`.
+#[derive(Debug, Clone)]
+pub struct BackendMetrics {
+    backends: Backends,
+}
+
+impl BackendMetrics {
+    /// Reads the counters of `backends`.
+    pub fn new(backends: Backends) -> Self {
+        Self { backends }
     }
-    out
+}
+
+impl Collector for BackendMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, value) in [
+            (
+                "store_reconnects",
+                "Store connection resets after connection failures.",
+                self.backends.store.reconnects(),
+            ),
+            (
+                "bus_reconnects",
+                "Broker connections re-established after a lost one.",
+                self.backends.bus.reconnects(),
+            ),
+        ] {
+            let counter = ConstCounter::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -504,6 +549,29 @@ mod tests {
             0,
             "the idle connection is closed"
         );
+    }
+
+    #[test]
+    fn backend_reconnects_are_read_at_scrape() {
+        let backends = Backends::memory(&tessera_protocol::Config::default());
+        let mut registry = Registry::with_prefix("tessera");
+        registry.register_collector(Box::new(BackendMetrics::new(backends)));
+        let response = metrics(&registry);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            METRICS_CONTENT_TYPE
+        );
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "# HELP tessera_store_reconnects Store connection resets after connection failures.\n",
+            "# TYPE tessera_store_reconnects counter\ntessera_store_reconnects_total 0\n",
+            "# HELP tessera_bus_reconnects Broker connections re-established after a lost one.\n",
+            "# TYPE tessera_bus_reconnects counter\ntessera_bus_reconnects_total 0\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 
     #[test]

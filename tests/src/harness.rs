@@ -71,7 +71,7 @@ pub fn unique_namespace() -> String {
 pub fn config(upstream_url: &str, routes: Vec<FragmentRoute>) -> Config {
     let mut c = Config::default();
     c.gateway.listen = "127.0.0.1:0".into();
-    c.upstream.url = upstream_url.to_string();
+    c.upstream.url = upstream_url.parse().expect("test upstream URL is valid");
     c.upstream.timeout = Duration::from_secs(5);
     c.fragments = routes;
     c.workers.embedded = 4;
@@ -96,8 +96,14 @@ pub async fn backends(kind: Backend, config: &mut Config) -> Backends {
         Backend::Real => {
             require_servers();
             let ns = unique_namespace();
-            config.store.memcached = vec![memcached_addr()];
-            config.bus.amqp = Some(amqp_url());
+            config.backend = tessera_protocol::Backend::Distributed {
+                servers: vec![
+                    memcached_addr()
+                        .parse()
+                        .expect("memcached address is valid"),
+                ],
+                amqp: amqp_url().parse().expect("AMQP URL is valid"),
+            };
             config.bus.queue_expiry = Some(QUEUE_EXPIRY);
             for route in &mut config.fragments {
                 route.queue = format!("{ns}.{}", route.queue);

@@ -100,6 +100,8 @@ async fn health_and_readiness() {
     assert_eq!(body, serde_json::json!({"store": "ok", "bus": "ok"}));
 }
 
+// One scenario checking every family in turn: long by nature.
+#[allow(clippy::too_many_lines)]
 #[tokio::test]
 async fn metrics_move_with_traffic() {
     let up = FakeUpstream::start().await;

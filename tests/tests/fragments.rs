@@ -440,7 +440,7 @@ pub async fn an_abandoned_lease_expires(kind: Backend) {
     };
     let keys = b.keys.fragment(&identity, generation);
     let lease = tessera_protocol::Lease::new(b.store.as_ref(), &keys, &r);
-    assert!(lease.acquire().await.unwrap().is_some());
+    assert!(lease.acquire("a-dead-build").await.unwrap().is_some());
     let gw = TestGateway::start(c, b).await;
     let url = gw.at("/fragments/orphan");
     assert_eq!(get(&url).await.status(), StatusCode::ACCEPTED);
@@ -455,6 +455,45 @@ pub async fn an_abandoned_lease_expires(kind: Backend) {
     .await;
     assert_eq!(up.renders("/_render/orphan"), 1);
     gw.stop().await;
+}
+
+/// The queue backs up past a request's lease: the next poll queues a second request for
+/// the same fragment, and when workers reach both, only one renders.
+pub async fn a_backed_up_queue_still_builds_once(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    let mut r = route("backlog");
+    r.build_timeout = Duration::from_secs(1);
+    let lease_ttl = r.lease_ttl();
+    let mut c = config(&up.url(), vec![r]);
+    let b = backends(kind, &mut c).await;
+    let workers = c.workers.embedded;
+    c.workers.embedded = 0;
+    let first = TestGateway::start(c.clone(), b.clone()).await;
+    let path = "/fragments/backlog";
+    assert_eq!(get(&first.at(path)).await.status(), StatusCode::ACCEPTED);
+    // No worker runs: the request waits in its queue while its lease runs out…
+    tokio::time::sleep(lease_ttl + Duration::from_millis(500)).await;
+    // …so the next poll (at another gateway, whose L1 has not seen the first) queues a
+    // second request for the same fragment.
+    let second = TestGateway::start(c.clone(), b.clone()).await;
+    assert_eq!(get(&second.at(path)).await.status(), StatusCode::ACCEPTED);
+    // Workers catch up with both requests.
+    c.workers.embedded = workers;
+    let workers = TestGateway::start(c, b).await;
+    eventually("the fragment is built", WITHIN, || async {
+        get(&workers.at(path)).await.status() == StatusCode::OK
+    })
+    .await;
+    // Give the other request time to be taken and settled before counting.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        up.renders("/_render/backlog"),
+        1,
+        "one render for two requests"
+    );
+    for gw in [first, second, workers] {
+        gw.stop().await;
+    }
 }
 
 pub async fn a_build_killed_midway_is_redone(kind: Backend) {
@@ -574,6 +613,7 @@ macro_rules! all_scenarios {
             params_are_allow_listed,
             vary_cookies_never_cross,
             an_abandoned_lease_expires,
+            a_backed_up_queue_still_builds_once,
             a_build_killed_midway_is_redone,
             graceful_stop_answers_waiting_clients,
             other_programs_can_warm_the_cache,

@@ -119,7 +119,7 @@ async fn run(
     std::fs::write(&path, config)?;
     let bus = AmqpBus::with_queue_expiry(AMQP, &ns, Some(EXPIRY));
     let store: Arc<dyn Store> = Arc::new(MemcachedStore::new(
-        &[MEMCACHED.into()],
+        &[MEMCACHED.parse()?],
         Duration::from_secs(1),
         1 << 20,
     )?);

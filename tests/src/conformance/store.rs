@@ -16,6 +16,7 @@ use std::time::Duration;
 use tessera_backends::memcached::MemcachedStore;
 use tessera_protocol::Config;
 use tessera_protocol::backends::item_limit;
+use tessera_protocol::config::MemcachedServer;
 use tessera_protocol::key::{Keyspace, StoreKey};
 use tessera_protocol::store::{MemoryStore, Store, StoreError};
 
@@ -65,7 +66,12 @@ pub fn memcached_store() -> StoreUnderTest {
     require("memcached", &addr);
     StoreUnderTest {
         store: Arc::new(
-            MemcachedStore::new(&[addr], TEST_TIMEOUT, TEST_ITEM_LIMIT).expect("a valid address"),
+            MemcachedStore::new(
+                &[addr.parse().expect("a valid address")],
+                TEST_TIMEOUT,
+                TEST_ITEM_LIMIT,
+            )
+            .expect("a valid address"),
         ),
         max_item_size: TEST_ITEM_LIMIT,
         keys: Keyspace::new(&unique_namespace()),
@@ -361,7 +367,10 @@ pub mod memcached_only {
     use super::*;
 
     fn store_on(servers: &[u16], limit: usize, timeout: Duration) -> Arc<dyn Store> {
-        let servers: Vec<String> = servers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let servers: Vec<MemcachedServer> = servers
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}").parse().expect("a valid address"))
+            .collect();
         Arc::new(MemcachedStore::new(&servers, timeout, limit).expect("valid addresses"))
     }
 
