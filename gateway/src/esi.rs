@@ -398,6 +398,7 @@ mod tests {
             "<esi:include src=\"/f\" a.b=\"1\"/>", // not an attribute name
             "<esi:include src=\"/f\" =\"1\"/>",    // no name
             "<esi:include src=/f <b>x</b>",        // a tag inside the tag
+            "<esi:include src=/f<br/>",            // a tag inside a value
             "<esi:include>",
             "<esi:include/>",
             "<esi:include src=\"/f\"></esi:includes>",
