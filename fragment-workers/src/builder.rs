@@ -47,11 +47,15 @@ pub enum BuildError {
     #[error("cannot build the render request: {0}")]
     Request(#[source] Cause),
     /// The fragment is bigger than the store takes.
-    #[error("fragment of {size} bytes or more exceeds store.max_item_size ({max} bytes)")]
+    #[error(
+        "fragment too large: it takes {size} bytes or more in the store (body, key and \
+         envelope), over store.max_item_size ({max} bytes)"
+    )]
     TooLarge {
-        /// Bytes seen (at least).
+        /// Bytes the stored item takes, at least: the body, or the body with its key and
+        /// envelope.
         size: usize,
-        /// The limit.
+        /// `store.max_item_size`.
         max: usize,
     },
     /// The builder panicked.

@@ -51,14 +51,17 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(2);
     }
     if let Some(addr) = args.admin_listen {
-        config.workers.admin_listen = addr;
+        // The flag replaces the file's address, so it must pass the file's rules too.
+        match admin_listener("workers", &addr, &config.workers.admin_token) {
+            Ok(addr) => config.workers.admin_listen = addr,
+            Err(e) => {
+                eprintln!("tessera-worker: {e}");
+                std::process::exit(2);
+            }
+        }
     }
     let w = &config.workers;
-    if let Err(e) = admin_listener("workers", &w.admin_listen, &w.admin_token) {
-        eprintln!("tessera-worker: {e}");
-        std::process::exit(2);
-    }
-    let admin = TcpListener::bind(&w.admin_listen)
+    let admin = TcpListener::bind(w.admin_listen)
         .await
         .with_context(|| format!("binding workers.admin_listen = {}", w.admin_listen))?;
     tracing::info!(admin = %admin.local_addr()?, "worker admin listening");

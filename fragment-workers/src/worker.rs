@@ -355,11 +355,9 @@ impl Worker {
         );
         let bytes = envelope.encode();
         let max = tessera_protocol::backends::item_limit(&self.config);
-        if bytes.len() + keys.envelope.as_str().len() + ITEM_OVERHEAD > max {
-            return Err(BuildError::TooLarge {
-                size: envelope.body.len(),
-                max,
-            });
+        let size = bytes.len() + keys.envelope.as_str().len() + ITEM_OVERHEAD;
+        if size > max {
+            return Err(BuildError::TooLarge { size, max });
         }
         let store = &self.backends.store;
         store

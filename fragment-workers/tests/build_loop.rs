@@ -18,7 +18,8 @@ use tessera_protocol::{
 use tessera_workers::{BuildError, FragmentBuilder, Rendered, WorkerMetrics};
 use tokio_util::sync::CancellationToken;
 
-/// Scripted by the `id` param: `panics`, `teapot` (418), `down` (503); renders the rest.
+/// Scripted by the `id` param: `panics`, `teapot` (418), `down` (503), `huge` (a body
+/// just under `store.max_item_size`, too big with its key and envelope); renders the rest.
 #[derive(Debug, Default)]
 struct Scripted {
     calls: AtomicUsize,
@@ -34,6 +35,10 @@ impl FragmentBuilder for Scripted {
             "down" => Err(BuildError::UpstreamServer(
                 http::StatusCode::SERVICE_UNAVAILABLE,
             )),
+            "huge" => Ok(Rendered {
+                body: Bytes::from(vec![b'x'; HUGE]),
+                content_type: "text/html".into(),
+            }),
             id => Ok(Rendered {
                 body: Bytes::from(format!("<p>{id}</p>")),
                 content_type: "text/html".into(),
@@ -41,6 +46,9 @@ impl FragmentBuilder for Scripted {
         }
     }
 }
+
+/// A body 100 bytes under the default `store.max_item_size`.
+const HUGE: usize = 1023 * 1024 - 100;
 
 struct Setup {
     backends: Backends,
@@ -332,4 +340,28 @@ async fn the_admin_listener_reports_outcomes_and_health() {
     assert_eq!(get(addr, "/nope", Some("t0ken")).await.0, 404);
     s.stop.cancel();
     s.worker.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_fragment_too_large_to_store_fails_saying_what_it_takes() {
+    let s = setup().await;
+    let generation = current_generation(&s).await;
+    let keys = request(&s, "huge", generation).await;
+    let e = envelope(&s, &keys).await;
+    assert_eq!(e.status, Status::Failed);
+    let error = e.error.unwrap();
+    let max = 1023 * 1024;
+    assert!(
+        error.starts_with("fragment too large")
+            && error.contains(&format!("store.max_item_size ({max} bytes)")),
+        "{error}"
+    );
+    // The size it names is what the item would take, over the limit, not the body
+    // alone (under it), so the message never reads "N exceeds M" with N < M.
+    let size: usize = error
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap();
+    assert!(size > max && size > HUGE, "{error}");
+    assert_eq!(s.builder.calls.load(Ordering::SeqCst), 1, "not retried");
 }

@@ -101,6 +101,9 @@ const LOG_SLACK: Duration = Duration::from_secs(30);
 const LOG_CAPACITY: u64 = 100_000;
 /// Most route generations cached.
 const GENERATION_CAPACITY: u64 = 10_000;
+/// How long a generation read from the store is kept as a fallback for a store that
+/// cannot answer (it is read again after `cache.ttl` while the store answers).
+const GENERATION_KEPT: Duration = Duration::from_secs(24 * 3600);
 
 struct SlotExpiry {
     ttl: Duration,
@@ -109,11 +112,30 @@ struct SlotExpiry {
 impl moka::Expiry<StoreKey, Arc<Slot>> for SlotExpiry {
     fn expire_after_create(&self, _: &StoreKey, slot: &Arc<Slot>, _: Instant) -> Option<Duration> {
         let ttl = match &slot.state {
-            // Never keep an envelope past the moment the store would drop it.
-            SlotState::Found(e) => self.ttl.min(e.store_ttl(now_ms())),
+            // Read for `cache.ttl`, then kept as a fallback for a store that cannot answer,
+            // but never past the moment the store would drop it.
+            SlotState::Found(e) => e.store_ttl(now_ms()),
             SlotState::Pending => self.ttl,
         };
         Some(ttl)
+    }
+}
+
+/// What [`L1::slot`] found.
+#[derive(Debug)]
+pub struct SlotRead {
+    /// The slot.
+    pub slot: Arc<Slot>,
+    /// The store could not be reached: this is the copy L1 last read, past `cache.ttl`.
+    pub fallback: bool,
+}
+
+impl SlotRead {
+    fn current(slot: Arc<Slot>) -> Self {
+        Self {
+            slot,
+            fallback: false,
+        }
     }
 }
 
@@ -161,7 +183,7 @@ impl L1 {
             slots,
             generations: moka::future::Cache::builder()
                 .max_capacity(GENERATION_CAPACITY)
-                .time_to_live(ttl)
+                .time_to_live(ttl.max(GENERATION_KEPT))
                 .build(),
             log: moka::sync::Cache::builder()
                 .max_capacity(LOG_CAPACITY)
@@ -191,22 +213,28 @@ impl L1 {
     }
 
     /// The generation of `route`, from L1 or from `load`, and when it was read from the
-    /// store.
+    /// store. Past `cache.ttl` it is read again; when the store cannot answer then, the
+    /// generation L1 last read serves on (a route purge would have invalidated it).
     pub async fn generation<L, F>(&self, route: &str, load: L) -> Result<(u64, Instant), CacheError>
     where
         L: FnOnce() -> F,
         F: Future<Output = Result<u64, CacheError>>,
     {
         let log_key = route_log_key(route);
-        if let Some(g) = self.generations.get(route).await {
-            if self.still_valid(&log_key, g.loaded_at) {
-                return Ok((g.value, g.loaded_at));
-            }
-            self.generations.invalidate(route).await;
-        }
         let started = Instant::now();
+        let mut kept = None;
+        if let Some(g) = self.generations.get(route).await {
+            if !self.still_valid(&log_key, g.loaded_at) {
+                self.generations.invalidate(route).await;
+            } else if started.saturating_duration_since(g.loaded_at) < self.ttl {
+                return Ok((g.value, g.loaded_at));
+            } else {
+                self.generations.invalidate(route).await;
+                kept = Some(g);
+            }
+        }
         // Boxed, like the miss path of `slot`: it keeps the hit path's future small.
-        let g = Box::pin(
+        let loaded = Box::pin(
             self.generations
                 .try_get_with(route.to_string(), async move {
                     load().await.map(|value| Generation {
@@ -216,8 +244,21 @@ impl L1 {
                 }),
         )
         .await
-        .map_err(unshare)?;
-        Ok((g.value, g.loaded_at))
+        .map_err(unshare);
+        match (loaded, kept) {
+            (Ok(g), _) => {
+                if !self.still_valid(&log_key, g.loaded_at) {
+                    // The load straddled a purge: answer it, keep nothing.
+                    self.generations.invalidate(route).await;
+                }
+                Ok((g.value, g.loaded_at))
+            }
+            (Err(CacheError::Store(_)), Some(g)) if self.still_valid(&log_key, g.loaded_at) => {
+                self.generations.insert(route.to_string(), g).await;
+                Ok((g.value, g.loaded_at))
+            }
+            (Err(e), _) => Err(e),
+        }
     }
 
     /// Whether nothing was invalidated since `at` (events, purges, lost events), and
@@ -235,36 +276,95 @@ impl L1 {
 
     /// The slot of `key`, from L1 or from `load` (coalesced across concurrent callers).
     ///
+    /// An entry past `cache.ttl` is loaded again; when the store cannot answer then, the
+    /// entry serves on as a [`SlotRead::fallback`] while its envelope is servable (within
+    /// the route's `stale` window). Invalidated entries (events, purges) are never used.
+    ///
     /// `load` builds the loading future only on a miss, and the miss path is boxed: a hit
     /// then creates and moves a small future, which is most of what a hit costs.
-    pub async fn slot<L, F>(&self, key: &StoreKey, load: L) -> Result<Arc<Slot>, CacheError>
+    pub async fn slot<L, F>(&self, key: &StoreKey, load: L) -> Result<SlotRead, CacheError>
     where
         L: FnOnce() -> F,
         F: Future<Output = Result<SlotState, CacheError>>,
     {
         let started = Instant::now();
         let Some(slots) = &self.slots else {
-            return Ok(Arc::new(Slot::new(Box::pin(load()).await?, started)));
+            let slot = Arc::new(Slot::new(Box::pin(load()).await?, started));
+            return Ok(SlotRead::current(slot));
         };
+        let mut kept = None;
         if let Some(slot) = slots.get(key).await {
-            if self.still_valid(key.as_str(), slot.loaded_at) {
-                return Ok(slot);
+            if !self.still_valid(key.as_str(), slot.loaded_at) {
+                slots.invalidate(key).await;
+            } else if started.saturating_duration_since(slot.loaded_at) < self.ttl {
+                return Ok(SlotRead::current(slot));
+            } else {
+                slots.invalidate(key).await;
+                kept = Some(slot);
             }
-            slots.invalidate(key).await;
         }
-        Box::pin(slots.try_get_with(key.clone(), async move {
-            load()
-                .await
-                .map(|state| Arc::new(Slot::new(state, started)))
-        }))
-        .await
-        .map_err(unshare)
+        Box::pin(self.reload(slots, key, load, started, kept)).await
     }
 
-    /// The cached slot of `key`, if there is a valid one; never loads.
+    /// The miss path of [`Self::slot`]: loads, and falls back to `kept` when the store
+    /// cannot answer.
+    async fn reload<L, F>(
+        &self,
+        slots: &moka::future::Cache<StoreKey, Arc<Slot>>,
+        key: &StoreKey,
+        load: L,
+        started: Instant,
+        kept: Option<Arc<Slot>>,
+    ) -> Result<SlotRead, CacheError>
+    where
+        L: FnOnce() -> F,
+        F: Future<Output = Result<SlotState, CacheError>>,
+    {
+        let loaded = slots
+            .try_get_with(key.clone(), async move {
+                load()
+                    .await
+                    .map(|state| Arc::new(Slot::new(state, started)))
+            })
+            .await
+            .map_err(unshare);
+        match (loaded, kept) {
+            (Ok(slot), _) => {
+                if !self.still_valid(key.as_str(), slot.loaded_at) {
+                    // The load straddled an invalidation: answer it, keep nothing.
+                    slots.invalidate(key).await;
+                }
+                Ok(SlotRead::current(slot))
+            }
+            (Err(CacheError::Store(_)), Some(slot)) if self.usable_fallback(key, &slot) => {
+                slots.insert(key.clone(), slot.clone()).await;
+                Ok(SlotRead {
+                    slot,
+                    fallback: true,
+                })
+            }
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// Whether `slot`, past `cache.ttl`, may still be served while the store is down.
+    fn usable_fallback(&self, key: &StoreKey, slot: &Slot) -> bool {
+        self.still_valid(key.as_str(), slot.loaded_at)
+            && matches!(&slot.state, SlotState::Found(e) if e.servable(now_ms()))
+    }
+
+    /// The slot of `key` loaded past `cache.ttl` ago, still valid and servable: what to
+    /// serve when the store cannot be asked. Never loads.
+    pub async fn kept(&self, key: &StoreKey) -> Option<Arc<Slot>> {
+        let slot = self.slots.as_ref()?.get(key).await?;
+        self.usable_fallback(key, &slot).then_some(slot)
+    }
+
+    /// The cached slot of `key`, if there is a valid one within `cache.ttl`; never
+    /// loads.
     pub async fn peek(&self, key: &StoreKey) -> Option<Arc<Slot>> {
         let slot = self.slots.as_ref()?.get(key).await?;
-        self.still_valid(key.as_str(), slot.loaded_at)
+        (self.still_valid(key.as_str(), slot.loaded_at) && slot.loaded_at.elapsed() < self.ttl)
             .then_some(slot)
     }
 
@@ -482,5 +582,83 @@ mod tests {
         let slot = Slot::new(SlotState::Pending, Instant::now());
         assert!(slot.claim_rebuild());
         assert!(!slot.claim_rebuild());
+    }
+
+    fn found(stale: Duration) -> SlotState {
+        SlotState::Found(Envelope::ready(
+            bytes::Bytes::from_static(b"<p>x</p>"),
+            "text/html".into(),
+            Duration::ZERO,
+            stale,
+            1,
+            1,
+        ))
+    }
+
+    fn store_down() -> CacheError {
+        CacheError::Store(tessera_protocol::StoreError::Unavailable("down".into()))
+    }
+
+    const TTL: Duration = Duration::from_millis(50);
+
+    #[tokio::test]
+    async fn past_the_ttl_a_dead_store_gets_the_copy_l1_kept() {
+        let l1 = L1::new(1 << 20, TTL);
+        let first = l1
+            .slot(&key(1), || async { Ok(found(Duration::from_secs(60))) })
+            .await;
+        assert!(!first.unwrap().fallback);
+        std::thread::sleep(TTL * 2);
+        let read = l1.slot(&key(1), || async { Err(store_down()) }).await;
+        let read = read.expect("served from L1");
+        assert!(read.fallback);
+        assert!(matches!(read.slot.state, SlotState::Found(_)));
+        assert!(l1.kept(&key(1)).await.is_some());
+        assert!(
+            l1.peek(&key(1)).await.is_none(),
+            "past the ttl: not current"
+        );
+        // The store answers again: it is read, not the copy.
+        let read = l1.slot(&key(1), || async { Ok(SlotState::Pending) }).await;
+        assert!(!read.unwrap().fallback);
+    }
+
+    #[tokio::test]
+    async fn no_copy_of_an_invalidated_or_unservable_entry() {
+        let l1 = L1::new(1 << 20, TTL);
+        l1.slot(&key(1), || async { Ok(found(Duration::from_secs(60))) })
+            .await
+            .unwrap();
+        // Past its stale window: nothing to serve.
+        l1.slot(&key(2), || async { Ok(found(Duration::ZERO)) })
+            .await
+            .unwrap();
+        l1.slot(&key(3), || async { Ok(SlotState::Pending) })
+            .await
+            .unwrap();
+        l1.invalidate_key(&key(1)).await;
+        std::thread::sleep(TTL * 2);
+        for n in 1..=3 {
+            let read = l1.slot(&key(n), || async { Err(store_down()) }).await;
+            assert!(read.is_err(), "key {n}");
+            assert!(l1.kept(&key(n)).await.is_none(), "key {n}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_generation_outlives_a_dead_store_but_not_a_purge() {
+        let l1 = L1::new(1 << 20, TTL);
+        assert_eq!(l1.generation("r", || async { Ok(4) }).await.unwrap().0, 4);
+        std::thread::sleep(TTL * 2);
+        let kept = l1.generation("r", || async { Err(store_down()) }).await;
+        assert_eq!(kept.unwrap().0, 4);
+        assert_eq!(l1.generation("r", || async { Ok(5) }).await.unwrap().0, 5);
+        l1.invalidate_route("r").await;
+        std::thread::sleep(TTL * 2);
+        assert!(
+            l1.generation("r", || async { Err(store_down()) })
+                .await
+                .is_err()
+        );
     }
 }

@@ -136,7 +136,10 @@ impl Gateway {
                     return Ok(respond(route, req, found));
                 }
                 (found, _, _) => {
-                    if let Found::Serve { slot, stale: false } = &found {
+                    if let Found::Serve {
+                        slot, stale: false, ..
+                    } = &found
+                    {
                         self.remember(req, &target, slot, checked_at);
                     }
                     return Ok(respond(route, req, found));
@@ -211,8 +214,12 @@ fn respond(
         Found::Failed { .. } => CacheStatus::error,
     };
     let response = match found {
-        Found::Serve { slot, stale } => match &slot.state {
-            SlotState::Found(envelope) => serve(route, req, &slot, envelope, stale),
+        Found::Serve {
+            slot,
+            stale,
+            fallback,
+        } => match &slot.state {
+            SlotState::Found(envelope) => serve(route, req, &slot, envelope, stale, fallback),
             SlotState::Pending => pending(route, req.headers()),
         },
         Found::Pending => pending(route, req.headers()),
@@ -229,11 +236,14 @@ fn serve(
     slot: &Slot,
     envelope: &Envelope,
     stale: bool,
+    fallback: bool,
 ) -> Response<Body> {
     let now = now_ms();
     let status = if stale {
         let age = ceil_secs(remaining(envelope.fresh_until, now));
-        let detail = if envelope.error.is_some() {
+        // The last build failed, or the store cannot be reached: either way an error is
+        // why this copy is served.
+        let detail = if envelope.error.is_some() || fallback {
             "; detail=stale-if-error"
         } else {
             ""

@@ -75,7 +75,7 @@ pub enum StartError {
         /// The config key.
         what: &'static str,
         /// The address.
-        addr: String,
+        addr: SocketAddr,
         /// Why.
         source: std::io::Error,
     },
@@ -107,11 +107,11 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
-    let admin = TcpListener::bind(&config.gateway.admin_listen)
+    let admin = TcpListener::bind(config.gateway.admin_listen)
         .await
         .map_err(|source| StartError::Bind {
             what: "gateway.admin_listen",
-            addr: config.gateway.admin_listen.clone(),
+            addr: config.gateway.admin_listen,
             source,
         })?;
     let backends = tessera_backends::connect(&config).await?;

@@ -122,7 +122,7 @@ async fn run(mut config: Config, demo: bool) -> anyhow::Result<()> {
         tessera_gateway::demo::configure(&mut config, upstream);
     }
 
-    let listener = TcpListener::bind(&config.gateway.listen)
+    let listener = TcpListener::bind(config.gateway.listen)
         .await
         .with_context(|| format!("binding gateway.listen = {}", config.gateway.listen))?;
     if demo {

@@ -59,8 +59,10 @@ pub enum Found {
     Serve {
         /// The slot holding the envelope.
         slot: Arc<Slot>,
-        /// Past its fresh time.
+        /// Past its fresh time, or served because the store could not answer.
         stale: bool,
+        /// The store could not answer: this is L1's last copy (stale-if-error).
+        fallback: bool,
     },
     /// A build is queued or running.
     Pending,
@@ -126,7 +128,7 @@ impl CacheService {
     /// Looks a fragment up (L1, then the store), requesting a build when it is missing,
     /// stale or failed long enough ago.
     pub async fn lookup(self: &Arc<Self>, t: &Target<'_>) -> Result<Found, CacheError> {
-        let slot = self
+        let read = self
             .l1
             .slot(&t.keys.envelope, || async {
                 if let Some(bytes) = self.backends.store.get(&t.keys.envelope).await?
@@ -137,7 +139,15 @@ impl CacheService {
                 Ok(self.request_build(t).await?.into_state())
             })
             .await?;
-        Ok(self.judge(t, slot))
+        if read.fallback {
+            tracing::debug!(key = %t.keys.envelope, "store unavailable; serving L1's last copy");
+            return Ok(Found::Serve {
+                slot: read.slot,
+                stale: true,
+                fallback: true,
+            });
+        }
+        Ok(self.judge(t, read.slot))
     }
 
     /// Looks every target up at once: L1, then one multi-get for the rest, then one
@@ -159,21 +169,37 @@ impl CacheService {
                 None => missing.push(t),
             }
         }
+        let mut kept: HashMap<StoreKey, Arc<Slot>> = HashMap::new();
         if !missing.is_empty() {
             match self.load_many(&missing).await {
                 Ok(loaded) => slots.extend(loaded),
                 Err(e) => {
-                    tracing::warn!(error = %e, "store unavailable while composing; includes left as placeholders");
+                    tracing::warn!(error = %e, "store unavailable while composing; serving what L1 kept, placeholders for the rest");
+                    for t in &missing {
+                        if let Some(slot) = self.l1.kept(&t.keys.envelope).await {
+                            kept.insert(t.keys.envelope.clone(), slot);
+                        }
+                    }
                 }
             }
         }
-        targets
-            .iter()
-            .filter_map(|t| {
-                let slot = slots.get(&t.keys.envelope)?.clone();
-                Some((t.keys.envelope.clone(), self.judge(t, slot)))
+        let mut found: HashMap<StoreKey, Found> = kept
+            .into_iter()
+            .map(|(key, slot)| {
+                let serve = Found::Serve {
+                    slot,
+                    stale: true,
+                    fallback: true,
+                };
+                (key, serve)
             })
-            .collect()
+            .collect();
+        for t in targets {
+            if let Some(slot) = slots.get(&t.keys.envelope) {
+                found.insert(t.keys.envelope.clone(), self.judge(t, slot.clone()));
+            }
+        }
+        found
     }
 
     /// Reads `missing` from the store in one multi-get, requests builds of what is not
@@ -242,11 +268,13 @@ impl CacheService {
             Freshness::Fresh => Found::Serve {
                 slot: slot.clone(),
                 stale: false,
+                fallback: false,
             },
             Freshness::Stale | Freshness::Failed | Freshness::FailedExpired if servable => {
                 Found::Serve {
                     slot: slot.clone(),
                     stale: true,
+                    fallback: false,
                 }
             }
             Freshness::Failed => Found::Failed {

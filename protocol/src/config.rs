@@ -105,27 +105,25 @@ pub struct Config {
 }
 
 /// `[gateway]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct GatewayConfig {
     /// Public listener. Default `127.0.0.1:8080`.
-    pub listen: String,
+    pub listen: SocketAddr,
     /// Admin listener (metrics, health, dashboard, purge). Default `127.0.0.1:9090`.
-    pub admin_listen: String,
+    pub admin_listen: SocketAddr,
     /// Bearer token for the admin listener; required when it is not on loopback.
     pub admin_token: String,
     /// Path prefix of fragment endpoints. Default `/fragments/`.
     pub fragment_prefix: String,
     /// Cap on `Prefer: wait=N`. Default 30 s.
-    #[serde(deserialize_with = "duration")]
     pub max_wait: Duration,
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
-            listen: "127.0.0.1:8080".into(),
-            admin_listen: "127.0.0.1:9090".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             admin_token: String::new(),
             fragment_prefix: "/fragments/".into(),
             max_wait: Duration::from_secs(30),
@@ -249,7 +247,9 @@ pub struct StoreConfig {
     pub namespace: String,
     /// Deadline for one store call. Default 250 ms.
     pub timeout: Duration,
-    /// Largest stored item (memcached's `-I`). Bigger fragments fail their build. Default 1 MiB.
+    /// Largest value stored (an envelope: a fragment with its headers). Bigger fragments
+    /// fail their build. Keep it below memcached's `-I` by room for the item header and
+    /// key: the default 1023 KiB fits memcached's default `-I 1m`.
     pub max_item_size: ByteSize,
     /// Byte budget of the embedded memory store (unused with memcached). Default 256 MiB.
     pub memory_capacity: ByteSize,
@@ -260,7 +260,7 @@ impl Default for StoreConfig {
         Self {
             namespace: "tessera".into(),
             timeout: Duration::from_millis(250),
-            max_item_size: ByteSize::mib(1),
+            max_item_size: ByteSize::kib(1023),
             memory_capacity: ByteSize::mib(256),
         }
     }
@@ -451,8 +451,7 @@ impl Backend {
 }
 
 /// `[workers]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct WorkersConfig {
     /// Build tasks inside each gateway. Default 4; `0` with a broker leaves building to
     /// `tessera-worker` processes.
@@ -460,8 +459,8 @@ pub struct WorkersConfig {
     /// Concurrent builds per `tessera-worker` process (also its prefetch). Default 16.
     pub concurrency: usize,
     /// Where each `tessera-worker` serves its metrics and health (`--admin-listen`
-    /// overrides it per process). Default `127.0.0.1:9091`.
-    pub admin_listen: String,
+    /// overrides it per process, through [`admin_listener`]). Default `127.0.0.1:9091`.
+    pub admin_listen: SocketAddr,
     /// Bearer token for the worker admin listener; required when it is not on loopback.
     pub admin_token: String,
 }
@@ -471,7 +470,7 @@ impl Default for WorkersConfig {
         Self {
             embedded: 4,
             concurrency: 16,
-            admin_listen: "127.0.0.1:9091".into(),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
             admin_token: String::new(),
         }
     }
@@ -646,22 +645,48 @@ fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
 /// sees an unparsed value; [`ConfigFile::resolve`] turns it into a [`Config`].
 mod file {
     use super::{
-        ByteSize, CacheConfig, Deserialize, Duration, FragmentRoute, GatewayConfig, WorkersConfig,
-        duration, optional_duration,
+        ByteSize, CacheConfig, Deserialize, Duration, FragmentRoute, duration, optional_duration,
     };
 
     /// The whole file.
     #[derive(Debug, Default, Deserialize)]
     #[serde(deny_unknown_fields, default)]
     pub(super) struct ConfigFile {
-        pub gateway: GatewayConfig,
+        pub gateway: GatewayFile,
         pub upstream: UpstreamFile,
         pub cache: CacheConfig,
         pub store: StoreFile,
         pub bus: BusFile,
-        pub workers: WorkersConfig,
+        pub workers: WorkersFile,
         #[serde(rename = "fragment")]
         pub fragments: Vec<FragmentRoute>,
+    }
+
+    /// `[gateway]` as written; see [`super::GatewayConfig`].
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub(super) struct GatewayFile {
+        /// `host:port` text, parsed by [`GatewayFile::resolve`].
+        pub listen: String,
+        /// `host:port` text, parsed by [`GatewayFile::resolve`].
+        pub admin_listen: String,
+        pub admin_token: String,
+        pub fragment_prefix: String,
+        #[serde(deserialize_with = "duration")]
+        pub max_wait: Duration,
+    }
+
+    impl Default for GatewayFile {
+        fn default() -> Self {
+            let d = super::GatewayConfig::default();
+            Self {
+                listen: d.listen.to_string(),
+                admin_listen: d.admin_listen.to_string(),
+                admin_token: d.admin_token,
+                fragment_prefix: d.fragment_prefix,
+                max_wait: d.max_wait,
+            }
+        }
     }
 
     /// `[upstream]` as written; see [`super::UpstreamConfig`].
@@ -718,9 +743,32 @@ mod file {
         #[serde(default, deserialize_with = "optional_duration")]
         pub queue_expiry: Option<Duration>,
     }
+
+    /// `[workers]` as written; see [`super::WorkersConfig`].
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub(super) struct WorkersFile {
+        pub embedded: usize,
+        pub concurrency: usize,
+        /// `host:port` text, parsed by [`WorkersFile::resolve`].
+        pub admin_listen: String,
+        pub admin_token: String,
+    }
+
+    impl Default for WorkersFile {
+        fn default() -> Self {
+            let d = super::WorkersConfig::default();
+            Self {
+                embedded: d.embedded,
+                concurrency: d.concurrency,
+                admin_listen: d.admin_listen.to_string(),
+                admin_token: d.admin_token,
+            }
+        }
+    }
 }
 
-use file::ConfigFile;
+use file::{ConfigFile, GatewayFile, WorkersFile};
 
 impl ConfigFile {
     fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
@@ -753,7 +801,7 @@ impl ConfigFile {
     /// Parses what is still text and checks every rule, section by section in file order,
     /// so the first problem reported is the first one in the file's order.
     fn resolve(self) -> Result<Config, ConfigError> {
-        self.gateway.validate()?;
+        let gateway = self.gateway.resolve()?;
         let url = self
             .upstream
             .url
@@ -791,8 +839,9 @@ impl ConfigFile {
             })
             .transpose()?;
         let backend = Backend::resolve(servers, amqp)?;
+        let workers = self.workers.resolve(&backend)?;
         let config = Config {
-            gateway: self.gateway,
+            gateway,
             upstream,
             cache: self.cache,
             store,
@@ -800,12 +849,42 @@ impl ConfigFile {
                 queue_expiry: self.bus.queue_expiry,
             },
             backend,
-            workers: self.workers,
+            workers,
             fragments: self.fragments,
         };
-        config.workers.validate(&config.backend)?;
         config.validate_routes()?;
         Ok(config)
+    }
+}
+
+impl GatewayFile {
+    /// Parses both addresses, then checks the rest: the order the keys were always checked in.
+    fn resolve(self) -> Result<GatewayConfig, ConfigError> {
+        let gateway = GatewayConfig {
+            listen: parse_addr("gateway.listen", &self.listen)?,
+            admin_listen: parse_addr("gateway.admin_listen", &self.admin_listen)?,
+            admin_token: self.admin_token,
+            fragment_prefix: self.fragment_prefix,
+            max_wait: self.max_wait,
+        };
+        gateway.validate()?;
+        Ok(gateway)
+    }
+}
+
+impl WorkersFile {
+    /// Parses `admin_listen` after the build-capacity rules and before the rest, the order
+    /// the keys were always checked in, so the first problem reported stays the same.
+    fn resolve(self, backend: &Backend) -> Result<WorkersConfig, ConfigError> {
+        WorkersConfig::validate_capacity(backend, self.embedded, self.concurrency)?;
+        let workers = WorkersConfig {
+            embedded: self.embedded,
+            concurrency: self.concurrency,
+            admin_listen: parse_addr("workers.admin_listen", &self.admin_listen)?,
+            admin_token: self.admin_token,
+        };
+        workers.validate(backend)?;
+        Ok(workers)
     }
 }
 
@@ -904,8 +983,7 @@ impl Config {
 
 impl GatewayConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        parse_addr("gateway.listen", &self.listen)?;
-        admin_listener("gateway", &self.admin_listen, &self.admin_token)?;
+        admin_needs_token("gateway", self.admin_listen, &self.admin_token)?;
         let prefix = &self.fragment_prefix;
         if !(prefix.starts_with('/') && prefix.ends_with('/'))
             || prefix.len() < 2
@@ -962,21 +1040,32 @@ impl StoreConfig {
 impl WorkersConfig {
     /// `backend` decides whether anything but embedded workers can build.
     fn validate(&self, backend: &Backend) -> Result<(), ConfigError> {
-        if backend.amqp().is_none() && self.embedded == 0 {
+        Self::validate_capacity(backend, self.embedded, self.concurrency)?;
+        admin_needs_token("workers", self.admin_listen, &self.admin_token)?;
+        if self.embedded > u16::MAX as usize {
+            return Err(invalid("workers.embedded", "must be at most 65535"));
+        }
+        Ok(())
+    }
+
+    /// That something can build, and `concurrency` is in range: the rules checked before
+    /// `admin_listen`.
+    fn validate_capacity(
+        backend: &Backend,
+        embedded: usize,
+        concurrency: usize,
+    ) -> Result<(), ConfigError> {
+        if backend.amqp().is_none() && embedded == 0 {
             return Err(invalid(
                 "workers.embedded",
                 "must be at least 1 without bus.amqp: with the embedded bus nothing else can build fragments",
             ));
         }
-        if self.concurrency == 0 || self.concurrency > u16::MAX as usize {
+        if concurrency == 0 || concurrency > u16::MAX as usize {
             return Err(invalid(
                 "workers.concurrency",
                 "must be between 1 and 65535",
             ));
-        }
-        admin_listener("workers", &self.admin_listen, &self.admin_token)?;
-        if self.embedded > u16::MAX as usize {
-            return Err(invalid("workers.embedded", "must be at most 65535"));
         }
         Ok(())
     }
@@ -1115,9 +1204,17 @@ impl FragmentRoute {
     }
 }
 
-/// Checks `{section}.admin_listen`, and that an admin listener off loopback has a token.
+/// Parses `listen` as `{section}.admin_listen` and checks that an admin listener off
+/// loopback has a token: for an address given outside the file, such as
+/// `tessera-worker --admin-listen`, which must pass the same rule as the file's.
 pub fn admin_listener(section: &str, listen: &str, token: &str) -> Result<SocketAddr, ConfigError> {
     let admin = parse_addr(&format!("{section}.admin_listen"), listen)?;
+    admin_needs_token(section, admin, token)?;
+    Ok(admin)
+}
+
+/// An admin listener off loopback needs `{section}.admin_token`.
+fn admin_needs_token(section: &str, admin: SocketAddr, token: &str) -> Result<(), ConfigError> {
     if !admin.ip().is_loopback() && token.is_empty() {
         return Err(invalid(
             format!("{section}.admin_token"),
@@ -1132,7 +1229,7 @@ pub fn admin_listener(section: &str, listen: &str, token: &str) -> Result<Socket
             ),
         ));
     }
-    Ok(admin)
+    Ok(())
 }
 
 fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -1167,7 +1264,9 @@ mod tests {
     #[test]
     fn defaults_need_no_file() {
         let c = Config::from_sources("<defaults>", None, |_| None).unwrap();
-        assert_eq!(c.gateway.listen, "127.0.0.1:8080");
+        assert_eq!(c.gateway.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.gateway.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.workers.admin_listen.to_string(), "127.0.0.1:9091");
         assert!(c.is_embedded());
         assert_eq!(c.workers.embedded, 4);
         assert_eq!(c.cache.capacity, ByteSize::mib(64));
@@ -1194,7 +1293,7 @@ ttl = "2s"
 memcached = ["127.0.0.1:11211"]
 namespace = "tessera"
 timeout = "250ms"
-max_item_size = "1MiB"
+max_item_size = "1023KiB"
 [bus]
 amqp = "amqp://guest:guest@127.0.0.1:5672/%2f"
 [workers]
@@ -1226,7 +1325,7 @@ queue = "tessera.build"
                 VarySource::Header("accept-language".into())
             ]
         );
-        assert_eq!(c.store.max_item_size, ByteSize::mib(1));
+        assert_eq!(c.store.max_item_size, ByteSize::kib(1023));
         assert!(!c.is_embedded());
         assert_eq!(c.bus.queue_expiry, None, "queues never expire unless asked");
         let c = Config::from_toml("[bus]\nqueue_expiry = \"10m\"").unwrap();
@@ -1248,10 +1347,10 @@ queue = "tessera.build"
             },
         )
         .unwrap();
-        assert_eq!(c.gateway.listen, "127.0.0.1:2");
+        assert_eq!(c.gateway.listen.to_string(), "127.0.0.1:2");
         assert_eq!(c.gateway.admin_token, "s3cret");
         assert_eq!(c.workers.admin_token, "s3cret");
-        assert_eq!(c.gateway.admin_listen, "127.0.0.1:3");
+        assert_eq!(c.gateway.admin_listen.to_string(), "127.0.0.1:3");
         let servers: Vec<String> = c
             .backend
             .memcached()
@@ -1408,6 +1507,50 @@ queue = "tessera.build"
     }
 
     #[test]
+    fn addresses_are_parsed_where_they_were_always_checked() {
+        for (toml, key) in [
+            (
+                "[gateway]\nlisten = \"x\"\nadmin_listen = \"y\"",
+                "gateway.listen",
+            ),
+            (
+                "[gateway]\nadmin_listen = \"y\"\nfragment_prefix = \"f\"",
+                "gateway.admin_listen",
+            ),
+            (
+                "[workers]\nembedded = 0\nadmin_listen = \"x\"",
+                "workers.embedded",
+            ),
+            (
+                "[workers]\nconcurrency = 0\nadmin_listen = \"x\"",
+                "workers.concurrency",
+            ),
+            (
+                "[workers]\nembedded = 70000\nadmin_listen = \"x\"",
+                "workers.admin_listen",
+            ),
+        ] {
+            let msg = err(toml);
+            assert!(msg.contains(&format!("`{key}`")), "{toml:?} gave {msg:?}");
+        }
+    }
+
+    #[test]
+    fn an_admin_listener_off_loopback_needs_a_token_however_it_is_given() {
+        let e = admin_listener("workers", "0.0.0.0:9091", "").unwrap_err();
+        assert!(e.to_string().contains("`workers.admin_token`"), "{e}");
+        let e = admin_listener("workers", "x", "t").unwrap_err();
+        assert!(e.to_string().contains("`workers.admin_listen`"), "{e}");
+        let addr = admin_listener("workers", "0.0.0.0:9091", "t").unwrap();
+        assert_eq!(addr.to_string(), "0.0.0.0:9091");
+
+        let mut c = Config::default();
+        c.gateway.admin_listen = SocketAddr::from(([0, 0, 0, 0], 9090));
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("`gateway.admin_token`"), "{e}");
+    }
+
+    #[test]
     fn parse_errors_name_the_key() {
         for (toml, needle) in [
             ("[cache]\nttl = \"soon\"", "ttl"),
@@ -1454,8 +1597,8 @@ queue = "tessera.build"
     #[test]
     fn every_section_has_its_documented_defaults() {
         let c = Config::from_toml("").unwrap();
-        assert_eq!(c.gateway.listen, "127.0.0.1:8080");
-        assert_eq!(c.gateway.admin_listen, "127.0.0.1:9090");
+        assert_eq!(c.gateway.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.gateway.admin_listen.to_string(), "127.0.0.1:9090");
         assert_eq!(c.gateway.admin_token, "");
         assert_eq!(c.gateway.fragment_prefix, "/fragments/");
         assert_eq!(c.gateway.max_wait, Duration::from_secs(30));
@@ -1465,13 +1608,13 @@ queue = "tessera.build"
         assert_eq!(c.cache.ttl, Duration::from_secs(2));
         assert_eq!(c.store.namespace, "tessera");
         assert_eq!(c.store.timeout, Duration::from_millis(250));
-        assert_eq!(c.store.max_item_size, ByteSize::mib(1));
+        assert_eq!(c.store.max_item_size, ByteSize::kib(1023));
         assert_eq!(c.store.memory_capacity, ByteSize::mib(256));
         assert_eq!(c.bus.queue_expiry, None);
         assert_eq!(c.backend, Backend::Embedded);
         assert_eq!(c.workers.embedded, 4);
         assert_eq!(c.workers.concurrency, 16);
-        assert_eq!(c.workers.admin_listen, "127.0.0.1:9091");
+        assert_eq!(c.workers.admin_listen.to_string(), "127.0.0.1:9091");
         assert_eq!(c.workers.admin_token, "");
         assert!(c.fragments.is_empty());
         assert_eq!(c.queues(), vec![DEFAULT_QUEUE]);

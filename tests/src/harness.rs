@@ -1,6 +1,7 @@
 //! Start gateways the way the binary does (`tessera_gateway::serve` on `127.0.0.1:0`),
 //! with backends of either kind.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tessera_protocol::config::Config;
@@ -70,7 +71,7 @@ pub fn unique_namespace() -> String {
 /// A config for tests: free port, the given upstream and routes, short L1 TTL.
 pub fn config(upstream_url: &str, routes: Vec<FragmentRoute>) -> Config {
     let mut c = Config::default();
-    c.gateway.listen = "127.0.0.1:0".into();
+    c.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     c.upstream.url = upstream_url.parse().expect("test upstream URL is valid");
     c.upstream.timeout = Duration::from_secs(5);
     c.fragments = routes;

@@ -629,3 +629,41 @@ mod memory {
 mod real {
     all_scenarios!(tessera_tests::harness::Backend::Real);
 }
+
+/// The store dies after a fragment was cached: past `cache.ttl` the gateway cannot ask
+/// it again, and serves L1's copy (within the route's `stale` window) marked
+/// stale-if-error instead of a 503. A fragment it never held still gets a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_store_does_not_take_cached_fragments_down() {
+    let port = tessera_tests::cluster::free_port();
+    let mut memcached = tessera_tests::cluster::memcached(port);
+    let up = FakeUpstream::start().await;
+    let mut c = config(&up.url(), vec![route("kept"), route("never")]);
+    c.cache.ttl = Duration::from_secs(1);
+    c.store.timeout = Duration::from_millis(250);
+    c.store.namespace = tessera_tests::harness::unique_namespace();
+    c.backend = tessera_protocol::Backend::Memcached {
+        servers: vec![format!("127.0.0.1:{port}").parse().unwrap()],
+    };
+    c.validate().unwrap();
+    let b = tessera_backends::connect(&c).await.unwrap();
+    let gw = TestGateway::start(c, b).await;
+    let url = gw.at("/fragments/kept");
+    let first = wait_for(&url, 5).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let body = first.text().await.unwrap();
+    assert_eq!(get(&url).await.status(), StatusCode::OK, "a hot answer");
+
+    memcached.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for _ in 0..3 {
+        let r = get(&url).await;
+        assert_eq!(r.status(), StatusCode::OK, "L1's copy is served");
+        let status = r.headers()["cache-status"].to_str().unwrap().to_string();
+        assert!(status.contains("detail=stale-if-error"), "{status}");
+        assert_eq!(r.text().await.unwrap(), body);
+    }
+    let never = get(&gw.at("/fragments/never")).await;
+    assert_eq!(never.status(), StatusCode::SERVICE_UNAVAILABLE);
+    gw.stop().await;
+}

@@ -24,9 +24,6 @@ mod memcached {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "known bug: a value of exactly the default store.max_item_size (1 MiB) does not fit \
-                a memcached with its default -I 1m (item header and key count too); fixing it \
-                means changing that default or its documentation, which the config owners decide"]
     async fn the_default_item_limit_fits_a_default_memcached() {
         memcached_only::the_default_item_limit_fits_a_default_memcached().await;
     }
