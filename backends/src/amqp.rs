@@ -2,17 +2,37 @@
 //!
 //! # Topology
 //! Declared idempotently by whichever process connects first, on every (re)connection.
-//! Names start with the store namespace (`{ns}`), so deployments sharing a vhost, and
-//! parallel tests, stay apart. Route queues keep their configured names.
+//! Every name starts with the store namespace (`{ns}`), so deployments sharing a vhost,
+//! and parallel tests, stay apart. The one exception is a route queue named in the
+//! configuration (`queue = "..."`), used exactly as written.
 //!
 //! | name | kind | role |
 //! | --- | --- | --- |
 //! | `{ns}.build` | direct exchange, durable | build requests, routing key = queue name |
-//! | `{queue}` | durable queue | one per configured route queue; rejected messages dead-letter to `{ns}.dead` |
+//! | `{queue}` | durable queue | one per route queue, by default `{ns}.build` (`tessera_protocol::config::default_queue`); rejected messages dead-letter to `{ns}.dead` |
 //! | `{queue}.retry.{N}s` | durable queue, `x-message-ttl` N s | delayed retries; expired messages dead-letter back to `{ns}.build` with routing key `{queue}` |
 //! | `{ns}.dead` | fanout exchange + durable queue | dead letters, with headers `x-tessera-error` and `x-tessera-queue` |
 //! | `{ns}.events` | fanout exchange | built / failed / purged events |
 //! | (server-named) | exclusive, auto-delete queue | one per subscribing gateway |
+//! | (server-named) | exclusive, `x-max-length` 0 | with a queue expiry only: one per connection, holding the exchanges |
+//!
+//! A queue declared with other arguments than these (another namespace's dead-letter
+//! exchange, another `x-expires`) is refused with 406 PRECONDITION_FAILED. Queues are
+//! therefore declared on a channel of their own (the refusal closes it), a failure is
+//! retried by the next call rather than remembered, and [`Bus::ping`] declares every
+//! queue this bus serves ([`AmqpBus::with_queues`] and any used since), so `/readyz`
+//! reports the conflict before and after traffic, until the declaration succeeds.
+//!
+//! # Throw-away namespaces
+//! With a queue expiry (`bus.queue_expiry`), durable queues get `x-expires`. Exchanges
+//! cannot expire, so they are declared auto-delete: RabbitMQ drops one when its last
+//! binding goes. An exchange that never had a binding stays (checked against the broker
+//! in the conformance suite), so none can vanish between its declaration and the first
+//! bind. To keep the exchanges while any process is connected, whatever expired, each
+//! connection binds an exclusive queue that keeps nothing (`x-max-length` 0) to all three
+//! (to `{ns}.build` under its own server-given name, which no build is sent to). Once
+//! every process left and the queues expired, the exchanges go too. An auto-delete
+//! exchange routes, confirms and returns unroutable mandatory publishes like any other.
 //!
 //! Retries use fixed delay buckets (1, 2, 4, … 32 s) rather than per-message TTLs,
 //! which RabbitMQ only expires at the head of a queue: a long delay never holds back a
@@ -32,7 +52,7 @@
 //! a reconnection can no longer be acknowledged — the broker redelivers them instead,
 //! which is why builds are idempotent. Nothing here panics or exits the process.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -155,6 +175,9 @@ struct Inner {
     connected: std::sync::atomic::AtomicBool,
     /// Connections made after a lost one.
     reconnects: std::sync::atomic::AtomicU64,
+    /// Build queues this bus serves (configured, published to or consumed): `ping`
+    /// checks that each can be declared.
+    queues: Mutex<BTreeSet<String>>,
 }
 
 /// RabbitMQ, as a [`Bus`].
@@ -190,8 +213,24 @@ impl AmqpBus {
                 last_attempt: Mutex::new(None),
                 connected: std::sync::atomic::AtomicBool::new(false),
                 reconnects: std::sync::atomic::AtomicU64::new(0),
+                queues: Mutex::new(BTreeSet::new()),
             }),
         }
+    }
+
+    /// Adds `queues` to those [`Bus::ping`] checks, so a queue the broker refuses to
+    /// declare shows before the first build is published or consumed.
+    #[must_use]
+    pub fn with_queues(self, queues: &[String]) -> Self {
+        self.known_queues().extend(queues.iter().cloned());
+        self
+    }
+
+    fn known_queues(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.inner
+            .queues
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn exchange(&self, what: &str) -> String {
@@ -221,8 +260,24 @@ impl AmqpBus {
             publish.confirm_select(ConfirmSelectOptions::default()),
         )
         .await?;
-        let durable = ExchangeDeclareOptions {
+        self.declare_shared(&publish).await?;
+        if self.inner.expiry.is_some() {
+            self.declare_anchor(&publish).await?;
+        }
+        Ok(Link {
+            conn,
+            publish,
+            declared: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The namespace's exchanges and dead-letter queue. With a queue expiry the exchanges
+    /// are auto-delete: RabbitMQ drops each once its last binding goes (see the module
+    /// docs), since exchanges cannot carry `x-expires`.
+    async fn declare_shared(&self, publish: &Channel) -> Result<(), BusError> {
+        let options = ExchangeDeclareOptions {
             durable: true,
+            auto_delete: self.inner.expiry.is_some(),
             ..ExchangeDeclareOptions::default()
         };
         for (name, kind) in [
@@ -231,8 +286,8 @@ impl AmqpBus {
             (self.exchange("events"), ExchangeKind::Fanout),
         ] {
             timed(
-                "declare exchange",
-                publish.exchange_declare(short(&name), kind, durable, FieldTable::default()),
+                &format!("declare exchange {name}"),
+                publish.exchange_declare(short(&name), kind, options, FieldTable::default()),
             )
             .await?;
         }
@@ -256,12 +311,40 @@ impl AmqpBus {
                 FieldTable::default(),
             ),
         )
+        .await
+    }
+
+    /// Holds the auto-delete exchanges while this connection lives: an exclusive queue
+    /// that keeps nothing (`x-max-length` 0), bound to each exchange (to the build
+    /// exchange under its own server-given name, which no build is sent to).
+    async fn declare_anchor(&self, channel: &Channel) -> Result<(), BusError> {
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        };
+        let mut args = FieldTable::default();
+        args.insert(short("x-max-length"), AMQPValue::LongInt(0));
+        let anchor = timed(
+            "declare anchor queue",
+            channel.queue_declare(short(""), options, args),
+        )
         .await?;
-        Ok(Link {
-            conn,
-            publish,
-            declared: Mutex::new(HashSet::new()),
-        })
+        let name = anchor.name().clone();
+        for exchange in ["build", "dead", "events"] {
+            timed(
+                "bind anchor queue",
+                channel.queue_bind(
+                    name.clone(),
+                    short(&self.exchange(exchange)),
+                    name.clone(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// The live link, reconnecting when it is gone (rate limited, so publishers fail fast
@@ -299,13 +382,12 @@ impl AmqpBus {
         }
     }
 
-    /// Declares a route queue and its retry queues on `channel`, once per link.
-    async fn declare_queue(
-        &self,
-        link: &Link,
-        channel: &Channel,
-        queue: &str,
-    ) -> Result<(), BusError> {
+    /// Declares a route queue and its retry queues, once per link, on a channel of its
+    /// own: a refused declare (406 PRECONDITION_FAILED, the queue exists with other
+    /// arguments) closes the channel it was made on. A failure is not remembered, so the
+    /// next publish, consumer reconnection or [`Bus::ping`] tries again.
+    async fn declare_queue(&self, link: &Link, queue: &str) -> Result<(), BusError> {
+        self.known_queues().insert(queue.to_string());
         if link
             .declared
             .lock()
@@ -314,13 +396,26 @@ impl AmqpBus {
         {
             return Ok(());
         }
+        let channel = timed("open channel", link.conn.create_channel()).await?;
+        let declared = self.declare_route_queue(&channel, queue).await;
+        let _ = channel.close(200, short("done")).await;
+        declared?;
+        link.declared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(queue.to_string());
+        Ok(())
+    }
+
+    /// The queue, its binding and its retry queues, on `channel`.
+    async fn declare_route_queue(&self, channel: &Channel, queue: &str) -> Result<(), BusError> {
         let mut args = self.queue_args();
         args.insert(
             short("x-dead-letter-exchange"),
             AMQPValue::LongString(LongString::from(self.exchange("dead"))),
         );
         timed(
-            "declare queue",
+            &format!("declare queue {queue}"),
             channel.queue_declare(short(queue), QueueDeclareOptions::durable(), args),
         )
         .await?;
@@ -352,15 +447,11 @@ impl AmqpBus {
             );
             let retry = retry_queue(queue, secs);
             timed(
-                "declare retry queue",
+                &format!("declare retry queue {retry}"),
                 channel.queue_declare(short(&retry), QueueDeclareOptions::durable(), args),
             )
             .await?;
         }
-        link.declared
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(queue.to_string());
         Ok(())
     }
 
@@ -414,9 +505,18 @@ impl AmqpBus {
 
     async fn publish_to_queue(&self, queue: &str, body: &[u8]) -> Result<(), BusError> {
         let link = self.link().await?;
-        self.declare_queue(&link, &link.publish, queue).await?;
-        self.publish(&self.exchange("build"), queue, body, persistent())
-            .await
+        self.declare_queue(&link, queue).await?;
+        let published = self
+            .publish(&self.exchange("build"), queue, body, persistent())
+            .await;
+        if let Err(BusError::Rejected(_)) = &published {
+            // Unroutable: the queue went (deleted, or expired). Declare it again next time.
+            link.declared
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(queue);
+        }
+        published
     }
 }
 
@@ -457,7 +557,7 @@ impl Bus for AmqpBus {
         delay: Duration,
     ) -> Result<(), BusError> {
         let link = self.link().await?;
-        self.declare_queue(&link, &link.publish, queue).await?;
+        self.declare_queue(&link, queue).await?;
         let retry = retry_queue(queue, retry_bucket(delay));
         // The default exchange routes straight to the bucket queue.
         self.publish("", &retry, &request.encode(), persistent())
@@ -513,8 +613,15 @@ impl Bus for AmqpBus {
         }))
     }
 
+    /// Connected, and every queue this bus serves can be declared (each checked once
+    /// per connection; one that failed is tried again on every call).
     async fn ping(&self) -> Result<(), BusError> {
-        self.link().await.map(|_| ())
+        let link = self.link().await?;
+        let queues: Vec<String> = self.known_queues().iter().cloned().collect();
+        for queue in &queues {
+            self.declare_queue(&link, queue).await?;
+        }
+        Ok(())
     }
 
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BusError> {
@@ -642,7 +749,7 @@ async fn consume_once(
     .await?;
     let mut streams = Vec::new();
     for q in queues {
-        bus.declare_queue(&link, &channel, q).await?;
+        bus.declare_queue(&link, q).await?;
         let consumer = timed(
             "consume",
             channel.basic_consume(

@@ -50,11 +50,14 @@ pub async fn connect(config: &Config) -> Result<Backends, BackendError> {
         ),
     };
     let bus: SharedBus = match config.backend.amqp() {
-        Some(url) => Arc::new(AmqpBus::with_queue_expiry(
-            url.as_str(),
-            &config.store.namespace,
-            config.bus.queue_expiry,
-        )),
+        Some(url) => Arc::new(
+            AmqpBus::with_queue_expiry(
+                url.as_str(),
+                &config.store.namespace,
+                config.bus.queue_expiry,
+            )
+            .with_queues(&config.queues()),
+        ),
         None => memory.bus,
     };
     Ok(Backends {

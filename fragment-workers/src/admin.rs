@@ -2,13 +2,14 @@
 //!
 //! | request | answer |
 //! | --- | --- |
-//! | `GET /healthz` | 200 while the process serves |
+//! | `GET /healthz` | 200 while the process serves; needs no token (probes) |
 //! | `GET /readyz` | 200 when the store and the bus answer, else 503 naming which |
-//! | `GET /metrics` | Prometheus text format: `tessera_worker_*`, backend reconnects |
+//! | `GET /metrics` | Prometheus text format: `tessera_worker_*`, backend reconnects, open connections |
 //!
-//! When `workers.admin_token` is set, every request must carry
+//! When `workers.admin_token` is set, every request but `/healthz` must carry
 //! `Authorization: Bearer {token}`; the worker refuses to start with the listener off
-//! loopback and no token.
+//! loopback and no token. Nothing here changes state, but the gate shared with the
+//! gateway's admin would refuse a cross-site request that did.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
 use tessera_protocol::Backends;
+use tessera_protocol::config::HttpConfig;
 use tessera_runtime::web::{self, Body};
 use tokio::net::TcpListener;
 
@@ -28,16 +30,21 @@ struct Admin {
     token: String,
 }
 
-/// Serves the admin endpoints on `listener` until `shutdown`.
+/// Serves the admin endpoints on `listener`, with the connection limits of `http`, until
+/// `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     metrics: WorkerMetrics,
     backends: Backends,
     token: String,
+    http: HttpConfig,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut registry = metrics.registry();
     registry.register_collector(Box::new(web::BackendMetrics::new(backends.clone())));
+    let connections = web::ConnectionGauges::default();
+    connections.register(&mut registry);
+    let options = web::ServeOptions::new(&http).counted_by(connections.listener("admin"));
     let admin = Arc::new(Admin {
         registry,
         backends,
@@ -45,6 +52,7 @@ pub async fn serve(
     });
     web::serve(
         listener,
+        options,
         move |req, _peer| {
             let admin = admin.clone();
             async move { admin.answer(&req).await }
@@ -56,9 +64,15 @@ pub async fn serve(
 
 impl Admin {
     async fn answer(&self, req: &Request<Incoming>) -> Response<Body> {
-        if !web::authorized(req.headers(), &self.token) {
-            return web::unauthorized("workers.admin_token");
-        }
+        let mut response = match web::admin_gate(req, &self.token, "workers.admin_token") {
+            Some(refused) => refused,
+            None => self.route(req).await,
+        };
+        web::harden(response.headers_mut());
+        response
+    }
+
+    async fn route(&self, req: &Request<Incoming>) -> Response<Body> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => web::alive(),
             (&Method::GET, "/readyz") => web::ready(&self.backends).await,

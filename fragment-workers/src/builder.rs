@@ -18,6 +18,9 @@ pub struct Rendered {
     pub body: Bytes,
     /// Its `Content-Type`.
     pub content_type: String,
+    /// The render answer asked for ESI processing (`Surrogate-Control:
+    /// content="ESI/1.0"`): its `<esi:…>` tags are composed when it is served.
+    pub esi: bool,
 }
 
 /// Why a build failed: who is to blame, and whether trying again can help.
@@ -46,6 +49,20 @@ pub enum BuildError {
     /// retry cannot fix.
     #[error("cannot build the render request: {0}")]
     Request(#[source] Cause),
+    /// The render answer is marked private (`Cache-Control: private` or `no-store`) but
+    /// the route has no `vary`: stored, it would be served to every user.
+    #[error(
+        "route {route:?}: the render answer is marked Cache-Control: {directive}, and the \
+         route has no `vary`, so it would be served to every user; add `vary` (e.g. the \
+         session cookie) to the route, make the render path answer with a shareable \
+         Cache-Control (e.g. public), or set `shareable = true` on the route"
+    )]
+    Private {
+        /// The route.
+        route: String,
+        /// `private` or `no-store`.
+        directive: &'static str,
+    },
     /// The fragment is bigger than the store takes.
     #[error(
         "fragment too large: it takes {size} bytes or more in the store (body, key and \
@@ -177,6 +194,16 @@ impl FragmentBuilder for HttpBuilder {
             if !status.is_success() {
                 return Err(BuildError::UpstreamRedirect(status));
             }
+            if let Some(directive) = private(response.headers())
+                && route.vary.is_empty()
+                && !route.shareable
+            {
+                return Err(BuildError::Private {
+                    route: route.name.clone(),
+                    directive,
+                });
+            }
+            let esi = tessera_runtime::web::asks_for_esi(response.headers());
             let content_type = response
                 .headers()
                 .get(header::CONTENT_TYPE)
@@ -197,12 +224,40 @@ impl FragmentBuilder for HttpBuilder {
                     }
                 })?
                 .to_bytes();
-            Ok(Rendered { body, content_type })
+            Ok(Rendered {
+                body,
+                content_type,
+                esi,
+            })
         };
         tokio::time::timeout(route.build_timeout, work)
             .await
             .map_err(|_| BuildError::Timeout(route.build_timeout))?
     }
+}
+
+/// The `Cache-Control` directive that keeps an answer from being shared, if any.
+fn private(headers: &http::HeaderMap) -> Option<&'static str> {
+    let directives = headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|d| {
+            d.split('=')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    for directive in directives {
+        match directive.as_str() {
+            "private" => return Some("private"),
+            "no-store" => return Some("no-store"),
+            _ => {}
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -75,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
         metrics.clone(),
         backends.clone(),
         w.admin_token.clone(),
+        config.http.clone(),
         std::future::pending(),
     ));
     tessera_workers::run(

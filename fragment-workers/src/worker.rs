@@ -264,14 +264,7 @@ impl Worker {
                 return None;
             }
             Ok(_) => {}
-            Err(e) => {
-                self.metrics.store_errors.inc();
-                return Some(self.classify(
-                    route,
-                    req,
-                    BuildError::Store(tessera_protocol::Cause::new(e)),
-                ));
-            }
+            Err(e) => return Some(self.store_failed(route, req, e)),
         }
         match Lease::new(store, keys, route).claim(&req.id).await {
             Ok(Claim::Held) => {}
@@ -280,14 +273,7 @@ impl Worker {
                 WorkerMetrics::count(&self.metrics.dropped, &route.name);
                 return None;
             }
-            Err(e) => {
-                self.metrics.store_errors.inc();
-                return Some(self.classify(
-                    route,
-                    req,
-                    BuildError::Store(tessera_protocol::Cause::new(e)),
-                ));
-            }
+            Err(e) => return Some(self.store_failed(route, req, e)),
         }
         let started = Instant::now();
         let rendered = match self.render(route, req).await {
@@ -300,6 +286,16 @@ impl Worker {
                 Ok(()) => Outcome::Stored(started.elapsed()),
                 Err(e) => self.classify(route, req, e),
             },
+        )
+    }
+
+    /// A store call before the render failed: counted, and retried like any outage.
+    fn store_failed(&self, route: &FragmentRoute, req: &BuildRequest, e: StoreError) -> Outcome {
+        self.metrics.store_errors.inc();
+        self.classify(
+            route,
+            req,
+            BuildError::Store(tessera_protocol::Cause::new(e)),
         )
     }
 
@@ -352,7 +348,8 @@ impl Worker {
             route.stale,
             u32::try_from(build_ms).unwrap_or(u32::MAX),
             req.attempt,
-        );
+        )
+        .with_esi(rendered.esi);
         let bytes = envelope.encode();
         let max = tessera_protocol::backends::item_limit(&self.config);
         let size = bytes.len() + keys.envelope.as_str().len() + ITEM_OVERHEAD;

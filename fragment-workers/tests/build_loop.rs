@@ -38,10 +38,12 @@ impl FragmentBuilder for Scripted {
             "huge" => Ok(Rendered {
                 body: Bytes::from(vec![b'x'; HUGE]),
                 content_type: "text/html".into(),
+                esi: false,
             }),
             id => Ok(Rendered {
                 body: Bytes::from(format!("<p>{id}</p>")),
                 content_type: "text/html".into(),
+                esi: false,
             }),
         }
     }
@@ -284,6 +286,7 @@ async fn the_admin_listener_reports_outcomes_and_health() {
         s.metrics.clone(),
         s.backends.clone(),
         "t0ken".into(),
+        tessera_protocol::config::HttpConfig::default(),
         async move { stop.cancelled().await },
     ));
 
@@ -301,7 +304,9 @@ async fn the_admin_listener_reports_outcomes_and_health() {
     assert_eq!(envelope(&s, &down).await.status, Status::Failed);
     dead_letters(&s, 2).await;
 
-    for path in ["/metrics", "/healthz", "/readyz"] {
+    // Liveness is open to probes; everything else needs the token.
+    assert_eq!(get(addr, "/healthz", None).await, (200, "ok\n".into()));
+    for path in ["/metrics", "/readyz"] {
         assert_eq!(
             get(addr, path, None).await.0,
             401,

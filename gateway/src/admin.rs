@@ -2,19 +2,22 @@
 //!
 //! | request | answer |
 //! | --- | --- |
-//! | `GET /healthz` | 200 while the process serves |
+//! | `GET /healthz` | 200 while the process serves; needs no token (probes) |
 //! | `GET /readyz` | 200 when the store and the bus answer, else 503 naming which |
 //! | `GET /metrics` | Prometheus text format |
 //! | `DELETE /fragments/{name}?{params}` | deletes one fragment (with the request's `vary` cookies/headers) |
 //! | `DELETE /routes/{name}` | moves the route to a new generation: every fragment of it is gone |
-//! | `GET /` | the dashboard (refreshes itself from `GET /api/status`) |
+//! | `GET /` | the dashboard (refreshes itself from `GET /api/status`; `dashboard.js`, `dashboard.css`) |
 //! | `GET /dead-letters` | dead-lettered build requests with their errors (JSON) |
 //! | `POST /dead-letters/requeue?limit=N` | puts up to N (default 100) back on their queues |
 //!
-//! When `gateway.admin_token` is set, every request must carry
+//! When `gateway.admin_token` is set, every request but `/healthz` must carry
 //! `Authorization: Bearer {token}` (or HTTP Basic with the token as password, which is
 //! how a browser logs in to the dashboard); the gateway refuses to start with an admin listener
-//! off loopback and no token. Purges are announced on the events exchange, so every
+//! off loopback and no token. Since a browser resends Basic credentials by itself, a
+//! request that changes state (POST, DELETE, …) coming from another site (`Origin`,
+//! `Referer` or `Sec-Fetch-Site`) is refused with a 403; every answer forbids framing.
+//! Purges are announced on the events exchange, so every
 //! gateway's L1 forgets the content: a purged fragment is never served again, not even
 //! as stale.
 
@@ -32,18 +35,38 @@ use crate::error::GatewayError;
 use crate::headers::Trace;
 
 impl Gateway {
-    /// Routes one admin request.
+    /// Answers one admin request: the checks every admin listener makes, then routing.
     pub(crate) async fn admin(
         self: Arc<Self>,
         req: Request<Incoming>,
         _peer: SocketAddr,
     ) -> Response<Body> {
-        if !web::authorized(req.headers(), &self.config.gateway.admin_token) {
-            return web::unauthorized("gateway.admin_token");
-        }
+        let gate = web::admin_gate(
+            &req,
+            &self.config.gateway.admin_token,
+            "gateway.admin_token",
+        );
+        let mut response = match gate {
+            Some(refused) => refused,
+            None => self.admin_route(req).await,
+        };
+        web::harden(response.headers_mut());
+        response
+    }
+
+    /// Routes one admin request that passed the gate.
+    async fn admin_route(&self, req: Request<Incoming>) -> Response<Body> {
         let path = req.uri().path().to_string();
         match (req.method(), path.as_str()) {
-            (&Method::GET, "/") => text(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD),
+            (&Method::GET, "/") => dashboard(),
+            (&Method::GET, "/dashboard.js") => text(
+                StatusCode::OK,
+                "text/javascript; charset=utf-8",
+                DASHBOARD_JS,
+            ),
+            (&Method::GET, "/dashboard.css") => {
+                text(StatusCode::OK, "text/css; charset=utf-8", DASHBOARD_CSS)
+            }
             (&Method::GET, "/api/status") => self.status().await,
             (&Method::GET, "/dead-letters") => {
                 match self.cache.backends.bus.dead_letters(DEAD_LETTER_PAGE).await {
@@ -134,6 +157,22 @@ const FAILURES_KEPT: usize = 50;
 /// Dead letters listed or requeued per request.
 const DEAD_LETTER_PAGE: usize = 100;
 const DASHBOARD: &str = include_str!("../assets/dashboard.html");
+const DASHBOARD_JS: &str = include_str!("../assets/dashboard.js");
+const DASHBOARD_CSS: &str = include_str!("../assets/dashboard.css");
+/// The dashboard's policy: its own script and style files (no inline code, so an
+/// injected `<script>` would not run), requests to its own origin, never framed.
+const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+    connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// `GET /`: the dashboard page, under [`DASHBOARD_CSP`].
+fn dashboard() -> Response<Body> {
+    let mut r = text(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD);
+    r.headers_mut().insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        http::HeaderValue::from_static(DASHBOARD_CSP),
+    );
+    r
+}
 
 /// The latest build failures any worker reported, newest last, at most
 /// [`FAILURES_KEPT`].

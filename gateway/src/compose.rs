@@ -106,6 +106,22 @@ impl Gateway {
         headers: &HeaderMap,
         trace: &Trace<'_>,
     ) -> Composed {
+        let mut out = self.compose_at(page, headers, trace, 0).await;
+        if out.placeholders > 0 {
+            inject_client(&mut out.body);
+        }
+        out
+    }
+
+    /// Composes `markup` as level `depth` of a page: a page is level 0, a fragment
+    /// answered at its endpoint level 1 (the client script puts it into a page).
+    pub(crate) async fn compose_at(
+        &self,
+        markup: &[u8],
+        headers: &HeaderMap,
+        trace: &Trace<'_>,
+        depth: usize,
+    ) -> Composed {
         let mut composer = Composer {
             cache: &self.cache,
             headers,
@@ -113,12 +129,8 @@ impl Gateway {
             budget: MAX_INCLUDES,
             out: Composed::default(),
         };
-        composer.level(page, 0).await;
-        let mut out = composer.out;
-        if out.placeholders > 0 {
-            inject_client(&mut out.body);
-        }
-        out
+        composer.level(markup, depth).await;
+        composer.out
     }
 
     /// Composes an upstream response when it asks for ESI; passes it through otherwise.
@@ -131,16 +143,7 @@ impl Gateway {
         let trace = Trace::new(request_headers);
         let trace = &trace;
         let (mut parts, body) = response.into_parts();
-        let esi = parts
-            .headers
-            .get_all("surrogate-control")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.to_ascii_lowercase()
-                    .replace(' ', "")
-                    .contains("content=\"esi/1.0\"")
-            });
+        let esi = tessera_runtime::web::asks_for_esi(&parts.headers);
         parts.headers.remove("surrogate-control");
         let html = parts
             .headers
@@ -294,13 +297,15 @@ impl<'c> Composer<'c> {
         }
         let serve = |i: &Option<Include<'_>>| match found.get(&i.as_ref()?.target.keys.envelope)? {
             Found::Serve { slot, .. } => match &slot.state {
-                SlotState::Found(e) => Some(e.body.clone()),
+                SlotState::Found(e) => Some((e.body.clone(), e.esi)),
                 SlotState::Pending => None,
             },
             _ => None,
         };
-        if let Some(body) = serve(&primary).or_else(|| serve(&alt)) {
-            if esi::has_markup(&body) {
+        if let Some((body, asked_for_esi)) = serve(&primary).or_else(|| serve(&alt)) {
+            // Only fragments whose render asked for ESI are composed: markup in any other
+            // (user input reflected in it, say) is text.
+            if asked_for_esi && esi::has_markup(&body) {
                 self.level(&body, depth + 1).await;
             } else {
                 self.out.body.extend_from_slice(&body);

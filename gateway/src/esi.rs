@@ -43,6 +43,37 @@ fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
         .map(|p| p + from)
 }
 
+/// Where each closing tag was last searched for in one page, and what was found, so that
+/// a page of openers without their closer (`<!--esi` ten thousand times, no `-->`) is
+/// scanned once per closer instead of once per opener: linear, not quadratic, time.
+#[derive(Debug, Default)]
+struct Closers {
+    /// `(searched from, found at)` for [`COMMENT_CLOSE`], [`REMOVE_CLOSE`], [`INCLUDE_CLOSE`].
+    last: [Option<(usize, Option<usize>)>; 3],
+}
+
+impl Closers {
+    /// `find(page, needle, from)`, answered from the last search of the same closer when
+    /// that search covers `from`: nothing found from an earlier start means nothing from
+    /// a later one; a match at or after `from` found from an earlier start is the first.
+    fn find(&mut self, page: &[u8], which: usize, from: usize) -> Option<usize> {
+        let needle = [COMMENT_CLOSE, REMOVE_CLOSE, INCLUDE_CLOSE][which];
+        if let Some((searched, found)) = self.last[which]
+            && searched <= from
+            && found.is_none_or(|at| at >= from)
+        {
+            return found;
+        }
+        let found = find(page, needle, from);
+        self.last[which] = Some((from, found));
+        found
+    }
+}
+
+const COMMENT: usize = 0;
+const REMOVE: usize = 1;
+const INCLUDE_END: usize = 2;
+
 /// Splits `page` into text and includes. Cheap when the page has no ESI markup: one scan.
 pub fn parse(page: &[u8]) -> Vec<Segment<'_>> {
     let mut out = Vec::new();
@@ -51,6 +82,7 @@ pub fn parse(page: &[u8]) -> Vec<Segment<'_>> {
 }
 
 fn parse_into<'a>(page: &'a [u8], out: &mut Vec<Segment<'a>>) {
+    let mut closers = Closers::default();
     let mut pos = 0;
     let mut text_from = 0;
     while let Some(lt) = find(page, b"<", pos) {
@@ -58,7 +90,7 @@ fn parse_into<'a>(page: &'a [u8], out: &mut Vec<Segment<'a>>) {
         let starts =
             |tag: &[u8]| rest.len() >= tag.len() && rest[..tag.len()].eq_ignore_ascii_case(tag);
         if starts(COMMENT_OPEN) {
-            if let Some(end) = find(page, COMMENT_CLOSE, lt + COMMENT_OPEN.len()) {
+            if let Some(end) = closers.find(page, COMMENT, lt + COMMENT_OPEN.len()) {
                 push_text(out, &page[text_from..lt]);
                 parse_into(&page[lt + COMMENT_OPEN.len()..end], out);
                 pos = end + COMMENT_CLOSE.len();
@@ -66,7 +98,7 @@ fn parse_into<'a>(page: &'a [u8], out: &mut Vec<Segment<'a>>) {
                 continue;
             }
         } else if starts(REMOVE_OPEN) {
-            if let Some(end) = find(page, REMOVE_CLOSE, lt + REMOVE_OPEN.len()) {
+            if let Some(end) = closers.find(page, REMOVE, lt + REMOVE_OPEN.len()) {
                 push_text(out, &page[text_from..lt]);
                 pos = end + REMOVE_CLOSE.len();
                 text_from = pos;
@@ -76,7 +108,7 @@ fn parse_into<'a>(page: &'a [u8], out: &mut Vec<Segment<'a>>) {
             && rest
                 .get(INCLUDE.len())
                 .is_some_and(|b| b.is_ascii_whitespace() || *b == b'/' || *b == b'>')
-            && let Some((include, consumed)) = include_at(page, lt)
+            && let Some((include, consumed)) = include_at(page, lt, &mut closers)
         {
             push_text(out, &page[text_from..lt]);
             out.push(Segment::Include(include));
@@ -96,7 +128,7 @@ fn push_text<'a>(out: &mut Vec<Segment<'a>>, text: &'a [u8]) {
 }
 
 /// Parses the include tag starting at `at`; returns it and the bytes it spans.
-fn include_at(page: &[u8], at: usize) -> Option<(Include, usize)> {
+fn include_at(page: &[u8], at: usize, closers: &mut Closers) -> Option<(Include, usize)> {
     let start = at + INCLUDE.len();
     let attrs_end = tag_end(page, start)?;
     let self_closing = page[..attrs_end].ends_with(b"/");
@@ -109,7 +141,7 @@ fn include_at(page: &[u8], at: usize) -> Option<(Include, usize)> {
     let mut end = attrs_end + 1;
     if !self_closing {
         // `<esi:include …></esi:include>`; without the closing tag it is malformed.
-        let close = find(page, INCLUDE_CLOSE, end)?;
+        let close = closers.find(page, INCLUDE_END, end)?;
         if !page[end..close].iter().all(u8::is_ascii_whitespace) {
             return None;
         }

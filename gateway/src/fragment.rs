@@ -23,6 +23,7 @@ use tessera_protocol::{Envelope, FragmentRoute, Identity};
 
 use crate::Gateway;
 use crate::cache::{Slot, SlotState};
+use crate::compose::Composed;
 use crate::error::GatewayError;
 use crate::headers::{Trace, if_none_match, prefer_wait, wants_json};
 use crate::hot::{Hot, LastHeaders};
@@ -64,7 +65,7 @@ impl Gateway {
         let headers = hot
             .headers
             .get(ttl, || answer_headers(route, &hot.slot, hit_status(ttl)));
-        let response = finish(req, envelope, headers);
+        let response = finish(req, &envelope.etag, envelope.body.clone(), headers);
         hot.metrics
             .request(CacheStatus::hit, started.elapsed().as_secs_f64());
         Some(response)
@@ -133,7 +134,7 @@ impl Gateway {
                     }
                     // Deadline or shutdown: one last look, then answer whatever it is.
                     let found = self.cache.lookup(&target).await?;
-                    return Ok(respond(route, req, found));
+                    return Ok(self.answer(req, &target, found).await);
                 }
                 (found, _, _) => {
                     if let Found::Serve {
@@ -142,10 +143,30 @@ impl Gateway {
                     {
                         self.remember(req, &target, slot, checked_at);
                     }
-                    return Ok(respond(route, req, found));
+                    return Ok(self.answer(req, &target, found).await);
                 }
             }
         }
+    }
+
+    /// The answer to `req` for what a lookup of `target` found. A fragment whose render
+    /// asked for ESI has its includes composed first, as in a page: the fragment is level
+    /// 1 of the page the client script puts it in, so the same depth limit holds.
+    async fn answer(
+        &self,
+        req: &Request<hyper::body::Incoming>,
+        target: &Target<'_>,
+        found: Found,
+    ) -> (Response<Body>, CacheStatus) {
+        let composed = match composable(&found) {
+            // Boxed: composition is the rare path, and its future is large.
+            Some(body) => {
+                let compose = self.compose_at(body, req.headers(), target.trace, 1);
+                Some(Box::pin(compose).await)
+            }
+            None => None,
+        };
+        respond(target.route, req, found, composed)
     }
 
     /// Makes a fresh answer the hot answer for its request target (routes without
@@ -158,7 +179,8 @@ impl Gateway {
         checked_at: std::time::Instant,
     ) {
         let route = target.route;
-        if !route.vary.is_empty() || !self.cache.l1.enabled() {
+        if !route.vary.is_empty() || !self.cache.l1.enabled() || needs_composing(&slot.state) {
+            // Per user, not cached, or composed from other fragments per answer.
             return;
         }
         let (SlotState::Found(envelope), Some(request_target), Some(index)) = (
@@ -198,11 +220,28 @@ impl Gateway {
     }
 }
 
-/// The answer to `req` for what a lookup found, and how it counts.
+/// The body of a found envelope that asked for ESI and carries markup.
+fn composable(found: &Found) -> Option<&[u8]> {
+    match found {
+        Found::Serve { slot, .. } if needs_composing(&slot.state) => match &slot.state {
+            SlotState::Found(e) => Some(&e.body),
+            SlotState::Pending => None,
+        },
+        _ => None,
+    }
+}
+
+fn needs_composing(state: &SlotState) -> bool {
+    matches!(state, SlotState::Found(e) if e.esi && crate::esi::has_markup(&e.body))
+}
+
+/// The answer to `req` for what a lookup found (with its includes `composed`, when it
+/// asked for ESI), and how it counts.
 fn respond(
     route: &FragmentRoute,
     req: &Request<hyper::body::Incoming>,
     found: Found,
+    composed: Option<Composed>,
 ) -> (Response<Body>, CacheStatus) {
     let cache = match &found {
         Found::Serve { slot, .. } if matches!(slot.state, SlotState::Pending) => {
@@ -219,7 +258,13 @@ fn respond(
             stale,
             fallback,
         } => match &slot.state {
-            SlotState::Found(envelope) => serve(route, req, &slot, envelope, stale, fallback),
+            SlotState::Found(envelope) => {
+                let answer = Answer::new(route, &slot, envelope, stale, fallback);
+                match composed {
+                    Some(composed) => answer.composed(req, composed),
+                    None => answer.finish(req, &envelope.etag, envelope.body.clone()),
+                }
+            }
             SlotState::Pending => pending(route, req.headers()),
         },
         Found::Pending => pending(route, req.headers()),
@@ -230,29 +275,66 @@ fn respond(
     (response, cache)
 }
 
-fn serve(
-    route: &FragmentRoute,
-    req: &Request<hyper::body::Incoming>,
-    slot: &Slot,
-    envelope: &Envelope,
-    stale: bool,
-    fallback: bool,
-) -> Response<Body> {
-    let now = now_ms();
-    let status = if stale {
-        let age = ceil_secs(remaining(envelope.fresh_until, now));
-        // The last build failed, or the store cannot be reached: either way an error is
-        // why this copy is served.
-        let detail = if envelope.error.is_some() || fallback {
-            "; detail=stale-if-error"
+/// A 200 serving an envelope, before its body is chosen.
+struct Answer {
+    headers: HeaderMap,
+}
+
+impl Answer {
+    fn new(
+        route: &FragmentRoute,
+        slot: &Slot,
+        envelope: &Envelope,
+        stale: bool,
+        fallback: bool,
+    ) -> Self {
+        let now = now_ms();
+        let status = if stale {
+            let age = ceil_secs(remaining(envelope.fresh_until, now));
+            // The last build failed, or the store cannot be reached: either way an error
+            // is why this copy is served.
+            let detail = if envelope.error.is_some() || fallback {
+                "; detail=stale-if-error"
+            } else {
+                ""
+            };
+            format!("tessera; fwd=stale; ttl=-{age}{detail}")
         } else {
-            ""
+            hit_status(remaining(now, envelope.fresh_until).as_secs())
         };
-        format!("tessera; fwd=stale; ttl=-{age}{detail}")
-    } else {
-        hit_status(remaining(now, envelope.fresh_until).as_secs())
-    };
-    finish(req, envelope, answer_headers(route, slot, status))
+        Self {
+            headers: answer_headers(route, slot, status),
+        }
+    }
+
+    /// Serves the composed fragment: its own ETag, and private when an include varies
+    /// per user.
+    fn composed(
+        mut self,
+        req: &Request<hyper::body::Incoming>,
+        composed: Composed,
+    ) -> Response<Body> {
+        let etag = tessera_protocol::envelope::etag_of(&composed.body);
+        if let Ok(v) = HeaderValue::from_str(&etag) {
+            self.headers.insert(header::ETAG, v);
+        }
+        if composed.per_user {
+            self.headers.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("private, no-cache"),
+            );
+        }
+        self.finish(req, &etag, Bytes::from(composed.body))
+    }
+
+    fn finish(
+        self,
+        req: &Request<hyper::body::Incoming>,
+        etag: &str,
+        body: Bytes,
+    ) -> Response<Body> {
+        finish(req, etag, body, self.headers)
+    }
 }
 
 /// The `Cache-Status` of a fresh hit with `ttl` seconds of freshness left.
@@ -277,25 +359,23 @@ fn answer_headers(route: &FragmentRoute, slot: &Slot, status: String) -> HeaderM
     h
 }
 
-/// The answer to `req` serving `envelope` with `headers`: 304 when `If-None-Match`
-/// matches, no body for `HEAD`.
+/// The answer to `req` serving `body` (whose ETag is `etag`) with `headers`: 304 when
+/// `If-None-Match` matches, no body for `HEAD`.
 fn finish(
     req: &Request<hyper::body::Incoming>,
-    envelope: &Envelope,
+    etag: &str,
+    body: Bytes,
     mut headers: HeaderMap,
 ) -> Response<Body> {
-    let (status, body) = if if_none_match(req.headers(), &envelope.etag) {
+    let (status, body) = if if_none_match(req.headers(), etag) {
         headers.remove(header::CONTENT_TYPE);
         (StatusCode::NOT_MODIFIED, empty())
     } else if req.method() == Method::HEAD {
-        headers.insert(
-            header::CONTENT_LENGTH,
-            HeaderValue::from(envelope.body.len()),
-        );
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         (StatusCode::OK, empty())
     } else {
         // hyper writes `Content-Length` from the body's exact size.
-        (StatusCode::OK, full(envelope.body.clone()))
+        (StatusCode::OK, full(body))
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;

@@ -6,6 +6,8 @@ use http::HeaderMap;
 use http::header::{ACCEPT, IF_NONE_MATCH};
 
 /// The `wait` preference (RFC 7240) in seconds, if any. `Prefer: respond-async, wait=10`.
+/// A number too large for any clock saturates (the caller caps it at `max_wait`);
+/// anything but digits is no preference.
 pub fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
     headers
         .get_all("prefer")
@@ -17,11 +19,20 @@ pub fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
             let (name, value) = first.split_once('=')?;
             name.trim()
                 .eq_ignore_ascii_case("wait")
-                .then(|| value.trim().trim_matches('"').parse::<u64>().ok())
+                .then(|| delta_seconds(value.trim().trim_matches('"')))
                 .flatten()
         })
         .next()
         .map(Duration::from_secs)
+}
+
+/// A count of seconds written as digits (RFC 9110 `delta-seconds`), saturating at
+/// `u64::MAX` as RFC 9111 §1.2.2 has caches do, rather than failing.
+fn delta_seconds(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(text.parse().unwrap_or(u64::MAX))
 }
 
 /// Whether `If-None-Match` matches `etag` (weak comparison, RFC 9110 §13.1.2).
@@ -138,6 +149,14 @@ mod tests {
             Some(Duration::from_secs(3))
         );
         assert_eq!(prefer_wait(&h("prefer", "wait=soon")), None);
+        assert_eq!(
+            prefer_wait(&h("prefer", "wait=99999999999999999999")),
+            Some(Duration::from_secs(u64::MAX)),
+            "out of range saturates, for the caller to cap"
+        );
+        assert_eq!(prefer_wait(&h("prefer", "wait=-1")), None);
+        assert_eq!(prefer_wait(&h("prefer", "wait=+5")), None);
+        assert_eq!(prefer_wait(&h("prefer", "wait=")), None);
         assert_eq!(prefer_wait(&h("prefer", "return=minimal")), None);
         assert_eq!(prefer_wait(&HeaderMap::new()), None);
     }

@@ -52,7 +52,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::L1;
 use crate::error::GatewayError;
 use crate::waiters::Waiters;
-use tessera_runtime::web::Body;
+use tessera_runtime::web::{Body, ServeOptions};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -187,7 +187,11 @@ impl Gateway {
             // A quarter of L1's budget: what hot answers may keep alive beyond it.
             hot: hot::HotAnswers::new(config.cache.capacity.as_u64() / 4),
             waiters: Arc::default(),
-            upstream: proxy::Upstream::new(&config.upstream.url, config.upstream.timeout),
+            upstream: proxy::Upstream::new(
+                &config.upstream.url,
+                config.upstream.timeout,
+                &config.gateway.trusted_proxies,
+            ),
             stopping: CancellationToken::new(),
             metrics,
             failures: Arc::default(),
@@ -233,10 +237,14 @@ impl Gateway {
             // Long-polls answer at once instead of holding the drain.
             stopping.cancel();
         };
+        let options = |name| {
+            ServeOptions::new(&self.config.http).counted_by(self.metrics.connections.listener(name))
+        };
         let admin_server = admin.map(|admin| {
             let (gw, stop) = (self.clone(), self.stopping.clone());
             tokio::spawn(tessera_runtime::web::serve(
                 admin,
+                options("admin"),
                 move |req, peer| gw.clone().admin(req, peer),
                 async move { stop.cancelled().await },
             ))
@@ -244,6 +252,7 @@ impl Gateway {
         let public = self.clone();
         tessera_runtime::web::serve(
             listener,
+            options("public"),
             move |req, peer| public.clone().handle(req, peer),
             shutdown,
         )

@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tessera_protocol::{Backends, QueueStats};
-use tessera_runtime::web::BackendMetrics;
+use tessera_runtime::web::{BackendMetrics, ConnectionGauges};
 pub use tessera_workers::metrics::RouteLabels;
 use tessera_workers::metrics::WorkerMetrics;
 
@@ -201,6 +201,8 @@ pub struct Metrics {
     pub long_polls: Gauge,
     /// Depth and consumers of every build queue (set at scrape).
     pub queues: QueueGauges,
+    /// Open connections on the public and admin listeners.
+    pub connections: ConnectionGauges,
     /// Build durations reported in `built` events, by route.
     pub build_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Builds any worker reported done (`built` events), by route.
@@ -249,6 +251,7 @@ impl Metrics {
             l1_bytes: Gauge::default(),
             long_polls: Gauge::default(),
             queues: QueueGauges::default(),
+            connections: ConnectionGauges::default(),
             build_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             builds_succeeded: Family::default(),
             builds_failed: Family::default(),
@@ -360,6 +363,7 @@ impl Metrics {
             self.long_polls.clone(),
         );
         r.register_collector(Box::new(self.queues.clone()));
+        self.connections.register(r);
     }
 
     /// Build durations by route, as reported in `built` events by any worker.

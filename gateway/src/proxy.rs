@@ -1,12 +1,17 @@
 //! The reverse proxy: everything that is not a fragment goes to the upstream, streamed.
 //!
 //! Hop-by-hop headers are removed in both directions (hyper strips none by itself);
-//! `X-Forwarded-For/Proto/Host` and `Via` are added. The client's `Host` is passed through
+//! `Forwarded`, `X-Forwarded-For/Proto/Host`, `X-Real-IP` and `Via` are added. Forwarding
+//! headers a client sent are dropped first, since it could claim any address, unless the
+//! peer is one of `gateway.trusted_proxies`: then its chain is kept and extended, and
+//! `X-Real-IP` is the right-most address in it that is not a trusted proxy (as nginx's
+//! `real_ip_recursive`). The client's `Host` is passed through
 //! so the application sees the name it is served under. Inbound HTTP/2 is sent upstream as
 //! HTTP/1.1. An upstream that cannot be reached gives a 502 problem, one that does not
 //! start answering within `upstream.timeout` a 504 — never a hang.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -17,7 +22,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::error::GatewayError;
 use tessera_protocol::Cause;
-use tessera_protocol::config::UpstreamUrl;
+use tessera_protocol::config::{IpNet, UpstreamUrl};
 use tessera_runtime::web::Body;
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -34,21 +39,34 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// `Via` value this gateway adds.
 const VIA: &str = "1.1 tessera";
 
+/// Headers that say who the client is and how it reached us: only a trusted proxy's are
+/// believed.
+const FORWARDING: [&str; 5] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+];
+
 /// A pooled HTTP/1.1 client for the upstream.
 #[derive(Debug, Clone)]
 pub struct Upstream {
     client: Client<HttpConnector, Body>,
     base: Uri,
     timeout: Duration,
+    trusted: Arc<[IpNet]>,
 }
 
 impl Upstream {
-    /// A client for `base` (`upstream.url`, parsed at load: `http://host[:port]`).
-    pub fn new(base: &UpstreamUrl, timeout: Duration) -> Self {
+    /// A client for `base` (`upstream.url`, parsed at load: `http://host[:port]`),
+    /// believing the forwarding headers of peers in `trusted` (`gateway.trusted_proxies`).
+    pub fn new(base: &UpstreamUrl, timeout: Duration, trusted: &[IpNet]) -> Self {
         Self {
             client: tessera_runtime::upstream::client(timeout),
             base: base.uri().clone(),
             timeout,
+            trusted: trusted.into(),
         }
     }
 
@@ -120,7 +138,7 @@ impl Upstream {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         strip_hop_by_hop(&mut parts.headers);
-        add_forwarded(&mut parts.headers, peer, host.as_ref());
+        add_forwarded(&mut parts.headers, peer.ip(), host.as_ref(), &self.trusted);
         if let Some(host) = host {
             parts.headers.insert(header::HOST, host);
         }
@@ -195,24 +213,100 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&HeaderValue>) {
-    let ip = peer.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+/// Sets the forwarding headers for a request from `peer`: see the module doc.
+fn add_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    host: Option<&HeaderValue>,
+    trusted: &[IpNet],
+) {
+    // A v4 client of a dual-stack listener shows as `::ffff:a.b.c.d`.
+    let peer = peer.to_canonical();
+    if !is_trusted(peer, trusted) {
+        for name in FORWARDING {
+            headers.remove(name);
+        }
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    if let Some(host) = host {
+    let client = real_ip(joined(headers, "x-forwarded-for").as_deref(), peer, trusted);
+    append(
+        headers,
+        HeaderName::from_static("x-forwarded-for"),
+        &peer.to_string(),
+    );
+    append(headers, header::FORWARDED, &forwarded_element(peer, host));
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    if let Some(host) = host
+        && !headers.contains_key("x-forwarded-host")
+    {
         headers.insert("x-forwarded-host", host.clone());
+    }
+    if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
+        headers.insert("x-real-ip", v);
     }
     append(headers, header::VIA, VIA);
 }
 
+fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
+    trusted.iter().any(|net| net.contains(&ip))
+}
+
+/// The client's address: walking `chain` (`X-Forwarded-For` as received) from the right,
+/// starting at `peer`, the first address that is not a trusted proxy. An entry that is
+/// not an address ends the walk: nothing left of it can be believed.
+fn real_ip(chain: Option<&str>, peer: IpAddr, trusted: &[IpNet]) -> IpAddr {
+    let mut client = peer;
+    for hop in chain.unwrap_or("").rsplit(',').map(str::trim) {
+        if !is_trusted(client, trusted) {
+            break;
+        }
+        match hop.parse::<IpAddr>() {
+            Ok(ip) => client = ip.to_canonical(),
+            Err(_) => break,
+        }
+    }
+    client
+}
+
+/// This hop's `Forwarded` element (RFC 7239): `for=…;host=…;proto=http`, an IPv6 address
+/// and a host with a port quoted.
+fn forwarded_element(peer: IpAddr, host: Option<&HeaderValue>) -> String {
+    let mut element = match peer {
+        IpAddr::V4(ip) => format!("for={ip}"),
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+    };
+    if let Some(host) = host.and_then(|h| h.to_str().ok()) {
+        element.push_str(";host=");
+        element.push_str(&token_or_quoted(host));
+    }
+    element.push_str(";proto=http");
+    element
+}
+
+/// `value` as an RFC 9110 token when it is one, else as a quoted string.
+fn token_or_quoted(value: &str) -> String {
+    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if !value.is_empty() && value.bytes().all(tchar) {
+        return value.to_string();
+    }
+    let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
+    format!("\"{escaped}\"")
+}
+
+/// Every value of `name`, joined with `, ` (a header may come in several lines).
+fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
+    let values: Vec<&str> = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
+}
+
+/// Adds `value` to the list in `name`, in one line.
 fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    let joined = match headers.get(&name).and_then(|v| v.to_str().ok()) {
+    let joined = match joined(headers, name.as_str()) {
         Some(prior) => format!("{prior}, {value}"),
         None => value.to_string(),
     };
@@ -245,16 +339,77 @@ mod tests {
         assert!(h.contains_key("x-kept"));
     }
 
-    #[test]
-    fn forwarded_headers_append() {
+    fn forged() -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+        h.insert("forwarded", HeaderValue::from_static("for=203.0.113.9"));
+        h.insert("x-real-ip", HeaderValue::from_static("203.0.113.9"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert("x-forwarded-host", HeaderValue::from_static("shop.example"));
         h.insert(header::VIA, HeaderValue::from_static("1.1 cdn"));
-        let host = HeaderValue::from_static("shop.example");
-        add_forwarded(&mut h, "127.0.0.1:5000".parse().unwrap(), Some(&host));
-        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+        h
+    }
+
+    #[test]
+    fn an_untrusted_peer_gets_fresh_forwarding_headers() {
+        let mut h = forged();
+        let host = HeaderValue::from_static("gw.example:8080");
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        add_forwarded(&mut h, "192.0.2.1".parse().unwrap(), Some(&host), &trusted);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1");
+        assert_eq!(h["x-real-ip"], "192.0.2.1");
+        assert_eq!(
+            h["forwarded"],
+            "for=192.0.2.1;host=\"gw.example:8080\";proto=http"
+        );
         assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-forwarded-host"], "shop.example");
+        assert_eq!(h["x-forwarded-host"], "gw.example:8080");
         assert_eq!(h[header::VIA], "1.1 cdn, 1.1 tessera");
+        for name in FORWARDING {
+            assert_eq!(h.get_all(name).iter().count(), 1, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_trusted_proxy_chain_is_extended() {
+        let mut h = forged();
+        let host = HeaderValue::from_static("shop.example");
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        add_forwarded(&mut h, "10.0.0.1".parse().unwrap(), Some(&host), &trusted);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.0.0.2, 10.0.0.1");
+        assert_eq!(h["x-real-ip"], "203.0.113.9", "right-most untrusted");
+        assert_eq!(
+            h["forwarded"],
+            "for=203.0.113.9, for=10.0.0.1;host=shop.example;proto=http"
+        );
+        assert_eq!(h["x-forwarded-proto"], "https", "the proxy terminated TLS");
+        assert_eq!(h["x-forwarded-host"], "shop.example");
+    }
+
+    #[test]
+    fn ipv6_and_mapped_peers() {
+        let mut h = HeaderMap::new();
+        add_forwarded(&mut h, "2001:db8::1".parse().unwrap(), None, &[]);
+        assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");
+        assert_eq!(h["x-real-ip"], "2001:db8::1");
+        let mut h = HeaderMap::new();
+        add_forwarded(&mut h, "::ffff:192.0.2.1".parse().unwrap(), None, &[]);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1");
+        let trusted: Vec<IpNet> = vec!["::1/128".parse().unwrap()];
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("garbage, 192.0.2.5"),
+        );
+        add_forwarded(&mut h, "::1".parse().unwrap(), None, &trusted);
+        assert_eq!(h["x-real-ip"], "192.0.2.5");
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(token_or_quoted("shop.example"), "shop.example");
+        assert_eq!(token_or_quoted("a:1"), "\"a:1\"");
+        assert_eq!(token_or_quoted("a\"b\\"), "\"a\\\"b\\\\\"");
     }
 }

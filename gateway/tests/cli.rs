@@ -139,7 +139,7 @@ async fn probe_checks_health_with_the_admin_token() {
             String::from_utf8_lossy(&ok.stderr)
         );
     }
-    let refused = probe("", "/healthz").await.unwrap();
+    let refused = probe("", "/readyz").await.unwrap();
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
     stop.cancel();

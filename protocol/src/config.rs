@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use bytesize::ByteSize;
+pub use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
 /// Names of the environment variables that override the file, in one place.
@@ -88,6 +89,8 @@ fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
 pub struct Config {
     /// The HTTP front: listeners and fragment endpoint.
     pub gateway: GatewayConfig,
+    /// Connection limits and timeouts of every listener.
+    pub http: HttpConfig,
     /// The web application Tessera fronts and renders fragments from.
     pub upstream: UpstreamConfig,
     /// L1: the in-process cache of each gateway.
@@ -117,6 +120,11 @@ pub struct GatewayConfig {
     pub fragment_prefix: String,
     /// Cap on `Prefer: wait=N`. Default 30 s.
     pub max_wait: Duration,
+    /// Peers whose forwarding headers (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`) are
+    /// believed and extended: the load balancers in front, as addresses or CIDR networks
+    /// (`"10.0.0.0/8"`). Any other peer's are replaced, as a client can claim any
+    /// address. Default none.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Default for GatewayConfig {
@@ -127,7 +135,88 @@ impl Default for GatewayConfig {
             admin_token: String::new(),
             fragment_prefix: "/fragments/".into(),
             max_wait: Duration::from_secs(30),
+            trusted_proxies: Vec::new(),
         }
+    }
+}
+
+/// A list of addresses (`"10.0.0.7"`, one host) and CIDR networks (`"10.0.0.0/8"`).
+fn ip_nets<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "{s:?} is neither an IP address nor a CIDR network, e.g. \"10.0.0.0/8\""
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// `[http]` — how every listener (the gateway's public and admin ones, each
+/// `tessera-worker`'s admin one) treats its connections. Each listener applies the limits
+/// on its own; `max_connections` counts per listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// A new connection that sends no byte within this is closed. Default 10 s.
+    #[serde(deserialize_with = "duration")]
+    pub first_byte_timeout: Duration,
+    /// A request head must be complete this long after its first byte (slow-loris guard);
+    /// on a fresh connection this also bounds the protocol detection and the HTTP/2
+    /// preface and settings exchange. Default 10 s.
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    /// A connection with no request in flight is closed after this (HTTP/1 keep-alive and
+    /// HTTP/2 alike). Default 75 s, longer than the 60 s idle timeout of common load
+    /// balancers, so that they close first.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Most connections served at once; further clients wait in the listen backlog.
+    /// Default 10,000.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers; HTTP/2: the header list); larger
+    /// ones are answered 431. Between 8KiB and 1MiB. Default 64 KiB.
+    pub max_header_bytes: ByteSize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            first_byte_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(75),
+            max_connections: 10_000,
+            max_header_bytes: ByteSize::kib(64),
+        }
+    }
+}
+
+/// Most connections a listener may be configured to hold.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+
+impl HttpConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive("http.first_byte_timeout", self.first_byte_timeout)?;
+        positive("http.header_timeout", self.header_timeout)?;
+        positive("http.idle_timeout", self.idle_timeout)?;
+        if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS_LIMIT {
+            return Err(invalid(
+                "http.max_connections",
+                format!("must be between 1 and {MAX_CONNECTIONS_LIMIT}"),
+            ));
+        }
+        // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
+        if self.max_header_bytes < ByteSize::kib(8) || self.max_header_bytes > ByteSize::mib(1) {
+            return Err(invalid(
+                "http.max_header_bytes",
+                "must be between 8KiB and 1MiB",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -544,6 +633,12 @@ pub struct FragmentRoute {
     /// Request cookies/headers that are part of the identity and forwarded to the render.
     #[serde(default)]
     pub vary: Vec<VarySource>,
+    /// Share render answers marked `Cache-Control: private` or `no-store` between users
+    /// anyway (routes without `vary` only). Default false: such an answer fails its
+    /// build, since it would be served to everyone. Rails marks answers private by
+    /// default; prefer `expires_in …, public: true` in the render action.
+    #[serde(default)]
+    pub shareable: bool,
     /// How long a built fragment is served without a rebuild. Default 60 s.
     #[serde(default = "default_fresh", deserialize_with = "duration")]
     pub fresh: Duration,
@@ -565,13 +660,26 @@ pub struct FragmentRoute {
     /// HTML the browser client shows when it gives up waiting for the fragment.
     #[serde(default = "default_fallback")]
     pub fallback: String,
-    /// Broker queue for this route's builds. Default `tessera.build`.
-    #[serde(default = "default_queue")]
+    /// Broker queue for this route's builds, used exactly as written. Default (absent or
+    /// empty): the namespace's own, `{store.namespace}.build` ([`default_queue`]), shared
+    /// by every route that names none.
+    #[serde(default)]
     pub queue: String,
 }
 
-/// Queue that routes use unless they name their own.
-pub const DEFAULT_QUEUE: &str = "tessera.build";
+/// The queue of routes that name none: `{namespace}.build`, so namespaces sharing a
+/// broker never share a queue.
+pub fn default_queue(namespace: &str) -> String {
+    format!("{namespace}.build")
+}
+
+/// Gives each route that names no queue its namespace's [`default_queue`].
+fn with_default_queues(mut routes: Vec<FragmentRoute>, namespace: &str) -> Vec<FragmentRoute> {
+    for r in routes.iter_mut().filter(|r| r.queue.is_empty()) {
+        r.queue = default_queue(namespace);
+    }
+    routes
+}
 
 fn default_fresh() -> Duration {
     Duration::from_secs(60)
@@ -594,18 +702,17 @@ fn default_placeholder() -> String {
 fn default_fallback() -> String {
     r#"<div class="tessera-unavailable">This content is unavailable right now.</div>"#.into()
 }
-fn default_queue() -> String {
-    DEFAULT_QUEUE.into()
-}
 
 impl FragmentRoute {
-    /// A route with every optional key at its default.
+    /// A route with every optional key at its default; its queue is the default
+    /// namespace's (`tessera.build`), since a route alone knows no namespace.
     pub fn new(name: impl Into<String>, render: impl Into<String>) -> Self {
         Self {
             name: name.into(),
             render: render.into(),
             params: Vec::new(),
             vary: Vec::new(),
+            shareable: false,
             fresh: default_fresh(),
             stale: default_stale(),
             failed_ttl: default_failed_ttl(),
@@ -613,14 +720,16 @@ impl FragmentRoute {
             max_attempts: default_max_attempts(),
             placeholder: default_placeholder(),
             fallback: default_fallback(),
-            queue: default_queue(),
+            queue: default_queue(&StoreConfig::default().namespace),
         }
     }
 
     /// How long a build may hold the pending lease: one attempt plus slack for storing the
     /// result. Workers extend it before each retry, so it never has to cover all attempts.
     pub fn lease_ttl(&self) -> Duration {
-        self.build_timeout + LEASE_SLACK
+        // Saturating: validation bounds `build_timeout`, but a hand-made route need not
+        // have passed it.
+        self.build_timeout.saturating_add(LEASE_SLACK)
     }
 }
 
@@ -645,7 +754,8 @@ fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
 /// sees an unparsed value; [`ConfigFile::resolve`] turns it into a [`Config`].
 mod file {
     use super::{
-        ByteSize, CacheConfig, Deserialize, Duration, FragmentRoute, duration, optional_duration,
+        ByteSize, CacheConfig, Deserialize, Duration, FragmentRoute, HttpConfig, IpNet, duration,
+        ip_nets, optional_duration,
     };
 
     /// The whole file.
@@ -653,6 +763,7 @@ mod file {
     #[serde(deny_unknown_fields, default)]
     pub(super) struct ConfigFile {
         pub gateway: GatewayFile,
+        pub http: HttpConfig,
         pub upstream: UpstreamFile,
         pub cache: CacheConfig,
         pub store: StoreFile,
@@ -674,6 +785,8 @@ mod file {
         pub fragment_prefix: String,
         #[serde(deserialize_with = "duration")]
         pub max_wait: Duration,
+        #[serde(deserialize_with = "ip_nets")]
+        pub trusted_proxies: Vec<IpNet>,
     }
 
     impl Default for GatewayFile {
@@ -685,6 +798,7 @@ mod file {
                 admin_token: d.admin_token,
                 fragment_prefix: d.fragment_prefix,
                 max_wait: d.max_wait,
+                trusted_proxies: d.trusted_proxies,
             }
         }
     }
@@ -802,6 +916,7 @@ impl ConfigFile {
     /// so the first problem reported is the first one in the file's order.
     fn resolve(self) -> Result<Config, ConfigError> {
         let gateway = self.gateway.resolve()?;
+        self.http.validate()?;
         let url = self
             .upstream
             .url
@@ -840,8 +955,10 @@ impl ConfigFile {
             .transpose()?;
         let backend = Backend::resolve(servers, amqp)?;
         let workers = self.workers.resolve(&backend)?;
+        let fragments = with_default_queues(self.fragments, &store.namespace);
         let config = Config {
             gateway,
+            http: self.http,
             upstream,
             cache: self.cache,
             store,
@@ -850,7 +967,7 @@ impl ConfigFile {
             },
             backend,
             workers,
-            fragments: self.fragments,
+            fragments,
         };
         config.validate_routes()?;
         Ok(config)
@@ -866,6 +983,7 @@ impl GatewayFile {
             admin_token: self.admin_token,
             fragment_prefix: self.fragment_prefix,
             max_wait: self.max_wait,
+            trusted_proxies: self.trusted_proxies,
         };
         gateway.validate()?;
         Ok(gateway)
@@ -934,6 +1052,7 @@ impl Config {
     /// and addresses are valid by their types; a loaded config has passed this already.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.gateway.validate()?;
+        self.http.validate()?;
         self.upstream.validate()?;
         self.cache.validate()?;
         self.store.validate()?;
@@ -970,7 +1089,7 @@ impl Config {
             }
         }
         if seen.is_empty() {
-            seen.push(DEFAULT_QUEUE.to_string());
+            seen.push(default_queue(&self.store.namespace));
         }
         seen
     }
@@ -1161,10 +1280,19 @@ impl FragmentRoute {
         positive(&format!("{at}.failed_ttl"), self.failed_ttl)?;
         positive(&format!("{at}.build_timeout"), self.build_timeout)?;
         let month = Duration::from_secs(30 * 24 * 3600);
-        if self.fresh + self.stale > month {
+        // Saturating: `"18446744073709551615s"` is a valid duration, and the sum must
+        // be refused, not overflow.
+        if self.fresh.saturating_add(self.stale) > month {
             return Err(invalid(
                 format!("{at}.stale"),
                 "fresh + stale must be at most 30 days (memcached's relative expiry limit)",
+            ));
+        }
+        if self.lease_ttl() > month {
+            return Err(invalid(
+                format!("{at}.build_timeout"),
+                "must be at most 30 days less 2s: the pending lease outlives it by 2s and \
+                 memcached reads a longer expiry as a date",
             ));
         }
         if !(1..=20).contains(&self.max_attempts) {
@@ -1617,7 +1745,7 @@ queue = "tessera.build"
         assert_eq!(c.workers.admin_listen.to_string(), "127.0.0.1:9091");
         assert_eq!(c.workers.admin_token, "");
         assert!(c.fragments.is_empty());
-        assert_eq!(c.queues(), vec![DEFAULT_QUEUE]);
+        assert_eq!(c.queues(), vec!["tessera.build"]);
         assert!(c.validate().is_ok());
     }
 
@@ -1708,7 +1836,7 @@ queue = "tessera.build"
                 &format!("queue = \"{}\"", "q".repeat(201)),
                 Some("fragment[0].queue"),
             ),
-            ("queue = \"\"", Some("fragment[0].queue")),
+            ("queue = \"\"", None),
             ("queue = \"my-app_1.build:slow\"", None),
             ("queue = \"amq\"", None),
             ("render = \"/r#top\"", Some("fragment[0].render")),
@@ -1973,6 +2101,7 @@ queue = "tessera.build"
             (|c| c.cache.ttl = Duration::ZERO, "cache.ttl"),
             (|c| c.store.timeout = Duration::ZERO, "store.timeout"),
             (|c| c.workers.embedded = 0, "workers.embedded"),
+            (|c| c.fragments[0].queue.clear(), "fragment[0].queue"),
             (
                 |c| c.fragments[0].build_timeout = Duration::ZERO,
                 "fragment[0].build_timeout",
@@ -1997,5 +2126,79 @@ queue = "tessera.build"
         assert!(e.to_string().starts_with("config file site.toml: "), "{e}");
         let e = Config::from_toml("[bus]\nqueue_expiry = \"later\"").unwrap_err();
         assert!(e.to_string().contains("queue_expiry"), "{e}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_networks() {
+        let c = Config::from_toml(
+            "[gateway]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\", \"::1\"]",
+        )
+        .unwrap();
+        let trusted = |ip: &str| {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            c.gateway.trusted_proxies.iter().any(|n| n.contains(&ip))
+        };
+        assert!(trusted("10.1.2.3") && trusted("192.0.2.7") && trusted("2001:db8::9"));
+        assert!(trusted("::1"));
+        assert!(!trusted("192.0.2.8") && !trusted("11.0.0.1"));
+        assert!(Config::default().gateway.trusted_proxies.is_empty());
+        let msg = err("[gateway]\ntrusted_proxies = [\"10.0.0/8\"]");
+        assert!(
+            msg.contains("trusted_proxies") && msg.contains("10.0.0/8"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn http_limits_have_defaults_parse_and_are_checked() {
+        let d = Config::default().http;
+        assert_eq!(d.first_byte_timeout, Duration::from_secs(10));
+        assert_eq!(d.header_timeout, Duration::from_secs(10));
+        assert_eq!(d.idle_timeout, Duration::from_secs(75));
+        assert_eq!(d.max_connections, 10_000);
+        assert_eq!(d.max_header_bytes, ByteSize::kib(64));
+        let c = Config::from_toml(
+            "[http]\nfirst_byte_timeout = \"2s\"\nheader_timeout = \"5s\"\nidle_timeout = \"1m\"\nmax_connections = 500\nmax_header_bytes = \"16KiB\"",
+        )
+        .unwrap();
+        assert_eq!(c.http.first_byte_timeout, Duration::from_secs(2));
+        assert_eq!(c.http.header_timeout, Duration::from_secs(5));
+        assert_eq!(c.http.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.http.max_connections, 500);
+        assert_eq!(c.http.max_header_bytes, ByteSize::kib(16));
+        for (toml, key) in [
+            (
+                "[http]\nfirst_byte_timeout = \"0s\"",
+                "http.first_byte_timeout",
+            ),
+            ("[http]\nheader_timeout = \"0s\"", "http.header_timeout"),
+            ("[http]\nidle_timeout = \"0s\"", "http.idle_timeout"),
+            ("[http]\nmax_connections = 0", "http.max_connections"),
+            (
+                "[http]\nmax_header_bytes = \"4KiB\"",
+                "http.max_header_bytes",
+            ),
+            (
+                "[http]\nmax_header_bytes = \"2MiB\"",
+                "http.max_header_bytes",
+            ),
+        ] {
+            let msg = err(toml);
+            assert!(msg.contains(&format!("`{key}`")), "{toml:?} gave {msg:?}");
+        }
+        assert!(err("[http]\nidle = \"1s\"").contains("idle"));
+    }
+
+    #[test]
+    fn the_default_queue_is_the_namespace_s_own_and_named_ones_are_kept() {
+        let c = Config::from_toml(&format!(
+            "[store]\nnamespace = \"shop\"\n{ROUTE}[[fragment]]\nname = \"slow\"\nrender = \"/s\"\nqueue = \"tessera.slow\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.fragments[0].queue, "shop.build");
+        assert_eq!(c.fragments[1].queue, "tessera.slow", "kept as written");
+        assert_eq!(c.queues(), vec!["shop.build", "tessera.slow"]);
+        let no_routes = Config::from_toml("[store]\nnamespace = \"shop\"").unwrap();
+        assert_eq!(no_routes.queues(), vec!["shop.build"]);
     }
 }

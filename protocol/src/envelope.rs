@@ -20,8 +20,9 @@ use serde::{Deserialize, Serialize};
 use crate::time::{now_ms, remaining};
 
 const MAGIC: u8 = b'T';
-/// Current encoding version; bump it when the layout changes.
-pub const VERSION: u8 = 1;
+/// Current encoding version; bump it when the layout changes. Version 1 (without
+/// [`Envelope::esi`]) is still read.
+pub const VERSION: u8 = 2;
 
 /// Outcome of the last build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +57,45 @@ pub struct Envelope {
     pub attempts: u32,
     /// Why the last build failed (`Failed` only).
     pub error: Option<String>,
+    /// The render answer asked for ESI processing (`Surrogate-Control:
+    /// content="ESI/1.0"`): only then are its `<esi:…>` tags composed. A fragment that did
+    /// not opt in is served as it is, so one that reflects user input cannot make the
+    /// gateway build other fragments.
+    pub esi: bool,
+}
+
+/// Version 1 of the layout: [`Envelope`] without `esi`. Its fragments were composed
+/// whenever they carried markup, and still are until rebuilt.
+#[derive(Deserialize)]
+struct EnvelopeV1 {
+    status: Status,
+    body: Bytes,
+    content_type: String,
+    etag: String,
+    built_at: u64,
+    fresh_until: u64,
+    stale_until: u64,
+    build_ms: u32,
+    attempts: u32,
+    error: Option<String>,
+}
+
+impl From<EnvelopeV1> for Envelope {
+    fn from(v1: EnvelopeV1) -> Self {
+        Envelope {
+            status: v1.status,
+            body: v1.body,
+            content_type: v1.content_type,
+            etag: v1.etag,
+            built_at: v1.built_at,
+            fresh_until: v1.fresh_until,
+            stale_until: v1.stale_until,
+            build_ms: v1.build_ms,
+            attempts: v1.attempts,
+            error: v1.error,
+            esi: true,
+        }
+    }
 }
 
 /// The bytes are not an envelope this version can read.
@@ -112,7 +152,15 @@ impl Envelope {
             build_ms,
             attempts,
             error: None,
+            esi: false,
         }
+    }
+
+    /// The same envelope, composed (`esi = true`) or served as it is.
+    #[must_use]
+    pub fn with_esi(mut self, esi: bool) -> Self {
+        self.esi = esi;
+        self
     }
 
     /// A failed build. `previous` is the envelope it replaces, whose body is kept as the
@@ -144,6 +192,7 @@ impl Envelope {
                 build_ms: 0,
                 attempts,
                 error: Some(error),
+                esi: false,
             },
         }
     }
@@ -184,6 +233,9 @@ impl Envelope {
             [MAGIC, VERSION, rest @ ..] => {
                 postcard::from_bytes(rest).map_err(|e| DecodeError::Corrupt(e.to_string()))
             }
+            [MAGIC, 1, rest @ ..] => postcard::from_bytes::<EnvelopeV1>(rest)
+                .map(Envelope::from)
+                .map_err(|e| DecodeError::Corrupt(e.to_string())),
             [MAGIC, other, ..] => Err(DecodeError::Version(*other)),
             _ => Err(DecodeError::NotAnEnvelope),
         }
@@ -218,6 +270,44 @@ mod tests {
         let e = sample();
         let overhead = e.encode().len() - e.body.len();
         assert!(overhead < 120, "{overhead} bytes of overhead");
+    }
+
+    #[test]
+    fn version_1_is_read_as_composed() {
+        #[derive(Serialize)]
+        struct V1<'a> {
+            status: Status,
+            body: &'a [u8],
+            content_type: &'a str,
+            etag: &'a str,
+            built_at: u64,
+            fresh_until: u64,
+            stale_until: u64,
+            build_ms: u32,
+            attempts: u32,
+            error: Option<String>,
+        }
+        let e = sample();
+        let v1 = V1 {
+            status: e.status,
+            body: &e.body,
+            content_type: &e.content_type,
+            etag: &e.etag,
+            built_at: e.built_at,
+            fresh_until: e.fresh_until,
+            stale_until: e.stale_until,
+            build_ms: e.build_ms,
+            attempts: e.attempts,
+            error: None,
+        };
+        let mut bytes = vec![MAGIC, 1];
+        bytes.extend(postcard::to_stdvec(&v1).unwrap());
+        let decoded = Envelope::decode(&bytes).unwrap();
+        assert!(decoded.esi, "version 1 fragments were composed");
+        assert_eq!(decoded, e.clone().with_esi(true));
+        assert!(!e.esi, "a new envelope is not composed unless it asked");
+        let esi = e.with_esi(true);
+        assert_eq!(Envelope::decode(&esi.encode()), Ok(esi));
     }
 
     #[test]

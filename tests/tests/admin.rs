@@ -5,7 +5,12 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use tessera_tests::harness::{Backend, TestGateway, backends, client, config, route, text};
+use tessera_backends::amqp::AmqpBus;
+use tessera_protocol::Config;
+use tessera_tests::harness::{
+    Backend, TestGateway, amqp_url, backends, client, config, memcached_addr, require_servers,
+    route, text, unique_namespace,
+};
 use tessera_tests::upstream::FakeUpstream;
 use tessera_tests::{eventually, metric};
 
@@ -29,7 +34,6 @@ async fn the_token_guards_every_admin_endpoint() {
     let gw = TestGateway::start(c, b).await;
     for (method, path) in [
         ("GET", "/metrics"),
-        ("GET", "/healthz"),
         ("GET", "/readyz"),
         ("DELETE", "/routes/a"),
     ] {
@@ -98,6 +102,55 @@ async fn health_and_readiness() {
     assert_eq!(r.status(), StatusCode::OK);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body, serde_json::json!({"store": "ok", "bus": "ok"}));
+}
+
+/// A namespace whose default build queue already exists on the broker with another
+/// namespace's arguments cannot queue builds: `/readyz` says so from start-up, before any
+/// traffic, and turns ready by itself once the queue can be declared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_reports_a_build_queue_the_bus_cannot_declare() {
+    require_servers();
+    let ns = unique_namespace();
+    let queue = format!("{ns}.build");
+    // Another namespace took the name first, with its own dead-letter exchange; its
+    // queues expire soon after it leaves.
+    let first = format!("{ns}-first");
+    AmqpBus::with_queue_expiry(&amqp_url(), &first, Some(Duration::from_secs(3)))
+        .publish_raw(&queue, b"{}")
+        .await
+        .unwrap();
+    let up = FakeUpstream::start().await;
+    let c = Config::from_toml(&format!(
+        "[upstream]\nurl = \"{}\"\n[store]\nnamespace = \"{ns}\"\nmemcached = [\"{}\"]\n\
+         [bus]\namqp = \"{}\"\nqueue_expiry = \"10m\"\n[workers]\nembedded = 0\n\
+         [[fragment]]\nname = \"news\"\nrender = \"/_render/news\"\n",
+        up.url(),
+        memcached_addr(),
+        amqp_url(),
+    ))
+    .unwrap();
+    let b = tessera_backends::connect(&c).await.unwrap();
+    let gw = TestGateway::start(c, b).await;
+    let readyz = format!("{}/readyz", gw.admin);
+    let r = client().get(&readyz).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["store"], "ok");
+    let bus = body["bus"].as_str().unwrap();
+    assert!(
+        bus.contains("PRECONDITION_FAILED") && bus.contains(&queue),
+        "bus: {bus}"
+    );
+    eventually(
+        "ready once the other namespace's queue expired",
+        WITHIN,
+        || {
+            let readyz = readyz.clone();
+            async move { client().get(&readyz).send().await.unwrap().status() == StatusCode::OK }
+        },
+    )
+    .await;
+    gw.stop().await;
 }
 
 // One scenario checking every family in turn: long by nature.
@@ -323,4 +376,170 @@ async fn unknown_admin_paths_and_routes_are_problems() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
+}
+
+/// A gateway whose admin listener needs `s3cret`, with a route `a`.
+async fn guarded_gateway(up: &FakeUpstream) -> TestGateway {
+    let mut c = config(&up.url(), vec![route("a")]);
+    c.gateway.admin_token = "s3cret".into();
+    let b = backends(Backend::Memory, &mut c).await;
+    TestGateway::start(c, b).await
+}
+
+/// `method path` on the admin listener with HTTP Basic (as a browser resends it by
+/// itself) and `headers`.
+async fn admin_request(
+    gw: &TestGateway,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+) -> reqwest::Response {
+    let mut r = client()
+        .request(method.parse().unwrap(), format!("{}{path}", gw.admin))
+        .basic_auth("admin", Some("s3cret"));
+    for (name, value) in headers {
+        r = r.header(*name, value);
+    }
+    r.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn cross_site_state_changes_are_refused() {
+    let up = FakeUpstream::start().await;
+    let gw = guarded_gateway(&up).await;
+    let hostile: [&[(&str, String)]; 6] = [
+        &[("origin", "http://evil.example".into())],
+        &[("origin", "null".into())],
+        &[("origin", gw.admin.replace("127.0.0.1", "localhost"))],
+        &[("sec-fetch-site", "cross-site".into())],
+        &[("sec-fetch-site", "same-site".into())],
+        &[("referer", "http://evil.example/page".into())],
+    ];
+    for (method, path) in [
+        ("POST", "/dead-letters/requeue"),
+        ("DELETE", "/routes/a"),
+        ("DELETE", "/fragments/a"),
+    ] {
+        for headers in hostile {
+            let r = admin_request(&gw, method, path, headers).await;
+            assert_eq!(
+                r.status(),
+                StatusCode::FORBIDDEN,
+                "{method} {path} with {headers:?}"
+            );
+            assert_eq!(r.headers()["content-type"], "application/problem+json");
+            let problem: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(problem["code"], "cross_site", "{problem}");
+        }
+    }
+    // Reading stays possible: a cross-site page cannot read the answer anyway (no CORS).
+    let r = admin_request(&gw, "GET", "/metrics", hostile[0]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn same_origin_and_scripted_state_changes_still_work() {
+    let up = FakeUpstream::start().await;
+    let gw = guarded_gateway(&up).await;
+    let same_origin: [&[(&str, String)]; 5] = [
+        &[],
+        &[("origin", gw.admin.clone())],
+        &[
+            ("origin", gw.admin.clone()),
+            ("sec-fetch-site", "same-origin".into()),
+        ],
+        &[("sec-fetch-site", "none".into())],
+        &[("referer", format!("{}/", gw.admin))],
+    ];
+    for headers in same_origin {
+        for (method, path) in [("POST", "/dead-letters/requeue"), ("DELETE", "/routes/a")] {
+            let r = admin_request(&gw, method, path, headers).await;
+            assert_eq!(
+                r.status(),
+                StatusCode::OK,
+                "{method} {path} with {headers:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_dashboard_cannot_be_framed_or_run_foreign_code() {
+    let up = FakeUpstream::start().await;
+    let gw = guarded_gateway(&up).await;
+    let r = admin_request(&gw, "GET", "/", &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    let csp = r.headers()["content-security-policy"].to_str().unwrap();
+    for directive in [
+        "default-src 'none'",
+        "frame-ancestors 'none'",
+        "connect-src 'self'",
+    ] {
+        assert!(csp.contains(directive), "{directive} missing in {csp}");
+    }
+    assert!(!csp.contains("unsafe"), "{csp}");
+    // Every script and style the page uses is a file the policy allows ('self').
+    let html = r.text().await.unwrap();
+    assert!(!html.contains("<style"), "inline style");
+    for (tag, asset, content_type) in [
+        (
+            "<script src=\"dashboard.js\"",
+            "/dashboard.js",
+            "text/javascript; charset=utf-8",
+        ),
+        (
+            "<link rel=\"stylesheet\" href=\"dashboard.css\"",
+            "/dashboard.css",
+            "text/css; charset=utf-8",
+        ),
+    ] {
+        assert!(html.contains(tag), "{tag} missing");
+        let r = admin_request(&gw, "GET", asset, &[]).await;
+        assert_eq!(r.status(), StatusCode::OK, "{asset}");
+        assert_eq!(r.headers()["content-type"], content_type);
+        assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    }
+    assert_eq!(
+        html.matches("<script").count(),
+        1,
+        "one script, no inline one"
+    );
+}
+
+#[tokio::test]
+async fn the_auth_scheme_is_case_insensitive_and_healthz_is_open() {
+    let up = FakeUpstream::start().await;
+    let gw = guarded_gateway(&up).await;
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let r = client()
+            .get(format!("{}/metrics", gw.admin))
+            .header("authorization", format!("{scheme} s3cret"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{scheme}");
+    }
+    let r = client()
+        .get(format!("{}/metrics", gw.admin))
+        .header("authorization", "basic YWRtaW46czNjcmV0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "lower-case basic");
+    // Probes need no token for liveness; everything else still does.
+    let r = client()
+        .get(format!("{}/healthz", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.text().await.unwrap(), "ok\n");
+    let r = client()
+        .get(format!("{}/readyz", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 }

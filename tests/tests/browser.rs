@@ -275,4 +275,22 @@ async fn the_dashboard_shows_live_figures() {
         body.contains("418") || body.contains("404"),
         "the failure is listed with its error: {body}"
     );
+    requeue_from_the_page(&browser).await;
+}
+
+/// Clicks the dashboard's Re-queue button: the page's own POST (same origin, as the
+/// browser says in `Origin` and `Sec-Fetch-Site`) must pass the cross-site check.
+async fn requeue_from_the_page(browser: &Browser) {
+    browser
+        .eval("document.getElementById('requeue').click(); return null")
+        .await;
+    eventually("the re-queue answered", Duration::from_secs(10), || async {
+        browser
+            .eval("return document.getElementById('requeued').textContent")
+            .await
+            .as_str()
+            .unwrap_or("")
+            .starts_with("re-queued ")
+    })
+    .await;
 }

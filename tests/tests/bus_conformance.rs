@@ -14,4 +14,10 @@ mod amqp {
     async fn no_broker_is_unavailable() {
         tessera_tests::conformance::bus::amqp_only::no_broker_is_unavailable().await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn exchanges_of_an_expiring_namespace_go_with_it() {
+        tessera_tests::conformance::bus::amqp_only::exchanges_of_an_expiring_namespace_go_with_it()
+            .await;
+    }
 }

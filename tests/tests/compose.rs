@@ -35,6 +35,18 @@ fn fragment(up: &FakeUpstream, name: &str, html: &str) {
     );
 }
 
+/// A fragment whose render asks for ESI processing, as pages do.
+fn esi_fragment(up: &FakeUpstream, name: &str, html: &str) {
+    up.script(
+        &format!("/_render/{name}"),
+        Script {
+            body: Some(html.to_string().into()),
+            headers: vec![(ESI.0.into(), ESI.1.into())],
+            ..Script::default()
+        },
+    );
+}
+
 async fn start(up: &FakeUpstream, routes: Vec<FragmentRoute>) -> (TestGateway, Arc<Calls>) {
     let mut c = config(&up.url(), routes);
     let mut b = backends(Backend::Memory, &mut c).await;
@@ -165,9 +177,9 @@ async fn only_configured_routes_are_ever_fetched() {
 async fn fragments_may_include_fragments_up_to_the_depth_limit() {
     let up = FakeUpstream::start().await;
     page(&up, "/", r#"[<esi:include src="/fragments/l1"/>]"#);
-    fragment(&up, "l1", r#"1<esi:include src="/fragments/l2"/>"#);
-    fragment(&up, "l2", r#"2<esi:include src="/fragments/l3"/>"#);
-    fragment(&up, "l3", r#"3<esi:include src="/fragments/l4"/>"#);
+    esi_fragment(&up, "l1", r#"1<esi:include src="/fragments/l2"/>"#);
+    esi_fragment(&up, "l2", r#"2<esi:include src="/fragments/l3"/>"#);
+    esi_fragment(&up, "l3", r#"3<esi:include src="/fragments/l4"/>"#);
     fragment(&up, "l4", "4");
     let routes = ["l1", "l2", "l3", "l4"].map(route).to_vec();
     let (gw, _) = start(&up, routes).await;
@@ -183,6 +195,71 @@ async fn fragments_may_include_fragments_up_to_the_depth_limit() {
         up.renders("/_render/l4"),
         0,
         "nothing is built past the limit"
+    );
+}
+
+/// The fragment endpoint composes a fragment's includes as a page would: the client
+/// script inserts what it answers, so a raw `<esi:include>` there would be a dead tag.
+#[tokio::test]
+async fn the_fragment_endpoint_composes_nested_includes_with_the_same_limit() {
+    let up = FakeUpstream::start().await;
+    esi_fragment(&up, "l1", r#"1<esi:include src="/fragments/l2"/>"#);
+    esi_fragment(&up, "l2", r#"2<esi:include src="/fragments/l3"/>"#);
+    esi_fragment(&up, "l3", r#"3<esi:include src="/fragments/l4"/>"#);
+    fragment(&up, "l4", "4");
+    let routes = ["l1", "l2", "l3", "l4"].map(route).to_vec();
+    let (gw, _) = start(&up, routes).await;
+    let url = gw.at("/fragments/l1");
+    eventually(
+        "the nested includes are built",
+        Duration::from_secs(15),
+        || async {
+            let r = client().get(&url).send().await.unwrap();
+            r.status() == StatusCode::OK && r.text().await.unwrap().starts_with("123")
+        },
+    )
+    .await;
+    let (headers, body) = text(&url).await;
+    // Level 1 of a page, as when the page composed it: the same depth limit.
+    assert_eq!(body, "123<!-- tessera: depth limit reached -->");
+    assert_eq!(
+        up.renders("/_render/l4"),
+        0,
+        "nothing is built past the limit"
+    );
+    // Its validator is the composed body's, so an include's change is seen.
+    let etag = headers["etag"].to_str().unwrap().to_string();
+    assert_eq!(etag, tessera_protocol::envelope::etag_of(body.as_bytes()));
+    let again = client()
+        .get(&url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
+}
+
+/// Only a render that asked for ESI is composed: markup in any other fragment (user
+/// input it reflects, say) is left as text and never builds anything.
+#[tokio::test]
+async fn fragments_that_did_not_ask_for_esi_are_not_composed() {
+    let up = FakeUpstream::start().await;
+    page(&up, "/", r#"[<esi:include src="/fragments/echo"/>]"#);
+    let reflected = r#"hi <esi:include src="/fragments/secret"/>"#;
+    fragment(&up, "echo", reflected);
+    fragment(&up, "secret", "s");
+    let (gw, _) = start(&up, vec![route("echo"), route("secret")]).await;
+    eventually("the fragment is built", Duration::from_secs(15), || async {
+        text(&gw.at("/")).await.1.starts_with("[hi")
+    })
+    .await;
+    assert_eq!(text(&gw.at("/")).await.1, format!("[{reflected}]"));
+    assert_eq!(text(&gw.at("/fragments/echo")).await.1, reflected);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        up.renders("/_render/secret"),
+        0,
+        "the reflected include built nothing"
     );
 }
 

@@ -427,6 +427,8 @@ fn the_scripts_pass_shellcheck() {
         "bench/hit-path.sh",
         "bench/hit-path-instructions.sh",
         "bench/distributed.sh",
+        "bench/soak.sh",
+        "bench/memory.sh",
         ".ci/run",
     ]);
     assert_ok(&run(check), "shellcheck");

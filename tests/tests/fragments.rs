@@ -127,6 +127,42 @@ pub async fn long_poll_gives_up_at_its_deadline(kind: Backend) {
     gw.stop().await;
 }
 
+/// A wait too large for any integer is capped at `gateway.max_wait`, not read as 0.
+pub async fn an_out_of_range_wait_is_capped(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    up.script(
+        "/_render/huge",
+        Script {
+            delay: Duration::from_secs(10),
+            ..Script::default()
+        },
+    );
+    let mut r = route("huge");
+    r.build_timeout = Duration::from_secs(20);
+    let mut c = config(&up.url(), vec![r]);
+    c.gateway.max_wait = Duration::from_secs(1);
+    let b = backends(kind, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let started = Instant::now();
+    let r = client()
+        .get(gw.at("/fragments/huge"))
+        .header("prefer", "wait=99999999999999999999")
+        .send()
+        .await
+        .expect("request answered");
+    let took = started.elapsed();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert!(
+        took >= Duration::from_millis(900),
+        "answered after {took:?}: the wait was not held up to max_wait"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "held past max_wait: {took:?}"
+    );
+    gw.stop().await;
+}
+
 pub async fn fresh_hits_carry_cache_headers_and_revalidate(kind: Backend) {
     let up = FakeUpstream::start().await;
     let mut c = config(&up.url(), vec![route("hit")]);
@@ -604,6 +640,7 @@ macro_rules! all_scenarios {
             burst_of_cold_requests_builds_once,
             long_poll_answers_when_built,
             long_poll_gives_up_at_its_deadline,
+            an_out_of_range_wait_is_capped,
             fresh_hits_carry_cache_headers_and_revalidate,
             pending_answers_json_when_asked,
             stale_is_served_and_rebuilt_once,
@@ -665,5 +702,62 @@ async fn a_dead_store_does_not_take_cached_fragments_down() {
     }
     let never = get(&gw.at("/fragments/never")).await;
     assert_eq!(never.status(), StatusCode::SERVICE_UNAVAILABLE);
+    gw.stop().await;
+}
+
+/// A render answer marked `Cache-Control: private` on a route without `vary` would be
+/// shared with every user: its build fails, naming the route and the fix, and is not
+/// retried. A route that varies, or one declared `shareable`, stores it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_render_answers_are_not_shared() {
+    let up = FakeUpstream::start().await;
+    for name in ["mine", "varied", "declared"] {
+        up.script(
+            &format!("/_render/{name}"),
+            Script {
+                headers: vec![("cache-control".into(), "private, max-age=0".into())],
+                ..Script::default()
+            },
+        );
+    }
+    let mut varied = route("varied");
+    varied.vary = vec!["cookie:session".parse().unwrap()];
+    let mut declared = route("declared");
+    declared.shareable = true;
+    let mut c = config(&up.url(), vec![route("mine"), varied, declared]);
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+
+    let refused = wait_for(&gw.at("/fragments/mine"), 5).await;
+    assert_eq!(refused.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(up.renders("/_render/mine"), 1, "not retried");
+    let status: serde_json::Value = client()
+        .get(format!("{}/api/status", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let error = status["recent_failures"][0]["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("\"mine\"") && error.contains("private") && error.contains("vary"),
+        "{error}"
+    );
+
+    let ok = client()
+        .get(gw.at("/fragments/varied"))
+        .header("cookie", "session=a")
+        .header("prefer", "wait=5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    assert_eq!(ok.headers()["cache-control"], "private, no-cache");
+    let ok = wait_for(&gw.at("/fragments/declared"), 5).await;
+    assert_eq!(ok.status(), StatusCode::OK);
     gw.stop().await;
 }

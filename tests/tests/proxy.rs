@@ -43,7 +43,10 @@ async fn every_method_is_forwarded_with_forwarding_headers() {
         let h = &echo["headers"];
         assert_eq!(echo["method"], method);
         assert_eq!(echo["body_len"], 5);
-        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+        assert_eq!(
+            h["x-forwarded-for"], "127.0.0.1",
+            "an untrusted client's chain is replaced"
+        );
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], gw.url.trim_start_matches("http://"));
         assert_eq!(
@@ -58,6 +61,72 @@ async fn every_method_is_forwarded_with_forwarding_headers() {
             "request hop-by-hop header leaked: {h}"
         );
     }
+}
+
+/// Forwarding headers as a client forges them, claiming to be 203.0.113.7 over HTTPS.
+const FORGED: [(&str, &str); 5] = [
+    ("forwarded", "for=203.0.113.7;proto=https"),
+    ("x-real-ip", "203.0.113.7"),
+    ("x-forwarded-for", "203.0.113.7"),
+    ("x-forwarded-host", "evil.example"),
+    ("x-forwarded-proto", "https"),
+];
+
+/// The headers the upstream's `/echo` saw for a GET carrying [`FORGED`].
+async fn echoed_forwarding(gw: &TestGateway) -> serde_json::Value {
+    let mut r = client().get(gw.at("/echo"));
+    for (name, value) in FORGED {
+        r = r.header(name, value);
+    }
+    let r = r.send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    r.json::<serde_json::Value>().await.unwrap()["headers"].clone()
+}
+
+#[tokio::test]
+async fn forwarding_headers_from_an_untrusted_client_never_reach_the_upstream() {
+    let up = FakeUpstream::start().await;
+    let gw = gateway(&up).await;
+    let h = echoed_forwarding(&gw).await;
+    let host = gw.url.trim_start_matches("http://");
+    assert_eq!(h["x-real-ip"], "127.0.0.1", "{h}");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1", "{h}");
+    assert_eq!(h["x-forwarded-host"], host, "{h}");
+    assert_eq!(h["x-forwarded-proto"], "http", "{h}");
+    assert_eq!(
+        h["forwarded"],
+        format!("for=127.0.0.1;host=\"{host}\";proto=http"),
+        "{h}"
+    );
+    let all = h.to_string();
+    assert!(
+        !all.contains("203.0.113.7"),
+        "a forged address got through: {h}"
+    );
+    assert!(
+        !all.contains("evil.example"),
+        "a forged host got through: {h}"
+    );
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_chain_is_kept() {
+    let up = FakeUpstream::start().await;
+    let mut c = config(&up.url(), vec![]);
+    c.gateway.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let h = echoed_forwarding(&gw).await;
+    let host = gw.url.trim_start_matches("http://");
+    assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1", "{h}");
+    assert_eq!(h["x-real-ip"], "203.0.113.7", "{h}");
+    assert_eq!(h["x-forwarded-proto"], "https", "{h}");
+    assert_eq!(h["x-forwarded-host"], "evil.example", "{h}");
+    assert_eq!(
+        h["forwarded"],
+        format!("for=203.0.113.7;proto=https, for=127.0.0.1;host=\"{host}\";proto=http"),
+        "{h}"
+    );
 }
 
 #[tokio::test]

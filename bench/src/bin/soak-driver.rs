@@ -1,0 +1,326 @@
+//! The load of the soak and memory benchmarks (`bench/soak.sh`, `bench/memory.sh`).
+//!
+//! `soak-driver soak GATEWAY ADMIN UPSTREAM SECONDS FAULTS`: for SECONDS, at bounded
+//! rates, hits on 50 warm fragments, cold misses (a new key each), long-polls
+//! (`Prefer: wait=10`), ESI pages (each including a new fragment and a warm one) and
+//! purges (admin API) followed by a read. Then it waits for the builds to drain and
+//! compares what was asked with what the upstream (`soak-upstream`) rendered:
+//! - lost builds: keys the gateway accepted (202 or 200; for an ESI page, the long-poll
+//!   of its placeholder that follows, as in client.js) that were never rendered;
+//! - doubled builds: keys rendered more than once, except re-renders a fault in FAULTS
+//!   explains (a worker killed while the key was building, a memcached restart between
+//!   the renders). The purge route is left out: a purge asks for a rebuild.
+//!
+//! `soak-driver burst GATEWAY KEYS CONCURRENCY`: builds KEYS distinct fragments
+//! (`/fragments/burst?id=N`, long-polled) with CONCURRENCY requests in flight.
+//!
+//! FAULTS has one line per fault: `KIND UNIX_MS` (`worker-killed`, `memcached-down`,
+//! `memcached-up`, …).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::time::MissedTickBehavior;
+
+type Counts = Arc<Mutex<BTreeMap<(&'static str, u16), u64>>>;
+
+/// What every load task shares.
+#[derive(Debug, Clone)]
+struct Load {
+    client: reqwest::Client,
+    gateway: String,
+    admin: String,
+    until: Instant,
+    /// Status answers by kind of request; 0 for a transport error.
+    counts: Counts,
+    /// Keys (`route?id=N`) the gateway accepted to build.
+    accepted: Arc<Mutex<Vec<String>>>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl Load {
+    async fn get(&self, kind: &'static str, path: &str, wait: Option<u32>) -> u16 {
+        let mut req = self.client.get(format!("{}{path}", self.gateway));
+        if let Some(w) = wait {
+            req = req.header("prefer", format!("wait={w}"));
+        }
+        let status = match req.send().await {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let _ = r.bytes().await;
+                status
+            }
+            Err(_) => 0,
+        };
+        self.count(kind, status);
+        status
+    }
+
+    fn count(&self, kind: &'static str, status: u16) {
+        *lock(&self.counts).entry((kind, status)).or_default() += 1;
+    }
+
+    fn accept(&self, key: String) {
+        lock(&self.accepted).push(key);
+    }
+
+    /// Runs `step` every `period` until the load ends.
+    async fn every<F, Fut>(&self, period: Duration, mut step: F)
+    where
+        F: FnMut(u64) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        while Instant::now() < self.until {
+            tick.tick().await;
+            step(self.next_id.fetch_add(1, Ordering::Relaxed)).await;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Every kind of request, each in its own loop at its own rate.
+async fn run_load(load: &Load) {
+    let hits = |offset: u64| {
+        let load = load.clone();
+        async move {
+            load.every(Duration::from_millis(2), |n| {
+                let load = load.clone();
+                async move {
+                    let path = format!("/fragments/hot?id={}", (n + offset) % 50);
+                    load.get("hit", &path, None).await;
+                }
+            })
+            .await;
+        }
+    };
+    let cold = load.every(Duration::from_millis(20), |n| async move {
+        let path = format!("/fragments/cold?id={n}");
+        if matches!(load.get("cold", &path, None).await, 200 | 202) {
+            load.accept(format!("cold?id={n}"));
+        }
+    });
+    let poll = |_: u64| {
+        load.every(Duration::from_millis(50), |n| async move {
+            let path = format!("/fragments/poll?id={n}");
+            if matches!(load.get("long-poll", &path, Some(10)).await, 200 | 202) {
+                load.accept(format!("poll?id={n}"));
+            }
+        })
+    };
+    let esi = load.every(Duration::from_millis(100), |n| async move {
+        // A page answers 200 even when its includes could not be queued (store down):
+        // like client.js, long-poll the placeholder; either answer queues the build.
+        if load.get("esi-page", &format!("/page/{n}"), None).await == 200 {
+            let path = format!("/fragments/esi?id={n}");
+            if matches!(load.get("esi-fill", &path, Some(10)).await, 200 | 202) {
+                load.accept(format!("esi?id={n}"));
+            }
+        }
+    });
+    let purge = load.every(Duration::from_millis(500), |n| async move {
+        let url = format!("{}/fragments/purge?id={}", load.admin, n % 20);
+        let status = match load.client.delete(url).send().await {
+            Ok(r) => r.status().as_u16(),
+            Err(_) => 0,
+        };
+        load.count("purge", status);
+        let path = format!("/fragments/purge?id={}", n % 20);
+        load.get("read-after-purge", &path, Some(5)).await;
+    });
+    tokio::join!(hits(0), hits(25), cold, poll(0), poll(1), esi, purge);
+}
+
+/// Renders by key, as `soak-upstream` reports them.
+async fn renders(client: &reqwest::Client, upstream: &str) -> HashMap<String, Vec<u64>> {
+    let text = match client.get(format!("{upstream}/_renders")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    text.lines()
+        .filter_map(|line| {
+            let mut parts = line.split('\t');
+            let key = parts.next()?.to_string();
+            let times = parts.nth(1)?.split(',').filter_map(|t| t.parse().ok());
+            Some((key, times.collect()))
+        })
+        .collect()
+}
+
+/// Waits until no render happened for 5 s (at most 90 s): the queue has drained.
+async fn drain(client: &reqwest::Client, upstream: &str) -> HashMap<String, Vec<u64>> {
+    let started = Instant::now();
+    let mut last = (0, Instant::now());
+    loop {
+        let r = renders(client, upstream).await;
+        let total: usize = r.values().map(Vec::len).sum();
+        if total != last.0 {
+            last = (total, Instant::now());
+        }
+        if last.1.elapsed() >= Duration::from_secs(5) || started.elapsed() > Duration::from_secs(90)
+        {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Whether a fault explains rendering a key again at `next` after `prev`: a worker was
+/// killed within 5 s after `prev` (the first render died with it), or memcached went
+/// down or came back in between (the stored fragment, or the write of it, was lost).
+fn explained(faults: &[(String, u64)], prev: u64, next: u64) -> bool {
+    faults.iter().any(|(kind, at)| {
+        let killed = kind.starts_with("worker") && *at >= prev && *at <= prev + 5_000;
+        let store = kind.starts_with("memcached") && *at >= prev && *at <= next;
+        killed || store
+    })
+}
+
+fn read_faults(path: &str) -> Vec<(String, u64)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (kind, at) = l.split_once(' ')?;
+            Some((kind.to_string(), at.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Lost and doubled builds, printed; the doubled ones listed.
+fn verdict(accepted: &[String], renders: &HashMap<String, Vec<u64>>, faults: &[(String, u64)]) {
+    let lost: Vec<&String> = accepted
+        .iter()
+        .filter(|k| !renders.contains_key(*k))
+        .collect();
+    let (mut doubled, mut after_fault) = (Vec::new(), 0);
+    for (key, times) in renders.iter().filter(|(k, _)| !k.starts_with("purge?")) {
+        let mut times = times.clone();
+        times.sort_unstable();
+        for pair in times.windows(2) {
+            if explained(faults, pair[0], pair[1]) {
+                after_fault += 1;
+            } else {
+                doubled.push(key.clone());
+            }
+        }
+    }
+    println!("accepted builds: {}", accepted.len());
+    println!("keys rendered: {}", renders.len());
+    println!(
+        "lost builds: {} {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    println!(
+        "doubled builds: {} {:?}",
+        doubled.len(),
+        &doubled[..doubled.len().min(10)]
+    );
+    println!("re-renders explained by a fault: {after_fault}");
+    println!("faults: {faults:?}");
+}
+
+async fn soak(args: &[String]) -> anyhow::Result<()> {
+    let [gateway, admin, upstream, seconds, faults] = args else {
+        anyhow::bail!("usage: soak-driver soak GATEWAY ADMIN UPSTREAM SECONDS FAULTS");
+    };
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(32)
+        .build()?;
+    let load = Load {
+        client: client.clone(),
+        gateway: gateway.clone(),
+        admin: admin.clone(),
+        until: Instant::now() + Duration::from_secs(seconds.parse()?),
+        counts: Counts::default(),
+        accepted: Arc::default(),
+        next_id: Arc::default(),
+    };
+    // Warm the hit set first, so hits are hits.
+    for id in 0..50 {
+        let path = format!("/fragments/hot?id={id}");
+        if matches!(load.get("warm-up", &path, Some(10)).await, 200 | 202) {
+            load.accept(format!("hot?id={id}"));
+        }
+    }
+    let started = now_ms();
+    run_load(&load).await;
+    println!("load: {} s from {started}", (now_ms() - started) / 1000);
+    for ((kind, status), n) in lock(&load.counts).iter() {
+        println!("{kind:>16} {status:>3}: {n}");
+    }
+    let renders = drain(&client, upstream).await;
+    let accepted = lock(&load.accepted).clone();
+    verdict(&accepted, &renders, &read_faults(faults));
+    Ok(())
+}
+
+async fn burst(args: &[String]) -> anyhow::Result<()> {
+    let [gateway, keys, concurrency] = args else {
+        anyhow::bail!("usage: soak-driver burst GATEWAY KEYS CONCURRENCY");
+    };
+    let keys: u64 = keys.parse()?;
+    let concurrency: u64 = concurrency.parse()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let next = Arc::new(AtomicU64::new(0));
+    let counts = Counts::default();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, next, counts) = (client.clone(), next.clone(), counts.clone());
+            let url = format!("{gateway}/fragments/burst?id=");
+            tokio::spawn(async move {
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= keys {
+                        break;
+                    }
+                    let req = client.get(format!("{url}{n}")).header("prefer", "wait=10");
+                    let status = match req.send().await {
+                        Ok(r) => {
+                            let status = r.status().as_u16();
+                            r.bytes().await.map_or(0, |_| status)
+                        }
+                        Err(_) => 0,
+                    };
+                    *lock(&counts).entry(("burst", status)).or_default() += 1;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await?;
+    }
+    println!(
+        "burst: {keys} keys in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    println!("{:?}", lock(&counts));
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("soak") => soak(&args[1..]).await,
+        Some("burst") => burst(&args[1..]).await,
+        _ => anyhow::bail!("usage: soak-driver soak|burst …"),
+    }
+}

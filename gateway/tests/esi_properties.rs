@@ -1,0 +1,218 @@
+//! Properties of the ESI parser (`esi::parse`, `esi::has_markup`) on generated pages: it
+//! never panics, never takes more than linear-ish time, keeps every byte outside markup,
+//! and leaves a page without markup exactly as it was.
+
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use tessera_gateway::esi::{Include, Segment, has_markup, parse};
+
+/// Owned, with neighbouring text joined: what a page renders to, piece by piece.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Text(Vec<u8>),
+    Include(Include),
+}
+
+fn pieces(page: &[u8]) -> Vec<Piece> {
+    let mut out: Vec<Piece> = Vec::new();
+    for seg in parse(page) {
+        match (out.last_mut(), seg) {
+            (Some(Piece::Text(prev)), Segment::Text(t)) => prev.extend_from_slice(t),
+            (_, Segment::Text(t)) => out.push(Piece::Text(t.to_vec())),
+            (_, Segment::Include(i)) => out.push(Piece::Include(i)),
+        }
+    }
+    out
+}
+
+/// Bytes of every text segment, in order: the page minus what markup took out.
+fn text_of(page: &[u8]) -> Vec<u8> {
+    parse(page)
+        .into_iter()
+        .filter_map(|s| match s {
+            Segment::Text(t) => Some(t.to_vec()),
+            Segment::Include(_) => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// The tokens the parser looks for, and the ones that end or confuse a tag.
+const TOKENS: &[&str] = &[
+    "<esi:include",
+    "<ESI:Include ",
+    " src=\"/fragments/a\"",
+    " src='/b?x=1&amp;y=2'",
+    " alt=/c",
+    " onerror=\"continue\"",
+    "/>",
+    ">",
+    "</esi:include>",
+    "<esi:remove>",
+    "</esi:remove>",
+    "<!--esi",
+    "-->",
+    "<esi:other>",
+    "<",
+    "\"",
+    "'",
+    "=",
+    " ",
+    "\n",
+    "text",
+    "\u{e9}",
+];
+
+/// Pages made of ESI-ish tokens and arbitrary bytes: where the parser's branches are.
+fn esi_soup() -> impl Strategy<Value = Vec<u8>> {
+    let token = prop_oneof![
+        4 => proptest::sample::select(TOKENS).prop_map(|t| t.as_bytes().to_vec()),
+        1 => proptest::collection::vec(any::<u8>(), 0..8),
+    ];
+    proptest::collection::vec(token, 0..64).prop_map(|ts| ts.concat())
+}
+
+/// Text that contains no ESI markup, though it may hold `<`, `>`, quotes and `<!--`.
+fn plain_text() -> impl Strategy<Value = String> {
+    "[a-zA-Z0-9 <>/=\"'!&;:\\-\n]{0,40}".prop_filter("no ESI markup", |t| {
+        let lower = t.to_ascii_lowercase();
+        !lower.contains("<esi") && !lower.contains("<!--esi")
+    })
+}
+
+/// A well-formed include, as written in a page and as the parser should read it.
+fn include() -> impl Strategy<Value = (String, Include)> {
+    (
+        "/fragments/[a-z]{1,8}",
+        proptest::option::of(("[a-z]{1,4}", "[0-9]{1,3}", "[0-9]{1,3}")),
+        proptest::option::of("/fragments/[a-z]{1,8}"),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(path, query, alt, cont, self_closing)| {
+            let (written, src) = match query {
+                Some((k, a, b)) => (
+                    format!("{path}?{k}={a}&amp;z={b}"),
+                    format!("{path}?{k}={a}&z={b}"),
+                ),
+                None => (path.clone(), path),
+            };
+            let mut tag = format!("<esi:include src=\"{written}\"");
+            if let Some(alt) = &alt {
+                tag.push_str(&format!(" alt='{alt}'"));
+            }
+            if cont {
+                tag.push_str(" onerror=\"continue\"");
+            }
+            tag.push_str(if self_closing {
+                "/>"
+            } else {
+                "></esi:include>"
+            });
+            let parsed = Include {
+                src,
+                alt,
+                continue_on_error: cont,
+            };
+            (tag, parsed)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn any_bytes_parse_without_panic(page in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let segments = parse(&page);
+        // Text segments are sub-slices of the page, in page order: never more bytes out
+        // than went in.
+        prop_assert!(text_of(&page).len() <= page.len());
+        prop_assert!(segments.len() <= page.len() + 1);
+        let _ = has_markup(&page);
+    }
+
+    #[test]
+    fn esi_soup_parses_without_panic(page in esi_soup()) {
+        prop_assert!(text_of(&page).len() <= page.len());
+        if !has_markup(&page) {
+            prop_assert_eq!(text_of(&page), page.clone());
+        }
+    }
+
+    #[test]
+    fn a_page_without_markup_is_unchanged(page in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        prop_assume!(!has_markup(&page));
+        let expected = if page.is_empty() { vec![] } else { vec![Piece::Text(page.clone())] };
+        prop_assert_eq!(pieces(&page), expected);
+    }
+
+    #[test]
+    fn plain_text_without_esi_is_unchanged(page in plain_text()) {
+        prop_assert!(!has_markup(page.as_bytes()));
+        prop_assert_eq!(text_of(page.as_bytes()), page.as_bytes().to_vec());
+    }
+
+    #[test]
+    fn text_around_includes_is_kept(
+        parts in proptest::collection::vec((plain_text(), include()), 0..8),
+        tail in plain_text(),
+    ) {
+        let mut page = String::new();
+        let mut expected: Vec<Piece> = Vec::new();
+        let push_text = |expected: &mut Vec<Piece>, t: &str| {
+            if !t.is_empty() {
+                expected.push(Piece::Text(t.as_bytes().to_vec()));
+            }
+        };
+        for (text, (tag, parsed)) in &parts {
+            page.push_str(text);
+            push_text(&mut expected, text);
+            page.push_str(tag);
+            expected.push(Piece::Include(parsed.clone()));
+        }
+        page.push_str(&tail);
+        push_text(&mut expected, &tail);
+        prop_assert_eq!(pieces(page.as_bytes()), expected);
+    }
+
+    #[test]
+    fn removed_and_commented_text_is_handled(before in plain_text(), inner in plain_text(), after in plain_text()) {
+        let removed = format!("{before}<esi:remove>{inner}</esi:remove>{after}");
+        prop_assert_eq!(text_of(removed.as_bytes()), format!("{before}{after}").into_bytes());
+        prop_assume!(!inner.contains("-->"));
+        let commented = format!("{before}<!--esi{inner}-->{after}");
+        prop_assert_eq!(text_of(commented.as_bytes()), format!("{before}{inner}{after}").into_bytes());
+    }
+}
+
+/// Unterminated markup repeated across a big page: each opening must not rescan the rest
+/// of the page (quadratic), or a 4 MiB page would hold a gateway thread for minutes.
+#[test]
+fn unterminated_markup_does_not_take_quadratic_time() {
+    const OPENERS: &[&str] = &[
+        "<!--esi ",
+        "<esi:remove>",
+        "<esi:include src=/a>",
+        "<esi:include src=\"",
+        "<esi:include a='b' ",
+        "<esi:include ",
+    ];
+    for opener in OPENERS {
+        let page = opener.repeat(256 * 1024 / opener.len());
+        let started = Instant::now();
+        let text = text_of(page.as_bytes());
+        let took = started.elapsed();
+        assert_eq!(
+            text,
+            page.as_bytes(),
+            "{opener:?}: malformed markup is kept"
+        );
+        // Linear work is a few milliseconds even unoptimised; quadratic is minutes.
+        assert!(
+            took < Duration::from_secs(3),
+            "{opener:?} x {}: parse took {took:?}",
+            page.len() / opener.len()
+        );
+    }
+}

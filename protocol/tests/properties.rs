@@ -1,0 +1,571 @@
+//! Properties of what crosses a process boundary, on generated input: key derivation,
+//! envelope and message decoding, and config parsing never panic on anything a client,
+//! another program or an operator can hand them; what is encoded decodes to itself; and a
+//! store key never carries raw client bytes.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use proptest::prelude::*;
+use tessera_protocol::config::{ConfigError, VarySource};
+use tessera_protocol::envelope::Status;
+use tessera_protocol::key::encode;
+use tessera_protocol::{
+    BuildRequest, Config, Envelope, Event, FragmentRoute, Identity, Keyspace, StoreKey,
+};
+
+const CASES: u32 = 256;
+
+// ---------------------------------------------------------------- keys
+
+fn route() -> FragmentRoute {
+    let mut r = FragmentRoute::new("recs", "/_render/recs");
+    r.params = vec!["user_id".into(), "limit".into(), "q".into()];
+    r.vary = vec![
+        VarySource::Cookie("sid".into()),
+        VarySource::Header("accept-language".into()),
+    ];
+    r
+}
+
+/// Characters a hostile client likes: separators of keys, lines and protocols.
+const NASTY: &str = " \r\n\t:;&=%+?#/\\\"'<>\u{0}\u{7f}\u{e9}\u{2028}";
+
+/// A client value: printable text with some of [`NASTY`] mixed in.
+fn client_value() -> impl Strategy<Value = String> {
+    let nasty: Vec<char> = NASTY.chars().collect();
+    proptest::collection::vec(
+        prop_oneof![
+            3 => proptest::char::range(' ', '~'),
+            1 => proptest::sample::select(nasty),
+            1 => any::<char>(),
+        ],
+        0..40,
+    )
+    .prop_map(|cs| cs.into_iter().collect())
+}
+
+/// A query string as a client may send it: allow-listed and other names, values raw or
+/// percent-encoded, separators anywhere.
+fn query() -> impl Strategy<Value = String> {
+    let name = prop_oneof![
+        Just("user_id".to_string()),
+        Just("limit".to_string()),
+        Just("q".to_string()),
+        "[a-z_%0-9]{0,8}",
+    ];
+    let value = prop_oneof![client_value(), client_value().prop_map(|v| encode(&v))];
+    proptest::collection::vec((name, value), 0..8).prop_map(|pairs| {
+        pairs
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("&")
+    })
+}
+
+fn headers(cookie: &[u8], language: &[u8]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    // A header value cannot hold CR, LF or NUL on the wire: those are refused here as
+    // hyper refuses them, the rest reaches the gateway as sent.
+    if let Ok(v) = HeaderValue::from_bytes(cookie) {
+        h.insert(http::header::COOKIE, v);
+    }
+    if let Ok(v) = HeaderValue::from_bytes(language) {
+        h.insert(http::header::ACCEPT_LANGUAGE, v);
+    }
+    h
+}
+
+/// Every store key: short, printable ASCII, no spaces, and exactly the parts the keyspace
+/// puts in (namespace, kind, route, generation, hex digest): no client byte in between.
+fn assert_safe_key(key: &StoreKey, generation: u64) -> Result<(), TestCaseError> {
+    let k = key.as_str();
+    prop_assert!(k.len() <= 250, "{k:?} is longer than memcached allows");
+    prop_assert!(k.bytes().all(|b| b.is_ascii_graphic()), "{k:?}");
+    let parts: Vec<&str> = k.split(':').collect();
+    prop_assert_eq!(parts.len(), 5, "{:?}", k);
+    prop_assert_eq!(
+        &parts[..4],
+        &["tessera", "f", "recs", &generation.to_string()]
+    );
+    prop_assert_eq!(parts[4].len(), 32);
+    prop_assert!(
+        parts[4]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+    #[test]
+    fn any_request_gives_a_safe_key_or_a_client_error(
+        q in prop_oneof![query(), any::<String>()],
+        cookie in proptest::collection::vec(any::<u8>(), 0..64),
+        language in proptest::collection::vec(any::<u8>(), 0..64),
+        generation in any::<u64>(),
+    ) {
+        let r = route();
+        let h = headers(&cookie, &language);
+        let ks = Keyspace::new("tessera");
+        if let Ok(id) = Identity::from_request(&r, Some(&q), &h) {
+            let key = ks.fragment(&id, generation).envelope;
+            assert_safe_key(&key, generation)?;
+            // The same request, derived again: the same key.
+            let again = Identity::from_request(&r, Some(&q), &h).unwrap();
+            prop_assert_eq!(&ks.fragment(&again, generation).envelope, &key);
+            // Another program's message naming this key maps to the same fragment.
+            let parsed = ks.parse_envelope_key(key.as_str()).unwrap();
+            prop_assert_eq!(parsed.envelope, key);
+            prop_assert!(id.check(&r).is_ok());
+        }
+    }
+
+    #[test]
+    fn client_separators_never_reach_the_key(
+        user in client_value(),
+        cookie in "[ -~]{0,30}",
+        language in "[ -~]{0,30}",
+    ) {
+        let r = route();
+        let q = format!("user_id={}&limit={}", encode(&user), encode(&format!("{user} :\r\n")));
+        let h = headers(format!("sid={cookie}").as_bytes(), language.as_bytes());
+        if let Ok(id) = Identity::from_request(&r, Some(&q), &h) {
+            let key = Keyspace::new("tessera").fragment(&id, 1).envelope;
+            assert_safe_key(&key, 1)?;
+            prop_assert!(!key.as_str().contains([' ', '\r', '\n', '\t', ';', '=']));
+        }
+    }
+
+    #[test]
+    fn param_order_does_not_change_the_key(a in client_value(), b in client_value()) {
+        let r = route();
+        let h = HeaderMap::new();
+        let one = format!("user_id={}&limit={}", encode(&a), encode(&b));
+        let two = format!("limit={}&user_id={}&other=1", encode(&b), encode(&a));
+        let ks = Keyspace::new("tessera");
+        match (Identity::from_request(&r, Some(&one), &h), Identity::from_request(&r, Some(&two), &h)) {
+            (Ok(x), Ok(y)) => prop_assert_eq!(ks.fragment(&x, 0), ks.fragment(&y, 0)),
+            // Which bad value is reported first follows the query's order.
+            (Err(_), Err(_)) => {}
+            (x, y) => prop_assert!(false, "{:?} vs {:?}", x, y),
+        }
+    }
+
+    #[test]
+    fn different_allow_listed_values_give_different_keys(
+        a in client_value(),
+        b in client_value(),
+        c in "[!-~&&[^;]]{1,20}",
+        d in "[!-~&&[^;]]{1,20}",
+        la in "[ -~]{1,20}",
+        lb in "[ -~]{1,20}",
+    ) {
+        let r = route();
+        let ks = Keyspace::new("tessera");
+        let key = |user: &str, cookie: &str, lang: &str| {
+            let q = format!("user_id={}", encode(user));
+            let h = headers(format!("sid={cookie}").as_bytes(), lang.as_bytes());
+            Identity::from_request(&r, Some(&q), &h).map(|id| ks.fragment(&id, 3).envelope)
+        };
+        if let (Ok(x), Ok(y)) = (key(&a, &c, &la), key(&b, &c, &la)) {
+            prop_assert_eq!(a == b, x == y, "params {:?} / {:?}", a, b);
+        }
+        if let (Ok(x), Ok(y)) = (key(&a, &c, &la), key(&a, &d, &la)) {
+            prop_assert_eq!(c == d, x == y, "cookies {:?} / {:?}", c, d);
+        }
+        if let (Ok(x), Ok(y)) = (key(&a, &c, &la), key(&a, &c, &lb)) {
+            prop_assert_eq!(la == lb, x == y, "headers {:?} / {:?}", la, lb);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- envelope
+
+fn envelope() -> impl Strategy<Value = Envelope> {
+    (
+        (any::<bool>(), any::<bool>()),
+        proptest::collection::vec(any::<u8>(), 0..512),
+        (any::<String>(), any::<String>()),
+        (any::<u64>(), any::<u64>(), any::<u64>()),
+        (any::<u32>(), any::<u32>()),
+        proptest::option::of(any::<String>()),
+    )
+        .prop_map(
+            |(
+                (ready, esi),
+                body,
+                (content_type, etag),
+                (built_at, fresh_until, stale_until),
+                (build_ms, attempts),
+                error,
+            )| {
+                Envelope {
+                    status: if ready { Status::Ready } else { Status::Failed },
+                    body: Bytes::from(body),
+                    content_type,
+                    etag,
+                    built_at,
+                    fresh_until,
+                    stale_until,
+                    build_ms,
+                    attempts,
+                    error,
+                    esi,
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+    #[test]
+    fn envelope_round_trips(e in envelope()) {
+        prop_assert_eq!(Envelope::decode(&e.encode()), Ok(e));
+    }
+
+    #[test]
+    fn any_bytes_decode_to_an_envelope_or_an_error(
+        bytes in prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..256),
+            // Past the header, where postcard reads lengths and variants.
+            proptest::collection::vec(any::<u8>(), 0..256).prop_map(|b| [&[b'T', 1][..], &b].concat()),
+        ]
+    ) {
+        if let Ok(e) = Envelope::decode(&bytes) {
+            prop_assert_eq!(Envelope::decode(&e.encode()), Ok(e));
+        }
+    }
+
+    #[test]
+    fn a_cut_envelope_is_an_error_not_a_panic(e in envelope(), cut in any::<prop::sample::Index>()) {
+        let bytes = e.encode();
+        let at = cut.index(bytes.len());
+        let _ = Envelope::decode(&bytes[..at]);
+    }
+}
+
+// ---------------------------------------------------------------- messages
+
+fn identity() -> impl Strategy<Value = Identity> {
+    (
+        any::<String>(),
+        proptest::collection::vec((any::<String>(), any::<String>()), 0..4),
+        proptest::collection::vec((any::<String>(), any::<String>()), 0..3),
+    )
+        .prop_map(|(route, params, vary)| Identity {
+            route,
+            params,
+            vary,
+        })
+}
+
+fn build_request() -> impl Strategy<Value = BuildRequest> {
+    (
+        (any::<String>(), any::<String>(), any::<String>()),
+        identity(),
+        (any::<u64>(), any::<u32>(), any::<u64>(), any::<u64>()),
+    )
+        .prop_map(
+            |(
+                (id, key, trace_id),
+                identity,
+                (generation, attempt, requested_at, lease_deadline),
+            )| {
+                BuildRequest {
+                    v: tessera_protocol::message::VERSION,
+                    id,
+                    key,
+                    identity,
+                    generation,
+                    attempt,
+                    requested_at,
+                    lease_deadline,
+                    trace_id,
+                }
+            },
+        )
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        (
+            any::<String>(),
+            any::<String>(),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(key, etag, build_ms)| Event::Built {
+                key,
+                etag,
+                build_ms
+            }),
+        (any::<String>(), any::<String>()).prop_map(|(key, error)| Event::Failed { key, error }),
+        (
+            proptest::option::of(any::<String>()),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<String>()),
+        )
+            .prop_map(|(route, generation, key)| Event::Purged {
+                route,
+                generation,
+                key
+            }),
+    ]
+}
+
+/// Any JSON value, a few levels deep.
+fn json() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::Value;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        any::<String>().prop_map(Value::String),
+        proptest::sample::select(FIELDS).prop_map(|s| Value::String(s.to_string())),
+    ];
+    leaf.prop_recursive(3, 24, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            proptest::collection::vec((any::<String>(), inner), 0..6)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    })
+}
+
+/// Field names and tags of both messages: objects made of these reach the deep paths.
+const FIELDS: &[&str] = &[
+    "v",
+    "id",
+    "key",
+    "route",
+    "params",
+    "vary",
+    "generation",
+    "attempt",
+    "requested_at",
+    "lease_deadline",
+    "trace_id",
+    "type",
+    "built",
+    "failed",
+    "purged",
+    "etag",
+    "build_ms",
+    "error",
+];
+
+/// Objects with the messages' field names and arbitrary values (`v` mostly right).
+fn message_like() -> impl Strategy<Value = serde_json::Value> {
+    (
+        prop_oneof![3 => Just(serde_json::json!(1)), 1 => json()],
+        proptest::collection::vec((proptest::sample::select(FIELDS), json()), 0..12),
+    )
+        .prop_map(|(v, fields)| {
+            let mut map = serde_json::Map::new();
+            map.insert("v".into(), v);
+            for (k, value) in fields {
+                map.insert(k.to_string(), value);
+            }
+            serde_json::Value::Object(map)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+    #[test]
+    fn build_request_round_trips(req in build_request()) {
+        prop_assert_eq!(BuildRequest::decode(&req.encode()).unwrap(), req);
+    }
+
+    #[test]
+    fn event_round_trips(e in event()) {
+        prop_assert_eq!(Event::decode(&e.encode()).unwrap(), e);
+    }
+
+    #[test]
+    fn any_bytes_decode_to_a_message_or_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = BuildRequest::decode(&bytes);
+        let _ = Event::decode(&bytes);
+    }
+
+    #[test]
+    fn any_json_decodes_to_a_message_or_an_error(value in prop_oneof![json(), message_like()]) {
+        let bytes = serde_json::to_vec(&value).unwrap();
+        if let Ok(req) = BuildRequest::decode(&bytes) {
+            prop_assert_eq!(BuildRequest::decode(&req.encode()).unwrap(), req);
+        }
+        if let Ok(e) = Event::decode(&bytes) {
+            prop_assert_eq!(Event::decode(&e.encode()).unwrap(), e);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- config
+
+/// Every key of the file, as `(table, key)`; `fragment` is the first `[[fragment]]`.
+const KEYS: &[(&str, &str)] = &[
+    ("gateway", "listen"),
+    ("gateway", "admin_listen"),
+    ("gateway", "admin_token"),
+    ("gateway", "fragment_prefix"),
+    ("gateway", "max_wait"),
+    ("upstream", "url"),
+    ("upstream", "timeout"),
+    ("cache", "capacity"),
+    ("cache", "ttl"),
+    ("store", "memcached"),
+    ("store", "namespace"),
+    ("store", "timeout"),
+    ("store", "max_item_size"),
+    ("store", "memory_capacity"),
+    ("bus", "amqp"),
+    ("bus", "queue_expiry"),
+    ("workers", "embedded"),
+    ("workers", "concurrency"),
+    ("workers", "admin_listen"),
+    ("workers", "admin_token"),
+    ("fragment", "name"),
+    ("fragment", "render"),
+    ("fragment", "params"),
+    ("fragment", "vary"),
+    ("fragment", "fresh"),
+    ("fragment", "stale"),
+    ("fragment", "failed_ttl"),
+    ("fragment", "build_timeout"),
+    ("fragment", "max_attempts"),
+    ("fragment", "placeholder"),
+    ("fragment", "fallback"),
+    ("fragment", "queue"),
+];
+
+/// Values an operator could write, right or wrong: edge durations and sizes, other
+/// types, odd strings. Written as TOML literals.
+fn toml_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => proptest::sample::select(&[
+            "\"0s\"", "\"1ms\"", "\"10s\"", "\"30days\"", "\"18446744073709551615s\"",
+            "\"584942417355years\"", "\"1ns\"", "\"0\"", "\"64MiB\"", "\"1 EiB\"", "\"16EiB\"",
+            "\"4KiB\"", "\"-1\"", "\"127.0.0.1:0\"", "\"[::1]:9090\"", "\"0.0.0.0:80\"",
+            "\"http://127.0.0.1:3000\"", "\"amqp://guest:guest@127.0.0.1:5672/%2f\"",
+            "\"/fragments/\"", "\"/\"", "\"cookie:sid\"", "\"header:Accept\"", "\"header:cookie\"",
+            "\"amq.x\"", "\"\"", "0", "1", "-1", "65536", "18446744073709551615",
+            "9223372036854775807", "-9223372036854775808", "1.5", "nan", "inf", "true",
+            "[]", "[\"127.0.0.1:11211\"]", "[\"cookie:sid\", \"cookie:sid\"]", "{}",
+            "1979-05-27T07:32:00Z",
+        ][..])
+        .prop_map(str::to_string),
+        1 => any::<String>().prop_map(|s| toml::Value::String(s).to_string()),
+        1 => any::<i64>().prop_map(|n| n.to_string()),
+        1 => proptest::collection::vec("[a-z0-9:./]{0,12}", 0..3)
+            .prop_map(|v| toml::Value::from(v).to_string()),
+    ]
+}
+
+/// The tables of [`KEYS`], in file order.
+const TABLES: &[&str] = &[
+    "gateway", "upstream", "cache", "store", "bus", "workers", "fragment",
+];
+
+/// A file setting a few known keys to generated values, tables in file order.
+fn config_text() -> impl Strategy<Value = String> {
+    proptest::collection::vec((proptest::sample::select(KEYS), toml_value()), 0..5).prop_map(
+        |assignments| {
+            let mut out = String::new();
+            for table in TABLES {
+                let mine: Vec<_> = assignments
+                    .iter()
+                    .filter(|((t, _), _)| t == table)
+                    .collect();
+                if *table == "fragment" {
+                    out.push_str("[[fragment]]\n");
+                    for (key, default) in [("name", "\"r\""), ("render", "\"/r\"")] {
+                        if !mine.iter().any(|((_, k), _)| *k == key) {
+                            out.push_str(&format!("{key} = {default}\n"));
+                        }
+                    }
+                } else {
+                    out.push_str(&format!("[{table}]\n"));
+                }
+                let mut written = Vec::new();
+                for ((_, key), value) in mine {
+                    // A key written twice is a TOML error of its own; keep the first.
+                    if !written.contains(key) {
+                        written.push(*key);
+                        out.push_str(&format!("{key} = {value}\n"));
+                    }
+                }
+            }
+            out
+        },
+    )
+}
+
+/// A refused config names where: a dotted key under a known table, or toml's message,
+/// which shows the offending line.
+fn assert_names_a_key(e: &ConfigError) -> Result<(), TestCaseError> {
+    match e {
+        ConfigError::Invalid { key, problem } => {
+            let table = key.split(['.', '[']).next().unwrap_or_default();
+            prop_assert!(
+                KEYS.iter().any(|(t, _)| *t == table) && key.contains(['.']),
+                "key {key:?} ({problem})"
+            );
+        }
+        ConfigError::Parse { message, .. } => prop_assert!(!message.is_empty()),
+        ConfigError::Read { .. } => prop_assert!(false, "no file was read"),
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+    #[test]
+    fn any_text_is_a_config_or_an_error(text in any::<String>()) {
+        if let Err(e) = Config::from_toml(&text) {
+            assert_names_a_key(&e)?;
+        }
+    }
+
+    #[test]
+    fn any_value_of_a_known_key_is_accepted_or_named(text in config_text()) {
+        match Config::from_toml(&text) {
+            Ok(config) => {
+                // What the rest of the program computes from a loaded config must not
+                // overflow either.
+                for r in &config.fragments {
+                    let _ = r.lease_ttl();
+                }
+            }
+            Err(e) => {
+                assert_names_a_key(&e)?;
+                if let ConfigError::Parse { message, .. } = &e {
+                    // toml names the table or key, or shows the line with it.
+                    let named = KEYS.iter().any(|(t, k)| message.contains(t) || message.contains(k));
+                    prop_assert!(named, "{message}\n---\n{text}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn durations_at_the_limit_do_not_overflow() {
+    let text = "[[fragment]]\nname = \"r\"\nrender = \"/r\"\nfresh = \"18446744073709551615s\"\n";
+    assert!(Config::from_toml(text).is_err());
+    let text =
+        "[[fragment]]\nname = \"r\"\nrender = \"/r\"\nbuild_timeout = \"18446744073709551615s\"\n";
+    let e = Config::from_toml(text).unwrap_err().to_string();
+    assert!(e.contains("fragment[0].build_timeout"), "{e}");
+    let mut r = FragmentRoute::new("r", "/r");
+    r.build_timeout = Duration::MAX;
+    assert_eq!(r.lease_ttl(), Duration::MAX);
+}
