@@ -453,6 +453,17 @@ mod tests {
     }
 
     #[test]
+    fn a_page_of_unterminated_openers_passes_through_in_one_pass() {
+        // Each opener looks for its closer once per page, not once per opener: were it
+        // searched again from every opener, this page would take minutes, not
+        // milliseconds (the integration test in tests/esi_properties.rs times it).
+        for opener in ["<!--esi ", "<esi:remove>", "<esi:include src=/a>"] {
+            let page = opener.repeat(256 * 1024 / opener.len());
+            assert_eq!(pieces(page.as_bytes()), vec![text(&page)], "{opener:?}");
+        }
+    }
+
+    #[test]
     fn non_utf8_bytes_do_not_break_parsing() {
         let page = b"\xff\xfe<esi:include src=\"/fragments/a\"/>\xff";
         assert_eq!(
