@@ -62,9 +62,12 @@ fi
 mkdir -p "$DIR/reports"
 tree=$(mktemp -d "$DIR/tree.XXXXXX")
 trap 'rm -rf "$tree"' EXIT
+# --touch: the copy's files are newer than anything in the shared target directory.
+# With their original times, cargo could take a test binary built from the last
+# mutant of an earlier run (newer than the unchanged source) as up to date.
 git ls-files -z --cached --others --exclude-standard |
   tar --null --files-from=- --create --file=- |
-  tar --extract --file=- --directory="$tree"
+  tar --extract --touch --file=- --directory="$tree"
 export CARGO_TARGET_DIR="$DIR/target"
 
 rows=()
