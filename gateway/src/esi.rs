@@ -344,6 +344,126 @@ mod tests {
     }
 
     #[test]
+    fn markup_is_detected_in_any_case_and_form() {
+        for page in [
+            "<p>x</p><esi:include src=\"/fragments/a\"/>",
+            "<ESI:Remove>x</ESI:Remove>",
+            "<!--esi <p>only a comment</p> -->",
+            "<!--ESI x -->",
+            "<esi:choose>",
+        ] {
+            assert!(has_markup(page.as_bytes()), "{page:?}");
+        }
+        for page in [
+            "",
+            "<!-- esi is mentioned in a comment -->",
+            "esi:include src=/fragments/a",
+            "<esi",
+            "<p>a < b</p>",
+        ] {
+            assert!(!has_markup(page.as_bytes()), "{page:?}");
+        }
+    }
+
+    #[test]
+    fn attribute_syntax_variants() {
+        let page = b"<esi:include\tsrc = \"/fragments/a?x=&quot;1&quot;&amp;y=&#39;2&#39;&lt;&gt;\" \n alt='/fragments/b' data-x_y:z defer onerror=CONTINUE />";
+        assert_eq!(
+            pieces(page),
+            vec![Piece::Include(Include {
+                src: "/fragments/a?x=\"1\"&y='2'<>".into(),
+                alt: Some("/fragments/b".into()),
+                continue_on_error: true,
+            })]
+        );
+        let page = b"<esi:include src=/fragments/a alt=/fragments/b/>";
+        assert_eq!(
+            pieces(page),
+            vec![Piece::Include(Include {
+                src: "/fragments/a".into(),
+                alt: Some("/fragments/b".into()),
+                continue_on_error: false,
+            })]
+        );
+        // Attribute names are matched case-insensitively; empty values count as absent.
+        let page = b"<esi:include SRC='/fragments/a' ALT='' ONERROR='abort'/>";
+        assert_eq!(pieces(page), vec![Piece::Include(inc("/fragments/a"))]);
+    }
+
+    #[test]
+    fn quoted_values_may_hold_tag_characters() {
+        let page = br#"x<esi:include src="/fragments/a?q=>" alt='/fragments/"<b>"'/>y"#;
+        assert_eq!(
+            pieces(page),
+            vec![
+                text("x"),
+                Piece::Include(Include {
+                    src: "/fragments/a?q=>".into(),
+                    alt: Some("/fragments/\"<b>\"".into()),
+                    continue_on_error: false,
+                }),
+                text("y"),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_include_may_be_closed_after_whitespace() {
+        let page = b"a<esi:include src=\"/fragments/a\"> \n\t</ESI:INCLUDE>b<esi:include src=\"/fragments/b\"></esi:include>c";
+        assert_eq!(
+            pieces(page),
+            vec![
+                text("a"),
+                Piece::Include(inc("/fragments/a")),
+                text("b"),
+                Piece::Include(inc("/fragments/b")),
+                text("c"),
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_attributes_pass_through_unharmed() {
+        for page in [
+            "<esi:include src=\"/fragments/a/>",   // unterminated quote
+            "<esi:include src=\"\"/>",             // empty src
+            "<esi:include src=\"/f\" a.b=\"1\"/>", // not an attribute name
+            "<esi:include src=\"/f\" =\"1\"/>",    // no name
+            "<esi:include src=/f <b>x</b>",        // a tag inside the tag
+            "<esi:include src=/f<br/>",            // a tag inside a value
+            "<esi:include>",
+            "<esi:include/>",
+            "<esi:include src=\"/f\"></esi:includes>",
+        ] {
+            assert_eq!(pieces(page.as_bytes()), vec![text(page)], "{page:?}");
+        }
+    }
+
+    #[test]
+    fn blocks_are_matched_in_any_case_and_text_around_them_is_kept() {
+        let page = b"<p>1</p><ESI:REMOVE>gone</Esi:Remove><p>2</p><!--ESI <i>kept</i> --><p>3</p><esi:remove>also gone</esi:remove>";
+        assert_eq!(
+            pieces(page),
+            vec![text("<p>1</p><p>2</p> <i>kept</i> <p>3</p>")]
+        );
+        let segments = parse(b"<esi:remove>x</esi:remove>");
+        assert!(segments.is_empty(), "{segments:?}");
+        let page = b"<!--esi--><!--esi a<esi:remove>b</esi:remove>c -->d";
+        assert_eq!(pieces(page), vec![text(" ac d")]);
+    }
+
+    #[test]
+    fn a_page_of_unterminated_openers_passes_through_in_one_pass() {
+        // Each opener looks for its closer once per page, not once per opener: were it
+        // searched again from every opener, this page would take minutes, not
+        // milliseconds (the integration test in tests/esi_properties.rs times it).
+        for opener in ["<!--esi ", "<esi:remove>", "<esi:include src=/a>"] {
+            let page = opener.repeat(256 * 1024 / opener.len());
+            assert_eq!(pieces(page.as_bytes()), vec![text(&page)], "{opener:?}");
+        }
+    }
+
+    #[test]
     fn non_utf8_bytes_do_not_break_parsing() {
         let page = b"\xff\xfe<esi:include src=\"/fragments/a\"/>\xff";
         assert_eq!(

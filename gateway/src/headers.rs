@@ -181,6 +181,97 @@ mod tests {
     }
 
     #[test]
+    fn prefer_wait_reads_the_first_wait_of_any_header() {
+        let mut m = HeaderMap::new();
+        m.append("prefer", HeaderValue::from_static("return=minimal"));
+        m.append(
+            "prefer",
+            HeaderValue::from_static("wait=7; foo=bar, wait=9"),
+        );
+        assert_eq!(prefer_wait(&m), Some(Duration::from_secs(7)));
+        assert_eq!(prefer_wait(&h("prefer", "wait=-1")), None);
+        assert_eq!(prefer_wait(&h("prefer", "wait")), None);
+        assert_eq!(prefer_wait(&h("prefer", "waiting=3")), None);
+    }
+
+    #[test]
+    fn etag_matching_is_weak_on_both_sides() {
+        assert!(if_none_match(&h("if-none-match", "\"a\""), "W/\"a\""));
+        assert!(if_none_match(&h("if-none-match", " W/\"a\" "), "\"a\""));
+        assert!(if_none_match(&h("if-none-match", "\"b\", *"), "\"a\""));
+        let mut m = h("if-none-match", "\"b\"");
+        m.append("if-none-match", HeaderValue::from_static("\"a\""));
+        assert!(if_none_match(&m, "\"a\""), "any of several headers");
+        assert!(!if_none_match(&h("if-none-match", "\"ab\""), "\"a\""));
+        assert!(!if_none_match(&h("if-match", "\"a\""), "\"a\""));
+    }
+
+    #[test]
+    fn json_is_not_chosen_for_wildcards_or_html() {
+        assert!(!wants_json(&h("accept", "*/*")));
+        assert!(!wants_json(&h("accept", "text/*")));
+        assert!(!wants_json(&h("accept", "text/html, application/json")));
+        assert!(!wants_json(&h(
+            "accept",
+            "application/json, TEXT/HTML;q=0.9"
+        )));
+        assert!(wants_json(&h("accept", "application/problem+json")));
+        assert!(wants_json(&h("accept", "Application/JSON; q=1")));
+        let mut m = h("accept", "text/html");
+        m.append("accept", HeaderValue::from_static("application/json"));
+        assert!(wants_json(&m), "judged per header line");
+    }
+
+    #[test]
+    fn request_ids_must_be_short_safe_tokens() {
+        let id64 = "a".repeat(64);
+        let mut m = HeaderMap::new();
+        m.insert("x-request-id", HeaderValue::from_str(&id64).unwrap());
+        assert_eq!(trace_id(&m), id64, "64 bytes is the limit");
+        let id65 = "b".repeat(65);
+        m.insert("x-request-id", HeaderValue::from_str(&id65).unwrap());
+        let fresh = trace_id(&m);
+        assert_ne!(fresh, id65);
+        assert_eq!(fresh.len(), 32);
+        assert_eq!(trace_id(&h("x-request-id", " a_B-9 ")), "a_B-9");
+        assert_ne!(trace_id(&h("x-request-id", "")), "");
+        assert_ne!(trace_id(&h("x-request-id", "a.b")), "a.b");
+        assert_ne!(trace_id(&h("x-request-id", "a/b")), "a/b");
+    }
+
+    #[test]
+    fn a_bad_traceparent_falls_back_to_the_request_id() {
+        let mut m = h("x-request-id", "req-7");
+        for tp in [
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01", // 31 digits
+            "00-4bf92f3577b34da6a3ce929d0e0e4736a-00f067aa0ba902b7-01", // 33 digits
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01", // not hex
+            "00",
+        ] {
+            m.insert("traceparent", HeaderValue::from_static(tp));
+            assert_eq!(trace_id(&m), "req-7", "{tp}");
+        }
+        m.insert(
+            "traceparent",
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        );
+        assert_eq!(trace_id(&m), "0af7651916cd43dd8448eb211c80319c");
+    }
+
+    #[test]
+    fn a_trace_works_its_id_out_once() {
+        let m = h("x-request-id", "req-1");
+        let t = Trace::new(&m);
+        assert_eq!(t.id(), "req-1");
+        let none = HeaderMap::new();
+        let t = Trace::new(&none);
+        let first = t.id().to_string();
+        assert_eq!(first.len(), 32);
+        assert_eq!(t.id(), first, "a random id is drawn once");
+        assert_eq!(Trace::known("t-9".into()).id(), "t-9");
+    }
+
+    #[test]
     fn trace_ids() {
         let tp = h(
             "traceparent",

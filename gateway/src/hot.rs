@@ -221,6 +221,22 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_weighs_its_slot_target_and_overhead() {
+        let target = "/fragments/news?page=12";
+        let entry = hot(target);
+        let weight = entry.slot.weight() + target.len() + OVERHEAD;
+        // A budget of exactly one entry keeps it; one byte less keeps nothing.
+        let exact = HotAnswers::new(u64::try_from(weight).unwrap());
+        exact.insert(hot(target));
+        assert!(exact.get(target).is_some());
+        assert_eq!(exact.table.read().unwrap().bytes, weight);
+        let short = HotAnswers::new(u64::try_from(weight - 1).unwrap());
+        short.insert(hot(target));
+        assert!(short.get(target).is_none());
+        assert_eq!(short.table.read().unwrap().bytes, 0);
+    }
+
+    #[test]
     fn stays_bounded() {
         let table = HotAnswers::new(1 << 30);
         let proto = hot("");

@@ -384,12 +384,31 @@ impl std::str::FromStr for MemcachedServer {
             .rsplit_once(':')
             .and_then(|(host, port)| {
                 let port = port.parse::<u16>().ok().filter(|p| *p > 0)?;
-                (!host.is_empty()).then(|| Self {
+                is_host(host).then(|| Self {
                     host: host.to_string(),
                     port,
                 })
             })
-            .ok_or_else(|| format!("{s:?} must be host:port, e.g. \"127.0.0.1:11211\""))
+            .ok_or_else(|| {
+                format!(
+                    "{s:?} must be host:port with a host name, an IPv4 address or an [IPv6] address, e.g. \"127.0.0.1:11211\""
+                )
+            })
+    }
+}
+
+/// A host name or IPv4 address, or an IPv6 address in brackets. Anything else (spaces,
+/// `/`, `@`, a bare IPv6 address) would be misread once put in the client's
+/// `memcache://` URL: refused at load, where the error can name the key.
+fn is_host(host: &str) -> bool {
+    match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        }
     }
 }
 
@@ -1687,6 +1706,426 @@ queue = "tessera.build"
         ))
         .unwrap();
         assert_eq!(c.queues(), vec!["tessera.build", "tessera.slow"]);
+    }
+
+    /// The message of the first problem in `toml` (a route table is not added).
+    fn key_of(toml: &str) -> String {
+        match Config::from_toml(toml) {
+            Ok(_) => panic!("config was accepted:\n{toml}"),
+            Err(ConfigError::Invalid { key, .. }) => key,
+            Err(e) => panic!("not a validation error: {e}"),
+        }
+    }
+
+    /// A config with one route whose extra keys are `keys`.
+    fn route_with(keys: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(&format!("{ROUTE}{keys}\n"))
+    }
+
+    #[test]
+    fn every_section_has_its_documented_defaults() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.gateway.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.gateway.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.gateway.admin_token, "");
+        assert_eq!(c.gateway.fragment_prefix, "/fragments/");
+        assert_eq!(c.gateway.max_wait, Duration::from_secs(30));
+        assert_eq!(c.upstream.url.as_str(), "http://127.0.0.1:3000");
+        assert_eq!(c.upstream.timeout, Duration::from_secs(30));
+        assert_eq!(c.cache.capacity, ByteSize::mib(64));
+        assert_eq!(c.cache.ttl, Duration::from_secs(2));
+        assert_eq!(c.store.namespace, "tessera");
+        assert_eq!(c.store.timeout, Duration::from_millis(250));
+        assert_eq!(c.store.max_item_size, ByteSize::kib(1023));
+        assert_eq!(c.store.memory_capacity, ByteSize::mib(256));
+        assert_eq!(c.bus.queue_expiry, None);
+        assert_eq!(c.backend, Backend::Embedded);
+        assert_eq!(c.workers.embedded, 4);
+        assert_eq!(c.workers.concurrency, 16);
+        assert_eq!(c.workers.admin_listen.to_string(), "127.0.0.1:9091");
+        assert_eq!(c.workers.admin_token, "");
+        assert!(c.fragments.is_empty());
+        assert_eq!(c.queues(), vec!["tessera.build"]);
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn route_defaults_are_pinned() {
+        let c = route_with("").unwrap();
+        let r = c.route("recs").unwrap();
+        assert_eq!(r.render, "/_render/recs");
+        assert!(r.params.is_empty() && r.vary.is_empty());
+        assert_eq!(r.fresh, Duration::from_secs(60));
+        assert_eq!(r.stale, Duration::from_secs(600));
+        assert_eq!(r.failed_ttl, Duration::from_secs(5));
+        assert_eq!(r.build_timeout, Duration::from_secs(10));
+        assert_eq!(r.max_attempts, 4);
+        assert_eq!(
+            r.placeholder,
+            r#"<div class="tessera-loading">Loading…</div>"#
+        );
+        assert_eq!(
+            r.fallback,
+            r#"<div class="tessera-unavailable">This content is unavailable right now.</div>"#
+        );
+        assert_eq!(r.queue, "tessera.build");
+        // A route made in code has the same defaults as one read from a file.
+        let made = FragmentRoute::new("recs", "/_render/recs");
+        assert_eq!(format!("{made:?}"), format!("{r:?}"));
+        assert!(c.route("other").is_none());
+    }
+
+    #[test]
+    fn the_lease_covers_one_attempt_and_the_slack() {
+        assert_eq!(
+            FragmentRoute::new("a", "/a").lease_ttl(),
+            Duration::from_secs(12)
+        );
+        let c = route_with("build_timeout = \"750ms\"").unwrap();
+        assert_eq!(c.fragments[0].lease_ttl(), Duration::from_millis(2750));
+    }
+
+    #[test]
+    fn fresh_plus_stale_may_reach_thirty_days_but_not_pass_them() {
+        let r = route_with("fresh = \"1day\"\nstale = \"29days\"").unwrap();
+        assert_eq!(
+            r.fragments[0].fresh + r.fragments[0].stale,
+            Duration::from_secs(30 * 24 * 3600)
+        );
+        assert_eq!(
+            key_of(&format!("{ROUTE}fresh = \"1day\"\nstale = \"29days 1s\"")),
+            "fragment[0].stale"
+        );
+        assert_eq!(
+            key_of(&format!("{ROUTE}fresh = \"30days 1s\"\nstale = \"0s\"")),
+            "fragment[0].stale"
+        );
+        assert!(
+            route_with("stale = \"0s\"").is_ok(),
+            "no stale window at all"
+        );
+    }
+
+    #[test]
+    fn route_limits_hold_exactly_at_the_limit() {
+        let name = "n".repeat(MAX_ROUTE_NAME);
+        let ok = format!("[[fragment]]\nname = \"{name}\"\nrender = \"/r\"");
+        assert!(Config::from_toml(&ok).is_ok());
+        let long = format!("[[fragment]]\nname = \"{name}n\"\nrender = \"/r\"");
+        assert_eq!(key_of(&long), "fragment[0].name");
+        let ok = "[[fragment]]\nname = \"a-b_9\"\nrender = \"/r\"";
+        assert!(Config::from_toml(ok).is_ok());
+        for bad in ["", "a.b", "aB"] {
+            let toml = format!("[[fragment]]\nname = \"{bad}\"\nrender = \"/r\"");
+            assert_eq!(key_of(&toml), "fragment[0].name", "{bad:?}");
+        }
+
+        for (keys, key) in [
+            ("max_attempts = 1", None),
+            ("max_attempts = 20", None),
+            ("max_attempts = 21", Some("fragment[0].max_attempts")),
+            (&format!("params = [\"{}\"]", "p".repeat(64)), None),
+            (
+                &format!("params = [\"{}\"]", "p".repeat(65)),
+                Some("fragment[0].params"),
+            ),
+            ("params = [\"a-b_c.d[]\", \"x\"]", None),
+            ("params = [\"\"]", Some("fragment[0].params")),
+            (&format!("queue = \"{}\"", "q".repeat(200)), None),
+            (
+                &format!("queue = \"{}\"", "q".repeat(201)),
+                Some("fragment[0].queue"),
+            ),
+            ("queue = \"\"", None),
+            ("queue = \"my-app_1.build:slow\"", None),
+            ("queue = \"amq\"", None),
+            ("render = \"/r#top\"", Some("fragment[0].render")),
+            ("render = \"/r x\"", Some("fragment[0].render")),
+            ("vary = [\"header:x\", \"cookie:x\"]", None),
+        ] {
+            let toml = if keys.starts_with("render") {
+                format!("[[fragment]]\nname = \"recs\"\n{keys}\n")
+            } else {
+                format!("{ROUTE}{keys}\n")
+            };
+            match key {
+                None => assert!(Config::from_toml(&toml).is_ok(), "{keys} was refused"),
+                Some(key) => assert_eq!(key_of(&toml), key, "{keys}"),
+            }
+        }
+    }
+
+    #[test]
+    fn placeholders_may_be_sixteen_kib() {
+        let at = format!("placeholder = \"{}\"", "p".repeat(16 * 1024));
+        assert!(route_with(&at).is_ok());
+        let past = format!("placeholder = \"{}\"", "p".repeat(16 * 1024 + 1));
+        assert_eq!(key_of(&format!("{ROUTE}{past}")), "fragment[0].placeholder");
+    }
+
+    #[test]
+    fn vary_sources_are_parsed_strictly() {
+        let name = "n".repeat(128);
+        assert_eq!(
+            format!("cookie:{name}").parse::<VarySource>(),
+            Ok(VarySource::Cookie(name.clone()))
+        );
+        assert!(format!("cookie:{name}n").parse::<VarySource>().is_err());
+        assert_eq!(
+            "header:Accept-Language".parse::<VarySource>(),
+            Ok(VarySource::Header("accept-language".into()))
+        );
+        assert_eq!(
+            "cookie:Session.ID_x-1".parse::<VarySource>(),
+            Ok(VarySource::Cookie("Session.ID_x-1".into()))
+        );
+        for bad in [
+            "cookie:",
+            "cookie",
+            "cookie:a b",
+            "cookie:a:b",
+            "query:a",
+            ":a",
+        ] {
+            assert!(bad.parse::<VarySource>().is_err(), "{bad:?}");
+        }
+        assert_eq!(VarySource::Cookie("sid".into()).spec(), "cookie:sid");
+        assert_eq!(VarySource::Header("x-a".into()).spec(), "header:x-a");
+    }
+
+    #[test]
+    fn memcached_addresses_need_a_host_and_a_port() {
+        for bad in [
+            ":11211",
+            "host:abc",
+            "host:0",
+            "host:65536",
+            "host",
+            "host:",
+            "memcache://:11211",
+            "a b:11211",
+            "host/x:11211",
+            "user@host:11211",
+            "::1:11211",
+            "[::1:11211",
+            "[fe80::zz]:11211",
+        ] {
+            let toml = format!("[store]\nmemcached = [\"127.0.0.1:11211\", \"{bad}\"]");
+            let msg = err(&toml);
+            assert!(
+                msg.contains("`store.memcached[1]`") && msg.contains(bad),
+                "{bad:?} gave {msg:?}"
+            );
+        }
+        for (good, host, port) in [
+            ("127.0.0.1:11211", "127.0.0.1", 11211),
+            ("memcache://cache-1.internal:1", "cache-1.internal", 1),
+            ("[::1]:65535", "[::1]", 65535),
+            ("cache_2:11211", "cache_2", 11211),
+        ] {
+            let server: MemcachedServer = good.parse().unwrap();
+            assert_eq!((server.host(), server.port()), (host, port), "{good}");
+            assert_eq!(server.to_string(), format!("{host}:{port}"));
+        }
+    }
+
+    #[test]
+    fn store_limits_hold_exactly_at_the_limit() {
+        let ns = "n".repeat(MAX_NAMESPACE);
+        assert!(Config::from_toml(&format!("[store]\nnamespace = \"{ns}\"")).is_ok());
+        let long = format!("[store]\nnamespace = \"{ns}n\"");
+        assert_eq!(key_of(&long), "store.namespace");
+        assert_eq!(key_of("[store]\nnamespace = \"\""), "store.namespace");
+        assert!(Config::from_toml("[store]\nnamespace = \"my-app_2.prod\"").is_ok());
+        for (size, accepted) in [
+            ("4KiB", Some(ByteSize::kib(4))),
+            ("128MiB", Some(ByteSize::mib(128))),
+            ("4095B", None),
+            ("134217729B", None),
+        ] {
+            let toml = format!("[store]\nmax_item_size = \"{size}\"");
+            match accepted {
+                Some(bytes) => {
+                    assert_eq!(Config::from_toml(&toml).unwrap().store.max_item_size, bytes);
+                }
+                None => assert_eq!(key_of(&toml), "store.max_item_size", "{size}"),
+            }
+        }
+    }
+
+    #[test]
+    fn worker_counts_hold_exactly_at_the_limit() {
+        let c = Config::from_toml("[workers]\nembedded = 65535\nconcurrency = 65535").unwrap();
+        assert_eq!((c.workers.embedded, c.workers.concurrency), (65535, 65535));
+        assert_eq!(
+            key_of("[workers]\nconcurrency = 65536"),
+            "workers.concurrency"
+        );
+        assert_eq!(key_of("[workers]\nembedded = 65536"), "workers.embedded");
+        let c = Config::from_toml("[workers]\nembedded = 1").unwrap();
+        assert_eq!(c.workers.embedded, 1);
+        // Without a broker nothing but embedded workers can build; memcached alone is no
+        // broker.
+        assert_eq!(
+            key_of("[store]\nmemcached = [\"h:1\"]\n[workers]\nembedded = 0"),
+            "workers.embedded"
+        );
+    }
+
+    #[test]
+    fn fragment_prefix_is_a_directory_outside_tessera_s_own() {
+        for ok in ["/f/", "/fragments/", "/a/b/"] {
+            let toml = format!("[gateway]\nfragment_prefix = \"{ok}\"");
+            assert!(Config::from_toml(&toml).is_ok(), "{ok}");
+        }
+        for bad in ["/", "f/", "/f", "/_tessera/", "/_tessera/f/", ""] {
+            let toml = format!("[gateway]\nfragment_prefix = \"{bad}\"");
+            assert_eq!(key_of(&toml), "gateway.fragment_prefix", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_admin_listener_off_loopback_needs_a_token() {
+        let gateway = err("[gateway]\nadmin_listen = \"0.0.0.0:9090\"");
+        assert!(gateway.contains("purge content"), "{gateway}");
+        assert!(gateway.contains(env::ADMIN_TOKEN), "{gateway}");
+        let workers = err("[workers]\nadmin_listen = \"0.0.0.0:9091\"");
+        assert!(workers.contains("read its metrics"), "{workers}");
+        let c = Config::from_toml(
+            "[gateway]\nadmin_listen = \"0.0.0.0:9090\"\nadmin_token = \"t\"\n[workers]\nadmin_listen = \"[::]:9091\"\nadmin_token = \"t\"",
+        );
+        assert!(c.is_ok());
+        assert!(Config::from_toml("[workers]\nadmin_listen = \"[::1]:9091\"").is_ok());
+        let addr = admin_listener("gateway", "127.0.0.2:1", "").unwrap();
+        assert_eq!(addr, "127.0.0.2:1".parse::<SocketAddr>().unwrap());
+    }
+
+    #[test]
+    fn upstream_urls_are_plain_http_with_a_host() {
+        for bad in [
+            "https://app",
+            "http://",
+            "/path",
+            "app:3000",
+            "http://app/?q=1",
+        ] {
+            let toml = format!("[upstream]\nurl = \"{bad}\"");
+            assert_eq!(key_of(&toml), "upstream.url", "{bad:?}");
+        }
+        let c = Config::from_toml("[upstream]\nurl = \"http://app\"").unwrap();
+        assert_eq!(c.upstream.url.base(), "http://app");
+        assert_eq!(format!("{:?}", c.upstream.url), "\"http://app\"");
+    }
+
+    #[test]
+    fn amqp_passwords_never_print() {
+        for (url, shown) in [
+            ("amqp://u:pw@h:5672/%2f", "amqp://u:***@h:5672/%2f"),
+            ("amqp://u:p:w@h/v", "amqp://u:***@h/v"),
+            ("amqps://u@h/%2f", "amqps://u@h/%2f"),
+            ("amqp://h/v@x:y", "amqp://h/v@x:y"),
+            ("amqp://h", "amqp://h"),
+            ("amqp://a@b:pw@h", "amqp://a@b:***@h"),
+        ] {
+            let amqp: AmqpUrl = url.parse().unwrap();
+            assert_eq!(amqp.redacted(), shown, "{url}");
+            assert_eq!(amqp.to_string(), shown);
+            assert_eq!(format!("{amqp:?}"), format!("{shown:?}"));
+            assert_eq!(amqp.as_str(), url);
+        }
+        assert!("amqpx://h".parse::<AmqpUrl>().is_err());
+    }
+
+    #[test]
+    fn the_backend_says_which_servers_run() {
+        assert_eq!(Backend::Embedded.memcached(), None);
+        assert_eq!(Backend::Embedded.amqp(), None);
+        let server: MemcachedServer = "h:1".parse().unwrap();
+        let memcached = Backend::Memcached {
+            servers: vec![server.clone()],
+        };
+        assert_eq!(memcached.memcached(), Some(&[server.clone()][..]));
+        assert_eq!(memcached.amqp(), None);
+        let amqp: AmqpUrl = "amqp://b".parse().unwrap();
+        let distributed = Backend::Distributed {
+            servers: vec![server.clone()],
+            amqp: amqp.clone(),
+        };
+        assert_eq!(distributed.memcached(), Some(&[server][..]));
+        assert_eq!(distributed.amqp(), Some(&amqp));
+        // Only the embedded backend is embedded: memcached alone, or with a broker, is not.
+        let c = Config::from_toml("[store]\nmemcached = [\"h:1\"]").unwrap();
+        assert!(!c.is_embedded());
+        assert!(Config::from_toml("").unwrap().is_embedded());
+    }
+
+    #[test]
+    fn env_overrides_reach_every_key_they_name() {
+        let c = Config::from_sources("t", None, |k| match k {
+            env::UPSTREAM_URL => Some("http://app:4000".into()),
+            env::MEMCACHED => Some(" , h:1,,".into()),
+            env::AMQP_URL => Some("  ".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.upstream.url.as_str(), "http://app:4000");
+        assert_eq!(
+            c.backend,
+            Backend::Memcached {
+                servers: vec!["h:1".parse().unwrap()]
+            },
+            "an empty TESSERA_AMQP_URL means no broker"
+        );
+        let e = Config::from_sources("t", Some("[bus]\namqp = \"amqp://b\""), |k| {
+            (k == env::MEMCACHED).then(|| " ".to_string())
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("`store.memcached`"), "{e}");
+    }
+
+    #[test]
+    fn a_config_built_in_code_is_validated_too() {
+        let mut c = Config::default();
+        assert!(c.validate().is_ok());
+        c.fragments.push(FragmentRoute::new("recs", "/r"));
+        assert!(c.validate().is_ok());
+        c.fragments.push(FragmentRoute::new("recs", "/s"));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("`fragment[1].name`"), "{e}");
+        for (change, key) in [
+            (
+                (|c: &mut Config| c.gateway.max_wait = Duration::ZERO) as fn(&mut Config),
+                "gateway.max_wait",
+            ),
+            (|c| c.upstream.timeout = Duration::ZERO, "upstream.timeout"),
+            (|c| c.cache.ttl = Duration::ZERO, "cache.ttl"),
+            (|c| c.store.timeout = Duration::ZERO, "store.timeout"),
+            (|c| c.workers.embedded = 0, "workers.embedded"),
+            (|c| c.fragments[0].queue.clear(), "fragment[0].queue"),
+            (
+                |c| c.fragments[0].build_timeout = Duration::ZERO,
+                "fragment[0].build_timeout",
+            ),
+        ] {
+            let mut c = Config::default();
+            c.fragments.push(FragmentRoute::new("recs", "/r"));
+            change(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_read_or_parsed_is_named() {
+        let missing = Path::new("/nonexistent/tessera.toml");
+        let e = Config::load(Some(missing)).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+        assert!(e.to_string().contains("/nonexistent/tessera.toml"), "{e}");
+        let e = Config::from_sources("site.toml", Some("[cache"), |_| None).unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+        assert!(e.to_string().starts_with("config file site.toml: "), "{e}");
+        let e = Config::from_toml("[bus]\nqueue_expiry = \"later\"").unwrap_err();
+        assert!(e.to_string().contains("queue_expiry"), "{e}");
     }
 
     #[test]

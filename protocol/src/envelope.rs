@@ -358,6 +358,93 @@ mod tests {
         assert_eq!(f.freshness(now_ms()), Freshness::Failed);
     }
 
+    /// `failed` with a TTL of `ttl_ms`, and the instants just before and after it ran.
+    fn failed_between(ttl_ms: u64, previous: Option<&Envelope>) -> (u64, Envelope, u64) {
+        let before = now_ms();
+        let f = Envelope::failed(
+            "upstream 503".into(),
+            Duration::from_millis(ttl_ms),
+            4,
+            previous,
+        );
+        (before, f, now_ms())
+    }
+
+    #[test]
+    fn a_failure_that_keeps_a_copy_is_remembered_for_failed_ttl_only() {
+        let good = sample();
+        let (before, f, after) = failed_between(5_000, Some(&good));
+        // The negative-cache deadline is the failure's own, not the copy's fresh one.
+        assert!(
+            (before + 5_000..=after + 5_000).contains(&f.fresh_until),
+            "fresh_until {} not failed_ttl after {before}..{after}",
+            f.fresh_until
+        );
+        assert!(f.fresh_until < good.fresh_until);
+        assert_eq!(f.freshness(f.fresh_until - 1), Freshness::Failed);
+        assert_eq!(f.freshness(f.fresh_until), Freshness::FailedExpired);
+        // Everything about the copy is the copy's; the outcome is the failure's.
+        assert_eq!(f.etag, good.etag);
+        assert_eq!(f.content_type, good.content_type);
+        assert_eq!(f.built_at, good.built_at);
+        assert_eq!(f.build_ms, good.build_ms);
+        assert_eq!(f.attempts, 4);
+        assert_eq!(f.error.as_deref(), Some("upstream 503"));
+    }
+
+    #[test]
+    fn a_failure_without_a_copy_has_nothing_to_serve() {
+        let (before, f, after) = failed_between(5_000, None);
+        assert_eq!(f.status, Status::Failed);
+        assert!((before + 5_000..=after + 5_000).contains(&f.fresh_until));
+        assert_eq!(f.stale_until, f.fresh_until);
+        assert!((before..=after).contains(&f.built_at));
+        assert!(f.body.is_empty() && f.etag.is_empty() && f.content_type.is_empty());
+        assert_eq!((f.build_ms, f.attempts), (0, 4));
+        assert!(
+            !f.servable(before),
+            "nothing to serve, even before the deadline"
+        );
+        assert_eq!(f.freshness(before), Freshness::Failed);
+        assert_eq!(f.freshness(f.fresh_until), Freshness::FailedExpired);
+        assert_eq!(f.store_ttl(f.fresh_until - 5_000), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_store_keeps_an_envelope_until_its_later_deadline() {
+        let mut good = sample();
+        // A copy about to go stale, failing with a longer negative TTL: the failure must
+        // outlive the copy in the store.
+        good.stale_until = now_ms() + 1_000;
+        let (_, f, _) = failed_between(60_000, Some(&good));
+        assert_eq!(f.stale_until, good.stale_until);
+        assert_eq!(
+            f.store_ttl(good.stale_until),
+            Duration::from_millis(f.fresh_until - good.stale_until)
+        );
+        assert_eq!(f.store_ttl(f.fresh_until), Duration::ZERO);
+        let e = sample();
+        assert_eq!(
+            e.store_ttl(e.fresh_until),
+            Duration::from_secs(600),
+            "a ready envelope stays for its stale window"
+        );
+    }
+
+    #[test]
+    fn ready_records_the_build() {
+        let before = now_ms();
+        let e = sample();
+        assert_eq!(e.status, Status::Ready);
+        assert!((before..=now_ms()).contains(&e.built_at));
+        assert_eq!(e.fresh_until, e.built_at + 60_000);
+        assert_eq!(e.stale_until, e.built_at + 660_000);
+        assert_eq!((e.build_ms, e.attempts), (312, 1));
+        assert_eq!(e.etag, etag_of(&e.body));
+        assert_eq!(e.error, None);
+        assert_eq!(&e.encode()[..2], &[MAGIC, VERSION]);
+    }
+
     #[test]
     fn etag_depends_on_body() {
         assert_eq!(etag_of(b"a"), etag_of(b"a"));

@@ -605,6 +605,219 @@ mod tests {
         assert_eq!(from_elsewhere, from_gateway);
     }
 
+    fn vary_route() -> FragmentRoute {
+        let mut r = route();
+        r.vary = vec![
+            "cookie:sid".parse().unwrap(),
+            "header:accept-language".parse().unwrap(),
+        ];
+        r
+    }
+
+    fn header(name: &'static str, value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_str(value).unwrap());
+        h
+    }
+
+    #[test]
+    fn request_limits_hold_exactly_at_the_limit() {
+        let r = route();
+        let q = format!("user_id={}", "a".repeat(MAX_QUERY - "user_id=".len()));
+        assert_eq!(q.len(), MAX_QUERY);
+        assert!(matches!(
+            Identity::from_request(&r, Some(&q), &HeaderMap::new()),
+            Err(IdentityError::ValueTooLong(_))
+        ));
+        let q = format!("junk={}", "a".repeat(MAX_QUERY - "junk=".len()));
+        assert!(Identity::from_request(&r, Some(&q), &HeaderMap::new()).is_ok());
+
+        let at = format!("user_id={}", "a".repeat(MAX_VALUE));
+        assert_eq!(id(&r, &at).params[0].1.len(), MAX_VALUE);
+        let past = format!("user_id={}", "a".repeat(MAX_VALUE + 1));
+        assert_eq!(
+            Identity::from_request(&r, Some(&past), &HeaderMap::new()),
+            Err(IdentityError::ValueTooLong("user_id".into()))
+        );
+
+        let repeats = vec!["limit=1"; MAX_REPEATS].join("&");
+        assert_eq!(id(&r, &repeats).params.len(), MAX_REPEATS);
+        let too_many = vec!["limit=1"; MAX_REPEATS + 1].join("&");
+        assert_eq!(
+            Identity::from_request(&r, Some(&too_many), &HeaderMap::new()),
+            Err(IdentityError::TooManyValues("limit".into()))
+        );
+        // Another param's values do not count towards the limit.
+        let mixed = format!("{repeats}&user_id=1");
+        assert_eq!(id(&r, &mixed).params.len(), MAX_REPEATS + 1);
+    }
+
+    #[test]
+    fn vary_values_are_limited_like_params() {
+        let r = vary_route();
+        for (name, at, past) in [
+            (
+                "cookie",
+                format!("sid={}", "v".repeat(MAX_VALUE)),
+                format!("sid={}", "v".repeat(MAX_VALUE + 1)),
+            ),
+            (
+                "accept-language",
+                "v".repeat(MAX_VALUE),
+                "v".repeat(MAX_VALUE + 1),
+            ),
+        ] {
+            let ok = Identity::from_request(&r, None, &header(name, &at)).unwrap();
+            assert_eq!(ok.vary[0].1.len(), MAX_VALUE, "{name}");
+            let spec = if name == "cookie" {
+                "cookie:sid"
+            } else {
+                "header:accept-language"
+            };
+            assert_eq!(
+                Identity::from_request(&r, None, &header(name, &past)),
+                Err(IdentityError::ValueTooLong(spec.into())),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn hostile_vary_values_are_refused() {
+        let r = vary_route();
+        assert_eq!(
+            Identity::from_request(&r, None, &header("accept-language", "de\tfr")),
+            Err(IdentityError::BadValue("header:accept-language".into()))
+        );
+        assert_eq!(
+            Identity::from_request(&r, None, &header("cookie", "sid=a\tb")),
+            Err(IdentityError::BadValue("cookie:sid".into()))
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            "accept-language",
+            HeaderValue::from_bytes(b"d\xffe").unwrap(),
+        );
+        assert_eq!(
+            Identity::from_request(&r, None, &h),
+            Err(IdentityError::BadValue("header:accept-language".into()))
+        );
+    }
+
+    #[test]
+    fn repeated_vary_headers_are_joined_in_order() {
+        let r = vary_route();
+        let mut h = HeaderMap::new();
+        h.append("accept-language", HeaderValue::from_static("de"));
+        h.append("accept-language", HeaderValue::from_static("fr"));
+        let i = Identity::from_request(&r, None, &h).unwrap();
+        assert_eq!(
+            i.vary,
+            vec![("header:accept-language".to_string(), "de, fr".to_string())]
+        );
+    }
+
+    #[test]
+    fn cookies_are_found_by_their_exact_name() {
+        let mut h = HeaderMap::new();
+        h.append("cookie", HeaderValue::from_static("xsid=1;sid_x=2"));
+        h.append("cookie", HeaderValue::from_static("a=b;  sid= 3 ; sid=4"));
+        assert_eq!(
+            cookie(&h, "sid").as_deref(),
+            Some("3"),
+            "the first, trimmed"
+        );
+        assert_eq!(cookie(&h, "a").as_deref(), Some("b"));
+        assert_eq!(cookie(&h, "xsid").as_deref(), Some("1"));
+        assert_eq!(cookie(&h, "nope"), None);
+        assert_eq!(cookie(&HeaderMap::new(), "sid"), None);
+    }
+
+    #[test]
+    fn message_limits_hold_exactly_at_the_limit() {
+        let r = vary_route();
+        let with = |params: Vec<(String, String)>, vary: Vec<(String, String)>| Identity {
+            route: "recs".into(),
+            params,
+            vary,
+        };
+        let value = |n: usize| "v".repeat(n);
+        let p = |v: String| vec![("user_id".to_string(), v)];
+        let v = |v: String| vec![("cookie:sid".to_string(), v)];
+        assert_eq!(with(p(value(MAX_VALUE)), vec![]).check(&r), Ok(()));
+        assert_eq!(
+            with(p(value(MAX_VALUE + 1)), vec![]).check(&r),
+            Err(IdentityError::ValueTooLong("user_id".into()))
+        );
+        assert_eq!(with(vec![], v(value(MAX_VALUE))).check(&r), Ok(()));
+        assert_eq!(
+            with(vec![], v(value(MAX_VALUE + 1))).check(&r),
+            Err(IdentityError::ValueTooLong("cookie:sid".into()))
+        );
+        assert_eq!(
+            with(vec![], v("a\nb".into())).check(&r),
+            Err(IdentityError::BadValue("cookie:sid".into()))
+        );
+        let repeated = vec![("limit".to_string(), "1".to_string()); MAX_REPEATS];
+        assert_eq!(with(repeated.clone(), vec![]).check(&r), Ok(()));
+        let mut mixed = repeated;
+        mixed.push(("user_id".into(), "1".into()));
+        assert_eq!(with(mixed, vec![]).check(&r), Ok(()));
+    }
+
+    #[test]
+    fn parse_envelope_key_refuses_what_the_keyspace_never_builds() {
+        let ks = Keyspace::new("t");
+        let digest = "0123456789abcdef0123456789abcdef";
+        let key = |route: &str, generation: &str, digest: &str| {
+            format!("t:f:{route}:{generation}:{digest}")
+        };
+        let max_route = "r".repeat(crate::config::MAX_ROUTE_NAME);
+        for good in [
+            key("recs", "0", digest),
+            key(&max_route, "1", digest),
+            key("a-b_9", &u64::MAX.to_string(), digest),
+        ] {
+            assert!(ks.parse_envelope_key(&good).is_some(), "{good:?}");
+        }
+        let long_route = "r".repeat(crate::config::MAX_ROUTE_NAME + 1);
+        for bad in [
+            key("recs", "1", &digest.to_uppercase()),
+            key("recs", "1", &digest.replace('a', "g")),
+            key("recs", "1", &digest[1..]),
+            key("", "1", digest),
+            key(&long_route, "1", digest),
+            key("Recs", "1", digest),
+            key("re.cs", "1", digest),
+            key("recs", "18446744073709551616", digest),
+            key("recs", "-1", digest),
+            "t:f:recs:1".to_string(),
+            format!("t:f:recs:1:{digest}:x"),
+            "t:f:recs".to_string(),
+            format!("tt:f:recs:1:{digest}"),
+        ] {
+            assert!(ks.parse_envelope_key(&bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn upstream_query_is_percent_encoded() {
+        let mut r = route();
+        r.params = vec!["q".into(), "a.b".into()];
+        let i = id(&r, "q=a+b%26c%3Dd%2F%C3%A9~-_.&a.b=1");
+        assert_eq!(i.query_string(), "a.b=1&q=a%20b%26c%3Dd%2F%C3%A9~-_.");
+        assert_eq!(encode("x y/z"), "x%20y%2Fz");
+        assert_eq!(id(&route(), "").query_string(), "");
+    }
+
+    #[test]
+    fn store_keys_display_as_sent() {
+        let ks = Keyspace::new("t");
+        let k = ks.generation("recs");
+        assert_eq!(k.to_string(), "t:g:recs");
+        assert_eq!(k.to_string(), k.as_str());
+    }
+
     #[test]
     fn vary_reads_headers_and_single_cookies() {
         let mut r = route();

@@ -197,6 +197,49 @@ mod tests {
     }
 
     #[test]
+    fn events_name_the_key_the_gateways_evict() {
+        let built = Event::Built {
+            key: "t:f:recs:1:aa".into(),
+            etag: "\"e\"".into(),
+            build_ms: None,
+        };
+        assert_eq!(built.key(), Some("t:f:recs:1:aa"));
+        let failed = Event::Failed {
+            key: "t:f:recs:1:bb".into(),
+            error: "upstream 500".into(),
+        };
+        assert_eq!(failed.key(), Some("t:f:recs:1:bb"));
+        let purged_key = Event::Purged {
+            route: None,
+            generation: None,
+            key: Some("t:f:recs:1:cc".into()),
+        };
+        assert_eq!(purged_key.key(), Some("t:f:recs:1:cc"));
+        // A whole-route purge is about a generation, not one key.
+        let purged_route = Event::Purged {
+            route: Some("recs".into()),
+            generation: Some(2),
+            key: None,
+        };
+        assert_eq!(purged_route.key(), None);
+    }
+
+    #[test]
+    fn events_of_another_version_are_refused() {
+        let e = Event::decode(br#"{"v":2,"type":"failed","key":"k","error":"x"}"#).unwrap_err();
+        assert!(matches!(e, MessageError::Version(2)), "{e}");
+        let e = Event::decode(br#"{"v":1,"type":"exploded","key":"k"}"#).unwrap_err();
+        assert!(matches!(e, MessageError::Malformed(_)), "{e}");
+        assert_eq!(
+            Event::decode(br#"{"v":1,"type":"failed","key":"k","error":"x"}"#).unwrap(),
+            Event::Failed {
+                key: "k".into(),
+                error: "x".into()
+            }
+        );
+    }
+
+    #[test]
     fn events_round_trip() {
         for e in [
             Event::Built {
