@@ -1804,6 +1804,16 @@ queue = "tessera.build"
             route_with("stale = \"0s\"").is_ok(),
             "no stale window at all"
         );
+        // The pending lease (build_timeout + 2s) has the same bound.
+        let at = route_with("build_timeout = \"29days 23h 59m 58s\"").unwrap();
+        assert_eq!(
+            at.fragments[0].lease_ttl(),
+            Duration::from_secs(30 * 24 * 3600)
+        );
+        assert_eq!(
+            key_of(&format!("{ROUTE}build_timeout = \"29days 23h 59m 59s\"")),
+            "fragment[0].build_timeout"
+        );
     }
 
     #[test]
@@ -2081,6 +2091,30 @@ queue = "tessera.build"
         })
         .unwrap_err();
         assert!(e.to_string().contains("`store.memcached`"), "{e}");
+    }
+
+    #[test]
+    fn http_limits_hold_exactly_at_the_limit() {
+        let connections = "http.max_connections";
+        let header = "http.max_header_bytes";
+        for (keys, refused) in [
+            ("max_connections = 1".to_string(), None),
+            (format!("max_connections = {MAX_CONNECTIONS_LIMIT}"), None),
+            (
+                format!("max_connections = {}", MAX_CONNECTIONS_LIMIT + 1),
+                Some(connections),
+            ),
+            ("max_header_bytes = \"8KiB\"".to_string(), None),
+            ("max_header_bytes = \"8191B\"".to_string(), Some(header)),
+            ("max_header_bytes = \"1MiB\"".to_string(), None),
+            ("max_header_bytes = \"1048577B\"".to_string(), Some(header)),
+        ] {
+            let toml = format!("[http]\n{keys}");
+            match refused {
+                None => assert!(Config::from_toml(&toml).is_ok(), "{keys} was refused"),
+                Some(key) => assert_eq!(key_of(&toml), key, "{keys}"),
+            }
+        }
     }
 
     #[test]
