@@ -23,19 +23,9 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
-answers() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-pick_port() {
-  local p
-  for _ in $(seq 100); do
-    p=$((20000 + RANDOM % 40000))
-    answers "$p" || { echo "$p"; return; }
-  done
-  echo "memory: no free port" >&2; exit 1
-}
-wait_port() { # port, what
-  for _ in $(seq 100); do answers "$1" && return 0; sleep 0.1; done
-  echo "memory: $2 is not answering on 127.0.0.1:$1" >&2; exit 1
-}
+me=memory
+# shellcheck source=bench/ports.sh
+source bench/ports.sh
 rss_mb() { awk '/^VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 
 up=$(pick_port); gw=$(pick_port); adm=$(pick_port)

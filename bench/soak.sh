@@ -35,19 +35,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-answers() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-pick_port() {
-  local p
-  for _ in $(seq 100); do
-    p=$((20000 + RANDOM % 40000))
-    answers "$p" || { echo "$p"; return; }
-  done
-  echo "soak: no free port" >&2; exit 1
-}
-wait_port() { # port, what
-  for _ in $(seq 100); do answers "$1" && return 0; sleep 0.1; done
-  echo "soak: $2 is not answering on 127.0.0.1:$1" >&2; exit 1
-}
+me=soak
+# shellcheck source=bench/ports.sh
+source bench/ports.sh
 fault() { echo "$1 $(date +%s%3N)" >>"$tmp/faults"; echo "== $(date +%T) $1"; }
 
 mc=$(pick_port); up=$(pick_port); gw=$(pick_port); adm=$(pick_port)

@@ -233,18 +233,22 @@ pub fn has_markup(page: &[u8]) -> bool {
     find(page, b"<esi:", 0).is_some() || find(page, COMMENT_OPEN, 0).is_some()
 }
 
+/// Properties on generated pages (proptest), sharing the unit tests' helpers.
+#[cfg(test)]
+mod properties;
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// Owned, with neighbouring text joined: what a page renders to, piece by piece.
-    #[derive(Debug, PartialEq, Eq)]
-    enum Piece {
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub(super) enum Piece {
         Text(Vec<u8>),
         Include(Include),
     }
 
-    fn pieces(page: &[u8]) -> Vec<Piece> {
+    pub(super) fn pieces(page: &[u8]) -> Vec<Piece> {
         let mut out: Vec<Piece> = Vec::new();
         for seg in parse(page) {
             match (out.last_mut(), seg) {

@@ -35,6 +35,16 @@ fn fragment(up: &FakeUpstream, name: &str, html: &str) {
     );
 }
 
+/// `l1` includes `l2` includes `l3` includes `l4`, each asking for ESI: one level more
+/// than the depth limit allows.
+fn nested_fragments(up: &FakeUpstream) -> Vec<FragmentRoute> {
+    esi_fragment(up, "l1", r#"1<esi:include src="/fragments/l2"/>"#);
+    esi_fragment(up, "l2", r#"2<esi:include src="/fragments/l3"/>"#);
+    esi_fragment(up, "l3", r#"3<esi:include src="/fragments/l4"/>"#);
+    fragment(up, "l4", "4");
+    ["l1", "l2", "l3", "l4"].map(route).to_vec()
+}
+
 /// A fragment whose render asks for ESI processing, as pages do.
 fn esi_fragment(up: &FakeUpstream, name: &str, html: &str) {
     up.script(
@@ -177,11 +187,7 @@ async fn only_configured_routes_are_ever_fetched() {
 async fn fragments_may_include_fragments_up_to_the_depth_limit() {
     let up = FakeUpstream::start().await;
     page(&up, "/", r#"[<esi:include src="/fragments/l1"/>]"#);
-    esi_fragment(&up, "l1", r#"1<esi:include src="/fragments/l2"/>"#);
-    esi_fragment(&up, "l2", r#"2<esi:include src="/fragments/l3"/>"#);
-    esi_fragment(&up, "l3", r#"3<esi:include src="/fragments/l4"/>"#);
-    fragment(&up, "l4", "4");
-    let routes = ["l1", "l2", "l3", "l4"].map(route).to_vec();
+    let routes = nested_fragments(&up);
     let (gw, _) = start(&up, routes).await;
     eventually(
         "three levels are composed",
@@ -203,11 +209,7 @@ async fn fragments_may_include_fragments_up_to_the_depth_limit() {
 #[tokio::test]
 async fn the_fragment_endpoint_composes_nested_includes_with_the_same_limit() {
     let up = FakeUpstream::start().await;
-    esi_fragment(&up, "l1", r#"1<esi:include src="/fragments/l2"/>"#);
-    esi_fragment(&up, "l2", r#"2<esi:include src="/fragments/l3"/>"#);
-    esi_fragment(&up, "l3", r#"3<esi:include src="/fragments/l4"/>"#);
-    fragment(&up, "l4", "4");
-    let routes = ["l1", "l2", "l3", "l4"].map(route).to_vec();
+    let routes = nested_fragments(&up);
     let (gw, _) = start(&up, routes).await;
     let url = gw.at("/fragments/l1");
     eventually(

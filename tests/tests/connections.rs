@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use tessera_protocol::Config;
-use tessera_tests::harness::{Backend, TestGateway, backends, client, config};
+use tessera_tests::harness::{Backend, TestGateway, backends, client, config, text};
 use tessera_tests::upstream::FakeUpstream;
 use tessera_tests::{eventually, metric};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,16 +34,9 @@ async fn until_closed(stream: &mut TcpStream, what: &str) -> Vec<u8> {
 }
 
 async fn open_connections(gw: &TestGateway, listener: &str) -> f64 {
-    let text = client()
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = text(format!("{}/metrics", gw.admin)).await;
     metric(
-        &text,
+        &metrics,
         &format!("tessera_http_connections{{listener=\"{listener}\"}}"),
     )
 }

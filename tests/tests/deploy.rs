@@ -429,6 +429,7 @@ fn the_scripts_pass_shellcheck() {
         "bench/distributed.sh",
         "bench/soak.sh",
         "bench/memory.sh",
+        "bench/ports.sh",
         ".ci/run",
     ]);
     assert_ok(&run(check), "shellcheck");

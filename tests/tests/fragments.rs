@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use reqwest::StatusCode;
 use tessera_tests::eventually;
-use tessera_tests::harness::{Backend, TestGateway, backends, client, config, route};
+use tessera_tests::harness::{Backend, TestGateway, backends, client, config, route, text};
 use tessera_tests::upstream::{FakeUpstream, Script};
 
 const WITHIN: Duration = Duration::from_secs(15);
@@ -731,14 +731,8 @@ async fn private_render_answers_are_not_shared() {
     let refused = wait_for(&gw.at("/fragments/mine"), 5).await;
     assert_eq!(refused.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(up.renders("/_render/mine"), 1, "not retried");
-    let status: serde_json::Value = client()
-        .get(format!("{}/api/status", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: serde_json::Value =
+        serde_json::from_str(&text(format!("{}/api/status", gw.admin)).await).unwrap();
     let error = status["recent_failures"][0]["error"]
         .as_str()
         .unwrap()

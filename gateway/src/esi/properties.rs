@@ -4,27 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use super::tests::{Piece, pieces};
+use super::{Include, Segment, has_markup, parse};
 use proptest::prelude::*;
-use tessera_gateway::esi::{Include, Segment, has_markup, parse};
-
-/// Owned, with neighbouring text joined: what a page renders to, piece by piece.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Piece {
-    Text(Vec<u8>),
-    Include(Include),
-}
-
-fn pieces(page: &[u8]) -> Vec<Piece> {
-    let mut out: Vec<Piece> = Vec::new();
-    for seg in parse(page) {
-        match (out.last_mut(), seg) {
-            (Some(Piece::Text(prev)), Segment::Text(t)) => prev.extend_from_slice(t),
-            (_, Segment::Text(t)) => out.push(Piece::Text(t.to_vec())),
-            (_, Segment::Include(i)) => out.push(Piece::Include(i)),
-        }
-    }
-    out
-}
 
 /// Bytes of every text segment, in order: the page minus what markup took out.
 fn text_of(page: &[u8]) -> Vec<u8> {
