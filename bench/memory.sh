@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Memory after a burst: an embedded gateway with a 64 MiB store (store.memory_capacity)
 # and a 16 MiB L1 (cache.capacity) builds KEYS distinct 2 KB fragments (default 80000,
-# about 160 MB of fragments: both budgets fill and evict), then sits idle for IDLE seconds
-# (default 60). Its RSS is sampled from /proc every 5 s and printed at the end: the figure
-# to hold against the budgets (80 MiB) plus the stated overhead (README, "Memory").
+# about 160 MB of fragments: both budgets fill and evict), then KEYS more (a second burst
+# must not grow RSS: bounded, not leaking), then sits idle for IDLE seconds (default 60).
+# Its RSS is sampled from /proc every 5 s and printed at the end: the figure to hold
+# against the budgets (80 MiB) plus the stated overhead (README, "Memory").
 #
 #   bash bench/memory.sh [KEYS] [IDLE]
 #
@@ -63,6 +64,8 @@ echo "== gateway idle at start: $(rss_mb "$gateway") MB"
 
 nice -n 10 "$bin"/soak-driver burst "http://127.0.0.1:$gw" "$keys" 64
 echo "== after the burst: $(rss_mb "$gateway") MB"
+nice -n 10 "$bin"/soak-driver burst "http://127.0.0.1:$gw" "$keys" 64 "$keys"
+echo "== after a second burst of new keys: $(rss_mb "$gateway") MB"
 curl -s "http://127.0.0.1:$adm/metrics" | grep -E '^tessera_l1_(bytes|entries)' || true
 sleep "$idle"
 echo "== after $idle s idle: $(rss_mb "$gateway") MB (budgets: 64 MiB store + 16 MiB L1)"

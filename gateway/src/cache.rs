@@ -9,11 +9,17 @@
 //!
 //! Eviction by event has a race that a plain `invalidate` does not close: a load that
 //! started *before* an event can finish *after* it and insert what it read. So every event
-//! is also written to an invalidation log (key → when), every entry remembers when its load
-//! started, and an entry loaded before a logged invalidation is treated as absent. This is
-//! what makes "a purged fragment is never served again" and "a long-poll wakes the moment
-//! the fragment is built" hold under concurrency, not just usually.
+//! is also written to an invalidation log, every entry remembers when its load started,
+//! and an entry loaded before a logged invalidation is treated as absent. This is what
+//! makes "a purged fragment is never served again" and "a long-poll wakes the moment the
+//! fragment is built" hold under concurrency, not just usually.
+//!
+//! The log is a fixed table of [`LOG_SLOTS`] timestamps indexed by a hash of the key (or
+//! route): each slot holds the latest invalidation of any key that hashes to it. Its
+//! memory is fixed (1 MiB) however many events arrive, and it never forgets: two keys that
+//! share a slot only cost the other one an early reload, never a missed invalidation.
 
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -73,13 +79,14 @@ impl Slot {
         self.loaded_at
     }
 
-    /// The bytes it holds, roughly (what L1's byte budget counts, with its key).
+    /// The bytes it holds with its bookkeeping (what L1's byte budget counts, with its
+    /// key).
     pub fn weight(&self) -> usize {
         let envelope = match &self.state {
             SlotState::Found(e) => e.body.len() + e.content_type.len() + e.etag.len(),
             SlotState::Pending => 0,
         };
-        envelope + 128
+        envelope + SLOT_OVERHEAD
     }
 
     /// True for the first caller only.
@@ -88,17 +95,22 @@ impl Slot {
     }
 }
 
+/// What one slot costs beyond its key and envelope bytes: the slot and envelope structs,
+/// the built headers, moka's entry with its queue and timer nodes, the allocator's
+/// headers. Measured with heaptrack after a burst (`bench/memory.sh`, figures in
+/// `bench/README.md`), so that `cache.capacity` bounds the memory L1 really holds.
+const SLOT_OVERHEAD: usize = 512;
+
 #[derive(Debug, Clone, Copy)]
 struct Generation {
     value: u64,
     loaded_at: Instant,
 }
 
-/// Extra life of invalidation records beyond `cache.ttl`: covers loads that were slow
-/// (store and bus timeouts) between starting and inserting.
-const LOG_SLACK: Duration = Duration::from_secs(30);
-/// Most invalidation records kept; past it the oldest go first.
-const LOG_CAPACITY: u64 = 100_000;
+/// Slots of the invalidation log: 1 MiB of timestamps. At 1,000 events a second and a
+/// `cache.ttl` of 2 s, an entry shares a slot with a fresh event about 1.5 % of the time
+/// (an early reload).
+pub const LOG_SLOTS: usize = 1 << 17;
 /// Most route generations cached.
 const GENERATION_CAPACITY: u64 = 10_000;
 /// How long a generation read from the store is kept as a fallback for a store that
@@ -143,7 +155,9 @@ impl SlotRead {
 pub struct L1 {
     slots: Option<moka::future::Cache<StoreKey, Arc<Slot>>>,
     generations: moka::future::Cache<String, Generation>,
-    log: moka::sync::Cache<String, Instant>,
+    /// Nanoseconds after `base` of the latest invalidation of the keys hashing to each slot.
+    log: Box<[AtomicU64]>,
+    hasher: foldhash::fast::RandomState,
     /// Entries loaded before `base + everything_before` nanoseconds are invalid.
     base: Instant,
     everything_before: AtomicU64,
@@ -185,10 +199,8 @@ impl L1 {
                 .max_capacity(GENERATION_CAPACITY)
                 .time_to_live(ttl.max(GENERATION_KEPT))
                 .build(),
-            log: moka::sync::Cache::builder()
-                .max_capacity(LOG_CAPACITY)
-                .time_to_live(ttl + LOG_SLACK)
-                .build(),
+            log: (0..LOG_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            hasher: foldhash::fast::RandomState::default(),
             base: Instant::now(),
             everything_before: AtomicU64::new(0),
             last_invalidation: AtomicU64::new(0),
@@ -203,12 +215,20 @@ impl L1 {
         if loaded_at > at(&self.last_invalidation) {
             return true;
         }
-        loaded_at > at(&self.everything_before)
-            && self.log.get(log_key).is_none_or(|t| loaded_at > t)
+        loaded_at > at(&self.everything_before) && loaded_at > at(self.log_slot(log_key))
     }
 
-    fn note_invalidation(&self) {
+    fn log_slot(&self, log_key: &str) -> &AtomicU64 {
+        // The low bits of a 64-bit hash; the cast keeps them.
+        #[allow(clippy::cast_possible_truncation)]
+        let i = self.hasher.hash_one(log_key) as usize % LOG_SLOTS;
+        &self.log[i]
+    }
+
+    /// Logs an invalidation of `log_key` (a key, or a route's log key) now.
+    fn log(&self, log_key: &str) {
         let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.log_slot(log_key).fetch_max(nanos, Ordering::AcqRel);
         self.last_invalidation.fetch_max(nanos, Ordering::AcqRel);
     }
 
@@ -381,8 +401,7 @@ impl L1 {
 
     /// Forgets `key` and anything loaded for it before now (built, failed, purged).
     pub async fn invalidate_key(&self, key: &StoreKey) {
-        self.log.insert(key.as_str().to_string(), Instant::now());
-        self.note_invalidation();
+        self.log(key.as_str());
         if let Some(slots) = &self.slots {
             slots.invalidate(key).await;
         }
@@ -390,8 +409,7 @@ impl L1 {
 
     /// A route moved to a new generation: forget its cached generation.
     pub async fn invalidate_route(&self, route: &str) {
-        self.log.insert(route_log_key(route), Instant::now());
-        self.note_invalidation();
+        self.log(&route_log_key(route));
         self.generations.invalidate(route).await;
     }
 
@@ -499,6 +517,32 @@ mod tests {
         .await
         .unwrap();
         assert!(reloaded.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn the_log_remembers_under_many_events_and_only_for_its_key() {
+        let l1 = L1::new(1 << 20, Duration::from_secs(60));
+        let loaded = Instant::now();
+        l1.invalidate_key(&key(0)).await;
+        // Twice as many other events as the log has slots: every slot written again.
+        for n in 1..=(2 * LOG_SLOTS as u64) {
+            l1.log(key(n).as_str());
+        }
+        assert!(
+            !l1.still_valid(key(0).as_str(), loaded),
+            "a load from before the event stays invalid"
+        );
+        let later = Instant::now();
+        l1.invalidate_key(&key(0)).await;
+        // Other keys loaded before it are untouched, bar a rare shared slot.
+        let untouched = (1..=20)
+            .filter(|n| l1.still_valid(key(2 * LOG_SLOTS as u64 + n).as_str(), later))
+            .count();
+        assert!(untouched >= 19, "only {untouched} of 20 other keys kept");
+        assert!(
+            l1.still_valid(key(0).as_str(), Instant::now()),
+            "loads after it are valid"
+        );
     }
 
     #[tokio::test]

@@ -195,13 +195,19 @@ impl fmt::Debug for MemoryStore {
     }
 }
 
+/// What one entry costs beyond its key and value bytes: moka's entry with its queue and
+/// timer nodes, the item and the allocator's headers. Measured with heaptrack after a
+/// burst (`bench/memory.sh`, figures in `bench/README.md`), so that `memory_capacity`
+/// bounds the memory the store really holds.
+pub const ENTRY_OVERHEAD: usize = 448;
+
 impl MemoryStore {
     /// A store holding at most `capacity` bytes, each value at most `max_item_size`.
     pub fn new(capacity: u64, max_item_size: usize) -> Self {
         let items = moka::sync::Cache::builder()
             .max_capacity(capacity)
             .weigher(|k: &StoreKey, v: &Item| {
-                u32::try_from(k.as_str().len() + v.data.len() + 64).unwrap_or(u32::MAX)
+                u32::try_from(k.as_str().len() + v.data.len() + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
             })
             .expire_after(ItemExpiry)
             .build();

@@ -11,8 +11,9 @@
 //!   explains (a worker killed while the key was building, a memcached restart between
 //!   the renders). The purge route is left out: a purge asks for a rebuild.
 //!
-//! `soak-driver burst GATEWAY KEYS CONCURRENCY`: builds KEYS distinct fragments
-//! (`/fragments/burst?id=N`, long-polled) with CONCURRENCY requests in flight.
+//! `soak-driver burst GATEWAY KEYS CONCURRENCY [FIRST]`: builds KEYS distinct fragments
+//! (`/fragments/burst?id=N`, N from FIRST, default 0, long-polled) with CONCURRENCY
+//! requests in flight.
 //!
 //! FAULTS has one line per fault: `KIND UNIX_MS` (`worker-killed`, `memcached-down`,
 //! `memcached-up`, …).
@@ -270,17 +271,21 @@ async fn soak(args: &[String]) -> anyhow::Result<()> {
 }
 
 async fn burst(args: &[String]) -> anyhow::Result<()> {
-    let [gateway, keys, concurrency] = args else {
-        anyhow::bail!("usage: soak-driver burst GATEWAY KEYS CONCURRENCY");
+    let (gateway, keys, concurrency, first) = match args {
+        [g, k, c] => (g, k, c, "0"),
+        [g, k, c, f] => (g, k, c, f.as_str()),
+        _ => anyhow::bail!("usage: soak-driver burst GATEWAY KEYS CONCURRENCY [FIRST]"),
     };
+    let first: u64 = first.parse()?;
     let keys: u64 = keys.parse()?;
     let concurrency: u64 = concurrency.parse()?;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;
-    let next = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(AtomicU64::new(first));
     let counts = Counts::default();
     let started = Instant::now();
+    let keys = first + keys;
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
             let (client, next, counts) = (client.clone(), next.clone(), counts.clone());
@@ -308,7 +313,8 @@ async fn burst(args: &[String]) -> anyhow::Result<()> {
         t.await?;
     }
     println!(
-        "burst: {keys} keys in {:.1} s",
+        "burst: {} keys in {:.1} s",
+        keys - first,
         started.elapsed().as_secs_f64()
     );
     println!("{:?}", lock(&counts));
