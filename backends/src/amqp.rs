@@ -504,13 +504,26 @@ impl AmqpBus {
     }
 
     async fn publish_to_queue(&self, queue: &str, body: &[u8]) -> Result<(), BusError> {
+        self.publish_declared(queue, &self.exchange("build"), queue, body)
+            .await
+    }
+
+    /// Declares `queue` (with its retry queues) once per link, then publishes. An
+    /// unroutable publish means a queue went (deleted, or expired: retry queues of an
+    /// expiring namespace expire when unused): declare them again next time.
+    async fn publish_declared(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+    ) -> Result<(), BusError> {
         let link = self.link().await?;
         self.declare_queue(&link, queue).await?;
         let published = self
-            .publish(&self.exchange("build"), queue, body, persistent())
+            .publish(exchange, routing_key, body, persistent())
             .await;
         if let Err(BusError::Rejected(_)) = &published {
-            // Unroutable: the queue went (deleted, or expired). Declare it again next time.
             link.declared
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -556,11 +569,9 @@ impl Bus for AmqpBus {
         request: &BuildRequest,
         delay: Duration,
     ) -> Result<(), BusError> {
-        let link = self.link().await?;
-        self.declare_queue(&link, queue).await?;
         let retry = retry_queue(queue, retry_bucket(delay));
         // The default exchange routes straight to the bucket queue.
-        self.publish("", &retry, &request.encode(), persistent())
+        self.publish_declared(queue, "", &retry, &request.encode())
             .await
     }
 

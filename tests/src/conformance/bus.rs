@@ -536,6 +536,39 @@ pub mod amqp_only {
             .unwrap()
     }
 
+    /// A retry queue that went while its route queue stayed (retry queues of an
+    /// expiring namespace expire when unused; an operator may delete one): the retry
+    /// that finds it gone is refused, and the next one declares it again and arrives.
+    pub async fn a_retry_queue_that_went_is_declared_again() {
+        let ns = unique_namespace();
+        let queue = format!("{ns}.build");
+        let bus = AmqpBus::with_queue_expiry(&amqp_url(), &ns, Some(QUEUE_EXPIRY))
+            .with_queues(std::slice::from_ref(&queue));
+        let delay = Duration::from_secs(1);
+        bus.publish_retry(&queue, &request("first"), delay)
+            .await
+            .unwrap();
+        let mut c = bus.consume(std::slice::from_ref(&queue), 1).await.unwrap();
+        next(&mut c).await.ack().await.unwrap();
+
+        let conn = raw_connection().await;
+        let channel = conn.create_channel().await.unwrap();
+        let retry = ShortString::from(format!("{queue}.retry.1s"));
+        channel
+            .queue_delete(retry, lapin::options::QueueDeleteOptions::default())
+            .await
+            .expect("delete the retry queue");
+        let refused = bus.publish_retry(&queue, &request("lost"), delay).await;
+        assert!(
+            matches!(refused, Err(BusError::Rejected(_))),
+            "a retry to a queue that went: {refused:?}"
+        );
+        bus.publish_retry(&queue, &request("again"), delay)
+            .await
+            .expect("the next retry declares the queue again");
+        assert_eq!(id(&next(&mut c).await), "again");
+    }
+
     /// With `queue_expiry`, a namespace's exchanges go once its queues expired and its
     /// processes left. Until then they stay, even unbound for longer than the expiry,
     /// and an unroutable mandatory publish still comes back.
