@@ -206,10 +206,16 @@ up() {
   ensure_memcached
   ensure_rabbitmq
   if [[ -z $config ]]; then
-    local port pid
-    port=$(pick_port)
-    pid=$(launch upstream "$BIN/tessera-gateway" demo-upstream --listen "127.0.0.1:$port")
-    wait_ready "$pid" tessera-gateway 10 answers "127.0.0.1:$port" || die "the demo upstream did not start; see $DIR/logs/upstream.log"
+    local port pid status
+    # A port picked free can be taken before the upstream binds it: try another, as add does.
+    for _ in 1 2 3 4 5; do
+      port=$(pick_port)
+      pid=$(launch upstream "$BIN/tessera-gateway" demo-upstream --listen "127.0.0.1:$port")
+      status=0
+      wait_ready "$pid" tessera-gateway 10 answers "127.0.0.1:$port" || status=$?
+      [[ $status == 1 ]] || break   # 1: it exited (the port was taken)
+    done
+    [[ $status == 0 ]] || die "the demo upstream did not start; see $DIR/logs/upstream.log"
     record "upstream upstream $pid http://127.0.0.1:$port -"
     {
       echo "# Written by deploy/local/cluster.sh: the demo upstream and its routes."
