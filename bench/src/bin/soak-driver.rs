@@ -7,6 +7,10 @@
 //! compares what was asked with what the upstream (`soak-upstream`) rendered:
 //! - lost builds: keys the gateway accepted (202 or 200; for an ESI page, the long-poll
 //!   of its placeholder that follows, as in client.js) that were never rendered;
+//!   A key accepted around a memcached restart (from a lease's life before it went down
+//!   to `cache.ttl` after it came back) may be dropped as obsolete: the restart started
+//!   a new route generation, as a purge does. Such a key is polled once more after the
+//!   drain, as client.js would, and counts as lost only if that does not build it.
 //! - doubled builds: keys rendered more than once, except re-renders a fault in FAULTS
 //!   explains (a worker killed while the key was building, a memcached restart between
 //!   the renders). The purge route is left out: a purge asks for a rebuild.
@@ -36,8 +40,8 @@ struct Load {
     until: Instant,
     /// Status answers by kind of request; 0 for a transport error.
     counts: Counts,
-    /// Keys (`route?id=N`) the gateway accepted to build.
-    accepted: Arc<Mutex<Vec<String>>>,
+    /// Keys (`route?id=N`) the gateway accepted to build, and when (Unix ms).
+    accepted: Arc<Mutex<Vec<(String, u64)>>>,
     next_id: Arc<AtomicU64>,
 }
 
@@ -64,7 +68,7 @@ impl Load {
     }
 
     fn accept(&self, key: String) {
-        lock(&self.accepted).push(key);
+        lock(&self.accepted).push((key, now_ms()));
     }
 
     /// Runs `step` every `period` until the load ends.
@@ -200,12 +204,55 @@ fn read_faults(path: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// Lost and doubled builds, printed; the doubled ones listed.
-fn verdict(accepted: &[String], renders: &HashMap<String, Vec<u64>>, faults: &[(String, u64)]) {
-    let lost: Vec<&String> = accepted
-        .iter()
-        .filter(|k| !renders.contains_key(*k))
+/// Longest a lease lives (`build_timeout` 5 s + 2 s), and `cache.ttl`, in the soak's
+/// configuration: the window around a memcached restart in which a request may be
+/// accepted under the generation the restart made obsolete.
+const LEASE_MS: u64 = 7_000;
+const CACHE_TTL_MS: u64 = 2_000;
+
+/// Whether a key accepted `at` was accepted around a memcached restart.
+fn around_a_restart(faults: &[(String, u64)], at: u64) -> bool {
+    let down = faults.iter().filter(|(k, _)| k == "memcached-down");
+    down.zip(faults.iter().filter(|(k, _)| k == "memcached-up"))
+        .any(|((_, d), (_, u))| at + LEASE_MS >= *d && at <= u + CACHE_TTL_MS + 1_000)
+}
+
+/// Accepted keys that were never rendered, after polling once more (as client.js would)
+/// those accepted around a memcached restart: (lost, built on that poll).
+async fn missing(
+    load: &Load,
+    upstream: &str,
+    faults: &[(String, u64)],
+) -> (Vec<String>, Vec<String>) {
+    let accepted = lock(&load.accepted).clone();
+    let renders = renders(&load.client, upstream).await;
+    let unbuilt: Vec<(String, u64)> = accepted
+        .into_iter()
+        .filter(|(k, _)| !renders.contains_key(k))
         .collect();
+    let mut repolled = Vec::new();
+    for (key, at) in &unbuilt {
+        if around_a_restart(faults, *at) {
+            let path = format!("/fragments/{key}");
+            load.get("re-poll", &path, Some(10)).await;
+            repolled.push(key.clone());
+        }
+    }
+    let renders = drain(&load.client, upstream).await;
+    let (built, lost) = unbuilt
+        .into_iter()
+        .map(|(k, _)| k)
+        .partition(|k| repolled.contains(k) && renders.contains_key(k));
+    (lost, built)
+}
+
+/// Lost and doubled builds, printed; the doubled ones listed.
+fn verdict(
+    accepted: usize,
+    (lost, repolled): (Vec<String>, Vec<String>),
+    renders: &HashMap<String, Vec<u64>>,
+    faults: &[(String, u64)],
+) {
     let (mut doubled, mut after_fault) = (Vec::new(), 0);
     for (key, times) in renders.iter().filter(|(k, _)| !k.starts_with("purge?")) {
         let mut times = times.clone();
@@ -218,12 +265,17 @@ fn verdict(accepted: &[String], renders: &HashMap<String, Vec<u64>>, faults: &[(
             }
         }
     }
-    println!("accepted builds: {}", accepted.len());
+    println!("accepted builds: {accepted}");
     println!("keys rendered: {}", renders.len());
     println!(
         "lost builds: {} {:?}",
         lost.len(),
         &lost[..lost.len().min(10)]
+    );
+    println!(
+        "obsolete after a memcached restart, built on the next poll: {} {:?}",
+        repolled.len(),
+        &repolled[..repolled.len().min(10)]
     );
     println!(
         "doubled builds: {} {:?}",
@@ -264,9 +316,12 @@ async fn soak(args: &[String]) -> anyhow::Result<()> {
     for ((kind, status), n) in lock(&load.counts).iter() {
         println!("{kind:>16} {status:>3}: {n}");
     }
-    let renders = drain(&client, upstream).await;
-    let accepted = lock(&load.accepted).clone();
-    verdict(&accepted, &renders, &read_faults(faults));
+    drain(&client, upstream).await;
+    let faults = read_faults(faults);
+    let missing = missing(&load, upstream, &faults).await;
+    let renders = renders(&client, upstream).await;
+    let accepted = lock(&load.accepted).len();
+    verdict(accepted, missing, &renders, &faults);
     Ok(())
 }
 
