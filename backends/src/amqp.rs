@@ -74,6 +74,7 @@ use tokio::sync::mpsc;
 use tessera_protocol::bus::{
     Acker, Bus, BusError, Consumer, DeadLetter, Delivery, Notice, QueueStats, Subscription,
 };
+use tessera_protocol::config::QueueType;
 use tessera_protocol::message::{BuildRequest, Event};
 
 /// Deadline for one broker operation (connect, declare, publish confirm, ack).
@@ -169,6 +170,8 @@ struct Inner {
     ns: String,
     /// `x-expires` for this namespace's durable queues, when set.
     expiry: Option<Duration>,
+    /// `bus.queue_type` is `quorum`.
+    quorum: std::sync::atomic::AtomicBool,
     link: tokio::sync::Mutex<Option<Arc<Link>>>,
     last_attempt: Mutex<Option<Instant>>,
     /// Set after the first successful connection.
@@ -207,6 +210,7 @@ impl AmqpBus {
         Self {
             inner: Arc::new(Inner {
                 expiry,
+                quorum: std::sync::atomic::AtomicBool::new(false),
                 url: url.to_string(),
                 ns: namespace.to_string(),
                 link: tokio::sync::Mutex::new(None),
@@ -226,6 +230,17 @@ impl AmqpBus {
         self
     }
 
+    /// Declares the namespace's durable queues (build, retry, dead-letter) as `kind`
+    /// (`bus.queue_type`). A queue that exists as another kind is refused by the broker
+    /// (`PRECONDITION_FAILED`), which `/readyz` reports.
+    #[must_use]
+    pub fn with_queue_type(self, kind: QueueType) -> Self {
+        self.inner
+            .quorum
+            .store(kind == QueueType::Quorum, Ordering::Relaxed);
+        self
+    }
+
     fn known_queues(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
         self.inner
             .queues
@@ -240,6 +255,12 @@ impl AmqpBus {
     /// Arguments every durable queue of this namespace gets.
     fn queue_args(&self) -> FieldTable {
         let mut args = FieldTable::default();
+        if self.inner.quorum.load(Ordering::Relaxed) {
+            args.insert(
+                short("x-queue-type"),
+                AMQPValue::LongString(LongString::from(QueueType::Quorum.as_str())),
+            );
+        }
         if let Some(expiry) = self.inner.expiry {
             let ms = i32::try_from(expiry.as_millis()).unwrap_or(i32::MAX);
             args.insert(short("x-expires"), AMQPValue::LongInt(ms));

@@ -56,6 +56,7 @@ pub async fn connect(config: &Config) -> Result<Backends, BackendError> {
                 &config.store.namespace,
                 config.bus.queue_expiry,
             )
+            .with_queue_type(config.bus.queue_type)
             .with_queues(&config.queues()),
         ),
         None => memory.bus,

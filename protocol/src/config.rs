@@ -426,6 +426,30 @@ pub struct BusConfig {
     /// (`x-expires`). For throw-away namespaces (tests, benchmarks, previews); absent by
     /// default, as production queues must never vanish.
     pub queue_expiry: Option<Duration>,
+    /// The kind of build, retry and dead-letter queues RabbitMQ makes (`bus.queue_type`).
+    pub queue_type: QueueType,
+}
+
+/// `bus.queue_type`: what RabbitMQ keeps the namespace's durable queues in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// One node holds each queue: the fastest on one broker, lost with its node.
+    #[default]
+    Classic,
+    /// Replicated over the cluster by Raft (`x-queue-type: quorum`): survives losing a
+    /// minority of nodes, costs a write to a majority per message.
+    Quorum,
+}
+
+impl QueueType {
+    /// The `x-queue-type` argument's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Quorum => "quorum",
+        }
+    }
 }
 
 /// `bus.amqp`, checked once: an `amqp://` or `amqps://` URL.
@@ -856,6 +880,7 @@ mod file {
         pub amqp: Option<String>,
         #[serde(default, deserialize_with = "optional_duration")]
         pub queue_expiry: Option<Duration>,
+        pub queue_type: super::QueueType,
     }
 
     /// `[workers]` as written; see [`super::WorkersConfig`].
@@ -964,6 +989,7 @@ impl ConfigFile {
             store,
             bus: BusConfig {
                 queue_expiry: self.bus.queue_expiry,
+                queue_type: self.bus.queue_type,
             },
             backend,
             workers,
@@ -1458,6 +1484,14 @@ queue = "tessera.build"
         assert_eq!(c.bus.queue_expiry, None, "queues never expire unless asked");
         let c = Config::from_toml("[bus]\nqueue_expiry = \"10m\"").unwrap();
         assert_eq!(c.bus.queue_expiry, Some(Duration::from_secs(600)));
+        assert_eq!(c.bus.queue_type, QueueType::Classic, "classic unless asked");
+        let c = Config::from_toml("[bus]\nqueue_type = \"quorum\"").unwrap();
+        assert_eq!(c.bus.queue_type, QueueType::Quorum);
+        let e = Config::from_toml("[bus]\nqueue_type = \"stream\"").unwrap_err();
+        assert!(
+            e.to_string().contains("queue_type") && e.to_string().contains("quorum"),
+            "{e}"
+        );
     }
 
     #[test]

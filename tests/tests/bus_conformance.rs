@@ -5,6 +5,11 @@ mod memory {
     tessera_tests::bus_conformance!(tessera_tests::conformance::bus::memory());
 }
 
+/// The same on quorum queues (`bus.queue_type = "quorum"`).
+mod amqp_quorum {
+    tessera_tests::bus_conformance!(tessera_tests::conformance::bus::amqp_quorum());
+}
+
 /// Needs the test RabbitMQ (`bash scripts/services.sh`).
 mod amqp {
     tessera_tests::bus_conformance!(tessera_tests::conformance::bus::amqp());

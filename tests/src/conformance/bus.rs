@@ -21,6 +21,7 @@ use tessera_backends::amqp::AmqpBus;
 use tessera_protocol::bus::{
     Bus, BusError, Consumer, Delivery, EVENT_BUFFER, MemoryBus, Notice, QueueStats,
 };
+use tessera_protocol::config::QueueType;
 use tessera_protocol::key::Identity;
 use tessera_protocol::message::{BuildRequest, Event};
 
@@ -64,14 +65,21 @@ pub fn memory() -> BusUnderTest {
 
 /// RabbitMQ at `TESSERA_TEST_AMQP`, two connections on one fresh namespace.
 pub fn amqp() -> BusUnderTest {
+    amqp_with(QueueType::Classic)
+}
+
+/// The RabbitMQ bus with quorum queues (`bus.queue_type = "quorum"`).
+pub fn amqp_quorum() -> BusUnderTest {
+    amqp_with(QueueType::Quorum)
+}
+
+fn amqp_with(kind: QueueType) -> BusUnderTest {
     require("RabbitMQ", &amqp_addr());
     let ns = unique_namespace();
     let bus = || {
-        Arc::new(AmqpBus::with_queue_expiry(
-            &amqp_url(),
-            &ns,
-            Some(QUEUE_EXPIRY),
-        ))
+        Arc::new(
+            AmqpBus::with_queue_expiry(&amqp_url(), &ns, Some(QUEUE_EXPIRY)).with_queue_type(kind),
+        )
     };
     BusUnderTest {
         bus: bus(),
