@@ -1,39 +1,75 @@
 #!/usr/bin/env bash
-# Distributed-mode figures (memcached + RabbitMQ on this machine):
-#   1. builds/s with 1, 2 and 4 tessera-worker processes, for an upstream that answers at
-#      once (per-build overhead; compare with the raw consume+ack rate printed first) and
-#      for one that takes 50 ms per render (should scale with processes);
-#   2. memcached-hit throughput of a gateway with L1 disabled (wrk);
-#   3. cold-miss placeholder latency p50/p99 (wrk, every request a new key).
-#   bash bench/distributed.sh [BUILDS] [SECONDS]
+# Distributed mode side by side with what a user would pick instead, in one run, on one
+# memcached (this script's own, `-t 2`, on a free port) and the running RabbitMQ:
+#   1. memcached hits with L1 off: the gateway against nginx `memcached_pass` (Debian's
+#      nginx, 2 workers, keepalive 32), both reading a 2 KB fragment, wrk -t1 -c64;
+#   2. cold misses (every request a new key: lookup, lease, confirmed publish, 202)
+#      against RabbitMQ's own publish+confirm rate with 64 in flight (amqp-rates);
+#   3. one, two and four tessera-worker processes draining queued builds (instant
+#      upstream, then 50 ms renders) against RabbitMQ's own consume+ack rate.
+#   bash bench/distributed.sh [SECONDS] [BUILDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-builds=${1:-2000}; secs=${2:-10}
+secs=${1:-10}; builds=${2:-4000}
 bash scripts/services.sh >/dev/null
-command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
-cargo build --release -q -p tessera-gateway -p tessera-workers -p tessera-bench
+for tool in wrk nginx memcached; do
+  command -v "$tool" >/dev/null || command -v "/usr/sbin/$tool" >/dev/null ||
+    { apt-get update -qq && apt-get install -y -qq "$tool" >/dev/null; }
+done
+systemctl stop nginx 2>/dev/null || true   # the package's own instance, if it started one
+nice -n 10 cargo build --release -q -p tessera-gateway -p tessera-workers -p tessera-bench
 bin=target/release
-tmp=$(mktemp -d); pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/tessera-distributed.XXXXXX"); pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
+me=distributed
+# shellcheck source=bench/ports.sh
+source bench/ports.sh
+mc=$(pick_port); up=$(pick_port); ng=$(pick_port); gw=$(pick_port); adm=$(pick_port)
+gw2=$(pick_port); adm2=$(pick_port)
 
-echo "== build throughput, instant upstream ($builds builds)"
-$bin/build-throughput $bin "$builds" 0 1 2 4
-echo "== build throughput, 50 ms renders ($((builds / 2)) builds)"
-$bin/build-throughput $bin "$((builds / 2))" 50 1 2 4
+memcached -u "$(id -un)" -l 127.0.0.1 -p "$mc" -t 2 -m 256 -c 4096 & pids+=($!)
+wait_port "$mc" memcached
+$bin/plain-server "127.0.0.1:$up" 2048 2>/dev/null & pids+=($!)
+wait_port "$up" plain-server
 
-$bin/plain-server 127.0.0.1:18081 2048 2>/dev/null & pids+=($!)
+# nginx reads a raw 2 KB value; the gateway reads its envelope of the same fragment.
+exec 3<>"/dev/tcp/127.0.0.1/$mc"
+printf 'set bench:nginx 0 0 2048\r\n%s\r\n' "$(head -c 2048 /dev/zero | tr '\0' x)" >&3
+read -r stored <&3; exec 3>&-
+[[ $stored == STORED* ]] || { echo "distributed: could not seed memcached: $stored" >&2; exit 1; }
+cat >"$tmp/nginx.conf" <<NGINX
+worker_processes 2;
+pid $tmp/nginx.pid;
+error_log $tmp/nginx.error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream memcached { server 127.0.0.1:$mc; keepalive 32; }
+  server {
+    listen 127.0.0.1:$ng;
+    location /fragment {
+      set \$memcached_key "bench:nginx";
+      memcached_pass memcached;
+      default_type text/html;
+    }
+  }
+}
+NGINX
+nginx -c "$tmp/nginx.conf" -p "$tmp" -g 'daemon off;' & pids+=($!)
+wait_port "$ng" nginx
+
 ns="bench$RANDOM"
-cat > "$tmp/l2.toml" <<TOML
+cat >"$tmp/hit.toml" <<TOML
 [gateway]
-listen = "127.0.0.1:18082"
-admin_listen = "127.0.0.1:19082"
+listen = "127.0.0.1:$gw"
+admin_listen = "127.0.0.1:$adm"
 [upstream]
-url = "http://127.0.0.1:18081"
+url = "http://127.0.0.1:$up"
 [cache]
 capacity = "0"
 [store]
-memcached = ["127.0.0.1:11211"]
+memcached = ["127.0.0.1:$mc"]
 namespace = "$ns"
 [workers]
 embedded = 2
@@ -42,22 +78,28 @@ name = "bench"
 render = "/_render/bench"
 fresh = "1h"
 TOML
-RUST_LOG=warn $bin/tessera-gateway --config "$tmp/l2.toml" & pids+=($!)
-for _ in $(seq 100); do
-  code=$(curl -s -o /dev/null -w '%{http_code}' -H 'Prefer: wait=5' http://127.0.0.1:18082/fragments/bench || true)
-  [ "$code" = 200 ] && break; sleep 0.1
+RUST_LOG=warn $bin/tessera-gateway --config "$tmp/hit.toml" & pids+=($!)
+wait_port "$gw" gateway
+curl -sf -o /dev/null -H 'Prefer: wait=5' "http://127.0.0.1:$gw/fragments/bench"
+curl -sf -o /dev/null "http://127.0.0.1:$ng/fragment"
+summary() { grep -E 'Requests/sec|Latency |99%' | tr -s ' ' | tr '\n' ' '; echo; }
+echo "== 1. memcached hits, L1 off, 2 KB, wrk -t1 -c64, ${secs} s each, alternating"
+for run in 1 2 3; do
+  echo "run $run nginx memcached_pass: $(wrk -t1 -c64 -d"${secs}s" --latency "http://127.0.0.1:$ng/fragment" | summary)"
+  echo "run $run tessera gateway:      $(wrk -t1 -c64 -d"${secs}s" --latency "http://127.0.0.1:$gw/fragments/bench" | summary)"
 done
-echo "== memcached hits, L1 disabled (2 KB fragment, ${secs}s)"
-wrk -t1 -c64 -d"${secs}s" --latency http://127.0.0.1:18082/fragments/bench | grep -E 'Requests/sec|Latency|50%|99%'
+echo "== 1b. the same, one connection (what batching costs a lone request)"
+echo "nginx memcached_pass: $(wrk -t1 -c1 -d"${secs}s" --latency "http://127.0.0.1:$ng/fragment" | summary)"
+echo "tessera gateway:      $(wrk -t1 -c1 -d"${secs}s" --latency "http://127.0.0.1:$gw/fragments/bench" | summary)"
 
-cat > "$tmp/miss.toml" <<TOML
+cat >"$tmp/miss.toml" <<TOML
 [gateway]
-listen = "127.0.0.1:18083"
-admin_listen = "127.0.0.1:19083"
+listen = "127.0.0.1:$gw2"
+admin_listen = "127.0.0.1:$adm2"
 [upstream]
-url = "http://127.0.0.1:18081"
+url = "http://127.0.0.1:$up"
 [store]
-memcached = ["127.0.0.1:11211"]
+memcached = ["127.0.0.1:$mc"]
 namespace = "${ns}m"
 [bus]
 amqp = "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -68,17 +110,24 @@ embedded = 0
 name = "cold"
 render = "/_render/cold"
 params = ["id"]
-queue = "${ns}m.build"
 TOML
 RUST_LOG=warn $bin/tessera-gateway --config "$tmp/miss.toml" & pids+=($!)
-for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:19083/healthz && break; sleep 0.1; done
-cat > "$tmp/miss.lua" <<'LUA'
+wait_port "$adm2" gateway
+cat >"$tmp/miss.lua" <<'LUA'
 counter = 0
 request = function()
   counter = counter + 1
   return wrk.format("GET", "/fragments/cold?id=" .. math.random(1, 2000000000) .. "-" .. counter)
 end
 LUA
-echo "== cold misses: lease add + confirmed publish + 202 (every request a new key, ${secs}s)"
-wrk -t1 -c16 -d"${secs}s" --latency -s "$tmp/miss.lua" http://127.0.0.1:18083 | grep -E 'Requests/sec|Latency|50%|99%'
-curl -s "http://127.0.0.1:19083/api/status" | head -c 300; echo
+echo "== 2. cold misses (a new key each: lookup, lease, confirmed publish, 202), wrk -t1 -c64"
+$bin/amqp-rates 20000 64 | grep publish
+$bin/amqp-rates 20000 64 quorum | grep publish
+for run in 1 2 3; do
+  echo "run $run tessera gateway: $(wrk -t1 -c64 -d"${secs}s" --latency -s "$tmp/miss.lua" "http://127.0.0.1:$gw2" | summary)"
+done
+
+echo "== 3. queued builds drained by tessera-worker processes"
+$bin/amqp-rates "$builds" 64 | grep consume
+$bin/build-throughput $bin "$builds" 0 1 2 4
+$bin/build-throughput $bin "$((builds / 4))" 50 1 2 4

@@ -1,32 +1,42 @@
-//! The shared store on memcached (crate `memcache`, binary protocol).
+//! The shared store on memcached (crate `memcache`, its async meta-protocol client
+//! `memcache::exp::AsyncMetaClient`).
 //!
 //! Promises, beyond the [`Store`] contract:
-//! - **Never blocks a runtime thread.** The `memcache` client is blocking; every call runs
-//!   on tokio's blocking pool and is bounded by `store.timeout` (plus socket read/write
-//!   timeouts of the same length, so blocked threads do not pile up).
-//! - **Stable placement.** Each key goes to `servers[fnv1a64(key) % n]`, the same in every
-//!   process and every build (the crate's default uses std's `DefaultHasher`, which is not
-//!   stable across Rust releases). Changing the server list remaps keys: a cold start, not
-//!   an error.
-//! - **One pool per server**, sized for the expected concurrency, without the extra round
-//!   trip r2d2 makes to test each connection on check-out.
-//! - **Recovery.** The crate never marks a pooled connection broken, so after memcached
-//!   restarts every pooled connection would fail forever. A server whose call fails with
-//!   an I/O or pool error gets a fresh pool (at most once per [`REBUILD_EVERY`]); calls
-//!   fail with [`StoreError::Unavailable`] meanwhile. Start-up never waits for a server.
-//! - **`incr` never creates.** The crate's binary `incr` asks memcached to create an absent
-//!   key at 0 (it sends expiration 0, not `0xffffffff`), so `incr` goes over a small
-//!   second pool in the ASCII protocol, whose `incr` answers `NOT_FOUND` instead.
+//! - **Never blocks a runtime thread, no thread hop.** Calls are tokio I/O on pooled
+//!   connections, each bounded by `store.timeout` (the client's exchange deadline, and
+//!   ours around it).
+//! - **Placement that survives growth.** Keys go to servers by rendezvous hashing over
+//!   FNV-1a ([`place`]), scored against each server as written in the configuration
+//!   (`host:port`): the same in every process and every build, and adding a fifth
+//!   server to four moves only the keys the new one wins, about a fifth. Changing the
+//!   placement function itself (as from the `fnv1a64 % n` of earlier releases) remaps
+//!   most keys once: a cold start, not an error.
+//! - **Lookups that arrive together go out together.** A single-key `get` joins the
+//!   batch being formed, or starts one: it yields once so that the tasks ready at that
+//!   instant join it, then sends the batch as one pipelined multi-get per server (in a
+//!   task of its own, so a caller that goes away never fails the others). Under load N
+//!   concurrent lookups cost a few exchanges, not N; alone, a lookup pays one yield.
+//! - **Bounded connections.** At most [`MAX_CONNECTIONS`] per server; a caller past the
+//!   cap waits for one within the deadline, then fails `Unavailable`. A memcached that
+//!   stops answering costs at most that many waiting exchanges, each ended by the
+//!   deadline.
+//! - **Recovery.** A connection that fails mid-exchange is dropped, a pooled one that
+//!   died while idle is redialed once; after memcached restarts the next calls work
+//!   again without a pool rebuild. Start-up never waits for a server: names are resolved
+//!   and servers dialed on first use.
+//! - **`incr` never creates** (the meta `ma` command without `N` answers `NF`).
 //! - **TTLs over 30 days** are sent as Unix times (this host's clock), since memcached reads
 //!   any expiration above 30 days as one.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use memcache::{Client, CommandError, ConnectionManager, MemcacheError, Url};
+use memcache::exp::{AsyncMetaClient, Error as McError, Get, GetStatus, MutationStatus, Router};
+use tokio::sync::{OnceCell, oneshot};
 
 use tessera_protocol::Cause;
 use tessera_protocol::config::MemcachedServer;
@@ -34,197 +44,225 @@ use tessera_protocol::key::StoreKey;
 use tessera_protocol::store::{Store, StoreError, check_size};
 use tessera_protocol::time::ceil_secs;
 
-/// Connections per server.
-pub const POOL_SIZE: u32 = 32;
-/// ASCII-protocol connections per server, for `incr` (generation bumps only).
-pub const COUNTER_POOL_SIZE: u32 = 2;
+/// Most connections in use per server.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Idle connections kept per server.
+const MAX_IDLE: usize = 32;
 /// Longest expiration memcached reads as relative seconds.
 const MAX_RELATIVE_EXPIRY: u64 = 30 * 24 * 3600;
-/// Least time between two pool rebuilds for one server.
-pub const REBUILD_EVERY: Duration = Duration::from_millis(500);
 
 /// 64-bit FNV-1a: fixed by its definition, so placement never changes between builds.
-pub fn fnv1a64(key: &str) -> u64 {
-    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
 
-struct Server {
-    url: Url,
-    /// `url` in the ASCII protocol, for `incr`.
-    ascii: Url,
-    client: RwLock<Arc<Client>>,
-    counter: RwLock<Arc<Client>>,
-    rebuilt: Mutex<Instant>,
+/// SplitMix64's finalizer: spreads the combined hash over all 64 bits.
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The server of `key` among `servers` (as written in the configuration): rendezvous
+/// (highest random weight) hashing, each server scored by `mix(fnv(key) ^ fnv(server))`.
+/// Adding or removing a server moves only the keys it wins or held; the order of the list
+/// does not matter.
+pub fn place(key: &[u8], servers: &[String]) -> usize {
+    let k = fnv1a64(key);
+    servers
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, s)| mix(k ^ fnv1a64(s.as_bytes())))
+        .map_or(0, |(i, _)| i)
+}
+
+/// [`place`] as the client's router.
+#[derive(Debug, Clone, Copy)]
+struct Placement;
+
+impl Router for Placement {
+    fn route(&self, key: &[u8], servers: &[String]) -> usize {
+        place(key, servers)
+    }
 }
 
 /// memcached, as a [`Store`].
 pub struct MemcachedStore {
-    servers: Vec<Server>,
+    /// `host:port` of each server, as configured: the placement's identities.
+    servers: Vec<(String, u16)>,
+    client: OnceCell<Connected>,
     timeout: Duration,
     max_item_size: usize,
-    /// Pool resets after connection failures.
-    resets: std::sync::atomic::AtomicU64,
+    /// Calls that failed on the connection (each dropped it; the next call dials anew).
+    resets: AtomicU64,
 }
 
 impl std::fmt::Debug for MemcachedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let urls: Vec<_> = self.servers.iter().map(|s| s.url.as_str()).collect();
         f.debug_struct("MemcachedStore")
-            .field("servers", &urls)
-            .finish()
+            .field("servers", &self.servers)
+            .finish_non_exhaustive()
     }
-}
-
-fn pool(url: &Url, size: u32, timeout: Duration) -> Result<Arc<Client>, StoreError> {
-    let pool = r2d2::Pool::builder()
-        .max_size(size)
-        .min_idle(Some(0))
-        .test_on_check_out(false)
-        .connection_timeout(timeout)
-        // Unchecked: start-up never waits for a server that is down.
-        .build_unchecked(ConnectionManager::new(url.clone()));
-    Client::with_pool(pool)
-        .map(Arc::new)
-        .map_err(|e| StoreError::Protocol(format!("memcached client: {e}")))
 }
 
 impl MemcachedStore {
     /// A store over `servers` (parsed at config load), with the given per-call deadline
-    /// and item limit. Does no I/O: servers that are down are connected to on first use.
+    /// and item limit. Does no I/O: names are resolved and servers dialed on first use.
     pub fn new(
         servers: &[MemcachedServer],
         timeout: Duration,
         max_item_size: usize,
     ) -> Result<Self, StoreError> {
-        let secs = timeout.as_secs_f64();
-        let servers = servers
-            .iter()
-            .map(|s| {
-                let url = Url::parse(&format!("memcache://{s}?timeout={secs}&tcp_nodelay=true"))
-                    .map_err(|e| {
-                        StoreError::Protocol(format!(
-                            "bad memcached address {:?}: {e}",
-                            s.to_string()
-                        ))
-                    })?;
-                let mut ascii = url.clone();
-                ascii.query_pairs_mut().append_pair("protocol", "ascii");
-                Ok(Server {
-                    client: RwLock::new(pool(&url, POOL_SIZE, timeout)?),
-                    counter: RwLock::new(pool(&ascii, COUNTER_POOL_SIZE, timeout)?),
-                    url,
-                    ascii,
-                    rebuilt: Mutex::new(Instant::now()),
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
         if servers.is_empty() {
             return Err(StoreError::Protocol(
                 "no memcached servers configured".into(),
             ));
         }
         Ok(Self {
-            servers,
+            servers: servers
+                .iter()
+                .map(|s| {
+                    let host = s.host().trim_start_matches('[').trim_end_matches(']');
+                    (host.to_string(), s.port())
+                })
+                .collect(),
+            client: OnceCell::new(),
             timeout,
             max_item_size,
-            resets: std::sync::atomic::AtomicU64::new(0),
+            resets: AtomicU64::new(0),
         })
     }
 
-    fn server_of(&self, key: &str) -> usize {
-        // The modulo of a u64 by a small count always fits in usize.
-        usize::try_from(fnv1a64(key) % self.servers.len() as u64).unwrap_or(0)
+    async fn connected(&self) -> Result<&Connected, McError> {
+        self.client
+            .get_or_try_init(|| async {
+                let client = AsyncMetaClient::builder()
+                    .router(Placement)
+                    .max_idle(MAX_IDLE)
+                    .max_connections(Some(MAX_CONNECTIONS))
+                    .connect_timeout(Some(self.timeout))
+                    .io_timeout(Some(self.timeout))
+                    .connect_multiple_async(self.servers.iter().cloned())
+                    .await?;
+                Ok(Connected {
+                    client,
+                    forming: Mutex::new(Vec::new()),
+                })
+            })
+            .await
     }
 
-    /// Runs `op` against server `i` on the blocking pool, under the deadline.
-    async fn call<T, F>(&self, i: usize, op: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Client) -> Result<T, MemcacheError> + Send + 'static,
-    {
-        self.call_on(i, false, op).await
+    async fn client(&self) -> Result<&AsyncMetaClient, McError> {
+        Ok(&self.connected().await?.client)
     }
 
-    /// Like [`Self::call`], on the ASCII pool when `counter`.
-    async fn call_on<T, F>(&self, i: usize, counter: bool, op: F) -> Result<T, StoreError>
+    /// Runs `call` on the client under the deadline, mapping its errors.
+    async fn call<'a, T, F>(
+        &'a self,
+        call: impl FnOnce(&'a AsyncMetaClient) -> F,
+    ) -> Result<T, StoreError>
     where
-        T: Send + 'static,
-        F: FnOnce(&Client) -> Result<T, MemcacheError> + Send + 'static,
+        F: Future<Output = Result<T, McError>>,
     {
-        let server = &self.servers[i];
-        let client = if counter {
-            &server.counter
-        } else {
-            &server.client
-        }
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
-        let task = tokio::task::spawn_blocking(move || op(&client));
-        let result = match tokio::time::timeout(self.timeout, task).await {
+        let run = async { call(self.client().await?).await };
+        let result = match tokio::time::timeout(self.timeout, run).await {
             Err(_) => Err(StoreError::Unavailable(
-                format!(
-                    "{} did not answer within {:?}",
-                    server.url.host_str().unwrap_or("memcached"),
-                    self.timeout
-                )
-                .into(),
+                format!("memcached did not answer within {:?}", self.timeout).into(),
             )),
-            Ok(Err(join)) => Err(StoreError::Unavailable(Cause::context(
-                "store call failed",
-                join,
-            ))),
-            Ok(Ok(result)) => result.map_err(|e| classify(&server.url, e)),
+            Ok(result) => result.map_err(classify),
         };
         if let Err(StoreError::Unavailable(_)) = &result {
-            self.rebuild(i);
+            self.resets.fetch_add(1, Ordering::Relaxed);
         }
         result
     }
+}
 
-    /// Replaces a server's pool after a connection-level failure (rate limited).
-    fn rebuild(&self, i: usize) {
-        let server = &self.servers[i];
-        let mut last = server
-            .rebuilt
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if last.elapsed() < REBUILD_EVERY {
-            return;
+/// The client, and the batch of lookups being formed.
+struct Connected {
+    client: AsyncMetaClient,
+    /// Lookups waiting for the batch; empty when none is forming.
+    forming: Mutex<Vec<Lookup>>,
+}
+
+/// One `get` waiting for its batch.
+struct Lookup {
+    key: StoreKey,
+    reply: oneshot::Sender<Result<Option<Bytes>, McError>>,
+}
+
+impl Connected {
+    /// `key`'s value, looked up in the batch being formed or in a new one.
+    async fn lookup(&self, key: &StoreKey) -> Result<Option<Bytes>, McError> {
+        let (reply, answer) = oneshot::channel();
+        let leads = {
+            let mut forming = self.forming.lock().unwrap_or_else(PoisonError::into_inner);
+            forming.push(Lookup {
+                key: key.clone(),
+                reply,
+            });
+            forming.len() == 1
+        };
+        if leads {
+            // Let the lookups that are ready now join, then send them all.
+            tokio::task::yield_now().await;
+            let batch =
+                std::mem::take(&mut *self.forming.lock().unwrap_or_else(PoisonError::into_inner));
+            tokio::spawn(send_batch(self.client.clone(), batch));
         }
-        *last = Instant::now();
-        match pool(&server.url, POOL_SIZE, self.timeout)
-            .and_then(|c| Ok((c, pool(&server.ascii, COUNTER_POOL_SIZE, self.timeout)?)))
-        {
-            Ok((fresh, counter)) => {
-                *server
-                    .client
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner) = fresh;
-                *server
-                    .counter
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner) = counter;
-                self.resets
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            Err(e) => tracing::warn!(error = %e, "could not reset memcached connections"),
-        }
-        tracing::info!(server = %server.url.host_str().unwrap_or("?"), "memcached connections reset");
+        answer
+            .await
+            .map_err(|_| McError::Protocol("a lookup batch was abandoned".into()))?
     }
 }
 
-fn classify(url: &Url, e: MemcacheError) -> StoreError {
-    let server = url.host_str().unwrap_or("memcached");
-    match e {
-        MemcacheError::IOError(e) => StoreError::Unavailable(Cause::context(server, e)),
-        MemcacheError::PoolError(e) => StoreError::Unavailable(Cause::context(server, e)),
-        MemcacheError::CommandError(CommandError::ValueTooLarge) => {
-            StoreError::TooLarge { size: 0, max: 0 }
+/// One pipelined multi-get per server for `batch`, each answer to its caller.
+async fn send_batch(client: AsyncMetaClient, batch: Vec<Lookup>) {
+    // Callers that gave up (their deadline passed) are not asked for.
+    let batch: Vec<Lookup> = batch.into_iter().filter(|l| !l.reply.is_closed()).collect();
+    if batch.is_empty() {
+        return;
+    }
+    match client
+        .run_many(batch.iter().map(|l| Get::new(l.key.as_str())))
+        .await
+    {
+        Ok(results) => {
+            for (lookup, found) in batch.into_iter().zip(results) {
+                let value = found.map(|f| {
+                    f.value
+                        .filter(|_| f.status == GetStatus::Hit)
+                        .map(Bytes::from)
+                });
+                let _ = lookup.reply.send(value);
+            }
         }
-        other => StoreError::Protocol(format!("{server}: {other}")),
+        Err(e) => {
+            // Refused before anything was sent (a key the protocol cannot carry).
+            for lookup in batch {
+                let _ = lookup.reply.send(Err(McError::Protocol(e.to_string())));
+            }
+        }
+    }
+}
+
+fn classify(e: McError) -> StoreError {
+    match e {
+        // The server answered, with a refusal: not a transport failure.
+        McError::Ambiguous { source, .. }
+            if !matches!(*source, McError::Io(_) | McError::Timeout { .. }) =>
+        {
+            classify(*source)
+        }
+        McError::Server(m) if m.contains("too large") => StoreError::TooLarge { size: 0, max: 0 },
+        e @ (McError::Io(_) | McError::Timeout { .. } | McError::Ambiguous { .. }) => {
+            StoreError::Unavailable(Cause::context("memcached", e))
+        }
+        other => StoreError::Protocol(format!("memcached: {other}")),
     }
 }
 
@@ -242,41 +280,24 @@ fn expiry(ttl: Duration) -> u32 {
 #[async_trait]
 impl Store for MemcachedStore {
     fn reconnects(&self) -> u64 {
-        self.resets.load(std::sync::atomic::Ordering::Relaxed)
+        self.resets.load(Ordering::Relaxed)
     }
 
     async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
-        let k = key.as_str().to_string();
-        self.call(self.server_of(&k), move |c| c.get::<Vec<u8>>(&k))
+        self.call(|_| async { self.connected().await?.lookup(key).await })
             .await
-            .map(|v| v.map(Bytes::from))
     }
 
     async fn get_many(&self, keys: &[StoreKey]) -> Result<HashMap<StoreKey, Bytes>, StoreError> {
-        let mut by_server: HashMap<usize, Vec<&StoreKey>> = HashMap::new();
-        for k in keys {
-            by_server
-                .entry(self.server_of(k.as_str()))
-                .or_default()
-                .push(k);
-        }
-        // One multi-get per server, all servers at once.
-        let calls = by_server.into_iter().map(|(i, ks)| {
-            let names: Vec<String> = ks.iter().map(|k| k.as_str().to_string()).collect();
-            async move {
-                self.call(i, move |c| {
-                    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-                    c.gets::<Vec<u8>>(&refs)
-                })
-                .await
-            }
-        });
+        // One pipelined exchange per server, all servers at once.
+        let results = self
+            .call(|c| c.run_many(keys.iter().map(|k| Get::new(k.as_str()))))
+            .await?;
         let mut out = HashMap::new();
-        for found in futures_util::future::join_all(calls).await {
-            for (k, v) in found? {
-                if let Some(key) = keys.iter().find(|key| key.as_str() == k) {
-                    out.insert(key.clone(), Bytes::from(v));
-                }
+        for (key, found) in keys.iter().zip(results) {
+            let found = found.map_err(classify)?;
+            if let (GetStatus::Hit, Some(value)) = (found.status, found.value) {
+                out.insert(key.clone(), Bytes::from(value));
             }
         }
         Ok(out)
@@ -284,50 +305,43 @@ impl Store for MemcachedStore {
 
     async fn add(&self, key: &StoreKey, value: &[u8], ttl: Duration) -> Result<bool, StoreError> {
         check_size(value, self.max_item_size)?;
-        let (k, v, exp) = (key.as_str().to_string(), value.to_vec(), expiry(ttl));
         let result = self
-            .call(self.server_of(&k), move |c| {
-                match c.add(&k, v.as_slice(), exp) {
-                    Ok(()) => Ok(true),
-                    Err(MemcacheError::CommandError(CommandError::KeyExists)) => Ok(false),
-                    Err(e) => Err(e),
-                }
-            })
-            .await;
+            .call(|c| c.set(key.as_str(), value).add().ttl_raw(expiry(ttl)).send())
+            .await
+            .map(|r| r.status == MutationStatus::Applied);
         too_large(result, value.len(), self.max_item_size)
     }
 
     async fn set(&self, key: &StoreKey, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
         check_size(value, self.max_item_size)?;
-        let (k, v, exp) = (key.as_str().to_string(), value.to_vec(), expiry(ttl));
         let result = self
-            .call(self.server_of(&k), move |c| c.set(&k, v.as_slice(), exp))
-            .await;
+            .call(|c| c.set(key.as_str(), value).ttl_raw(expiry(ttl)).send())
+            .await
+            .and_then(|r| match r.status {
+                MutationStatus::Applied => Ok(()),
+                other => Err(StoreError::Protocol(format!("memcached set: {other:?}"))),
+            });
         too_large(result, value.len(), self.max_item_size)
     }
 
     async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        let k = key.as_str().to_string();
-        self.call(self.server_of(&k), move |c| c.delete(&k)).await
+        self.call(|c| c.delete(key.as_str()).send())
+            .await
+            .map(|r| r.status == MutationStatus::Applied)
     }
 
     async fn incr(&self, key: &StoreKey, delta: u64) -> Result<Option<u64>, StoreError> {
-        let k = key.as_str().to_string();
-        self.call_on(self.server_of(&k), true, move |c| {
-            match c.increment(&k, delta) {
-                Ok(v) => Ok(Some(v)),
-                Err(MemcacheError::CommandError(CommandError::KeyNotFound)) => Ok(None),
-                Err(e) => Err(e),
-            }
+        let r = self
+            .call(|c| c.increment(key.as_str()).delta(delta).send())
+            .await?;
+        Ok(match r.status {
+            MutationStatus::Applied => r.value,
+            _ => None,
         })
-        .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        for i in 0..self.servers.len() {
-            self.call(i, |c| c.version().map(|_| ())).await?;
-        }
-        Ok(())
+        self.call(AsyncMetaClient::noop).await
     }
 }
 
@@ -343,26 +357,59 @@ fn too_large<T>(result: Result<T, StoreError>, size: usize, max: usize) -> Resul
 mod tests {
     use super::*;
 
+    fn servers(n: u16) -> Vec<String> {
+        (0..n).map(|i| format!("10.0.0.{i}:11211")).collect()
+    }
+
     #[test]
     fn placement_is_fixed_by_definition() {
         // FNV-1a reference values (draft-eastlake-fnv).
-        assert_eq!(fnv1a64(""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a64("a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(fnv1a64("foobar"), 0x8594_4171_f739_67e8);
-        let store = MemcachedStore::new(
-            &[
-                "127.0.0.1:1".parse().unwrap(),
-                "127.0.0.1:2".parse().unwrap(),
-                "127.0.0.1:3".parse().unwrap(),
-            ],
-            Duration::from_millis(100),
-            1024,
-        )
-        .unwrap();
-        assert_eq!(
-            store.server_of("foobar"),
-            (0x8594_4171_f739_67e8u64 % 3) as usize
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+        // Pinned: a change here is a cold start for every deployment.
+        let three = servers(3);
+        let placed: Vec<usize> = ["a", "b", "c", "tessera:f:x", "foobar"]
+            .iter()
+            .map(|k| place(k.as_bytes(), &three))
+            .collect();
+        // Computed independently (a Python transcription of `place`).
+        assert_eq!(placed, [1, 2, 0, 1, 2]);
+        assert_eq!(place(b"k", &servers(1)), 0);
+    }
+
+    #[test]
+    fn growing_from_four_to_five_servers_moves_about_a_fifth_of_keys() {
+        let (four, five) = (servers(4), servers(5));
+        let mut counts = [0usize; 5];
+        let mut moved = 0;
+        for n in 0..10_000 {
+            let key = format!("tessera:f:route:{n}");
+            let (before, after) = (place(key.as_bytes(), &four), place(key.as_bytes(), &five));
+            counts[after] += 1;
+            if before != after {
+                assert_eq!(after, 4, "a key only ever moves to the new server");
+                moved += 1;
+            }
+        }
+        // The new server wins about 1/5 (2,000); `% n` would move about 4/5.
+        assert!(
+            (1_700..=2_300).contains(&moved),
+            "{moved} of 10,000 keys moved"
         );
+        for c in counts {
+            assert!((1_700..=2_300).contains(&c), "unbalanced: {counts:?}");
+        }
+        // The order of the list does not matter.
+        let mut shuffled = five.clone();
+        shuffled.reverse();
+        for n in 0..1_000 {
+            let key = format!("k{n}");
+            assert_eq!(
+                five[place(key.as_bytes(), &five)],
+                shuffled[place(key.as_bytes(), &shuffled)]
+            );
+        }
     }
 
     #[tokio::test]

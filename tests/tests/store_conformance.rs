@@ -24,6 +24,16 @@ mod memcached {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_lookups_share_exchanges() {
+        memcached_only::concurrent_lookups_share_exchanges().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_server_fails_fast_without_a_pile_up() {
+        memcached_only::a_stopped_server_fails_fast_without_a_pile_up().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_default_item_limit_fits_a_default_memcached() {
         memcached_only::the_default_item_limit_fits_a_default_memcached().await;
     }

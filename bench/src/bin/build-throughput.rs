@@ -1,5 +1,5 @@
-//! End-to-end build throughput of `tessera-worker` processes, and the raw RabbitMQ
-//! consume+ack rate on the same broker for comparison.
+//! End-to-end build throughput of `tessera-worker` processes (compare with RabbitMQ's own
+//! consume+ack rate, `amqp-rates`).
 //!
 //! `build-throughput BIN_DIR BUILDS RENDER_MS WORKERS...`
 //!
@@ -46,10 +46,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect::<Result<_, _>>()?;
     let upstream = start_upstream(render).await?;
 
-    println!(
-        "raw RabbitMQ consume+ack: {:.0} msg/s",
-        raw_rate(builds).await?
-    );
     for workers in counts {
         let rate = run(&bin, &upstream, builds, workers).await?;
         println!(
@@ -83,24 +79,6 @@ async fn start_upstream(delay: Duration) -> std::io::Result<String> {
 
 fn namespace() -> String {
     format!("bench{:x}", rand::random::<u32>())
-}
-
-async fn raw_rate(n: usize) -> Result<f64, Box<dyn std::error::Error>> {
-    let ns = namespace();
-    let bus = AmqpBus::with_queue_expiry(AMQP, &ns, Some(EXPIRY));
-    let queue = format!("{ns}.raw");
-    for _ in 0..n {
-        bus.publish_raw(&queue, b"{}").await?;
-    }
-    let mut consumer = bus.consume(&[queue], 64).await?;
-    let started = Instant::now();
-    for _ in 0..n {
-        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
-            .await?
-            .ok_or("consumer closed")?;
-        d.ack().await?;
-    }
-    Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
 async fn run(

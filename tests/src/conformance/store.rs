@@ -237,10 +237,8 @@ pub async fn incr_counts_in_decimal_and_never_creates(t: StoreUnderTest) {
 
     let text = t.key("text");
     t.store.set(&text, b"abc", Duration::ZERO).await.unwrap();
-    assert!(matches!(
-        t.store.incr(&text, 1).await,
-        Err(StoreError::Protocol(_))
-    ));
+    let r = t.store.incr(&text, 1).await;
+    assert!(matches!(r, Err(StoreError::Protocol(_))), "{r:?}");
 }
 
 /// TTLs are durations rounded up to whole seconds (so a sub-second TTL still expires,
@@ -453,6 +451,125 @@ pub mod memcached_only {
         store.set(&k, b"after", Duration::ZERO).await.unwrap();
         assert_eq!(store.get(&k).await.unwrap().as_deref(), Some(&b"after"[..]));
         assert!(store.reconnects() >= 1, "the pool was reset");
+    }
+
+    /// memcached's `total_connections` statistic (connections ever accepted).
+    fn connections_accepted(port: u16) -> u64 {
+        use std::io::{BufRead, BufReader, Write};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("memcached");
+        conn.write_all(b"stats\r\n").unwrap();
+        BufReader::new(conn)
+            .lines()
+            .map_while(Result::ok)
+            .take_while(|l| l != "END")
+            .find_map(|l| l.strip_prefix("STAT total_connections ")?.parse().ok())
+            .expect("a total_connections statistic")
+    }
+
+    /// 500 lookups started at once share a few pipelined exchanges: the store dials a
+    /// handful of connections, not one per lookup in flight, and every lookup gets its
+    /// own key's value.
+    pub async fn concurrent_lookups_share_exchanges() {
+        let port = free_port();
+        let _server = memcached(port);
+        let store = store_on(&[port], 1024, TEST_TIMEOUT);
+        let keys = Keyspace::new(&unique_namespace());
+        for n in 0..50 {
+            let k = keys.generation(&format!("k{n}"));
+            store
+                .set(&k, n.to_string().as_bytes(), Duration::ZERO)
+                .await
+                .unwrap();
+        }
+        let before = connections_accepted(port);
+        let lookups: Vec<_> = (0..500)
+            .map(|n| {
+                let (store, k) = (store.clone(), keys.generation(&format!("k{}", n % 50)));
+                tokio::spawn(async move { (n % 50, store.get(&k).await) })
+            })
+            .collect();
+        for lookup in lookups {
+            let (n, found) = lookup.await.unwrap();
+            assert_eq!(found.unwrap().as_deref(), Some(n.to_string().as_bytes()));
+        }
+        // One is this statistics connection.
+        let dialed = connections_accepted(port) - before - 1;
+        assert!(
+            dialed <= 8,
+            "{dialed} connections for 500 concurrent lookups"
+        );
+    }
+
+    /// A memcached that stops answering (SIGSTOP: connections still accepted, nothing
+    /// read): 1,000 concurrent lookups and writes each fail `Unavailable` near
+    /// `store.timeout`, none hangs, the tasks they left behind end, and the store answers
+    /// again once the server resumes.
+    pub async fn a_stopped_server_fails_fast_without_a_pile_up() {
+        let port = free_port();
+        let server = memcached(port);
+        let pid = server.child.id().to_string();
+        let timeout = Duration::from_millis(300);
+        let store = store_on(&[port], 1024, timeout);
+        let keys = Keyspace::new(&unique_namespace());
+        let k = keys.generation("k");
+        store.set(&k, b"v", Duration::ZERO).await.unwrap();
+        let baseline = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+
+        let signal = |s: &str| {
+            let ok = std::process::Command::new("kill").args([s, &pid]).status();
+            assert!(ok.is_ok_and(|s| s.success()), "kill {s} memcached");
+        };
+        signal("-STOP");
+        let started = std::time::Instant::now();
+        let calls: Vec<_> = (0..1000)
+            .map(|n| {
+                let (store, key) = (store.clone(), keys.generation(&format!("k{}", n % 50)));
+                tokio::spawn(async move {
+                    let began = std::time::Instant::now();
+                    let result = if n % 4 == 0 {
+                        store.set(&key, b"x", Duration::ZERO).await.map(|()| None)
+                    } else {
+                        store.get(&key).await
+                    };
+                    (result, began.elapsed())
+                })
+            })
+            .collect();
+        let mut slowest = Duration::ZERO;
+        for call in calls {
+            let (result, took) = call.await.unwrap();
+            unavailable("a call", result);
+            slowest = slowest.max(took);
+        }
+        // Each call is cut at `store.timeout`; the margin is for a loaded machine only.
+        assert!(
+            slowest < timeout * 5,
+            "slowest call {slowest:?}, timeout {timeout:?}"
+        );
+        eventually(
+            "the tasks the storm started have ended",
+            Duration::from_secs(10),
+            || async {
+                tokio::runtime::Handle::current()
+                    .metrics()
+                    .num_alive_tasks()
+                    <= baseline + 2
+            },
+        )
+        .await;
+        let storm = started.elapsed();
+
+        signal("-CONT");
+        eventually(
+            "the store answers again once memcached resumes",
+            Duration::from_secs(10),
+            || async { store.get(&k).await.is_ok_and(|v| v.is_some()) },
+        )
+        .await;
+        assert!(storm < Duration::from_secs(10), "storm took {storm:?}");
+        drop(server);
     }
 
     /// The documented default item limit (`store.max_item_size`, "memcached's -I") on a

@@ -1,0 +1,106 @@
+//! RabbitMQ's own rates on this broker, through lapin with nothing of Tessera's in the
+//! way: the reference the distributed benchmarks compare against.
+//!
+//! `amqp-rates MESSAGES IN_FLIGHT [classic|quorum]`: publishes MESSAGES persistent
+//! 200-byte messages to a fresh durable queue of that type (default classic) with publisher
+//! confirms, IN_FLIGHT unconfirmed at a time, then
+//! consumes them with prefetch IN_FLIGHT and a manual ack each. Prints both rates.
+//! Needs RabbitMQ on 127.0.0.1:5672 (guest/guest).
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (messages, in_flight, kind) = match args.as_slice() {
+        [m, f] => (m, f, "classic"),
+        [m, f, k] if k == "classic" || k == "quorum" => (m, f, k.as_str()),
+        _ => anyhow::bail!("usage: amqp-rates MESSAGES IN_FLIGHT [classic|quorum]"),
+    };
+    let (messages, in_flight): (usize, u16) = (messages.parse()?, in_flight.parse()?);
+    let conn = Connection::connect(AMQP, ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let queue = ShortString::from(format!("bench{:x}.rates", rand::random::<u32>()));
+    let mut args = FieldTable::default();
+    // Dropped by the broker once unused for a minute.
+    args.insert("x-expires".into(), AMQPValue::LongInt(60_000));
+    args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel.queue_declare(queue.clone(), durable, args).await?;
+
+    let body = [b'x'; 200];
+    let started = Instant::now();
+    let mut pending = FuturesUnordered::new();
+    for _ in 0..messages {
+        if pending.len() >= usize::from(in_flight) {
+            confirmed(pending.next().await)?;
+        }
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.clone(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        pending.push(confirm);
+    }
+    while let Some(c) = pending.next().await {
+        confirmed(Some(c))?;
+    }
+    let publish = rate(messages, started.elapsed());
+
+    let consumer_channel = conn.create_channel().await?;
+    consumer_channel
+        .basic_qos(in_flight, BasicQosOptions::default())
+        .await?;
+    let mut consumer = consumer_channel
+        .basic_consume(
+            queue,
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let started = Instant::now();
+    for _ in 0..messages {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("consumer closed"))??;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+    }
+    let consume = rate(messages, started.elapsed());
+    println!("RabbitMQ publish+confirm, {kind} queue, {in_flight} in flight: {publish:.0} msg/s");
+    println!("RabbitMQ consume+ack, {kind} queue, prefetch {in_flight}: {consume:.0} msg/s");
+    Ok(())
+}
+
+fn confirmed(c: Option<lapin::Result<Confirmation>>) -> anyhow::Result<()> {
+    match c {
+        Some(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(()),
+        other => anyhow::bail!("not confirmed: {other:?}"),
+    }
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn rate(n: usize, took: Duration) -> f64 {
+    n as f64 / took.as_secs_f64()
+}
