@@ -77,7 +77,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Checks that the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// Connection resets after connection failures, since start.
+    /// Calls that failed on their connection (which was dropped), since start.
     fn reconnects(&self) -> u64 {
         0
     }

@@ -725,7 +725,7 @@ impl Collector for BackendMetrics {
         for (name, help, value) in [
             (
                 "store_reconnects",
-                "Store connection resets after connection failures.",
+                "Store calls that failed on their connection (dropped and dialed anew).",
                 self.backends.store.reconnects(),
             ),
             (
