@@ -33,11 +33,12 @@ answers() { # host:port
   (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null
 }
 
-# A TCP port nothing answers on now (a race with other programs is caught by `start`).
+# A TCP port nothing answers on now (a race with other programs is caught by `start`),
+# below Linux's ephemeral range (32768-60999), where client connections take ports.
 pick_port() {
   local p
   for _ in $(seq 100); do
-    p=$((20000 + RANDOM % 40000))
+    p=$((20000 + RANDOM % 12000))
     answers "127.0.0.1:$p" || { echo "$p"; return; }
   done
   die "no free port found"
