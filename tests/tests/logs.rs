@@ -11,6 +11,39 @@ use tessera_tests::eventually;
 use tessera_tests::harness::client;
 use tessera_tests::upstream::FakeUpstream;
 
+/// Human-readable logs written to a file (or a pipe) carry no terminal colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_file_have_no_colour_codes() {
+    let (port, admin) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("tessera-plain-logs-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("gateway.log");
+    let mut gateway = Proc::spawn(
+        Command::new(bin_dir().join("tessera-gateway"))
+            .env("TESSERA_LISTEN", format!("127.0.0.1:{port}"))
+            .env("TESSERA_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .env("RUST_LOG", "info")
+            .env_remove("TESSERA_CONFIG")
+            .env_remove("TESSERA_LOG_FORMAT")
+            .env_remove("NO_COLOR")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null()),
+        "tessera-gateway",
+    );
+    eventually(
+        "the gateway logs that it listens",
+        Duration::from_secs(20),
+        || async { std::fs::read_to_string(&log).is_ok_and(|l| l.contains("INFO")) },
+    )
+    .await;
+    gateway.kill();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains('\x1b'),
+        "colour codes in a log file:\n{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_trace_id_and_no_cookie() {
     let up = FakeUpstream::start().await;
