@@ -308,12 +308,20 @@ impl Gateway {
     ) -> Response<Body> {
         // Composition needs the page request's cookies and headers for `vary`.
         let headers = req.headers().clone();
+        // A HEAD answers what GET would, composed headers included (length, caching),
+        // without the body: asked upstream as GET, as Varnish does.
         let head = req.method() == http::Method::HEAD;
-        let response = self.upstream.forward(req, peer).await;
+        let mut req = req;
         if head {
-            return response;
+            *req.method_mut() = http::Method::GET;
         }
-        self.compose_response(response, &headers).await
+        let response = self.upstream.forward(req, peer).await;
+        let response = self.compose_response(response, &headers).await;
+        if head {
+            let (parts, _) = response.into_parts();
+            return Response::from_parts(parts, tessera_runtime::web::empty());
+        }
+        response
     }
 }
 

@@ -353,6 +353,33 @@ async fn pages_with_per_user_fragments_are_private() {
 }
 
 #[tokio::test]
+async fn head_of_a_page_carries_what_get_would() {
+    let up = FakeUpstream::start().await;
+    page(&up, "/", r#"<p><esi:include src="/fragments/me"/></p>"#);
+    let mut me = route("me");
+    me.vary = vec!["cookie:sid".parse().unwrap()];
+    let (gw, _) = start(&up, vec![me]).await;
+    // Once the fragment is built, GET and HEAD see the same page.
+    eventually("the fragment is built", Duration::from_secs(10), || async {
+        !text(&gw.at("/")).await.1.contains("data-tessera-src")
+    })
+    .await;
+    let (get, body) = text(&gw.at("/")).await;
+    let head = client().head(gw.at("/")).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    let h = head.headers().clone();
+    assert!(!h.contains_key("surrogate-control"), "{h:?}");
+    assert_eq!(h["cache-control"], "private, no-cache", "composed caching");
+    assert_eq!(
+        h["content-length"],
+        body.len().to_string().as_str(),
+        "the composed length"
+    );
+    assert_eq!(h["content-length"], get["content-length"]);
+    assert!(head.bytes().await.unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn pages_without_surrogate_control_are_untouched() {
     let up = FakeUpstream::start().await;
     let html = r#"<esi:include src="/fragments/box"/>"#;
