@@ -154,7 +154,13 @@ impl SlotRead {
 /// The L1 cache of one gateway.
 pub struct L1 {
     slots: Option<moka::future::Cache<StoreKey, Arc<Slot>>>,
+    /// Entries past `cache.ttl` taken out of `slots` to be read again: what every
+    /// concurrent reader falls back to while the store cannot answer, not only the one
+    /// that took it out. Dropped once a read succeeds.
+    reloading: moka::sync::Cache<StoreKey, Arc<Slot>>,
     generations: moka::future::Cache<String, Generation>,
+    /// The last generation read of each route, for the same fallback.
+    known: moka::sync::Cache<String, Generation>,
     /// Nanoseconds after `base` of the latest invalidation of the keys hashing to each slot.
     log: Box<[AtomicU64]>,
     hasher: foldhash::fast::RandomState,
@@ -195,7 +201,18 @@ impl L1 {
         });
         Self {
             slots,
+            reloading: moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .weigher(|k: &StoreKey, s: &Arc<Slot>| {
+                    u32::try_from(k.as_str().len() + s.weight()).unwrap_or(u32::MAX)
+                })
+                .expire_after(SlotExpiry { ttl })
+                .build(),
             generations: moka::future::Cache::builder()
+                .max_capacity(GENERATION_CAPACITY)
+                .time_to_live(ttl.max(GENERATION_KEPT))
+                .build(),
+            known: moka::sync::Cache::builder()
                 .max_capacity(GENERATION_CAPACITY)
                 .time_to_live(ttl.max(GENERATION_KEPT))
                 .build(),
@@ -265,9 +282,12 @@ impl L1 {
         )
         .await
         .map_err(unshare);
+        let kept = kept.or_else(|| self.known.get(route));
         match (loaded, kept) {
             (Ok(g), _) => {
-                if !self.still_valid(&log_key, g.loaded_at) {
+                if self.still_valid(&log_key, g.loaded_at) {
+                    self.known.insert(route.to_string(), g);
+                } else {
                     // The load straddled a purge: answer it, keep nothing.
                     self.generations.invalidate(route).await;
                 }
@@ -319,6 +339,7 @@ impl L1 {
             } else if started.saturating_duration_since(slot.loaded_at) < self.ttl {
                 return Ok(SlotRead::current(slot));
             } else {
+                self.reloading.insert(key.clone(), slot.clone());
                 slots.invalidate(key).await;
                 kept = Some(slot);
             }
@@ -348,8 +369,10 @@ impl L1 {
             })
             .await
             .map_err(unshare);
+        let kept = kept.or_else(|| self.reloading.get(key));
         match (loaded, kept) {
             (Ok(slot), _) => {
+                self.reloading.invalidate(key);
                 if !self.still_valid(key.as_str(), slot.loaded_at) {
                     // The load straddled an invalidation: answer it, keep nothing.
                     slots.invalidate(key).await;
@@ -376,7 +399,10 @@ impl L1 {
     /// The slot of `key` loaded past `cache.ttl` ago, still valid and servable: what to
     /// serve when the store cannot be asked. Never loads.
     pub async fn kept(&self, key: &StoreKey) -> Option<Arc<Slot>> {
-        let slot = self.slots.as_ref()?.get(key).await?;
+        let slot = match self.slots.as_ref()?.get(key).await {
+            Some(slot) => slot,
+            None => self.reloading.get(key)?,
+        };
         self.usable_fallback(key, &slot).then_some(slot)
     }
 
@@ -402,6 +428,7 @@ impl L1 {
     /// Forgets `key` and anything loaded for it before now (built, failed, purged).
     pub async fn invalidate_key(&self, key: &StoreKey) {
         self.log(key.as_str());
+        self.reloading.invalidate(key);
         if let Some(slots) = &self.slots {
             slots.invalidate(key).await;
         }
@@ -410,6 +437,7 @@ impl L1 {
     /// A route moved to a new generation: forget its cached generation.
     pub async fn invalidate_route(&self, route: &str) {
         self.log(&route_log_key(route));
+        self.known.invalidate(route);
         self.generations.invalidate(route).await;
     }
 
@@ -421,7 +449,9 @@ impl L1 {
         if let Some(slots) = &self.slots {
             slots.invalidate_all();
         }
+        self.reloading.invalidate_all();
         self.generations.invalidate_all();
+        self.known.invalidate_all();
     }
 
     /// Brings the entry and byte counts up to date (moka counts lazily).
@@ -665,6 +695,45 @@ mod tests {
         // The store answers again: it is read, not the copy.
         let read = l1.slot(&key(1), || async { Ok(SlotState::Pending) }).await;
         assert!(!read.unwrap().fallback);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_concurrent_reader_past_the_ttl_gets_the_kept_copy() {
+        let l1 = Arc::new(L1::new(1 << 20, TTL));
+        l1.slot(&key(1), || async { Ok(found(Duration::from_secs(60))) })
+            .await
+            .unwrap();
+        assert_eq!(l1.generation("r", || async { Ok(7) }).await.unwrap().0, 7);
+        std::thread::sleep(TTL * 2);
+        // The store hangs a little, then fails: the readers overlap.
+        let reads: Vec<_> = (0..20)
+            .map(|_| {
+                let l1 = l1.clone();
+                tokio::spawn(async move {
+                    let hang = || tokio::time::sleep(Duration::from_millis(20));
+                    let generation = l1
+                        .generation("r", || async {
+                            hang().await;
+                            Err(store_down())
+                        })
+                        .await
+                        .map(|g| g.0);
+                    let slot = l1
+                        .slot(&key(1), || async {
+                            hang().await;
+                            Err(store_down())
+                        })
+                        .await
+                        .map(|r| r.fallback);
+                    (generation, slot)
+                })
+            })
+            .collect();
+        for read in reads {
+            let (generation, slot) = read.await.unwrap();
+            assert_eq!(generation.expect("the kept generation"), 7);
+            assert!(slot.expect("the kept copy"), "served as a fallback");
+        }
     }
 
     #[tokio::test]
