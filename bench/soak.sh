@@ -15,6 +15,7 @@
 # /proc every 5 s (all samples in the CSV named at the end); per kind of request the
 # answers by status; lost builds (accepted by the gateway, never rendered: expect 0) and
 # doubled builds (rendered twice without a fault in between to explain it: expect 0).
+# Workers log each build at info (key, request id, attempt) to explain a doubled one.
 # TESSERA_BENCH_BIN=DIR runs the binaries in DIR instead of building target/release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +49,7 @@ start_memcached() {
   wait_port "$mc" memcached
 }
 start_worker() { # number
-  RUST_LOG=warn nice -n 10 "$bin"/tessera-worker --config "$tmp/soak.toml" \
+  RUST_LOG=warn,tessera_workers=info nice -n 10 "$bin"/tessera-worker --config "$tmp/soak.toml" \
     --admin-listen 127.0.0.1:0 >>"$tmp/worker$1.log" 2>&1 &
   echo $! >"$tmp/worker$1.pid"
 }
