@@ -108,7 +108,11 @@ pub async fn run(
             worker.handle(delivery).await;
         });
     }
-    drop(consumer);
+    // The consumer stays open until the builds in hand are settled: dropping it closes
+    // the channel, and the broker would hand their messages to another worker while they
+    // are still rendering here (the same request passes the lease's claim: a second
+    // render). Deliveries it holds that no build took wait until then, and go back to
+    // the queue when it is dropped.
     let longest = config
         .fragments
         .iter()
@@ -132,6 +136,7 @@ pub async fn run(
         builds.abort_all();
         while builds.join_next().await.is_some() {}
     }
+    drop(consumer);
     Ok(())
 }
 

@@ -130,6 +130,9 @@ async fn a_worker_killed_mid_render_loses_nothing() {
     );
 }
 
+/// A worker stopped with SIGTERM finishes the build in hand, and its message is not handed
+/// to another worker meanwhile (which would render it a second time: same request, same
+/// lease holder).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_build_in_hand() {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -137,7 +140,7 @@ async fn sigterm_finishes_the_build_in_hand() {
     up.script(
         "/_render/slow",
         Script {
-            delay: Duration::from_millis(1500),
+            delay: Duration::from_millis(3000),
             ..Script::default()
         },
     );
@@ -152,6 +155,20 @@ async fn sigterm_finishes_the_build_in_hand() {
         || async { up.renders("/_render/slow") == 1 },
     )
     .await;
+    // A second worker, consuming, that a requeued message would go to.
+    cluster.worker();
+    let bus = AmqpBus::with_queue_expiry(
+        &amqp_url(),
+        &cluster.namespace,
+        Some(Duration::from_secs(600)),
+    );
+    let queue = format!("{}.tessera.build", cluster.namespace);
+    eventually("both workers consume", Duration::from_secs(20), || async {
+        bus.queue_stats(&queue)
+            .await
+            .is_ok_and(|s| s.consumers == 2)
+    })
+    .await;
     let exit =
         tokio::task::block_in_place(|| cluster.workers[w].terminate(Duration::from_secs(20)));
     assert_eq!(exit, Some(0), "graceful exit");
@@ -159,7 +176,12 @@ async fn sigterm_finishes_the_build_in_hand() {
         built(&url).await,
         "the build in hand was finished before exiting"
     );
-    assert_eq!(up.renders("/_render/slow"), 1);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(
+        up.renders("/_render/slow"),
+        1,
+        "rendered once: the message stayed with the worker finishing it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
