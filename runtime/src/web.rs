@@ -1035,7 +1035,7 @@ mod tests {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         for line in [
-            "# HELP tessera_store_reconnects Store connection resets after connection failures.\n",
+            "# HELP tessera_store_reconnects Store calls that failed on their connection (dropped and dialed anew).\n",
             "# TYPE tessera_store_reconnects counter\ntessera_store_reconnects_total 0\n",
             "# HELP tessera_bus_reconnects Broker connections re-established after a lost one.\n",
             "# TYPE tessera_bus_reconnects counter\ntessera_bus_reconnects_total 0\n",
