@@ -210,7 +210,7 @@ impl L1 {
                 .build(),
             generations: moka::future::Cache::builder()
                 .max_capacity(GENERATION_CAPACITY)
-                .time_to_live(ttl.max(GENERATION_KEPT))
+                .time_to_live(ttl)
                 .build(),
             known: moka::sync::Cache::builder()
                 .max_capacity(GENERATION_CAPACITY)
@@ -259,16 +259,13 @@ impl L1 {
     {
         let log_key = route_log_key(route);
         let started = Instant::now();
-        let mut kept = None;
         if let Some(g) = self.generations.get(route).await {
-            if !self.still_valid(&log_key, g.loaded_at) {
-                self.generations.invalidate(route).await;
-            } else if started.saturating_duration_since(g.loaded_at) < self.ttl {
+            if self.still_valid(&log_key, g.loaded_at)
+                && started.saturating_duration_since(g.loaded_at) < self.ttl
+            {
                 return Ok((g.value, g.loaded_at));
-            } else {
-                self.generations.invalidate(route).await;
-                kept = Some(g);
             }
+            self.generations.invalidate(route).await;
         }
         // Boxed, like the miss path of `slot`: it keeps the hit path's future small.
         let loaded = Box::pin(
@@ -282,9 +279,8 @@ impl L1 {
         )
         .await
         .map_err(unshare);
-        let kept = kept.or_else(|| self.known.get(route));
-        match (loaded, kept) {
-            (Ok(g), _) => {
+        match loaded {
+            Ok(g) => {
                 if self.still_valid(&log_key, g.loaded_at) {
                     self.known.insert(route.to_string(), g);
                 } else {
@@ -293,11 +289,13 @@ impl L1 {
                 }
                 Ok((g.value, g.loaded_at))
             }
-            (Err(CacheError::Store(_)), Some(g)) if self.still_valid(&log_key, g.loaded_at) => {
-                self.generations.insert(route.to_string(), g).await;
-                Ok((g.value, g.loaded_at))
-            }
-            (Err(e), _) => Err(e),
+            Err(CacheError::Store(e)) => self
+                .known
+                .get(route)
+                .filter(|g| self.still_valid(&log_key, g.loaded_at))
+                .map(|g| (g.value, g.loaded_at))
+                .ok_or(CacheError::Store(e)),
+            Err(e) => Err(e),
         }
     }
 
@@ -332,30 +330,27 @@ impl L1 {
             let slot = Arc::new(Slot::new(Box::pin(load()).await?, started));
             return Ok(SlotRead::current(slot));
         };
-        let mut kept = None;
         if let Some(slot) = slots.get(key).await {
             if !self.still_valid(key.as_str(), slot.loaded_at) {
                 slots.invalidate(key).await;
             } else if started.saturating_duration_since(slot.loaded_at) < self.ttl {
                 return Ok(SlotRead::current(slot));
             } else {
-                self.reloading.insert(key.clone(), slot.clone());
+                self.reloading.insert(key.clone(), slot);
                 slots.invalidate(key).await;
-                kept = Some(slot);
             }
         }
-        Box::pin(self.reload(slots, key, load, started, kept)).await
+        Box::pin(self.reload(slots, key, load, started)).await
     }
 
-    /// The miss path of [`Self::slot`]: loads, and falls back to `kept` when the store
-    /// cannot answer.
+    /// The miss path of [`Self::slot`]: loads, and falls back to the copy waiting in
+    /// `reloading` when the store cannot answer.
     async fn reload<L, F>(
         &self,
         slots: &moka::future::Cache<StoreKey, Arc<Slot>>,
         key: &StoreKey,
         load: L,
         started: Instant,
-        kept: Option<Arc<Slot>>,
     ) -> Result<SlotRead, CacheError>
     where
         L: FnOnce() -> F,
@@ -369,9 +364,8 @@ impl L1 {
             })
             .await
             .map_err(unshare);
-        let kept = kept.or_else(|| self.reloading.get(key));
-        match (loaded, kept) {
-            (Ok(slot), _) => {
+        match loaded {
+            Ok(slot) => {
                 self.reloading.invalidate(key);
                 if !self.still_valid(key.as_str(), slot.loaded_at) {
                     // The load straddled an invalidation: answer it, keep nothing.
@@ -379,14 +373,16 @@ impl L1 {
                 }
                 Ok(SlotRead::current(slot))
             }
-            (Err(CacheError::Store(_)), Some(slot)) if self.usable_fallback(key, &slot) => {
-                slots.insert(key.clone(), slot.clone()).await;
-                Ok(SlotRead {
+            Err(CacheError::Store(e)) => self
+                .reloading
+                .get(key)
+                .filter(|slot| self.usable_fallback(key, slot))
+                .map(|slot| SlotRead {
                     slot,
                     fallback: true,
                 })
-            }
-            (Err(e), _) => Err(e),
+                .ok_or(CacheError::Store(e)),
+            Err(e) => Err(e),
         }
     }
 
