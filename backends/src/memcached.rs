@@ -35,7 +35,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use memcache::exp::{AsyncMetaClient, Error as McError, Get, GetStatus, MutationStatus, Router};
+use memcache::exp::{
+    AsyncMetaClient, Error as McError, Get, GetResult, GetStatus, MutationStatus, Router,
+};
 use tokio::sync::{OnceCell, oneshot};
 
 use tessera_protocol::Cause;
@@ -156,19 +158,15 @@ impl MemcachedStore {
             .await
     }
 
-    async fn client(&self) -> Result<&AsyncMetaClient, McError> {
-        Ok(&self.connected().await?.client)
-    }
-
-    /// Runs `call` on the client under the deadline, mapping its errors.
+    /// Runs `call` on the connected client under the deadline, mapping its errors.
     async fn call<'a, T, F>(
         &'a self,
-        call: impl FnOnce(&'a AsyncMetaClient) -> F,
+        call: impl FnOnce(&'a Connected) -> F,
     ) -> Result<T, StoreError>
     where
         F: Future<Output = Result<T, McError>>,
     {
-        let run = async { call(self.client().await?).await };
+        let run = async { call(self.connected().await?).await };
         let result = match tokio::time::timeout(self.timeout, run).await {
             Err(_) => Err(StoreError::Unavailable(
                 format!("memcached did not answer within {:?}", self.timeout).into(),
@@ -233,12 +231,7 @@ async fn send_batch(client: AsyncMetaClient, batch: Vec<Lookup>) {
     {
         Ok(results) => {
             for (lookup, found) in batch.into_iter().zip(results) {
-                let value = found.map(|f| {
-                    f.value
-                        .filter(|_| f.status == GetStatus::Hit)
-                        .map(Bytes::from)
-                });
-                let _ = lookup.reply.send(value);
+                let _ = lookup.reply.send(found.map(hit));
             }
         }
         Err(e) => {
@@ -248,6 +241,14 @@ async fn send_batch(client: AsyncMetaClient, batch: Vec<Lookup>) {
             }
         }
     }
+}
+
+/// The value of a lookup that found one.
+fn hit(found: GetResult) -> Option<Bytes> {
+    found
+        .value
+        .filter(|_| found.status == GetStatus::Hit)
+        .map(Bytes::from)
 }
 
 fn classify(e: McError) -> StoreError {
@@ -284,20 +285,18 @@ impl Store for MemcachedStore {
     }
 
     async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
-        self.call(|_| async { self.connected().await?.lookup(key).await })
-            .await
+        self.call(|c| c.lookup(key)).await
     }
 
     async fn get_many(&self, keys: &[StoreKey]) -> Result<HashMap<StoreKey, Bytes>, StoreError> {
         // One pipelined exchange per server, all servers at once.
         let results = self
-            .call(|c| c.run_many(keys.iter().map(|k| Get::new(k.as_str()))))
+            .call(|c| c.client.run_many(keys.iter().map(|k| Get::new(k.as_str()))))
             .await?;
         let mut out = HashMap::new();
         for (key, found) in keys.iter().zip(results) {
-            let found = found.map_err(classify)?;
-            if let (GetStatus::Hit, Some(value)) = (found.status, found.value) {
-                out.insert(key.clone(), Bytes::from(value));
+            if let Some(value) = hit(found.map_err(classify)?) {
+                out.insert(key.clone(), value);
             }
         }
         Ok(out)
@@ -306,7 +305,13 @@ impl Store for MemcachedStore {
     async fn add(&self, key: &StoreKey, value: &[u8], ttl: Duration) -> Result<bool, StoreError> {
         check_size(value, self.max_item_size)?;
         let result = self
-            .call(|c| c.set(key.as_str(), value).add().ttl_raw(expiry(ttl)).send())
+            .call(|c| {
+                c.client
+                    .set(key.as_str(), value)
+                    .add()
+                    .ttl_raw(expiry(ttl))
+                    .send()
+            })
             .await
             .map(|r| r.status == MutationStatus::Applied);
         too_large(result, value.len(), self.max_item_size)
@@ -315,7 +320,12 @@ impl Store for MemcachedStore {
     async fn set(&self, key: &StoreKey, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
         check_size(value, self.max_item_size)?;
         let result = self
-            .call(|c| c.set(key.as_str(), value).ttl_raw(expiry(ttl)).send())
+            .call(|c| {
+                c.client
+                    .set(key.as_str(), value)
+                    .ttl_raw(expiry(ttl))
+                    .send()
+            })
             .await
             .and_then(|r| match r.status {
                 MutationStatus::Applied => Ok(()),
@@ -325,14 +335,14 @@ impl Store for MemcachedStore {
     }
 
     async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        self.call(|c| c.delete(key.as_str()).send())
+        self.call(|c| c.client.delete(key.as_str()).send())
             .await
             .map(|r| r.status == MutationStatus::Applied)
     }
 
     async fn incr(&self, key: &StoreKey, delta: u64) -> Result<Option<u64>, StoreError> {
         let r = self
-            .call(|c| c.increment(key.as_str()).delta(delta).send())
+            .call(|c| c.client.increment(key.as_str()).delta(delta).send())
             .await?;
         Ok(match r.status {
             MutationStatus::Applied => r.value,
@@ -341,7 +351,7 @@ impl Store for MemcachedStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.call(AsyncMetaClient::noop).await
+        self.call(|c| c.client.noop()).await
     }
 }
 

@@ -27,6 +27,17 @@ fn route(name: &str) -> FragmentRoute {
     r
 }
 
+/// A bus of its own on the cluster's namespace, and the cluster's build queue: to look
+/// at the queue or publish to it as another program would.
+fn build_queue(cluster: &Cluster) -> (AmqpBus, String) {
+    let bus = AmqpBus::with_queue_expiry(
+        &amqp_url(),
+        &cluster.namespace,
+        Some(Duration::from_secs(600)),
+    );
+    (bus, format!("{}.tessera.build", cluster.namespace))
+}
+
 async fn status(url: &str) -> StatusCode {
     client()
         .get(url)
@@ -157,12 +168,7 @@ async fn sigterm_finishes_the_build_in_hand() {
     .await;
     // A second worker, consuming, that a requeued message would go to.
     cluster.worker();
-    let bus = AmqpBus::with_queue_expiry(
-        &amqp_url(),
-        &cluster.namespace,
-        Some(Duration::from_secs(600)),
-    );
-    let queue = format!("{}.tessera.build", cluster.namespace);
+    let (bus, queue) = build_queue(&cluster);
     eventually("both workers consume", Duration::from_secs(20), || async {
         bus.queue_stats(&queue)
             .await
@@ -191,12 +197,7 @@ async fn garbage_on_the_build_queue_is_dead_lettered() {
     let mut cluster = Cluster::new(&up.url(), vec![route("ok")], None);
     let gw = cluster.gateway().await;
     cluster.worker();
-    let bus = AmqpBus::with_queue_expiry(
-        &amqp_url(),
-        &cluster.namespace,
-        Some(Duration::from_secs(600)),
-    );
-    let queue = format!("{}.tessera.build", cluster.namespace);
+    let (bus, queue) = build_queue(&cluster);
     bus.publish_raw(&queue, b"\x00 this is not a build request")
         .await
         .unwrap();

@@ -57,6 +57,13 @@ fn esi_fragment(up: &FakeUpstream, name: &str, html: &str) {
     );
 }
 
+/// A route that varies on the `sid` cookie.
+fn per_user(name: &str) -> FragmentRoute {
+    let mut r = route(name);
+    r.vary = vec!["cookie:sid".parse().unwrap()];
+    r
+}
+
 async fn start(up: &FakeUpstream, routes: Vec<FragmentRoute>) -> (TestGateway, Arc<Calls>) {
     let mut c = config(&up.url(), routes);
     let mut b = backends(Backend::Memory, &mut c).await;
@@ -345,9 +352,7 @@ async fn oversized_pages_pass_through_uncomposed() {
 async fn pages_with_per_user_fragments_are_private() {
     let up = FakeUpstream::start().await;
     page(&up, "/", r#"<esi:include src="/fragments/me"/>"#);
-    let mut me = route("me");
-    me.vary = vec!["cookie:sid".parse().unwrap()];
-    let (gw, _) = start(&up, vec![me]).await;
+    let (gw, _) = start(&up, vec![per_user("me")]).await;
     let (headers, _) = text(&gw.at("/")).await;
     assert_eq!(headers["cache-control"], "private, no-cache");
 }
@@ -356,9 +361,7 @@ async fn pages_with_per_user_fragments_are_private() {
 async fn head_of_a_page_carries_what_get_would() {
     let up = FakeUpstream::start().await;
     page(&up, "/", r#"<p><esi:include src="/fragments/me"/></p>"#);
-    let mut me = route("me");
-    me.vary = vec!["cookie:sid".parse().unwrap()];
-    let (gw, _) = start(&up, vec![me]).await;
+    let (gw, _) = start(&up, vec![per_user("me")]).await;
     // Once the fragment is built, GET and HEAD see the same page.
     eventually("the fragment is built", Duration::from_secs(10), || async {
         !text(&gw.at("/")).await.1.contains("data-tessera-src")
