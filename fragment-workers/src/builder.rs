@@ -75,6 +75,10 @@ pub enum BuildError {
         /// `store.max_item_size`.
         max: usize,
     },
+    /// The render answer came in a `Content-Encoding` that cannot be read (unsupported or
+    /// corrupt): what is stored must be the fragment itself.
+    #[error("cannot read the render answer: {0}")]
+    Coding(#[source] Cause),
     /// The builder panicked.
     #[error("the fragment builder panicked")]
     Panicked,
@@ -144,7 +148,11 @@ impl HttpBuilder {
         } else {
             format!("{}{}?{query}", self.base, route.render)
         };
-        let mut builder = Request::get(uri).header(header::USER_AGENT, self.user_agent.clone());
+        // Fragments are stored as they are served before compression: ask for them plain
+        // (a coded answer is still read, see `build`).
+        let mut builder = Request::get(uri)
+            .header(header::USER_AGENT, self.user_agent.clone())
+            .header(header::ACCEPT_ENCODING, "identity");
         let mut cookies = Vec::new();
         for (spec, value) in &req.identity.vary {
             match spec.parse::<VarySource>() {
@@ -210,6 +218,10 @@ impl FragmentBuilder for HttpBuilder {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("text/html; charset=utf-8")
                 .to_string();
+            let coding = response
+                .headers()
+                .get(header::CONTENT_ENCODING)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
             // A fragment that does not fit is an error, never a truncated fragment.
             let body = Limited::new(response.into_body(), max)
                 .collect()
@@ -224,6 +236,16 @@ impl FragmentBuilder for HttpBuilder {
                     }
                 })?
                 .to_bytes();
+            let body = match coding {
+                None => body,
+                Some(coding) => match tessera_runtime::coding::decode(&coding, &body, max) {
+                    Ok(plain) => Bytes::from(plain),
+                    Err(tessera_runtime::coding::DecodeError::TooBig(_)) => {
+                        return Err(BuildError::TooLarge { size: max + 1, max });
+                    }
+                    Err(e) => return Err(BuildError::Coding(Cause::new(e))),
+                },
+            };
             Ok(Rendered {
                 body,
                 content_type,

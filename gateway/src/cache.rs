@@ -54,6 +54,8 @@ pub struct Slot {
     pub content_type: Option<HeaderValue>,
     /// See `content_type`.
     pub etag: Option<HeaderValue>,
+    /// The envelope body's compressed copies, made on the first hit that asks for each.
+    pub encoded: crate::encoding::Encoded,
 }
 
 impl Slot {
@@ -71,6 +73,7 @@ impl Slot {
             rebuild_requested: AtomicBool::new(false),
             content_type,
             etag,
+            encoded: crate::encoding::Encoded::default(),
         }
     }
 
@@ -80,10 +83,18 @@ impl Slot {
     }
 
     /// The bytes it holds with its bookkeeping (what L1's byte budget counts, with its
-    /// key).
+    /// key). A compressible body counts twice: its compressed copies, each kept only
+    /// while smaller than the body, may come to as much again.
     pub fn weight(&self) -> usize {
         let envelope = match &self.state {
-            SlotState::Found(e) => e.body.len() + e.content_type.len() + e.etag.len(),
+            SlotState::Found(e) => {
+                let copies = if crate::encoding::compressible(e.content_type.as_bytes()) {
+                    e.body.len()
+                } else {
+                    0
+                };
+                e.body.len() + copies + e.content_type.len() + e.etag.len()
+            }
             SlotState::Pending => 0,
         };
         envelope + SLOT_OVERHEAD

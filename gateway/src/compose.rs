@@ -25,6 +25,7 @@ use tessera_protocol::{FragmentRoute, Identity, StoreKey};
 
 use crate::Gateway;
 use crate::cache::SlotState;
+use crate::encoding;
 use crate::error::GatewayError;
 use crate::esi::{self, Segment};
 use crate::headers::Trace;
@@ -134,7 +135,9 @@ impl Gateway {
     }
 
     /// Composes an upstream response when it asks for ESI; passes it through otherwise.
-    /// `Surrogate-Control` is for surrogates like us and is never sent on to the client.
+    /// A compressed page is decoded first, and the composed page encoded for the client
+    /// ([`encoding`]). `Surrogate-Control` is for surrogates like us and is never sent on
+    /// to the client.
     pub(crate) async fn compose_response(
         self: &Arc<Self>,
         response: Response<Body>,
@@ -150,12 +153,7 @@ impl Gateway {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("text/html"));
-        if !esi || !html || parts.headers.contains_key(header::CONTENT_ENCODING) {
-            if esi && html {
-                tracing::warn!(
-                    "ESI page with Content-Encoding passed through uncomposed; serve ESI pages uncompressed"
-                );
-            }
+        if !esi || !html {
             return Response::from_parts(parts, body);
         }
         let page = match read_up_to(body, MAX_PAGE).await {
@@ -179,22 +177,48 @@ impl Gateway {
                 .into_response();
             }
         };
+        let page = match parts.headers.remove(header::CONTENT_ENCODING) {
+            None => page,
+            Some(coding) => {
+                let coding = String::from_utf8_lossy(coding.as_bytes()).into_owned();
+                match tessera_runtime::coding::decode(&coding, &page, MAX_PAGE) {
+                    Ok(decoded) => Bytes::from(decoded),
+                    Err(e @ tessera_runtime::coding::DecodeError::Corrupt { .. }) => {
+                        return GatewayError::UpstreamCoding(tessera_protocol::Cause::new(e))
+                            .into_response();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ESI page passed through uncomposed");
+                        if let Ok(v) = HeaderValue::from_str(&coding) {
+                            parts.headers.insert(header::CONTENT_ENCODING, v);
+                        }
+                        return Response::from_parts(parts, full(page));
+                    }
+                }
+            }
+        };
         let composed = self.compose(&page, request_headers, trace).await;
         self.metrics
             .includes_refused
             .inc_by(composed.refused as u64);
         parts.headers.remove(header::ETAG);
-        parts.headers.insert(
-            header::CONTENT_LENGTH,
-            HeaderValue::from(composed.body.len()),
-        );
         if composed.per_user {
             parts.headers.insert(
                 header::CACHE_CONTROL,
                 HeaderValue::from_static("private, no-cache"),
             );
         }
-        Response::from_parts(parts, full(composed.body))
+        let (body, _) = encoding::represent(
+            self.config.gateway.compress,
+            request_headers,
+            &mut parts.headers,
+            Bytes::from(composed.body),
+            None,
+        );
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        Response::from_parts(parts, full(body))
     }
 }
 

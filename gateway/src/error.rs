@@ -46,6 +46,10 @@ pub enum GatewayError {
     /// The upstream could not be reached or failed (reverse proxy).
     #[error("upstream: {0}")]
     Upstream(#[source] Cause),
+    /// The upstream sent a page in a `Content-Encoding` it does not hold to (corrupt
+    /// data): its fault, and the page cannot be composed.
+    #[error("upstream page: {0}")]
+    UpstreamCoding(#[source] Cause),
     /// The upstream did not answer within `upstream.timeout`.
     #[error("upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),
@@ -89,6 +93,11 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY,
                 "upstream_unavailable",
                 "the upstream application could not be reached".into(),
+            ),
+            GatewayError::UpstreamCoding(_) => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_bad_encoding",
+                "the upstream's page could not be decoded (its Content-Encoding does not match its bytes)".into(),
             ),
             GatewayError::UpstreamTimeout(_) => (
                 StatusCode::GATEWAY_TIMEOUT,

@@ -65,7 +65,13 @@ impl Gateway {
         let headers = hot
             .headers
             .get(ttl, || answer_headers(route, &hot.slot, hit_status(ttl)));
-        let response = finish(req, &envelope.etag, envelope.body.clone(), headers);
+        let response = finish(
+            req,
+            &envelope.etag,
+            envelope.body.clone(),
+            headers,
+            (self.config.gateway.compress, Some(&hot.slot.encoded)),
+        );
         hot.metrics
             .request(CacheStatus::hit, started.elapsed().as_secs_f64());
         Some(response)
@@ -166,7 +172,13 @@ impl Gateway {
             }
             None => None,
         };
-        respond(target.route, req, found, composed)
+        respond(
+            target.route,
+            req,
+            found,
+            composed,
+            self.config.gateway.compress,
+        )
     }
 
     /// Makes a fresh answer the hot answer for its request target (routes without
@@ -242,6 +254,7 @@ fn respond(
     req: &Request<hyper::body::Incoming>,
     found: Found,
     composed: Option<Composed>,
+    compress: bool,
 ) -> (Response<Body>, CacheStatus) {
     let cache = match &found {
         Found::Serve { slot, .. } if matches!(slot.state, SlotState::Pending) => {
@@ -261,8 +274,14 @@ fn respond(
             SlotState::Found(envelope) => {
                 let answer = Answer::new(route, &slot, envelope, stale, fallback);
                 match composed {
-                    Some(composed) => answer.composed(req, composed),
-                    None => answer.finish(req, &envelope.etag, envelope.body.clone()),
+                    Some(composed) => answer.composed(req, composed, compress),
+                    None => finish(
+                        req,
+                        &envelope.etag,
+                        envelope.body.clone(),
+                        answer.headers,
+                        (compress, Some(&slot.encoded)),
+                    ),
                 }
             }
             SlotState::Pending => pending(route, req.headers()),
@@ -313,6 +332,7 @@ impl Answer {
         mut self,
         req: &Request<hyper::body::Incoming>,
         composed: Composed,
+        compress: bool,
     ) -> Response<Body> {
         let etag = tessera_protocol::envelope::etag_of(&composed.body);
         if let Ok(v) = HeaderValue::from_str(&etag) {
@@ -324,16 +344,13 @@ impl Answer {
                 HeaderValue::from_static("private, no-cache"),
             );
         }
-        self.finish(req, &etag, Bytes::from(composed.body))
-    }
-
-    fn finish(
-        self,
-        req: &Request<hyper::body::Incoming>,
-        etag: &str,
-        body: Bytes,
-    ) -> Response<Body> {
-        finish(req, etag, body, self.headers)
+        finish(
+            req,
+            &etag,
+            Bytes::from(composed.body),
+            self.headers,
+            (compress, None),
+        )
     }
 }
 
@@ -359,14 +376,21 @@ fn answer_headers(route: &FragmentRoute, slot: &Slot, status: String) -> HeaderM
     h
 }
 
-/// The answer to `req` serving `body` (whose ETag is `etag`) with `headers`: 304 when
-/// `If-None-Match` matches, no body for `HEAD`.
-fn finish(
+/// The answer to `req` serving `body` (whose ETag is `etag`) with `headers`: compressed
+/// when `gateway.compress` (the first of `compression`) and the request allow it (from
+/// the body's cached copies, the second, when it has them), 304 when `If-None-Match`
+/// matches the representation chosen, no body for `HEAD`.
+pub(crate) fn finish(
     req: &Request<hyper::body::Incoming>,
     etag: &str,
     body: Bytes,
     mut headers: HeaderMap,
+    (compress, cached): (bool, Option<&crate::encoding::Encoded>),
 ) -> Response<Body> {
+    let (body, coding) =
+        crate::encoding::represent(compress, req.headers(), &mut headers, body, cached);
+    let variant = coding.map(|c| crate::encoding::variant_etag(etag, c));
+    let etag = variant.as_deref().unwrap_or(etag);
     let (status, body) = if if_none_match(req.headers(), etag) {
         headers.remove(header::CONTENT_TYPE);
         (StatusCode::NOT_MODIFIED, empty())

@@ -19,6 +19,7 @@
 //! - [`events`]: follows built/failed/purged events from every worker.
 //! - [`proxy`]: the reverse proxy to the upstream.
 //! - [`headers`]: small request-header parsers.
+//! - [`encoding`]: `br`/`gzip` for answers, and decoding compressed upstream pages.
 //! - [`error`]: the one error type and its problem responses.
 //! - [`demo`]: the bundled demo upstream for `--demo`.
 //! - [`cli`]: the `purge` and `dead-letters` subcommands (admin API clients).
@@ -28,6 +29,7 @@ pub mod cache;
 pub mod cli;
 pub mod compose;
 pub mod demo;
+pub mod encoding;
 pub mod error;
 pub mod esi;
 pub mod events;
@@ -293,7 +295,7 @@ impl Gateway {
             return self.fragment(&req, name).await;
         }
         if req.uri().path() == compose::CLIENT_JS_PATH {
-            return client_js(&req);
+            return client_js(&req, self.config.gateway.compress);
         }
         // Boxed: the proxy and composition futures are large, and without the box every
         // request down this path (fragment misses, hits on `vary` routes) would allocate
@@ -328,19 +330,12 @@ impl Gateway {
 /// The client script, embedded in the binary.
 const CLIENT_JS: &str = include_str!("../assets/client.js");
 
-fn client_js(req: &Request<hyper::body::Incoming>) -> Response<Body> {
-    use http::{HeaderValue, StatusCode, header};
+fn client_js(req: &Request<hyper::body::Incoming>, compress: bool) -> Response<Body> {
+    use http::{HeaderMap, HeaderValue, header};
+    /// Compressed once per process.
+    static ENCODED: encoding::Encoded = encoding::Encoded::new();
     let etag = tessera_protocol::envelope::etag_of(CLIENT_JS.as_bytes());
-    let not_modified = headers::if_none_match(req.headers(), &etag);
-    let mut r = Response::new(if not_modified {
-        tessera_runtime::web::empty()
-    } else {
-        tessera_runtime::web::full(CLIENT_JS)
-    });
-    if not_modified {
-        *r.status_mut() = StatusCode::NOT_MODIFIED;
-    }
-    let h = r.headers_mut();
+    let mut h = HeaderMap::new();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/javascript; charset=utf-8"),
@@ -352,5 +347,6 @@ fn client_js(req: &Request<hyper::body::Incoming>) -> Response<Body> {
     if let Ok(v) = HeaderValue::from_str(&etag) {
         h.insert(header::ETAG, v);
     }
-    r
+    let body = bytes::Bytes::from_static(CLIENT_JS.as_bytes());
+    fragment::finish(req, &etag, body, h, (compress, Some(&ENCODED)))
 }

@@ -125,6 +125,10 @@ pub struct GatewayConfig {
     /// (`"10.0.0.0/8"`). Any other peer's are replaced, as a client can claim any
     /// address. Default none.
     pub trusted_proxies: Vec<IpNet>,
+    /// Compress fragments, composed pages and the client script with `br` or `gzip` when
+    /// the client accepts it (text, JSON, JavaScript, XML and SVG of 1 KiB or more). Turn
+    /// off when a CDN in front compresses. Default true.
+    pub compress: bool,
 }
 
 impl Default for GatewayConfig {
@@ -136,6 +140,7 @@ impl Default for GatewayConfig {
             fragment_prefix: "/fragments/".into(),
             max_wait: Duration::from_secs(30),
             trusted_proxies: Vec::new(),
+            compress: true,
         }
     }
 }
@@ -811,6 +816,7 @@ mod file {
         pub max_wait: Duration,
         #[serde(deserialize_with = "ip_nets")]
         pub trusted_proxies: Vec<IpNet>,
+        pub compress: bool,
     }
 
     impl Default for GatewayFile {
@@ -823,6 +829,7 @@ mod file {
                 fragment_prefix: d.fragment_prefix,
                 max_wait: d.max_wait,
                 trusted_proxies: d.trusted_proxies,
+                compress: d.compress,
             }
         }
     }
@@ -1010,6 +1017,7 @@ impl GatewayFile {
             fragment_prefix: self.fragment_prefix,
             max_wait: self.max_wait,
             trusted_proxies: self.trusted_proxies,
+            compress: self.compress,
         };
         gateway.validate()?;
         Ok(gateway)
