@@ -294,3 +294,88 @@ async fn requeue_from_the_page(browser: &Browser) {
     })
     .await;
 }
+
+/// A gzipped ESI page (as Django's `gzip_page` sends it) is composed, and reaches the
+/// browser compressed again: smaller on the wire than in the page, every fragment filled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzipped_esi_page_is_composed_and_arrives_compressed() {
+    use std::io::Write;
+    let up = FakeUpstream::start().await;
+    let routes = vec![
+        slow_fragment(&up, "cart", 0, r#"<p id="cart">2 items in your cart</p>"#),
+        slow_fragment(
+            &up,
+            "deals",
+            400,
+            r#"<ul id="deals"><li>Half-price tea</li></ul>"#,
+        ),
+    ];
+    let rows: String = (1..=60).map(|i| format!("<li>Category {i}</li>")).collect();
+    let html = format!(
+        r#"<!doctype html><html><head><title>Gzipped and composed</title>{RECORDER}</head><body>
+<h1>A gzipped page, composed</h1>
+<section><esi:include src="/fragments/cart"/></section>
+<section><esi:include src="/fragments/deals"/></section>
+<ul>{rows}</ul>
+</body></html>"#
+    );
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(html.as_bytes()).unwrap();
+    up.script(
+        "/",
+        Script {
+            body: Some(gz.finish().unwrap().into()),
+            headers: vec![
+                ("surrogate-control".into(), "content=\"ESI/1.0\"".into()),
+                ("content-encoding".into(), "gzip".into()),
+            ],
+            ..Script::default()
+        },
+    );
+    let gw = gateway(&up, routes).await;
+    let warmed = tessera_tests::harness::client()
+        .get(gw.at("/fragments/cart"))
+        .header("prefer", "wait=5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(warmed.status(), 200);
+    let browser = Browser::start().await;
+
+    let _one_at_a_time = BROWSER.lock().await;
+    browser.open(&gw.at("/")).await;
+    eventually(
+        "every placeholder is replaced",
+        Duration::from_secs(10),
+        || async {
+            browser
+                .eval("return document.querySelectorAll('[data-tessera-src]').length")
+                .await
+                == 0
+        },
+    )
+    .await;
+    browser
+        .screenshot(&artifact("composed-gzip-page.png"))
+        .await;
+    let text = browser.eval("return document.body.innerText").await;
+    let text = text.as_str().unwrap();
+    for expected in ["2 items in your cart", "Half-price tea", "Category 60"] {
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from {text:?}"
+        );
+    }
+    assert!(!text.contains("esi:"), "no markup shown: {text:?}");
+    let sizes = browser
+        .eval(
+            "const n = performance.getEntriesByType('navigation')[0]; \
+             return [n.encodedBodySize, n.decodedBodySize]",
+        )
+        .await;
+    let (encoded, decoded) = (sizes[0].as_u64().unwrap(), sizes[1].as_u64().unwrap());
+    assert!(
+        encoded > 0 && encoded * 2 < decoded,
+        "the page arrived compressed: {encoded} bytes on the wire for {decoded}"
+    );
+}
