@@ -4,7 +4,8 @@
 //! All includes of one page level are looked up together: L1 first, then one `get_many`
 //! for the rest; misses become placeholders and build requests through the same lease as
 //! the fragment endpoint, so nothing is queued twice. Only a `src` naming a configured
-//! route is honoured — anything else is replaced by an HTML comment and never fetched.
+//! route is honoured — anything else, and a malformed `<esi:include>`, is replaced by an
+//! HTML comment and never fetched.
 //!
 //! Limits, and what happens past them:
 //! - a page over [`MAX_PAGE`] bytes is passed through uncomposed (markup and all);
@@ -48,7 +49,7 @@ pub struct Composed {
     pub body: Vec<u8>,
     /// Includes left as placeholders (the client script fills them).
     pub placeholders: usize,
-    /// Includes whose `src` named no configured route.
+    /// Includes whose `src` named no configured route, or that were malformed.
     pub refused: usize,
     /// Some included route varies per user (cookies or headers).
     pub per_user: bool,
@@ -224,9 +225,22 @@ impl<'c> Composer<'c> {
                         let plan = plans.next().unwrap_or(Plan::Limit("include count"));
                         self.include(&inc.src, plan, &found, depth).await;
                     }
+                    Segment::Dropped(dropped) => self.dropped(dropped),
                 }
             }
         })
+    }
+
+    /// ESI markup the parser removed as Varnish would: logged (with what was wrong), and
+    /// a malformed include is said in a comment and counted, as a refused one is.
+    fn dropped(&mut self, dropped: esi::Dropped) {
+        tracing::debug!(at = dropped.at, why = dropped.why, "ESI markup removed");
+        if dropped.include {
+            self.out.refused += 1;
+            self.out
+                .body
+                .extend_from_slice(b"<!-- tessera: malformed include removed -->");
+        }
     }
 
     /// Resolves one include against the limits and the configured routes.
