@@ -442,6 +442,8 @@ pub fn has_markup(page: &[u8]) -> bool {
     false
 }
 
+pub mod reference;
+
 /// Properties on generated pages (proptest), sharing the unit tests' helpers.
 #[cfg(test)]
 mod properties;

@@ -328,6 +328,61 @@ async fn a_page_that_is_not_xml_passes_through() {
     assert_eq!(up.renders("/_render/box"), 0);
 }
 
+/// A relative `src` is resolved against the page's path, and an absolute one naming the
+/// host the page was asked of is this gateway (e00005.vtc, e00006.vtc); any other host
+/// stays refused.
+#[tokio::test]
+async fn relative_and_own_host_includes_are_composed() {
+    let up = FakeUpstream::start().await;
+    fragment(&up, "box", "<b>BOX</b>");
+    let mut item = route("item");
+    item.params = vec!["id".into()];
+    let (gw, _) = start(&up, vec![route("box"), item]).await;
+    let host = gw.url.trim_start_matches("http://");
+    let html = format!(
+        concat!(
+            r#"<p>[<esi:include src="../fragments/box"/>]"#,
+            r#"[<esi:include src="./../fragments/item?id=2&amp;x=1"/>]"#,
+            r#"[<esi:include src="http://{host}/fragments/./item?id=3"/>]"#,
+            r#"[<esi:include src="http://elsewhere.invalid/fragments/box"/>]</p>"#,
+        ),
+        host = host
+    );
+    page(&up, "/shop/cart", &html);
+    let url = gw.at("/shop/cart");
+    eventually(
+        "the includes are built",
+        Duration::from_secs(15),
+        || async { !text(&url).await.1.contains("data-tessera-src") },
+    )
+    .await;
+    let (_, body) = text(&url).await;
+    assert_eq!(
+        body,
+        "<p>[<b>BOX</b>][<p>/_render/item?id=2 cookie=[]</p>][<p>/_render/item?id=3 cookie=[]</p>][<!-- tessera: include of \"http://elsewhere.invalid/fragments/box\" refused: not a fragment route -->]</p>"
+    );
+}
+
+/// A fragment composed at its endpoint resolves a relative `src` against its own path.
+#[tokio::test]
+async fn a_fragment_resolves_relative_includes_against_its_own_path() {
+    let up = FakeUpstream::start().await;
+    esi_fragment(&up, "list", r#"<ul><esi:include src="item?id=1"/></ul>"#);
+    let mut item = route("item");
+    item.params = vec!["id".into()];
+    let (gw, _) = start(&up, vec![route("list"), item]).await;
+    let url = gw.at("/fragments/list");
+    eventually("the include is built", Duration::from_secs(15), || async {
+        let r = client().get(&url).send().await.unwrap();
+        r.status() == StatusCode::OK && r.text().await.unwrap().contains("/_render/item")
+    })
+    .await;
+    assert_eq!(
+        text(&url).await.1,
+        "<ul><p>/_render/item?id=1 cookie=[]</p></ul>"
+    );
+}
+
 #[tokio::test]
 async fn fifty_includes_cost_one_multi_get() {
     let up = FakeUpstream::start().await;
