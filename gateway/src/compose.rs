@@ -3,8 +3,12 @@
 //!
 //! All includes of one page level are looked up together: L1 first, then one `get_many`
 //! for the rest; misses become placeholders and build requests through the same lease as
-//! the fragment endpoint, so nothing is queued twice. Only a `src` naming a configured
-//! route is honoured — anything else is replaced by an HTML comment and never fetched.
+//! the fragment endpoint, so nothing is queued twice. A `src` is resolved against the
+//! page's request ([`esi::reference`]: relative paths, and absolute URLs of the page's own
+//! host); only one naming a configured route is honoured — anything else, and a malformed
+//! `<esi:include>`, is replaced by an HTML comment and never fetched. Fragments resolve
+//! their includes against their own path, as Varnish resolves them against the URL of the
+//! include that fetched them.
 //!
 //! Limits, and what happens past them:
 //! - a page over [`MAX_PAGE`] bytes is passed through uncomposed (markup and all);
@@ -49,7 +53,7 @@ pub struct Composed {
     pub body: Vec<u8>,
     /// Includes left as placeholders (the client script fills them).
     pub placeholders: usize,
-    /// Includes whose `src` named no configured route.
+    /// Includes whose `src` named no configured route, or that were malformed.
     pub refused: usize,
     /// Some included route varies per user (cookies or headers).
     pub per_user: bool,
@@ -88,10 +92,36 @@ impl<'c> Plan<'c> {
     }
 }
 
+/// The request a page (or fragment) answers, as far as its includes are concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageBase {
+    /// The authority it was asked of (`Host`, or the URI's for HTTP/2).
+    pub host: Option<String>,
+    /// Its path and query: what a relative `src` is resolved against.
+    pub path: String,
+}
+
+impl PageBase {
+    /// The base of a request for `uri` with `headers`.
+    pub fn of(uri: &http::Uri, headers: &HeaderMap) -> Self {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| uri.authority().map(|a| a.as_str().to_string()));
+        let path = uri
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+        PageBase { host, path }
+    }
+}
+
 /// One page being composed: the request it answers, and what is left of its budget.
 struct Composer<'c> {
     cache: &'c Arc<CacheService>,
     headers: &'c HeaderMap,
+    /// The page's `Host`: an absolute `src` naming it is this gateway.
+    host: Option<&'c str>,
     trace: &'c Trace<'c>,
     /// Includes that may still be resolved (all levels together).
     budget: usize,
@@ -99,15 +129,16 @@ struct Composer<'c> {
 }
 
 impl Gateway {
-    /// Composes `page`, requested with `headers` (whose cookies and headers feed the
-    /// includes' `vary` values).
+    /// Composes `page`, requested at `base` with `headers` (whose cookies and headers feed
+    /// the includes' `vary` values).
     pub(crate) async fn compose(
         &self,
         page: &[u8],
+        base: &PageBase,
         headers: &HeaderMap,
         trace: &Trace<'_>,
     ) -> Composed {
-        let mut out = self.compose_at(page, headers, trace, 0).await;
+        let mut out = self.compose_at(page, base, headers, trace, 0).await;
         if out.placeholders > 0 {
             inject_client(&mut out.body);
         }
@@ -119,6 +150,7 @@ impl Gateway {
     pub(crate) async fn compose_at(
         &self,
         markup: &[u8],
+        base: &PageBase,
         headers: &HeaderMap,
         trace: &Trace<'_>,
         depth: usize,
@@ -126,21 +158,23 @@ impl Gateway {
         let mut composer = Composer {
             cache: &self.cache,
             headers,
+            host: base.host.as_deref(),
             trace,
             budget: MAX_INCLUDES,
             out: Composed::default(),
         };
-        composer.level(markup, depth).await;
+        composer.level(markup, &base.path, depth).await;
         composer.out
     }
 
-    /// Composes an upstream response when it asks for ESI; passes it through otherwise.
-    /// A compressed page is decoded first, and the composed page encoded for the client
-    /// ([`encoding`]). `Surrogate-Control` is for surrogates like us and is never sent on
-    /// to the client.
+    /// Composes an upstream response to a request at `base` when it asks for ESI; passes
+    /// it through otherwise. A compressed page is decoded first, and the composed page
+    /// encoded for the client ([`encoding`]). `Surrogate-Control` is for surrogates like us
+    /// and is never sent on to the client.
     pub(crate) async fn compose_response(
         self: &Arc<Self>,
         response: Response<Body>,
+        base: &PageBase,
         request_headers: &HeaderMap,
     ) -> Response<Body> {
         let trace = Trace::new(request_headers);
@@ -197,7 +231,7 @@ impl Gateway {
                 }
             }
         };
-        let composed = self.compose(&page, request_headers, trace).await;
+        let composed = self.compose(&page, base, request_headers, trace).await;
         self.metrics
             .includes_refused
             .inc_by(composed.refused as u64);
@@ -223,11 +257,13 @@ impl Gateway {
 }
 
 impl<'c> Composer<'c> {
-    /// Composes one level: plans every include, looks them all up in one batch, then
-    /// writes the level out, descending into fragments that carry markup themselves.
+    /// Composes one level, requested at `base` (a path and query): plans every include,
+    /// looks them all up in one batch, then writes the level out, descending into
+    /// fragments that carry markup themselves.
     fn level<'a>(
         &'a mut self,
         page: &'a [u8],
+        base: &'a str,
         depth: usize,
     ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
@@ -235,7 +271,7 @@ impl<'c> Composer<'c> {
             let mut plans = Vec::new();
             for seg in &segments {
                 if let Segment::Include(inc) = seg {
-                    plans.push(self.plan(inc, depth).await);
+                    plans.push(self.plan(inc, base, depth).await);
                 }
             }
             let wanted: Vec<&Target<'_>> = plans.iter().flat_map(Plan::targets).collect();
@@ -248,13 +284,27 @@ impl<'c> Composer<'c> {
                         let plan = plans.next().unwrap_or(Plan::Limit("include count"));
                         self.include(&inc.src, plan, &found, depth).await;
                     }
+                    Segment::Dropped(dropped) => self.dropped(dropped),
                 }
             }
         })
     }
 
-    /// Resolves one include against the limits and the configured routes.
-    async fn plan(&mut self, inc: &esi::Include, depth: usize) -> Plan<'c> {
+    /// ESI markup the parser removed as Varnish would: logged (with what was wrong), and
+    /// a malformed include is said in a comment and counted, as a refused one is.
+    fn dropped(&mut self, dropped: esi::Dropped) {
+        tracing::debug!(at = dropped.at, why = dropped.why, "ESI markup removed");
+        if dropped.include {
+            self.out.refused += 1;
+            self.out
+                .body
+                .extend_from_slice(b"<!-- tessera: malformed include removed -->");
+        }
+    }
+
+    /// Resolves one include, in a level requested at `base`, against the limits and the
+    /// configured routes.
+    async fn plan(&mut self, inc: &esi::Include, base: &str, depth: usize) -> Plan<'c> {
         if depth >= MAX_DEPTH {
             return Plan::Limit("depth");
         }
@@ -262,9 +312,9 @@ impl<'c> Composer<'c> {
             return Plan::Limit("include count");
         }
         self.budget -= 1;
-        let primary = self.resolve(&inc.src).await;
+        let primary = self.resolve(&inc.src, base).await;
         let alt = match &inc.alt {
-            Some(alt) => self.resolve(alt).await,
+            Some(alt) => self.resolve(alt, base).await,
             None => None,
         };
         Plan::Resolved {
@@ -274,11 +324,13 @@ impl<'c> Composer<'c> {
         }
     }
 
-    /// Maps an include `src` to a configured route, or `None`: never a fetch.
-    async fn resolve(&self, src: &str) -> Option<Include<'c>> {
-        let (path, query) = src
+    /// Maps an include `src`, in a level requested at `base`, to a configured route, or
+    /// `None`: never a fetch.
+    async fn resolve(&self, src: &str, base: &str) -> Option<Include<'c>> {
+        let resolved = esi::reference::resolve(src, self.host, base)?;
+        let (path, query) = resolved
             .split_once('?')
-            .map_or((src, None), |(p, q)| (p, Some(q)));
+            .map_or((resolved.as_str(), None), |(p, q)| (p, Some(q)));
         let prefix = self.cache.config.gateway.fragment_prefix.as_str();
         let route = self.cache.config.route(path.strip_prefix(prefix)?)?;
         let identity = Identity::from_request(route, query, self.headers).ok()?;
@@ -319,18 +371,22 @@ impl<'c> Composer<'c> {
         {
             self.out.per_user = true;
         }
-        let serve = |i: &Option<Include<'_>>| match found.get(&i.as_ref()?.target.keys.envelope)? {
-            Found::Serve { slot, .. } => match &slot.state {
-                SlotState::Found(e) => Some((e.body.clone(), e.esi)),
-                SlotState::Pending => None,
-            },
-            _ => None,
+        let serve = |i: &Option<Include<'_>>| {
+            let i = i.as_ref()?;
+            match found.get(&i.target.keys.envelope)? {
+                Found::Serve { slot, .. } => match &slot.state {
+                    SlotState::Found(e) => Some((e.body.clone(), e.esi, i.src.clone())),
+                    SlotState::Pending => None,
+                },
+                _ => None,
+            }
         };
-        if let Some((body, asked_for_esi)) = serve(&primary).or_else(|| serve(&alt)) {
+        if let Some((body, asked_for_esi, src)) = serve(&primary).or_else(|| serve(&alt)) {
             // Only fragments whose render asked for ESI are composed: markup in any other
-            // (user input reflected in it, say) is text.
+            // (user input reflected in it, say) is text. Its own includes resolve against
+            // its `src`.
             if asked_for_esi && esi::has_markup(&body) {
-                self.level(&body, depth + 1).await;
+                self.level(&body, &src, depth + 1).await;
             } else {
                 self.out.body.extend_from_slice(&body);
             }

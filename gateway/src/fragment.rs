@@ -23,7 +23,7 @@ use tessera_protocol::{Envelope, FragmentRoute, Identity};
 
 use crate::Gateway;
 use crate::cache::{Slot, SlotState};
-use crate::compose::Composed;
+use crate::compose::{Composed, PageBase};
 use crate::error::GatewayError;
 use crate::headers::{Trace, if_none_match, prefer_wait, wants_json};
 use crate::hot::{Hot, LastHeaders};
@@ -167,7 +167,8 @@ impl Gateway {
         let composed = match composable(&found) {
             // Boxed: composition is the rare path, and its future is large.
             Some(body) => {
-                let compose = self.compose_at(body, req.headers(), target.trace, 1);
+                let base = PageBase::of(req.uri(), req.headers());
+                let compose = self.compose_at(body, &base, req.headers(), target.trace, 1);
                 Some(Box::pin(compose).await)
             }
             None => None,

@@ -308,8 +308,10 @@ impl Gateway {
         req: Request<hyper::body::Incoming>,
         peer: SocketAddr,
     ) -> Response<Body> {
-        // Composition needs the page request's cookies and headers for `vary`.
+        // Composition needs the page request's cookies and headers for `vary`, and its
+        // host and path to resolve include `src`s against.
         let headers = req.headers().clone();
+        let base = compose::PageBase::of(req.uri(), &headers);
         // A HEAD answers what GET would, composed headers included (length, caching),
         // without the body: asked upstream as GET, as Varnish does.
         let head = req.method() == http::Method::HEAD;
@@ -318,7 +320,7 @@ impl Gateway {
             *req.method_mut() = http::Method::GET;
         }
         let response = self.upstream.forward(req, peer).await;
-        let response = self.compose_response(response, &headers).await;
+        let response = self.compose_response(response, &base, &headers).await;
         if head {
             let (parts, _) = response.into_parts();
             return Response::from_parts(parts, tessera_runtime::web::empty());

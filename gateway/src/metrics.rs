@@ -322,7 +322,7 @@ impl Metrics {
         );
         r.register(
             "esi_includes_refused",
-            "ESI includes whose src named no fragment route",
+            "ESI includes whose src named no fragment route, or that were malformed",
             self.includes_refused.clone(),
         );
         r.register(
