@@ -10,6 +10,7 @@
 //! | --- | --- | --- |
 //! | `{ns}.build` | direct exchange, durable | build requests, routing key = queue name |
 //! | `{queue}` | durable queue | one per route queue, by default `{ns}.build` (`tessera_protocol::config::default_queue`); rejected messages dead-letter to `{ns}.dead` |
+//! | `{queue}.background` | durable queue | beside each route queue: refreshes nobody waits for (`tessera_protocol::config::background_queue`), consumed after waited builds ([`tessera_protocol::bus::Turns`]); dead-letters like `{queue}` |
 //! | `{queue}.retry.{N}s` | durable queue, `x-message-ttl` N s | delayed retries; expired messages dead-letter back to `{ns}.build` with routing key `{queue}` |
 //! | `{ns}.dead` | fanout exchange + durable queue | dead letters, with headers `x-tessera-error` and `x-tessera-queue` |
 //! | `{ns}.events` | fanout exchange | built / failed / purged events |
@@ -72,7 +73,7 @@ use lapin::{
 use tokio::sync::mpsc;
 
 use tessera_protocol::bus::{
-    Acker, Bus, BusError, Consumer, DeadLetter, Delivery, Notice, QueueStats, Subscription,
+    Acker, Bus, BusError, Consumer, DeadLetter, Delivery, Notice, QueueStats, Subscription, Turns,
 };
 use tessera_protocol::config::QueueType;
 use tessera_protocol::message::{BuildRequest, Event};
@@ -599,17 +600,24 @@ impl Bus for AmqpBus {
     async fn consume(
         &self,
         queues: &[String],
+        background: &[String],
         prefetch: u16,
     ) -> Result<Box<dyn Consumer>, BusError> {
-        let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
+        let prefetch = prefetch.max(1);
+        // Room for every delivery the broker may hand out unacknowledged (`prefetch` per
+        // queue), so feeding one class never waits on the other being taken.
+        let room = |qs: &[String]| usize::from(prefetch) * qs.len().max(1);
+        let (waited_tx, waited) = mpsc::channel(room(queues));
+        let (background_tx, background_rx) = mpsc::channel(room(background));
         let task = tokio::spawn(consume_loop(
             self.clone(),
-            queues.to_vec(),
-            prefetch.max(1),
-            tx,
+            [queues.to_vec(), background.to_vec()],
+            prefetch,
+            [waited_tx, background_tx],
         ));
         Ok(Box::new(AmqpConsumer {
-            rx,
+            rx: [waited, background_rx],
+            turns: Turns::default(),
             _task: tokio_util::task::AbortOnDropHandle::new(task),
         }))
     }
@@ -744,16 +752,17 @@ impl AmqpBus {
     }
 }
 
-/// Keeps a consumer on `queues` alive across reconnections, feeding `tx`.
+/// Keeps a consumer on both classes of queues (waited, background) alive across
+/// reconnections, feeding each class's deliveries to its sender.
 async fn consume_loop(
     bus: AmqpBus,
-    queues: Vec<String>,
+    classes: [Vec<String>; 2],
     prefetch: u16,
-    tx: mpsc::Sender<Delivery>,
+    txs: [mpsc::Sender<Delivery>; 2],
 ) {
     let mut backoff = Backoff::default();
     loop {
-        match consume_once(&bus, &queues, prefetch, &tx, &mut backoff).await {
+        match consume_once(&bus, &classes, prefetch, &txs, &mut backoff).await {
             Ok(()) => return, // the receiving side is gone
             Err(e) => {
                 let delay = backoff.next_delay();
@@ -764,12 +773,13 @@ async fn consume_loop(
     }
 }
 
-/// Consumes `queues` on one connection until it fails; resets `backoff` once consuming.
+/// Consumes every queue of `classes` on one channel until it fails (the broker's
+/// `prefetch` applies per queue's consumer); resets `backoff` once consuming.
 async fn consume_once(
     bus: &AmqpBus,
-    queues: &[String],
+    classes: &[Vec<String>; 2],
     prefetch: u16,
-    tx: &mpsc::Sender<Delivery>,
+    txs: &[mpsc::Sender<Delivery>; 2],
     backoff: &mut Backoff,
 ) -> Result<(), BusError> {
     let link = bus.link().await?;
@@ -780,24 +790,26 @@ async fn consume_once(
     )
     .await?;
     let mut streams = Vec::new();
-    for q in queues {
-        bus.declare_queue(&link, q).await?;
-        let consumer = timed(
-            "consume",
-            channel.basic_consume(
-                short(q),
-                short(""),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await?;
-        streams.push(consumer.map(move |d| (d, q.clone())));
+    for (class, queues) in classes.iter().enumerate() {
+        for q in queues {
+            bus.declare_queue(&link, q).await?;
+            let consumer = timed(
+                "consume",
+                channel.basic_consume(
+                    short(q),
+                    short(""),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await?;
+            streams.push(consumer.map(move |d| (d, q.clone(), class)));
+        }
     }
-    tracing::info!(?queues, prefetch, "consuming build requests");
+    tracing::info!(waited = ?classes[0], background = ?classes[1], prefetch, "consuming build requests");
     backoff.reset();
     let mut all = futures_util::stream::select_all(streams);
-    while let Some((delivery, queue)) = all.next().await {
+    while let Some((delivery, queue, class)) = all.next().await {
         let d = delivery.map_err(unavailable)?;
         let acker = AmqpAcker {
             bus: bus.clone(),
@@ -807,7 +819,7 @@ async fn consume_once(
             settled: false,
         };
         let delivery = Delivery::new(Bytes::from(d.data), queue, d.redelivered, Box::new(acker));
-        if tx.send(delivery).await.is_err() {
+        if txs[class].send(delivery).await.is_err() {
             return Ok(());
         }
     }
@@ -816,14 +828,33 @@ async fn consume_once(
 
 #[derive(Debug)]
 struct AmqpConsumer {
-    rx: mpsc::Receiver<Delivery>,
+    /// Deliveries of waited builds, then of background ones.
+    rx: [mpsc::Receiver<Delivery>; 2],
+    turns: Turns,
     _task: tokio_util::task::AbortOnDropHandle<()>,
 }
 
 #[async_trait]
 impl Consumer for AmqpConsumer {
     async fn next(&mut self) -> Option<Delivery> {
-        self.rx.recv().await
+        let first = usize::from(self.turns.background_first());
+        // What is in hand already, in the order the turns say; else whatever comes first.
+        let ready = [first, 1 - first]
+            .into_iter()
+            .find_map(|class| Some((class, self.rx[class].try_recv().ok()?)));
+        let (class, delivery) = match ready {
+            Some(found) => found,
+            None => {
+                let [waited, background] = &mut self.rx;
+                tokio::select! {
+                    Some(d) = waited.recv() => (0, d),
+                    Some(d) = background.recv() => (1, d),
+                    else => return None,
+                }
+            }
+        };
+        self.turns.took(class == 1);
+        Some(delivery)
     }
 }
 

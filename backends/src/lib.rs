@@ -57,7 +57,7 @@ pub async fn connect(config: &Config) -> Result<Backends, BackendError> {
                 config.bus.queue_expiry,
             )
             .with_queue_type(config.bus.queue_type)
-            .with_queues(&config.queues()),
+            .with_queues(&[config.queues(), config.background_queues()].concat()),
         ),
         None => memory.bus,
     };

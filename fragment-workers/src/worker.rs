@@ -69,8 +69,9 @@ pub async fn run(
     let concurrency = concurrency.max(1);
     let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
     let queues = config.queues();
-    let mut consumer = backends.bus.consume(&queues, prefetch).await?;
-    tracing::info!(?queues, concurrency, "worker consuming");
+    let background = config.background_queues();
+    let mut consumer = backends.bus.consume(&queues, &background, prefetch).await?;
+    tracing::info!(?queues, ?background, concurrency, "worker consuming");
     let worker = Arc::new(Worker {
         backends,
         config: config.clone(),

@@ -207,10 +207,16 @@ impl Failures {
 }
 
 impl Gateway {
-    /// Every configured queue with its depth and consumers, read from the broker (all
-    /// queues at once, each bounded by [`READY_TIMEOUT`]; `None` when it did not answer).
+    /// Every configured queue, build and background, with its depth and consumers, read
+    /// from the broker (all queues at once, each bounded by [`READY_TIMEOUT`]; `None` when
+    /// it did not answer).
     async fn queue_stats(&self) -> Vec<(String, Option<QueueStats>)> {
-        let queues = self.config.queues();
+        let queues: Vec<String> = self
+            .config
+            .queues()
+            .into_iter()
+            .chain(self.config.background_queues())
+            .collect();
         let stats = futures_util::future::join_all(queues.iter().map(|queue| async move {
             match tokio::time::timeout(READY_TIMEOUT, self.cache.backends.bus.queue_stats(queue))
                 .await

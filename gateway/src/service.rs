@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
+use tessera_protocol::config::background_queue;
 use tessera_protocol::envelope::Freshness;
 use tessera_protocol::message::VERSION;
 use tessera_protocol::time::{now_ms, remaining};
@@ -75,6 +76,16 @@ pub enum Found {
     },
 }
 
+/// Whether someone waits for a build: waited builds go ahead of background ones (see
+/// [`tessera_protocol::bus::Turns`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// A placeholder was answered, a long-poll or page waits: the route's queue.
+    Waited,
+    /// A stale copy was served: a refresh on the route's background queue.
+    Background,
+}
+
 /// The outcome of asking for a build.
 #[derive(Debug)]
 pub enum Requested {
@@ -136,7 +147,7 @@ impl CacheService {
                 {
                     return Ok(SlotState::Found(envelope));
                 }
-                Ok(self.request_build(t).await?.into_state())
+                Ok(self.request_build(t, Priority::Waited).await?.into_state())
             })
             .await?;
         if read.fallback {
@@ -223,7 +234,12 @@ impl CacheService {
                 None => absent.push(*t),
             }
         }
-        let requested = join_all(absent.iter().map(|t| self.request_build(t))).await;
+        let requested = join_all(
+            absent
+                .iter()
+                .map(|t| self.request_build(t, Priority::Waited)),
+        )
+        .await;
         for (t, outcome) in absent.iter().zip(requested) {
             match outcome {
                 Ok(requested) => {
@@ -259,11 +275,18 @@ impl CacheService {
             return Found::Pending;
         };
         let freshness = envelope.freshness(now);
+        let servable = envelope.servable(now);
         if matches!(freshness, Freshness::Stale | Freshness::FailedExpired) && slot.claim_rebuild()
         {
-            self.rebuild_in_background(t);
+            // Served stale meanwhile, nobody waits for it; past its stale window, the
+            // caller gets a placeholder and waits.
+            let priority = if servable {
+                Priority::Background
+            } else {
+                Priority::Waited
+            };
+            self.rebuild_in_background(t, priority);
         }
-        let servable = envelope.servable(now);
         match freshness {
             Freshness::Fresh => Found::Serve {
                 slot: slot.clone(),
@@ -285,7 +308,7 @@ impl CacheService {
         }
     }
 
-    fn rebuild_in_background(self: &Arc<Self>, t: &Target<'_>) {
+    fn rebuild_in_background(self: &Arc<Self>, t: &Target<'_>, priority: Priority) {
         let this = self.clone();
         let (route, identity, generation, keys, generation_read_at) = (
             t.route.clone(),
@@ -304,15 +327,20 @@ impl CacheService {
                 generation_read_at,
                 trace: &trace,
             };
-            if let Err(e) = this.request_build(&target).await {
+            if let Err(e) = this.request_build(&target, priority).await {
                 tracing::warn!(route = %route.name, error = %e, "could not request a rebuild");
             }
         });
     }
 
     /// Queues one build of `t` unless one is already queued anywhere: acquires the lease
-    /// (atomic across gateways) and, if it won, publishes the request.
-    pub async fn request_build(&self, t: &Target<'_>) -> Result<Requested, CacheError> {
+    /// (atomic across gateways) and, if it won, publishes the request, on the route's
+    /// queue or, for a build nobody waits for, its background queue.
+    pub async fn request_build(
+        &self,
+        t: &Target<'_>,
+        priority: Priority,
+    ) -> Result<Requested, CacheError> {
         let store = self.backends.store.as_ref();
         let lease = Lease::new(store, &t.keys, t.route);
         let metrics = self.metrics.route(&t.route.name);
@@ -342,12 +370,11 @@ impl CacheService {
             lease_deadline,
             trace_id: t.trace.id().to_string(),
         };
-        if let Err(e) = self
-            .backends
-            .bus
-            .publish_build(&t.route.queue, &request)
-            .await
-        {
+        let queue = match priority {
+            Priority::Waited => t.route.queue.clone(),
+            Priority::Background => background_queue(&t.route.queue),
+        };
+        if let Err(e) = self.backends.bus.publish_build(&queue, &request).await {
             // Nothing was queued: give the lease back so the next request can try again
             // instead of waiting for it to expire.
             if let Err(se) = lease.release().await {
@@ -356,7 +383,7 @@ impl CacheService {
             return Err(e.into());
         }
         metrics.published.inc();
-        tracing::debug!(route = %t.route.name, key = %t.keys.envelope, request = %request.id, trace_id = %t.trace.id(), "build queued");
+        tracing::debug!(route = %t.route.name, key = %t.keys.envelope, request = %request.id, ?priority, trace_id = %t.trace.id(), "build queued");
         Ok(Requested::Queued)
     }
 }

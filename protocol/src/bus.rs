@@ -13,6 +13,11 @@
 //! - `publish_retry` delivers the request to its queue again after a delay (AMQP: a retry
 //!   queue whose messages dead-letter back to the build exchange).
 //! - Dead-lettered messages are kept (bounded) for operators to inspect and re-queue.
+//! - A consumer takes builds from two classes of queues: builds someone waits for, and
+//!   background ones (refreshes of stale fragments). Waited builds go first; of every
+//!   [`BACKGROUND_SHARE`] deliveries while both classes have builds ready, one is a
+//!   background build, so refreshes still progress under a steady stream of waited ones
+//!   ([`Turns`]).
 //! - Events reach every current subscriber. A subscriber that may have missed some (it
 //!   fell behind, or its connection was re-established) gets [`Notice::Lagged`] and must
 //!   assume anything changed.
@@ -82,10 +87,14 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
         delay: Duration,
     ) -> Result<(), BusError>;
 
-    /// Starts consuming `queues` with at most `prefetch` unacknowledged deliveries.
+    /// Starts consuming `queues` (builds someone waits for) and `background` (builds
+    /// nobody waits for), with at most `prefetch` unacknowledged deliveries per queue
+    /// (AMQP: per consumer); deliveries ready in both classes are handed out as [`Turns`]
+    /// says.
     async fn consume(
         &self,
         queues: &[String],
+        background: &[String],
         prefetch: u16,
     ) -> Result<Box<dyn Consumer>, BusError>;
 
@@ -126,6 +135,34 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
         Err(BusError::Unavailable(
             "dead-letter requeue is not supported by this bus".into(),
         ))
+    }
+}
+
+/// While builds of both classes are ready, one delivery in this many is a background one.
+pub const BACKGROUND_SHARE: u32 = 4;
+
+/// Which class a consumer looks at first for its next delivery: waited builds, except
+/// after [`BACKGROUND_SHARE`]` - 1` waited ones in a row, when a ready background build
+/// goes first. Under a steady stream of waited builds, refreshes get a quarter of the
+/// deliveries; without one, all of them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Turns {
+    waited_in_a_row: u32,
+}
+
+impl Turns {
+    /// Whether the next delivery is looked for among background builds first.
+    pub fn background_first(&self) -> bool {
+        self.waited_in_a_row + 1 >= BACKGROUND_SHARE
+    }
+
+    /// Records a delivery of a background (`true`) or waited build.
+    pub fn took(&mut self, background: bool) {
+        self.waited_in_a_row = if background {
+            0
+        } else {
+            self.waited_in_a_row + 1
+        };
     }
 }
 
@@ -366,6 +403,7 @@ impl Bus for MemoryBus {
     async fn consume(
         &self,
         queues: &[String],
+        background: &[String],
         prefetch: u16,
     ) -> Result<Box<dyn Consumer>, BusError> {
         {
@@ -374,15 +412,16 @@ impl Bus for MemoryBus {
                 .consumers
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            for q in queues {
+            for q in queues.iter().chain(background) {
                 *consumers.entry(q.clone()).or_default() += 1;
             }
         }
         Ok(Box::new(MemoryConsumer {
             inner: self.inner.clone(),
-            queues: queues.to_vec(),
+            classes: [queues.to_vec(), background.to_vec()],
             permits: Arc::new(Semaphore::new(usize::from(prefetch.max(1)))),
             turn: 0,
+            turns: Turns::default(),
         }))
     }
 
@@ -448,9 +487,12 @@ impl Bus for MemoryBus {
 #[derive(Debug)]
 struct MemoryConsumer {
     inner: Arc<Inner>,
-    queues: Vec<String>,
+    /// Waited queues, then background ones.
+    classes: [Vec<String>; 2],
     permits: Arc<Semaphore>,
+    /// Which queue of a class is looked at first (round robin).
     turn: usize,
+    turns: Turns,
 }
 
 impl Drop for MemoryConsumer {
@@ -460,7 +502,7 @@ impl Drop for MemoryConsumer {
             .consumers
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        for q in &self.queues {
+        for q in self.classes.iter().flatten() {
             if let Some(n) = consumers.get_mut(q) {
                 *n = n.saturating_sub(1);
             }
@@ -471,7 +513,7 @@ impl Drop for MemoryConsumer {
 #[async_trait]
 impl Consumer for MemoryConsumer {
     async fn next(&mut self) -> Option<Delivery> {
-        if self.queues.is_empty() {
+        if self.classes.iter().all(Vec::is_empty) {
             return None;
         }
         let permit = self.permits.clone().acquire_owned().await.ok()?;
@@ -482,7 +524,16 @@ impl Consumer for MemoryConsumer {
             tokio::pin!(notified);
             notified.as_mut().enable();
             self.turn = self.turn.wrapping_add(1);
-            if let Some((queue, m)) = self.inner.pop(&self.queues, self.turn) {
+            let order = if self.turns.background_first() {
+                [1, 0]
+            } else {
+                [0, 1]
+            };
+            if let Some((class, (queue, m))) = order.into_iter().find_map(|class| {
+                let found = self.inner.pop(&self.classes[class], self.turn)?;
+                Some((class, found))
+            }) {
+                self.turns.took(class == 1);
                 let acker = MemoryAcker {
                     inner: self.inner.clone(),
                     queue: queue.clone(),
@@ -599,7 +650,7 @@ mod tests {
         let bus = MemoryBus::new();
         bus.publish_build("q", &request("a")).await.unwrap();
         bus.publish_build("q", &request("b")).await.unwrap();
-        let mut c = bus.consume(&queues(), 10).await.unwrap();
+        let mut c = bus.consume(&queues(), &[], 10).await.unwrap();
         let (id, d) = next_id(&mut c).await;
         assert_eq!(id, "a");
         d.ack().await.unwrap();
@@ -622,7 +673,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let mut c = bus.consume(&queues(), 2).await.unwrap();
+        let mut c = bus.consume(&queues(), &[], 2).await.unwrap();
         let (_, d1) = next_id(&mut c).await;
         let (_, _d2) = next_id(&mut c).await;
         assert!(
@@ -641,7 +692,7 @@ mod tests {
         let bus = MemoryBus::new();
         bus.publish_raw("q", Bytes::from_static(b"garbage"))
             .unwrap();
-        let mut c = bus.consume(&queues(), 1).await.unwrap();
+        let mut c = bus.consume(&queues(), &[], 1).await.unwrap();
         let d = c.next().await.unwrap();
         d.dead_letter("undecodable").await.unwrap();
         assert!(
@@ -659,7 +710,7 @@ mod tests {
     async fn stats_and_dead_letter_requeue() {
         let bus = MemoryBus::new();
         bus.publish_build("q", &request("a")).await.unwrap();
-        let c = bus.consume(&queues(), 1).await.unwrap();
+        let c = bus.consume(&queues(), &[], 1).await.unwrap();
         assert_eq!(
             Bus::queue_stats(&bus, "q").await.unwrap(),
             QueueStats {
@@ -669,7 +720,7 @@ mod tests {
         );
         drop(c);
         assert_eq!(Bus::queue_stats(&bus, "q").await.unwrap().consumers, 0);
-        let mut c = bus.consume(&queues(), 1).await.unwrap();
+        let mut c = bus.consume(&queues(), &[], 1).await.unwrap();
         c.next().await.unwrap().dead_letter("boom").await.unwrap();
         assert_eq!(Bus::dead_letters(&bus, 10).await.unwrap().len(), 1);
         assert_eq!(bus.requeue_dead_letters(10).await.unwrap(), 1);
@@ -685,7 +736,7 @@ mod tests {
         bus.publish_retry("q", &request("r"), Duration::from_secs(4))
             .await
             .unwrap();
-        let mut c = bus.consume(&queues(), 1).await.unwrap();
+        let mut c = bus.consume(&queues(), &[], 1).await.unwrap();
         let start = tokio::time::Instant::now();
         let (id, _) = next_id(&mut c).await;
         assert_eq!(id, "r");
@@ -696,7 +747,7 @@ mod tests {
     async fn consumer_wakes_on_publish_and_reads_several_queues() {
         let bus = MemoryBus::new();
         let mut c = bus
-            .consume(&["q".to_string(), "slow".to_string()], 4)
+            .consume(&["q".to_string(), "slow".to_string()], &[], 4)
             .await
             .unwrap();
         let waiter = tokio::spawn(async move {

@@ -691,9 +691,20 @@ pub struct FragmentRoute {
     pub fallback: String,
     /// Broker queue for this route's builds, used exactly as written. Default (absent or
     /// empty): the namespace's own, `{store.namespace}.build` ([`default_queue`]), shared
-    /// by every route that names none.
+    /// by every route that names none. Refreshes nobody waits for go to its
+    /// [`background_queue`].
     #[serde(default)]
     pub queue: String,
+}
+
+/// Suffix of a background queue's name.
+const BACKGROUND_SUFFIX: &str = ".background";
+
+/// The queue of builds nobody waits for (refreshes of stale fragments) beside the build
+/// queue `queue`: `{queue}.background`. Workers take its builds after waited ones (see
+/// [`crate::bus::Turns`]).
+pub fn background_queue(queue: &str) -> String {
+    format!("{queue}{BACKGROUND_SUFFIX}")
 }
 
 /// The queue of routes that name none: `{namespace}.build`, so namespaces sharing a
@@ -1105,6 +1116,15 @@ impl Config {
                     format!("{:?} is used by an earlier route", r.name),
                 ));
             }
+            if r.queue.ends_with(BACKGROUND_SUFFIX) {
+                return Err(invalid(
+                    format!("fragment[{i}].queue"),
+                    format!(
+                        "{:?} ends with {BACKGROUND_SUFFIX:?}, the suffix of the background queue beside every build queue; name it otherwise",
+                        r.queue
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -1126,6 +1146,11 @@ impl Config {
             seen.push(default_queue(&self.store.namespace));
         }
         seen
+    }
+
+    /// The [`background_queue`] of each of [`Self::queues`], in the same order.
+    pub fn background_queues(&self) -> Vec<String> {
+        self.queues().iter().map(|q| background_queue(q)).collect()
     }
 
     /// True when the memory store and in-process bus are used.
@@ -1748,6 +1773,17 @@ queue = "tessera.build"
         ))
         .unwrap();
         assert_eq!(c.queues(), vec!["tessera.build", "tessera.slow"]);
+        assert_eq!(
+            c.background_queues(),
+            vec!["tessera.build.background", "tessera.slow.background"]
+        );
+        let msg = err(&format!(
+            "{ROUTE}[[fragment]]\nname = \"x\"\nrender = \"/x\"\nqueue = \"tessera.build.background\"\n"
+        ));
+        assert!(
+            msg.contains("fragment[1].queue") && msg.contains("background"),
+            "{msg}"
+        );
     }
 
     /// The message of the first problem in `toml` (a route table is not added).

@@ -622,6 +622,54 @@ pub async fn other_programs_can_warm_the_cache(kind: Backend) {
     gw.stop().await;
 }
 
+/// Issue 12's case: 4 workers, 200 refreshes of 100 ms queued behind stale answers, then
+/// a cold fragment someone waits for. It is built next, not after the refreshes: when
+/// its answer comes, most refreshes have not run. The refreshes still all run.
+pub async fn a_waited_build_goes_ahead_of_queued_refreshes(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    let mut shelf = route("shelf");
+    shelf.params = vec!["id".into()];
+    shelf.fresh = Duration::from_secs(1);
+    let mut c = config(&up.url(), vec![shelf, route("cart")]);
+    c.cache.ttl = Duration::from_millis(100);
+    let b = backends(kind, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let shelves: Vec<String> = (0..200)
+        .map(|i| gw.at(&format!("/fragments/shelf?id={i}")))
+        .collect();
+    for answer in join_all(shelves.iter().map(|u| wait_for(u, 10))).await {
+        assert_eq!(answer.status(), StatusCode::OK, "built");
+    }
+    let first_builds = up.renders("/_render/shelf");
+    // Refreshes from now on take 100 ms each.
+    let slow = |ms| Script {
+        delay: Duration::from_millis(ms),
+        ..Script::default()
+    };
+    up.script("/_render/shelf", slow(100));
+    up.script("/_render/cart", slow(100));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for answer in join_all(shelves.iter().map(|u| get(u))).await {
+        assert_eq!(answer.status(), StatusCode::OK, "stale is served");
+    }
+
+    let started = Instant::now();
+    let cart = wait_for(&gw.at("/fragments/cart"), 10).await;
+    let took = started.elapsed();
+    assert_eq!(cart.status(), StatusCode::OK);
+    let refreshed = up.renders("/_render/shelf") - first_builds;
+    eprintln!("waited build answered in {took:?}, after {refreshed} of 200 refreshes");
+    assert!(
+        refreshed < 100,
+        "the waited build went ahead of most refreshes: {refreshed} of 200 ran first ({took:?})"
+    );
+    eventually("every refresh runs", WITHIN, || async {
+        up.renders("/_render/shelf") - first_builds >= 200
+    })
+    .await;
+    gw.stop().await;
+}
+
 macro_rules! scenarios {
     ($kind:expr, $($name:ident),+ $(,)?) => {
         $(
@@ -654,6 +702,7 @@ macro_rules! all_scenarios {
             a_build_killed_midway_is_redone,
             graceful_stop_answers_waiting_clients,
             other_programs_can_warm_the_cache,
+            a_waited_build_goes_ahead_of_queued_refreshes,
         );
     };
 }

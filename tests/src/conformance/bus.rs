@@ -102,6 +102,7 @@ macro_rules! bus_conformance {
             retries_arrive_on_their_queue_after_the_delay,
             prefetch_bounds_unacked_deliveries,
             one_consumer_reads_several_queues,
+            waited_builds_go_first_and_background_ones_still_progress,
             events_reach_every_subscriber,
             queue_stats_count_waiting_messages_and_consumers,
             a_subscriber_that_falls_behind_is_told_it_lagged,
@@ -173,7 +174,7 @@ pub async fn published_builds_are_consumed_in_order(t: BusUnderTest) {
     t.bus.publish_build(&t.queue, &b).await.unwrap();
     let mut c = t
         .peer
-        .consume(std::slice::from_ref(&t.queue), 10)
+        .consume(std::slice::from_ref(&t.queue), &[], 10)
         .await
         .unwrap();
     for want in [&a, &b] {
@@ -195,14 +196,14 @@ pub async fn acked_deliveries_are_gone(t: BusUnderTest) {
     t.bus.publish_build(&t.queue, &request("a")).await.unwrap();
     let mut c = t
         .bus
-        .consume(std::slice::from_ref(&t.queue), 4)
+        .consume(std::slice::from_ref(&t.queue), &[], 4)
         .await
         .unwrap();
     next(&mut c).await.ack().await.unwrap();
     drop(c);
     let mut c = t
         .peer
-        .consume(std::slice::from_ref(&t.queue), 4)
+        .consume(std::slice::from_ref(&t.queue), &[], 4)
         .await
         .unwrap();
     nothing_arrives(&mut c, "an acked message came back").await;
@@ -213,7 +214,7 @@ pub async fn requeued_and_dropped_deliveries_come_back_redelivered(t: BusUnderTe
     t.bus.publish_build(&t.queue, &request("a")).await.unwrap();
     let mut c = t
         .bus
-        .consume(std::slice::from_ref(&t.queue), 1)
+        .consume(std::slice::from_ref(&t.queue), &[], 1)
         .await
         .unwrap();
     let d = next(&mut c).await;
@@ -244,7 +245,7 @@ pub async fn dead_letters_keep_their_reason_and_can_be_requeued(t: BusUnderTest)
     }
     let mut c = t
         .bus
-        .consume(std::slice::from_ref(&t.queue), 4)
+        .consume(std::slice::from_ref(&t.queue), &[], 4)
         .await
         .unwrap();
     for i in 0..3 {
@@ -286,7 +287,7 @@ pub async fn retries_arrive_on_their_queue_after_the_delay(t: BusUnderTest) {
     let delay = Duration::from_secs(1);
     let mut c = t
         .peer
-        .consume(std::slice::from_ref(&t.queue), 1)
+        .consume(std::slice::from_ref(&t.queue), &[], 1)
         .await
         .unwrap();
     let asked = tokio::time::Instant::now();
@@ -316,7 +317,7 @@ pub async fn prefetch_bounds_unacked_deliveries(t: BusUnderTest) {
     }
     let mut c = t
         .bus
-        .consume(std::slice::from_ref(&t.queue), 2)
+        .consume(std::slice::from_ref(&t.queue), &[], 2)
         .await
         .unwrap();
     let first = next(&mut c).await;
@@ -331,7 +332,7 @@ pub async fn one_consumer_reads_several_queues(t: BusUnderTest) {
     let (fast, slow) = (t.queue("fast"), t.queue("slow"));
     let mut c = t
         .bus
-        .consume(&[fast.clone(), slow.clone()], 4)
+        .consume(&[fast.clone(), slow.clone()], &[], 4)
         .await
         .unwrap();
     // Published after the consumer waits: it must wake up for either queue.
@@ -343,6 +344,60 @@ pub async fn one_consumer_reads_several_queues(t: BusUnderTest) {
     let d = next(&mut c).await;
     assert_eq!((id(&d), d.queue.as_str()), ("f".to_string(), fast.as_str()));
     d.ack().await.unwrap();
+}
+
+/// Builds someone waits for are delivered before background ones, and while both wait,
+/// one delivery in `BACKGROUND_SHARE` (4) is a background one: neither class starves.
+pub async fn waited_builds_go_first_and_background_ones_still_progress(t: BusUnderTest) {
+    let (waited, background) = (t.queue("w"), t.queue("w.background"));
+    // Declared (and so kept) by consuming before anything is published.
+    let mut c = t
+        .bus
+        .consume(
+            std::slice::from_ref(&waited),
+            std::slice::from_ref(&background),
+            4,
+        )
+        .await
+        .unwrap();
+    for i in 0..8 {
+        t.peer
+            .publish_build(&background, &request(&format!("b{i}")))
+            .await
+            .unwrap();
+    }
+    for i in 0..8 {
+        t.peer
+            .publish_build(&waited, &request(&format!("w{i}")))
+            .await
+            .unwrap();
+    }
+    // Time for a broker to hand both consumers their prefetch.
+    tokio::time::sleep(QUIET).await;
+    let mut order = String::new();
+    for _ in 0..16 {
+        let d = next(&mut c).await;
+        let class = if d.queue == waited { 'w' } else { 'b' };
+        assert_eq!(
+            id(&d).chars().next(),
+            Some(class),
+            "{} from {}",
+            id(&d),
+            d.queue
+        );
+        order.push(class);
+        // A build takes a moment: the broker hands out the next message meanwhile, as it
+        // does while a worker renders.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        d.ack().await.unwrap();
+    }
+    assert!(order.starts_with("www"), "waited builds first: {order}");
+    let background_early = order[..8].matches('b').count();
+    assert!(
+        (1..=3).contains(&background_early),
+        "about one background build in four while both wait: {order}"
+    );
+    assert_eq!(order.matches('w').count(), 8, "{order}");
 }
 
 /// Every current subscriber, on either handle, receives every event, in order.
@@ -391,7 +446,7 @@ pub async fn queue_stats_count_waiting_messages_and_consumers(t: BusUnderTest) {
 
     let c = t
         .bus
-        .consume(std::slice::from_ref(&t.queue), 1)
+        .consume(std::slice::from_ref(&t.queue), &[], 1)
         .await
         .unwrap();
     // The broker attaches consumers and pushes up to `prefetch` deliveries to them on its
@@ -485,7 +540,7 @@ pub mod amqp_only {
                 other => panic!("{what} with no broker: {other:?}"),
             }
         }
-        let mut c = bus.consume(&["q".to_string()], 1).await.unwrap();
+        let mut c = bus.consume(&["q".to_string()], &[], 1).await.unwrap();
         nothing_arrives(&mut c, "a delivery from no broker").await;
     }
 
@@ -556,7 +611,10 @@ pub mod amqp_only {
         bus.publish_retry(&queue, &request("first"), delay)
             .await
             .unwrap();
-        let mut c = bus.consume(std::slice::from_ref(&queue), 1).await.unwrap();
+        let mut c = bus
+            .consume(std::slice::from_ref(&queue), &[], 1)
+            .await
+            .unwrap();
         next(&mut c).await.ack().await.unwrap();
 
         let conn = raw_connection().await;
@@ -626,7 +684,10 @@ pub mod amqp_only {
             let mut events = bus.subscribe().await.unwrap();
             let queue = format!("{ns}.build");
             bus.publish_build(&queue, &request("a")).await.unwrap();
-            let mut c = bus.consume(std::slice::from_ref(&queue), 1).await.unwrap();
+            let mut c = bus
+                .consume(std::slice::from_ref(&queue), &[], 1)
+                .await
+                .unwrap();
             next(&mut c).await.ack().await.unwrap();
             bus.publish_event(&built(1)).await.unwrap();
             let notice = tokio::time::timeout(ARRIVES, events.next()).await.unwrap();
