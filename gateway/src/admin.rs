@@ -4,7 +4,7 @@
 //! | --- | --- |
 //! | `GET /healthz` | 200 while the process serves; needs no token (probes) |
 //! | `GET /readyz` | 200 when the store and the bus answer, else 503 naming which |
-//! | `GET /metrics` | Prometheus text format |
+//! | `GET /metrics` | Prometheus text format 0.0.4; OpenMetrics when `Accept` asks for it |
 //! | `DELETE /fragments/{name}?{params}` | deletes one fragment (with the request's `vary` cookies/headers) |
 //! | `DELETE /routes/{name}` | moves the route to a new generation: every fragment of it is gone |
 //! | `GET /` | the dashboard (refreshes itself from `GET /api/status`; `dashboard.js`, `dashboard.css`) |
@@ -88,7 +88,7 @@ impl Gateway {
             (&Method::GET, "/readyz") => web::ready(&self.cache.backends).await,
             (&Method::GET, "/metrics") => {
                 self.read_scraped_metrics().await;
-                web::metrics(self.metrics.registry())
+                web::metrics(self.metrics.registry(), req.headers())
             }
             (&Method::DELETE, p) if p.starts_with("/fragments/") => {
                 let name = &p["/fragments/".len()..];
