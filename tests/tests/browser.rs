@@ -56,6 +56,31 @@ async fn gateway(up: &FakeUpstream, routes: Vec<FragmentRoute>) -> TestGateway {
     TestGateway::start(c, b).await
 }
 
+/// Opens, in a browser of its own, a page without ESI that holds `body` and loads the
+/// client script by hand, through a gateway with `routes`. Holds [`BROWSER`] while the
+/// test runs.
+async fn open_by_hand(
+    up: &FakeUpstream,
+    routes: Vec<FragmentRoute>,
+    body: &str,
+) -> (TestGateway, Browser, tokio::sync::MutexGuard<'static, ()>) {
+    serve_page(
+        up,
+        "/by-hand",
+        format!(
+            r#"<!doctype html><html><head>{RECORDER}</head><body>{body}
+<script src="/_tessera/client.js" defer></script>
+</body></html>"#
+        ),
+        false,
+    );
+    let gw = gateway(up, routes).await;
+    let browser = Browser::start().await;
+    let one_at_a_time = BROWSER.lock().await;
+    browser.open(&gw.at("/by-hand")).await;
+    (gw, browser, one_at_a_time)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_composed_page_fills_in_within_build_time_plus_a_second() {
     let up = FakeUpstream::start().await;
@@ -156,25 +181,13 @@ async fn by_hand_placeholders_give_up_at_their_deadline_and_late_ones_are_found(
             r#"<p id="later">added later, filled anyway</p>"#,
         ),
     ];
-    serve_page(
-        &up,
-        "/by-hand",
-        format!(
-            r#"<!doctype html><html><head>{RECORDER}</head><body>
+    let by_hand = r#"
 <div data-tessera-src="/fragments/never" data-tessera-deadline="1500">Loading…<template class="tessera-fallback"><p id="fb">Fallback shown</p></template></div>
 <div id="slot"></div>
-<script>setTimeout(() => {{
+<script>setTimeout(() => {
   document.getElementById("slot").innerHTML = '<div data-tessera-src="/fragments/later">…</div>';
-}}, 300);</script>
-<script src="/_tessera/client.js" defer></script>
-</body></html>"#
-        ),
-        false,
-    );
-    let gw = gateway(&up, routes).await;
-    let browser = Browser::start().await;
-    let _one_at_a_time = BROWSER.lock().await;
-    browser.open(&gw.at("/by-hand")).await;
+}, 300);</script>"#;
+    let (_gw, browser, _one_at_a_time) = open_by_hand(&up, routes, by_hand).await;
     eventually(
         "the late placeholder is filled",
         Duration::from_secs(10),
@@ -198,6 +211,54 @@ async fn by_hand_placeholders_give_up_at_their_deadline_and_late_ones_are_found(
         serde_json::json!(["deadline"])
     );
     assert_eq!(browser.eval("return window.__loads.length").await, 1);
+}
+
+/// `data-tessera-mode="inner"` keeps the element (id, classes) and fills it; without it
+/// the fragment takes the placeholder's place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inner_mode_keeps_the_element_and_replace_mode_swaps_it() {
+    let up = FakeUpstream::start().await;
+    let routes = vec![
+        slow_fragment(&up, "kept", 200, r#"<p id="kept-content">inside</p>"#),
+        slow_fragment(
+            &up,
+            "swapped",
+            200,
+            r#"<p id="swapped-content">instead</p>"#,
+        ),
+    ];
+    let by_hand = r#"
+<div id="box" class="card wide" data-tessera-mode="inner" data-tessera-src="/fragments/kept">Loading…</div>
+<div id="placeholder" class="card" data-tessera-src="/fragments/swapped">Loading…</div>"#;
+    let (_gw, browser, _one_at_a_time) = open_by_hand(&up, routes, by_hand).await;
+    eventually("both fragments are in", Duration::from_secs(10), || async {
+        browser.eval("return window.__loads.length").await == 2
+    })
+    .await;
+    let inner = browser
+        .eval(
+            "const b = document.getElementById('box'); return b && \
+             [b.className, b.children.length, b.firstElementChild.id, b.textContent.trim(), \
+              b.getAttribute('data-tessera-state')]",
+        )
+        .await;
+    assert_eq!(
+        inner,
+        serde_json::json!(["card wide", 1, "kept-content", "inside", "loaded"]),
+        "inner mode keeps the element and fills it"
+    );
+    let replaced = browser
+        .eval(
+            "const c = document.getElementById('swapped-content'); \
+             return [document.getElementById('placeholder') === null, \
+                     !!c && c.parentElement === document.body]",
+        )
+        .await;
+    assert_eq!(
+        replaced,
+        serde_json::json!([true, true]),
+        "replace mode puts the fragment in the placeholder's place"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
