@@ -38,10 +38,10 @@ async function refresh() {
     const ms = parseMetrics(await mr.text());
     const s = await sr.json();
     const by = (c) => sum(ms, "tessera_requests_total", (l) => l.cache === c);
-    const req = { hit: by("hit"), stale: by("stale"), pending: by("pending"), error: by("error") };
-    const total = req.hit + req.stale + req.pending + req.error;
+    const req = { hit: by("hit"), stale: by("stale"), waited: by("waited"), pending: by("pending"), error: by("error") };
+    const total = req.hit + req.stale + req.waited + req.pending + req.error;
     $("hit-ratio").textContent = total ? Math.round(100 * (req.hit + req.stale) / total) + " %" : "–";
-    $("hit-detail").textContent = `${req.hit} hit · ${req.stale} stale · ${req.pending} pending · ${req.error} error`;
+    $("hit-detail").textContent = `${req.hit} hit · ${req.stale} stale · ${req.waited} waited · ${req.pending} pending · ${req.error} error`;
     $("requests").textContent = total;
     $("queued").textContent = s.queues.reduce((n, q) => n + (q.messages ?? 0), 0);
     $("consumers").textContent = s.queues.reduce((n, q) => n + (q.consumers ?? 0), 0);

@@ -27,7 +27,9 @@ use crate::Gateway;
 use crate::cache::SlotState;
 use crate::error::GatewayError;
 use crate::esi::{self, Segment};
+use crate::fragment::cache_status;
 use crate::headers::Trace;
+use crate::metrics::CacheStatus;
 use crate::service::{CacheService, Found, Target};
 use tessera_runtime::web::{Body, BoxError, full};
 
@@ -215,7 +217,9 @@ impl<'c> Composer<'c> {
                 }
             }
             let wanted: Vec<&Target<'_>> = plans.iter().flat_map(Plan::targets).collect();
+            let started = std::time::Instant::now();
             let found = self.cache.lookup_many(&wanted).await;
+            self.count_lookups(&wanted, &found, started.elapsed().as_secs_f64());
             let mut plans = plans.into_iter();
             for seg in segments {
                 match seg {
@@ -227,6 +231,21 @@ impl<'c> Composer<'c> {
                 }
             }
         })
+    }
+
+    /// Counts every include looked up (its `src`, and its `alt`) as the fragment endpoint
+    /// counts its requests, each with the level's lookup time: an include the store could
+    /// not be asked about counts as an error.
+    fn count_lookups(&self, wanted: &[&Target<'_>], found: &HashMap<StoreKey, Found>, took: f64) {
+        for target in wanted {
+            let cache = found
+                .get(&target.keys.envelope)
+                .map_or(CacheStatus::error, cache_status);
+            self.cache
+                .metrics
+                .route(&target.route.name)
+                .request(cache, took);
+        }
     }
 
     /// Resolves one include against the limits and the configured routes.

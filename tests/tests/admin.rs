@@ -186,8 +186,11 @@ async fn metrics_move_with_traffic() {
         ) >= 1.0,
         "{text}"
     );
+    // The long-poll counts as waited when it found the build still running.
     assert!(
-        metric(&text, r#"tessera_requests_total{route="m",cache="hit"}"#) >= 4.0,
+        metric(&text, r#"tessera_requests_total{route="m",cache="hit"}"#)
+            + metric(&text, r#"tessera_requests_total{route="m",cache="waited"}"#)
+            >= 4.0,
         "{text}"
     );
     assert_eq!(
@@ -247,6 +250,78 @@ async fn metrics_move_with_traffic() {
         "{text}"
     );
     assert_eq!(metric(&text, "tessera_bus_reconnects_total"), 0.0, "{text}");
+}
+
+/// A fragment served once the build it waited for is done counts as `waited`, not as a
+/// hit; every include of a composed page counts as one lookup, as the endpoint counts.
+#[tokio::test]
+async fn waited_answers_and_esi_includes_are_counted() {
+    use tessera_tests::upstream::Script;
+    let up = FakeUpstream::start().await;
+    let html = |body: &str| Script {
+        body: Some(body.to_string().into()),
+        ..Script::default()
+    };
+    up.script(
+        "/_render/slow",
+        Script {
+            delay: Duration::from_millis(300),
+            ..html("<p>slow</p>")
+        },
+    );
+    up.script("/_render/a", html("<p>a</p>"));
+    up.script("/_render/b", html("<p>b</p>"));
+    up.script(
+        "/page",
+        Script {
+            headers: vec![("surrogate-control".into(), "content=\"ESI/1.0\"".into())],
+            ..html(r#"<esi:include src="/fragments/a"/><esi:include src="/fragments/b"/>"#)
+        },
+    );
+    let mut c = config(&up.url(), vec![route("slow"), route("a"), route("b")]);
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let scrape = || text(format!("{}/metrics", gw.admin));
+    let count = |text: &str, route: &str, cache: &str| {
+        metric(
+            text,
+            &format!(r#"tessera_requests_total{{route="{route}",cache="{cache}"}}"#),
+        )
+    };
+
+    // Cold, and asked to wait: answered once built, 300 ms later.
+    assert_eq!(
+        wait_for(&gw.at("/fragments/slow")).await.status(),
+        StatusCode::OK
+    );
+    let m = scrape().await;
+    assert_eq!(count(&m, "slow", "waited"), 1.0, "{m}");
+    assert_eq!(count(&m, "slow", "hit"), 0.0, "{m}");
+    assert_eq!(count(&m, "slow", "pending"), 0.0, "{m}");
+
+    // A cold page: both includes are looked up and found pending.
+    let page = text(gw.at("/page")).await;
+    assert_eq!(page.matches("data-tessera-src").count(), 2, "{page}");
+    let m = scrape().await;
+    assert_eq!(count(&m, "a", "pending"), 1.0, "{m}");
+    assert_eq!(count(&m, "b", "pending"), 1.0, "{m}");
+    eventually("both includes are built", WITHIN, || async {
+        let m = scrape().await;
+        metric(&m, r#"tessera_builds_succeeded_total{route="a"}"#) == 1.0
+            && metric(&m, r#"tessera_builds_succeeded_total{route="b"}"#) == 1.0
+    })
+    .await;
+    // Warm: both are hits.
+    assert_eq!(text(gw.at("/page")).await, "<p>a</p><p>b</p>");
+    let m = scrape().await;
+    assert_eq!(count(&m, "a", "hit"), 1.0, "{m}");
+    assert_eq!(count(&m, "b", "hit"), 1.0, "{m}");
+    assert_eq!(
+        metric(&m, r#"tessera_request_duration_seconds_count{route="a"}"#),
+        2.0,
+        "{m}"
+    );
+    gw.stop().await;
 }
 
 /// `promtool`'s path: `PROMTOOL`, else the one on `PATH`. Panics with install
