@@ -324,6 +324,35 @@ async fn waited_answers_and_esi_includes_are_counted() {
     gw.stop().await;
 }
 
+/// The dashboard's worker count: an embedded gateway's build tasks, not the one consumer
+/// per queue the in-process bus reports; with RabbitMQ, the broker's consumers.
+#[tokio::test]
+async fn the_status_counts_workers() {
+    let up = FakeUpstream::start().await;
+    for (kind, want) in [
+        (
+            Backend::Memory,
+            serde_json::json!({"kind": "embedded", "count": 4}),
+        ),
+        (
+            Backend::Real,
+            serde_json::json!({"kind": "broker", "count": 1}),
+        ),
+    ] {
+        let mut c = config(&up.url(), vec![route("w")]);
+        assert_eq!(c.workers.embedded, 4);
+        let b = backends(kind, &mut c).await;
+        let gw = TestGateway::start(c, b).await;
+        let status = format!("{}/api/status", gw.admin);
+        eventually(&format!("{kind:?}: workers {want}"), WITHIN, || async {
+            let r = client().get(&status).send().await.unwrap();
+            r.json::<serde_json::Value>().await.unwrap()["workers"] == want
+        })
+        .await;
+        gw.stop().await;
+    }
+}
+
 /// `promtool`'s path: `PROMTOOL`, else the one on `PATH`. Panics with install
 /// instructions when there is none: the lint must not be skipped silently.
 fn promtool() -> std::path::PathBuf {
