@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a clean clone on a fresh machine:
-#   1. install and start what the tests need (memcached, RabbitMQ, Chromium, the deploy
-#      validators),
+#   1. install and start what the tests need (memcached, RabbitMQ, Chromium, promtool,
+#      the deploy validators),
 #   2. check formatting and lints,
 #   3. run every test in the workspace.
 # Any step failing fails the run; nothing is skipped silently.
@@ -11,11 +11,15 @@ cd "$(dirname "$0")/.."
 bash scripts/services.sh
 bash scripts/deploy-tools.sh
 
-# The browser tests drive Debian's Chromium through chromedriver.
-if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then
-  echo "== installing chromium and chromium-driver"
-  if ! apt-get install -y -qq chromium chromium-driver >/dev/null; then
-    apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null
+# The browser tests drive Debian's Chromium through chromedriver; the metrics test lints
+# the gateway's /metrics with promtool (Debian's prometheus package).
+missing=()
+{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || missing+=(chromium chromium-driver)
+command -v promtool >/dev/null || missing+=(prometheus)
+if ((${#missing[@]})); then
+  echo "== installing ${missing[*]}"
+  if ! apt-get install -y -qq "${missing[@]}" >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
 fi
 

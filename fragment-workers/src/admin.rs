@@ -4,7 +4,7 @@
 //! | --- | --- |
 //! | `GET /healthz` | 200 while the process serves; needs no token (probes) |
 //! | `GET /readyz` | 200 when the store and the bus answer, else 503 naming which |
-//! | `GET /metrics` | Prometheus text format: `tessera_worker_*`, backend reconnects, open connections |
+//! | `GET /metrics` | `tessera_worker_*`, backend reconnects, open connections: Prometheus text format 0.0.4, or OpenMetrics when `Accept` asks for it |
 //!
 //! When `workers.admin_token` is set, every request but `/healthz` must carry
 //! `Authorization: Bearer {token}`; the worker refuses to start with the listener off
@@ -76,7 +76,7 @@ impl Admin {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => web::alive(),
             (&Method::GET, "/readyz") => web::ready(&self.backends).await,
-            (&Method::GET, "/metrics") => web::metrics(&self.registry),
+            (&Method::GET, "/metrics") => web::metrics(&self.registry, req.headers()),
             (method, path) => web::problem(
                 StatusCode::NOT_FOUND,
                 "not_found",

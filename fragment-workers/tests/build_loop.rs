@@ -332,7 +332,12 @@ async fn the_admin_listener_reports_outcomes_and_health() {
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
-    assert!(text.ends_with("# EOF\n"), "{text}");
+    // The Prometheus text format (a scraper asking for OpenMetrics gets that instead).
+    assert!(
+        text.contains("# TYPE tessera_worker_builds_succeeded_total counter\n"),
+        "{text}"
+    );
+    assert!(!text.contains("# EOF"), "{text}");
     assert_eq!(
         get(addr, "/healthz", Some("t0ken")).await,
         (200, "ok\n".into())

@@ -2,9 +2,11 @@
  * No dependencies. Placeholders are elements with data-tessera-src="/fragments/…";
  * the gateway injects this script into composed pages that still have some. A page
  * without ESI can use it by hand: <div data-tessera-src="/fragments/x">Loading…</div>
- * and <script src="/_tessera/client.js" defer></script>.
- * Events (bubbling): tessera:load {src} on the new content, tessera:error {src, reason}
- * on the placeholder. window.Tessera.scan(root) picks up placeholders added later by
+ * and <script src="/_tessera/client.js" defer></script>. The fragment replaces the
+ * placeholder, unless it has data-tessera-mode="inner": then the element is kept
+ * (id, classes) and the fragment becomes its content.
+ * Events (bubbling): tessera:load {src} on the new content (on the element kept, in
+ * inner mode), tessera:error {src, reason} on the placeholder. window.Tessera.scan(root) picks up placeholders added later by
  * hand (a MutationObserver does this by itself). */
 (function () {
   "use strict";
@@ -33,10 +35,18 @@
     el.setAttribute("data-tessera-state", "failed");
     emit(el, "tessera:error", { src: src, reason: reason });
   }
+  // "replace" (the default): the fragment takes the placeholder's place. "inner": the
+  // element stays (its id, classes, attributes) and the fragment becomes its content.
   function swap(el, src, html) {
     var t = document.createElement("template");
     t.innerHTML = html;
     var nodes = Array.prototype.slice.call(t.content.childNodes);
+    if (el.getAttribute("data-tessera-mode") === "inner") {
+      el.replaceChildren.apply(el, nodes);
+      el.setAttribute("data-tessera-state", "loaded");
+      emit(el, "tessera:load", { src: src });
+      return;
+    }
     var parent = el.parentNode;
     if (!parent) return;
     el.replaceWith.apply(el, nodes);

@@ -4,7 +4,7 @@
 //! | --- | --- |
 //! | `GET /healthz` | 200 while the process serves; needs no token (probes) |
 //! | `GET /readyz` | 200 when the store and the bus answer, else 503 naming which |
-//! | `GET /metrics` | Prometheus text format |
+//! | `GET /metrics` | Prometheus text format 0.0.4; OpenMetrics when `Accept` asks for it |
 //! | `DELETE /fragments/{name}?{params}` | deletes one fragment (with the request's `vary` cookies/headers) |
 //! | `DELETE /routes/{name}` | moves the route to a new generation: every fragment of it is gone |
 //! | `GET /` | the dashboard (refreshes itself from `GET /api/status`; `dashboard.js`, `dashboard.css`) |
@@ -88,7 +88,7 @@ impl Gateway {
             (&Method::GET, "/readyz") => web::ready(&self.cache.backends).await,
             (&Method::GET, "/metrics") => {
                 self.read_scraped_metrics().await;
-                web::metrics(self.metrics.registry())
+                web::metrics(self.metrics.registry(), req.headers())
             }
             (&Method::DELETE, p) if p.starts_with("/fragments/") => {
                 let name = &p["/fragments/".len()..];
@@ -244,12 +244,12 @@ impl Gateway {
         m.queues.set(self.queue_stats().await);
     }
 
-    /// What the dashboard shows beyond `/metrics`, as JSON: queues, failures, dead
-    /// letters, readiness.
+    /// What the dashboard shows beyond `/metrics`, as JSON: queues, workers, failures,
+    /// dead letters, readiness.
     async fn status(&self) -> Response<Body> {
-        let queues: Vec<serde_json::Value> = self
-            .queue_stats()
-            .await
+        let stats = self.queue_stats().await;
+        let workers = self.workers(&stats);
+        let queues: Vec<serde_json::Value> = stats
             .into_iter()
             .map(|(name, stats)| {
                 serde_json::json!({
@@ -272,11 +272,29 @@ impl Gateway {
             StatusCode::OK,
             &serde_json::json!({
                 "queues": queues,
+                "workers": workers,
                 "recent_failures": failures,
                 "dead_letters": dead,
                 "ready": { "store": ready.0, "bus": ready.1 },
             }),
         )
+    }
+
+    /// How many workers build this gateway's fragments, as the dashboard shows them.
+    /// The in-process bus has no other workers than this gateway's build tasks
+    /// (`workers.embedded`), though it reports them as one consumer per queue. With a
+    /// broker, every worker pool (a `tessera-worker` process, or a gateway's embedded
+    /// workers) consumes every queue once, so the queue with the most consumers counts
+    /// them (`null` when the broker answered for no queue).
+    fn workers(&self, stats: &[(String, Option<QueueStats>)]) -> serde_json::Value {
+        if self.config.backend.amqp().is_none() {
+            return serde_json::json!({ "kind": "embedded", "count": self.config.workers.embedded });
+        }
+        let count = stats
+            .iter()
+            .filter_map(|(_, s)| s.as_ref().map(|s| s.consumers))
+            .max();
+        serde_json::json!({ "kind": "broker", "count": count })
     }
 }
 

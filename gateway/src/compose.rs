@@ -32,7 +32,9 @@ use crate::cache::SlotState;
 use crate::encoding;
 use crate::error::GatewayError;
 use crate::esi::{self, Segment};
+use crate::fragment::cache_status;
 use crate::headers::Trace;
+use crate::metrics::CacheStatus;
 use crate::service::{CacheService, Found, Target};
 use tessera_runtime::web::{Body, BoxError, full};
 
@@ -275,7 +277,9 @@ impl<'c> Composer<'c> {
                 }
             }
             let wanted: Vec<&Target<'_>> = plans.iter().flat_map(Plan::targets).collect();
+            let started = std::time::Instant::now();
             let found = self.cache.lookup_many(&wanted).await;
+            self.count_lookups(&wanted, &found, started.elapsed().as_secs_f64());
             let mut plans = plans.into_iter();
             for seg in segments {
                 match seg {
@@ -299,6 +303,21 @@ impl<'c> Composer<'c> {
             self.out
                 .body
                 .extend_from_slice(b"<!-- tessera: malformed include removed -->");
+        }
+    }
+
+    /// Counts every include looked up (its `src`, and its `alt`) as the fragment endpoint
+    /// counts its requests, each with the level's lookup time: an include the store could
+    /// not be asked about counts as an error.
+    fn count_lookups(&self, wanted: &[&Target<'_>], found: &HashMap<StoreKey, Found>, took: f64) {
+        for target in wanted {
+            let cache = found
+                .get(&target.keys.envelope)
+                .map_or(CacheStatus::error, cache_status);
+            self.cache
+                .metrics
+                .route(&target.route.name)
+                .request(cache, took);
         }
     }
 

@@ -120,6 +120,8 @@ impl Gateway {
         let trace = Trace::new(req.headers());
         let wait = prefer_wait(req.headers()).map(|w| w.min(self.config.gateway.max_wait));
         let deadline = wait.map(|w| tokio::time::Instant::now() + w);
+        // Whether this request waited for a build: what it is then served is no hit.
+        let mut waited = false;
 
         loop {
             let checked_at = std::time::Instant::now();
@@ -134,13 +136,15 @@ impl Gateway {
                 {
                     // Boxed: waiting is the rare path, and its timer would otherwise
                     // enlarge every request's future.
+                    waited = true;
                     if Box::pin(self.wait(waiter, deadline)).await {
                         identity = target.identity;
                         continue;
                     }
                     // Deadline or shutdown: one last look, then answer whatever it is.
                     let found = self.cache.lookup(&target).await?;
-                    return Ok(self.answer(req, &target, found).await);
+                    let (response, cache) = self.answer(req, &target, found).await;
+                    return Ok((response, cache.after_waiting(true)));
                 }
                 (found, _, _) => {
                     if let Found::Serve {
@@ -149,7 +153,8 @@ impl Gateway {
                     {
                         self.remember(req, &target, slot, checked_at);
                     }
-                    return Ok(self.answer(req, &target, found).await);
+                    let (response, cache) = self.answer(req, &target, found).await;
+                    return Ok((response, cache.after_waiting(waited)));
                 }
             }
         }
@@ -233,6 +238,20 @@ impl Gateway {
     }
 }
 
+/// How what a lookup found counts, at the endpoint or as an ESI include (before any
+/// waiting, see [`CacheStatus::after_waiting`]).
+pub(crate) fn cache_status(found: &Found) -> CacheStatus {
+    match found {
+        Found::Serve { slot, .. } if matches!(slot.state, SlotState::Pending) => {
+            CacheStatus::pending
+        }
+        Found::Serve { stale: true, .. } => CacheStatus::stale,
+        Found::Serve { stale: false, .. } => CacheStatus::hit,
+        Found::Pending => CacheStatus::pending,
+        Found::Failed { .. } => CacheStatus::error,
+    }
+}
+
 /// The body of a found envelope that asked for ESI and carries markup.
 fn composable(found: &Found) -> Option<&[u8]> {
     match found {
@@ -257,15 +276,7 @@ fn respond(
     composed: Option<Composed>,
     compress: bool,
 ) -> (Response<Body>, CacheStatus) {
-    let cache = match &found {
-        Found::Serve { slot, .. } if matches!(slot.state, SlotState::Pending) => {
-            CacheStatus::pending
-        }
-        Found::Serve { stale: true, .. } => CacheStatus::stale,
-        Found::Serve { stale: false, .. } => CacheStatus::hit,
-        Found::Pending => CacheStatus::pending,
-        Found::Failed { .. } => CacheStatus::error,
-    };
+    let cache = cache_status(&found);
     let response = match found {
         Found::Serve {
             slot,

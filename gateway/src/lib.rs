@@ -146,10 +146,8 @@ pub async fn serve(
 
     if let Ok(addr) = listener.local_addr() {
         let config = &gateway.config;
-        tracing::info!(%addr, embedded_workers = config.workers.embedded, routes = config.fragments.len(), "gateway listening");
-    }
-    if let Some(addr) = admin.as_ref().and_then(|a| a.local_addr().ok()) {
-        tracing::info!(admin = %addr, "admin listening");
+        let admin = AdminListen(admin.as_ref().and_then(|a| a.local_addr().ok()));
+        tracing::info!(%addr, %admin, embedded_workers = config.workers.embedded, routes = config.fragments.len(), "gateway listening");
     }
     gateway.clone().listen(listener, admin, shutdown).await;
     if let Some(workers) = workers {
@@ -158,6 +156,19 @@ pub async fn serve(
     events.abort();
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// The admin listener as the start-up line shows it: its address, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct AdminListen(Option<SocketAddr>);
+
+impl std::fmt::Display for AdminListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("off"),
+        }
+    }
 }
 
 /// The embedded workers' task; aborted when dropped.
@@ -351,4 +362,16 @@ fn client_js(req: &Request<hyper::body::Incoming>, compress: bool) -> Response<B
     }
     let body = bytes::Bytes::from_static(CLIENT_JS.as_bytes());
     fragment::finish(req, &etag, body, h, (compress, Some(&ENCODED)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_start_up_line_shows_the_admin_address_or_off() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 9090));
+        assert_eq!(AdminListen(Some(addr)).to_string(), "127.0.0.1:9090");
+        assert_eq!(AdminListen(None).to_string(), "off");
+    }
 }

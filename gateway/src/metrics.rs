@@ -21,18 +21,34 @@ use tessera_runtime::web::{BackendMetrics, ConnectionGauges};
 pub use tessera_workers::metrics::RouteLabels;
 use tessera_workers::metrics::WorkerMetrics;
 
-/// How a fragment request was answered.
+/// How a fragment lookup was answered: a request at the fragment endpoint, or an ESI
+/// include of a composed page.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum CacheStatus {
-    /// Fresh (200 or 304).
+    /// Fresh (200 or 304), found without waiting.
     hit,
     /// Stale, or a failed build's last good copy.
     stale,
+    /// Served once the build it waited for (`Prefer: wait`) was done: the client waited
+    /// for a render, so this is no hit.
+    waited,
     /// 202 placeholder.
     pending,
-    /// 4xx/5xx.
+    /// 4xx/5xx, or an include the store could not be asked about.
     error,
+}
+
+impl CacheStatus {
+    /// How an answer counts when the request waited for a build first: served content
+    /// (fresh or stale) counts as [`CacheStatus::waited`]; anything else as it is.
+    #[must_use]
+    pub fn after_waiting(self, waited: bool) -> Self {
+        match self {
+            CacheStatus::hit | CacheStatus::stale if waited => CacheStatus::waited,
+            other => other,
+        }
+    }
 }
 
 /// Labels of per-route request counters.
@@ -59,6 +75,7 @@ fn latency_histogram() -> Histogram {
 pub struct RouteMetrics {
     hit: Counter,
     stale: Counter,
+    waited: Counter,
     pending: Counter,
     error: Counter,
     latency: Histogram,
@@ -91,6 +108,7 @@ impl RouteMetrics {
         Self {
             hit: by(CacheStatus::hit),
             stale: by(CacheStatus::stale),
+            waited: by(CacheStatus::waited),
             pending: by(CacheStatus::pending),
             error: by(CacheStatus::error),
             latency: latency.get_or_create(&labels).clone(),
@@ -99,11 +117,12 @@ impl RouteMetrics {
         }
     }
 
-    /// Counts one answered fragment request.
+    /// Counts one answered fragment lookup, which took `seconds`.
     pub fn request(&self, cache: CacheStatus, seconds: f64) {
         match cache {
             CacheStatus::hit => &self.hit,
             CacheStatus::stale => &self.stale,
+            CacheStatus::waited => &self.waited,
             CacheStatus::pending => &self.pending,
             CacheStatus::error => &self.error,
         }
@@ -175,7 +194,7 @@ fn encode_queue_gauge<'q>(
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    /// Fragment requests by route and cache status.
+    /// Fragment lookups (endpoint requests and ESI includes) by route and cache status.
     pub requests: Family<RequestLabels, Counter>,
     /// Fragment request latency by route.
     pub latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
@@ -282,12 +301,12 @@ impl Metrics {
         let r = &mut self.registry;
         r.register(
             "requests",
-            "Fragment requests by route and cache status",
+            "Fragment lookups (endpoint requests and ESI includes) by route and cache status",
             self.requests.clone(),
         );
         r.register(
             "request_duration_seconds",
-            "Fragment request latency",
+            "Fragment lookup latency (an ESI include: its page level's batch lookup)",
             self.latency.clone(),
         );
         r.register(
@@ -391,6 +410,13 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    /// What `/metrics` would show of `m`, in OpenMetrics.
+    fn exposition(m: &Metrics) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, m.registry()).unwrap();
+        text
+    }
+
     #[test]
     fn renders_counters_and_real_histogram_buckets() {
         let m = Metrics::new(["recs"]);
@@ -398,8 +424,7 @@ mod tests {
         m.route("recs").request(CacheStatus::pending, 0.001);
         m.route("recs").published.inc();
         m.route("no-such-route").request(CacheStatus::error, 0.001);
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, m.registry()).unwrap();
+        let text = exposition(&m);
         assert!(
             text.contains(r#"tessera_requests_total{route="recs",cache="hit"} 1"#),
             "{text}"
@@ -420,15 +445,31 @@ mod tests {
     }
 
     #[test]
+    fn waiting_for_a_build_is_no_hit() {
+        use CacheStatus::{error, hit, pending, stale, waited};
+        assert_eq!(hit.after_waiting(true), waited);
+        assert_eq!(stale.after_waiting(true), waited);
+        assert_eq!(pending.after_waiting(true), pending);
+        assert_eq!(error.after_waiting(true), error);
+        assert_eq!(hit.after_waiting(false), hit);
+        let m = Metrics::new(["recs"]);
+        m.route("recs").request(hit.after_waiting(true), 0.3);
+        let text = exposition(&m);
+        assert!(
+            text.contains(r#"tessera_requests_total{route="recs",cache="waited"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tessera_requests_total{route="recs",cache="hit"} 0"#),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn queue_gauges_show_the_last_reading() {
         let m = Metrics::new(["recs"]);
-        let encode = |m: &Metrics| {
-            let mut text = String::new();
-            prometheus_client::encoding::text::encode(&mut text, m.registry()).unwrap();
-            text
-        };
         // Before any reading: the families are described, with no samples.
-        let text = encode(&m);
+        let text = exposition(&m);
         assert!(
             text.contains("# HELP tessera_queue_messages Build requests waiting in the queue.\n# TYPE tessera_queue_messages gauge\n# HELP"),
             "{text}"
@@ -441,7 +482,7 @@ mod tests {
             ("a".to_string(), Some(stats(3, 1))),
             ("b".to_string(), None),
         ]);
-        let text = encode(&m);
+        let text = exposition(&m);
         assert!(
             text.contains("tessera_queue_messages{queue=\"a\"} 3\n"),
             "{text}"
@@ -462,7 +503,7 @@ mod tests {
         );
         // A new reading replaces the last one whole.
         m.queues.set([("b".to_string(), Some(stats(0, 2)))]);
-        let text = encode(&m);
+        let text = exposition(&m);
         assert!(!text.contains("queue=\"a\""), "{text}");
         assert!(
             text.contains("tessera_queue_consumers{queue=\"b\"} 2\n"),
@@ -474,8 +515,7 @@ mod tests {
     fn backend_reconnects_are_exported_with_the_backends() {
         let backends = Backends::memory(&tessera_protocol::Config::default());
         let m = Metrics::new(["recs"]).with_backends(backends);
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, m.registry()).unwrap();
+        let text = exposition(&m);
         assert!(
             text.contains("\ntessera_store_reconnects_total 0\n"),
             "{text}"

@@ -186,8 +186,11 @@ async fn metrics_move_with_traffic() {
         ) >= 1.0,
         "{text}"
     );
+    // The long-poll counts as waited when it found the build still running.
     assert!(
-        metric(&text, r#"tessera_requests_total{route="m",cache="hit"}"#) >= 4.0,
+        metric(&text, r#"tessera_requests_total{route="m",cache="hit"}"#)
+            + metric(&text, r#"tessera_requests_total{route="m",cache="waited"}"#)
+            >= 4.0,
         "{text}"
     );
     assert_eq!(
@@ -207,7 +210,14 @@ async fn metrics_move_with_traffic() {
         ) >= 5.0,
         "{text}"
     );
-    assert!(text.contains(r#"tessera_request_duration_seconds_bucket{le="0.001",route="m"}"#));
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("tessera_request_duration_seconds_bucket{")
+                && l.contains(r#"le="0.001""#)
+                && l.contains(r#"route="m""#)
+        ),
+        "{text}"
+    );
     assert!(metric(&text, "tessera_l1_entries") >= 1.0, "{text}");
     assert_eq!(
         metric(&text, r#"tessera_builds_succeeded_total{route="m"}"#),
@@ -240,6 +250,215 @@ async fn metrics_move_with_traffic() {
         "{text}"
     );
     assert_eq!(metric(&text, "tessera_bus_reconnects_total"), 0.0, "{text}");
+}
+
+/// A fragment served once the build it waited for is done counts as `waited`, not as a
+/// hit; every include of a composed page counts as one lookup, as the endpoint counts.
+#[tokio::test]
+async fn waited_answers_and_esi_includes_are_counted() {
+    use tessera_tests::upstream::Script;
+    let up = FakeUpstream::start().await;
+    let html = |body: &str| Script {
+        body: Some(body.to_string().into()),
+        ..Script::default()
+    };
+    up.script(
+        "/_render/slow",
+        Script {
+            delay: Duration::from_millis(300),
+            ..html("<p>slow</p>")
+        },
+    );
+    up.script("/_render/a", html("<p>a</p>"));
+    up.script("/_render/b", html("<p>b</p>"));
+    up.script(
+        "/page",
+        Script {
+            headers: vec![("surrogate-control".into(), "content=\"ESI/1.0\"".into())],
+            ..html(r#"<esi:include src="/fragments/a"/><esi:include src="/fragments/b"/>"#)
+        },
+    );
+    let mut c = config(&up.url(), vec![route("slow"), route("a"), route("b")]);
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let scrape = || text(format!("{}/metrics", gw.admin));
+    let count = |text: &str, route: &str, cache: &str| {
+        metric(
+            text,
+            &format!(r#"tessera_requests_total{{route="{route}",cache="{cache}"}}"#),
+        )
+    };
+
+    // Cold, and asked to wait: answered once built, 300 ms later.
+    assert_eq!(
+        wait_for(&gw.at("/fragments/slow")).await.status(),
+        StatusCode::OK
+    );
+    let m = scrape().await;
+    assert_eq!(count(&m, "slow", "waited"), 1.0, "{m}");
+    assert_eq!(count(&m, "slow", "hit"), 0.0, "{m}");
+    assert_eq!(count(&m, "slow", "pending"), 0.0, "{m}");
+
+    // A cold page: both includes are looked up and found pending.
+    let page = text(gw.at("/page")).await;
+    assert_eq!(page.matches("data-tessera-src").count(), 2, "{page}");
+    let m = scrape().await;
+    assert_eq!(count(&m, "a", "pending"), 1.0, "{m}");
+    assert_eq!(count(&m, "b", "pending"), 1.0, "{m}");
+    eventually("both includes are built", WITHIN, || async {
+        let m = scrape().await;
+        metric(&m, r#"tessera_builds_succeeded_total{route="a"}"#) == 1.0
+            && metric(&m, r#"tessera_builds_succeeded_total{route="b"}"#) == 1.0
+    })
+    .await;
+    // Warm: both are hits.
+    assert_eq!(text(gw.at("/page")).await, "<p>a</p><p>b</p>");
+    let m = scrape().await;
+    assert_eq!(count(&m, "a", "hit"), 1.0, "{m}");
+    assert_eq!(count(&m, "b", "hit"), 1.0, "{m}");
+    assert_eq!(
+        metric(&m, r#"tessera_request_duration_seconds_count{route="a"}"#),
+        2.0,
+        "{m}"
+    );
+    gw.stop().await;
+}
+
+/// The dashboard's worker count: an embedded gateway's build tasks, not the one consumer
+/// per queue the in-process bus reports; with RabbitMQ, the broker's consumers.
+#[tokio::test]
+async fn the_status_counts_workers() {
+    let up = FakeUpstream::start().await;
+    for (kind, want) in [
+        (
+            Backend::Memory,
+            serde_json::json!({"kind": "embedded", "count": 4}),
+        ),
+        (
+            Backend::Real,
+            serde_json::json!({"kind": "broker", "count": 1}),
+        ),
+    ] {
+        let mut c = config(&up.url(), vec![route("w")]);
+        assert_eq!(c.workers.embedded, 4);
+        let b = backends(kind, &mut c).await;
+        let gw = TestGateway::start(c, b).await;
+        let status = format!("{}/api/status", gw.admin);
+        eventually(&format!("{kind:?}: workers {want}"), WITHIN, || async {
+            let r = client().get(&status).send().await.unwrap();
+            r.json::<serde_json::Value>().await.unwrap()["workers"] == want
+        })
+        .await;
+        gw.stop().await;
+    }
+}
+
+/// `promtool`'s path: `PROMTOOL`, else the one on `PATH`. Panics with install
+/// instructions when there is none: the lint must not be skipped silently.
+fn promtool() -> std::path::PathBuf {
+    let found = std::env::var_os("PROMTOOL")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                .map(|dir| dir.join("promtool"))
+                .find(|p| p.is_file())
+        });
+    found.unwrap_or_else(|| {
+        panic!(
+            "promtool not found (PROMTOOL or PATH): run `bash scripts/test.sh` (it installs \
+             Debian's prometheus package) or `apt-get install -y prometheus`"
+        )
+    })
+}
+
+/// Runs `promtool check metrics` on `exposition`: its exit status and what it said.
+fn promtool_check(exposition: &str) -> (std::process::ExitStatus, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool starts");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, said)
+}
+
+/// `/metrics` as a plain scraper (or an operator with curl) reads it passes Prometheus's
+/// own lint, with every family carrying samples: hits, placeholders, errors, builds done
+/// and failed. OpenMetrics is served to those that ask for it.
+#[tokio::test]
+async fn metrics_pass_promtool_and_openmetrics_is_served_on_request() {
+    let up = FakeUpstream::start().await;
+    up.script(
+        "/_render/broken",
+        tessera_tests::upstream::Script {
+            then: Some(404),
+            ..Default::default()
+        },
+    );
+    let mut c = config(&up.url(), vec![route("m"), route("broken")]);
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let url = gw.at("/fragments/m");
+    client().get(&url).send().await.unwrap();
+    assert_eq!(wait_for(&url).await.status(), StatusCode::OK);
+    client().get(&url).send().await.unwrap();
+    wait_for(&gw.at("/fragments/broken")).await;
+    client().get(gw.at("/fragments/nope")).send().await.unwrap();
+
+    // As curl asks (`*/*`), and as Prometheus does.
+    let metrics = format!("{}/metrics", gw.admin);
+    let scrape = |accept: &'static str| {
+        let request = client().get(&metrics).header("accept", accept);
+        async move { request.send().await.unwrap() }
+    };
+    let answer = scrape("*/*").await;
+    assert_eq!(
+        answer.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let exposition = answer.text().await.unwrap();
+    assert!(
+        metric(
+            &exposition,
+            r#"tessera_builds_failed_total{route="broken"}"#
+        ) >= 1.0,
+        "{exposition}"
+    );
+    let (status, said) = promtool_check(&exposition);
+    assert!(
+        status.success(),
+        "promtool check metrics failed ({status}):\n{said}\n--- exposition:\n{exposition}"
+    );
+
+    let answer = scrape(
+        "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+    )
+    .await;
+    assert!(
+        answer.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text"),
+        "{:?}",
+        answer.headers()
+    );
+    assert!(answer.text().await.unwrap().ends_with("# EOF\n"));
+    gw.stop().await;
 }
 
 #[tokio::test]

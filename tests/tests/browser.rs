@@ -56,6 +56,31 @@ async fn gateway(up: &FakeUpstream, routes: Vec<FragmentRoute>) -> TestGateway {
     TestGateway::start(c, b).await
 }
 
+/// Opens, in a browser of its own, a page without ESI that holds `body` and loads the
+/// client script by hand, through a gateway with `routes`. Holds [`BROWSER`] while the
+/// test runs.
+async fn open_by_hand(
+    up: &FakeUpstream,
+    routes: Vec<FragmentRoute>,
+    body: &str,
+) -> (TestGateway, Browser, tokio::sync::MutexGuard<'static, ()>) {
+    serve_page(
+        up,
+        "/by-hand",
+        format!(
+            r#"<!doctype html><html><head>{RECORDER}</head><body>{body}
+<script src="/_tessera/client.js" defer></script>
+</body></html>"#
+        ),
+        false,
+    );
+    let gw = gateway(up, routes).await;
+    let browser = Browser::start().await;
+    let one_at_a_time = BROWSER.lock().await;
+    browser.open(&gw.at("/by-hand")).await;
+    (gw, browser, one_at_a_time)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_composed_page_fills_in_within_build_time_plus_a_second() {
     let up = FakeUpstream::start().await;
@@ -156,25 +181,13 @@ async fn by_hand_placeholders_give_up_at_their_deadline_and_late_ones_are_found(
             r#"<p id="later">added later, filled anyway</p>"#,
         ),
     ];
-    serve_page(
-        &up,
-        "/by-hand",
-        format!(
-            r#"<!doctype html><html><head>{RECORDER}</head><body>
+    let by_hand = r#"
 <div data-tessera-src="/fragments/never" data-tessera-deadline="1500">Loading…<template class="tessera-fallback"><p id="fb">Fallback shown</p></template></div>
 <div id="slot"></div>
-<script>setTimeout(() => {{
+<script>setTimeout(() => {
   document.getElementById("slot").innerHTML = '<div data-tessera-src="/fragments/later">…</div>';
-}}, 300);</script>
-<script src="/_tessera/client.js" defer></script>
-</body></html>"#
-        ),
-        false,
-    );
-    let gw = gateway(&up, routes).await;
-    let browser = Browser::start().await;
-    let _one_at_a_time = BROWSER.lock().await;
-    browser.open(&gw.at("/by-hand")).await;
+}, 300);</script>"#;
+    let (_gw, browser, _one_at_a_time) = open_by_hand(&up, routes, by_hand).await;
     eventually(
         "the late placeholder is filled",
         Duration::from_secs(10),
@@ -200,81 +213,174 @@ async fn by_hand_placeholders_give_up_at_their_deadline_and_late_ones_are_found(
     assert_eq!(browser.eval("return window.__loads.length").await, 1);
 }
 
+/// `data-tessera-mode="inner"` keeps the element (id, classes) and fills it; without it
+/// the fragment takes the placeholder's place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inner_mode_keeps_the_element_and_replace_mode_swaps_it() {
+    let up = FakeUpstream::start().await;
+    let routes = vec![
+        slow_fragment(&up, "kept", 200, r#"<p id="kept-content">inside</p>"#),
+        slow_fragment(
+            &up,
+            "swapped",
+            200,
+            r#"<p id="swapped-content">instead</p>"#,
+        ),
+    ];
+    let by_hand = r#"
+<div id="box" class="card wide" data-tessera-mode="inner" data-tessera-src="/fragments/kept">Loading…</div>
+<div id="placeholder" class="card" data-tessera-src="/fragments/swapped">Loading…</div>"#;
+    let (_gw, browser, _one_at_a_time) = open_by_hand(&up, routes, by_hand).await;
+    eventually("both fragments are in", Duration::from_secs(10), || async {
+        browser.eval("return window.__loads.length").await == 2
+    })
+    .await;
+    let inner = browser
+        .eval(
+            "const b = document.getElementById('box'); return b && \
+             [b.className, b.children.length, b.firstElementChild.id, b.textContent.trim(), \
+              b.getAttribute('data-tessera-state')]",
+        )
+        .await;
+    assert_eq!(
+        inner,
+        serde_json::json!(["card wide", 1, "kept-content", "inside", "loaded"]),
+        "inner mode keeps the element and fills it"
+    );
+    let replaced = browser
+        .eval(
+            "const c = document.getElementById('swapped-content'); \
+             return [document.getElementById('placeholder') === null, \
+                     !!c && c.parentElement === document.body]",
+        )
+        .await;
+    assert_eq!(
+        replaced,
+        serde_json::json!([true, true]),
+        "replace mode puts the fragment in the placeholder's place"
+    );
+}
+
+/// A gateway that answered a waited long-poll, hits, a 404 build and a 503 build; the
+/// latter is dead-lettered (one attempt), and its request is on the dead-letter list.
+async fn traffic_and_a_dead_letter(up: &FakeUpstream) -> TestGateway {
+    for (name, status) in [("broken", 404), ("flaky", 503)] {
+        up.script(
+            &format!("/_render/{name}"),
+            Script {
+                then: Some(status),
+                ..Script::default()
+            },
+        );
+    }
+    let mut flaky = route("flaky");
+    flaky.max_attempts = 1;
+    let routes = vec![
+        slow_fragment(up, "fast", 10, "<p>fast</p>"),
+        route("broken"),
+        flaky,
+    ];
+    let gw = gateway(up, routes).await;
+    let http = tessera_tests::harness::client();
+    let get = |name: &str, wait: bool| {
+        let req = http.get(gw.at(&format!("/fragments/{name}")));
+        let req = if wait {
+            req.header("prefer", "wait=5")
+        } else {
+            req
+        };
+        async move { req.send().await.unwrap() }
+    };
+    get("fast", true).await;
+    for _ in 0..5 {
+        get("fast", false).await;
+    }
+    get("broken", true).await;
+    get("flaky", true).await;
+    let dead_letters = format!("{}/dead-letters", gw.admin);
+    eventually("a dead letter", Duration::from_secs(10), || async {
+        let r = http.get(&dead_letters).send().await.unwrap();
+        !r.json::<Vec<serde_json::Value>>().await.unwrap().is_empty()
+    })
+    .await;
+    gw
+}
+
+/// At `width` CSS pixels the page needs no horizontal scrolling; saves a screenshot of
+/// the whole page.
+async fn fits_at(browser: &Browser, width: u32) {
+    browser.resize(width, 900).await;
+    let fits = browser
+        .eval("const e = document.documentElement; return [e.scrollWidth, window.innerWidth]")
+        .await;
+    let (scroll, inner) = (fits[0].as_u64().unwrap(), fits[1].as_u64().unwrap());
+    assert!(
+        inner <= u64::from(width) && scroll <= inner,
+        "{width} px window: the page is {scroll} px wide in {inner} px"
+    );
+    // Tall enough for the whole page, dead letters included.
+    browser.resize(width, 1800).await;
+    browser
+        .screenshot(&artifact(&format!("dashboard-{width}.png")))
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_live_figures() {
     let up = FakeUpstream::start().await;
-    up.script(
-        "/_render/broken",
-        Script {
-            then: Some(404),
-            ..Script::default()
-        },
-    );
-    let routes = vec![
-        slow_fragment(&up, "fast", 10, "<p>fast</p>"),
-        route("broken"),
-    ];
-    let mut c = config(&up.url(), routes);
-    let b = backends(Backend::Memory, &mut c).await;
-    let gw = TestGateway::start(c, b).await;
-    let http = tessera_tests::harness::client();
-    let fast = gw.at("/fragments/fast");
-    http.get(&fast)
-        .header("prefer", "wait=5")
-        .send()
-        .await
-        .unwrap();
-    for _ in 0..5 {
-        http.get(&fast).send().await.unwrap();
-    }
-    http.get(gw.at("/fragments/broken"))
-        .header("prefer", "wait=5")
-        .send()
-        .await
-        .unwrap();
-
+    let gw = traffic_and_a_dead_letter(&up).await;
     let browser = Browser::start().await;
     let _one_at_a_time = BROWSER.lock().await;
     // (The token check has its own tests; a browser cannot be handed Basic credentials
     // through the URL.)
     browser.open(&format!("{}/", gw.admin)).await;
     eventually(
-        "the dashboard has loaded its figures",
+        "the dashboard has drawn two polls",
         Duration::from_secs(10),
         || async {
             browser
-                .eval("return document.getElementById('updated').textContent")
+                .eval("return document.querySelector('[data-chart=queued] path.line').getAttribute('d')")
                 .await
                 .as_str()
-                .unwrap_or("")
-                .starts_with("updated")
+                .is_some_and(|d| d.contains('L'))
         },
     )
     .await;
-    browser.screenshot(&artifact("dashboard.png")).await;
     let text = |id: &'static str| {
         let b = &browser;
         async move {
-            b.eval(&format!(
-                "return document.getElementById('{id}').textContent"
-            ))
-            .await
+            let v = b
+                .eval(&format!("return document.getElementById('{id}').innerText"))
+                .await;
+            v.as_str().unwrap().to_string()
         }
     };
-    let requests: u64 = text("requests").await.as_str().unwrap().parse().unwrap();
-    assert!(requests >= 7, "{requests} requests shown");
+    let requests: u64 = text("requests").await.parse().unwrap();
+    assert!(requests >= 8, "{requests} requests shown");
     assert_ne!(text("hit-ratio").await, "–");
     assert_eq!(text("health").await, "ok");
-    let body = browser.eval("return document.body.innerText").await;
-    let body = body.as_str().unwrap();
-    assert!(
-        body.contains("fast"),
-        "build latency lists the route: {body}"
+    assert_eq!(
+        text("workers").await,
+        "4",
+        "the embedded workers, not one consumer"
     );
-    assert!(
-        body.contains("418") || body.contains("404"),
-        "the failure is listed with its error: {body}"
-    );
+    assert_eq!(text("workers-label").await, "Workers (embedded)");
+    for (id, shows, why) in [
+        (
+            "hit-detail",
+            "1 waited",
+            "the long-poll that waited for its build is no hit",
+        ),
+        ("latency", "fast", "build latency lists the route"),
+        ("failures", "404", "the failure is listed with its error"),
+        ("dead", "503", "the dead letter is listed with its reason"),
+    ] {
+        let shown = text(id).await;
+        assert!(shown.contains(shows), "{why}: #{id} shows {shown:?}");
+    }
+    for width in [800, 1280] {
+        fits_at(&browser, width).await;
+    }
     requeue_from_the_page(&browser).await;
 }
 

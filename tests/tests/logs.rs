@@ -36,11 +36,31 @@ async fn logs_to_a_file_have_no_colour_codes() {
         || async { std::fs::read_to_string(&log).is_ok_and(|l| l.contains("INFO")) },
     )
     .await;
+    eventually(
+        "the gateway logs its start-up line",
+        Duration::from_secs(20),
+        || async { std::fs::read_to_string(&log).is_ok_and(|l| l.contains("gateway listening")) },
+    )
+    .await;
     gateway.kill();
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         !text.contains('\x1b'),
         "colour codes in a log file:\n{text}"
+    );
+    // One start-up line names both listeners as addresses, not as Rust values.
+    let start = text
+        .lines()
+        .find(|l| l.contains("gateway listening"))
+        .unwrap_or_else(|| panic!("no start-up line in:\n{text}"));
+    assert!(
+        start.contains(&format!("addr=127.0.0.1:{port}"))
+            && start.contains(&format!("admin=127.0.0.1:{admin}")),
+        "the start-up line names both listeners: {start}"
+    );
+    assert!(
+        !text.contains("Some("),
+        "a Rust Option in the logs:\n{text}"
     );
 }
 
