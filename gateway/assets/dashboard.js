@@ -218,6 +218,9 @@ async function refresh() {
     $("queued").textContent = now.queued;
     showWorkers(s.workers);
     $("published").textContent = sum(ms, "tessera_builds_published_total");
+    const streams = sum(ms, "tessera_streams"), polls = sum(ms, "tessera_long_polls");
+    $("waiting").textContent = streams + polls;
+    $("waiting-detail").textContent = `${streams} push streams · ${polls} long-polled fragments`;
     const healthy = s.ready.store === "ok" && s.ready.bus === "ok";
     $("health").textContent = healthy ? "ok" : "degraded"; $("health").className = healthy ? "ok" : "bad";
     const routes = [...new Set(ms.filter((m) => m.name === "tessera_build_duration_seconds_count").map((m) => m.labels.route))];

@@ -40,10 +40,7 @@ static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache
 impl Gateway {
     /// Answers a fresh hit from the hot answers, without looking anything up or
     /// awaiting; `None` sends the request down the full path ([`Self::fragment`]).
-    pub(crate) fn hot_fragment(
-        &self,
-        req: &Request<hyper::body::Incoming>,
-    ) -> Option<Response<Body>> {
+    pub(crate) fn hot_fragment<B: Sync>(&self, req: &Request<B>) -> Option<Response<Body>> {
         let started = std::time::Instant::now();
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return None;
@@ -78,9 +75,9 @@ impl Gateway {
     }
 
     /// Serves one fragment request.
-    pub(crate) async fn fragment(
+    pub(crate) async fn fragment<B: Sync>(
         self: &Arc<Self>,
-        req: &Request<hyper::body::Incoming>,
+        req: &Request<B>,
         name: &str,
     ) -> Response<Body> {
         let started = std::time::Instant::now();
@@ -101,9 +98,9 @@ impl Gateway {
         response
     }
 
-    async fn fragment_inner(
+    async fn fragment_inner<B: Sync>(
         self: &Arc<Self>,
-        req: &Request<hyper::body::Incoming>,
+        req: &Request<B>,
         name: &str,
     ) -> Result<(Response<Body>, CacheStatus), GatewayError> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -163,9 +160,9 @@ impl Gateway {
     /// The answer to `req` for what a lookup of `target` found. A fragment whose render
     /// asked for ESI has its includes composed first, as in a page: the fragment is level
     /// 1 of the page the client script puts it in, so the same depth limit holds.
-    async fn answer(
+    async fn answer<B: Sync>(
         &self,
-        req: &Request<hyper::body::Incoming>,
+        req: &Request<B>,
         target: &Target<'_>,
         found: Found,
     ) -> (Response<Body>, CacheStatus) {
@@ -189,9 +186,9 @@ impl Gateway {
 
     /// Makes a fresh answer the hot answer for its request target (routes without
     /// `vary` only, and only while L1 caches slots).
-    fn remember(
+    fn remember<B: Sync>(
         &self,
-        req: &Request<hyper::body::Incoming>,
+        req: &Request<B>,
         target: &Target<'_>,
         slot: &Arc<Slot>,
         checked_at: std::time::Instant,
@@ -269,9 +266,9 @@ fn needs_composing(state: &SlotState) -> bool {
 
 /// The answer to `req` for what a lookup found (with its includes `composed`, when it
 /// asked for ESI), and how it counts.
-fn respond(
+fn respond<B: Sync>(
     route: &FragmentRoute,
-    req: &Request<hyper::body::Incoming>,
+    req: &Request<B>,
     found: Found,
     composed: Option<Composed>,
     compress: bool,
@@ -340,9 +337,9 @@ impl Answer {
 
     /// Serves the composed fragment: its own ETag, and private when an include varies
     /// per user.
-    fn composed(
+    fn composed<B: Sync>(
         mut self,
-        req: &Request<hyper::body::Incoming>,
+        req: &Request<B>,
         composed: Composed,
         compress: bool,
     ) -> Response<Body> {
@@ -392,8 +389,8 @@ fn answer_headers(route: &FragmentRoute, slot: &Slot, status: String) -> HeaderM
 /// when `gateway.compress` (the first of `compression`) and the request allow it (from
 /// the body's cached copies, the second, when it has them), 304 when `If-None-Match`
 /// matches the representation chosen, no body for `HEAD`.
-pub(crate) fn finish(
-    req: &Request<hyper::body::Incoming>,
+pub(crate) fn finish<B: Sync>(
+    req: &Request<B>,
     etag: &str,
     body: Bytes,
     mut headers: HeaderMap,

@@ -16,6 +16,7 @@
 //! - [`cache`]: L1, with coalescing and an invalidation log.
 //! - [`hot`]: the last fresh answer per request target, for the hit path.
 //! - [`waiters`]: long-poll wake-ups for `Prefer: wait`.
+//! - [`stream`]: the push stream, one connection per page for all its placeholders.
 //! - [`events`]: follows built/failed/purged events from every worker.
 //! - [`proxy`]: the reverse proxy to the upstream.
 //! - [`headers`]: small request-header parsers.
@@ -39,6 +40,7 @@ pub mod hot;
 pub mod metrics;
 pub mod proxy;
 pub mod service;
+pub mod stream;
 pub mod waiters;
 
 use std::future::Future;
@@ -307,6 +309,9 @@ impl Gateway {
         }
         if req.uri().path() == compose::CLIENT_JS_PATH {
             return client_js(&req, self.config.gateway.compress);
+        }
+        if req.uri().path() == stream::STREAM_PATH {
+            return self.stream(&req);
         }
         // Boxed: the proxy and composition futures are large, and without the box every
         // request down this path (fragment misses, hits on `vary` routes) would allocate

@@ -218,6 +218,8 @@ pub struct Metrics {
     pub l1_bytes: Gauge,
     /// Requests holding a `Prefer: wait` (set at scrape).
     pub long_polls: Gauge,
+    /// Push streams open (`/_tessera/stream`).
+    pub streams: Gauge,
     /// Depth and consumers of every build queue (set at scrape).
     pub queues: QueueGauges,
     /// Open connections on the public and admin listeners.
@@ -269,6 +271,7 @@ impl Metrics {
             l1_entries: Gauge::default(),
             l1_bytes: Gauge::default(),
             long_polls: Gauge::default(),
+            streams: Gauge::default(),
             queues: QueueGauges::default(),
             connections: ConnectionGauges::default(),
             build_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
@@ -380,6 +383,11 @@ impl Metrics {
             "long_polls",
             "Fragments with requests waiting on them (Prefer: wait)",
             self.long_polls.clone(),
+        );
+        r.register(
+            "streams",
+            "Push streams open (/_tessera/stream)",
+            self.streams.clone(),
         );
         r.register_collector(Box::new(self.queues.clone()));
         self.connections.register(r);

@@ -129,6 +129,9 @@ pub struct GatewayConfig {
     /// the client accepts it (text, JSON, JavaScript, XML and SVG of 1 KiB or more). Turn
     /// off when a CDN in front compresses. Default true.
     pub compress: bool,
+    /// Most push streams (`/_tessera/stream`) open at once; one more is answered 503 and
+    /// the client script falls back to long-polls. Default 1,000.
+    pub max_streams: usize,
 }
 
 impl Default for GatewayConfig {
@@ -141,6 +144,7 @@ impl Default for GatewayConfig {
             max_wait: Duration::from_secs(30),
             trusted_proxies: Vec::new(),
             compress: true,
+            max_streams: 1_000,
         }
     }
 }
@@ -828,6 +832,7 @@ mod file {
         #[serde(deserialize_with = "ip_nets")]
         pub trusted_proxies: Vec<IpNet>,
         pub compress: bool,
+        pub max_streams: usize,
     }
 
     impl Default for GatewayFile {
@@ -841,6 +846,7 @@ mod file {
                 max_wait: d.max_wait,
                 trusted_proxies: d.trusted_proxies,
                 compress: d.compress,
+                max_streams: d.max_streams,
             }
         }
     }
@@ -1029,6 +1035,7 @@ impl GatewayFile {
             max_wait: self.max_wait,
             trusted_proxies: self.trusted_proxies,
             compress: self.compress,
+            max_streams: self.max_streams,
         };
         gateway.validate()?;
         Ok(gateway)

@@ -485,3 +485,139 @@ async fn a_gzipped_esi_page_is_composed_and_arrives_compressed() {
         "the page arrived compressed: {encoded} bytes on the wire for {decoded}"
     );
 }
+
+/// Eight includes, and a `fetch` of `/api/cart` 300 ms after load, timed by the page.
+fn eight_boxes_and_a_fetch() -> String {
+    let boxes: String = (1..=8)
+        .map(|i| format!(r#"<section><esi:include src="/fragments/f{i}"/></section>"#))
+        .collect();
+    format!(
+        r#"<!doctype html><html><head><title>Eight slow fragments</title>{RECORDER}</head><body>
+<h1>Eight slow fragments</h1>{boxes}
+<script>
+setTimeout(async () => {{
+  const t0 = performance.now();
+  await (await fetch('/api/cart')).text();
+  window.__fetch = performance.now() - t0;
+}}, 300);
+</script></body></html>"#
+    )
+}
+
+/// Issue 12's page, over HTTP/1.1: 8 placeholders whose fragments take 3 s, and the
+/// page's own `fetch` at 300 ms. The placeholders share one push stream, so the fetch is
+/// not queued behind them (it waited 2.9 s with a long-poll each) and every build starts
+/// at once (the last two started 3 s late).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_slow_placeholders_share_one_connection() {
+    let up = FakeUpstream::start().await;
+    let routes: Vec<FragmentRoute> = (1..=8)
+        .map(|i| {
+            let mut r = slow_fragment(
+                &up,
+                &format!("f{i}"),
+                3_000,
+                &format!("<p>fragment {i}</p>"),
+            );
+            r.build_timeout = Duration::from_secs(10);
+            r
+        })
+        .collect();
+    up.script(
+        "/api/cart",
+        Script {
+            body: Some("{\"items\":2}".to_string().into()),
+            ..Script::default()
+        },
+    );
+    serve_page(&up, "/", eight_boxes_and_a_fetch(), true);
+    let mut c = config(&up.url(), routes);
+    c.workers.embedded = 8;
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let browser = Browser::start().await;
+
+    let _one_at_a_time = BROWSER.lock().await;
+    browser.open(&gw.at("/")).await;
+    eventually("all 8 filled", Duration::from_secs(10), || async {
+        browser.eval("return window.__loads.length").await == 8
+    })
+    .await;
+    browser
+        .screenshot(&artifact("eight-placeholders-one-stream.png"))
+        .await;
+    let last = browser
+        .eval("return Math.max(...window.__loads.map((l) => l.t))")
+        .await
+        .as_f64()
+        .unwrap();
+    let fetch = browser
+        .eval("return window.__fetch")
+        .await
+        .as_f64()
+        .unwrap();
+    let resources = browser
+        .eval(
+            "return performance.getEntriesByType('resource').map((r) => new URL(r.name).pathname)",
+        )
+        .await;
+    let paths: Vec<&str> = resources
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths.iter().filter(|p| **p == "/_tessera/stream").count(),
+        1,
+        "one stream for the page: {paths:?}"
+    );
+    assert!(
+        !paths.iter().any(|p| p.starts_with("/fragments/")),
+        "no long-poll per placeholder: {paths:?}"
+    );
+    assert!(last < 4_000.0, "all 8 filled {last} ms after navigation");
+    assert!(fetch < 1_000.0, "the page's fetch took {fetch} ms");
+    assert_eq!(browser.eval("return window.__errors.length").await, 0);
+}
+
+/// Where streams are refused (here `gateway.max_streams = 0`: every stream is a 503),
+/// each placeholder long-polls its fragment instead, and the page fills all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placeholders_long_poll_when_streams_are_refused() {
+    let up = FakeUpstream::start().await;
+    let routes = vec![
+        slow_fragment(&up, "a", 300, r#"<p id="a">A</p>"#),
+        slow_fragment(&up, "b", 300, r#"<p id="b">B</p>"#),
+    ];
+    serve_page(
+        &up,
+        "/",
+        format!(
+            r#"<!doctype html><html><head><title>No streams</title>{RECORDER}</head><body>
+<esi:include src="/fragments/a"/><esi:include src="/fragments/b"/></body></html>"#
+        ),
+        true,
+    );
+    let mut c = config(&up.url(), routes);
+    c.gateway.max_streams = 0;
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let browser = Browser::start().await;
+
+    let _one_at_a_time = BROWSER.lock().await;
+    browser.open(&gw.at("/")).await;
+    eventually(
+        "both filled by long-polls",
+        Duration::from_secs(10),
+        || async { browser.eval("return window.__loads.length").await == 2 },
+    )
+    .await;
+    let polled = browser
+        .eval(
+            "return performance.getEntriesByType('resource').filter((r) => new URL(r.name).pathname.startsWith('/fragments/')).length",
+        )
+        .await;
+    assert!(polled.as_u64().unwrap() >= 2, "{polled}");
+    assert_eq!(browser.eval("return window.__errors.length").await, 0);
+}
