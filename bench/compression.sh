@@ -18,7 +18,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 # An 8 KB fragment of product rows and a page of 24 KB around one include of it.
-mkdir -p "$tmp/www"
+mkdir -p "$tmp/www"; chmod 755 "$tmp"   # nginx workers (www-data) read the files
 for i in $(seq 100); do
   printf '<li class="product"><a href="/p/%d">Product %d</a> <b>%d.%02d €</b></li>\n' \
     "$i" "$i" $((i * 7 % 300)) $((i * 13 % 100))

@@ -49,16 +49,18 @@ impl Gateway {
         let SlotState::Found(envelope) = &hot.slot.state else {
             return None;
         };
+        let route = self.config.fragments.get(hot.route)?;
+        // In a route's `refresh_ahead` stretch, hits take the full path, which may start
+        // the early rebuild.
         if !self
             .cache
             .l1
             .unchanged_since(hot.checked_at, hot.loaded_at, started)
-            || started >= hot.fresh_until
+            || started + route.refresh_ahead >= hot.fresh_until
         {
             return None;
         }
         let ttl = (hot.fresh_until - started).as_secs();
-        let route = self.config.fragments.get(hot.route)?;
         let headers = hot
             .headers
             .get(ttl, || answer_headers(route, &hot.slot, hit_status(ttl)));

@@ -678,6 +678,12 @@ pub struct FragmentRoute {
     /// How long after `fresh` it may still be served while a rebuild runs. Default 10 min.
     #[serde(default = "default_stale", deserialize_with = "duration")]
     pub stale: Duration,
+    /// Rebuild a fragment that is read before it goes stale: in this last stretch of
+    /// `fresh`, each hit starts the one rebuild with a probability that grows as the end
+    /// nears (probabilistic early expiration), so a hot fragment is refreshed in time
+    /// and never served stale. Must be shorter than `fresh`. Default 0 (off).
+    #[serde(default, deserialize_with = "duration")]
+    pub refresh_ahead: Duration,
     /// How long a failed build is remembered before another is tried. Default 5 s.
     #[serde(default = "default_failed_ttl", deserialize_with = "duration")]
     pub failed_ttl: Duration,
@@ -759,6 +765,7 @@ impl FragmentRoute {
             shareable: false,
             fresh: default_fresh(),
             stale: default_stale(),
+            refresh_ahead: Duration::ZERO,
             failed_ttl: default_failed_ttl(),
             build_timeout: default_build_timeout(),
             max_attempts: default_max_attempts(),
@@ -1354,6 +1361,12 @@ impl FragmentRoute {
                 "fresh + stale must be at most 30 days (memcached's relative expiry limit)",
             ));
         }
+        if self.refresh_ahead >= self.fresh {
+            return Err(invalid(
+                format!("{at}.refresh_ahead"),
+                "must be shorter than fresh (it is the last stretch of fresh)",
+            ));
+        }
         if self.lease_ttl() > month {
             return Err(invalid(
                 format!("{at}.build_timeout"),
@@ -1675,6 +1688,10 @@ queue = "tessera.build"
             (
                 "[[fragment]]\nname = \"a\"\nrender = \"/r\"\nstale = \"31days\"",
                 "fragment[0].stale",
+            ),
+            (
+                "[[fragment]]\nname = \"a\"\nrender = \"/r\"\nfresh = \"10s\"\nrefresh_ahead = \"10s\"",
+                "fragment[0].refresh_ahead",
             ),
             (
                 "[[fragment]]\nname = \"a\"\nrender = \"/r\"\nfailed_ttl = \"0s\"",

@@ -670,6 +670,40 @@ pub async fn a_waited_build_goes_ahead_of_queued_refreshes(kind: Backend) {
     gw.stop().await;
 }
 
+/// A route with `refresh_ahead`, read all the time, is rebuilt before `fresh` ends:
+/// never served stale, and rebuilt about once per `fresh`, not once per hit.
+pub async fn refresh_ahead_keeps_a_hot_fragment_fresh(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    let mut hot = route("hot");
+    hot.fresh = Duration::from_secs(2);
+    hot.refresh_ahead = Duration::from_millis(1500);
+    let mut c = config(&up.url(), vec![hot]);
+    c.cache.ttl = Duration::from_millis(100);
+    let b = backends(kind, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let url = gw.at("/fragments/hot");
+    assert_eq!(wait_for(&url, 10).await.status(), StatusCode::OK);
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut answers = 0;
+    while Instant::now() < until {
+        let r = get(&url).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let status = r.headers()["cache-status"].to_str().unwrap().to_string();
+        assert!(
+            !status.contains("stale"),
+            "served stale after {answers} answers: {status}"
+        );
+        answers += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let renders = up.renders("/_render/hot");
+    assert!(
+        (3..=12).contains(&renders),
+        "{renders} renders for {answers} hits over 5 s of a 2 s fresh"
+    );
+    gw.stop().await;
+}
+
 macro_rules! scenarios {
     ($kind:expr, $($name:ident),+ $(,)?) => {
         $(
@@ -703,6 +737,7 @@ macro_rules! all_scenarios {
             graceful_stop_answers_waiting_clients,
             other_programs_can_warm_the_cache,
             a_waited_build_goes_ahead_of_queued_refreshes,
+            refresh_ahead_keeps_a_hot_fragment_fresh,
         );
     };
 }
