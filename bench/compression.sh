@@ -65,7 +65,8 @@ for _ in $(seq 100); do
 done
 [ "$code" = 200 ] || { echo "gateway never served the fragment (last status $code)"; exit 1; }
 
-ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# CPU ticks (user + system) of a process and its children (nginx's workers).
+ticks() { cat "/proc/$1/stat" $(pgrep -P "$1" | sed 's|.*|/proc/&/stat|') | awk '{ t += $14 + $15 } END { print t }'; }
 hz=$(getconf CLK_TCK)
 # One run: label, url, pid whose CPU counts, Accept-Encoding.
 run() {
@@ -87,7 +88,7 @@ run "  tessera, gzip" "http://127.0.0.1:$gw/fragments/bench" "$gateway_pid" gzip
 run "  tessera, br" "http://127.0.0.1:$gw/fragments/bench" "$gateway_pid" br
 run "  nginx static file, identity" "http://127.0.0.1:$ng/peer" "$nginx_pid" identity
 run "  nginx static file, gzip on (6)" "http://127.0.0.1:$ng/peer" "$nginx_pid" gzip
-echo "32 KB page composed from nginx + the cached fragment (compressed per request):"
+echo "page composed from nginx + the cached fragment (compressed per request; CPU: the gateway's):"
 run "  tessera, identity" "http://127.0.0.1:$gw/page" "$gateway_pid" identity
 run "  tessera, gzip" "http://127.0.0.1:$gw/page" "$gateway_pid" gzip
 run "  tessera, br" "http://127.0.0.1:$gw/page" "$gateway_pid" br

@@ -26,9 +26,10 @@ use http::{HeaderMap, HeaderValue, header};
 pub const MIN_SIZE: usize = 1024;
 /// gzip level: zlib's default, as Varnish uses.
 const GZIP_LEVEL: u32 = 6;
-/// Brotli quality: the dynamic-content setting of common servers (nginx's `brotli_comp_level`
-/// default is 6); 11 costs tens of times the CPU for a few percent.
-const BROTLI_QUALITY: u32 = 5;
+/// Brotli quality: 4, the usual choice for content compressed per response (at 5 and
+/// above the pure-Rust encoder costs more than gzip 6 for a few percent; 11 costs tens of
+/// times the CPU). Figures: `bench/README.md`.
+const BROTLI_QUALITY: u32 = 4;
 /// Brotli window: 4 MiB, the largest page composed.
 const BROTLI_WINDOW: u32 = 22;
 
