@@ -1,19 +1,11 @@
-/*! Tessera client: fills fragment placeholders as soon as their fragments are built.
- * No dependencies. Placeholders are elements with data-tessera-src="/fragments/…";
- * the gateway injects this script into composed pages that still have some. A page
- * without ESI can use it by hand: <div data-tessera-src="/fragments/x">Loading…</div>
- * and <script src="/_tessera/client.js" defer></script>. The fragment replaces the
- * placeholder, unless it has data-tessera-mode="inner": then the element is kept
- * (id, classes) and the fragment becomes its content.
- * Events (bubbling): tessera:load {src} on the new content (on the element kept, in
- * inner mode), tessera:error {src, reason} on the placeholder. window.Tessera.scan(root) picks up placeholders added later by
- * hand (a MutationObserver does this by itself).
- * All placeholders of a page share one push stream (/_tessera/stream, Server-Sent Events,
- * up to 32 fragments each): every build is queued at once and each fragment arrives as
- * soon as it is built, without taking one of the browser's few connections per host
- * each. A dropped stream is reopened for what it has not delivered; where streams are
- * unavailable (no EventSource, 503, <html data-tessera-stream="off">) each placeholder
- * long-polls its fragment instead. */
+/*! Tessera client: fills fragment placeholders (elements with
+ * data-tessera-src="/fragments/…") as soon as their fragments are built. No dependencies.
+ * A page's placeholders share one push stream (/_tessera/stream, 32 fragments each); where
+ * streams are unavailable (no EventSource, 503, <html data-tessera-stream="off">) each
+ * long-polls its fragment. The fragment replaces the placeholder, or with
+ * data-tessera-mode="inner" fills it and keeps it. Events (bubbling): tessera:load {src},
+ * tessera:error {src, reason}. window.Tessera.scan(root) picks up placeholders added later
+ * (a MutationObserver does this by itself). See the README, "The browser client". */
 (function () {
   "use strict";
   if (window.Tessera) return;
