@@ -19,7 +19,8 @@ use tessera_workers::{BuildError, FragmentBuilder, Rendered, WorkerMetrics};
 use tokio_util::sync::CancellationToken;
 
 /// Scripted by the `id` param: `panics`, `teapot` (418), `down` (503), `huge` (a body
-/// just under `store.max_item_size`, too big with its key and envelope); renders the rest.
+/// just under `store.max_item_size`, too big with its key and envelope), `overtagged`
+/// (one tag over the limit), `tagged` (two tags); renders the rest.
 #[derive(Debug, Default)]
 struct Scripted {
     calls: AtomicUsize,
@@ -39,11 +40,19 @@ impl FragmentBuilder for Scripted {
                 body: Bytes::from(vec![b'x'; HUGE]),
                 content_type: "text/html".into(),
                 esi: false,
+                tags: vec![],
             }),
             id => Ok(Rendered {
                 body: Bytes::from(format!("<p>{id}</p>")),
                 content_type: "text/html".into(),
                 esi: false,
+                tags: match id {
+                    "overtagged" => (0..=tessera_protocol::tags::MAX_TAGS)
+                        .map(|i| format!("t{i}"))
+                        .collect(),
+                    "tagged" => vec!["product-42".into(), "shelf-7".into()],
+                    _ => vec![],
+                },
             }),
         }
     }
@@ -374,4 +383,31 @@ async fn a_fragment_too_large_to_store_fails_saying_what_it_takes() {
         .unwrap();
     assert!(size > max && size > HUGE, "{error}");
     assert_eq!(s.builder.calls.load(Ordering::SeqCst), 1, "not retried");
+}
+
+#[tokio::test]
+async fn tags_are_stored_with_the_render_start_and_a_list_over_the_limit_fails() {
+    let s = setup().await;
+    let generation = current_generation(&s).await;
+    let before = tessera_protocol::time::now_ms();
+    let keys = request(&s, "tagged", generation).await;
+    let e = envelope(&s, &keys).await;
+    assert_eq!(e.status, Status::Ready);
+    assert_eq!(e.tags, vec!["product-42", "shelf-7"]);
+    assert!(
+        (before..=e.built_at).contains(&e.render_started),
+        "{before} {} {}",
+        e.render_started,
+        e.built_at
+    );
+
+    let keys = request(&s, "overtagged", generation).await;
+    let e = envelope(&s, &keys).await;
+    assert_eq!(e.status, Status::Failed);
+    let error = e.error.unwrap();
+    assert!(
+        error.contains("Surrogate-Key") && error.contains("at most 32"),
+        "{error}"
+    );
+    assert_eq!(s.builder.calls.load(Ordering::SeqCst), 2, "not retried");
 }
