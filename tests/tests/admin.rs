@@ -770,49 +770,34 @@ async fn the_auth_scheme_is_case_insensitive_and_healthz_is_open() {
 #[tokio::test]
 async fn tag_purges_check_the_name_and_are_counted() {
     let up = FakeUpstream::start().await;
-    let mut c = config(&up.url(), vec![route("a")]);
-    c.gateway.admin_token = "s3cret".into();
-    let b = backends(Backend::Memory, &mut c).await;
-    let gw = TestGateway::start(c, b).await;
-    let delete = |path: &str| {
-        client()
-            .delete(format!("{}{path}", gw.admin))
-            .bearer_auth("s3cret")
-            .send()
-    };
-    let r = delete("/tags/product-42").await.unwrap();
+    let gw = guarded_gateway(&up).await;
+    let r = admin_request(&gw, "DELETE", "/tags/product-42", &[]).await;
     assert_eq!(r.status(), StatusCode::OK);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["tag"], "product-42");
     assert!(body["purged_at"].as_u64().unwrap() > 1_600_000_000_000);
     // Percent-encoded token characters are tags too.
-    let r = delete("/tags/50%25-off").await.unwrap();
+    let r = admin_request(&gw, "DELETE", "/tags/50%25-off", &[]).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(
         r.json::<serde_json::Value>().await.unwrap()["tag"],
         "50%-off"
     );
 
-    for bad in [
-        "/tags/a%2Fb",
-        "/tags/a:b",
-        "/tags/a%20b",
-        &format!("/tags/{}", "x".repeat(129)),
-    ] {
-        let r = delete(bad).await.unwrap();
+    let too_long = format!("/tags/{}", "x".repeat(129));
+    for bad in ["/tags/a%2Fb", "/tags/a:b", "/tags/a%20b", &too_long] {
+        let r = admin_request(&gw, "DELETE", bad, &[]).await;
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{bad}");
         let problem: serde_json::Value = r.json().await.unwrap();
         assert_eq!(problem["code"], "bad_tag", "{problem}");
     }
-    let r = delete("/tags/").await.unwrap();
-    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        admin_request(&gw, "DELETE", "/tags/", &[]).await.status(),
+        StatusCode::NOT_FOUND
+    );
 
-    let metrics = client()
-        .get(format!("{}/metrics", gw.admin))
-        .bearer_auth("s3cret")
-        .send()
+    let metrics = admin_request(&gw, "GET", "/metrics", &[])
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();

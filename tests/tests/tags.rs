@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use tessera_tests::eventually;
-use tessera_tests::harness::{Backend, TestGateway, backends, client, config, route};
+use tessera_tests::harness::{Backend, TestGateway, backends, client, config, route, text};
 use tessera_tests::upstream::{FakeUpstream, Script};
 
 const WITHIN: Duration = Duration::from_secs(30);
@@ -240,35 +240,10 @@ pub async fn a_retired_fragment_is_not_served_stale(kind: Backend) {
     two.stop().await;
 }
 
-macro_rules! scenarios {
-    ($kind:expr, $($name:ident),+ $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                super::$name($kind).await;
-            }
-        )+
-    };
-}
-
-macro_rules! all_scenarios {
-    ($kind:expr) => {
-        scenarios!(
-            $kind,
-            a_tag_purge_retires_exactly_its_fragments,
-            a_retired_fragment_is_not_served_stale,
-        );
-    };
-}
-
-mod memory {
-    all_scenarios!(tessera_tests::harness::Backend::Memory);
-}
-
-/// The same scenarios on memcached and RabbitMQ.
-mod real {
-    all_scenarios!(tessera_tests::harness::Backend::Real);
-}
+tessera_tests::on_both_backends!(
+    a_tag_purge_retires_exactly_its_fragments,
+    a_retired_fragment_is_not_served_stale,
+);
 
 /// A render answer over the tag limit fails its build, naming the limit, and is not
 /// retried; a proxied page never passes `Surrogate-Key` on to the browser.
@@ -293,14 +268,8 @@ async fn too_many_tags_fail_the_build_and_pages_do_not_leak_them() {
     let refused = get(&gw.at("/fragments/overtagged"), true).await;
     assert_eq!(refused.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(up.renders("/_render/overtagged"), 1, "not retried");
-    let status: serde_json::Value = client()
-        .get(format!("{}/api/status", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: serde_json::Value =
+        serde_json::from_str(&text(format!("{}/api/status", gw.admin)).await).unwrap();
     let error = status["recent_failures"][0]["error"].as_str().unwrap();
     assert!(
         error.contains("Surrogate-Key") && error.contains("at most 32"),
