@@ -450,6 +450,19 @@ impl Worker {
             Ok(bytes) => bytes.and_then(|b| Envelope::decode(&b).ok()),
             Err(_) => None,
         };
+        // A copy a tag purge retired must not be served, so it is not kept for
+        // stale-if-error (when the tags cannot be read, it is dropped to be safe): the
+        // failure then stands for `failed_ttl` instead of every request asking again.
+        let previous = match previous {
+            Some(p) => {
+                match tessera_protocol::tags::retired(store.as_ref(), &self.backends.keys, &p).await
+                {
+                    Ok(false) => Some(p),
+                    Ok(true) | Err(_) => None,
+                }
+            }
+            None => None,
+        };
         let envelope = Envelope::failed(
             error.to_string(),
             route.failed_ttl,
