@@ -281,3 +281,49 @@ async fn too_many_tags_fail_the_build_and_pages_do_not_leak_them() {
     assert!(!page.headers().contains_key("surrogate-key"));
     gw.stop().await;
 }
+
+/// A composed page's includes are checked too (the batch lookup of ESI includes): after
+/// a purge, a retired include is a placeholder (or its new render), never the old copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_include_is_not_composed_into_a_page() {
+    let up = tagging_upstream(&["shelf"]).await;
+    up.script(
+        "/",
+        Script {
+            body: Some(
+                r#"<main><esi:include src="/fragments/shelf?i=3"/><esi:include src="/fragments/shelf?i=4"/></main>"#
+                    .into(),
+            ),
+            headers: vec![("surrogate-control".into(), r#"content="ESI/1.0""#.into())],
+            ..Script::default()
+        },
+    );
+    let mut r = route("shelf");
+    r.params = vec!["i".into()];
+    let mut c = config(&up.url(), vec![r]);
+    c.cache.ttl = Duration::from_secs(60);
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    for i in [3, 4] {
+        let url = gw.at(&format!("/fragments/shelf?i={i}"));
+        assert_eq!(get(&url, true).await.status(), StatusCode::OK);
+    }
+    let old = |i: usize| format!("/_render/shelf?i={i} cookie=[]</p> #1");
+    let page = text(gw.at("/")).await;
+    assert!(page.contains(&old(3)) && page.contains(&old(4)), "{page}");
+
+    purge_tag(&gw, "group-3").await;
+    let page = text(gw.at("/")).await;
+    assert!(
+        !page.contains(&old(3)),
+        "the retired include was composed: {page}"
+    );
+    assert!(page.contains(&old(4)), "{page}");
+    eventually("the include is rebuilt", WITHIN, || async {
+        text(gw.at("/"))
+            .await
+            .contains("/_render/shelf?i=3 cookie=[]</p> #2")
+    })
+    .await;
+    gw.stop().await;
+}
