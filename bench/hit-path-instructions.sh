@@ -5,10 +5,13 @@
 # does not depend on what else the machine is doing, so it is the figure to compare
 # changes with. It leaves out the kernel, which does most of the work of a request here
 # and does the same work for both servers (one recvfrom and one writev per request).
-#   bash bench/hit-path-instructions.sh [SECONDS]
+# TAGS and VARY as in hit-path.sh: the fragment's render answer carries TAGS tags; VARY=1
+# takes every hit down the full path (no hot answers).
+#   bash bench/hit-path-instructions.sh [SECONDS] [TAGS] [VARY]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-secs=${1:-8}
+secs=${1:-8}; tags=${2:-0}; vary=${3:-0}
+vary_line=""; [ "$vary" = 1 ] && vary_line='vary = ["header:x-bench"]'
 for tool in wrk valgrind; do
   command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq "$tool" >/dev/null; }
 done
@@ -18,7 +21,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 # The gateway's upstream, not measured.
-target/release/plain-server 127.0.0.1:18091 2048 2>/dev/null & pids+=($!)
+target/release/plain-server 127.0.0.1:18091 2048 "$tags" 2>/dev/null & pids+=($!)
 cat > "$tmp/tessera.toml" <<TOML
 [gateway]
 listen = "127.0.0.1:18090"
@@ -29,6 +32,7 @@ url = "http://127.0.0.1:18091"
 name = "bench"
 render = "/_render/bench"
 fresh = "1h"
+$vary_line
 TOML
 
 # Runs the command after NAME and URL under callgrind, sends it requests, prints
@@ -55,5 +59,5 @@ count() {
 read -r pn pi < <(count plain http://127.0.0.1:18092/_render/bench target/release/plain-server 127.0.0.1:18092 2048)
 read -r gn gi < <(count gateway http://127.0.0.1:18090/fragments/bench target/release/tessera-gateway --config "$tmp/tessera.toml")
 echo "plain hyper server: $pi instructions per request ($pn requests)"
-echo "tessera gateway:    $gi instructions per request ($gn requests)"
+echo "tessera gateway:    $gi instructions per request ($gn requests; tags: $tags, vary: $vary)"
 awk -v g="$gi" -v p="$pi" 'BEGIN { printf "gateway/plain: %.2f\n", g / p }'

@@ -3,18 +3,22 @@
 # hyper server returning the same 2 KB, in the same run. Both servers run on CPU 0 and wrk
 # on CPU 1 (taskset), and the two are measured in alternating rounds (which goes first
 # alternates too), so a machine whose speed drifts affects both alike. Prints every round,
-# the medians, and the median of the rounds' ratios.
-#   bash bench/hit-path.sh [SECONDS_PER_ROUND] [CONNECTIONS] [ROUNDS]
+# the medians, and the median of the rounds' ratios. With TAGS > 0 the fragment's render
+# answer carries a Surrogate-Key of that many tags. With VARY=1 the route varies on a
+# header wrk does not send: same fragment, but no hot answers, so every hit takes the full
+# path (route, identity, L1, tag check).
+#   bash bench/hit-path.sh [SECONDS_PER_ROUND] [CONNECTIONS] [ROUNDS] [TAGS] [VARY]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-secs=${1:-5}; conns=${2:-64}; rounds=${3:-5}
+secs=${1:-5}; conns=${2:-64}; rounds=${3:-5}; tags=${4:-0}; vary=${5:-0}
+vary_line=""; [ "$vary" = 1 ] && vary_line='vary = ["header:x-bench"]'
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 cargo build --release -q -p tessera-gateway -p tessera-bench
 tmp=$(mktemp -d); pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
 trap cleanup EXIT
 
-TOKIO_WORKER_THREADS=1 taskset -c 0 target/release/plain-server 127.0.0.1:18081 2048 2>/dev/null & pids+=($!)
+TOKIO_WORKER_THREADS=1 taskset -c 0 target/release/plain-server 127.0.0.1:18081 2048 "$tags" 2>/dev/null & pids+=($!)
 cat > "$tmp/tessera.toml" <<TOML
 [gateway]
 listen = "127.0.0.1:18080"
@@ -24,6 +28,7 @@ url = "http://127.0.0.1:18081"
 name = "bench"
 render = "/_render/bench"
 fresh = "1h"
+$vary_line
 TOML
 RUST_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c 0 target/release/tessera-gateway --config "$tmp/tessera.toml" & pids+=($!)
 for _ in $(seq 100); do
@@ -32,7 +37,7 @@ for _ in $(seq 100); do
 done
 [ "$code" = 200 ] || { echo "gateway never served the fragment (last status $code)"; exit 1; }
 size=$(curl -s http://127.0.0.1:18080/fragments/bench | wc -c)
-echo "fragment size: $size bytes"
+echo "fragment size: $size bytes; tags: $tags; vary (no hot answers): $vary"
 
 plain_pid=${pids[0]}; gateway_pid=${pids[1]}
 # CPU ticks (user + system) a process has used so far.

@@ -9,6 +9,7 @@ use http::{HeaderName, HeaderValue, Request, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use tessera_protocol::config::{Config, VarySource};
+use tessera_protocol::tags::{self, TagError};
 use tessera_protocol::{BuildRequest, Cause, FragmentRoute};
 
 /// A rendered fragment.
@@ -21,6 +22,10 @@ pub struct Rendered {
     /// The render answer asked for ESI processing (`Surrogate-Control:
     /// content="ESI/1.0"`): its `<esi:…>` tags are composed when it is served.
     pub esi: bool,
+    /// Its tags (the render answer's `Surrogate-Key`), by which it can be purged along
+    /// with every other fragment carrying one of them. The worker checks them against
+    /// [`tessera_protocol::tags`]' limits: a list over a limit fails the build.
+    pub tags: Vec<String>,
 }
 
 /// Why a build failed: who is to blame, and whether trying again can help.
@@ -79,6 +84,10 @@ pub enum BuildError {
     /// corrupt): what is stored must be the fragment itself.
     #[error("cannot read the render answer: {0}")]
     Coding(#[source] Cause),
+    /// The render answer's tags (`Surrogate-Key`) are over a limit or not token
+    /// characters: the same answer fails the same way, so it is not retried.
+    #[error("the render answer's Surrogate-Key is refused: {0}")]
+    Tags(#[from] TagError),
     /// The builder panicked.
     #[error("the fragment builder panicked")]
     Panicked,
@@ -212,6 +221,13 @@ impl FragmentBuilder for HttpBuilder {
                 });
             }
             let esi = tessera_runtime::web::asks_for_esi(response.headers());
+            let tags = tags::parse(
+                response
+                    .headers()
+                    .get_all(tags::HEADER)
+                    .iter()
+                    .map(HeaderValue::as_bytes),
+            )?;
             let content_type = response
                 .headers()
                 .get(header::CONTENT_TYPE)
@@ -250,6 +266,7 @@ impl FragmentBuilder for HttpBuilder {
                 body,
                 content_type,
                 esi,
+                tags,
             })
         };
         tokio::time::timeout(route.build_timeout, work)

@@ -15,7 +15,8 @@
 //! Failures are decided from the error's type: upstream 5xx, timeouts, unreachable
 //! upstreams and store outages are retried through the broker's retry queue with
 //! exponential backoff and jitter (the lease is extended first); 4xx, redirects,
-//! oversize fragments and panics are final. A final failure stores a `failed` envelope
+//! oversize fragments, refused tags (`Surrogate-Key` over a limit) and panics are final.
+//! A final failure stores a `failed` envelope
 //! (which keeps the last good copy for stale-if-error) for the route's `failed_ttl`.
 //! Requests that exhausted their attempts, could not be decoded, or do not fit the
 //! configuration are dead-lettered — never requeued in a loop.
@@ -282,13 +283,18 @@ impl Worker {
             Err(e) => return Some(self.store_failed(route, req, e)),
         }
         let started = Instant::now();
+        // Taken before the render: a tag purged from this instant on retires the result.
+        let render_started = now_ms();
         let rendered = match self.render(route, req).await {
             Ok(r) => r,
             Err(e) => return Some(self.classify(route, req, e)),
         };
         let took = started.elapsed();
         Some(
-            match self.store_ready(route, req, keys, rendered, took).await {
+            match self
+                .store_ready(route, req, keys, rendered, render_started, took)
+                .await
+            {
                 Ok(()) => Outcome::Stored(started.elapsed()),
                 Err(e) => self.classify(route, req, e),
             },
@@ -344,8 +350,11 @@ impl Worker {
         req: &BuildRequest,
         keys: &FragmentKeys,
         rendered: Rendered,
+        render_started: u64,
         took: Duration,
     ) -> Result<(), BuildError> {
+        // Builders other than the HTTP one are held to the same limits.
+        tessera_protocol::tags::check(&rendered.tags)?;
         let build_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
         let envelope = Envelope::ready(
             rendered.body,
@@ -355,7 +364,8 @@ impl Worker {
             u32::try_from(build_ms).unwrap_or(u32::MAX),
             req.attempt,
         )
-        .with_esi(rendered.esi);
+        .with_esi(rendered.esi)
+        .with_tags(rendered.tags, render_started);
         let bytes = envelope.encode();
         let max = tessera_protocol::backends::item_limit(&self.config);
         let size = bytes.len() + keys.envelope.as_str().len() + ITEM_OVERHEAD;
@@ -439,6 +449,19 @@ impl Worker {
         let previous = match store.get(&keys.envelope).await {
             Ok(bytes) => bytes.and_then(|b| Envelope::decode(&b).ok()),
             Err(_) => None,
+        };
+        // A copy a tag purge retired must not be served, so it is not kept for
+        // stale-if-error (when the tags cannot be read, it is dropped to be safe): the
+        // failure then stands for `failed_ttl` instead of every request asking again.
+        let previous = match previous {
+            Some(p) => {
+                match tessera_protocol::tags::retired(store.as_ref(), &self.backends.keys, &p).await
+                {
+                    Ok(false) => Some(p),
+                    Ok(true) | Err(_) => None,
+                }
+            }
+            None => None,
         };
         let envelope = Envelope::failed(
             error.to_string(),

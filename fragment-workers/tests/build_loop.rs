@@ -19,7 +19,9 @@ use tessera_workers::{BuildError, FragmentBuilder, Rendered, WorkerMetrics};
 use tokio_util::sync::CancellationToken;
 
 /// Scripted by the `id` param: `panics`, `teapot` (418), `down` (503), `huge` (a body
-/// just under `store.max_item_size`, too big with its key and envelope); renders the rest.
+/// just under `store.max_item_size`, too big with its key and envelope), `overtagged`
+/// (one tag over the limit), `tagged` (two tags), `tagged-then-gone` (two tags, then 410
+/// once anything was built); renders the rest.
 #[derive(Debug, Default)]
 struct Scripted {
     calls: AtomicUsize,
@@ -28,8 +30,11 @@ struct Scripted {
 #[async_trait]
 impl FragmentBuilder for Scripted {
     async fn build(&self, _: &FragmentRoute, req: &BuildRequest) -> Result<Rendered, BuildError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
+        let earlier = self.calls.fetch_add(1, Ordering::SeqCst);
         match req.identity.params[0].1.as_str() {
+            "tagged-then-gone" if earlier > 0 => {
+                Err(BuildError::UpstreamClient(http::StatusCode::GONE))
+            }
             "panics" => panic!("a bug in a builder"),
             "teapot" => Err(BuildError::UpstreamClient(http::StatusCode::IM_A_TEAPOT)),
             "down" => Err(BuildError::UpstreamServer(
@@ -39,11 +44,21 @@ impl FragmentBuilder for Scripted {
                 body: Bytes::from(vec![b'x'; HUGE]),
                 content_type: "text/html".into(),
                 esi: false,
+                tags: vec![],
             }),
             id => Ok(Rendered {
                 body: Bytes::from(format!("<p>{id}</p>")),
                 content_type: "text/html".into(),
                 esi: false,
+                tags: match id {
+                    "overtagged" => (0..=tessera_protocol::tags::MAX_TAGS)
+                        .map(|i| format!("t{i}"))
+                        .collect(),
+                    "tagged" | "tagged-then-gone" => {
+                        vec!["product-42".into(), "shelf-7".into()]
+                    }
+                    _ => vec![],
+                },
             }),
         }
     }
@@ -374,4 +389,58 @@ async fn a_fragment_too_large_to_store_fails_saying_what_it_takes() {
         .unwrap();
     assert!(size > max && size > HUGE, "{error}");
     assert_eq!(s.builder.calls.load(Ordering::SeqCst), 1, "not retried");
+}
+
+#[tokio::test]
+async fn tags_are_stored_with_the_render_start_and_a_list_over_the_limit_fails() {
+    let s = setup().await;
+    let generation = current_generation(&s).await;
+    let before = tessera_protocol::time::now_ms();
+    let keys = request(&s, "tagged", generation).await;
+    let e = envelope(&s, &keys).await;
+    assert_eq!(e.status, Status::Ready);
+    assert_eq!(e.tags, vec!["product-42", "shelf-7"]);
+    assert!(
+        (before..=e.built_at).contains(&e.render_started),
+        "{before} {} {}",
+        e.render_started,
+        e.built_at
+    );
+
+    let keys = request(&s, "overtagged", generation).await;
+    let e = envelope(&s, &keys).await;
+    assert_eq!(e.status, Status::Failed);
+    let error = e.error.unwrap();
+    assert!(
+        error.contains("Surrogate-Key") && error.contains("at most 32"),
+        "{error}"
+    );
+    assert_eq!(s.builder.calls.load(Ordering::SeqCst), 2, "not retried");
+}
+
+#[tokio::test]
+async fn a_failure_does_not_keep_a_copy_a_tag_purge_retired() {
+    let s = setup().await;
+    let generation = current_generation(&s).await;
+    let keys = request(&s, "tagged-then-gone", generation).await;
+    assert_eq!(envelope(&s, &keys).await.status, Status::Ready);
+    let tag = tessera_protocol::tags::Tag::new("shelf-7").unwrap();
+    tessera_protocol::tags::purge(s.backends.store.as_ref(), &s.backends.keys, &tag)
+        .await
+        .unwrap();
+    request(&s, "tagged-then-gone", generation).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let failed = loop {
+        let e = envelope(&s, &keys).await;
+        if e.status == Status::Failed {
+            break e;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never failed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        failed.body.is_empty() && failed.tags.is_empty(),
+        "{failed:?}"
+    );
+    assert!(!failed.servable(tessera_protocol::time::now_ms()));
 }

@@ -221,6 +221,8 @@ async function refresh() {
     const streams = sum(ms, "tessera_streams"), polls = sum(ms, "tessera_long_polls");
     $("waiting").textContent = streams + polls;
     $("waiting-detail").textContent = `${streams} push streams · ${polls} long-polled fragments`;
+    $("tag-purges").textContent = sum(ms, "tessera_tag_purges_total");
+    $("tag-detail").textContent = `${sum(ms, "tessera_tag_retired_total")} fragments retired and rebuilt`;
     const healthy = s.ready.store === "ok" && s.ready.bus === "ok";
     $("health").textContent = healthy ? "ok" : "degraded"; $("health").className = healthy ? "ok" : "bad";
     const routes = [...new Set(ms.filter((m) => m.name === "tessera_build_duration_seconds_count").map((m) => m.labels.route))];

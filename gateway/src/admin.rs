@@ -7,6 +7,7 @@
 //! | `GET /metrics` | Prometheus text format 0.0.4; OpenMetrics when `Accept` asks for it |
 //! | `DELETE /fragments/{name}?{params}` | deletes one fragment (with the request's `vary` cookies/headers) |
 //! | `DELETE /routes/{name}` | moves the route to a new generation: every fragment of it is gone |
+//! | `DELETE /tags/{tag}` | retires every fragment whose render answer carried the tag (`Surrogate-Key`), on every route |
 //! | `GET /` | the dashboard (refreshes itself from `GET /api/status`; `dashboard.js`, `dashboard.css`) |
 //! | `GET /dead-letters` | dead-lettered build requests with their errors (JSON) |
 //! | `POST /dead-letters/requeue?limit=N` | puts up to N (default 100) back on their queues |
@@ -26,6 +27,7 @@ use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use tessera_protocol::tags::Tag;
 use tessera_protocol::{Identity, QueueStats};
 
 use crate::Gateway;
@@ -96,6 +98,12 @@ impl Gateway {
                     .await
                     .unwrap_or_else(GatewayError::into_response)
             }
+            (&Method::DELETE, p) if p.starts_with("/tags/") => {
+                let name = &p["/tags/".len()..];
+                self.purge_tag(name)
+                    .await
+                    .unwrap_or_else(GatewayError::into_response)
+            }
             (&Method::DELETE, p) if p.starts_with("/routes/") => {
                 let name = &p["/routes/".len()..];
                 self.purge_route(name)
@@ -126,6 +134,21 @@ impl Gateway {
         let deleted = self.cache.purge_fragment(&target).await?;
         let key = target.keys.envelope.as_str();
         let body = serde_json::json!({ "route": route.name, "key": key, "deleted": deleted });
+        Ok(json(StatusCode::OK, &body))
+    }
+
+    /// Purges a tag (percent-encoded in the path) and tells every gateway.
+    async fn purge_tag(&self, encoded: &str) -> Result<Response<Body>, GatewayError> {
+        if encoded.is_empty() {
+            return Ok(problem(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "name the tag to purge: DELETE /tags/{tag}",
+            ));
+        }
+        let tag = Tag::from_path_segment(encoded)?;
+        let purged_at = self.cache.purge_tag(&tag).await?;
+        let body = serde_json::json!({ "tag": tag.as_str(), "purged_at": purged_at });
         Ok(json(StatusCode::OK, &body))
     }
 

@@ -1,7 +1,8 @@
 //! L1: the in-process cache in front of the store.
 //!
 //! Two moka caches: slots (what the store said about one envelope key — an envelope, or
-//! "pending") and route generations. Both are bounded (bytes for slots) and hold entries
+//! "pending") and route generations, and beside them what is known of tag purges
+//! ([`crate::tags`]), which an envelope's tags are checked against on every use. Both are bounded (bytes for slots) and hold entries
 //! for at most `cache.ttl`; events evict sooner.
 //!
 //! Concurrent misses on one key are coalesced by moka's `try_get_with`: a burst of
@@ -29,6 +30,7 @@ use tessera_protocol::time::now_ms;
 use tessera_protocol::{Envelope, StoreKey};
 
 use crate::service::CacheError;
+use crate::tags::TagPurges;
 
 /// What the store said about one envelope key.
 #[derive(Debug)]
@@ -182,6 +184,8 @@ pub struct L1 {
     last_invalidation: AtomicU64,
     /// `cache.ttl`.
     ttl: Duration,
+    /// What is known of tag purges, so a hit checks its envelope's tags without I/O.
+    pub tags: TagPurges,
 }
 
 impl std::fmt::Debug for L1 {
@@ -233,6 +237,7 @@ impl L1 {
             everything_before: AtomicU64::new(0),
             last_invalidation: AtomicU64::new(0),
             ttl,
+            tags: TagPurges::new(ttl),
         }
     }
 
@@ -397,10 +402,12 @@ impl L1 {
         }
     }
 
-    /// Whether `slot`, past `cache.ttl`, may still be served while the store is down.
+    /// Whether `slot`, past `cache.ttl`, may still be served while the store is down:
+    /// valid, servable, and not retired by any tag purge heard of.
     fn usable_fallback(&self, key: &StoreKey, slot: &Slot) -> bool {
         self.still_valid(key.as_str(), slot.loaded_at)
-            && matches!(&slot.state, SlotState::Found(e) if e.servable(now_ms()))
+            && matches!(&slot.state, SlotState::Found(e)
+                if e.servable(now_ms()) && !e.retired_by(|t| self.tags.last_known(t)))
     }
 
     /// The slot of `key` loaded past `cache.ttl` ago, still valid and servable: what to
@@ -448,6 +455,16 @@ impl L1 {
         self.generations.invalidate(route).await;
     }
 
+    /// `tag` was purged at `purged_at` (Unix ms; `None` when the event did not say, and the
+    /// store is read again). Hot answers are dropped with it (they check no tags).
+    pub fn invalidate_tag(&self, tag: &str, purged_at: Option<u64>) {
+        match purged_at {
+            Some(at) => self.tags.learn(tag, at, Instant::now()),
+            None => self.tags.forget(tag),
+        }
+        self.log(&format!("tag:{tag}"));
+    }
+
     /// Events may have been missed: forget everything loaded before now.
     pub fn invalidate_all(&self) {
         let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -459,6 +476,7 @@ impl L1 {
         self.reloading.invalidate_all();
         self.generations.invalidate_all();
         self.known.invalidate_all();
+        self.tags.clear();
     }
 
     /// Brings the entry and byte counts up to date (moka counts lazily).

@@ -1,6 +1,7 @@
-//! `tessera-gateway purge …` and `tessera-gateway dead-letters …`: thin clients of a
-//! running gateway's admin API, so they work in embedded mode too (where the store lives
-//! inside the gateway process) and purges reach every gateway through the events exchange.
+//! `tessera-gateway purge …` (a fragment, a route or a tag) and
+//! `tessera-gateway dead-letters …`: thin clients of a running gateway's admin API, so
+//! they work in embedded mode too (where the store lives inside the gateway process) and
+//! purges reach every gateway through the events exchange.
 
 use std::time::Duration;
 
@@ -78,9 +79,25 @@ pub fn fragment_purge_path(fragment: &str, prefix: &str) -> String {
     format!("/fragments/{rest}")
 }
 
+/// The admin path that purges `tag`; a name that cannot be a tag is refused here, before
+/// any call.
+pub fn tag_purge_path(tag: &str) -> Result<String, CliError> {
+    let tag = tessera_protocol::tags::Tag::new(tag)
+        .map_err(|e| CliError::Usage(format!("{tag:?}: {e}")))?;
+    Ok(format!("/tags/{}", tag.path_segment()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tag_purge_paths() {
+        assert_eq!(tag_purge_path("product-42").unwrap(), "/tags/product-42");
+        assert_eq!(tag_purge_path("a#b").unwrap(), "/tags/a%23b");
+        assert!(matches!(tag_purge_path("a/b"), Err(CliError::Usage(_))));
+        assert!(matches!(tag_purge_path(""), Err(CliError::Usage(_))));
+    }
 
     #[test]
     fn purge_paths() {

@@ -171,8 +171,8 @@ impl Gateway {
 
     /// Composes an upstream response to a request at `base` when it asks for ESI; passes
     /// it through otherwise. A compressed page is decoded first, and the composed page
-    /// encoded for the client ([`encoding`]). `Surrogate-Control` is for surrogates like us
-    /// and is never sent on to the client.
+    /// encoded for the client ([`encoding`]). `Surrogate-Control` and `Surrogate-Key` are
+    /// for surrogates like us and are never sent on to the client.
     pub(crate) async fn compose_response(
         self: &Arc<Self>,
         response: Response<Body>,
@@ -184,6 +184,7 @@ impl Gateway {
         let (mut parts, body) = response.into_parts();
         let esi = tessera_runtime::web::asks_for_esi(&parts.headers);
         parts.headers.remove("surrogate-control");
+        parts.headers.remove(tessera_protocol::tags::HEADER);
         let html = parts
             .headers
             .get(header::CONTENT_TYPE)

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode, header};
+use tessera_protocol::tags::TagError;
 use tessera_protocol::{BusError, Cause, StoreError, key::IdentityError};
 
 use tessera_runtime::web::Body;
@@ -21,6 +22,9 @@ pub enum GatewayError {
     /// The request cannot be mapped to a fragment (query too long, bad bytes, …).
     #[error(transparent)]
     BadRequest(#[from] IdentityError),
+    /// A purge named something that cannot be a tag.
+    #[error("not a valid tag: {0}")]
+    BadTag(#[from] TagError),
     /// The method is not served on this path.
     #[error("method {method} is not allowed here; use {allow}")]
     MethodNotAllowed {
@@ -74,6 +78,7 @@ impl GatewayError {
             GatewayError::BadRequest(_) => {
                 (StatusCode::BAD_REQUEST, "bad_request", self.to_string())
             }
+            GatewayError::BadTag(_) => (StatusCode::BAD_REQUEST, "bad_tag", self.to_string()),
             GatewayError::MethodNotAllowed { .. } => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",

@@ -1,5 +1,7 @@
 //! Follows the events fanout: evicts L1 entries and wakes long-polls the moment a worker
-//! (in this process or any other) built, failed or purged something.
+//! (in this process or any other) built, failed or purged something. A tag purge is
+//! recorded in L1's tag table, so every envelope carrying the tag is retired on its next
+//! use, in L1 too.
 
 use std::sync::Arc;
 
@@ -84,6 +86,14 @@ impl Followers {
         } = event
         {
             cache.l1.invalidate_route(route).await;
+        }
+        if let Event::Purged {
+            tag: Some(tag),
+            purged_at,
+            ..
+        } = event
+        {
+            cache.l1.invalidate_tag(tag, *purged_at);
         }
         if let Some(keys) = keys {
             // Evict first, then wake: a woken request must not find the old entry.

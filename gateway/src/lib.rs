@@ -14,6 +14,7 @@
 //! - [`fragment`]: the fragment endpoint: HTTP answers for what the cache found.
 //! - [`service`]: the cache service: lookups, freshness, build requests; no HTTP.
 //! - [`cache`]: L1, with coalescing and an invalidation log.
+//! - [`tags`]: what this gateway knows of tag purges, for the hit path.
 //! - [`hot`]: the last fresh answer per request target, for the hit path.
 //! - [`waiters`]: long-poll wake-ups for `Prefer: wait`.
 //! - [`stream`]: the push stream, one connection per page for all its placeholders.
@@ -41,6 +42,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod service;
 pub mod stream;
+pub mod tags;
 pub mod waiters;
 
 use std::future::Future;

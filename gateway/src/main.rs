@@ -82,6 +82,12 @@ enum Purge {
         /// The route name.
         name: String,
     },
+    /// Every fragment whose render answer carried the tag (`Surrogate-Key`), on every
+    /// route, e.g. `purge tag product-42`.
+    Tag {
+        /// The tag.
+        name: String,
+    },
 }
 
 #[tokio::main]
@@ -185,6 +191,13 @@ async fn admin_command(config: &Config, command: Admin) -> anyhow::Result<()> {
                     &config.gateway.fragment_prefix,
                 ),
                 Purge::Route { name } => format!("/routes/{name}"),
+                Purge::Tag { name } => match tessera_gateway::cli::tag_purge_path(&name) {
+                    Ok(path) => path,
+                    Err(e) => {
+                        eprintln!("tessera-gateway: {e}");
+                        std::process::exit(2);
+                    }
+                },
             };
             (admin, Method::DELETE, path)
         }

@@ -212,6 +212,10 @@ pub struct Metrics {
     pub includes_refused: Counter,
     /// Times the event subscription said events may have been missed.
     pub events_lagged: Counter,
+    /// Tag purges made through this gateway's admin API.
+    pub tag_purges: Counter,
+    /// Envelopes found retired by a tag purge (each then rebuilt).
+    pub tag_retired: Counter,
     /// L1 entries (set at scrape).
     pub l1_entries: Gauge,
     /// L1 bytes (set at scrape).
@@ -268,6 +272,8 @@ impl Metrics {
             undecodable: Counter::default(),
             includes_refused: Counter::default(),
             events_lagged: Counter::default(),
+            tag_purges: Counter::default(),
+            tag_retired: Counter::default(),
             l1_entries: Gauge::default(),
             l1_bytes: Gauge::default(),
             long_polls: Gauge::default(),
@@ -284,6 +290,7 @@ impl Metrics {
         metrics.register_requests();
         metrics.register_faults();
         metrics.register_reported_builds();
+        metrics.register_tags();
         metrics.register_scraped();
         metrics
             .worker
@@ -351,6 +358,21 @@ impl Metrics {
             "events_lagged",
             "Times events may have been missed and L1 was dropped",
             self.events_lagged.clone(),
+        );
+    }
+
+    /// Tag purges and what they retired.
+    fn register_tags(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "tag_purges",
+            "Tag purges made through this gateway's admin API",
+            self.tag_purges.clone(),
+        );
+        r.register(
+            "tag_retired",
+            "Fragments this gateway found retired by a tag purge, each then rebuilt",
+            self.tag_retired.clone(),
         );
     }
 

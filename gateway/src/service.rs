@@ -5,6 +5,13 @@
 //! A lookup goes L1, then the store; a missing fragment has its build requested through
 //! the [`Lease`], so of all callers in all gateways exactly one queues it. Inside one
 //! gateway, L1 coalesces identical concurrent misses into one store lookup first.
+//!
+//! Every envelope found (in L1 or the store) that carries tags is checked against the tag
+//! purges ([`tessera_protocol::tags`]) before it is judged: against what L1 knows
+//! ([`crate::tags`]) when it read the tags within `cache.ttl`, otherwise by reading the
+//! tags' keys in one `get_many`. An envelope a purge retired is dropped from L1 and
+//! treated as missing: its rebuild is requested as for a cold miss, and nothing of it is
+//! served, not even stale.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +21,7 @@ use futures_util::future::join_all;
 use tessera_protocol::config::background_queue;
 use tessera_protocol::envelope::Freshness;
 use tessera_protocol::message::VERSION;
+use tessera_protocol::tags::{self, Tag};
 use tessera_protocol::time::{now_ms, remaining};
 use tessera_protocol::{
     Backends, BuildRequest, BusError, Config, Envelope, Event, FragmentKeys, FragmentRoute,
@@ -174,7 +182,66 @@ impl CacheService {
                 fallback: true,
             });
         }
-        Ok(self.judge(t, read.slot))
+        let slot = self.screen(t, read.slot).await?;
+        Ok(self.judge(t, slot))
+    }
+
+    /// `slot`, unless a tag purge retired its envelope: then the envelope is dropped from
+    /// L1, its build requested as for a miss, and what that leaves (pending, or a build
+    /// that just finished) cached and returned instead.
+    async fn screen(&self, t: &Target<'_>, slot: Arc<Slot>) -> Result<Arc<Slot>, CacheError> {
+        let SlotState::Found(envelope) = &slot.state else {
+            return Ok(slot);
+        };
+        if !self.retired(envelope).await? {
+            return Ok(slot);
+        }
+        self.metrics.tag_retired.inc();
+        tracing::debug!(key = %t.keys.envelope, "retired by a tag purge; rebuilding");
+        self.l1.invalidate_key(&t.keys.envelope).await;
+        // After the invalidation, so what is cached now counts as loaded after it.
+        let started = Instant::now();
+        let state = self
+            .request_build(t, Priority::Waited, 0)
+            .await?
+            .into_state();
+        Ok(self.l1.insert(&t.keys.envelope, state, started).await)
+    }
+
+    /// Whether a tag purge retired `envelope`: its tags are looked up in L1's tag table,
+    /// and those it does not know (within `cache.ttl`) read from the store in one
+    /// `get_many`. When the store cannot answer, what L1 last knew of every tag decides;
+    /// a tag it never knew makes it a store error.
+    pub async fn retired(&self, envelope: &Envelope) -> Result<bool, CacheError> {
+        if envelope.tags.is_empty() {
+            return Ok(false);
+        }
+        let known = &self.l1.tags;
+        let now = Instant::now();
+        let mut unknown: Vec<&str> = Vec::new();
+        for tag in &envelope.tags {
+            match known.current(tag, now) {
+                Some(at) if envelope.retired_at(at) => return Ok(true),
+                Some(_) => {}
+                None => unknown.push(tag),
+            }
+        }
+        if unknown.is_empty() {
+            return Ok(false);
+        }
+        let read = tags::purged_at(self.backends.store.as_ref(), &self.backends.keys, &unknown);
+        match read.await {
+            Ok(found) => {
+                for (tag, at) in &found {
+                    known.learn(tag, *at, now);
+                }
+            }
+            Err(e) if unknown.iter().all(|t| known.last_known(t).is_some()) => {
+                tracing::debug!(error = %e, "store unavailable; tags checked against what L1 knew");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(envelope.retired_by(|t| known.last_known(t)))
     }
 
     /// Looks every target up at once: L1, then one multi-get for the rest, then one
@@ -222,8 +289,18 @@ impl CacheService {
             })
             .collect();
         for t in targets {
+            if found.contains_key(&t.keys.envelope) {
+                continue;
+            }
             if let Some(slot) = slots.get(&t.keys.envelope) {
-                found.insert(t.keys.envelope.clone(), self.judge(t, slot.clone()));
+                match self.screen(t, slot.clone()).await {
+                    Ok(slot) => {
+                        found.insert(t.keys.envelope.clone(), self.judge(t, slot));
+                    }
+                    Err(e) => {
+                        tracing::warn!(route = %t.route.name, error = %e, "include left out: its tags could not be checked");
+                    }
+                }
             }
         }
         found
@@ -383,6 +460,7 @@ impl CacheService {
         if let Some(bytes) = store.get(&t.keys.envelope).await?
             && let Ok(envelope) = Envelope::decode(&bytes)
             && now.max(replaces) < envelope.fresh_until
+            && !self.retired(&envelope).await?
         {
             lease.release().await?;
             return Ok(Requested::JustBuilt(envelope));
@@ -427,10 +505,32 @@ impl CacheService {
             route: None,
             generation: None,
             key: Some(key.to_string()),
+            tag: None,
+            purged_at: None,
         };
         self.backends.bus.publish_event(&event).await?;
         tracing::info!(route = %t.route.name, %key, deleted, "fragment purged");
         Ok(deleted)
+    }
+
+    /// Purges `tag` everywhere: records the instant in the tag's store key, so every
+    /// fragment rendered before it is retired in every gateway, then tells every gateway
+    /// (whose L1 and hot answers forget it at once). Returns the instant (Unix ms).
+    pub async fn purge_tag(&self, tag: &Tag) -> Result<u64, CacheError> {
+        let purged_at = tags::purge(self.backends.store.as_ref(), &self.backends.keys, tag).await?;
+        // Here first, so this gateway is right even if the broker is down.
+        self.l1.invalidate_tag(tag.as_str(), Some(purged_at));
+        self.metrics.tag_purges.inc();
+        let event = Event::Purged {
+            route: None,
+            generation: None,
+            key: None,
+            tag: Some(tag.to_string()),
+            purged_at: Some(purged_at),
+        };
+        self.backends.bus.publish_event(&event).await?;
+        tracing::info!(%tag, purged_at, "tag purged");
+        Ok(purged_at)
     }
 
     /// Moves a route to a new generation and tells every gateway; the new generation.
@@ -442,6 +542,8 @@ impl CacheService {
             route: Some(route.name.clone()),
             generation: Some(generation),
             key: None,
+            tag: None,
+            purged_at: None,
         };
         self.backends.bus.publish_event(&event).await?;
         tracing::info!(route = %route.name, generation, "route purged");

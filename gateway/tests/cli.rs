@@ -121,6 +121,49 @@ async fn purge_route_from_the_command_line() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_tag_from_the_command_line() {
+    let (admin, stop) = running_gateway("tok").await;
+    let config = "[gateway]\nadmin_token = \"tok\"\n";
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            purge(config, &args)
+        })
+    };
+    let args = |tag: &str| {
+        ["purge", "tag", tag, "--admin", &admin]
+            .map(str::to_string)
+            .to_vec()
+    };
+    let out = run(args("50%-off")).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["tag"], "50%-off");
+    assert!(body["purged_at"].as_u64().unwrap() > 0);
+
+    // Refused before any call: not a tag.
+    let out = run(args("a/b")).await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("token characters"));
+
+    let wrong = "[gateway]\nadmin_token = \"nope\"\n";
+    let a = args("p-1");
+    let out = tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        purge(wrong, &a)
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_checks_health_with_the_admin_token() {
     let (admin, stop) = running_gateway("tok").await;
     let probe = |config: &'static str, path: &str| {

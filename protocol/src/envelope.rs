@@ -11,6 +11,14 @@
 //!   the negative-cache deadline: no new build before it.
 //! - `stale_until`: a `ready` body may still be served (while a rebuild runs, or as
 //!   stale-if-error) until then. memcached expires the item at the later of the two.
+//! - `render_started`: when the worker started the render that produced the body; a tag
+//!   purged at or after it retires the envelope ([`crate::tags`]).
+//!
+//! Layouts: version 3 adds `tags` and `render_started`. postcard is not self-describing
+//! (a field cannot be added with a serde default: older bytes simply end early), so each
+//! layout has its own version byte. An envelope without tags is still written as version
+//! 2, byte for byte what earlier builds wrote, so gateways of the previous release keep
+//! reading every fragment that does not use tags during a rolling upgrade.
 
 use std::time::Duration;
 
@@ -21,8 +29,11 @@ use crate::time::{now_ms, remaining};
 
 const MAGIC: u8 = b'T';
 /// Current encoding version; bump it when the layout changes. Version 1 (without
-/// [`Envelope::esi`]) is still read.
-pub const VERSION: u8 = 2;
+/// [`Envelope::esi`]) and version 2 (without [`Envelope::tags`]) are still read, and
+/// version 2 is still written for envelopes without tags (see the module docs).
+pub const VERSION: u8 = 3;
+/// The layout without tags.
+const VERSION_UNTAGGED: u8 = 2;
 
 /// Outcome of the last build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,12 +73,35 @@ pub struct Envelope {
     /// not opt in is served as it is, so one that reflects user input cannot make the
     /// gateway build other fragments.
     pub esi: bool,
+    /// The tags of the render answer's `Surrogate-Key` (validated, distinct; see
+    /// [`crate::tags`]). A failed envelope keeps those of the copy it holds.
+    pub tags: Vec<String>,
+    /// When the render of `body` started (worker clock, Unix ms): a purge of one of
+    /// `tags` at or after it retires the envelope. Before version 3: `built_at`.
+    pub render_started: u64,
+}
+
+/// Version 2 of the layout: [`Envelope`] without `tags` and `render_started`, still
+/// written for envelopes without tags. postcard writes a struct as its fields one after
+/// the other, so nesting version 1 gives the same bytes as listing its fields again.
+#[derive(Serialize, Deserialize)]
+struct EnvelopeV2 {
+    v1: EnvelopeV1,
+    esi: bool,
+}
+
+impl From<EnvelopeV2> for Envelope {
+    fn from(v2: EnvelopeV2) -> Self {
+        Envelope {
+            esi: v2.esi,
+            ..Envelope::from(v2.v1)
+        }
+    }
 }
 
 /// Version 1 of the layout: [`Envelope`] without `esi`. Its fragments were composed
 /// whenever they carried markup, and still are until rebuilt.
-#[derive(Deserialize)]
-#[cfg_attr(test, derive(Serialize))]
+#[derive(Serialize, Deserialize)]
 struct EnvelopeV1 {
     status: Status,
     body: Bytes,
@@ -95,6 +129,8 @@ impl From<EnvelopeV1> for Envelope {
             attempts: v1.attempts,
             error: v1.error,
             esi: true,
+            tags: Vec::new(),
+            render_started: v1.built_at,
         }
     }
 }
@@ -154,7 +190,38 @@ impl Envelope {
             attempts,
             error: None,
             esi: false,
+            tags: Vec::new(),
+            render_started: now,
         }
+    }
+
+    /// The same envelope with the tags of its render, which started at `render_started`
+    /// (Unix ms). The tags must be valid ([`crate::tags::check`]).
+    #[must_use]
+    pub fn with_tags(mut self, tags: Vec<String>, render_started: u64) -> Self {
+        // Without tags the start matters to nobody and is not stored (version 2): keep
+        // it what decoding gives, `built_at`.
+        self.render_started = if tags.is_empty() {
+            self.built_at
+        } else {
+            render_started
+        };
+        self.tags = tags;
+        self
+    }
+
+    /// Whether a purge of one of its tags retired it, given when each tag was last purged
+    /// (`None` or 0: never): purged at or after its render started. The render may have
+    /// read the data the purge was about, so a render racing a purge is not trusted.
+    pub fn retired_by(&self, purged_at: impl Fn(&str) -> Option<u64>) -> bool {
+        self.tags
+            .iter()
+            .any(|t| purged_at(t).is_some_and(|at| self.retired_at(at)))
+    }
+
+    /// Whether a purge of one of its tags at `purged_at` (Unix ms; 0: never) retires it.
+    pub fn retired_at(&self, purged_at: u64) -> bool {
+        purged_at > 0 && purged_at >= self.render_started
     }
 
     /// The same envelope, composed (`esi = true`) or served as it is.
@@ -194,6 +261,8 @@ impl Envelope {
                 attempts,
                 error: Some(error),
                 esi: false,
+                tags: Vec::new(),
+                render_started: now,
             },
         }
     }
@@ -221,19 +290,53 @@ impl Envelope {
 
     /// Encodes for the store.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![MAGIC, VERSION];
         // postcard into a Vec cannot fail for these plain types; fall back to an empty
         // payload (which decodes as Corrupt, i.e. a miss) rather than panic.
+        if self.tags.is_empty() {
+            let mut out = vec![MAGIC, VERSION_UNTAGGED];
+            out.extend(postcard::to_stdvec(&self.as_v2()).unwrap_or_default());
+            return out;
+        }
+        let mut out = vec![MAGIC, VERSION];
         out.extend(postcard::to_stdvec(self).unwrap_or_default());
         out
+    }
+
+    /// Its version 2 layout (no tags). The body is shared, not copied.
+    fn as_v2(&self) -> EnvelopeV2 {
+        EnvelopeV2 {
+            v1: EnvelopeV1 {
+                status: self.status,
+                body: self.body.clone(),
+                content_type: self.content_type.clone(),
+                etag: self.etag.clone(),
+                built_at: self.built_at,
+                fresh_until: self.fresh_until,
+                stale_until: self.stale_until,
+                build_ms: self.build_ms,
+                attempts: self.attempts,
+                error: self.error.clone(),
+            },
+            esi: self.esi,
+        }
     }
 
     /// Decodes bytes from the store.
     pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
         match bytes {
-            [MAGIC, VERSION, rest @ ..] => {
-                postcard::from_bytes(rest).map_err(|e| DecodeError::Corrupt(e.to_string()))
-            }
+            [MAGIC, VERSION, rest @ ..] => postcard::from_bytes::<Envelope>(rest)
+                .map(|e| {
+                    let (tags, started) = (e.tags.clone(), e.render_started);
+                    Envelope {
+                        tags: Vec::new(),
+                        ..e
+                    }
+                    .with_tags(tags, started)
+                })
+                .map_err(|e| DecodeError::Corrupt(e.to_string())),
+            [MAGIC, VERSION_UNTAGGED, rest @ ..] => postcard::from_bytes::<EnvelopeV2>(rest)
+                .map(Envelope::from)
+                .map_err(|e| DecodeError::Corrupt(e.to_string())),
             [MAGIC, 1, rest @ ..] => postcard::from_bytes::<EnvelopeV1>(rest)
                 .map(Envelope::from)
                 .map_err(|e| DecodeError::Corrupt(e.to_string())),
@@ -296,6 +399,55 @@ mod tests {
         assert!(!e.esi, "a new envelope is not composed unless it asked");
         let esi = e.with_esi(true);
         assert_eq!(Envelope::decode(&esi.encode()), Ok(esi));
+    }
+
+    #[test]
+    fn tagged_envelopes_use_version_3_and_untagged_ones_stay_version_2() {
+        let plain = sample();
+        let bytes = plain.encode();
+        assert_eq!(&bytes[..2], &[MAGIC, 2], "readable by the previous release");
+        // Exactly what version 2 wrote: the fields up to `esi`, which the version 3
+        // layout starts with.
+        let v3 = postcard::to_stdvec(&plain).unwrap();
+        assert!(v3.starts_with(&bytes[2..]) && v3.len() > bytes.len() - 2);
+        assert_eq!(Envelope::decode(&bytes), Ok(plain.clone()));
+
+        let tagged = plain
+            .clone()
+            .with_tags(vec!["product-42".into(), "shelf-7".into()], 1_000);
+        let bytes = tagged.encode();
+        assert_eq!(&bytes[..2], &[MAGIC, VERSION]);
+        assert_eq!(Envelope::decode(&bytes), Ok(tagged.clone()));
+        for cut in 2..bytes.len() {
+            assert!(
+                Envelope::decode(&bytes[..cut]).is_err(),
+                "truncated at {cut}"
+            );
+        }
+        // A failure keeps the copy's tags and render start: a purge retires the copy too.
+        let failed = Envelope::failed("boom".into(), Duration::from_secs(5), 2, Some(&tagged));
+        assert_eq!(failed.tags, tagged.tags);
+        assert_eq!(failed.render_started, 1_000);
+        assert_eq!(Envelope::decode(&failed.encode()), Ok(failed));
+    }
+
+    #[test]
+    fn a_tag_purged_at_or_after_the_render_start_retires_it() {
+        let e = sample().with_tags(vec!["a".into(), "b".into()], 1_000);
+        let purged = |tag: &'static str, at: u64| move |t: &str| (t == tag).then_some(at);
+        assert!(!e.retired_by(|_| None));
+        assert!(!e.retired_by(purged("b", 999)), "purged before the render");
+        assert!(e.retired_by(purged("b", 1_000)), "purged as it started");
+        assert!(
+            e.retired_by(purged("a", 5_000)),
+            "purged while or after it rendered"
+        );
+        assert!(!e.retired_by(purged("c", 5_000)), "another tag");
+        assert!(!e.retired_by(|_| Some(0)), "0 is never purged");
+        assert!(
+            !sample().retired_by(|_| Some(u64::MAX)),
+            "no tags, nothing to retire"
+        );
     }
 
     #[test]
@@ -430,7 +582,13 @@ mod tests {
         assert_eq!((e.build_ms, e.attempts), (312, 1));
         assert_eq!(e.etag, etag_of(&e.body));
         assert_eq!(e.error, None);
-        assert_eq!(&e.encode()[..2], &[MAGIC, VERSION]);
+        assert_eq!(
+            &e.encode()[..2],
+            &[MAGIC, VERSION_UNTAGGED],
+            "no tags: version 2"
+        );
+        let tagged = e.with_tags(vec!["t".into()], 1);
+        assert_eq!(&tagged.encode()[..2], &[MAGIC, VERSION]);
     }
 
     #[test]

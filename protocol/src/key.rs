@@ -15,6 +15,7 @@
 //! | `{ns}:f:{route}:{gen}:{digest}` | the envelope |
 //! | `{ns}:p:{route}:{gen}:{digest}` | the pending lease: the id of the one request allowed to build |
 //! | `{ns}:g:{route}` | the route's generation |
+//! | `{ns}:t:{tag}` | when the tag was last purged (Unix ms; see [`crate::tags`]) |
 
 use std::fmt;
 
@@ -22,6 +23,7 @@ use http::HeaderMap;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 
 use crate::config::{FragmentRoute, VarySource};
+use crate::tags::Tag;
 
 /// Longest query string accepted on a fragment request.
 pub const MAX_QUERY: usize = 4096;
@@ -78,6 +80,11 @@ impl FragmentKeys {
         StoreKey(key)
     }
 
+    /// The keyspace the keys belong to (for the keys of the envelope's tags).
+    pub(crate) fn keyspace(&self) -> Keyspace {
+        Keyspace::new(&self.envelope.0[..self.kind_at])
+    }
+
     /// The route the fragment belongs to.
     pub fn route(&self) -> &str {
         let rest = &self.envelope.0[self.kind_at + 3..];
@@ -114,6 +121,12 @@ impl Keyspace {
     /// Where the generation of `route` is kept. `route` must be a configured route name.
     pub fn generation(&self, route: &str) -> StoreKey {
         StoreKey(format!("{}:g:{route}", self.ns))
+    }
+
+    /// Where the last purge of `tag` is kept. A [`Tag`] holds only token characters
+    /// (no `:`, space or control character) and is at most 128 bytes.
+    pub fn tag(&self, tag: &Tag) -> StoreKey {
+        StoreKey(format!("{}:t:{tag}", self.ns))
     }
 
     /// Recovers a fragment's keys from its envelope key's text, as carried in messages

@@ -10,8 +10,9 @@
 //!   - held by this request: extended for the render, build;
 //!   - held by another request: this one was superseded (its lease expired while it
 //!     waited in a backed-up queue, and a newer request took over): dropped;
-//!   - held by nobody: the fragment is fresh (someone built it meanwhile) and the request
-//!     is dropped, or the worker re-takes the lease with `add` and builds;
+//!   - held by nobody: the fragment is fresh (someone built it meanwhile, and no tag
+//!     purge retired it since, see [`crate::tags`]) and the request is dropped, or the
+//!     worker re-takes the lease with `add` and builds;
 //! - a worker that schedules a retry **extends** it through the retry's delay, so no
 //!   gateway queues a second build meanwhile;
 //! - whoever finishes (the worker after storing the envelope, or a gateway whose publish
@@ -30,8 +31,9 @@ use std::time::Duration;
 
 use crate::config::FragmentRoute;
 use crate::envelope::Envelope;
-use crate::key::{FragmentKeys, StoreKey};
+use crate::key::{FragmentKeys, Keyspace, StoreKey};
 use crate::store::{Store, StoreError};
+use crate::tags;
 use crate::time::{add_ms, now_ms};
 
 /// What a worker's claim found.
@@ -51,6 +53,7 @@ pub struct Lease<'a> {
     store: &'a dyn Store,
     key: StoreKey,
     envelope: &'a StoreKey,
+    keyspace: Keyspace,
     ttl: Duration,
 }
 
@@ -61,6 +64,7 @@ impl<'a> Lease<'a> {
             store,
             key: keys.lease(),
             envelope: &keys.envelope,
+            keyspace: keys.keyspace(),
             ttl: route.lease_ttl(),
         }
     }
@@ -94,12 +98,18 @@ impl<'a> Lease<'a> {
             }
             Some(_) => Ok(Claim::Superseded),
             None => {
-                let fresh = self
+                let fresh = match self
                     .store
                     .get(self.envelope)
                     .await?
                     .and_then(|bytes| Envelope::decode(&bytes).ok())
-                    .is_some_and(|e| now_ms() < e.fresh_until);
+                {
+                    // A fresh envelope a tag purge retired is as good as none.
+                    Some(e) if now_ms() < e.fresh_until => {
+                        !tags::retired(self.store, &self.keyspace, &e).await?
+                    }
+                    _ => false,
+                };
                 if fresh {
                     Ok(Claim::AlreadyBuilt)
                 } else if self
@@ -270,5 +280,30 @@ mod tests {
             .unwrap();
         assert_eq!(lease.claim("late").await.unwrap(), Claim::AlreadyBuilt);
         assert_eq!(lease.holder().await.unwrap(), None, "nothing taken");
+    }
+
+    #[tokio::test]
+    async fn a_fresh_fragment_retired_by_a_tag_purge_is_built_again() {
+        let (store, keys, route) = setup();
+        let lease = Lease::new(&store, &keys, &route);
+        let fresh = Envelope::ready(
+            bytes::Bytes::from_static(b"x"),
+            "text/html".into(),
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            1,
+            1,
+        )
+        .with_tags(vec!["p-1".into()], now_ms() - 1);
+        store
+            .set(&keys.envelope, &fresh.encode(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(lease.claim("late").await.unwrap(), Claim::AlreadyBuilt);
+        let tag = crate::tags::Tag::new("p-1").unwrap();
+        crate::tags::purge(&store, &keys.keyspace(), &tag)
+            .await
+            .unwrap();
+        assert_eq!(lease.claim("after-purge").await.unwrap(), Claim::Held);
     }
 }

@@ -15,6 +15,7 @@
 //! - [`key`]: fragment identity (allow-listed params, vary values, generation) and store keys.
 //! - [`envelope`]: the versioned, compact value stored for a fragment.
 //! - [`message`]: `BuildRequest` and events, JSON with a `v` field.
+//! - [`tags`]: surrogate keys: parsing and limits, tag purges, whether one retired an envelope.
 //! - [`lease`]: the pending lease, sole owner of "exactly one build per key".
 //! - [`store`]: the `Store` trait (memcached semantics) and its in-memory twin.
 //! - [`bus`]: the `Bus` trait (AMQP semantics) and its in-process twin.
@@ -31,6 +32,7 @@ pub mod key;
 pub mod lease;
 pub mod message;
 pub mod store;
+pub mod tags;
 pub mod time;
 
 pub use backends::Backends;

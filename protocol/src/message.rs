@@ -85,7 +85,8 @@ pub enum Event {
         /// Why.
         error: String,
     },
-    /// Content was purged: one key, or a whole route by generation.
+    /// Content was purged: one key, a whole route by generation, or every fragment
+    /// carrying a tag.
     Purged {
         /// The route whose generation was bumped.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,6 +97,13 @@ pub enum Event {
         /// The single envelope key deleted.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         key: Option<String>,
+        /// The tag purged (see [`crate::tags`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
+        /// When the tag was purged (Unix ms), as written to its store key. Without it a
+        /// gateway forgets what it knew of the tag and reads the store again.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        purged_at: Option<u64>,
     },
 }
 
@@ -213,6 +221,8 @@ mod tests {
             route: None,
             generation: None,
             key: Some("t:f:recs:1:cc".into()),
+            tag: None,
+            purged_at: None,
         };
         assert_eq!(purged_key.key(), Some("t:f:recs:1:cc"));
         // A whole-route purge is about a generation, not one key.
@@ -220,6 +230,8 @@ mod tests {
             route: Some("recs".into()),
             generation: Some(2),
             key: None,
+            tag: None,
+            purged_at: None,
         };
         assert_eq!(purged_route.key(), None);
     }
@@ -240,6 +252,33 @@ mod tests {
     }
 
     #[test]
+    fn purge_events_of_earlier_releases_still_decode() {
+        let e = Event::decode(br#"{"v":1,"type":"purged","route":"recs","generation":4}"#).unwrap();
+        assert!(matches!(
+            e,
+            Event::Purged {
+                tag: None,
+                purged_at: None,
+                ..
+            }
+        ));
+        let json: serde_json::Value = serde_json::from_slice(
+            &Event::Purged {
+                route: None,
+                generation: None,
+                key: None,
+                tag: Some("p-1".into()),
+                purged_at: Some(5),
+            }
+            .encode(),
+        )
+        .unwrap();
+        assert_eq!(json["tag"], "p-1");
+        assert_eq!(json["purged_at"], 5);
+        assert!(json.get("route").is_none());
+    }
+
+    #[test]
     fn events_round_trip() {
         for e in [
             Event::Built {
@@ -255,11 +294,22 @@ mod tests {
                 route: Some("recs".into()),
                 generation: Some(3),
                 key: None,
+                tag: None,
+                purged_at: None,
             },
             Event::Purged {
                 route: None,
                 generation: None,
                 key: Some("k".into()),
+                tag: None,
+                purged_at: None,
+            },
+            Event::Purged {
+                route: None,
+                generation: None,
+                key: None,
+                tag: Some("product-42".into()),
+                purged_at: Some(1_700_000_000_000),
             },
         ] {
             assert_eq!(Event::decode(&e.encode()).unwrap(), e);

@@ -194,6 +194,10 @@ fn envelope() -> impl Strategy<Value = Envelope> {
         (any::<u64>(), any::<u64>(), any::<u64>()),
         (any::<u32>(), any::<u32>()),
         proptest::option::of(any::<String>()),
+        (
+            proptest::collection::vec("[a-z0-9-]{1,16}", 0..4),
+            any::<u64>(),
+        ),
     )
         .prop_map(
             |(
@@ -203,8 +207,9 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                 (built_at, fresh_until, stale_until),
                 (build_ms, attempts),
                 error,
+                (tags, render_started),
             )| {
-                Envelope {
+                let e = Envelope {
                     status: if ready { Status::Ready } else { Status::Failed },
                     body: Bytes::from(body),
                     content_type,
@@ -216,7 +221,10 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                     attempts,
                     error,
                     esi,
-                }
+                    tags: Vec::new(),
+                    render_started: built_at,
+                };
+                e.with_tags(tags, render_started)
             },
         )
 }
@@ -235,6 +243,7 @@ proptest! {
             proptest::collection::vec(any::<u8>(), 0..256),
             // Past the header, where postcard reads lengths and variants.
             proptest::collection::vec(any::<u8>(), 0..256).prop_map(|b| [&[b'T', 1][..], &b].concat()),
+            proptest::collection::vec(any::<u8>(), 0..256).prop_map(|b| [&[b'T', 3][..], &b].concat()),
         ]
     ) {
         if let Ok(e) = Envelope::decode(&bytes) {
@@ -309,11 +318,15 @@ fn event() -> impl Strategy<Value = Event> {
             proptest::option::of(any::<String>()),
             proptest::option::of(any::<u64>()),
             proptest::option::of(any::<String>()),
+            proptest::option::of(any::<String>()),
+            proptest::option::of(any::<u64>()),
         )
-            .prop_map(|(route, generation, key)| Event::Purged {
+            .prop_map(|(route, generation, key, tag, purged_at)| Event::Purged {
                 route,
                 generation,
-                key
+                key,
+                tag,
+                purged_at,
             }),
     ]
 }

@@ -10,6 +10,7 @@
 //! - [`counting`]: a `Store` wrapper that counts round trips.
 //! - [`harness`]: start and stop gateways; choose memory or real backends.
 //! - [`eventually`]: wait for a condition with a bounded deadline; [`metric`]: read a sample.
+//! - [`on_both_backends!`]: run a file's scenarios as tests on memory and real backends.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -51,4 +52,34 @@ pub fn metric(text: &str, line_start: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Runs scenarios (`async fn name(kind: Backend)` in the calling file) as tests on both
+/// backends: `mod memory` on the in-process store and bus, `mod real` on memcached and
+/// RabbitMQ, so both are held to the same behaviour.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),+ $(,)?) => {
+        mod memory {
+            $crate::on_backend!($crate::harness::Backend::Memory, $($name),+);
+        }
+        /// The same scenarios on memcached and RabbitMQ.
+        mod real {
+            $crate::on_backend!($crate::harness::Backend::Real, $($name),+);
+        }
+    };
+}
+
+/// One test per scenario of the parent module, on backend `$kind` (see
+/// [`on_both_backends!`]).
+#[macro_export]
+macro_rules! on_backend {
+    ($kind:expr, $($name:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name($kind).await;
+            }
+        )+
+    };
 }

@@ -26,6 +26,9 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Response headers made from a request's query.
+pub type HeadersForQuery = fn(&str) -> Vec<(String, String)>;
+
 /// How one render path behaves.
 #[derive(Debug, Clone, Default)]
 pub struct Script {
@@ -41,6 +44,11 @@ pub struct Script {
     pub body: Option<Bytes>,
     /// Extra response headers.
     pub headers: Vec<(String, String)>,
+    /// More response headers, made from each request's query (`""` when it has none).
+    pub headers_for_query: Option<HeadersForQuery>,
+    /// The echo body ends with ` #N`: the Nth render of this path and query, so a test
+    /// can tell a rebuilt fragment from the copy it replaced.
+    pub numbered: bool,
 }
 
 #[derive(Debug, Default)]
@@ -258,8 +266,9 @@ async fn answer(
         }
         _ => {}
     }
-    let (delay, status, body, headers) = {
-        let mut st = shared.state.lock().unwrap();
+    let (delay, status, body, headers, numbered) = {
+        let mut guard = shared.state.lock().unwrap();
+        let st = &mut *guard;
         let n = st.renders.entry(path.clone()).or_default();
         *n += 1;
         let first = *n == 1;
@@ -271,7 +280,17 @@ async fn answer(
             _ => script.delay,
         };
         let status = script.statuses.pop_front().or(script.then).unwrap_or(200);
-        (delay, status, script.body.clone(), script.headers.clone())
+        let numbered = script.numbered.then(|| {
+            st.requests
+                .iter()
+                .filter(|(p, q, _)| *p == path && *q == query)
+                .count()
+        });
+        let mut headers = script.headers.clone();
+        if let Some(more) = script.headers_for_query {
+            headers.extend(more(query.as_deref().unwrap_or("")));
+        }
+        (delay, status, script.body.clone(), headers, numbered)
     };
     tokio::time::sleep(delay).await;
     let body = body.unwrap_or_else(|| {
@@ -280,8 +299,9 @@ async fn answer(
             .get(http::header::COOKIE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
+        let n = numbered.map(|n| format!(" #{n}")).unwrap_or_default();
         Bytes::from(format!(
-            "<p>{path}?{} cookie=[{cookie}]</p>",
+            "<p>{path}?{} cookie=[{cookie}]</p>{n}",
             query.as_deref().unwrap_or("")
         ))
     });

@@ -36,6 +36,7 @@ async fn the_token_guards_every_admin_endpoint() {
         ("GET", "/metrics"),
         ("GET", "/readyz"),
         ("DELETE", "/routes/a"),
+        ("DELETE", "/tags/product-42"),
     ] {
         let url = format!("{}{path}", gw.admin);
         let r = client()
@@ -638,6 +639,7 @@ async fn cross_site_state_changes_are_refused() {
         ("POST", "/dead-letters/requeue"),
         ("DELETE", "/routes/a"),
         ("DELETE", "/fragments/a"),
+        ("DELETE", "/tags/product-42"),
     ] {
         for headers in hostile {
             let r = admin_request(&gw, method, path, headers).await;
@@ -761,4 +763,49 @@ async fn the_auth_scheme_is_case_insensitive_and_healthz_is_open() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}
+
+/// `DELETE /tags/{tag}`: a valid tag is purged (and counted), a name that cannot be a tag
+/// is a 400 naming the rule, no name at all a 404.
+#[tokio::test]
+async fn tag_purges_check_the_name_and_are_counted() {
+    let up = FakeUpstream::start().await;
+    let gw = guarded_gateway(&up).await;
+    let r = admin_request(&gw, "DELETE", "/tags/product-42", &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["tag"], "product-42");
+    assert!(body["purged_at"].as_u64().unwrap() > 1_600_000_000_000);
+    // Percent-encoded token characters are tags too.
+    let r = admin_request(&gw, "DELETE", "/tags/50%25-off", &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["tag"],
+        "50%-off"
+    );
+
+    let too_long = format!("/tags/{}", "x".repeat(129));
+    for bad in ["/tags/a%2Fb", "/tags/a:b", "/tags/a%20b", &too_long] {
+        let r = admin_request(&gw, "DELETE", bad, &[]).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{bad}");
+        let problem: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(problem["code"], "bad_tag", "{problem}");
+    }
+    assert_eq!(
+        admin_request(&gw, "DELETE", "/tags/", &[]).await.status(),
+        StatusCode::NOT_FOUND
+    );
+
+    let metrics = admin_request(&gw, "GET", "/metrics", &[])
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "# HELP tessera_tag_purges_total Tag purges made through this gateway's admin API."
+        ) && metrics.contains("tessera_tag_purges_total 2"),
+        "{metrics}"
+    );
+    gw.stop().await;
 }

@@ -704,52 +704,27 @@ pub async fn refresh_ahead_keeps_a_hot_fragment_fresh(kind: Backend) {
     gw.stop().await;
 }
 
-macro_rules! scenarios {
-    ($kind:expr, $($name:ident),+ $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                super::$name($kind).await;
-            }
-        )+
-    };
-}
-
-macro_rules! all_scenarios {
-    ($kind:expr) => {
-        scenarios!(
-            $kind,
-            burst_of_cold_requests_builds_once,
-            long_poll_answers_when_built,
-            long_poll_gives_up_at_its_deadline,
-            an_out_of_range_wait_is_capped,
-            fresh_hits_carry_cache_headers_and_revalidate,
-            pending_answers_json_when_asked,
-            stale_is_served_and_rebuilt_once,
-            upstream_errors_are_retried_then_fail,
-            upstream_4xx_is_not_retried,
-            client_mistakes_are_problems,
-            params_are_allow_listed,
-            vary_cookies_never_cross,
-            an_abandoned_lease_expires,
-            a_backed_up_queue_still_builds_once,
-            a_build_killed_midway_is_redone,
-            graceful_stop_answers_waiting_clients,
-            other_programs_can_warm_the_cache,
-            a_waited_build_goes_ahead_of_queued_refreshes,
-            refresh_ahead_keeps_a_hot_fragment_fresh,
-        );
-    };
-}
-
-mod memory {
-    all_scenarios!(tessera_tests::harness::Backend::Memory);
-}
-
-/// The same scenarios on memcached and RabbitMQ.
-mod real {
-    all_scenarios!(tessera_tests::harness::Backend::Real);
-}
+tessera_tests::on_both_backends!(
+    burst_of_cold_requests_builds_once,
+    long_poll_answers_when_built,
+    long_poll_gives_up_at_its_deadline,
+    an_out_of_range_wait_is_capped,
+    fresh_hits_carry_cache_headers_and_revalidate,
+    pending_answers_json_when_asked,
+    stale_is_served_and_rebuilt_once,
+    upstream_errors_are_retried_then_fail,
+    upstream_4xx_is_not_retried,
+    client_mistakes_are_problems,
+    params_are_allow_listed,
+    vary_cookies_never_cross,
+    an_abandoned_lease_expires,
+    a_backed_up_queue_still_builds_once,
+    a_build_killed_midway_is_redone,
+    graceful_stop_answers_waiting_clients,
+    other_programs_can_warm_the_cache,
+    a_waited_build_goes_ahead_of_queued_refreshes,
+    refresh_ahead_keeps_a_hot_fragment_fresh,
+);
 
 /// The store dies after a fragment was cached: past `cache.ttl` the gateway cannot ask
 /// it again, and serves L1's copy (within the route's `stale` window) marked

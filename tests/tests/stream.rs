@@ -231,21 +231,7 @@ async fn what_is_not_built_in_time_is_listed_as_pending(kind: Backend) {
     gw.stop().await;
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),+ $(,)?) => {
-        mod memory {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(tessera_tests::harness::Backend::Memory).await; })+
-        }
-        /// Needs memcached and RabbitMQ (`bash scripts/services.sh`).
-        mod real {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(tessera_tests::harness::Backend::Real).await; })+
-        }
-    };
-}
-
-on_both_backends!(
+tessera_tests::on_both_backends!(
     fragments_arrive_as_they_are_built,
     vary_fragments_follow_the_streams_cookies,
     what_is_not_built_in_time_is_listed_as_pending,

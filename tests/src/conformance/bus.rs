@@ -417,6 +417,8 @@ pub async fn events_reach_every_subscriber(t: BusUnderTest) {
             route: Some("r".into()),
             generation: Some(8),
             key: None,
+            tag: None,
+            purged_at: None,
         },
     ];
     for e in &events {

@@ -1,0 +1,329 @@
+//! Purge by tag (`Surrogate-Key`) end to end: two gateways sharing one store and bus, the
+//! embedded workers, a fake upstream that tags every fragment. Every scenario runs on both
+//! backends (memory; memcached + RabbitMQ).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use tessera_tests::eventually;
+use tessera_tests::harness::{Backend, TestGateway, backends, client, config, route, text};
+use tessera_tests::upstream::{FakeUpstream, Script};
+
+const WITHIN: Duration = Duration::from_secs(30);
+const ROUTES: [&str; 3] = ["shelf", "product", "teaser"];
+const PER_ROUTE: usize = 100;
+
+/// Fragment `i` of every route is tagged `item-{i}` and `group-{i % 10}`.
+fn tags_of(query: &str) -> Vec<(String, String)> {
+    let i: usize = query
+        .strip_prefix("i=")
+        .and_then(|i| i.parse().ok())
+        .unwrap_or(0);
+    vec![("surrogate-key".into(), format!("item-{i} group-{}", i % 10))]
+}
+
+/// A fake upstream tagging and numbering every render of `routes`.
+async fn tagging_upstream(routes: &[&str]) -> FakeUpstream {
+    let up = FakeUpstream::start().await;
+    for name in routes {
+        up.script(
+            &format!("/_render/{name}"),
+            Script {
+                headers_for_query: Some(tags_of),
+                numbered: true,
+                ..Script::default()
+            },
+        );
+    }
+    up
+}
+
+/// Renders of fragment `i` of `route` so far.
+fn renders(up: &FakeUpstream, route: &str, i: usize) -> usize {
+    let query = format!("i={i}");
+    up.requests(&format!("/_render/{route}"))
+        .iter()
+        .filter(|(q, _)| q.as_deref() == Some(query.as_str()))
+        .count()
+}
+
+async fn get(url: &str, wait: bool) -> reqwest::Response {
+    let mut r = client().get(url);
+    if wait {
+        r = r.header("prefer", "wait=10");
+    }
+    r.send().await.expect("request answered")
+}
+
+/// Two gateways on one set of backends, routes taking `i`, L1 kept long enough that
+/// only events and tags can retire what it holds.
+async fn two_gateways(
+    kind: Backend,
+    up: &FakeUpstream,
+    fresh: Duration,
+) -> (TestGateway, TestGateway) {
+    let routes = ROUTES
+        .iter()
+        .map(|name| {
+            let mut r = route(name);
+            r.params = vec!["i".into()];
+            r.fresh = fresh;
+            r.stale = Duration::from_secs(600);
+            r
+        })
+        .collect();
+    let mut c = config(&up.url(), routes);
+    c.cache.ttl = Duration::from_secs(60);
+    let b = backends(kind, &mut c).await;
+    let one = TestGateway::start(c.clone(), b.clone()).await;
+    let two = TestGateway::start(c, b).await;
+    (one, two)
+}
+
+async fn purge_tag(gw: &TestGateway, tag: &str) -> u64 {
+    let r = client()
+        .delete(format!("{}/tags/{tag}", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["tag"], tag);
+    body["purged_at"].as_u64().unwrap()
+}
+
+fn every_fragment() -> impl Iterator<Item = (&'static str, usize)> {
+    ROUTES
+        .iter()
+        .flat_map(|r| (0..PER_ROUTE).map(move |i| (*r, i)))
+}
+
+/// Every fragment of every route at `gw`, with its route and `i`.
+fn urls(gw: &TestGateway) -> Vec<(&'static str, usize, String)> {
+    every_fragment()
+        .map(|(r, i)| (r, i, gw.at(&format!("/fragments/{r}?i={i}"))))
+        .collect()
+}
+
+/// Builds every fragment once (through `one`), then has both gateways' L1 hold it.
+async fn warm(up: &FakeUpstream, one: &TestGateway, two: &TestGateway) {
+    futures_util::stream::iter(urls(one))
+        .for_each_concurrent(32, |(r, i, url)| async move {
+            let first = get(&url, true).await;
+            assert_eq!(first.status(), StatusCode::OK, "{r} {i}");
+            assert!(
+                !first.headers().contains_key("surrogate-key"),
+                "Surrogate-Key is not for browsers"
+            );
+        })
+        .await;
+    for (r, i, url) in urls(two) {
+        assert_eq!(get(&url, false).await.status(), StatusCode::OK, "{r} {i}");
+    }
+    for (r, i) in every_fragment() {
+        assert_eq!(renders(up, r, i), 1, "{r} {i} built once");
+    }
+}
+
+/// Purging `group-3` retires exactly the 30 fragments carrying it, on every route and in
+/// both gateways (whose L1 held them): each next request is a 202 (a rebuild queued, as
+/// for a cold miss) or, once rebuilt, the new render; the 270 others stay hits, with no
+/// new render.
+pub async fn a_tag_purge_retires_exactly_its_fragments(kind: Backend) {
+    let up = tagging_upstream(&ROUTES).await;
+    let (one, two) = two_gateways(kind, &up, Duration::from_secs(300)).await;
+    warm(&up, &one, &two).await;
+
+    purge_tag(&one, "group-3").await;
+
+    // The other gateway first: it hears of the purge from the event, which takes a moment
+    // to arrive; one retired fragment shows when it did.
+    let first = two.at("/fragments/shelf?i=3");
+    eventually("the other gateway heard of the purge", WITHIN, || async {
+        let answer = get(&first, false).await;
+        let status = answer.status();
+        !(status == StatusCode::OK && answer.text().await.unwrap().ends_with(" #1"))
+    })
+    .await;
+    for (r, i, url) in urls(&two) {
+        if (r, i) == ("shelf", 3) {
+            continue;
+        }
+        let answer = get(&url, false).await;
+        if i % 10 == 3 {
+            assert_eq!(answer.status(), StatusCode::ACCEPTED, "{r} {i} is retired");
+        } else {
+            assert_eq!(answer.status(), StatusCode::OK, "{r} {i} stays");
+            let status = answer.headers()["cache-status"].to_str().unwrap();
+            assert!(status.contains("hit"), "{r} {i}: {status}");
+        }
+    }
+    // The purging gateway: a retired fragment is pending, or already the new render.
+    for (r, i, url) in urls(&one) {
+        let answer = get(&url, false).await;
+        let status = answer.status();
+        let body = answer.text().await.unwrap();
+        let new = status == StatusCode::OK && !body.ends_with(" #1");
+        if i % 10 == 3 {
+            assert!(
+                status == StatusCode::ACCEPTED || new,
+                "{r} {i}: {status} {body}"
+            );
+        } else {
+            assert!(status == StatusCode::OK && !new, "{r} {i}: {status} {body}");
+        }
+    }
+    // Rebuilt: the new render is served by both, and is not retired again.
+    for (r, i) in every_fragment().filter(|(_, i)| i % 10 == 3) {
+        for gw in [&one, &two] {
+            let answer = get(&gw.at(&format!("/fragments/{r}?i={i}")), true).await;
+            assert_eq!(answer.status(), StatusCode::OK, "{r} {i}");
+            let body = answer.text().await.unwrap();
+            assert!(
+                !body.ends_with(" #1"),
+                "{r} {i} served the purged copy: {body}"
+            );
+        }
+    }
+    for (r, i) in every_fragment() {
+        let n = renders(&up, r, i);
+        if i % 10 == 3 {
+            assert!(n >= 2, "{r} {i} rebuilt ({n} renders)");
+        } else {
+            assert_eq!(n, 1, "{r} {i} never rendered again");
+        }
+    }
+    one.stop().await;
+    two.stop().await;
+}
+
+/// A fragment past fresh is served stale while it rebuilds, unless a purge of one of its
+/// tags retired it: then it is a 202, like a cold miss, in both gateways.
+pub async fn a_retired_fragment_is_not_served_stale(kind: Backend) {
+    let up = tagging_upstream(&ROUTES).await;
+    let (one, two) = two_gateways(kind, &up, Duration::from_secs(1)).await;
+    let url = |gw: &TestGateway, i: usize| gw.at(&format!("/fragments/shelf?i={i}"));
+    for i in [1, 2, 11] {
+        assert_eq!(get(&url(&one, i), true).await.status(), StatusCode::OK);
+        assert_eq!(get(&url(&two, i), false).await.status(), StatusCode::OK);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    purge_tag(&two, "item-1").await;
+    // Untouched fragments are served stale (each asked first at one gateway: its
+    // background refresh may be done by the time the other asks).
+    for (gw, i) in [(&two, 2), (&one, 11)] {
+        let stale = get(&url(gw, i), false).await;
+        assert_eq!(stale.status(), StatusCode::OK, "{i} is served stale");
+        let status = stale.headers()["cache-status"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(status.contains("fwd=stale"), "{i}: {status}");
+    }
+    // item-1 is only on fragment 1 (11 carries item-11 and group-1).
+    let retired = get(&url(&one, 1), false).await;
+    assert_eq!(retired.status(), StatusCode::ACCEPTED, "not served stale");
+    let rebuilt = get(&url(&two, 1), true).await;
+    assert_eq!(rebuilt.status(), StatusCode::OK);
+    assert!(!rebuilt.text().await.unwrap().ends_with(" #1"));
+    assert_eq!(get(&url(&one, 11), false).await.status(), StatusCode::OK);
+    eventually(
+        "the stale ones are refreshed in the background",
+        WITHIN,
+        || async { renders(&up, "shelf", 2) >= 2 && renders(&up, "shelf", 11) >= 2 },
+    )
+    .await;
+    one.stop().await;
+    two.stop().await;
+}
+
+tessera_tests::on_both_backends!(
+    a_tag_purge_retires_exactly_its_fragments,
+    a_retired_fragment_is_not_served_stale,
+);
+
+/// A render answer over the tag limit fails its build, naming the limit, and is not
+/// retried; a proxied page never passes `Surrogate-Key` on to the browser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_tags_fail_the_build_and_pages_do_not_leak_them() {
+    let up = FakeUpstream::start().await;
+    let many: Vec<String> = (0..=tessera_protocol::tags::MAX_TAGS)
+        .map(|i| format!("t{i}"))
+        .collect();
+    for path in ["/_render/overtagged", "/page"] {
+        up.script(
+            path,
+            Script {
+                headers: vec![("surrogate-key".into(), many.join(" "))],
+                ..Script::default()
+            },
+        );
+    }
+    let mut c = config(&up.url(), vec![route("overtagged")]);
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let refused = get(&gw.at("/fragments/overtagged"), true).await;
+    assert_eq!(refused.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(up.renders("/_render/overtagged"), 1, "not retried");
+    let status: serde_json::Value =
+        serde_json::from_str(&text(format!("{}/api/status", gw.admin)).await).unwrap();
+    let error = status["recent_failures"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("Surrogate-Key") && error.contains("at most 32"),
+        "{error}"
+    );
+
+    let page = get(&gw.at("/page"), false).await;
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(!page.headers().contains_key("surrogate-key"));
+    gw.stop().await;
+}
+
+/// A composed page's includes are checked too (the batch lookup of ESI includes): after
+/// a purge, a retired include is a placeholder (or its new render), never the old copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_include_is_not_composed_into_a_page() {
+    let up = tagging_upstream(&["shelf"]).await;
+    up.script(
+        "/",
+        Script {
+            body: Some(
+                r#"<main><esi:include src="/fragments/shelf?i=3"/><esi:include src="/fragments/shelf?i=4"/></main>"#
+                    .into(),
+            ),
+            headers: vec![("surrogate-control".into(), r#"content="ESI/1.0""#.into())],
+            ..Script::default()
+        },
+    );
+    let mut r = route("shelf");
+    r.params = vec!["i".into()];
+    let mut c = config(&up.url(), vec![r]);
+    c.cache.ttl = Duration::from_secs(60);
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    for i in [3, 4] {
+        let url = gw.at(&format!("/fragments/shelf?i={i}"));
+        assert_eq!(get(&url, true).await.status(), StatusCode::OK);
+    }
+    let old = |i: usize| format!("/_render/shelf?i={i} cookie=[]</p> #1");
+    let page = text(gw.at("/")).await;
+    assert!(page.contains(&old(3)) && page.contains(&old(4)), "{page}");
+
+    purge_tag(&gw, "group-3").await;
+    let page = text(gw.at("/")).await;
+    assert!(
+        !page.contains(&old(3)),
+        "the retired include was composed: {page}"
+    );
+    assert!(page.contains(&old(4)), "{page}");
+    eventually("the include is rebuilt", WITHIN, || async {
+        text(gw.at("/"))
+            .await
+            .contains("/_render/shelf?i=3 cookie=[]</p> #2")
+    })
+    .await;
+    gw.stop().await;
+}
