@@ -108,6 +108,20 @@ impl FakeUpstream {
         format!("http://{}", self.addr)
     }
 
+    /// A test route `name` (see [`crate::harness::route`]) whose render answers `html`
+    /// after `ms` milliseconds.
+    pub fn render(&self, name: &str, ms: u64, html: &str) -> tessera_protocol::FragmentRoute {
+        self.script(
+            &format!("/_render/{name}"),
+            Script {
+                delay: Duration::from_millis(ms),
+                body: Some(html.to_string().into()),
+                ..Script::default()
+            },
+        );
+        crate::harness::route(name)
+    }
+
     /// Sets how `path` behaves.
     pub fn script(&self, path: &str, script: Script) {
         self.shared

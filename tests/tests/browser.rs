@@ -38,16 +38,19 @@ fn serve_page(up: &FakeUpstream, path: &str, html: String, esi: bool) {
     );
 }
 
-fn slow_fragment(up: &FakeUpstream, name: &str, ms: u64, html: &str) -> FragmentRoute {
-    up.script(
-        &format!("/_render/{name}"),
-        Script {
-            delay: Duration::from_millis(ms),
-            body: Some(html.to_string().into()),
-            ..Script::default()
+/// Waits until the page has no placeholder left.
+async fn all_placeholders_filled(browser: &Browser) {
+    eventually(
+        "every placeholder is replaced",
+        Duration::from_secs(10),
+        || async {
+            browser
+                .eval("return document.querySelectorAll('[data-tessera-src]').length")
+                .await
+                == 0
         },
-    );
-    route(name)
+    )
+    .await;
 }
 
 async fn gateway(up: &FakeUpstream, routes: Vec<FragmentRoute>) -> TestGateway {
@@ -85,15 +88,13 @@ async fn open_by_hand(
 async fn a_cold_composed_page_fills_in_within_build_time_plus_a_second() {
     let up = FakeUpstream::start().await;
     let routes = vec![
-        slow_fragment(&up, "weather", 300, r#"<p id="weather">Sunny, 21 °C</p>"#),
-        slow_fragment(
-            &up,
+        up.render("weather", 300, r#"<p id="weather">Sunny, 21 °C</p>"#),
+        up.render(
             "recs",
             800,
             r#"<ul id="recs"><li>Book one</li><li>Book two</li></ul>"#,
         ),
-        slow_fragment(
-            &up,
+        up.render(
             "news",
             1200,
             r#"<ol id="news"><li>Fragments are back</li></ol>"#,
@@ -123,17 +124,7 @@ async fn a_cold_composed_page_fills_in_within_build_time_plus_a_second() {
     // machine the fastest fragment may be filled in before the test gets to look.
     let placeholders = browser.eval("return window.__cold").await;
     assert_eq!(placeholders, 3, "the page arrived with every fragment cold");
-    eventually(
-        "every placeholder is replaced",
-        Duration::from_secs(10),
-        || async {
-            browser
-                .eval("return document.querySelectorAll('[data-tessera-src]').length")
-                .await
-                == 0
-        },
-    )
-    .await;
+    all_placeholders_filled(&browser).await;
     browser.screenshot(&artifact("composed-page.png")).await;
     // Measured by the page itself, from the start of navigation to the last fragment
     // swapped in: the browser's own start-up is not part of it.
@@ -173,9 +164,8 @@ async fn a_cold_composed_page_fills_in_within_build_time_plus_a_second() {
 async fn by_hand_placeholders_give_up_at_their_deadline_and_late_ones_are_found() {
     let up = FakeUpstream::start().await;
     let routes = vec![
-        slow_fragment(&up, "never", 30_000, "<p>too late</p>"),
-        slow_fragment(
-            &up,
+        up.render("never", 30_000, "<p>too late</p>"),
+        up.render(
             "later",
             200,
             r#"<p id="later">added later, filled anyway</p>"#,
@@ -219,13 +209,8 @@ async fn by_hand_placeholders_give_up_at_their_deadline_and_late_ones_are_found(
 async fn inner_mode_keeps_the_element_and_replace_mode_swaps_it() {
     let up = FakeUpstream::start().await;
     let routes = vec![
-        slow_fragment(&up, "kept", 200, r#"<p id="kept-content">inside</p>"#),
-        slow_fragment(
-            &up,
-            "swapped",
-            200,
-            r#"<p id="swapped-content">instead</p>"#,
-        ),
+        up.render("kept", 200, r#"<p id="kept-content">inside</p>"#),
+        up.render("swapped", 200, r#"<p id="swapped-content">instead</p>"#),
     ];
     let by_hand = r#"
 <div id="box" class="card wide" data-tessera-mode="inner" data-tessera-src="/fragments/kept">Loading…</div>
@@ -275,11 +260,7 @@ async fn traffic_and_a_dead_letter(up: &FakeUpstream) -> TestGateway {
     }
     let mut flaky = route("flaky");
     flaky.max_attempts = 1;
-    let routes = vec![
-        slow_fragment(up, "fast", 10, "<p>fast</p>"),
-        route("broken"),
-        flaky,
-    ];
+    let routes = vec![up.render("fast", 10, "<p>fast</p>"), route("broken"), flaky];
     let gw = gateway(up, routes).await;
     let http = tessera_tests::harness::client();
     let get = |name: &str, wait: bool| {
@@ -408,9 +389,8 @@ async fn a_gzipped_esi_page_is_composed_and_arrives_compressed() {
     use std::io::Write;
     let up = FakeUpstream::start().await;
     let routes = vec![
-        slow_fragment(&up, "cart", 0, r#"<p id="cart">2 items in your cart</p>"#),
-        slow_fragment(
-            &up,
+        up.render("cart", 0, r#"<p id="cart">2 items in your cart</p>"#),
+        up.render(
             "deals",
             400,
             r#"<ul id="deals"><li>Half-price tea</li></ul>"#,
@@ -450,17 +430,7 @@ async fn a_gzipped_esi_page_is_composed_and_arrives_compressed() {
 
     let _one_at_a_time = BROWSER.lock().await;
     browser.open(&gw.at("/")).await;
-    eventually(
-        "every placeholder is replaced",
-        Duration::from_secs(10),
-        || async {
-            browser
-                .eval("return document.querySelectorAll('[data-tessera-src]').length")
-                .await
-                == 0
-        },
-    )
-    .await;
+    all_placeholders_filled(&browser).await;
     browser
         .screenshot(&artifact("composed-gzip-page.png"))
         .await;
@@ -513,12 +483,7 @@ async fn eight_slow_placeholders_share_one_connection() {
     let up = FakeUpstream::start().await;
     let routes: Vec<FragmentRoute> = (1..=8)
         .map(|i| {
-            let mut r = slow_fragment(
-                &up,
-                &format!("f{i}"),
-                3_000,
-                &format!("<p>fragment {i}</p>"),
-            );
+            let mut r = up.render(&format!("f{i}"), 3_000, &format!("<p>fragment {i}</p>"));
             r.build_timeout = Duration::from_secs(10);
             r
         })
@@ -587,8 +552,8 @@ async fn eight_slow_placeholders_share_one_connection() {
 async fn placeholders_long_poll_when_streams_are_refused() {
     let up = FakeUpstream::start().await;
     let routes = vec![
-        slow_fragment(&up, "a", 300, r#"<p id="a">A</p>"#),
-        slow_fragment(&up, "b", 300, r#"<p id="b">B</p>"#),
+        up.render("a", 300, r#"<p id="a">A</p>"#),
+        up.render("b", 300, r#"<p id="b">B</p>"#),
     ];
     serve_page(
         &up,

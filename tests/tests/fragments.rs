@@ -297,14 +297,7 @@ pub async fn stale_is_served_and_rebuilt_once(kind: Backend) {
         let status = a.headers()["cache-status"].to_str().unwrap().to_string();
         assert!(status.contains("fwd=stale"), "{status}");
     }
-    let metrics = client()
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = text(format!("{}/metrics", gw.admin)).await;
     assert!(
         metrics.contains(r#"tessera_requests_total{route="stale",cache="stale"} 50"#),
         "stale answers are counted as stale: {metrics}"

@@ -11,7 +11,7 @@ use serde_json::Value;
 use tessera_protocol::FragmentRoute;
 use tessera_tests::eventually;
 use tessera_tests::harness::{Backend, TestGateway, backends, client, config, route};
-use tessera_tests::upstream::{FakeUpstream, Script};
+use tessera_tests::upstream::FakeUpstream;
 
 /// One server-sent event: its name and data.
 #[derive(Debug)]
@@ -73,18 +73,6 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
-fn render(up: &FakeUpstream, name: &str, ms: u64, html: &str) -> FragmentRoute {
-    up.script(
-        &format!("/_render/{name}"),
-        Script {
-            delay: Duration::from_millis(ms),
-            body: Some(html.to_string().into()),
-            ..Script::default()
-        },
-    );
-    route(name)
-}
-
 async fn gateway(up: &FakeUpstream, routes: Vec<FragmentRoute>, kind: Backend) -> TestGateway {
     let mut c = config(&up.url(), routes);
     c.gateway.max_wait = Duration::from_secs(5);
@@ -94,14 +82,7 @@ async fn gateway(up: &FakeUpstream, routes: Vec<FragmentRoute>, kind: Backend) -
 }
 
 async fn metric(gw: &TestGateway, name: &str) -> f64 {
-    let text = client()
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = tessera_tests::harness::text(format!("{}/metrics", gw.admin)).await;
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .unwrap_or_else(|| panic!("{name} in {text}"))
@@ -115,9 +96,9 @@ async fn metric(gw: &TestGateway, name: &str) -> f64 {
 async fn fragments_arrive_as_they_are_built(kind: Backend) {
     let up = FakeUpstream::start().await;
     let routes = vec![
-        render(&up, "warm", 0, "<b>warm</b>"),
-        render(&up, "slow", 600, "<b>slow</b>"),
-        render(&up, "slower", 600, "<b>slower</b>"),
+        up.render("warm", 0, "<b>warm</b>"),
+        up.render("slow", 600, "<b>slow</b>"),
+        up.render("slower", 600, "<b>slower</b>"),
     ];
     let gw = gateway(&up, routes, kind).await;
     let warmed = client()
@@ -207,10 +188,7 @@ async fn vary_fragments_follow_the_streams_cookies(kind: Backend) {
 /// as pending in `end`, for the client to ask again.
 async fn what_is_not_built_in_time_is_listed_as_pending(kind: Backend) {
     let up = FakeUpstream::start().await;
-    let routes = vec![
-        render(&up, "quick", 0, "q"),
-        render(&up, "glacial", 4_000, "g"),
-    ];
+    let routes = vec![up.render("quick", 0, "q"), up.render("glacial", 4_000, "g")];
     let mut c = config(&up.url(), routes);
     c.gateway.max_wait = Duration::from_secs(1);
     let b = backends(kind, &mut c).await;
@@ -242,7 +220,7 @@ tessera_tests::on_both_backends!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_are_limited_and_checked() {
     let up = FakeUpstream::start().await;
-    let mut c = config(&up.url(), vec![render(&up, "slow", 3_000, "s")]);
+    let mut c = config(&up.url(), vec![up.render("slow", 3_000, "s")]);
     c.gateway.max_streams = 1;
     let b = backends(Backend::Memory, &mut c).await;
     let gw = TestGateway::start(c, b).await;
