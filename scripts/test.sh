@@ -13,14 +13,19 @@ bash scripts/deploy-tools.sh
 
 # The browser tests drive Debian's Chromium through chromedriver; the metrics test lints
 # the gateway's /metrics with promtool (Debian's prometheus package).
-missing=()
-{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || missing+=(chromium chromium-driver)
-command -v promtool >/dev/null || missing+=(prometheus)
-if ((${#missing[@]})); then
-  echo "== installing ${missing[*]}"
-  if ! apt-get install -y -qq "${missing[@]}" >/dev/null; then
-    apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
-  fi
+# apt-get install, after an update when the package lists are stale.
+apt_install() {
+  apt-get install -y -qq "$@" >/dev/null || { apt-get update -qq && apt-get install -y -qq "$@" >/dev/null; }
+}
+if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
+  echo "== installing chromium and chromium-driver"
+  apt_install chromium chromium-driver
+fi
+if ! command -v promtool >/dev/null; then
+  echo "== installing prometheus (for promtool)"
+  apt_install --no-install-recommends prometheus
+  # Only promtool is wanted: the package's server would take 9090, the gateway's admin port.
+  if command -v systemctl >/dev/null; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
 fi
 
 echo "== cargo fmt --check"
