@@ -214,21 +214,22 @@ impl Gateway {
                 .into_response();
             }
         };
-        let page = match parts.headers.remove(header::CONTENT_ENCODING) {
+        let page = match parts.headers.get(header::CONTENT_ENCODING) {
             None => page,
             Some(coding) => {
-                let coding = String::from_utf8_lossy(coding.as_bytes()).into_owned();
-                match tessera_runtime::coding::decode(&coding, &page, MAX_PAGE) {
-                    Ok(decoded) => Bytes::from(decoded),
+                let coding = String::from_utf8_lossy(coding.as_bytes());
+                let decoded = tessera_runtime::coding::decode(&coding, &page, MAX_PAGE);
+                match decoded {
+                    Ok(decoded) => {
+                        parts.headers.remove(header::CONTENT_ENCODING);
+                        Bytes::from(decoded)
+                    }
                     Err(e @ tessera_runtime::coding::DecodeError::Corrupt { .. }) => {
                         return GatewayError::UpstreamCoding(tessera_protocol::Cause::new(e))
                             .into_response();
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "ESI page passed through uncomposed");
-                        if let Ok(v) = HeaderValue::from_str(&coding) {
-                            parts.headers.insert(header::CONTENT_ENCODING, v);
-                        }
                         return Response::from_parts(parts, full(page));
                     }
                 }

@@ -139,33 +139,46 @@ fn qvalue(v: &str) -> Option<u16> {
 /// Whether a body of `content_type` gains from compression: text, JSON, JavaScript, XML
 /// and SVG. Images, video, archives and fonts are compressed already.
 pub fn compressible(content_type: &[u8]) -> bool {
-    let essence = content_type
+    // On the hit path: compared in place, without lower-casing a copy.
+    let t = content_type
         .split(|&b| b == b';')
         .next()
         .unwrap_or_default()
         .trim_ascii();
-    let lower = essence.to_ascii_lowercase();
-    let Ok(t) = std::str::from_utf8(&lower) else {
-        return false;
-    };
-    t.starts_with("text/")
-        || t.ends_with("+json")
-        || t.ends_with("+xml")
-        || matches!(
-            t,
-            "application/json"
-                | "application/javascript"
-                | "application/xml"
-                | "application/manifest+json"
-                | "image/svg+xml"
-        )
+    let starts = |p: &[u8]| t.len() >= p.len() && t[..p.len()].eq_ignore_ascii_case(p);
+    let ends = |s: &[u8]| t.len() >= s.len() && t[t.len() - s.len()..].eq_ignore_ascii_case(s);
+    starts(b"text/")
+        || ends(b"+json")
+        || ends(b"+xml")
+        || [
+            &b"application/json"[..],
+            b"application/javascript",
+            b"application/xml",
+        ]
+        .iter()
+        .any(|name| t.eq_ignore_ascii_case(name))
 }
 
-/// A cached body's compressed copies, made on first use: at most one compression per
-/// coding for as long as the body is cached. A copy that is not smaller than the body is
-/// not kept (`None`): the body is then served as it is.
+/// `body` in `coding`, with `etag` renamed for it; `None` when the coding does not make
+/// the body smaller (it is then served as it is).
+type Variant = Option<(Bytes, Option<HeaderValue>)>;
+
+fn variant(coding: Coding, body: &[u8], etag: Option<&HeaderValue>) -> Variant {
+    let encoded = coding.encode(body);
+    if encoded.len() >= body.len() {
+        return None;
+    }
+    let etag = etag
+        .and_then(|v| v.to_str().ok())
+        .and_then(|e| HeaderValue::from_str(&variant_etag(e, coding)).ok());
+    Some((encoded, etag))
+}
+
+/// A cached body's compressed copies and their ETags, made on first use: at most one
+/// compression per coding for as long as the body is cached, and nothing allocated per
+/// hit.
 #[derive(Debug, Default)]
-pub struct Encoded([OnceLock<Option<Bytes>>; 2]);
+pub struct Encoded([OnceLock<Variant>; 2]);
 
 impl Encoded {
     /// No copies yet.
@@ -173,19 +186,16 @@ impl Encoded {
         Self([OnceLock::new(), OnceLock::new()])
     }
 
-    /// `body` in `coding`, compressed now if this is the first ask.
-    pub fn get(&self, coding: Coding, body: &[u8]) -> Option<Bytes> {
+    /// `body` (whose ETag is `etag`) in `coding`, compressed now if this is the first ask.
+    fn get(&self, coding: Coding, body: &[u8], etag: Option<&HeaderValue>) -> Variant {
         self.0[coding.index()]
-            .get_or_init(|| {
-                let encoded = coding.encode(body);
-                (encoded.len() < body.len()).then_some(encoded)
-            })
+            .get_or_init(|| variant(coding, body, etag))
             .clone()
     }
 }
 
 /// `etag` naming `coding`: `"abc"` becomes `"abc-br"` (and `W/"abc"` `W/"abc-br"`).
-pub fn variant_etag(etag: &str, coding: Coding) -> String {
+fn variant_etag(etag: &str, coding: Coding) -> String {
     match etag.strip_suffix('"') {
         Some(open) => format!("{open}-{}\"", coding.token()),
         None => format!("{etag}-{}", coding.token()),
@@ -213,44 +223,48 @@ pub fn represent(
     {
         return (body, None);
     }
-    add_vary(headers, "accept-encoding");
+    add_vary(headers);
     let Some(coding) = negotiate(request) else {
         return (body, None);
     };
-    let encoded = match cache {
-        Some(cache) => cache.get(coding, &body),
-        None => Some(coding.encode(&body)).filter(|e| e.len() < body.len()),
-    };
-    let Some(encoded) = encoded else {
+    let etag = headers.get(header::ETAG);
+    let Some((encoded, etag)) = (match cache {
+        Some(cache) => cache.get(coding, &body, etag),
+        None => variant(coding, &body, etag),
+    }) else {
         return (body, None);
     };
     headers.insert(
         header::CONTENT_ENCODING,
         HeaderValue::from_static(coding.token()),
     );
-    if let Some(etag) = headers.get(header::ETAG).and_then(|v| v.to_str().ok())
-        && let Ok(v) = HeaderValue::from_str(&variant_etag(etag, coding))
-    {
-        headers.insert(header::ETAG, v);
+    if let Some(etag) = etag {
+        headers.insert(header::ETAG, etag);
     }
     (encoded, Some(coding))
 }
 
-/// Adds `token` to `Vary` unless it is there already (or `Vary: *`).
-fn add_vary(headers: &mut HeaderMap, token: &str) {
+/// Adds `accept-encoding` to `Vary` unless it is there already (or `Vary: *`).
+fn add_vary(headers: &mut HeaderMap) {
+    const TOKEN: &str = "accept-encoding";
+    let Some(old) = headers.get(header::VARY) else {
+        // The usual case, on the hit path: nothing to read or format.
+        headers.insert(header::VARY, HeaderValue::from_static(TOKEN));
+        return;
+    };
     let present = headers.get_all(header::VARY).iter().any(|v| {
         v.to_str().is_ok_and(|v| {
             v.split(',')
                 .map(str::trim)
-                .any(|t| t == "*" || t.eq_ignore_ascii_case(token))
+                .any(|t| t == "*" || t.eq_ignore_ascii_case(TOKEN))
         })
     });
     if present {
         return;
     }
-    let value = match headers.get(header::VARY).and_then(|v| v.to_str().ok()) {
-        Some(old) if !old.trim().is_empty() => format!("{old}, {token}"),
-        _ => token.to_string(),
+    let value = match old.to_str() {
+        Ok(old) if !old.trim().is_empty() => format!("{old}, {TOKEN}"),
+        _ => TOKEN.to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(header::VARY, v);
@@ -391,7 +405,7 @@ mod tests {
             })
             .collect();
         let cache = Encoded::default();
-        assert_eq!(cache.get(Coding::Gzip, &noise), None);
+        assert_eq!(cache.get(Coding::Gzip, &noise, None), None);
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         let (out, coding) = represent(

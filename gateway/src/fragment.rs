@@ -398,10 +398,12 @@ pub(crate) fn finish<B: Sync>(
     mut headers: HeaderMap,
     (compress, cached): (bool, Option<&crate::encoding::Encoded>),
 ) -> Response<Body> {
-    let (body, coding) =
-        crate::encoding::represent(compress, req.headers(), &mut headers, body, cached);
-    let variant = coding.map(|c| crate::encoding::variant_etag(etag, c));
-    let etag = variant.as_deref().unwrap_or(etag);
+    let (body, _) = crate::encoding::represent(compress, req.headers(), &mut headers, body, cached);
+    // The ETag of the representation chosen (`represent` renamed it for its coding).
+    let etag = headers
+        .get(header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(etag);
     let (status, body) = if if_none_match(req.headers(), etag) {
         headers.remove(header::CONTENT_TYPE);
         (StatusCode::NOT_MODIFIED, empty())

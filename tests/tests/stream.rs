@@ -215,6 +215,15 @@ tessera_tests::on_both_backends!(
     what_is_not_built_in_time_is_listed_as_pending,
 );
 
+/// `GET /_tessera/stream?{query}`, answered (its body not read).
+async fn open(gw: &TestGateway, query: &str) -> reqwest::Response {
+    client()
+        .get(gw.at(&format!("/_tessera/stream?{query}")))
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Bad requests are refused with a problem; past `gateway.max_streams` a stream is a
 /// 503, and a client that goes away frees its place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,11 +242,7 @@ async fn streams_are_limited_and_checked() {
         "src=//elsewhere/x",
         many.join("&").as_str(),
     ] {
-        let r = client()
-            .get(gw.at(&format!("/_tessera/stream?{query}")))
-            .send()
-            .await
-            .unwrap();
+        let r = open(&gw, query).await;
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{query}");
         assert_eq!(r.headers()["content-type"], "application/problem+json");
     }
@@ -248,18 +253,10 @@ async fn streams_are_limited_and_checked() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
 
-    let held = client()
-        .get(gw.at("/_tessera/stream?src=/fragments/slow"))
-        .send()
-        .await
-        .unwrap();
+    let held = open(&gw, "src=/fragments/slow").await;
     assert_eq!(held.status(), StatusCode::OK);
     assert_eq!(metric(&gw, "tessera_streams").await, 1.0);
-    let refused = client()
-        .get(gw.at("/_tessera/stream?src=/fragments/slow"))
-        .send()
-        .await
-        .unwrap();
+    let refused = open(&gw, "src=/fragments/slow").await;
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(refused.headers().contains_key("retry-after"));
     drop(held);
