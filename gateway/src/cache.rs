@@ -111,8 +111,10 @@ impl Slot {
 /// What one slot costs beyond its key and envelope bytes: the slot and envelope structs,
 /// the built headers, moka's entry with its queue and timer nodes, the allocator's
 /// headers. Measured with heaptrack after a burst (`bench/memory.sh`, figures in
-/// `bench/README.md`), so that `cache.capacity` bounds the memory L1 really holds.
-const SLOT_OVERHEAD: usize = 512;
+/// `bench/README.md`), so that `cache.capacity` bounds the memory L1 really holds: 512
+/// bytes, before the slot grew the cells of its compressed copies, counted here by their
+/// size (the copies' bytes are counted in [`Slot::weight`]).
+const SLOT_OVERHEAD: usize = 512 + std::mem::size_of::<crate::encoding::Encoded>();
 
 #[derive(Debug, Clone, Copy)]
 struct Generation {
