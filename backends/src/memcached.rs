@@ -36,14 +36,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use memcache::exp::{
-    AsyncMetaClient, Error as McError, Get, GetResult, GetStatus, MutationStatus, Router,
+    AsyncMetaClient, Delete, Error as McError, Get, GetResult, GetStatus, MutationStatus, Op,
+    OpResult, Router, ServerAddress, Set,
 };
 use tokio::sync::{OnceCell, oneshot};
 
 use tessera_protocol::Cause;
 use tessera_protocol::config::MemcachedServer;
-use tessera_protocol::key::StoreKey;
-use tessera_protocol::store::{Store, StoreError, check_size};
+use tessera_protocol::key::{StoreKey, placed_as};
+use tessera_protocol::store::{
+    Store, StoreError, add_then_get_in_turn, check_size, set_then_delete_in_turn,
+};
 use tessera_protocol::time::ceil_secs;
 
 /// Most connections in use per server.
@@ -55,9 +58,17 @@ const MAX_RELATIVE_EXPIRY: u64 = 30 * 24 * 3600;
 
 /// 64-bit FNV-1a: fixed by its definition, so placement never changes between builds.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    fnv1a64_parts(&[bytes])
+}
+
+/// [`fnv1a64`] of the concatenation of `parts`.
+fn fnv1a64_parts(parts: &[&[u8]]) -> u64 {
+    parts
+        .iter()
+        .flat_map(|p| p.iter())
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
 }
 
 /// SplitMix64's finalizer: spreads the combined hash over all 64 bits.
@@ -72,9 +83,9 @@ fn mix(mut x: u64) -> u64 {
 /// The server of `key` among `servers` (as written in the configuration): rendezvous
 /// (highest random weight) hashing, each server scored by `mix(fnv(key) ^ fnv(server))`.
 /// Adding or removing a server moves only the keys it wins or held; the order of the list
-/// does not matter.
+/// does not matter. A lease is placed as its envelope ([`placed_as`]).
 pub fn place(key: &[u8], servers: &[String]) -> usize {
-    let k = fnv1a64(key);
+    let k = fnv1a64_parts(&placed_as(key));
     servers
         .iter()
         .enumerate()
@@ -96,6 +107,8 @@ impl Router for Placement {
 pub struct MemcachedStore {
     /// `host:port` of each server, as configured: the placement's identities.
     servers: Vec<(String, u16)>,
+    /// The same, as the router sees them.
+    names: Vec<String>,
     client: OnceCell<Connected>,
     timeout: Duration,
     max_item_size: usize,
@@ -124,14 +137,16 @@ impl MemcachedStore {
                 "no memcached servers configured".into(),
             ));
         }
+        let servers: Vec<(String, u16)> = servers
+            .iter()
+            .map(|s| {
+                let host = s.host().trim_start_matches('[').trim_end_matches(']');
+                (host.to_string(), s.port())
+            })
+            .collect();
         Ok(Self {
-            servers: servers
-                .iter()
-                .map(|s| {
-                    let host = s.host().trim_start_matches('[').trim_end_matches(']');
-                    (host.to_string(), s.port())
-                })
-                .collect(),
+            names: servers.iter().map(ServerAddress::identity).collect(),
+            servers,
             client: OnceCell::new(),
             timeout,
             max_item_size,
@@ -178,6 +193,34 @@ impl MemcachedStore {
         }
         result
     }
+}
+
+impl MemcachedStore {
+    /// Whether `a` and `b` live on one server.
+    fn one_server(&self, a: &StoreKey, b: &StoreKey) -> bool {
+        place(a.as_str().as_bytes(), &self.names) == place(b.as_str().as_bytes(), &self.names)
+    }
+
+    /// `first` then `second`, pipelined in one exchange; each one's own result.
+    async fn pair(
+        &self,
+        first: Op,
+        second: Op,
+    ) -> Result<[Result<OpResult, StoreError>; 2], StoreError> {
+        let results = self.call(|c| c.client.run_batch([first, second])).await?;
+        let mut results = results.into_iter().map(|r| r.map_err(classify));
+        match (results.next(), results.next()) {
+            (Some(a), Some(b)) => Ok([a, b]),
+            _ => Err(StoreError::Protocol(
+                "memcached: a batch answer is missing".into(),
+            )),
+        }
+    }
+}
+
+/// A batch answered with a result of the wrong kind.
+fn unexpected(result: &OpResult) -> StoreError {
+    StoreError::Protocol(format!("memcached: unexpected answer {result:?}"))
 }
 
 /// The client, and the batch of lookups being formed.
@@ -334,6 +377,60 @@ impl Store for MemcachedStore {
         too_large(result, value.len(), self.max_item_size)
     }
 
+    async fn add_then_get(
+        &self,
+        key: &StoreKey,
+        value: &[u8],
+        ttl: Duration,
+        then: &StoreKey,
+    ) -> Result<Option<Option<Bytes>>, StoreError> {
+        check_size(value, self.max_item_size)?;
+        if !self.one_server(key, then) {
+            return add_then_get_in_turn(self, key, value, ttl, then).await;
+        }
+        // One server handles a connection's commands in order: the get runs after the add.
+        let add = Set::new(key.as_str(), value).add().ttl_raw(expiry(ttl));
+        let [added, read] = self
+            .pair(Op::Set(add), Op::Get(Get::new(then.as_str())))
+            .await?;
+        let added = match too_large(added, value.len(), self.max_item_size)? {
+            OpResult::Mutation(m) => m.status == MutationStatus::Applied,
+            other => return Err(unexpected(&other)),
+        };
+        if !added {
+            return Ok(None);
+        }
+        match read? {
+            OpResult::Get(found) => Ok(Some(hit(found))),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn set_then_delete(
+        &self,
+        key: &StoreKey,
+        value: &[u8],
+        ttl: Duration,
+        then: &StoreKey,
+    ) -> Result<Result<bool, StoreError>, StoreError> {
+        check_size(value, self.max_item_size)?;
+        if !self.one_server(key, then) {
+            return set_then_delete_in_turn(self, key, value, ttl, then).await;
+        }
+        let set = Set::new(key.as_str(), value).ttl_raw(expiry(ttl));
+        let [stored, deleted] = self
+            .pair(Op::Set(set), Op::Delete(Delete::new(then.as_str())))
+            .await?;
+        match too_large(stored, value.len(), self.max_item_size)? {
+            OpResult::Mutation(m) if m.status == MutationStatus::Applied => {}
+            other => return Err(unexpected(&other)),
+        }
+        Ok(deleted.and_then(|r| match r {
+            OpResult::Mutation(m) => Ok(m.status == MutationStatus::Applied),
+            other => Err(unexpected(&other)),
+        }))
+    }
+
     async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
         self.call(|c| c.client.delete(key.as_str()).send())
             .await
@@ -420,6 +517,23 @@ mod tests {
                 shuffled[place(key.as_bytes(), &shuffled)]
             );
         }
+    }
+
+    #[test]
+    fn a_lease_is_placed_with_its_envelope_and_nothing_else_moves() {
+        let five = servers(5);
+        let mut spread = [0usize; 5];
+        for n in 0..1_000 {
+            let envelope = format!("ns-1:f:recs:7:{n:032x}");
+            let lease = format!("ns-1:p:recs:7:{n:032x}");
+            let at = place(envelope.as_bytes(), &five);
+            assert_eq!(place(lease.as_bytes(), &five), at, "{lease}");
+            spread[at] += 1;
+        }
+        assert!(spread.iter().all(|&c| c > 100), "unbalanced: {spread:?}");
+        // Only the kind right after the namespace is read: other keys place as themselves.
+        assert_eq!(placed_as(b"ns:t:a:p:b"), [&b"ns:t:a:p:b"[..], b"", b""]);
+        assert_eq!(placed_as(b"ns:p:x"), [&b"ns"[..], b":f:", b"x"]);
     }
 
     #[tokio::test]

@@ -5,10 +5,13 @@
 //! 0. the request claims the fragment's lease (a request superseded by a newer one, or
 //!    whose fragment is already fresh, is acknowledged and dropped; see
 //!    [`tessera_protocol::lease`]),
-//! 1. the envelope is stored, 2. the lease is deleted, 3. `built` is published,
-//! 4. only then is the message acknowledged.
+//! 1. the envelope is stored,
+//! 2. the lease is deleted (1 and 2 are one ordered exchange on memcached, see
+//!    [`Lease::finish`]),
+//! 3. only then is the message acknowledged, while `built` is published beside it (an
+//!    event is advice: its confirm is not waited for).
 //!
-//! A worker that dies anywhere before 4 leaves the message unacknowledged, so the broker
+//! A worker that dies anywhere before 3 leaves the message unacknowledged, so the broker
 //! hands it to another worker; builds are idempotent (same key, same result), so doing
 //! one twice is harmless. The lease expires on its own, so no key stays pending forever.
 //!
@@ -29,7 +32,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tessera_protocol::time::now_ms;
 use tessera_protocol::{
     Backends, BuildRequest, BusError, Claim, Config, Delivery, Envelope, Event, FragmentKeys,
-    FragmentRoute, Lease, Store, StoreError, store,
+    FragmentRoute, Lease, StoreError, store,
 };
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -264,16 +267,10 @@ impl Worker {
         keys: &FragmentKeys,
     ) -> Option<Outcome> {
         let store = self.backends.store.as_ref();
-        match store::generation(store, &self.backends.keys.generation(&route.name)).await {
-            Ok(current) if req.generation < current => {
-                tracing::debug!(route = %route.name, generation = req.generation, current, "route purged since; build dropped");
-                WorkerMetrics::count(&self.metrics.dropped, &route.name);
-                return None;
-            }
-            Ok(_) => {}
-            Err(e) => return Some(self.store_failed(route, req, e)),
-        }
-        match Lease::new(store, keys, route).claim(&req.id).await {
+        match Lease::new(store, keys, route)
+            .claim(&req.id, req.generation)
+            .await
+        {
             Ok(Claim::Held) => {}
             Ok(claim) => {
                 tracing::debug!(route = %route.name, ?claim, "build request dropped");
@@ -372,9 +369,7 @@ impl Worker {
         if size > max {
             return Err(BuildError::TooLarge { size, max });
         }
-        let store = &self.backends.store;
-        store
-            .set(&keys.envelope, &bytes, envelope.store_ttl(now_ms()))
+        self.finish(route, keys, &envelope)
             .await
             .map_err(|e| match e {
                 StoreError::TooLarge { size, max } => BuildError::TooLarge { size, max },
@@ -383,18 +378,45 @@ impl Worker {
                     BuildError::Store(tessera_protocol::Cause::new(other))
                 }
             })?;
-        self.release(store.as_ref(), route, keys).await;
-        let event = Event::Built {
+        self.announce(Event::Built {
             key: keys.envelope.to_string(),
             etag: envelope.etag.clone(),
             build_ms: Some(build_ms),
-        };
-        if let Err(e) = self.backends.bus.publish_event(&event).await {
-            // Gateways still see the result once their L1 entry expires (cache.ttl).
-            self.metrics.bus_errors.inc();
-            tracing::warn!(error = %e, "could not announce the build");
+        });
+        Ok(())
+    }
+
+    /// Stores `envelope` and gives the lease back, in that order (one exchange on
+    /// memcached). Fails when the envelope could not be stored; a lease that could not be
+    /// given back expires by itself, and a new request waits for that at worst.
+    async fn finish(
+        &self,
+        route: &FragmentRoute,
+        keys: &FragmentKeys,
+        envelope: &Envelope,
+    ) -> Result<(), StoreError> {
+        let lease = Lease::new(self.backends.store.as_ref(), keys, route);
+        let released = lease
+            .finish(&envelope.encode(), envelope.store_ttl(now_ms()))
+            .await?;
+        if let Err(e) = released {
+            self.metrics.store_errors.inc();
+            tracing::warn!(error = %e, "could not release the lease");
         }
         Ok(())
+    }
+
+    /// Publishes `event` without waiting for the broker's confirm: the delivery is
+    /// settled meanwhile. An event is advice; a gateway that misses one still sees the
+    /// result once its L1 entry expires (`cache.ttl`).
+    fn announce(&self, event: Event) {
+        let (bus, metrics) = (self.backends.bus.clone(), self.metrics.clone());
+        tokio::spawn(async move {
+            if let Err(e) = bus.publish_event(&event).await {
+                metrics.bus_errors.inc();
+                tracing::warn!(error = %e, "could not announce a build's outcome");
+            }
+        });
     }
 
     /// Schedules the next attempt through the broker's retry queue, then acknowledges.
@@ -469,14 +491,7 @@ impl Worker {
             req.attempt,
             previous.as_ref(),
         );
-        if let Err(e) = store
-            .set(
-                &keys.envelope,
-                &envelope.encode(),
-                envelope.store_ttl(now_ms()),
-            )
-            .await
-        {
+        if let Err(e) = self.finish(route, keys, &envelope).await {
             // Nowhere to record the failure: keep the request rather than lose it.
             self.metrics.store_errors.inc();
             tracing::warn!(%error, store_error = %e, "build failed and the store is unavailable; requeueing");
@@ -485,15 +500,10 @@ impl Worker {
             return;
         }
         WorkerMetrics::count(&self.metrics.failed, &route.name);
-        self.release(store.as_ref(), route, keys).await;
-        let event = Event::Failed {
+        self.announce(Event::Failed {
             key: keys.envelope.to_string(),
             error: error.to_string(),
-        };
-        if let Err(e) = self.backends.bus.publish_event(&event).await {
-            self.metrics.bus_errors.inc();
-            tracing::warn!(error = %e, "could not announce the failure");
-        }
+        });
         if error.is_retryable() {
             tracing::warn!(%error, attempts = req.attempt, "build failed for good; dead-lettered");
             WorkerMetrics::count(&self.metrics.dead_lettered, &route.name);
@@ -505,15 +515,6 @@ impl Worker {
         } else {
             tracing::warn!(%error, "build failed; not retried");
             self.settle(delivery.ack().await);
-        }
-    }
-
-    /// Gives the lease back once the outcome is stored. On failure the lease expires by
-    /// itself; a new request waits for that at worst.
-    async fn release(&self, store: &dyn Store, route: &FragmentRoute, keys: &FragmentKeys) {
-        if let Err(e) = Lease::new(store, keys, route).release().await {
-            self.metrics.store_errors.inc();
-            tracing::warn!(error = %e, "could not release the lease");
         }
     }
 

@@ -450,14 +450,15 @@ impl CacheService {
         let lease = Lease::new(store, &t.keys, t.route);
         let metrics = self.metrics.route(&t.route.name);
         let id = format!("{:016x}", rand::random::<u64>());
-        let Some(lease_deadline) = lease.acquire(&id).await? else {
+        let Some(won) = lease.acquire(&id).await? else {
             metrics.coalesced.inc();
             return Ok(Requested::AlreadyPending);
         };
         // Between our read and our acquire, a worker may have stored a result and
-        // released its lease. Building again then would be a second build: look once more.
+        // released its lease. Building again then would be a second build: the envelope
+        // read just after the lease was taken says.
         let now = now_ms();
-        if let Some(bytes) = store.get(&t.keys.envelope).await?
+        if let Some(bytes) = won.envelope
             && let Ok(envelope) = Envelope::decode(&bytes)
             && now.max(replaces) < envelope.fresh_until
             && !self.retired(&envelope).await?
@@ -473,7 +474,7 @@ impl CacheService {
             generation: t.generation,
             attempt: 1,
             requested_at: now,
-            lease_deadline,
+            lease_deadline: won.deadline,
             trace_id: t.trace.id().to_string(),
         };
         let queue = match priority {

@@ -16,6 +16,9 @@
 //! | `{ns}:p:{route}:{gen}:{digest}` | the pending lease: the id of the one request allowed to build |
 //! | `{ns}:g:{route}` | the route's generation |
 //! | `{ns}:t:{tag}` | when the tag was last purged (Unix ms; see [`crate::tags`]) |
+//!
+//! A lease is placed on the memcached server of its envelope ([`placed_as`]), so the two
+//! can be written in one ordered exchange (see [`crate::store::Store::add_then_get`]).
 
 use std::fmt;
 
@@ -89,6 +92,16 @@ impl FragmentKeys {
     pub fn route(&self) -> &str {
         let rest = &self.envelope.0[self.kind_at + 3..];
         rest.split_once(':').map_or(rest, |(route, _)| route)
+    }
+}
+
+/// The key whose memcached server `key` shares: a lease's envelope (`:p:` read as `:f:`),
+/// every other key itself. Returned as the parts around the kind, for hashing without
+/// an allocation. The namespace holds no `:`, so the first `:` starts the kind.
+pub fn placed_as(key: &[u8]) -> [&[u8]; 3] {
+    match key.iter().position(|&b| b == b':') {
+        Some(at) if key[at..].starts_with(b":p:") => [&key[..at], b":f:", &key[at + 3..]],
+        _ => [key, b"", b""],
     }
 }
 

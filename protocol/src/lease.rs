@@ -6,7 +6,8 @@
 //! - a gateway that misses **acquires** it with the store's atomic `add`; of all callers
 //!   in all gateways exactly one wins and publishes its request, the others answer
 //!   "pending";
-//! - a worker that picks a request up **claims** the lease for it before rendering:
+//! - a worker that picks a request up **claims** the lease for it before rendering
+//!   (a request from a generation its route has left since is dropped first):
 //!   - held by this request: extended for the render, build;
 //!   - held by another request: this one was superseded (its lease expired while it
 //!     waited in a backed-up queue, and a newer request took over): dropped;
@@ -16,7 +17,13 @@
 //! - a worker that schedules a retry **extends** it through the retry's delay, so no
 //!   gateway queues a second build meanwhile;
 //! - whoever finishes (the worker after storing the envelope, or a gateway whose publish
-//!   failed, or that found the fragment just built) **releases** it.
+//!   failed, or that found the fragment just built) **releases** it. The worker
+//!   [`finish`](Lease::finish)es: store, then release, in one ordered exchange.
+//!
+//! On memcached a lease lives on its envelope's server ([`crate::key::placed_as`]), so
+//! "take the lease, then read the envelope" and "store the envelope, then release" are one
+//! pipelined exchange each, executed in order. A miss costs two store exchanges (the
+//! lookup, then the lease with the re-check) and one confirmed publish.
 //!
 //! However long a request waits in its queue, at most one request per key gets past its
 //! claim: a lease that expired in the queue lets the next poll publish again, and the
@@ -29,10 +36,12 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use crate::config::FragmentRoute;
 use crate::envelope::Envelope;
 use crate::key::{FragmentKeys, Keyspace, StoreKey};
-use crate::store::{Store, StoreError};
+use crate::store::{self, Store, StoreError};
 use crate::tags;
 use crate::time::{add_ms, now_ms};
 
@@ -41,10 +50,21 @@ use crate::time::{add_ms, now_ms};
 pub enum Claim {
     /// The request holds the lease (now extended for the render): build.
     Held,
+    /// The route was purged since the request was made: drop it.
+    Purged,
     /// Another request holds it: drop this one.
     Superseded,
     /// Nobody held it and the fragment is already fresh: drop this one.
     AlreadyBuilt,
+}
+
+/// What a gateway that took the lease holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acquired {
+    /// When the lease ends (Unix ms), for `BuildRequest::lease_deadline`.
+    pub deadline: u64,
+    /// The fragment's envelope as read just after the lease was taken.
+    pub envelope: Option<Bytes>,
 }
 
 /// The lease of one fragment, on one store.
@@ -54,6 +74,7 @@ pub struct Lease<'a> {
     key: StoreKey,
     envelope: &'a StoreKey,
     keyspace: Keyspace,
+    route: &'a str,
     ttl: Duration,
 }
 
@@ -65,6 +86,7 @@ impl<'a> Lease<'a> {
             key: keys.lease(),
             envelope: &keys.envelope,
             keyspace: keys.keyspace(),
+            route: keys.route(),
             ttl: route.lease_ttl(),
         }
     }
@@ -74,22 +96,39 @@ impl<'a> Lease<'a> {
         &self.key
     }
 
-    /// Takes the lease for the request `holder` unless someone holds it. `Some(deadline)`
-    /// (Unix ms, for `BuildRequest::lease_deadline`) when this caller won: it must then
-    /// queue the request or [`release`](Self::release) the lease. `None` when a build is
-    /// already queued or running.
-    pub async fn acquire(&self, holder: &str) -> Result<Option<u64>, StoreError> {
+    /// Takes the lease for the request `holder` unless someone holds it. `Some` when this
+    /// caller won: it must then queue the request or [`release`](Self::release) the lease.
+    /// `None` when a build is already queued or running.
+    ///
+    /// The envelope is read back after the lease is taken, in the same exchange on
+    /// memcached (the two share a server): a worker that stored a result and released its
+    /// lease between the caller's lookup and this call is seen, and not built twice.
+    pub async fn acquire(&self, holder: &str) -> Result<Option<Acquired>, StoreError> {
         let deadline = self.deadline_after(Duration::ZERO);
         let won = self
             .store
-            .add(&self.key, holder.as_bytes(), self.ttl)
+            .add_then_get(&self.key, holder.as_bytes(), self.ttl, self.envelope)
             .await?;
-        Ok(won.then_some(deadline))
+        Ok(won.map(|envelope| Acquired { deadline, envelope }))
     }
 
-    /// A worker picked the request `holder` up: may it build? See the module docs.
-    pub async fn claim(&self, holder: &str) -> Result<Claim, StoreError> {
-        match self.store.get(&self.key).await? {
+    /// A worker picked the request `holder`, made in `generation` of the route, up: may
+    /// it build? See the module docs. The route's generation and the lease are read in
+    /// one exchange.
+    pub async fn claim(&self, holder: &str, generation: u64) -> Result<Claim, StoreError> {
+        let generation_key = self.keyspace.generation(self.route);
+        let mut found = self
+            .store
+            .get_many(&[self.key.clone(), generation_key.clone()])
+            .await?;
+        let route_generation = match found.remove(&generation_key) {
+            Some(bytes) => store::parse_generation(&bytes)?,
+            None => store::generation(self.store, &generation_key).await?,
+        };
+        if generation < route_generation {
+            return Ok(Claim::Purged);
+        }
+        match found.remove(&self.key) {
             Some(current) if current == holder.as_bytes() => {
                 self.store
                     .set(&self.key, holder.as_bytes(), self.ttl)
@@ -147,6 +186,21 @@ impl<'a> Lease<'a> {
         self.store.delete(&self.key).await.map(drop)
     }
 
+    /// Stores the envelope `bytes` for `ttl`, then gives the lease back, in that order
+    /// (one exchange on memcached). The outer result is the store's; the inner one the
+    /// release's, which only delays the next build when it fails (the lease expires).
+    pub async fn finish(
+        &self,
+        bytes: &[u8],
+        ttl: Duration,
+    ) -> Result<Result<(), StoreError>, StoreError> {
+        let released = self
+            .store
+            .set_then_delete(self.envelope, bytes, ttl, &self.key)
+            .await?;
+        Ok(released.map(drop))
+    }
+
     /// The id of the request holding the lease now, if any.
     pub async fn holder(&self) -> Result<Option<String>, StoreError> {
         let value = self.store.get(&self.key).await?;
@@ -160,10 +214,17 @@ mod tests {
     use crate::key::{Identity, Keyspace};
     use crate::store::MemoryStore;
 
-    fn setup() -> (MemoryStore, FragmentKeys, FragmentRoute) {
+    /// A route in generation 1, and the keys of one of its fragments.
+    async fn setup() -> (MemoryStore, FragmentKeys, FragmentRoute) {
         let route = FragmentRoute::new("recs", "/render/recs");
-        let keys = Keyspace::new("t").fragment(&identity(vec![]), 1);
-        (MemoryStore::new(1 << 20, 1 << 20), keys, route)
+        let keyspace = Keyspace::new("t");
+        let keys = keyspace.fragment(&identity(vec![]), 1);
+        let store = MemoryStore::new(1 << 20, 1 << 20);
+        store
+            .set(&keyspace.generation("recs"), b"1", Duration::ZERO)
+            .await
+            .unwrap();
+        (store, keys, route)
     }
 
     fn identity(params: Vec<(String, String)>) -> Identity {
@@ -180,14 +241,15 @@ mod tests {
 
     #[tokio::test]
     async fn one_caller_wins_until_released() {
-        let (store, keys, route) = setup();
+        let (store, keys, route) = setup().await;
         let lease = Lease::new(&store, &keys, &route);
         let before = now_ms();
-        let deadline = lease
+        let Acquired { deadline, envelope } = lease
             .acquire("a")
             .await
             .unwrap()
             .expect("the first caller wins");
+        assert_eq!(envelope, None, "nothing built yet");
         let ttl = ms(route.lease_ttl());
         assert!(deadline >= before + ttl && deadline <= now_ms() + ttl);
         assert_eq!(lease.holder().await.unwrap().as_deref(), Some("a"));
@@ -207,7 +269,7 @@ mod tests {
 
     #[tokio::test]
     async fn leases_are_per_fragment_and_apart_from_the_envelope() {
-        let (store, keys, route) = setup();
+        let (store, keys, route) = setup().await;
         let lease = Lease::new(&store, &keys, &route);
         assert_ne!(lease.key(), &keys.envelope);
         let other_keys = Keyspace::new("t").fragment(&identity(vec![("id".into(), "2".into())]), 1);
@@ -219,7 +281,7 @@ mod tests {
 
     #[tokio::test]
     async fn extend_holds_the_lease_for_the_wait_and_a_render() {
-        let (store, keys, route) = setup();
+        let (store, keys, route) = setup().await;
         let lease = Lease::new(&store, &keys, &route);
         let wait = Duration::from_secs(8);
         let before = now_ms();
@@ -228,26 +290,26 @@ mod tests {
         assert!(deadline >= before + ttl && deadline <= now_ms() + ttl);
         assert_eq!(lease.holder().await.unwrap().as_deref(), Some("a"));
         assert_eq!(lease.acquire("b").await.unwrap(), None);
-        assert_eq!(lease.claim("a").await.unwrap(), Claim::Held);
+        assert_eq!(lease.claim("a", 1).await.unwrap(), Claim::Held);
     }
 
     #[tokio::test]
     async fn only_the_holder_gets_past_its_claim() {
-        let (store, keys, route) = setup();
+        let (store, keys, route) = setup().await;
         let lease = Lease::new(&store, &keys, &route);
         lease.acquire("newer").await.unwrap();
-        assert_eq!(lease.claim("older").await.unwrap(), Claim::Superseded);
-        assert_eq!(lease.claim("newer").await.unwrap(), Claim::Held);
+        assert_eq!(lease.claim("older", 1).await.unwrap(), Claim::Superseded);
+        assert_eq!(lease.claim("newer", 1).await.unwrap(), Claim::Held);
         assert_eq!(lease.holder().await.unwrap().as_deref(), Some("newer"));
     }
 
     #[tokio::test]
     async fn an_unheld_lease_is_retaken_unless_the_fragment_is_fresh() {
-        let (store, keys, route) = setup();
+        let (store, keys, route) = setup().await;
         let lease = Lease::new(&store, &keys, &route);
         // Nobody holds it and nothing is built (a warming request, or a lease that
         // expired with nobody asking again): the request takes it.
-        assert_eq!(lease.claim("warm").await.unwrap(), Claim::Held);
+        assert_eq!(lease.claim("warm", 1).await.unwrap(), Claim::Held);
         assert_eq!(lease.holder().await.unwrap().as_deref(), Some("warm"));
         lease.release().await.unwrap();
         // A stale copy does not stop a build…
@@ -263,7 +325,7 @@ mod tests {
             .set(&keys.envelope, &stale.encode(), Duration::from_secs(60))
             .await
             .unwrap();
-        assert_eq!(lease.claim("refresh").await.unwrap(), Claim::Held);
+        assert_eq!(lease.claim("refresh", 1).await.unwrap(), Claim::Held);
         lease.release().await.unwrap();
         // …a fresh one does: someone built it while the request waited.
         let fresh = Envelope::ready(
@@ -278,13 +340,13 @@ mod tests {
             .set(&keys.envelope, &fresh.encode(), Duration::from_secs(60))
             .await
             .unwrap();
-        assert_eq!(lease.claim("late").await.unwrap(), Claim::AlreadyBuilt);
+        assert_eq!(lease.claim("late", 1).await.unwrap(), Claim::AlreadyBuilt);
         assert_eq!(lease.holder().await.unwrap(), None, "nothing taken");
     }
 
     #[tokio::test]
     async fn a_fresh_fragment_retired_by_a_tag_purge_is_built_again() {
-        let (store, keys, route) = setup();
+        let (store, keys, route) = setup().await;
         let lease = Lease::new(&store, &keys, &route);
         let fresh = Envelope::ready(
             bytes::Bytes::from_static(b"x"),
@@ -299,11 +361,45 @@ mod tests {
             .set(&keys.envelope, &fresh.encode(), Duration::from_secs(60))
             .await
             .unwrap();
-        assert_eq!(lease.claim("late").await.unwrap(), Claim::AlreadyBuilt);
+        assert_eq!(lease.claim("late", 1).await.unwrap(), Claim::AlreadyBuilt);
         let tag = crate::tags::Tag::new("p-1").unwrap();
         crate::tags::purge(&store, &keys.keyspace(), &tag)
             .await
             .unwrap();
-        assert_eq!(lease.claim("after-purge").await.unwrap(), Claim::Held);
+        assert_eq!(lease.claim("after-purge", 1).await.unwrap(), Claim::Held);
+    }
+
+    #[tokio::test]
+    async fn the_winner_sees_an_envelope_stored_before_its_lease() {
+        let (store, keys, route) = setup().await;
+        let lease = Lease::new(&store, &keys, &route);
+        // A worker stored its result and released its lease after this caller's lookup.
+        lease.acquire("worker").await.unwrap().unwrap();
+        lease
+            .finish(b"built", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(lease.holder().await.unwrap(), None, "finish releases");
+        let won = lease.acquire("late").await.unwrap().expect("free again");
+        assert_eq!(won.envelope.as_deref(), Some(&b"built"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_request_of_a_generation_since_purged_is_dropped() {
+        let (store, keys, route) = setup().await;
+        let lease = Lease::new(&store, &keys, &route);
+        lease.acquire("old").await.unwrap().unwrap();
+        crate::store::bump_generation(&store, &Keyspace::new("t").generation("recs"))
+            .await
+            .unwrap();
+        assert_eq!(lease.claim("old", 1).await.unwrap(), Claim::Purged);
+        assert_eq!(lease.claim("old", 2).await.unwrap(), Claim::Held);
+        // A generation the store lost starts over at the current time: older than it.
+        store
+            .delete(&Keyspace::new("t").generation("recs"))
+            .await
+            .unwrap();
+        assert_eq!(lease.claim("old", 2).await.unwrap(), Claim::Purged);
     }
 }

@@ -41,6 +41,6 @@ pub use config::{Backend, Config, ConfigError, FragmentRoute};
 pub use envelope::{Envelope, Status};
 pub use error::Cause;
 pub use key::{FragmentKeys, Identity, Keyspace, StoreKey};
-pub use lease::{Claim, Lease};
+pub use lease::{Acquired, Claim, Lease};
 pub use message::{BuildRequest, Event};
 pub use store::{Store, StoreError};

@@ -67,6 +67,34 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Stores `value`, replacing any previous one.
     async fn set(&self, key: &StoreKey, value: &[u8], ttl: Duration) -> Result<(), StoreError>;
 
+    /// [`add`](Self::add), then, only when it stored, the value of `then`, read after the
+    /// add took effect: it sees every write that reached the store before the add.
+    /// `None` when the add did not store. memcached does both in one exchange when the
+    /// two keys live on one server (a lease and its envelope always do).
+    async fn add_then_get(
+        &self,
+        key: &StoreKey,
+        value: &[u8],
+        ttl: Duration,
+        then: &StoreKey,
+    ) -> Result<Option<Option<Bytes>>, StoreError> {
+        add_then_get_in_turn(self, key, value, ttl, then).await
+    }
+
+    /// [`set`](Self::set), then a delete of `then`, applied after the set so nobody sees
+    /// `then` gone before `key` written. The outer result is the set's; the inner one the
+    /// delete's (whether `then` was there). memcached does both in one exchange when the
+    /// two keys live on one server, and then applies the delete even when the set failed.
+    async fn set_then_delete(
+        &self,
+        key: &StoreKey,
+        value: &[u8],
+        ttl: Duration,
+        then: &StoreKey,
+    ) -> Result<Result<bool, StoreError>, StoreError> {
+        set_then_delete_in_turn(self, key, value, ttl, then).await
+    }
+
     /// Removes `key`. `Ok(false)` when it was not there.
     async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError>;
 
@@ -81,6 +109,32 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn reconnects(&self) -> u64 {
         0
     }
+}
+
+/// [`Store::add_then_get`] as two calls, one after the other.
+pub async fn add_then_get_in_turn<S: Store + ?Sized>(
+    store: &S,
+    key: &StoreKey,
+    value: &[u8],
+    ttl: Duration,
+    then: &StoreKey,
+) -> Result<Option<Option<Bytes>>, StoreError> {
+    if !store.add(key, value, ttl).await? {
+        return Ok(None);
+    }
+    store.get(then).await.map(Some)
+}
+
+/// [`Store::set_then_delete`] as two calls, one after the other.
+pub async fn set_then_delete_in_turn<S: Store + ?Sized>(
+    store: &S,
+    key: &StoreKey,
+    value: &[u8],
+    ttl: Duration,
+    then: &StoreKey,
+) -> Result<Result<bool, StoreError>, StoreError> {
+    store.set(key, value, ttl).await?;
+    Ok(store.delete(then).await)
 }
 
 /// Reads a route's generation, creating it when absent.
@@ -121,7 +175,7 @@ pub async fn bump_generation(store: &dyn Store, key: &StoreKey) -> Result<u64, S
     )))
 }
 
-fn parse_generation(bytes: &[u8]) -> Result<u64, StoreError> {
+pub(crate) fn parse_generation(bytes: &[u8]) -> Result<u64, StoreError> {
     std::str::from_utf8(bytes)
         .ok()
         .and_then(|s| s.trim().parse().ok())

@@ -19,6 +19,11 @@ mod memcached {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_lives_with_its_envelope_and_has_one_winner() {
+        memcached_only::a_lease_lives_with_its_envelope_and_has_one_winner().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_restarted_server_is_unavailable_then_recovers() {
         memcached_only::a_restarted_server_is_unavailable_then_recovers().await;
     }

@@ -89,6 +89,7 @@ macro_rules! store_conformance {
             set_replaces_and_delete_removes,
             add_only_stores_when_absent,
             add_has_exactly_one_winner_among_100_callers,
+            add_then_get_reads_after_the_add_and_set_then_delete_deletes_after_the_set,
             get_many_returns_the_present_keys_only,
             incr_counts_in_decimal_and_never_creates,
             ttls_expire_in_whole_seconds_and_zero_never,
@@ -190,6 +191,65 @@ pub async fn add_has_exactly_one_winner_among_100_callers(t: StoreUnderTest) {
         t.store.get(&k).await.unwrap().as_deref(),
         Some(winners[0].to_string().as_bytes()),
         "the value kept is the winner's"
+    );
+}
+
+/// `add_then_get` reads only when its add stored, and sees what was there before;
+/// `set_then_delete` stores and deletes, reporting whether the deleted key was there.
+pub async fn add_then_get_reads_after_the_add_and_set_then_delete_deletes_after_the_set(
+    t: StoreUnderTest,
+) {
+    let (lease, envelope) = (t.key("lease"), t.key("envelope"));
+    let ttl = Duration::from_secs(30);
+    assert_eq!(
+        t.store
+            .add_then_get(&lease, b"a", ttl, &envelope)
+            .await
+            .unwrap(),
+        Some(None),
+        "stored, nothing to read"
+    );
+    assert_eq!(
+        t.store
+            .add_then_get(&lease, b"b", ttl, &envelope)
+            .await
+            .unwrap(),
+        None,
+        "held: not stored, not read"
+    );
+    assert!(
+        t.store
+            .set_then_delete(&envelope, b"built", ttl, &lease)
+            .await
+            .unwrap()
+            .unwrap(),
+        "the lease was there"
+    );
+    assert_eq!(t.store.get(&lease).await.unwrap(), None);
+    assert!(
+        !t.store
+            .set_then_delete(&envelope, b"again", ttl, &lease)
+            .await
+            .unwrap()
+            .unwrap(),
+        "the lease was gone"
+    );
+    assert_eq!(
+        t.store
+            .add_then_get(&lease, b"c", ttl, &envelope)
+            .await
+            .unwrap(),
+        Some(Some(bytes::Bytes::from_static(b"again")))
+    );
+    let big = vec![0u8; t.max_item_size + 1];
+    assert!(matches!(
+        t.store.set_then_delete(&envelope, &big, ttl, &lease).await,
+        Err(StoreError::TooLarge { .. })
+    ));
+    assert_eq!(
+        t.store.get(&lease).await.unwrap().as_deref(),
+        Some(&b"c"[..]),
+        "a value refused before sending deletes nothing"
     );
 }
 
@@ -415,6 +475,85 @@ pub mod memcached_only {
         for k in &present {
             assert_eq!(got[k].as_ref(), k.as_str().as_bytes());
         }
+    }
+
+    /// A fragment's lease lives on its envelope's server, so taking it and reading the
+    /// envelope back is one ordered exchange; across three servers 100 gateways racing
+    /// for one lease still have exactly one winner, and each sees the envelope as stored.
+    pub async fn a_lease_lives_with_its_envelope_and_has_one_winner() {
+        let ports = [free_port(), free_port(), free_port()];
+        let _servers: Vec<_> = ports.iter().map(|&p| memcached(p)).collect();
+        let all = store_on(&ports, TEST_ITEM_LIMIT, TEST_TIMEOUT);
+        let singles: Vec<_> = ports
+            .iter()
+            .map(|&p| store_on(&[p], TEST_ITEM_LIMIT, TEST_TIMEOUT))
+            .collect();
+        let keys = Keyspace::new(&unique_namespace());
+        let route = tessera_protocol::config::FragmentRoute::new("recs", "/render/recs");
+        let mut servers_used = std::collections::HashSet::new();
+        for n in 0..30 {
+            let fragment = keys.fragment(
+                &tessera_protocol::key::Identity {
+                    route: "recs".into(),
+                    params: vec![("id".into(), n.to_string())],
+                    vary: vec![],
+                },
+                1,
+            );
+            let lease = tessera_protocol::Lease::new(all.as_ref(), &fragment, &route);
+            all.set(&fragment.envelope, b"e", Duration::from_secs(30))
+                .await
+                .unwrap();
+            lease.acquire("a").await.unwrap().expect("free");
+            let (lease_key, envelope) = (lease.key().clone(), fragment.envelope.clone());
+            let mut holders = Vec::new();
+            for (i, single) in singles.iter().enumerate() {
+                let found = single
+                    .get_many(&[lease_key.clone(), envelope.clone()])
+                    .await
+                    .unwrap();
+                match (
+                    found.contains_key(&lease_key),
+                    found.contains_key(&envelope),
+                ) {
+                    (true, true) => holders.push(i),
+                    (false, false) => {}
+                    split => panic!("fragment {n}: lease and envelope apart: {split:?}"),
+                }
+            }
+            assert_eq!(holders.len(), 1, "fragment {n}");
+            servers_used.insert(holders[0]);
+        }
+        assert!(
+            servers_used.len() > 1,
+            "30 fragments on one server prove nothing"
+        );
+
+        let fragment = keys.fragment(
+            &tessera_protocol::key::Identity {
+                route: "recs".into(),
+                params: vec![("id".into(), "race".into())],
+                vary: vec![],
+            },
+            1,
+        );
+        let start = Arc::new(tokio::sync::Barrier::new(100));
+        let racers: Vec<_> = (0..100)
+            .map(|i| {
+                let (all, fragment, route, start) =
+                    (all.clone(), fragment.clone(), route.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    let lease = tessera_protocol::Lease::new(all.as_ref(), &fragment, &route);
+                    lease.acquire(&i.to_string()).await.unwrap().is_some()
+                })
+            })
+            .collect();
+        let mut winners = 0;
+        for racer in racers {
+            winners += usize::from(racer.await.unwrap());
+        }
+        assert_eq!(winners, 1);
     }
 
     /// While the server is down every call fails with `Unavailable`; once it is back on the same port the same store answers
