@@ -48,10 +48,13 @@ async fn main() -> anyhow::Result<()> {
     let body = [b'x'; 200];
     let started = Instant::now();
     let mut pending = FuturesUnordered::new();
+    // Each message's time from publish to confirm.
+    let mut waits = Vec::with_capacity(messages);
     for _ in 0..messages {
         if pending.len() >= usize::from(in_flight) {
-            confirmed(pending.next().await)?;
+            waits.push(confirmed(pending.next().await)?);
         }
+        let sent = Instant::now();
         let confirm = channel
             .basic_publish(
                 "".into(),
@@ -61,12 +64,13 @@ async fn main() -> anyhow::Result<()> {
                 BasicProperties::default().with_delivery_mode(2),
             )
             .await?;
-        pending.push(confirm);
+        pending.push(async move { (sent, confirm.await) });
     }
     while let Some(c) = pending.next().await {
-        confirmed(Some(c))?;
+        waits.push(confirmed(Some(c))?);
     }
     let publish = rate(messages, started.elapsed());
+    waits.sort_unstable();
 
     let consumer_channel = conn.create_channel().await?;
     consumer_channel
@@ -88,16 +92,27 @@ async fn main() -> anyhow::Result<()> {
         delivery.acker.ack(BasicAckOptions::default()).await?;
     }
     let consume = rate(messages, started.elapsed());
-    println!("RabbitMQ publish+confirm, {kind} queue, {in_flight} in flight: {publish:.0} msg/s");
+    println!(
+        "RabbitMQ publish+confirm, {kind} queue, {in_flight} in flight: {publish:.0} msg/s, \
+         publish to confirm p50 {:.2} ms, p99 {:.2} ms",
+        percentile_ms(&waits, 50),
+        percentile_ms(&waits, 99)
+    );
     println!("RabbitMQ consume+ack, {kind} queue, prefetch {in_flight}: {consume:.0} msg/s");
     Ok(())
 }
 
-fn confirmed(c: Option<lapin::Result<Confirmation>>) -> anyhow::Result<()> {
+/// How long a confirmed message waited for its confirm.
+fn confirmed(c: Option<(Instant, lapin::Result<Confirmation>)>) -> anyhow::Result<Duration> {
     match c {
-        Some(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(()),
-        other => anyhow::bail!("not confirmed: {other:?}"),
+        Some((sent, Ok(Confirmation::Ack(_) | Confirmation::NotRequested))) => Ok(sent.elapsed()),
+        other => anyhow::bail!("not confirmed: {:?}", other.map(|(_, c)| c)),
     }
+}
+
+/// The `p`th percentile of sorted `waits`, in milliseconds.
+fn percentile_ms(waits: &[Duration], p: usize) -> f64 {
+    waits[(waits.len() - 1) * p / 100].as_secs_f64() * 1000.0
 }
 
 #[allow(clippy::cast_precision_loss)]
