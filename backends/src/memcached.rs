@@ -12,10 +12,11 @@
 //!   placement function itself (as from the `fnv1a64 % n` of earlier releases) remaps
 //!   most keys once: a cold start, not an error.
 //! - **Lookups that arrive together go out together.** A single-key `get` joins the
-//!   batch being formed, or starts one: it yields once so that the tasks ready at that
-//!   instant join it, then sends the batch as one pipelined multi-get per server (in a
-//!   task of its own, so a caller that goes away never fails the others). Under load N
-//!   concurrent lookups cost a few exchanges, not N; alone, a lookup pays one yield.
+//!   batch being formed, or starts one: a task of its own yields once so that the
+//!   lookups ready at that instant join, then sends the batch as one pipelined multi-get
+//!   per server. A caller that goes away (its client hung up) never fails or strands the
+//!   others. Under load N concurrent lookups cost a few exchanges, not N; alone, a lookup
+//!   pays one spawn and one yield.
 //! - **Bounded connections.** At most [`MAX_CONNECTIONS`] per server; a caller past the
 //!   cap waits for one within the deadline, then fails `Unavailable`. A memcached that
 //!   stops answering costs at most that many waiting exchanges, each ended by the
@@ -30,7 +31,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -167,7 +168,7 @@ impl MemcachedStore {
                     .await?;
                 Ok(Connected {
                     client,
-                    forming: Mutex::new(Vec::new()),
+                    forming: Arc::new(Mutex::new(Vec::new())),
                 })
             })
             .await
@@ -227,7 +228,7 @@ fn unexpected(result: &OpResult) -> StoreError {
 struct Connected {
     client: AsyncMetaClient,
     /// Lookups waiting for the batch; empty when none is forming.
-    forming: Mutex<Vec<Lookup>>,
+    forming: Arc<Mutex<Vec<Lookup>>>,
 }
 
 /// One `get` waiting for its batch.
@@ -249,11 +250,16 @@ impl Connected {
             forming.len() == 1
         };
         if leads {
-            // Let the lookups that are ready now join, then send them all.
-            tokio::task::yield_now().await;
-            let batch =
-                std::mem::take(&mut *self.forming.lock().unwrap_or_else(PoisonError::into_inner));
-            tokio::spawn(send_batch(self.client.clone(), batch));
+            // In a task of its own, so that a caller that goes away here (its client hung
+            // up, its deadline passed) cannot leave the batch forming for ever: let the
+            // lookups that are ready now join, then send them all.
+            let (client, forming) = (self.client.clone(), self.forming.clone());
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                let batch =
+                    std::mem::take(&mut *forming.lock().unwrap_or_else(PoisonError::into_inner));
+                send_batch(client, batch).await;
+            });
         }
         answer
             .await

@@ -34,6 +34,11 @@ mod memcached {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lookup_dropped_while_its_batch_forms_wedges_nothing() {
+        memcached_only::a_lookup_dropped_while_its_batch_forms_wedges_nothing().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stopped_server_fails_fast_without_a_pile_up() {
         memcached_only::a_stopped_server_fails_fast_without_a_pile_up().await;
     }

@@ -639,6 +639,32 @@ pub mod memcached_only {
         );
     }
 
+    /// A lookup that goes away while its batch forms (its client hung up, its deadline
+    /// passed) leaves no trace: the lookups after it are answered. Before the fix, a
+    /// batch's leader dropped at that instant left the batch forming for ever, and every
+    /// later lookup of that gateway timed out.
+    pub async fn a_lookup_dropped_while_its_batch_forms_wedges_nothing() {
+        let port = free_port();
+        let _server = memcached(port);
+        let store = store_on(&[port], 1024, TEST_TIMEOUT);
+        let k = Keyspace::new(&unique_namespace()).generation("k");
+        store.set(&k, b"v", Duration::ZERO).await.unwrap();
+        assert_eq!(store.get(&k).await.unwrap().as_deref(), Some(&b"v"[..]));
+        for _ in 0..3 {
+            // Polled once (it joins or starts the batch), then dropped.
+            let dropped = futures_util::FutureExt::now_or_never(store.get(&k));
+            assert!(dropped.is_none(), "answered without waiting: {dropped:?}");
+            assert_eq!(
+                tokio::time::timeout(TEST_TIMEOUT, store.get(&k))
+                    .await
+                    .expect("answered")
+                    .unwrap()
+                    .as_deref(),
+                Some(&b"v"[..])
+            );
+        }
+    }
+
     /// A memcached that stops answering (SIGSTOP: connections still accepted, nothing
     /// read): 1,000 concurrent lookups and writes each fail `Unavailable` near
     /// `store.timeout`, none hangs, the tasks they left behind end, and the store answers
