@@ -650,10 +650,13 @@ pub mod memcached_only {
         let k = Keyspace::new(&unique_namespace()).generation("k");
         store.set(&k, b"v", Duration::ZERO).await.unwrap();
         assert_eq!(store.get(&k).await.unwrap().as_deref(), Some(&b"v"[..]));
-        for _ in 0..3 {
-            // Polled once (it joins or starts the batch), then dropped.
-            let dropped = futures_util::FutureExt::now_or_never(store.get(&k));
-            assert!(dropped.is_none(), "answered without waiting: {dropped:?}");
+        let mut dropped = 0;
+        for _ in 0..10 {
+            // Polled once (it joins or starts the batch), then dropped. On a busy machine
+            // the batch may even be answered within that poll: then nothing was dropped.
+            if futures_util::FutureExt::now_or_never(store.get(&k)).is_none() {
+                dropped += 1;
+            }
             assert_eq!(
                 tokio::time::timeout(TEST_TIMEOUT, store.get(&k))
                     .await
@@ -663,6 +666,10 @@ pub mod memcached_only {
                 Some(&b"v"[..])
             );
         }
+        assert!(
+            dropped > 0,
+            "no lookup was dropped: the case proves nothing"
+        );
     }
 
     /// A memcached that stops answering (SIGSTOP: connections still accepted, nothing
