@@ -52,8 +52,10 @@ use tessera_protocol::time::ceil_secs;
 
 /// Most connections in use per server.
 pub const MAX_CONNECTIONS: usize = 64;
-/// Idle connections kept per server.
-const MAX_IDLE: usize = 32;
+/// Idle connections kept per server: as many as may be in use, so that a steady load of
+/// more exchanges in flight than half the cap does not close and redial connections on
+/// every return (measured: a worker with 64 builds in flight spent its CPU on it).
+const MAX_IDLE: usize = MAX_CONNECTIONS;
 /// Longest expiration memcached reads as relative seconds.
 const MAX_RELATIVE_EXPIRY: u64 = 30 * 24 * 3600;
 

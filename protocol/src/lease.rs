@@ -11,9 +11,10 @@
 //!   - held by this request: extended for the render, build;
 //!   - held by another request: this one was superseded (its lease expired while it
 //!     waited in a backed-up queue, and a newer request took over): dropped;
-//!   - held by nobody: the fragment is fresh (someone built it meanwhile, and no tag
-//!     purge retired it since, see [`crate::tags`]) and the request is dropped, or the
-//!     worker re-takes the lease with `add` and builds;
+//!   - held by nobody: the worker takes it as a gateway does (`add`, reading the
+//!     envelope back); if the fragment is fresh (someone built it meanwhile, and no tag
+//!     purge retired it since, see [`crate::tags`]) it gives the lease back and drops
+//!     the request, otherwise it builds;
 //! - a worker that schedules a retry **extends** it through the retry's delay, so no
 //!   gateway queues a second build meanwhile;
 //! - whoever finishes (the worker after storing the envelope, or a gateway whose publish
@@ -137,29 +138,24 @@ impl<'a> Lease<'a> {
             }
             Some(_) => Ok(Claim::Superseded),
             None => {
-                let fresh = match self
-                    .store
-                    .get(self.envelope)
-                    .await?
-                    .and_then(|bytes| Envelope::decode(&bytes).ok())
-                {
+                // Take it, reading the envelope back in the same exchange.
+                let Some(won) = self.acquire(holder).await? else {
+                    return Ok(Claim::Superseded);
+                };
+                let fresh = match won.envelope.and_then(|bytes| Envelope::decode(&bytes).ok()) {
                     // A fresh envelope a tag purge retired is as good as none.
                     Some(e) if now_ms() < e.fresh_until => {
                         !tags::retired(self.store, &self.keyspace, &e).await?
                     }
                     _ => false,
                 };
-                if fresh {
-                    Ok(Claim::AlreadyBuilt)
-                } else if self
-                    .store
-                    .add(&self.key, holder.as_bytes(), self.ttl)
-                    .await?
-                {
-                    Ok(Claim::Held)
-                } else {
-                    Ok(Claim::Superseded)
+                if !fresh {
+                    return Ok(Claim::Held);
                 }
+                // Nothing to build: give it back. One that cannot be given back expires
+                // by itself, and the fragment is fresh meanwhile.
+                let _ = self.release().await;
+                Ok(Claim::AlreadyBuilt)
             }
         }
     }
