@@ -3,10 +3,12 @@
 # memcached (this script's own, `-t 2`, on a free port) and the running RabbitMQ:
 #   1. memcached hits with L1 off: the gateway against nginx `memcached_pass` (Debian's
 #      nginx, 2 workers, keepalive 32), both reading a 2 KB fragment, wrk -t1 -c64;
-#   2. cold misses (every request a new key: lookup, lease, confirmed publish, 202)
-#      against RabbitMQ's own publish+confirm rate with 64 in flight (amqp-rates);
+#   2. cold misses (every request a new key: lookup, lease with re-check, confirmed
+#      publish, 202) against RabbitMQ's own publish+confirm rate and publish-to-confirm
+#      time with 64 in flight (amqp-rates), on classic and on quorum queues;
 #   3. one, two and four tessera-worker processes draining queued builds (instant
-#      upstream, then 50 ms renders) against RabbitMQ's own consume+ack rate.
+#      upstream with 16 and with 64 builds in flight per process, then 50 ms renders)
+#      against RabbitMQ's own consume+ack rate with prefetch 64.
 #   bash bench/distributed.sh [SECONDS] [BUILDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -92,27 +94,6 @@ echo "== 1b. the same, one connection (what batching costs a lone request)"
 echo "nginx memcached_pass: $(wrk -t1 -c1 -d"${secs}s" --latency "http://127.0.0.1:$ng/fragment" | summary)"
 echo "tessera gateway:      $(wrk -t1 -c1 -d"${secs}s" --latency "http://127.0.0.1:$gw/fragments/bench" | summary)"
 
-cat >"$tmp/miss.toml" <<TOML
-[gateway]
-listen = "127.0.0.1:$gw2"
-admin_listen = "127.0.0.1:$adm2"
-[upstream]
-url = "http://127.0.0.1:$up"
-[store]
-memcached = ["127.0.0.1:$mc"]
-namespace = "${ns}m"
-[bus]
-amqp = "amqp://guest:guest@127.0.0.1:5672/%2f"
-queue_expiry = "1m"
-[workers]
-embedded = 0
-[[fragment]]
-name = "cold"
-render = "/_render/cold"
-params = ["id"]
-TOML
-RUST_LOG=warn $bin/tessera-gateway --config "$tmp/miss.toml" & pids+=($!)
-wait_port "$adm2" gateway
 cat >"$tmp/miss.lua" <<'LUA'
 counter = 0
 request = function()
@@ -120,14 +101,39 @@ request = function()
   return wrk.format("GET", "/fragments/cold?id=" .. math.random(1, 2000000000) .. "-" .. counter)
 end
 LUA
-echo "== 2. cold misses (a new key each: lookup, lease, confirmed publish, 202), wrk -t1 -c64"
-$bin/amqp-rates 20000 64 | grep publish
-$bin/amqp-rates 20000 64 quorum | grep publish
-for run in 1 2 3; do
-  echo "run $run tessera gateway: $(wrk -t1 -c64 -d"${secs}s" --latency -s "$tmp/miss.lua" "http://127.0.0.1:$gw2" | summary)"
+echo "== 2. cold misses (a new key each: lookup, lease with re-check, confirmed publish, 202), wrk -t1 -c64"
+for kind in classic quorum; do
+  $bin/amqp-rates 20000 64 "$kind" | grep publish
+  cat >"$tmp/miss-$kind.toml" <<TOML
+[gateway]
+listen = "127.0.0.1:$gw2"
+admin_listen = "127.0.0.1:$adm2"
+[upstream]
+url = "http://127.0.0.1:$up"
+[store]
+memcached = ["127.0.0.1:$mc"]
+namespace = "${ns}$kind"
+[bus]
+amqp = "amqp://guest:guest@127.0.0.1:5672/%2f"
+queue_expiry = "1m"
+queue_type = "$kind"
+[workers]
+embedded = 0
+[[fragment]]
+name = "cold"
+render = "/_render/cold"
+params = ["id"]
+TOML
+  RUST_LOG=warn $bin/tessera-gateway --config "$tmp/miss-$kind.toml" & miss=$!; pids+=("$miss")
+  wait_port "$adm2" gateway
+  for run in 1 2 3; do
+    echo "run $run tessera gateway, $kind queue: $(wrk -t1 -c64 -d"${secs}s" --latency -s "$tmp/miss.lua" "http://127.0.0.1:$gw2" | summary)"
+  done
+  kill "$miss"; wait "$miss" 2>/dev/null || true
 done
 
 echo "== 3. queued builds drained by tessera-worker processes"
 $bin/amqp-rates "$builds" 64 | grep consume
-$bin/build-throughput $bin "$builds" 0 1 2 4
-$bin/build-throughput $bin "$((builds / 4))" 50 1 2 4
+$bin/build-throughput $bin "$builds" 0 16 1 2 4
+$bin/build-throughput $bin "$builds" 0 64 1 2
+$bin/build-throughput $bin "$((builds / 4))" 50 16 1 2 4

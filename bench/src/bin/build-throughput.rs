@@ -1,10 +1,10 @@
 //! End-to-end build throughput of `tessera-worker` processes (compare with RabbitMQ's own
 //! consume+ack rate, `amqp-rates`).
 //!
-//! `build-throughput BIN_DIR BUILDS RENDER_MS WORKERS...`
+//! `build-throughput BIN_DIR BUILDS RENDER_MS CONCURRENCY WORKERS...`
 //!
 //! For each worker count: queue BUILDS build requests (as another program would), start
-//! that many `tessera-worker` processes (concurrency 16 each) against an in-process
+//! that many `tessera-worker` processes (CONCURRENCY builds each) against an in-process
 //! upstream that answers after RENDER_MS, and time until every fragment is in memcached.
 //! Needs memcached on 127.0.0.1:11211 and RabbitMQ on 127.0.0.1:5672.
 
@@ -33,23 +33,25 @@ const EXPIRY: Duration = Duration::from_secs(300);
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() < 5 {
-        eprintln!("usage: build-throughput BIN_DIR BUILDS RENDER_MS WORKERS...");
+    if args.len() < 6 {
+        eprintln!("usage: build-throughput BIN_DIR BUILDS RENDER_MS CONCURRENCY WORKERS...");
         std::process::exit(2);
     }
     let bin = PathBuf::from(&args[1]);
     let builds: usize = args[2].parse()?;
     let render = Duration::from_millis(args[3].parse()?);
-    let counts: Vec<usize> = args[4..]
+    let concurrency: usize = args[4].parse()?;
+    let counts: Vec<usize> = args[5..]
         .iter()
         .map(|a| a.parse())
         .collect::<Result<_, _>>()?;
     let upstream = start_upstream(render).await?;
 
     for workers in counts {
-        let rate = run(&bin, &upstream, builds, workers).await?;
+        let rate = run(&bin, &upstream, builds, workers, concurrency).await?;
         println!(
-            "{workers} worker process(es), {} ms renders: {rate:.0} builds/s",
+            "{workers} worker process(es), {concurrency} builds in flight each, {} ms renders: \
+             {rate:.0} builds/s",
             render.as_millis()
         );
     }
@@ -86,12 +88,13 @@ async fn run(
     upstream: &str,
     n: usize,
     workers: usize,
+    concurrency: usize,
 ) -> Result<f64, Box<dyn std::error::Error>> {
     let ns = namespace();
     let queue = format!("{ns}.build");
     let config = format!(
         "[upstream]\nurl = \"{upstream}\"\n[store]\nmemcached = [\"{MEMCACHED}\"]\nnamespace = \"{ns}\"\n[bus]\namqp = \"{AMQP}\"\nqueue_expiry = \"5m\"\n\
-         [workers]\nembedded = 0\nconcurrency = 16\n[[fragment]]\nname = \"b\"\nrender = \"/r\"\nparams = [\"id\"]\nqueue = \"{queue}\"\n"
+         [workers]\nembedded = 0\nconcurrency = {concurrency}\n[[fragment]]\nname = \"b\"\nrender = \"/r\"\nparams = [\"id\"]\nqueue = \"{queue}\"\n"
     );
     let path = std::env::temp_dir().join(format!("{ns}.toml"));
     std::fs::write(&path, config)?;
