@@ -187,7 +187,9 @@ async fn drain(client: &reqwest::Client, upstream: &str) -> HashMap<String, Vec<
 /// down or came back in between (the stored fragment, or the write of it, was lost).
 fn explained(faults: &[(String, u64)], prev: u64, next: u64) -> bool {
     faults.iter().any(|(kind, at)| {
-        let killed = kind.starts_with("worker") && *at >= prev && *at <= prev + 5_000;
+        // A worker fault is recorded just before the signal is sent, so a render that
+        // began in between was still cut off by it.
+        let killed = kind.starts_with("worker") && *at + SIGNAL_MS >= prev && *at <= prev + 5_000;
         let store = kind.starts_with("memcached") && *at >= prev && *at <= next;
         killed || store
     })
@@ -203,6 +205,10 @@ fn read_faults(path: &str) -> Vec<(String, u64)> {
         })
         .collect()
 }
+
+/// Longest between a fault's record and its signal taking effect (soak.sh records the
+/// fault, then runs `kill`).
+const SIGNAL_MS: u64 = 500;
 
 /// Longest a lease lives (`build_timeout` 5 s + 2 s), and `cache.ttl`, in the soak's
 /// configuration: the window around a memcached restart in which a request may be
@@ -260,8 +266,23 @@ fn verdict(
         for pair in times.windows(2) {
             if explained(faults, pair[0], pair[1]) {
                 after_fault += 1;
+                if faults.iter().any(|(kind, at)| {
+                    kind.starts_with("worker") && *at < pair[0] && pair[0] <= *at + SIGNAL_MS
+                }) {
+                    println!(
+                        "re-render of {key}: its first render began {} ms after a worker fault's record",
+                        pair[0]
+                            - faults
+                                .iter()
+                                .filter(|(_, at)| *at < pair[0])
+                                .map(|(_, at)| *at)
+                                .max()
+                                .unwrap_or(pair[0])
+                    );
+                }
             } else {
-                doubled.push(key.clone());
+                // When it was rendered, to set beside the faults and the workers' logs.
+                doubled.push(format!("{key} rendered at {} and {}", pair[0], pair[1]));
             }
         }
     }
