@@ -58,6 +58,9 @@ pub struct Slot {
     pub etag: Option<HeaderValue>,
     /// The envelope body's compressed copies, made on the first hit that asks for each.
     pub encoded: crate::encoding::Encoded,
+    /// Whether the body is compressed for clients that ask (see
+    /// [`crate::encoding::eligible`]), decided once rather than on every hit.
+    pub compressible: bool,
 }
 
 impl Slot {
@@ -69,6 +72,12 @@ impl Slot {
             ),
             SlotState::Pending => (None, None),
         };
+        let compressible = match (&state, &content_type) {
+            (SlotState::Found(e), Some(ct)) => {
+                crate::encoding::eligible(ct.as_bytes(), e.body.len())
+            }
+            _ => false,
+        };
         Self {
             state,
             loaded_at,
@@ -76,6 +85,7 @@ impl Slot {
             content_type,
             etag,
             encoded: crate::encoding::Encoded::default(),
+            compressible,
         }
     }
 

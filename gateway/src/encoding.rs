@@ -202,6 +202,12 @@ fn variant_etag(etag: &str, coding: Coding) -> String {
     }
 }
 
+/// Whether a body of `len` bytes of `content_type` is compressed for clients that ask
+/// (a [`compressible`] type, at least [`MIN_SIZE`] bytes).
+pub fn eligible(content_type: &[u8], len: usize) -> bool {
+    len >= MIN_SIZE && compressible(content_type)
+}
+
 /// Chooses the representation of a 200 answering a request with `request`'s headers:
 /// `body` as it is, or compressed in the coding returned, with `headers` (the answer's,
 /// `Content-Type` and `ETag` among them) updated to say so. `cache` holds the body's
@@ -215,15 +221,25 @@ pub fn represent(
     cache: Option<&Encoded>,
 ) -> (Bytes, Option<Coding>) {
     if !enabled
-        || body.len() < MIN_SIZE
         || headers.contains_key(header::CONTENT_ENCODING)
         || !headers
             .get(header::CONTENT_TYPE)
-            .is_some_and(|ct| compressible(ct.as_bytes()))
+            .is_some_and(|ct| eligible(ct.as_bytes(), body.len()))
     {
         return (body, None);
     }
     add_vary(headers);
+    choose(request, headers, body, cache)
+}
+
+/// [`represent`] for an answer already known to be [`eligible`], whose `headers` already
+/// carry `Vary: accept-encoding` (the hot answers decide both once, not per hit).
+pub fn choose(
+    request: &HeaderMap,
+    headers: &mut HeaderMap,
+    body: Bytes,
+    cache: Option<&Encoded>,
+) -> (Bytes, Option<Coding>) {
     let Some(coding) = negotiate(request) else {
         return (body, None);
     };
@@ -245,7 +261,7 @@ pub fn represent(
 }
 
 /// Adds `accept-encoding` to `Vary` unless it is there already (or `Vary: *`).
-fn add_vary(headers: &mut HeaderMap) {
+pub fn add_vary(headers: &mut HeaderMap) {
     const TOKEN: &str = "accept-encoding";
     let Some(old) = headers.get(header::VARY) else {
         // The usual case, on the hit path: nothing to read or format.

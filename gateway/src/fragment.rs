@@ -61,15 +61,26 @@ impl Gateway {
             return None;
         }
         let ttl = (hot.fresh_until - started).as_secs();
-        let headers = hot
-            .headers
-            .get(ttl, || answer_headers(route, &hot.slot, hit_status(ttl)));
+        // Whether to compress, and the `Vary` that goes with it, decided once per entry.
+        let compressed = self.config.gateway.compress && hot.slot.compressible;
+        let headers = hot.headers.get(ttl, || {
+            let mut h = answer_headers(route, &hot.slot, hit_status(ttl));
+            if compressed {
+                crate::encoding::add_vary(&mut h);
+            }
+            h
+        });
+        let compression = if compressed {
+            Compression::Marked(&hot.slot.encoded)
+        } else {
+            Compression::Off
+        };
         let response = finish(
             req,
             &envelope.etag,
             envelope.body.clone(),
             headers,
-            (self.config.gateway.compress, Some(&hot.slot.encoded)),
+            compression,
         );
         hot.metrics
             .request(CacheStatus::hit, started.elapsed().as_secs_f64());
@@ -291,7 +302,7 @@ fn respond<B: Sync>(
                         &envelope.etag,
                         envelope.body.clone(),
                         answer.headers,
-                        (compress, Some(&slot.encoded)),
+                        Compression::Decide(compress, Some(&slot.encoded)),
                     ),
                 }
             }
@@ -360,7 +371,7 @@ impl Answer {
             &etag,
             Bytes::from(composed.body),
             self.headers,
-            (compress, None),
+            Compression::Decide(compress, None),
         )
     }
 }
@@ -387,18 +398,37 @@ fn answer_headers(route: &FragmentRoute, slot: &Slot, status: String) -> HeaderM
     h
 }
 
+/// How [`finish`] may compress an answer.
+pub(crate) enum Compression<'a> {
+    /// As `gateway.compress` (the first) and the answer's type and size allow, from the
+    /// body's cached copies (the second) when it has them.
+    Decide(bool, Option<&'a crate::encoding::Encoded>),
+    /// Decided already: the answer is eligible and its headers carry the `Vary`; from
+    /// the body's cached copies.
+    Marked(&'a crate::encoding::Encoded),
+    /// Never.
+    Off,
+}
+
 /// The answer to `req` serving `body` (whose ETag is `etag`) with `headers`: compressed
-/// when `gateway.compress` (the first of `compression`) and the request allow it (from
-/// the body's cached copies, the second, when it has them), 304 when `If-None-Match`
-/// matches the representation chosen, no body for `HEAD`.
+/// when `compression` and the request allow it, 304 when `If-None-Match` matches the
+/// representation chosen, no body for `HEAD`.
 pub(crate) fn finish<B: Sync>(
     req: &Request<B>,
     etag: &str,
     body: Bytes,
     mut headers: HeaderMap,
-    (compress, cached): (bool, Option<&crate::encoding::Encoded>),
+    compression: Compression<'_>,
 ) -> Response<Body> {
-    let (body, _) = crate::encoding::represent(compress, req.headers(), &mut headers, body, cached);
+    let (body, _) = match compression {
+        Compression::Decide(enabled, cached) => {
+            crate::encoding::represent(enabled, req.headers(), &mut headers, body, cached)
+        }
+        Compression::Marked(cached) => {
+            crate::encoding::choose(req.headers(), &mut headers, body, Some(cached))
+        }
+        Compression::Off => (body, None),
+    };
     // The ETag of the representation chosen (`represent` renamed it for its coding).
     let etag = headers
         .get(header::ETAG)

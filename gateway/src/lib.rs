@@ -368,7 +368,13 @@ fn client_js(req: &Request<hyper::body::Incoming>, compress: bool) -> Response<B
         h.insert(header::ETAG, v);
     }
     let body = bytes::Bytes::from_static(CLIENT_JS.as_bytes());
-    fragment::finish(req, &etag, body, h, (compress, Some(&ENCODED)))
+    fragment::finish(
+        req,
+        &etag,
+        body,
+        h,
+        fragment::Compression::Decide(compress, Some(&ENCODED)),
+    )
 }
 
 #[cfg(test)]
