@@ -19,8 +19,8 @@
 //! upstreams and store outages are retried through the broker's retry queue with
 //! exponential backoff and jitter (the lease is extended first); 4xx, redirects,
 //! oversize fragments, refused tags (`Surrogate-Key` over a limit) and panics are final.
-//! A final failure stores a `failed` envelope
-//! (which keeps the last good copy for stale-if-error) for the route's `failed_ttl`.
+//! A final failure stores a `failed` envelope (which keeps the last good copy for
+//! stale-if-error) for the route's `failed_ttl`.
 //! Requests that exhausted their attempts, could not be decoded, or do not fit the
 //! configuration are dead-lettered — never requeued in a loop.
 
@@ -369,7 +369,7 @@ impl Worker {
         if size > max {
             return Err(BuildError::TooLarge { size, max });
         }
-        self.finish(route, keys, &envelope)
+        self.finish(route, keys, &bytes, envelope.store_ttl(now_ms()))
             .await
             .map_err(|e| match e {
                 StoreError::TooLarge { size, max } => BuildError::TooLarge { size, max },
@@ -386,19 +386,19 @@ impl Worker {
         Ok(())
     }
 
-    /// Stores `envelope` and gives the lease back, in that order (one exchange on
-    /// memcached). Fails when the envelope could not be stored; a lease that could not be
-    /// given back expires by itself, and a new request waits for that at worst.
+    /// Stores an envelope (encoded: `bytes`) for `ttl` and gives the lease back, in that
+    /// order (one exchange on memcached). Fails when the envelope could not be stored; a
+    /// lease that could not be given back expires by itself, and a new request waits for
+    /// that at worst.
     async fn finish(
         &self,
         route: &FragmentRoute,
         keys: &FragmentKeys,
-        envelope: &Envelope,
+        bytes: &[u8],
+        ttl: Duration,
     ) -> Result<(), StoreError> {
         let lease = Lease::new(self.backends.store.as_ref(), keys, route);
-        let released = lease
-            .finish(&envelope.encode(), envelope.store_ttl(now_ms()))
-            .await?;
+        let released = lease.finish(bytes, ttl).await?;
         if let Err(e) = released {
             self.metrics.store_errors.inc();
             tracing::warn!(error = %e, "could not release the lease");
@@ -491,7 +491,15 @@ impl Worker {
             req.attempt,
             previous.as_ref(),
         );
-        if let Err(e) = self.finish(route, keys, &envelope).await {
+        let stored = self
+            .finish(
+                route,
+                keys,
+                &envelope.encode(),
+                envelope.store_ttl(now_ms()),
+            )
+            .await;
+        if let Err(e) = stored {
             // Nowhere to record the failure: keep the request rather than lose it.
             self.metrics.store_errors.inc();
             tracing::warn!(%error, store_error = %e, "build failed and the store is unavailable; requeueing");
