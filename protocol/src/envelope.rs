@@ -325,13 +325,9 @@ impl Envelope {
     pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
         match bytes {
             [MAGIC, VERSION, rest @ ..] => postcard::from_bytes::<Envelope>(rest)
-                .map(|e| {
-                    let (tags, started) = (e.tags.clone(), e.render_started);
-                    Envelope {
-                        tags: Vec::new(),
-                        ..e
-                    }
-                    .with_tags(tags, started)
+                .map(|mut e| {
+                    let (tags, started) = (std::mem::take(&mut e.tags), e.render_started);
+                    e.with_tags(tags, started)
                 })
                 .map_err(|e| DecodeError::Corrupt(e.to_string())),
             [MAGIC, VERSION_UNTAGGED, rest @ ..] => postcard::from_bytes::<EnvelopeV2>(rest)

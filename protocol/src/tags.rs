@@ -27,7 +27,7 @@
 //!
 //! [`Envelope::render_started`]: crate::Envelope::render_started
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -119,12 +119,15 @@ fn is_tchar(b: u8) -> bool {
 /// when a tag or the count is over a limit, or a value is not text.
 pub fn parse<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<String>, TagError> {
     let mut tags: Vec<String> = Vec::new();
+    // Repeats are found in a set: an answer's headers may name tens of thousands of tags
+    // before the count is refused, and a scan of the list for each would be quadratic.
+    let mut seen: HashSet<&str> = HashSet::new();
     for value in values {
         let text = std::str::from_utf8(value)
             .map_err(|_| TagError::BadCharacter(String::from_utf8_lossy(value).into_owned()))?;
         for name in text.split_ascii_whitespace() {
             let tag = Tag::new(name)?;
-            if !tags.contains(&tag.0) {
+            if seen.insert(name) {
                 tags.push(tag.0);
             }
         }
