@@ -201,7 +201,9 @@ impl MemcachedStore {
 impl MemcachedStore {
     /// Whether `a` and `b` live on one server.
     fn one_server(&self, a: &StoreKey, b: &StoreKey) -> bool {
-        place(a.as_str().as_bytes(), &self.names) == place(b.as_str().as_bytes(), &self.names)
+        self.names.len() == 1
+            || place(a.as_str().as_bytes(), &self.names)
+                == place(b.as_str().as_bytes(), &self.names)
     }
 
     /// `first` then `second`, pipelined in one exchange; each one's own result.
@@ -213,7 +215,17 @@ impl MemcachedStore {
         let results = self.call(|c| c.client.run_batch([first, second])).await?;
         let mut results = results.into_iter().map(|r| r.map_err(classify));
         match (results.next(), results.next()) {
-            (Some(a), Some(b)) => Ok([a, b]),
+            (Some(a), Some(b)) => {
+                // The connection failed within the exchange: counted as `call` counts one
+                // that failed before it.
+                if [&a, &b]
+                    .iter()
+                    .any(|r| matches!(r, Err(StoreError::Unavailable(_))))
+                {
+                    self.resets.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok([a, b])
+            }
             _ => Err(StoreError::Protocol(
                 "memcached: a batch answer is missing".into(),
             )),
