@@ -652,8 +652,9 @@ pub mod memcached_only {
         assert_eq!(store.get(&k).await.unwrap().as_deref(), Some(&b"v"[..]));
         let mut dropped = 0;
         for _ in 0..10 {
-            // Polled once (it joins or starts the batch), then dropped. On a busy machine
-            // the batch may even be answered within that poll: then nothing was dropped.
+            // Polled once (it joins or starts the batch), then dropped. On a runtime of
+            // more than one thread the batch may be answered within that poll: then
+            // nothing was dropped.
             if futures_util::FutureExt::now_or_never(store.get(&k)).is_none() {
                 dropped += 1;
             }
