@@ -639,6 +639,20 @@ pub mod memcached_only {
         );
     }
 
+    /// Whether every thread of process `pid` is stopped (state `T` in `/proc`).
+    fn all_threads_stopped(pid: &str) -> bool {
+        let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        threads.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+                // The state follows the command name, which is in parentheses.
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+            })
+        })
+    }
+
     /// A lookup that goes away while its batch forms (its client hung up, its deadline
     /// passed) leaves no trace: the lookups after it are answered. Before the fix, a
     /// batch's leader dropped at that instant left the batch forming for ever, and every
@@ -695,6 +709,14 @@ pub mod memcached_only {
             assert!(ok.is_ok_and(|s| s.success()), "kill {s} memcached");
         };
         signal("-STOP");
+        // `kill` returns before every thread of memcached has stopped: one still running
+        // could answer the first calls.
+        eventually(
+            "every memcached thread is stopped",
+            Duration::from_secs(5),
+            || async { all_threads_stopped(&pid) },
+        )
+        .await;
         let started = std::time::Instant::now();
         let calls: Vec<_> = (0..1000)
             .map(|n| {
