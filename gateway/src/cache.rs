@@ -2,8 +2,9 @@
 //!
 //! Two moka caches: slots (what the store said about one envelope key — an envelope, or
 //! "pending") and route generations, and beside them what is known of tag purges
-//! ([`crate::tags`]), which an envelope's tags are checked against on every use. Both are bounded (bytes for slots) and hold entries
-//! for at most `cache.ttl`; events evict sooner.
+//! ([`crate::tags`]), which an envelope's tags are checked against on every use. Both
+//! caches are bounded (bytes for slots) and hold entries for at most `cache.ttl`; events
+//! evict sooner.
 //!
 //! Concurrent misses on one key are coalesced by moka's `try_get_with`: a burst of
 //! identical requests costs one store lookup (and, on a cold key, one lease attempt).

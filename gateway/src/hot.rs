@@ -8,9 +8,10 @@
 //! An entry is only a shortcut to what the full path found: it is used only while nothing
 //! at all was invalidated since it was checked (any event, purge — tag purges included,
 //! which is how an entry whose envelope carries a purged tag is never answered — or lost
-//! event sends every request back through the full path, which repopulates), while what it rests on is
-//! younger than `cache.ttl` (as L1's own entries), and while its envelope is fresh. Routes
-//! with `vary` never use it: their identity depends on cookies and headers.
+//! event sends every request back through the full path, which repopulates), while what
+//! it rests on is younger than `cache.ttl` (as L1's own entries), and while its envelope
+//! is fresh. Routes with `vary` never use it: their identity depends on cookies and
+//! headers.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
