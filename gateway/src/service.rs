@@ -349,7 +349,7 @@ impl CacheService {
     }
 
     /// The envelope in `bytes`, or `None` (counted and logged: treated as a miss).
-    fn decode(&self, key: &StoreKey, bytes: &[u8]) -> Option<Envelope> {
+    fn decode(&self, key: &StoreKey, bytes: &bytes::Bytes) -> Option<Envelope> {
         match Envelope::decode(bytes) {
             Ok(envelope) => Some(envelope),
             Err(e) => {

@@ -46,7 +46,7 @@ pub enum Status {
 }
 
 /// A fragment as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Envelope {
     /// Outcome of the last build.
     pub status: Status,
@@ -81,30 +81,35 @@ pub struct Envelope {
     pub render_started: u64,
 }
 
-/// Version 2 of the layout: [`Envelope`] without `tags` and `render_started`, still
-/// written for envelopes without tags. postcard writes a struct as its fields one after
-/// the other, so nesting version 1 gives the same bytes as listing its fields again.
-#[derive(Serialize, Deserialize)]
-struct EnvelopeV2 {
-    v1: EnvelopeV1,
-    esi: bool,
+/// Version 3, the current layout: version 2, then the tags and the render's start.
+/// postcard writes a struct as its fields one after the other, so nesting version 2 gives
+/// the same bytes as [`Envelope`]'s own fields; this form reads them with the body
+/// borrowed.
+#[derive(Deserialize)]
+struct EnvelopeV3<B> {
+    v2: EnvelopeV2<B>,
+    tags: Vec<String>,
+    render_started: u64,
 }
 
-impl From<EnvelopeV2> for Envelope {
-    fn from(v2: EnvelopeV2) -> Self {
-        Envelope {
-            esi: v2.esi,
-            ..Envelope::from(v2.v1)
-        }
-    }
+/// Version 2 of the layout: [`Envelope`] without `tags` and `render_started`, still
+/// written for envelopes without tags. Nesting version 1 gives the same bytes as listing
+/// its fields again.
+#[derive(Serialize, Deserialize)]
+struct EnvelopeV2<B> {
+    v1: EnvelopeV1<B>,
+    esi: bool,
 }
 
 /// Version 1 of the layout: [`Envelope`] without `esi`. Its fragments were composed
 /// whenever they carried markup, and still are until rebuilt.
+///
+/// Generic in the body: written from a [`Bytes`], read as a slice borrowed from the
+/// stored bytes, which the decoded body then shares instead of copying.
 #[derive(Serialize, Deserialize)]
-struct EnvelopeV1 {
+struct EnvelopeV1<B> {
     status: Status,
-    body: Bytes,
+    body: B,
     content_type: String,
     etag: String,
     built_at: u64,
@@ -115,22 +120,42 @@ struct EnvelopeV1 {
     error: Option<String>,
 }
 
-impl From<EnvelopeV1> for Envelope {
-    fn from(v1: EnvelopeV1) -> Self {
+impl EnvelopeV3<&[u8]> {
+    fn into_envelope(self, source: &Bytes) -> Envelope {
         Envelope {
-            status: v1.status,
-            body: v1.body,
-            content_type: v1.content_type,
-            etag: v1.etag,
-            built_at: v1.built_at,
-            fresh_until: v1.fresh_until,
-            stale_until: v1.stale_until,
-            build_ms: v1.build_ms,
-            attempts: v1.attempts,
-            error: v1.error,
+            tags: self.tags,
+            render_started: self.render_started,
+            ..self.v2.into_envelope(source)
+        }
+    }
+}
+
+impl EnvelopeV2<&[u8]> {
+    fn into_envelope(self, source: &Bytes) -> Envelope {
+        Envelope {
+            esi: self.esi,
+            ..self.v1.into_envelope(source)
+        }
+    }
+}
+
+impl EnvelopeV1<&[u8]> {
+    /// The envelope, its body a view of `source`, the bytes this was read from.
+    fn into_envelope(self, source: &Bytes) -> Envelope {
+        Envelope {
+            status: self.status,
+            body: source.slice_ref(self.body),
+            content_type: self.content_type,
+            etag: self.etag,
+            built_at: self.built_at,
+            fresh_until: self.fresh_until,
+            stale_until: self.stale_until,
+            build_ms: self.build_ms,
+            attempts: self.attempts,
+            error: self.error,
             esi: true,
             tags: Vec::new(),
-            render_started: v1.built_at,
+            render_started: self.built_at,
         }
     }
 }
@@ -303,7 +328,7 @@ impl Envelope {
     }
 
     /// Its version 2 layout (no tags). The body is shared, not copied.
-    fn as_v2(&self) -> EnvelopeV2 {
+    fn as_v2(&self) -> EnvelopeV2<Bytes> {
         EnvelopeV2 {
             v1: EnvelopeV1 {
                 status: self.status,
@@ -321,21 +346,23 @@ impl Envelope {
         }
     }
 
-    /// Decodes bytes from the store.
-    pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
-        match bytes {
-            [MAGIC, VERSION, rest @ ..] => postcard::from_bytes::<Envelope>(rest)
-                .map(|mut e| {
+    /// Decodes bytes from the store. The body shares `bytes` (no copy).
+    pub fn decode(bytes: &Bytes) -> Result<Envelope, DecodeError> {
+        let corrupt = |e: postcard::Error| DecodeError::Corrupt(e.to_string());
+        match &bytes[..] {
+            [MAGIC, VERSION, rest @ ..] => postcard::from_bytes::<EnvelopeV3<&[u8]>>(rest)
+                .map(|v3| {
+                    let mut e = v3.into_envelope(bytes);
                     let (tags, started) = (std::mem::take(&mut e.tags), e.render_started);
                     e.with_tags(tags, started)
                 })
-                .map_err(|e| DecodeError::Corrupt(e.to_string())),
-            [MAGIC, VERSION_UNTAGGED, rest @ ..] => postcard::from_bytes::<EnvelopeV2>(rest)
-                .map(Envelope::from)
-                .map_err(|e| DecodeError::Corrupt(e.to_string())),
-            [MAGIC, 1, rest @ ..] => postcard::from_bytes::<EnvelopeV1>(rest)
-                .map(Envelope::from)
-                .map_err(|e| DecodeError::Corrupt(e.to_string())),
+                .map_err(corrupt),
+            [MAGIC, VERSION_UNTAGGED, rest @ ..] => postcard::from_bytes::<EnvelopeV2<&[u8]>>(rest)
+                .map(|v2| v2.into_envelope(bytes))
+                .map_err(corrupt),
+            [MAGIC, 1, rest @ ..] => postcard::from_bytes::<EnvelopeV1<&[u8]>>(rest)
+                .map(|v1| v1.into_envelope(bytes))
+                .map_err(corrupt),
             [MAGIC, other, ..] => Err(DecodeError::Version(*other)),
             _ => Err(DecodeError::NotAnEnvelope),
         }
@@ -345,6 +372,11 @@ impl Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`Envelope::decode`] of a copy of `bytes`.
+    fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+        Envelope::decode(&Bytes::copy_from_slice(bytes))
+    }
 
     fn sample() -> Envelope {
         Envelope::ready(
@@ -360,9 +392,23 @@ mod tests {
     #[test]
     fn round_trips() {
         let e = sample();
-        assert_eq!(Envelope::decode(&e.encode()).unwrap(), e);
+        assert_eq!(decode(&e.encode()).unwrap(), e);
         let f = Envelope::failed("upstream 500".into(), Duration::from_secs(5), 4, None);
-        assert_eq!(Envelope::decode(&f.encode()).unwrap(), f);
+        assert_eq!(decode(&f.encode()).unwrap(), f);
+    }
+
+    #[test]
+    fn a_decoded_body_shares_the_stored_bytes() {
+        for e in [sample(), sample().with_tags(vec!["t".into()], 7)] {
+            let stored = Bytes::from(e.encode());
+            let decoded = Envelope::decode(&stored).unwrap();
+            assert_eq!(decoded, e);
+            let within = stored.as_ptr_range();
+            assert!(
+                within.contains(&decoded.body.as_ptr()),
+                "the body was copied out of the stored bytes"
+            );
+        }
     }
 
     #[test]
@@ -389,12 +435,12 @@ mod tests {
         };
         let mut bytes = vec![MAGIC, 1];
         bytes.extend(postcard::to_stdvec(&v1).unwrap());
-        let decoded = Envelope::decode(&bytes).unwrap();
+        let decoded = decode(&bytes).unwrap();
         assert!(decoded.esi, "version 1 fragments were composed");
         assert_eq!(decoded, e.clone().with_esi(true));
         assert!(!e.esi, "a new envelope is not composed unless it asked");
         let esi = e.with_esi(true);
-        assert_eq!(Envelope::decode(&esi.encode()), Ok(esi));
+        assert_eq!(decode(&esi.encode()), Ok(esi));
     }
 
     #[test]
@@ -406,25 +452,22 @@ mod tests {
         // layout starts with.
         let v3 = postcard::to_stdvec(&plain).unwrap();
         assert!(v3.starts_with(&bytes[2..]) && v3.len() > bytes.len() - 2);
-        assert_eq!(Envelope::decode(&bytes), Ok(plain.clone()));
+        assert_eq!(decode(&bytes), Ok(plain.clone()));
 
         let tagged = plain
             .clone()
             .with_tags(vec!["product-42".into(), "shelf-7".into()], 1_000);
         let bytes = tagged.encode();
         assert_eq!(&bytes[..2], &[MAGIC, VERSION]);
-        assert_eq!(Envelope::decode(&bytes), Ok(tagged.clone()));
+        assert_eq!(decode(&bytes), Ok(tagged.clone()));
         for cut in 2..bytes.len() {
-            assert!(
-                Envelope::decode(&bytes[..cut]).is_err(),
-                "truncated at {cut}"
-            );
+            assert!(decode(&bytes[..cut]).is_err(), "truncated at {cut}");
         }
         // A failure keeps the copy's tags and render start: a purge retires the copy too.
         let failed = Envelope::failed("boom".into(), Duration::from_secs(5), 2, Some(&tagged));
         assert_eq!(failed.tags, tagged.tags);
         assert_eq!(failed.render_started, 1_000);
-        assert_eq!(Envelope::decode(&failed.encode()), Ok(failed));
+        assert_eq!(decode(&failed.encode()), Ok(failed));
     }
 
     #[test]
@@ -449,21 +492,18 @@ mod tests {
     #[test]
     fn corrupt_input_is_an_error_not_a_panic() {
         let good = sample().encode();
-        assert_eq!(Envelope::decode(b""), Err(DecodeError::NotAnEnvelope));
-        assert_eq!(Envelope::decode(b"hello"), Err(DecodeError::NotAnEnvelope));
-        assert_eq!(
-            Envelope::decode(&[MAGIC, 99, 1, 2]),
-            Err(DecodeError::Version(99))
-        );
+        assert_eq!(decode(b""), Err(DecodeError::NotAnEnvelope));
+        assert_eq!(decode(b"hello"), Err(DecodeError::NotAnEnvelope));
+        assert_eq!(decode(&[MAGIC, 99, 1, 2]), Err(DecodeError::Version(99)));
         for cut in 2..good.len() {
             assert!(
-                matches!(Envelope::decode(&good[..cut]), Err(DecodeError::Corrupt(_))),
+                matches!(decode(&good[..cut]), Err(DecodeError::Corrupt(_))),
                 "truncated at {cut} decoded"
             );
         }
         let mut flipped = good.clone();
         flipped[2] = 0xff;
-        assert!(Envelope::decode(&flipped).is_err());
+        assert!(decode(&flipped).is_err());
     }
 
     #[test]
