@@ -238,3 +238,8 @@ async fn demo_upstream(listen: &str) -> anyhow::Result<()> {
     stop.cancel();
     Ok(())
 }
+
+/// jemalloc, not glibc's malloc: measured faster on the memcached hit path, and holding
+/// less after a burst of new keys (bench/README.md, "Allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
