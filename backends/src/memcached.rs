@@ -11,12 +11,13 @@
 //!   server to four moves only the keys the new one wins, about a fifth. Changing the
 //!   placement function itself (as from the `fnv1a64 % n` of earlier releases) remaps
 //!   most keys once: a cold start, not an error.
-//! - **Lookups that arrive together go out together.** A single-key `get` joins the
-//!   batch being formed, or starts one: a task of its own yields once so that the
-//!   lookups ready at that instant join, then sends the batch as one pipelined multi-get
-//!   per server. A caller that goes away (its client hung up) never fails or strands the
-//!   others. Under load N concurrent lookups cost a few exchanges, not N; alone, a lookup
-//!   pays one spawn and one yield.
+//! - **Lookups that arrive together go out together.** A `get`, and each key of a
+//!   `get_many`, joins the batch being formed, or starts one: a task of its own yields
+//!   once so that the lookups ready at that instant join, then sends the batch as one
+//!   pipelined multi-get per server. A caller that goes away (its client hung up) never
+//!   fails or strands the others. Under load N concurrent lookups cost a few exchanges,
+//!   not N; alone, a lookup pays one spawn and one yield. A worker's claims (a lease and
+//!   a generation each) and a page's includes batch this way too.
 //! - **Bounded connections.** At most [`MAX_CONNECTIONS`] per server; a caller past the
 //!   cap waits for one within the deadline, then fails `Unavailable`. A memcached that
 //!   stops answering costs at most that many waiting exchanges, each ended by the
@@ -252,16 +253,21 @@ struct Lookup {
 }
 
 impl Connected {
-    /// `key`'s value, looked up in the batch being formed or in a new one.
-    async fn lookup(&self, key: &StoreKey) -> Result<Option<Bytes>, McError> {
-        let (reply, answer) = oneshot::channel();
+    /// The values of `keys`, in order, looked up in the batch being formed or in a new one.
+    async fn lookup(&self, keys: &[StoreKey]) -> Result<Vec<Option<Bytes>>, McError> {
+        let mut answers = Vec::with_capacity(keys.len());
         let leads = {
             let mut forming = self.forming.lock().unwrap_or_else(PoisonError::into_inner);
-            forming.push(Lookup {
-                key: key.clone(),
-                reply,
-            });
-            forming.len() == 1
+            let leads = forming.is_empty() && !keys.is_empty();
+            for key in keys {
+                let (reply, answer) = oneshot::channel();
+                forming.push(Lookup {
+                    key: key.clone(),
+                    reply,
+                });
+                answers.push(answer);
+            }
+            leads
         };
         if leads {
             // In a task of its own, so that a caller that goes away here (its client hung
@@ -275,9 +281,15 @@ impl Connected {
                 send_batch(client, batch).await;
             });
         }
-        answer
-            .await
-            .map_err(|_| McError::Protocol("a lookup batch was abandoned".into()))?
+        let mut values = Vec::with_capacity(answers.len());
+        for answer in answers {
+            values.push(
+                answer
+                    .await
+                    .map_err(|_| McError::Protocol("a lookup batch was abandoned".into()))??,
+            );
+        }
+        Ok(values)
     }
 }
 
@@ -348,21 +360,18 @@ impl Store for MemcachedStore {
     }
 
     async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
-        self.call(|c| c.lookup(key)).await
+        let mut values = self.call(|c| c.lookup(std::slice::from_ref(key))).await?;
+        Ok(values.pop().flatten())
     }
 
     async fn get_many(&self, keys: &[StoreKey]) -> Result<HashMap<StoreKey, Bytes>, StoreError> {
-        // One pipelined exchange per server, all servers at once.
-        let results = self
-            .call(|c| c.client.run_many(keys.iter().map(|k| Get::new(k.as_str()))))
-            .await?;
-        let mut out = HashMap::new();
-        for (key, found) in keys.iter().zip(results) {
-            if let Some(value) = hit(found.map_err(classify)?) {
-                out.insert(key.clone(), value);
-            }
-        }
-        Ok(out)
+        // Each key joins the batch being formed, with the lookups of other callers.
+        let values = self.call(|c| c.lookup(keys)).await?;
+        Ok(keys
+            .iter()
+            .zip(values)
+            .filter_map(|(key, value)| Some((key.clone(), value?)))
+            .collect())
     }
 
     async fn add(&self, key: &StoreKey, value: &[u8], ttl: Duration) -> Result<bool, StoreError> {

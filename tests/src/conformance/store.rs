@@ -607,7 +607,8 @@ pub mod memcached_only {
 
     /// 500 lookups started at once share a few pipelined exchanges: the store dials a
     /// handful of connections, not one per lookup in flight, and every lookup gets its
-    /// own key's value.
+    /// own key's value. Half are `get_many` of two keys (as a worker's claim reads a
+    /// lease and a generation), which join the same batches.
     pub async fn concurrent_lookups_share_exchanges() {
         let port = free_port();
         let _server = memcached(port);
@@ -621,15 +622,25 @@ pub mod memcached_only {
                 .unwrap();
         }
         let before = connections_accepted(port);
+        let key = |n: usize| keys.generation(&format!("k{}", n % 50));
         let lookups: Vec<_> = (0..500)
             .map(|n| {
-                let (store, k) = (store.clone(), keys.generation(&format!("k{}", n % 50)));
-                tokio::spawn(async move { (n % 50, store.get(&k).await) })
+                let (store, k, absent) = (store.clone(), key(n), keys.generation("absent"));
+                tokio::spawn(async move {
+                    let found = if n % 2 == 0 {
+                        store.get(&k).await.unwrap()
+                    } else {
+                        let mut many = store.get_many(&[absent, k.clone()]).await.unwrap();
+                        assert_eq!(many.len(), 1, "only the present key is returned");
+                        many.remove(&k)
+                    };
+                    (n % 50, found)
+                })
             })
             .collect();
         for lookup in lookups {
             let (n, found) = lookup.await.unwrap();
-            assert_eq!(found.unwrap().as_deref(), Some(n.to_string().as_bytes()));
+            assert_eq!(found.as_deref(), Some(n.to_string().as_bytes()));
         }
         // One is this statistics connection.
         let dialed = connections_accepted(port) - before - 1;
