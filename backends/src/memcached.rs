@@ -11,13 +11,15 @@
 //!   server to four moves only the keys the new one wins, about a fifth. Changing the
 //!   placement function itself (as from the `fnv1a64 % n` of earlier releases) remaps
 //!   most keys once: a cold start, not an error.
-//! - **Lookups that arrive together go out together.** A `get`, and each key of a
-//!   `get_many`, joins the batch being formed, or starts one: a task of its own yields
-//!   once so that the lookups ready at that instant join, then sends the batch as one
-//!   pipelined multi-get per server. A caller that goes away (its client hung up) never
-//!   fails or strands the others. Under load N concurrent lookups cost a few exchanges,
-//!   not N; alone, a lookup pays one spawn and one yield. A worker's claims (a lease and
-//!   a generation each) and a page's includes batch this way too.
+//! - **Commands that arrive together go out together.** A `get`, each key of a
+//!   `get_many`, and the two commands of an `add_then_get` or a `set_then_delete` join
+//!   the batch being formed, or start one: a task of its own yields once so that the
+//!   callers ready at that instant join, then sends the batch as one pipelined exchange
+//!   per server, each caller's commands in its order. A caller that goes away (its client
+//!   hung up) never fails or strands the others. Under load N concurrent calls cost a few
+//!   exchanges, not N; alone, a call pays one spawn and one yield. A page's includes, a
+//!   worker's claims (a lease and a generation each) and a miss storm's leases batch this
+//!   way; lone writes (`add`, `set`, `delete`, `incr`) go out on their own.
 //! - **Bounded connections.** At most [`MAX_CONNECTIONS`] per server; a caller past the
 //!   cap waits for one within the deadline, then fails `Unavailable`. A memcached that
 //!   stops answering costs at most that many waiting exchanges, each ended by the
@@ -207,13 +209,13 @@ impl MemcachedStore {
                 == place(b.as_str().as_bytes(), &self.names)
     }
 
-    /// `first` then `second`, pipelined in one exchange; each one's own result.
+    /// `first` then `second`, in the batch being formed; each one's own result.
     async fn pair(
         &self,
         first: Op,
         second: Op,
     ) -> Result<[Result<OpResult, StoreError>; 2], StoreError> {
-        let results = self.call(|c| c.client.run_batch([first, second])).await?;
+        let results = self.call(|c| c.run(vec![first, second])).await?;
         let mut results = results.into_iter().map(|r| r.map_err(classify));
         match (results.next(), results.next()) {
             (Some(a), Some(b)) => {
@@ -239,40 +241,41 @@ fn unexpected(result: &OpResult) -> StoreError {
     StoreError::Protocol(format!("memcached: unexpected answer {result:?}"))
 }
 
-/// The client, and the batch of lookups being formed.
+/// The client, and the batch being formed.
 struct Connected {
     client: AsyncMetaClient,
-    /// Lookups waiting for the batch; empty when none is forming.
-    forming: Arc<Mutex<Vec<Lookup>>>,
+    /// Commands waiting for the batch; empty when none is forming.
+    forming: Arc<Mutex<Vec<Pending>>>,
 }
 
-/// One `get` waiting for its batch.
-struct Lookup {
-    key: StoreKey,
-    reply: oneshot::Sender<Result<Option<Bytes>, McError>>,
+/// One caller's commands waiting for their batch: kept together and in order.
+struct Pending {
+    ops: Vec<Op>,
+    reply: oneshot::Sender<Answers>,
 }
+
+/// Each command's own result, in order; the outer error when the batch was refused
+/// before anything was sent.
+type Answers = Result<Vec<Result<OpResult, McError>>, McError>;
 
 impl Connected {
-    /// The values of `keys`, in order, looked up in the batch being formed or in a new one.
-    async fn lookup(&self, keys: &[StoreKey]) -> Result<Vec<Option<Bytes>>, McError> {
-        let mut answers = Vec::with_capacity(keys.len());
+    /// Runs `ops` in the batch being formed, or in a new one: one pipelined exchange per
+    /// server for every caller's commands, each caller's in its order.
+    async fn run(&self, ops: Vec<Op>) -> Answers {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let count = ops.len();
+        let (reply, answer) = oneshot::channel();
         let leads = {
             let mut forming = self.forming.lock().unwrap_or_else(PoisonError::into_inner);
-            let leads = forming.is_empty() && !keys.is_empty();
-            for key in keys {
-                let (reply, answer) = oneshot::channel();
-                forming.push(Lookup {
-                    key: key.clone(),
-                    reply,
-                });
-                answers.push(answer);
-            }
-            leads
+            forming.push(Pending { ops, reply });
+            forming.len() == 1
         };
         if leads {
             // In a task of its own, so that a caller that goes away here (its client hung
             // up, its deadline passed) cannot leave the batch forming for ever: let the
-            // lookups that are ready now join, then send them all.
+            // callers that are ready now join, then send them all.
             let (client, forming) = (self.client.clone(), self.forming.clone());
             tokio::spawn(async move {
                 tokio::task::yield_now().await;
@@ -281,38 +284,54 @@ impl Connected {
                 send_batch(client, batch).await;
             });
         }
-        let mut values = Vec::with_capacity(answers.len());
-        for answer in answers {
-            values.push(
-                answer
-                    .await
-                    .map_err(|_| McError::Protocol("a lookup batch was abandoned".into()))??,
-            );
+        let answers = answer
+            .await
+            .map_err(|_| McError::Protocol("a batch was abandoned".into()))??;
+        if answers.len() != count {
+            return Err(McError::Protocol("a batch answer is missing".into()));
         }
-        Ok(values)
+        Ok(answers)
+    }
+
+    /// The values of `keys`, in order.
+    async fn lookup(&self, keys: &[StoreKey]) -> Result<Vec<Option<Bytes>>, McError> {
+        let ops = keys.iter().map(|k| Op::Get(Get::new(k.as_str()))).collect();
+        self.run(ops)
+            .await?
+            .into_iter()
+            .map(|result| match result? {
+                OpResult::Get(found) => Ok(hit(found)),
+                other => Err(McError::Protocol(format!("unexpected answer {other:?}"))),
+            })
+            .collect()
     }
 }
 
-/// One pipelined multi-get per server for `batch`, each answer to its caller.
-async fn send_batch(client: AsyncMetaClient, batch: Vec<Lookup>) {
-    // Callers that gave up (their deadline passed) are not asked for.
-    let batch: Vec<Lookup> = batch.into_iter().filter(|l| !l.reply.is_closed()).collect();
-    if batch.is_empty() {
+/// One pipelined exchange per server for `batch`, each caller's results to it.
+async fn send_batch(client: AsyncMetaClient, batch: Vec<Pending>) {
+    let mut ops = Vec::new();
+    let mut waiting = Vec::with_capacity(batch.len());
+    for Pending { ops: mine, reply } in batch {
+        // Callers that gave up (their deadline passed) are not sent.
+        if !reply.is_closed() {
+            waiting.push((mine.len(), reply));
+            ops.extend(mine);
+        }
+    }
+    if ops.is_empty() {
         return;
     }
-    match client
-        .run_many(batch.iter().map(|l| Get::new(l.key.as_str())))
-        .await
-    {
+    match client.run_batch(ops).await {
         Ok(results) => {
-            for (lookup, found) in batch.into_iter().zip(results) {
-                let _ = lookup.reply.send(found.map(hit));
+            let mut results = results.into_iter();
+            for (count, reply) in waiting {
+                let _ = reply.send(Ok(results.by_ref().take(count).collect()));
             }
         }
         Err(e) => {
             // Refused before anything was sent (a key the protocol cannot carry).
-            for lookup in batch {
-                let _ = lookup.reply.send(Err(McError::Protocol(e.to_string())));
+            for (_, reply) in waiting {
+                let _ = reply.send(Err(McError::Protocol(e.to_string())));
             }
         }
     }

@@ -33,6 +33,11 @@ mod memcached {
         memcached_only::concurrent_lookups_share_exchanges().await;
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_pairs_share_exchanges_in_order() {
+        memcached_only::concurrent_pairs_share_exchanges_in_order().await;
+    }
+
     // One thread: the batch's task cannot run (and answer) within the one poll the case
     // gives a lookup before dropping it.
     #[tokio::test]

@@ -650,6 +650,53 @@ pub mod memcached_only {
         );
     }
 
+    /// 200 leases taken and 200 envelopes stored at once (a miss storm, a busy worker)
+    /// share a few pipelined exchanges with the lookups, and each pair keeps its order:
+    /// an `add_then_get` reads the envelope as it was when its lease was taken, a
+    /// `set_then_delete` deletes only after it stored.
+    pub async fn concurrent_pairs_share_exchanges_in_order() {
+        let port = free_port();
+        let _server = memcached(port);
+        let store = store_on(&[port], 1024, TEST_TIMEOUT);
+        let keys = Keyspace::new(&unique_namespace());
+        let ttl = Duration::from_secs(30);
+        for n in 0..200 {
+            let k = keys.generation(&format!("release{n}"));
+            store.set(&k, b"held", ttl).await.unwrap();
+        }
+        let before = connections_accepted(port);
+        let calls: Vec<_> = (0..400)
+            .map(|n| {
+                let store = store.clone();
+                let (a, b) = (
+                    keys.generation(&format!("lease{n}")),
+                    keys.generation(&format!("envelope{n}")),
+                );
+                let release = keys.generation(&format!("release{}", n / 2));
+                tokio::spawn(async move {
+                    if n % 2 == 0 {
+                        // Nothing stored under `b`: the lease is won, and the read is empty.
+                        assert_eq!(
+                            store.add_then_get(&a, b"h", ttl, &b).await.unwrap(),
+                            Some(None)
+                        );
+                        assert_eq!(store.add_then_get(&a, b"h", ttl, &b).await.unwrap(), None);
+                    } else {
+                        let deleted = store.set_then_delete(&b, b"built", ttl, &release).await;
+                        assert!(deleted.unwrap().unwrap(), "the release was there");
+                        assert_eq!(store.get(&b).await.unwrap().as_deref(), Some(&b"built"[..]));
+                        assert_eq!(store.get(&release).await.unwrap(), None);
+                    }
+                })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap();
+        }
+        let dialed = connections_accepted(port) - before - 1;
+        assert!(dialed <= 8, "{dialed} connections for 400 concurrent pairs");
+    }
+
     /// Whether every thread of process `pid` is stopped (state `T` in `/proc`).
     fn all_threads_stopped(pid: &str) -> bool {
         let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
