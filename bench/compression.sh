@@ -66,7 +66,11 @@ done
 [ "$code" = 200 ] || { echo "gateway never served the fragment (last status $code)"; exit 1; }
 
 # CPU ticks (user + system) of a process and its children (nginx's workers).
-ticks() { cat "/proc/$1/stat" $(pgrep -P "$1" | sed 's|.*|/proc/&/stat|') | awk '{ t += $14 + $15 } END { print t }'; }
+ticks() {
+  local stats=("/proc/$1/stat") child
+  for child in $(pgrep -P "$1"); do stats+=("/proc/$child/stat"); done
+  cat "${stats[@]}" | awk '{ t += $14 + $15 } END { print t }'
+}
 hz=$(getconf CLK_TCK)
 # One run: label, url, pid whose CPU counts, Accept-Encoding.
 run() {

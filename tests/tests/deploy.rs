@@ -427,6 +427,7 @@ fn the_scripts_pass_shellcheck() {
         "bench/hit-path.sh",
         "bench/hit-path-instructions.sh",
         "bench/distributed.sh",
+        "bench/compression.sh",
         "bench/soak.sh",
         "bench/memory.sh",
         "bench/ports.sh",
