@@ -177,19 +177,24 @@ impl SlotRead {
     }
 }
 
+/// L1's hasher, for its maps and the invalidation log: seeded per process, and several
+/// times faster than the standard library's SipHash on keys this short (SipHash was a
+/// few per cent of a gateway's samples in a miss storm).
+type Hasher = foldhash::fast::RandomState;
+
 /// The L1 cache of one gateway.
 pub struct L1 {
-    slots: Option<moka::future::Cache<StoreKey, Arc<Slot>>>,
+    slots: Option<moka::future::Cache<StoreKey, Arc<Slot>, Hasher>>,
     /// Entries past `cache.ttl` taken out of `slots` to be read again: what every
     /// concurrent reader falls back to while the store cannot answer, not only the one
     /// that took it out. Dropped once a read succeeds.
-    reloading: moka::sync::Cache<StoreKey, Arc<Slot>>,
-    generations: moka::future::Cache<String, Generation>,
+    reloading: moka::sync::Cache<StoreKey, Arc<Slot>, Hasher>,
+    generations: moka::future::Cache<String, Generation, Hasher>,
     /// The last generation read of each route, for the same fallback.
-    known: moka::sync::Cache<String, Generation>,
+    known: moka::sync::Cache<String, Generation, Hasher>,
     /// Nanoseconds after `base` of the latest invalidation of the keys hashing to each slot.
     log: Box<[AtomicU64]>,
-    hasher: foldhash::fast::RandomState,
+    hasher: Hasher,
     /// Entries loaded before `base + everything_before` nanoseconds are invalid.
     base: Instant,
     everything_before: AtomicU64,
@@ -225,7 +230,7 @@ impl L1 {
                     u32::try_from(k.as_str().len() + s.weight()).unwrap_or(u32::MAX)
                 })
                 .expire_after(SlotExpiry { ttl })
-                .build()
+                .build_with_hasher(Hasher::default())
         });
         Self {
             slots,
@@ -235,17 +240,17 @@ impl L1 {
                     u32::try_from(k.as_str().len() + s.weight()).unwrap_or(u32::MAX)
                 })
                 .expire_after(SlotExpiry { ttl })
-                .build(),
+                .build_with_hasher(Hasher::default()),
             generations: moka::future::Cache::builder()
                 .max_capacity(GENERATION_CAPACITY)
                 .time_to_live(ttl)
-                .build(),
+                .build_with_hasher(Hasher::default()),
             known: moka::sync::Cache::builder()
                 .max_capacity(GENERATION_CAPACITY)
                 .time_to_live(ttl.max(GENERATION_KEPT))
-                .build(),
+                .build_with_hasher(Hasher::default()),
             log: (0..LOG_SLOTS).map(|_| AtomicU64::new(0)).collect(),
-            hasher: foldhash::fast::RandomState::default(),
+            hasher: Hasher::default(),
             base: Instant::now(),
             everything_before: AtomicU64::new(0),
             last_invalidation: AtomicU64::new(0),
@@ -376,7 +381,7 @@ impl L1 {
     /// `reloading` when the store cannot answer.
     async fn reload<L, F>(
         &self,
-        slots: &moka::future::Cache<StoreKey, Arc<Slot>>,
+        slots: &moka::future::Cache<StoreKey, Arc<Slot>, Hasher>,
         key: &StoreKey,
         load: L,
         started: Instant,
