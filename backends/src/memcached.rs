@@ -329,7 +329,9 @@ async fn send_batch(client: AsyncMetaClient, batch: Vec<Pending>) {
             }
         }
         Err(e) => {
-            // Refused before anything was sent (a key the protocol cannot carry).
+            // Refused before anything was sent: a command the protocol cannot carry,
+            // which `StoreKey`'s rules and the size check rule out. Every caller of the
+            // batch is told, none left waiting.
             for (_, reply) in waiting {
                 let _ = reply.send(Err(McError::Protocol(e.to_string())));
             }

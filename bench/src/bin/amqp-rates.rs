@@ -29,6 +29,10 @@ async fn main() -> anyhow::Result<()> {
         _ => anyhow::bail!("usage: amqp-rates MESSAGES IN_FLIGHT [classic|quorum]"),
     };
     let (messages, in_flight): (usize, u16) = (messages.parse()?, in_flight.parse()?);
+    anyhow::ensure!(
+        messages > 0 && in_flight > 0,
+        "amqp-rates: MESSAGES and IN_FLIGHT must be at least 1"
+    );
     let conn = Connection::connect(AMQP, ConnectionProperties::default()).await?;
     let channel = conn.create_channel().await?;
     channel

@@ -266,18 +266,18 @@ fn verdict(
         for pair in times.windows(2) {
             if explained(faults, pair[0], pair[1]) {
                 after_fault += 1;
-                if faults.iter().any(|(kind, at)| {
-                    kind.starts_with("worker") && *at < pair[0] && pair[0] <= *at + SIGNAL_MS
-                }) {
+                // Explained only by the margin: say so, to check the margin against.
+                let signalled = faults
+                    .iter()
+                    .filter(|(kind, at)| {
+                        kind.starts_with("worker") && *at < pair[0] && pair[0] <= *at + SIGNAL_MS
+                    })
+                    .map(|(_, at)| *at)
+                    .max();
+                if let Some(at) = signalled {
                     println!(
                         "re-render of {key}: its first render began {} ms after a worker fault's record",
-                        pair[0]
-                            - faults
-                                .iter()
-                                .filter(|(_, at)| *at < pair[0])
-                                .map(|(_, at)| *at)
-                                .max()
-                                .unwrap_or(pair[0])
+                        pair[0] - at
                     );
                 }
             } else {
