@@ -1,49 +1,46 @@
-//! The shared store on memcached (crate `memcache`, its async meta-protocol client
-//! `memcache::exp::AsyncMetaClient`).
+//! The shared store on memcached: the meta protocol as `memcache::exp` builds and parses
+//! it, over connections of our own ([`pipeline`]).
 //!
 //! Promises, beyond the [`Store`] contract:
-//! - **Never blocks a runtime thread, no thread hop.** Calls are tokio I/O on pooled
-//!   connections, each bounded by `store.timeout` (the client's exchange deadline, and
-//!   ours around it).
+//! - **Never blocks a runtime thread, no thread hop.** Calls are tokio I/O on long-lived
+//!   connections, each bounded by `store.timeout`.
 //! - **Placement that survives growth.** Keys go to servers by rendezvous hashing over
 //!   FNV-1a ([`place`]), scored against each server as written in the configuration
 //!   (`host:port`): the same in every process and every build, and adding a fifth
 //!   server to four moves only the keys the new one wins, about a fifth. Changing the
 //!   placement function itself (as from the `fnv1a64 % n` of earlier releases) remaps
 //!   most keys once: a cold start, not an error.
-//! - **Commands that arrive together go out together.** A `get`, each key of a
-//!   `get_many`, and the two commands of an `add_then_get` or a `set_then_delete` join
-//!   the batch being formed, or start one: a task of its own yields once so that the
-//!   callers ready at that instant join, then sends the batch as one pipelined exchange
-//!   per server, each caller's commands in its order. A caller that goes away (its client
-//!   hung up) never fails or strands the others. Under load N concurrent calls cost a few
-//!   exchanges, not N; alone, a call pays one spawn and one yield. A page's includes, a
-//!   worker's claims (a lease and a generation each) and a miss storm's leases batch this
-//!   way; lone writes (`add`, `set`, `delete`, `incr`) go out on their own.
-//! - **Bounded connections.** At most [`MAX_CONNECTIONS`] per server; a caller past the
-//!   cap waits for one within the deadline, then fails `Unavailable`. A memcached that
-//!   stops answering costs at most that many waiting exchanges, each ended by the
-//!   deadline.
-//! - **Recovery.** A connection that fails mid-exchange is dropped, a pooled one that
-//!   died while idle is redialed once; after memcached restarts the next calls work
-//!   again without a pool rebuild. Start-up never waits for a server: names are resolved
-//!   and servers dialed on first use.
+//! - **Commands that arrive together go out together.** Each server has [`LINES`]
+//!   pipelined connections. A call's commands (a `get`, every key of a `get_many` on that
+//!   server, the two of an `add_then_get` or a `set_then_delete`) are one exchange, kept
+//!   together and in order on one connection; exchanges queued while a connection has
+//!   answers outstanding go out in one write. Under load N concurrent calls cost a few
+//!   writes and reads, not N round trips; alone, a call goes out at once (as with
+//!   Nagle's algorithm). A caller that goes away (its client hung up) is not sent and
+//!   never fails or strands the others.
+//! - **Bounded connections.** [`LINES`] per server, whatever the load. A memcached that
+//!   stops answering fails each call at `store.timeout`, and the connection with it;
+//!   nothing is spawned per call, so nothing piles up.
+//! - **Recovery.** A connection that fails (the server restarted or stopped answering)
+//!   fails what was in flight on it; the next call dials anew, without a pool rebuild.
+//!   Start-up never waits for a server: names are resolved and servers dialed on first
+//!   use.
 //! - **`incr` never creates** (the meta `ma` command without `N` answers `NF`).
 //! - **TTLs over 30 days** are sent as Unix times (this host's clock), since memcached reads
 //!   any expiration above 30 days as one.
 
+mod pipeline;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use memcache::exp::{
-    AsyncMetaClient, Delete, Error as McError, Get, GetResult, GetStatus, MutationStatus, Op,
-    OpResult, Router, ServerAddress, Set,
+    ArithmeticOptions, DeleteOptions, Error as McError, GetOptions, MetaCommand, ReturnCode,
+    SetMode, SetOptions, build_arithmetic, build_delete, build_get, build_noop, build_set,
 };
-use tokio::sync::{OnceCell, oneshot};
 
 use tessera_protocol::Cause;
 use tessera_protocol::config::MemcachedServer;
@@ -53,12 +50,10 @@ use tessera_protocol::store::{
 };
 use tessera_protocol::time::ceil_secs;
 
-/// Most connections in use per server.
-pub const MAX_CONNECTIONS: usize = 64;
-/// Idle connections kept per server: as many as may be in use, so that a steady load of
-/// more exchanges in flight than half the cap does not close and redial connections on
-/// every return (measured: a worker with 64 builds in flight spent its CPU on it).
-const MAX_IDLE: usize = MAX_CONNECTIONS;
+use pipeline::{Answers, Reply, Server};
+
+pub use pipeline::LINES;
+
 /// Longest expiration memcached reads as relative seconds.
 const MAX_RELATIVE_EXPIRY: u64 = 30 * 24 * 3600;
 
@@ -99,33 +94,22 @@ pub fn place(key: &[u8], servers: &[String]) -> usize {
         .map_or(0, |(i, _)| i)
 }
 
-/// [`place`] as the client's router.
-#[derive(Debug, Clone, Copy)]
-struct Placement;
-
-impl Router for Placement {
-    fn route(&self, key: &[u8], servers: &[String]) -> usize {
-        place(key, servers)
-    }
-}
-
 /// memcached, as a [`Store`].
 pub struct MemcachedStore {
+    /// Each server's connections, in configuration order.
+    servers: Vec<Server>,
     /// `host:port` of each server, as configured: the placement's identities.
-    servers: Vec<(String, u16)>,
-    /// The same, as the router sees them.
     names: Vec<String>,
-    client: OnceCell<Connected>,
     timeout: Duration,
     max_item_size: usize,
-    /// Calls that failed on the connection (each dropped it; the next call dials anew).
+    /// Calls that failed on the connection (each failed it; the next call dials anew).
     resets: AtomicU64,
 }
 
 impl std::fmt::Debug for MemcachedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemcachedStore")
-            .field("servers", &self.servers)
+            .field("servers", &self.names)
             .finish_non_exhaustive()
     }
 }
@@ -151,43 +135,66 @@ impl MemcachedStore {
             })
             .collect();
         Ok(Self {
-            names: servers.iter().map(ServerAddress::identity).collect(),
-            servers,
-            client: OnceCell::new(),
+            names: servers.iter().map(|(h, p)| format!("{h}:{p}")).collect(),
+            servers: servers
+                .into_iter()
+                .map(|(host, port)| Server::new(host, port, timeout))
+                .collect(),
             timeout,
             max_item_size,
             resets: AtomicU64::new(0),
         })
     }
 
-    async fn connected(&self) -> Result<&Connected, McError> {
-        self.client
-            .get_or_try_init(|| async {
-                let client = AsyncMetaClient::builder()
-                    .router(Placement)
-                    .max_idle(MAX_IDLE)
-                    .max_connections(Some(MAX_CONNECTIONS))
-                    .connect_timeout(Some(self.timeout))
-                    .io_timeout(Some(self.timeout))
-                    .connect_multiple_async(self.servers.iter().cloned())
-                    .await?;
-                Ok(Connected {
-                    client,
-                    forming: Arc::new(Mutex::new(Vec::new())),
-                })
-            })
-            .await
+    /// The index of `key`'s server.
+    fn server_of(&self, key: &StoreKey) -> usize {
+        if self.servers.len() == 1 {
+            0
+        } else {
+            place(key.as_str().as_bytes(), &self.names)
+        }
     }
 
-    /// Runs `call` on the connected client under the deadline, mapping its errors.
-    async fn call<'a, T, F>(
-        &'a self,
-        call: impl FnOnce(&'a Connected) -> F,
-    ) -> Result<T, StoreError>
-    where
-        F: Future<Output = Result<T, McError>>,
-    {
-        let run = async { call(self.connected().await?).await };
+    /// Runs `commands` under the deadline: one pipelined exchange per server, each
+    /// server's commands in their order. Each command's own answer, or the error that
+    /// failed them all.
+    async fn run(
+        &self,
+        commands: Vec<(&StoreKey, MetaCommand)>,
+    ) -> Result<Vec<Result<Reply, McError>>, StoreError> {
+        let commands = &commands;
+        let run = async {
+            let mut groups: Vec<Vec<usize>> = vec![Vec::new(); self.servers.len()];
+            for (n, (key, _)) in commands.iter().enumerate() {
+                groups[self.server_of(key)].push(n);
+            }
+            let exchanges = groups
+                .iter()
+                .enumerate()
+                .filter(|(_, group)| !group.is_empty())
+                .map(|(server, group)| async move {
+                    let mut payload = Vec::new();
+                    for &n in group {
+                        commands[n].1.encode_into(&mut payload)?;
+                    }
+                    let answers = self.servers[server].exchange(payload, group.len()).await?;
+                    if answers.len() != group.len() {
+                        return Err(McError::Protocol("an answer is missing".into()));
+                    }
+                    Ok::<_, McError>(group.iter().copied().zip(answers))
+                });
+            let mut answers: Vec<Option<Result<Reply, McError>>> =
+                commands.iter().map(|_| None).collect();
+            for exchanged in futures_util::future::join_all(exchanges).await {
+                for (n, answer) in exchanged? {
+                    answers[n] = Some(answer);
+                }
+            }
+            answers
+                .into_iter()
+                .map(|a| a.ok_or_else(|| McError::Protocol("an answer is missing".into())))
+                .collect::<Answers>()
+        };
         let result = match tokio::time::timeout(self.timeout, run).await {
             Err(_) => Err(StoreError::Unavailable(
                 format!("memcached did not answer within {:?}", self.timeout).into(),
@@ -199,162 +206,82 @@ impl MemcachedStore {
         }
         result
     }
-}
 
-impl MemcachedStore {
-    /// Whether `a` and `b` live on one server.
-    fn one_server(&self, a: &StoreKey, b: &StoreKey) -> bool {
-        self.names.len() == 1
-            || place(a.as_str().as_bytes(), &self.names)
-                == place(b.as_str().as_bytes(), &self.names)
+    /// The one command's answer.
+    async fn one(&self, key: &StoreKey, command: MetaCommand) -> Result<Reply, StoreError> {
+        let mut answers = self.run(vec![(key, command)]).await?;
+        answers
+            .pop()
+            .ok_or_else(|| StoreError::Protocol("memcached: an answer is missing".into()))?
+            .map_err(classify)
     }
 
-    /// `first` then `second`, in the batch being formed; each one's own result.
+    /// `first` then `second` (on one server), each one's own answer.
     async fn pair(
         &self,
-        first: Op,
-        second: Op,
-    ) -> Result<[Result<OpResult, StoreError>; 2], StoreError> {
-        let results = self.call(|c| c.run(vec![first, second])).await?;
-        let mut results = results.into_iter().map(|r| r.map_err(classify));
-        match (results.next(), results.next()) {
-            (Some(a), Some(b)) => {
-                // The connection failed within the exchange: counted as `call` counts one
-                // that failed before it.
-                if [&a, &b]
-                    .iter()
-                    .any(|r| matches!(r, Err(StoreError::Unavailable(_))))
-                {
-                    self.resets.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok([a, b])
-            }
+        first: (&StoreKey, MetaCommand),
+        second: (&StoreKey, MetaCommand),
+    ) -> Result<[Result<Reply, StoreError>; 2], StoreError> {
+        let mut answers = self.run(vec![first, second]).await?.into_iter();
+        match (answers.next(), answers.next()) {
+            (Some(a), Some(b)) => Ok([a.map_err(classify), b.map_err(classify)]),
             _ => Err(StoreError::Protocol(
-                "memcached: a batch answer is missing".into(),
+                "memcached: an answer is missing".into(),
             )),
         }
     }
 }
 
-/// A batch answered with a result of the wrong kind.
-fn unexpected(result: &OpResult) -> StoreError {
-    StoreError::Protocol(format!("memcached: unexpected answer {result:?}"))
+/// `mg <key> v`: the value, or a miss.
+fn get_command(key: &StoreKey) -> Result<MetaCommand, StoreError> {
+    build_get(key.as_str(), &GetOptions::default()).map_err(classify)
 }
 
-/// The client, and the batch being formed.
-struct Connected {
-    client: AsyncMetaClient,
-    /// Commands waiting for the batch; empty when none is forming.
-    forming: Arc<Mutex<Vec<Pending>>>,
-}
-
-/// One caller's commands waiting for their batch: kept together and in order.
-struct Pending {
-    ops: Vec<Op>,
-    reply: oneshot::Sender<Answers>,
-}
-
-/// Each command's own result, in order; the outer error when the batch was refused
-/// before anything was sent.
-type Answers = Result<Vec<Result<OpResult, McError>>, McError>;
-
-impl Connected {
-    /// Runs `ops` in the batch being formed, or in a new one: one pipelined exchange per
-    /// server for every caller's commands, each caller's in its order.
-    async fn run(&self, ops: Vec<Op>) -> Answers {
-        if ops.is_empty() {
-            return Ok(Vec::new());
-        }
-        let count = ops.len();
-        let (reply, answer) = oneshot::channel();
-        let leads = {
-            let mut forming = self.forming.lock().unwrap_or_else(PoisonError::into_inner);
-            forming.push(Pending { ops, reply });
-            forming.len() == 1
-        };
-        if leads {
-            // In a task of its own, so that a caller that goes away here (its client hung
-            // up, its deadline passed) cannot leave the batch forming for ever: let the
-            // callers that are ready now join, then send them all.
-            let (client, forming) = (self.client.clone(), self.forming.clone());
-            tokio::spawn(async move {
-                tokio::task::yield_now().await;
-                let batch =
-                    std::mem::take(&mut *forming.lock().unwrap_or_else(PoisonError::into_inner));
-                send_batch(client, batch).await;
-            });
-        }
-        let answers = answer
-            .await
-            .map_err(|_| McError::Protocol("a batch was abandoned".into()))??;
-        if answers.len() != count {
-            return Err(McError::Protocol("a batch answer is missing".into()));
-        }
-        Ok(answers)
+/// `ms <key> <size> T<ttl>`, with `ME` (add: only if absent) when `add`.
+fn set_command(
+    key: &StoreKey,
+    value: &[u8],
+    ttl: Duration,
+    add: bool,
+) -> Result<MetaCommand, StoreError> {
+    let mut options = SetOptions::default();
+    options.ttl = Some(expiry(ttl));
+    if add {
+        options.mode = SetMode::Add;
     }
+    build_set(key.as_str(), value, &options).map_err(classify)
+}
 
-    /// The values of `keys`, in order.
-    async fn lookup(&self, keys: &[StoreKey]) -> Result<Vec<Option<Bytes>>, McError> {
-        let ops = keys.iter().map(|k| Op::Get(Get::new(k.as_str()))).collect();
-        self.run(ops)
-            .await?
-            .into_iter()
-            .map(|result| match result? {
-                OpResult::Get(found) => Ok(hit(found)),
-                other => Err(McError::Protocol(format!("unexpected answer {other:?}"))),
-            })
-            .collect()
+/// `md <key>`.
+fn delete_command(key: &StoreKey) -> Result<MetaCommand, StoreError> {
+    build_delete(key.as_str(), &DeleteOptions::default()).map_err(classify)
+}
+
+/// A lookup's value: `VA` is a hit, `EN` a miss.
+fn found(reply: Reply) -> Result<Option<Bytes>, StoreError> {
+    match reply.rc {
+        ReturnCode::Va => Ok(reply.value),
+        ReturnCode::En => Ok(None),
+        _ => Err(unexpected(&reply)),
     }
 }
 
-/// One pipelined exchange per server for `batch`, each caller's results to it.
-async fn send_batch(client: AsyncMetaClient, batch: Vec<Pending>) {
-    let mut ops = Vec::new();
-    let mut waiting = Vec::with_capacity(batch.len());
-    for Pending { ops: mine, reply } in batch {
-        // Callers that gave up (their deadline passed) are not sent.
-        if !reply.is_closed() {
-            waiting.push((mine.len(), reply));
-            ops.extend(mine);
-        }
-    }
-    if ops.is_empty() {
-        return;
-    }
-    match client.run_batch(ops).await {
-        Ok(results) => {
-            let mut results = results.into_iter();
-            for (count, reply) in waiting {
-                let _ = reply.send(Ok(results.by_ref().take(count).collect()));
-            }
-        }
-        Err(e) => {
-            // Refused before anything was sent: a command the protocol cannot carry,
-            // which `StoreKey`'s rules and the size check rule out. Every caller of the
-            // batch is told, none left waiting.
-            for (_, reply) in waiting {
-                let _ = reply.send(Err(McError::Protocol(e.to_string())));
-            }
-        }
+/// Whether a write was applied: `HD`, or `NS` / `NF` when it was not.
+fn applied(reply: Reply) -> Result<bool, StoreError> {
+    match reply.rc {
+        ReturnCode::Hd => Ok(true),
+        ReturnCode::Ns | ReturnCode::Nf => Ok(false),
+        _ => Err(unexpected(&reply)),
     }
 }
 
-/// The value of a lookup that found one.
-fn hit(found: GetResult) -> Option<Bytes> {
-    found
-        .value
-        .filter(|_| found.status == GetStatus::Hit)
-        .map(Bytes::from)
+/// An answer of the wrong kind.
+fn unexpected(reply: &Reply) -> StoreError {
+    StoreError::Protocol(format!("memcached: unexpected answer {:?}", reply.rc))
 }
 
 fn classify(e: McError) -> StoreError {
     match e {
-        // The server answered, with a refusal: not a transport failure.
-        McError::Ambiguous { source, .. }
-            if !matches!(*source, McError::Io(_) | McError::Timeout { .. }) =>
-        {
-            classify(*source)
-        }
         McError::Server(m) if m.contains("too large") => StoreError::TooLarge { size: 0, max: 0 },
         e @ (McError::Io(_) | McError::Timeout { .. } | McError::Ambiguous { .. }) => {
             StoreError::Unavailable(Cause::context("memcached", e))
@@ -381,50 +308,38 @@ impl Store for MemcachedStore {
     }
 
     async fn get(&self, key: &StoreKey) -> Result<Option<Bytes>, StoreError> {
-        let mut values = self.call(|c| c.lookup(std::slice::from_ref(key))).await?;
-        Ok(values.pop().flatten())
+        found(self.one(key, get_command(key)?).await?)
     }
 
     async fn get_many(&self, keys: &[StoreKey]) -> Result<HashMap<StoreKey, Bytes>, StoreError> {
-        // Each key joins the batch being formed, with the lookups of other callers.
-        let values = self.call(|c| c.lookup(keys)).await?;
-        Ok(keys
+        let commands = keys
             .iter()
-            .zip(values)
-            .filter_map(|(key, value)| Some((key.clone(), value?)))
-            .collect())
+            .map(|k| Ok((k, get_command(k)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let answers = self.run(commands).await?;
+        let mut values = HashMap::with_capacity(keys.len());
+        for (key, answer) in keys.iter().zip(answers) {
+            if let Some(value) = found(answer.map_err(classify)?)? {
+                values.insert(key.clone(), value);
+            }
+        }
+        Ok(values)
     }
 
     async fn add(&self, key: &StoreKey, value: &[u8], ttl: Duration) -> Result<bool, StoreError> {
         check_size(value, self.max_item_size)?;
-        let result = self
-            .call(|c| {
-                c.client
-                    .set(key.as_str(), value)
-                    .add()
-                    .ttl_raw(expiry(ttl))
-                    .send()
-            })
-            .await
-            .map(|r| r.status == MutationStatus::Applied);
-        too_large(result, value.len(), self.max_item_size)
+        let reply = self.one(key, set_command(key, value, ttl, true)?).await;
+        too_large(reply.and_then(applied), value.len(), self.max_item_size)
     }
 
     async fn set(&self, key: &StoreKey, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
         check_size(value, self.max_item_size)?;
-        let result = self
-            .call(|c| {
-                c.client
-                    .set(key.as_str(), value)
-                    .ttl_raw(expiry(ttl))
-                    .send()
-            })
-            .await
-            .and_then(|r| match r.status {
-                MutationStatus::Applied => Ok(()),
-                other => Err(StoreError::Protocol(format!("memcached set: {other:?}"))),
-            });
-        too_large(result, value.len(), self.max_item_size)
+        let reply = self.one(key, set_command(key, value, ttl, false)?).await;
+        let stored = reply.and_then(|r| match r.rc {
+            ReturnCode::Hd => Ok(()),
+            _ => Err(unexpected(&r)),
+        });
+        too_large(stored, value.len(), self.max_item_size)
     }
 
     async fn add_then_get(
@@ -435,25 +350,21 @@ impl Store for MemcachedStore {
         then: &StoreKey,
     ) -> Result<Option<Option<Bytes>>, StoreError> {
         check_size(value, self.max_item_size)?;
-        if !self.one_server(key, then) {
+        if self.server_of(key) != self.server_of(then) {
             return add_then_get_in_turn(self, key, value, ttl, then).await;
         }
-        // One server handles a connection's commands in order: the get runs after the add.
-        let add = Set::new(key.as_str(), value).add().ttl_raw(expiry(ttl));
+        // One connection carries an exchange's commands in order: the get runs after the
+        // add.
         let [added, read] = self
-            .pair(Op::Set(add), Op::Get(Get::new(then.as_str())))
+            .pair(
+                (key, set_command(key, value, ttl, true)?),
+                (then, get_command(then)?),
+            )
             .await?;
-        let added = match too_large(added, value.len(), self.max_item_size)? {
-            OpResult::Mutation(m) => m.status == MutationStatus::Applied,
-            other => return Err(unexpected(&other)),
-        };
-        if !added {
+        if !too_large(added.and_then(applied), value.len(), self.max_item_size)? {
             return Ok(None);
         }
-        match read? {
-            OpResult::Get(found) => Ok(Some(hit(found))),
-            other => Err(unexpected(&other)),
-        }
+        Ok(Some(found(read?)?))
     }
 
     async fn set_then_delete(
@@ -464,41 +375,63 @@ impl Store for MemcachedStore {
         then: &StoreKey,
     ) -> Result<Result<bool, StoreError>, StoreError> {
         check_size(value, self.max_item_size)?;
-        if !self.one_server(key, then) {
+        if self.server_of(key) != self.server_of(then) {
             return set_then_delete_in_turn(self, key, value, ttl, then).await;
         }
-        let set = Set::new(key.as_str(), value).ttl_raw(expiry(ttl));
         let [stored, deleted] = self
-            .pair(Op::Set(set), Op::Delete(Delete::new(then.as_str())))
+            .pair(
+                (key, set_command(key, value, ttl, false)?),
+                (then, delete_command(then)?),
+            )
             .await?;
         match too_large(stored, value.len(), self.max_item_size)? {
-            OpResult::Mutation(m) if m.status == MutationStatus::Applied => {}
+            r if r.rc == ReturnCode::Hd => {}
             other => return Err(unexpected(&other)),
         }
-        Ok(deleted.and_then(|r| match r {
-            OpResult::Mutation(m) => Ok(m.status == MutationStatus::Applied),
-            other => Err(unexpected(&other)),
-        }))
+        Ok(deleted.and_then(applied))
     }
 
     async fn delete(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        self.call(|c| c.client.delete(key.as_str()).send())
-            .await
-            .map(|r| r.status == MutationStatus::Applied)
+        applied(self.one(key, delete_command(key)?).await?)
     }
 
     async fn incr(&self, key: &StoreKey, delta: u64) -> Result<Option<u64>, StoreError> {
-        let r = self
-            .call(|c| c.client.increment(key.as_str()).delta(delta).send())
-            .await?;
-        Ok(match r.status {
-            MutationStatus::Applied => r.value,
-            _ => None,
-        })
+        let mut options = ArithmeticOptions::default();
+        options.delta = Some(delta);
+        let command = build_arithmetic(key.as_str(), &options).map_err(classify)?;
+        let reply = self.one(key, command).await?;
+        match (reply.rc, &reply.value) {
+            (ReturnCode::Va, Some(digits)) => std::str::from_utf8(digits)
+                .ok()
+                .and_then(|d| d.trim().parse().ok())
+                .map(Some)
+                .ok_or_else(|| StoreError::Protocol("memcached: a bad counter value".into())),
+            (ReturnCode::Nf, _) => Ok(None),
+            _ => Err(unexpected(&reply)),
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.call(|c| c.client.noop()).await
+        let noop = build_noop();
+        for server in &self.servers {
+            let mut payload = Vec::new();
+            noop.encode_into(&mut payload).map_err(classify)?;
+            let exchanged = tokio::time::timeout(self.timeout, server.exchange(payload, 1));
+            let reply = match exchanged.await {
+                Err(_) => {
+                    return Err(StoreError::Unavailable(
+                        format!("memcached did not answer within {:?}", self.timeout).into(),
+                    ));
+                }
+                Ok(answers) => answers.map_err(classify)?.pop(),
+            };
+            match reply {
+                Some(Ok(r)) if r.rc == ReturnCode::Mn => {}
+                Some(Err(e)) => return Err(classify(e)),
+                _ => return Err(StoreError::Protocol("memcached: no answer to mn".into())),
+            }
+        }
+        Ok(())
     }
 }
 
