@@ -164,6 +164,11 @@ impl MemcachedStore {
     ) -> Result<Vec<Result<Reply, McError>>, StoreError> {
         let commands = &commands;
         let run = async {
+            let first = commands.first().map_or(0, |(key, _)| self.server_of(key));
+            if commands.iter().all(|(key, _)| self.server_of(key) == first) {
+                // One server (the common case): one exchange, answers in order.
+                return self.exchange(first, commands.iter().map(|(_, c)| c)).await;
+            }
             let mut groups: Vec<Vec<usize>> = vec![Vec::new(); self.servers.len()];
             for (n, (key, _)) in commands.iter().enumerate() {
                 groups[self.server_of(key)].push(n);
@@ -173,14 +178,9 @@ impl MemcachedStore {
                 .enumerate()
                 .filter(|(_, group)| !group.is_empty())
                 .map(|(server, group)| async move {
-                    let mut payload = Vec::new();
-                    for &n in group {
-                        commands[n].1.encode_into(&mut payload)?;
-                    }
-                    let answers = self.servers[server].exchange(payload, group.len()).await?;
-                    if answers.len() != group.len() {
-                        return Err(McError::Protocol("an answer is missing".into()));
-                    }
+                    let answers = self
+                        .exchange(server, group.iter().map(|&n| &commands[n].1))
+                        .await?;
                     Ok::<_, McError>(group.iter().copied().zip(answers))
                 });
             let mut answers: Vec<Option<Result<Reply, McError>>> =
@@ -205,6 +205,24 @@ impl MemcachedStore {
             self.resets.fetch_add(1, Ordering::Relaxed);
         }
         result
+    }
+
+    /// `commands` as one exchange on server `server`: each one's answer, in order.
+    async fn exchange(
+        &self,
+        server: usize,
+        commands: impl ExactSizeIterator<Item = &MetaCommand>,
+    ) -> Answers {
+        let count = commands.len();
+        let mut payload = Vec::new();
+        for command in commands {
+            command.encode_into(&mut payload)?;
+        }
+        let answers = self.servers[server].exchange(payload, count).await?;
+        if answers.len() != count {
+            return Err(McError::Protocol("an answer is missing".into()));
+        }
+        Ok(answers)
     }
 
     /// The one command's answer.
