@@ -451,4 +451,81 @@ mod tests {
         let (answers, left) = parsed(b"ZZ\r\nHD\r\n");
         assert!(answers[0].is_err() && answers[1].is_ok() && left == 0);
     }
+
+    /// A fake memcached: the n-th connection it accepts answers each request line with
+    /// `answers(n)` (nothing when empty). Returns its port and the count of connections.
+    async fn fake(answers: fn(usize) -> &'static [u8]) -> (u16, Arc<AtomicUsize>) {
+        use tokio::io::AsyncBufReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (input, mut output) = stream.into_split();
+                    let mut lines = tokio::io::BufReader::new(input).lines();
+                    while let Ok(Some(_)) = lines.next_line().await {
+                        if output.write_all(answers(n)).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, accepted)
+    }
+
+    fn get() -> Vec<u8> {
+        b"mg k v\r\n".to_vec()
+    }
+
+    #[tokio::test]
+    async fn an_answer_nothing_asked_for_fails_the_connection_and_the_next_call_dials() {
+        // The first connection answers twice per command; the others as they should.
+        let (port, accepted) = fake(|n| if n == 0 { b"EN\r\nHD\r\n" } else { b"EN\r\n" }).await;
+        let server = Server::new("127.0.0.1".into(), port, Duration::from_secs(5));
+        let first = server.exchange(get(), 1).await.unwrap();
+        assert_eq!(first[0].as_ref().unwrap().rc, ReturnCode::En);
+        // The next call may meet the failed connection (an error, never the stray `HD`
+        // as its answer) before its line dials anew.
+        let mut answered = 0;
+        for _ in 0..(2 * LINES + 2) {
+            if let Ok(answers) = server.exchange(get(), 1).await {
+                assert_eq!(answers[0].as_ref().unwrap().rc, ReturnCode::En);
+                answered += 1;
+            }
+        }
+        assert!(answered >= 2, "only {answered} answered");
+        // Each line dialed once, and the failed one again.
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            LINES + 1,
+            "never dialed anew"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_fails_the_exchange_at_the_deadline() {
+        // The first connection reads and never answers; later ones answer.
+        let (port, accepted) = fake(|n| if n == 0 { b"" } else { b"HD\r\n" }).await;
+        let timeout = Duration::from_millis(200);
+        let server = Server::new("127.0.0.1".into(), port, timeout);
+        let started = std::time::Instant::now();
+        let silent = tokio::time::timeout(Duration::from_secs(10), server.exchange(get(), 1))
+            .await
+            .expect("the connection's own deadline ended the exchange");
+        assert!(
+            matches!(&silent, Err(McError::Io(e)) if e.kind() == io::ErrorKind::TimedOut),
+            "{silent:?}"
+        );
+        assert!(started.elapsed() < timeout * 5, "{:?}", started.elapsed());
+        // The line that failed dials anew; the other line dials for the first time.
+        for _ in 0..LINES {
+            let answers = server.exchange(get(), 1).await.unwrap();
+            assert_eq!(answers[0].as_ref().unwrap().rc, ReturnCode::Hd);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), LINES + 1);
+    }
 }
