@@ -98,6 +98,7 @@ macro_rules! bus_conformance {
             published_builds_are_consumed_in_order,
             acked_deliveries_are_gone,
             requeued_and_dropped_deliveries_come_back_redelivered,
+            acks_that_come_together_spare_the_delivery_in_their_midst,
             dead_letters_keep_their_reason_and_can_be_requeued,
             retries_arrive_on_their_queue_after_the_delay,
             prefetch_bounds_unacked_deliveries,
@@ -231,6 +232,47 @@ pub async fn requeued_and_dropped_deliveries_come_back_redelivered(t: BusUnderTe
     assert!(d.redelivered, "dropped undecided");
     d.ack().await.unwrap();
     nothing_arrives(&mut c, "acked after two redeliveries, yet delivered again").await;
+}
+
+/// Acks that come together (a worker finishing many builds at once) remove exactly the
+/// deliveries acked: one in their midst that is requeued instead comes back, once, and
+/// nothing acked does, to this consumer or a new one. (A guard for any ack batching: a
+/// `multiple` ack that covered a delivery still in hand would lose it.)
+pub async fn acks_that_come_together_spare_the_delivery_in_their_midst(t: BusUnderTest) {
+    for i in 0..24 {
+        let r = request(&format!("m{i}"));
+        t.bus.publish_build(&t.queue, &r).await.unwrap();
+    }
+    let mut c = t
+        .bus
+        .consume(std::slice::from_ref(&t.queue), &[], 32)
+        .await
+        .unwrap();
+    let (mut held, mut acks) = (None, Vec::new());
+    for _ in 0..24 {
+        let d = next(&mut c).await;
+        if id(&d) == "m5" {
+            held = Some(d);
+        } else {
+            acks.push(tokio::spawn(d.ack()));
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap().unwrap();
+    }
+    held.expect("m5 was delivered").requeue().await.unwrap();
+    let d = next(&mut c).await;
+    assert_eq!(id(&d), "m5", "only the requeued delivery comes back");
+    assert!(d.redelivered);
+    d.ack().await.unwrap();
+    nothing_arrives(&mut c, "acked deliveries came back").await;
+    drop(c);
+    let mut c = t
+        .peer
+        .consume(std::slice::from_ref(&t.queue), &[], 32)
+        .await
+        .unwrap();
+    nothing_arrives(&mut c, "an acked delivery came back to a new consumer").await;
 }
 
 /// A dead-lettered delivery is not redelivered; it is kept with its queue, body and
