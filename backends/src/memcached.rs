@@ -163,15 +163,20 @@ impl MemcachedStore {
         commands: Vec<(&StoreKey, MetaCommand)>,
     ) -> Result<Vec<Result<Reply, McError>>, StoreError> {
         let commands = &commands;
-        let run = async {
-            let first = commands.first().map_or(0, |(key, _)| self.server_of(key));
-            if commands.iter().all(|(key, _)| self.server_of(key) == first) {
-                // One server (the common case): one exchange, answers in order.
-                return self.exchange(first, commands.iter().map(|(_, c)| c)).await;
+        self.deadline(async {
+            let all = || commands.iter().map(|(_, c)| c);
+            if self.servers.len() == 1 {
+                return self.exchange(0, all()).await;
+            }
+            let placed: Vec<usize> = commands.iter().map(|(k, _)| self.server_of(k)).collect();
+            let first = placed.first().copied().unwrap_or(0);
+            if placed.iter().all(|&s| s == first) {
+                // All on one server (a pair, a single key): one exchange, answers in order.
+                return self.exchange(first, all()).await;
             }
             let mut groups: Vec<Vec<usize>> = vec![Vec::new(); self.servers.len()];
-            for (n, (key, _)) in commands.iter().enumerate() {
-                groups[self.server_of(key)].push(n);
+            for (n, &server) in placed.iter().enumerate() {
+                groups[server].push(n);
             }
             let exchanges = groups
                 .iter()
@@ -194,8 +199,17 @@ impl MemcachedStore {
                 .into_iter()
                 .map(|a| a.ok_or_else(|| McError::Protocol("an answer is missing".into())))
                 .collect::<Answers>()
-        };
-        let result = match tokio::time::timeout(self.timeout, run).await {
+        })
+        .await
+    }
+
+    /// `call` bounded by `store.timeout`, its errors mapped; a call that failed on the
+    /// connection is counted.
+    async fn deadline<T>(
+        &self,
+        call: impl Future<Output = Result<T, McError>>,
+    ) -> Result<T, StoreError> {
+        let result = match tokio::time::timeout(self.timeout, call).await {
             Err(_) => Err(StoreError::Unavailable(
                 format!("memcached did not answer within {:?}", self.timeout).into(),
             )),
@@ -207,7 +221,8 @@ impl MemcachedStore {
         result
     }
 
-    /// `commands` as one exchange on server `server`: each one's answer, in order.
+    /// `commands` as one exchange on server `server`: each one's answer, in order (the
+    /// connection hands back exactly one per command).
     async fn exchange(
         &self,
         server: usize,
@@ -218,11 +233,7 @@ impl MemcachedStore {
         for command in commands {
             command.encode_into(&mut payload)?;
         }
-        let answers = self.servers[server].exchange(payload, count).await?;
-        if answers.len() != count {
-            return Err(McError::Protocol("an answer is missing".into()));
-        }
-        Ok(answers)
+        self.servers[server].exchange(payload, count).await
     }
 
     /// The one command's answer.
@@ -301,9 +312,8 @@ fn unexpected(reply: &Reply) -> StoreError {
 fn classify(e: McError) -> StoreError {
     match e {
         McError::Server(m) if m.contains("too large") => StoreError::TooLarge { size: 0, max: 0 },
-        e @ (McError::Io(_) | McError::Timeout { .. } | McError::Ambiguous { .. }) => {
-            StoreError::Unavailable(Cause::context("memcached", e))
-        }
+        // The connection failed, or the server did not answer (see `pipeline`).
+        e @ McError::Io(_) => StoreError::Unavailable(Cause::context("memcached", e)),
         other => StoreError::Protocol(format!("memcached: {other}")),
     }
 }
@@ -431,22 +441,15 @@ impl Store for MemcachedStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         let noop = build_noop();
-        for server in &self.servers {
-            let mut payload = Vec::new();
-            noop.encode_into(&mut payload).map_err(classify)?;
-            let exchanged = tokio::time::timeout(self.timeout, server.exchange(payload, 1));
-            let reply = match exchanged.await {
-                Err(_) => {
-                    return Err(StoreError::Unavailable(
-                        format!("memcached did not answer within {:?}", self.timeout).into(),
-                    ));
-                }
-                Ok(answers) => answers.map_err(classify)?.pop(),
-            };
-            match reply {
+        for server in 0..self.servers.len() {
+            let mut answers = self
+                .deadline(self.exchange(server, std::iter::once(&noop)))
+                .await?;
+            match answers.pop() {
                 Some(Ok(r)) if r.rc == ReturnCode::Mn => {}
+                Some(Ok(r)) => return Err(unexpected(&r)),
                 Some(Err(e)) => return Err(classify(e)),
-                _ => return Err(StoreError::Protocol("memcached: no answer to mn".into())),
+                None => return Err(StoreError::Protocol("memcached: no answer to mn".into())),
             }
         }
         Ok(())

@@ -38,8 +38,8 @@ mod memcached {
         memcached_only::concurrent_pairs_share_exchanges_in_order().await;
     }
 
-    // One thread: the batch's task cannot run (and answer) within the one poll the case
-    // gives a lookup before dropping it.
+    // One thread: the connection's tasks cannot run (and answer) within the one poll the
+    // case gives a lookup before dropping it.
     #[tokio::test]
     async fn a_lookup_dropped_while_its_batch_forms_wedges_nothing() {
         memcached_only::a_lookup_dropped_while_its_batch_forms_wedges_nothing().await;

@@ -10,9 +10,13 @@
 //!   its last write in one write, and a reader that parses answers as they arrive and
 //!   hands each exchange its own, in order (memcached answers a connection's commands in
 //!   the order they came). No exchange waits for another's answers before it is sent.
-//! - **Batching across callers.** The writer, woken by an exchange, yields once before
-//!   it writes, so that every caller ready at that instant joins the same write: N
-//!   concurrent lookups cost memcached one read, not N.
+//! - **Batching across callers**, as Nagle's algorithm does: on an idle connection an
+//!   exchange goes out at once; while answers are outstanding, the writer yields once
+//!   before it writes, so that every caller ready at that instant joins the same write:
+//!   N concurrent lookups cost memcached one read, not N.
+//! - **Bounds.** One write gathers at most [`MAX_WRITE`] bytes (and one exchange); what
+//!   is queued or waiting for answers is what callers sent within one timeout, since
+//!   the oldest unanswered exchange fails the connection once it is that old.
 //! - **Deadlines.** An exchange not answered within the store's timeout fails the
 //!   connection and everything waiting on it, and the next call dials anew; a caller
 //!   that has given up is not sent. Nothing waits for ever and no task is spawned per
@@ -73,6 +77,8 @@ pub struct Server {
     timeout: Duration,
     lines: [Line; LINES],
     next: AtomicUsize,
+    /// Writes made on this server's connections (each may carry many exchanges).
+    writes: Arc<AtomicUsize>,
 }
 
 /// A connection slot: the live connection's queue, if any.
@@ -92,6 +98,7 @@ impl Server {
             timeout,
             lines: Default::default(),
             next: AtomicUsize::new(0),
+            writes: Arc::default(),
         }
     }
 
@@ -133,7 +140,14 @@ impl Server {
         let (input, output) = stream.into_split();
         let (queue, exchanges) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared::default());
-        tokio::spawn(write(exchanges, output, shared.clone(), self.timeout));
+        let writes = self.writes.clone();
+        tokio::spawn(write(
+            exchanges,
+            output,
+            shared.clone(),
+            writes,
+            self.timeout,
+        ));
         tokio::spawn(read(input, shared, self.timeout));
         Ok(queue)
     }
@@ -245,6 +259,7 @@ async fn write(
     mut exchanges: mpsc::UnboundedReceiver<Exchange>,
     mut output: OwnedWriteHalf,
     shared: Arc<Shared>,
+    writes: Arc<AtomicUsize>,
     timeout: Duration,
 ) {
     let mut buffer = Vec::with_capacity(16 * 1024);
@@ -292,6 +307,7 @@ async fn write(
         if buffer.is_empty() {
             continue;
         }
+        writes.fetch_add(1, Ordering::Relaxed);
         match tokio::time::timeout(timeout, output.write_all(&buffer)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -527,5 +543,34 @@ mod tests {
             assert_eq!(answers[0].as_ref().unwrap().rc, ReturnCode::Hd);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), LINES + 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn exchanges_sent_together_share_writes() {
+        let (port, _) = fake(|_| b"EN\r\n").await;
+        let server = Arc::new(Server::new(
+            "127.0.0.1".into(),
+            port,
+            Duration::from_secs(5),
+        ));
+        for _ in 0..LINES {
+            server.exchange(get(), 1).await.unwrap(); // every line dialed
+        }
+        let before = server.writes.load(Ordering::SeqCst);
+        let calls: Vec<_> = (0..500)
+            .map(|_| {
+                let server = server.clone();
+                tokio::spawn(async move { server.exchange(get(), 1).await })
+            })
+            .collect();
+        for call in calls {
+            let answers = call.await.unwrap().unwrap();
+            assert_eq!(answers[0].as_ref().unwrap().rc, ReturnCode::En);
+        }
+        let writes = server.writes.load(Ordering::SeqCst) - before;
+        assert!(
+            writes <= 250,
+            "{writes} writes for 500 concurrent exchanges"
+        );
     }
 }

@@ -605,10 +605,11 @@ pub mod memcached_only {
             .expect("a total_connections statistic")
     }
 
-    /// 500 lookups started at once share a few pipelined writes: the store dials its
-    /// [`LINES`] connections, not one per lookup in flight, and every lookup gets its
-    /// own key's value. Half are `get_many` of two keys (as a worker's claim reads a
-    /// lease and a generation), which join the same batches.
+    /// 500 lookups started at once share the store's [`LINES`] connections, not one per
+    /// lookup in flight, and every lookup gets its own key's value. Half are `get_many`
+    /// of two keys (as a worker's claim reads a lease and a generation). That calls
+    /// share writes too is `exchanges_sent_together_share_writes` in the pipeline's
+    /// tests.
     pub async fn concurrent_lookups_share_exchanges() {
         let port = free_port();
         let _server = memcached(port);
@@ -715,9 +716,9 @@ pub mod memcached_only {
     }
 
     /// A lookup that goes away while its batch forms (its client hung up, its deadline
-    /// passed) leaves no trace: the lookups after it are answered. Before the fix, a
-    /// batch's leader dropped at that instant left the batch forming for ever, and every
-    /// later lookup of that gateway timed out.
+    /// passed) leaves no trace: the lookups after it are answered. (An earlier batching,
+    /// whose leader ran in its caller's future, left the batch forming for ever when that
+    /// caller was dropped, and every later lookup of the gateway timed out.)
     pub async fn a_lookup_dropped_while_its_batch_forms_wedges_nothing() {
         let port = free_port();
         let _server = memcached(port);
