@@ -94,6 +94,7 @@ impl Followers {
         } = event
         {
             cache.l1.invalidate_tag(tag, *purged_at);
+            cache.metrics.tag_purges_heard.inc();
         }
         if let Some(keys) = keys {
             // Evict first, then wake: a woken request must not find the old entry.

@@ -214,6 +214,8 @@ pub struct Metrics {
     pub events_lagged: Counter,
     /// Tag purges made through this gateway's admin API.
     pub tag_purges: Counter,
+    /// Tag purge events applied, from any gateway (this one's own included).
+    pub tag_purges_heard: Counter,
     /// Envelopes found retired by a tag purge (each then rebuilt).
     pub tag_retired: Counter,
     /// L1 entries (set at scrape).
@@ -273,6 +275,7 @@ impl Metrics {
             includes_refused: Counter::default(),
             events_lagged: Counter::default(),
             tag_purges: Counter::default(),
+            tag_purges_heard: Counter::default(),
             tag_retired: Counter::default(),
             l1_entries: Gauge::default(),
             l1_bytes: Gauge::default(),
@@ -368,6 +371,11 @@ impl Metrics {
             "tag_purges",
             "Tag purges made through this gateway's admin API",
             self.tag_purges.clone(),
+        );
+        r.register(
+            "tag_purges_heard",
+            "Tag purge events this gateway applied, from any gateway (itself included)",
+            self.tag_purges_heard.clone(),
         );
         r.register(
             "tag_retired",

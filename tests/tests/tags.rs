@@ -95,6 +95,23 @@ async fn purge_tag(gw: &TestGateway, tag: &str) -> u64 {
     body["purged_at"].as_u64().unwrap()
 }
 
+/// `tessera_tag_purges_heard_total` at `gw`.
+async fn tag_purges_heard(gw: &TestGateway) -> u64 {
+    let metrics = client()
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tessera_tag_purges_heard_total "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no tessera_tag_purges_heard_total in {metrics}"))
+}
+
 fn every_fragment() -> impl Iterator<Item = (&'static str, usize)> {
     ROUTES
         .iter()
@@ -212,6 +229,12 @@ pub async fn a_retired_fragment_is_not_served_stale(kind: Backend) {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     purge_tag(&two, "item-1").await;
+    // `one` knows of the purge once its event arrives: every entry it holds until then is
+    // served as it was.
+    eventually("the other gateway heard of the purge", WITHIN, || async {
+        tag_purges_heard(&one).await == 1
+    })
+    .await;
     // Untouched fragments are served stale (each asked first at one gateway: its
     // background refresh may be done by the time the other asks).
     for (gw, i) in [(&two, 2), (&one, 11)] {
