@@ -131,6 +131,8 @@ params = ["id"]
 TOML
   RUST_LOG=warn $bin/tessera-gateway --config "$tmp/miss-$kind.toml" & miss=$!; pids+=("$miss")
   wait_port "$adm2" gateway
+  # Traffic starts once the gateway says it is ready, as a load balancer would send it.
+  for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$adm2/readyz" && break; sleep 0.1; done
   for run in 1 2 3; do
     miss_script "$kind$run$RANDOM"
     echo "run $run tessera gateway, $kind queue: $(wrk -t1 -c64 -d"${secs}s" --latency -s "$tmp/miss.lua" "http://127.0.0.1:$gw2" | summary)"

@@ -22,7 +22,10 @@
 //! therefore declared on a channel of their own (the refusal closes it), a failure is
 //! retried by the next call rather than remembered, and [`Bus::ping`] declares every
 //! queue this bus serves ([`AmqpBus::with_queues`] and any used since), so `/readyz`
-//! reports the conflict before and after traffic, until the declaration succeeds.
+//! reports the conflict before and after traffic, until the declaration succeeds. A queue
+//! is declared once per connection: callers that need it at the same moment (the first
+//! burst of misses) wait for one declaration, and a gateway declares its route queues
+//! as it starts ([`Bus::ping`]), so traffic does not wait for them at all.
 //!
 //! # Throw-away namespaces
 //! With a queue expiry (`bus.queue_expiry`), durable queues get `x-expires`. Exchanges
@@ -158,6 +161,9 @@ struct Link {
     publish: Channel,
     /// Queues declared on this connection.
     declared: Mutex<HashSet<String>>,
+    /// Held while a queue is declared: callers that need the same queue at once (the
+    /// first burst of misses) wait for one declaration instead of each making its own.
+    declaring: tokio::sync::Mutex<()>,
 }
 
 impl Link {
@@ -173,7 +179,10 @@ struct Inner {
     expiry: Option<Duration>,
     /// `bus.queue_type` is `quorum`.
     quorum: std::sync::atomic::AtomicBool,
-    link: tokio::sync::Mutex<Option<Arc<Link>>>,
+    /// The live link, if any: looked at by every publish, so not held across I/O.
+    link: Mutex<Option<Arc<Link>>>,
+    /// Held while connecting: one connection attempt at a time.
+    connecting: tokio::sync::Mutex<()>,
     last_attempt: Mutex<Option<Instant>>,
     /// Set after the first successful connection.
     connected: std::sync::atomic::AtomicBool,
@@ -182,6 +191,8 @@ struct Inner {
     /// Build queues this bus serves (configured, published to or consumed): `ping`
     /// checks that each can be declared.
     queues: Mutex<BTreeSet<String>>,
+    /// Route queue declarations made (each with its retry queues).
+    declarations: std::sync::atomic::AtomicU64,
 }
 
 /// RabbitMQ, as a [`Bus`].
@@ -214,11 +225,13 @@ impl AmqpBus {
                 quorum: std::sync::atomic::AtomicBool::new(false),
                 url: url.to_string(),
                 ns: namespace.to_string(),
-                link: tokio::sync::Mutex::new(None),
+                link: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
                 last_attempt: Mutex::new(None),
                 connected: std::sync::atomic::AtomicBool::new(false),
                 reconnects: std::sync::atomic::AtomicU64::new(0),
                 queues: Mutex::new(BTreeSet::new()),
+                declarations: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -290,6 +303,7 @@ impl AmqpBus {
             conn,
             publish,
             declared: Mutex::new(HashSet::new()),
+            declaring: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -372,9 +386,13 @@ impl AmqpBus {
     /// The live link, reconnecting when it is gone (rate limited, so publishers fail fast
     /// while the broker is down).
     async fn link(&self) -> Result<Arc<Link>, BusError> {
-        let mut slot = self.inner.link.lock().await;
-        if let Some(link) = slot.as_ref().filter(|l| l.alive()) {
-            return Ok(link.clone());
+        if let Some(link) = self.live_link() {
+            return Ok(link);
+        }
+        let _connecting = self.inner.connecting.lock().await;
+        // Another caller may have connected while this one waited.
+        if let Some(link) = self.live_link() {
+            return Ok(link);
         }
         {
             let mut last = self
@@ -394,13 +412,33 @@ impl AmqpBus {
                     self.inner.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
                 let link = Arc::new(link);
-                *slot = Some(link.clone());
+                *self.slot() = Some(link.clone());
                 Ok(link)
             }
             Err(e) => {
-                *slot = None;
+                *self.slot() = None;
                 Err(e)
             }
+        }
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<Link>>> {
+        self.inner
+            .link
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn live_link(&self) -> Option<Arc<Link>> {
+        self.slot().as_ref().filter(|l| l.alive()).cloned()
+    }
+
+    /// Drops `link` after it failed, so the next call reconnects (unless another caller
+    /// already put a new link in its place).
+    fn drop_link(&self, link: &Arc<Link>) {
+        let mut slot = self.slot();
+        if slot.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
+            *slot = None;
         }
     }
 
@@ -410,14 +448,20 @@ impl AmqpBus {
     /// next publish, consumer reconnection or [`Bus::ping`] tries again.
     async fn declare_queue(&self, link: &Link, queue: &str) -> Result<(), BusError> {
         self.known_queues().insert(queue.to_string());
-        if link
-            .declared
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(queue)
-        {
+        let declared = || {
+            link.declared
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(queue)
+        };
+        if declared() {
             return Ok(());
         }
+        let _declaring = link.declaring.lock().await;
+        if declared() {
+            return Ok(());
+        }
+        self.inner.declarations.fetch_add(1, Ordering::Relaxed);
         let channel = timed("open channel", link.conn.create_channel()).await?;
         let declared = self.declare_route_queue(&channel, queue).await;
         let _ = channel.close(200, short("done")).await;
@@ -480,12 +524,12 @@ impl AmqpBus {
     /// Publishes with a confirm; `Ok` only once the broker took the message.
     async fn publish(
         &self,
+        link: &Arc<Link>,
         exchange: &str,
         routing_key: &str,
         body: &[u8],
         props: BasicProperties,
     ) -> Result<(), BusError> {
-        let link = self.link().await?;
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
@@ -515,7 +559,7 @@ impl AmqpBus {
         .await;
         if let Err(BusError::Unavailable(_)) = &result {
             // Let the next call reconnect.
-            *self.inner.link.lock().await = None;
+            self.drop_link(link);
         }
         result
     }
@@ -543,7 +587,7 @@ impl AmqpBus {
         let link = self.link().await?;
         self.declare_queue(&link, queue).await?;
         let published = self
-            .publish(exchange, routing_key, body, persistent())
+            .publish(&link, exchange, routing_key, body, persistent())
             .await;
         if let Err(BusError::Rejected(_)) = &published {
             link.declared
@@ -904,11 +948,12 @@ impl Acker for AmqpAcker {
             AMQPValue::LongString(LongString::from(self.queue.clone())),
         );
         let props = persistent().with_headers(headers);
-        match self
-            .bus
-            .publish(&self.bus.exchange("dead"), "", &self.body, props)
-            .await
-        {
+        let dead = self.bus.exchange("dead");
+        let published = match self.bus.link().await {
+            Ok(link) => self.bus.publish(&link, &dead, "", &self.body, props).await,
+            Err(e) => Err(e),
+        };
+        match published {
             Ok(()) => timed("ack", self.acker.ack(BasicAckOptions::default()))
                 .await
                 .map(|_| ()),
@@ -1080,6 +1125,34 @@ mod tests {
         b.reset();
         assert_eq!(b.next_delay(), Duration::from_millis(10));
         assert_eq!(b.next_delay(), Duration::from_millis(20));
+    }
+
+    /// The first burst of publishes to a queue not yet declared on the connection (a
+    /// miss storm on a fresh gateway) makes one declaration, not one per publish.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_first_publishes_declare_their_queue_once() {
+        let ns = format!("declare-once-{}", std::process::id());
+        let bus = AmqpBus::with_queue_expiry(
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            &ns,
+            Some(Duration::from_secs(60)),
+        );
+        let queue = format!("{ns}.build");
+        let bodies: Vec<String> = (0..32).map(|i| i.to_string()).collect();
+        let published = futures_util::future::join_all(
+            bodies.iter().map(|b| bus.publish_raw(&queue, b.as_bytes())),
+        )
+        .await;
+        for p in published {
+            p.expect("publish (is RabbitMQ running on 127.0.0.1:5672?)");
+        }
+        assert_eq!(bus.inner.declarations.load(Ordering::Relaxed), 1);
+        bus.ping().await.unwrap();
+        assert_eq!(
+            bus.inner.declarations.load(Ordering::Relaxed),
+            1,
+            "declared once per connection"
+        );
     }
 
     #[test]

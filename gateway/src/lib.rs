@@ -146,6 +146,15 @@ pub async fn serve(
         subscription,
         gateway.stopping.clone(),
     )));
+    // Connect and declare the route queues now rather than on the first miss, which
+    // would otherwise wait for them (tens of ms on quorum queues). A broker that is down
+    // is not fatal: `/readyz` says so, and the first publish tries again.
+    let bus = backends.bus.clone();
+    tokio::spawn(async move {
+        if let Err(e) = bus.ping().await {
+            tracing::warn!(error = %e, "bus not ready at start; trying again on first use");
+        }
+    });
     let workers = gateway.start_workers(backends)?;
 
     if let Ok(addr) = listener.local_addr() {

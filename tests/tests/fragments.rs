@@ -807,3 +807,32 @@ async fn private_render_answers_are_not_shared() {
     assert_eq!(ok.status(), StatusCode::OK);
     gw.stop().await;
 }
+
+/// A fresh gateway connects to RabbitMQ and declares its route queues as it starts, so
+/// the first burst of misses does not wait for the declarations (tens of ms on quorum
+/// queues).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_declares_its_route_queues_as_it_starts() {
+    let up = FakeUpstream::start().await;
+    let mut c = config(&up.url(), vec![route("early")]);
+    c.workers.embedded = 0; // no consumer to declare the queue either
+    let b = backends(Backend::Real, &mut c).await;
+    let queue = c.queues()[0].clone();
+    // Another program looking at the broker, on the test namespace's terms.
+    let look = tessera_backends::amqp::AmqpBus::with_queue_expiry(
+        &tessera_tests::harness::amqp_url(),
+        &c.store.namespace,
+        c.bus.queue_expiry,
+    );
+    use tessera_protocol::Bus as _;
+    assert!(
+        look.queue_stats(&queue).await.is_err(),
+        "{queue} exists before any gateway started"
+    );
+    let gw = TestGateway::start(c, b).await;
+    eventually("the route queue is declared", WITHIN, || async {
+        look.queue_stats(&queue).await.is_ok()
+    })
+    .await;
+    gw.stop().await;
+}
