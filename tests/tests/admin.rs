@@ -116,7 +116,7 @@ async fn readiness_reports_a_build_queue_the_bus_cannot_declare() {
     // Another namespace took the name first, with its own dead-letter exchange; its
     // queues expire soon after it leaves.
     let first = format!("{ns}-first");
-    AmqpBus::with_queue_expiry(&amqp_url(), &first, Some(Duration::from_secs(3)))
+    AmqpBus::with_queue_expiry(&amqp_url(), &first, Some(Duration::from_secs(6)))
         .publish_raw(&queue, b"{}")
         .await
         .unwrap();

@@ -91,14 +91,14 @@ async fn metric(gw: &TestGateway, name: &str) -> f64 {
 }
 
 /// Every fragment comes as soon as it is ready, errors too, all on one stream; the
-/// builds are queued at once (two 600 ms renders end together), nothing comes twice, and
+/// builds are queued at once (two 1.5 s renders end together), nothing comes twice, and
 /// the stream ends saying nothing is left.
 async fn fragments_arrive_as_they_are_built(kind: Backend) {
     let up = FakeUpstream::start().await;
     let routes = vec![
         up.render("warm", 0, "<b>warm</b>"),
-        up.render("slow", 600, "<b>slow</b>"),
-        up.render("slower", 600, "<b>slower</b>"),
+        up.render("slow", 1_500, "<b>slow</b>"),
+        up.render("slower", 1_500, "<b>slower</b>"),
     ];
     let gw = gateway(&up, routes, kind).await;
     let warmed = client()
@@ -147,7 +147,7 @@ async fn fragments_arrive_as_they_are_built(kind: Backend) {
     );
     let apart = slow_at.abs_diff(*slower_at);
     assert!(
-        apart < Duration::from_millis(500),
+        apart < Duration::from_millis(1_000),
         "both builds were queued at once: {slow_at:?} and {slower_at:?}"
     );
     assert_eq!(got.last().unwrap().0.data["pending"], serde_json::json!([]));
@@ -188,9 +188,11 @@ async fn vary_fragments_follow_the_streams_cookies(kind: Backend) {
 /// as pending in `end`, for the client to ask again.
 async fn what_is_not_built_in_time_is_listed_as_pending(kind: Backend) {
     let up = FakeUpstream::start().await;
-    let routes = vec![up.render("quick", 0, "q"), up.render("glacial", 4_000, "g")];
+    let mut glacial = up.render("glacial", 6_000, "g");
+    glacial.build_timeout = Duration::from_secs(20);
+    let routes = vec![up.render("quick", 0, "q"), glacial];
     let mut c = config(&up.url(), routes);
-    c.gateway.max_wait = Duration::from_secs(1);
+    c.gateway.max_wait = Duration::from_secs(3);
     let b = backends(kind, &mut c).await;
     let gw = TestGateway::start(c, b).await;
     let got = events(&gw, &["/fragments/glacial", "/fragments/quick"], None).await;
@@ -202,7 +204,7 @@ async fn what_is_not_built_in_time_is_listed_as_pending(kind: Backend) {
         serde_json::json!(["/fragments/glacial"])
     );
     assert!(
-        got[1].1 < Duration::from_secs(3),
+        got[1].1 < Duration::from_secs(5),
         "ended at max_wait: {:?}",
         got[1].1
     );
