@@ -64,22 +64,8 @@ impl Followers {
         let labels = route.map(|r| RouteLabels {
             route: r.to_string(),
         });
-        match (event, labels) {
-            (Event::Failed { error, .. }, labels) => {
-                self.failures.record(route.unwrap_or(""), error);
-                if let Some(labels) = labels {
-                    cache.metrics.builds_failed.get_or_create(&labels).inc();
-                }
-            }
-            (Event::Built { build_ms, .. }, Some(labels)) => {
-                if let Some(ms) = build_ms {
-                    cache
-                        .metrics
-                        .observe_build(&labels.route, *ms as f64 / 1000.0);
-                }
-                cache.metrics.builds_succeeded.get_or_create(&labels).inc();
-            }
-            _ => {}
+        if let Event::Failed { error, .. } = event {
+            self.failures.record(route.unwrap_or(""), error);
         }
         if let Event::Purged {
             route: Some(route), ..
@@ -96,10 +82,25 @@ impl Followers {
             cache.l1.invalidate_tag(tag, *purged_at);
             cache.metrics.tag_purges_heard.inc();
         }
-        if let Some(keys) = keys {
+        if let Some(keys) = &keys {
             // Evict first, then wake: a woken request must not find the old entry.
             cache.l1.invalidate_key(&keys.envelope).await;
             self.waiters.wake(keys.envelope.as_str());
+        }
+        // Counted once applied: whoever reads a count finds L1 already without the old entry.
+        match (event, labels) {
+            (Event::Failed { .. }, Some(labels)) => {
+                cache.metrics.builds_failed.get_or_create(&labels).inc();
+            }
+            (Event::Built { build_ms, .. }, Some(labels)) => {
+                if let Some(ms) = build_ms {
+                    cache
+                        .metrics
+                        .observe_build(&labels.route, *ms as f64 / 1000.0);
+                }
+                cache.metrics.builds_succeeded.get_or_create(&labels).inc();
+            }
+            _ => {}
         }
     }
 }
