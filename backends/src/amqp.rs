@@ -191,7 +191,7 @@ struct Inner {
     /// Build queues this bus serves (configured, published to or consumed): `ping`
     /// checks that each can be declared.
     queues: Mutex<BTreeSet<String>>,
-    /// Route queue declarations made (each with its retry queues).
+    /// Route queue declarations made (each with its retry queues): what the tests count.
     declarations: std::sync::atomic::AtomicU64,
 }
 

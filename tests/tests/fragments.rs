@@ -10,9 +10,13 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use reqwest::StatusCode;
-use tessera_tests::eventually;
-use tessera_tests::harness::{Backend, TestGateway, backends, client, config, route, text};
+use tessera_backends::amqp::AmqpBus;
+use tessera_protocol::Bus as _;
+use tessera_tests::harness::{
+    Backend, TestGateway, amqp_url, backends, client, config, route, text,
+};
 use tessera_tests::upstream::{FakeUpstream, Script};
+use tessera_tests::{eventually, metric};
 
 const WITHIN: Duration = Duration::from_secs(15);
 
@@ -578,10 +582,7 @@ pub async fn graceful_stop_answers_waiting_clients(kind: Backend) {
     let waiting = tokio::spawn(async move { wait_for(&url, 20).await.status() });
     let metrics = format!("{}/metrics", gw.admin);
     eventually("the long-poll is held", WITHIN, || async {
-        text(metrics.clone())
-            .await
-            .lines()
-            .any(|l| l == "tessera_long_polls 1")
+        metric(&text(metrics.clone()).await, "tessera_long_polls ") == 1.0
     })
     .await;
     let started = Instant::now();
@@ -829,12 +830,7 @@ async fn a_gateway_declares_its_route_queues_as_it_starts() {
     let b = backends(Backend::Real, &mut c).await;
     let queue = c.queues()[0].clone();
     // Another program looking at the broker, on the test namespace's terms.
-    let look = tessera_backends::amqp::AmqpBus::with_queue_expiry(
-        &tessera_tests::harness::amqp_url(),
-        &c.store.namespace,
-        c.bus.queue_expiry,
-    );
-    use tessera_protocol::Bus as _;
+    let look = AmqpBus::with_queue_expiry(&amqp_url(), &c.store.namespace, c.bus.queue_expiry);
     assert!(
         look.queue_stats(&queue).await.is_err(),
         "{queue} exists before any gateway started"

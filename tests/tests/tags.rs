@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use reqwest::StatusCode;
-use tessera_tests::eventually;
 use tessera_tests::harness::{Backend, TestGateway, backends, client, config, route, text};
 use tessera_tests::upstream::{FakeUpstream, Script};
+use tessera_tests::{eventually, metric};
 
 const WITHIN: Duration = Duration::from_secs(30);
 const ROUTES: [&str; 3] = ["shelf", "product", "teaser"];
@@ -93,23 +93,6 @@ async fn purge_tag(gw: &TestGateway, tag: &str) -> u64 {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["tag"], tag);
     body["purged_at"].as_u64().unwrap()
-}
-
-/// `tessera_tag_purges_heard_total` at `gw`.
-async fn tag_purges_heard(gw: &TestGateway) -> u64 {
-    let metrics = client()
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tessera_tag_purges_heard_total "))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no tessera_tag_purges_heard_total in {metrics}"))
 }
 
 fn every_fragment() -> impl Iterator<Item = (&'static str, usize)> {
@@ -232,7 +215,8 @@ pub async fn a_retired_fragment_is_not_served_stale(kind: Backend) {
     // `one` knows of the purge once its event arrives: every entry it holds until then is
     // served as it was.
     eventually("the other gateway heard of the purge", WITHIN, || async {
-        tag_purges_heard(&one).await == 1
+        let metrics = text(format!("{}/metrics", one.admin)).await;
+        metric(&metrics, "tessera_tag_purges_heard_total ") == 1.0
     })
     .await;
     // Untouched fragments are served stale (each asked first at one gateway: its
