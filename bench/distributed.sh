@@ -31,7 +31,7 @@ source bench/ports.sh
 mc=$(pick_port); up=$(pick_port); ng=$(pick_port); gw=$(pick_port); adm=$(pick_port)
 gw2=$(pick_port); adm2=$(pick_port)
 
-memcached -u "$(id -un)" -l 127.0.0.1 -p "$mc" -t 2 -m 256 -c 4096 & pids+=($!)
+memcached -u "$(id -un)" -l 127.0.0.1 -p "$mc" -t 2 -m 256 -c 4096 & pids+=($!); mcpid=$!
 wait_port "$mc" memcached
 $bin/plain-server "127.0.0.1:$up" 2048 2>/dev/null & pids+=($!)
 wait_port "$up" plain-server
@@ -59,7 +59,7 @@ http {
   }
 }
 NGINX
-nginx -c "$tmp/nginx.conf" -p "$tmp" -g 'daemon off;' & pids+=($!)
+nginx -c "$tmp/nginx.conf" -p "$tmp" -g 'daemon off;' & pids+=($!); ngpid=$!
 wait_port "$ng" nginx
 
 ns="bench$RANDOM"
@@ -81,15 +81,30 @@ name = "bench"
 render = "/_render/bench"
 fresh = "1h"
 TOML
-RUST_LOG=warn $bin/tessera-gateway --config "$tmp/hit.toml" & pids+=($!)
+RUST_LOG=warn $bin/tessera-gateway --config "$tmp/hit.toml" & pids+=($!); gwpid=$!
 wait_port "$gw" gateway
 curl -sf -o /dev/null -H 'Prefer: wait=5' "http://127.0.0.1:$gw/fragments/bench"
 curl -sf -o /dev/null "http://127.0.0.1:$ng/fragment"
 summary() { grep -E 'Requests/sec|Latency |99%' | tr -s ' ' | tr '\n' ' '; echo; }
 echo "== 1. memcached hits, L1 off, 2 KB, wrk -t1 -c64, ${secs} s each, alternating"
+# CPU time (clock ticks) of processes, from /proc, and per request as µs: steadier than
+# throughput on a machine whose load swings, since it does not count what others ran.
+ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+hz=$(getconf CLK_TCK)
+# run_hits NAME URL PIDS...: a wrk round, then the CPU per request of PIDS and of memcached.
+run_hits() {
+  local name=$1 url=$2; shift 2
+  local own0 mc0 out own1 mc1 n
+  own0=$(ticks "$@"); mc0=$(ticks "$mcpid")
+  out=$(wrk -t1 -c64 -d"${secs}s" --latency "$url")
+  own1=$(ticks "$@"); mc1=$(ticks "$mcpid")
+  n=$(awk '/requests in/ {print $1}' <<<"$out")
+  echo "$name $(summary <<<"$out")CPU per request: own $(( (own1 - own0) * 1000000 / hz / n )) µs, memcached $(( (mc1 - mc0) * 1000000 / hz / n )) µs"
+}
 for run in 1 2 3; do
-  echo "run $run nginx memcached_pass: $(wrk -t1 -c64 -d"${secs}s" --latency "http://127.0.0.1:$ng/fragment" | summary)"
-  echo "run $run tessera gateway:      $(wrk -t1 -c64 -d"${secs}s" --latency "http://127.0.0.1:$gw/fragments/bench" | summary)"
+  # nginx's CPU is its workers'.
+  run_hits "run $run nginx memcached_pass:" "http://127.0.0.1:$ng/fragment" $(pgrep -P "$ngpid")
+  run_hits "run $run tessera gateway:     " "http://127.0.0.1:$gw/fragments/bench" "$gwpid"
 done
 echo "== 1b. the same, one connection (what batching costs a lone request)"
 echo "nginx memcached_pass: $(wrk -t1 -c1 -d"${secs}s" --latency "http://127.0.0.1:$ng/fragment" | summary)"
