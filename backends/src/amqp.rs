@@ -24,8 +24,9 @@
 //! queue this bus serves ([`AmqpBus::with_queues`] and any used since), so `/readyz`
 //! reports the conflict before and after traffic, until the declaration succeeds. A queue
 //! is declared once per connection: callers that need it at the same moment (the first
-//! burst of misses) wait for one declaration, and a gateway declares its route queues
-//! as it starts ([`Bus::ping`]), so traffic does not wait for them at all.
+//! burst of misses) wait for one declaration and share its outcome, failure included,
+//! and a gateway declares its route queues as it starts ([`Bus::ping`]), so traffic does
+//! not wait for them at all.
 //!
 //! # Throw-away namespaces
 //! With a queue expiry (`bus.queue_expiry`), durable queues get `x-expires`. Exchanges
@@ -57,7 +58,7 @@
 //! which is why builds are idempotent. Nothing here panics or exits the process.
 
 use std::collections::{BTreeSet, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -151,6 +152,12 @@ async fn timed<T>(
     }
 }
 
+/// Closes a channel opened for one task, within [`OP_TIMEOUT`] (a broker that stopped
+/// answering would never confirm the close). A failure leaves it to the connection.
+async fn close(channel: &Channel) {
+    let _ = timed("close channel", channel.close(200, short("done"))).await;
+}
+
 fn short(s: &str) -> ShortString {
     ShortString::from(s.to_string())
 }
@@ -163,7 +170,20 @@ struct Link {
     declared: Mutex<HashSet<String>>,
     /// Held while a queue is declared: callers that need the same queue at once (the
     /// first burst of misses) wait for one declaration instead of each making its own.
-    declaring: tokio::sync::Mutex<()>,
+    /// It keeps the last declaration that failed, which those waiting for it share
+    /// rather than each trying again in turn (against a broker that stopped answering,
+    /// one timeout after another).
+    declaring: tokio::sync::Mutex<Option<Refused>>,
+    /// Declarations ended on this connection, failed or not.
+    declarations_ended: AtomicU64,
+}
+
+/// A declaration that failed.
+struct Refused {
+    queue: String,
+    /// Its place in `Link::declarations_ended`.
+    ended: u64,
+    error: BusError,
 }
 
 impl Link {
@@ -303,7 +323,8 @@ impl AmqpBus {
             conn,
             publish,
             declared: Mutex::new(HashSet::new()),
-            declaring: tokio::sync::Mutex::new(()),
+            declaring: tokio::sync::Mutex::new(None),
+            declarations_ended: AtomicU64::new(0),
         })
     }
 
@@ -444,8 +465,9 @@ impl AmqpBus {
 
     /// Declares a route queue and its retry queues, once per link, on a channel of its
     /// own: a refused declare (406 PRECONDITION_FAILED, the queue exists with other
-    /// arguments) closes the channel it was made on. A failure is not remembered, so the
-    /// next publish, consumer reconnection or [`Bus::ping`] tries again.
+    /// arguments) closes the channel it was made on. A failure is shared only with the
+    /// callers that waited for it, so the next publish, consumer reconnection or
+    /// [`Bus::ping`] tries again.
     async fn declare_queue(&self, link: &Link, queue: &str) -> Result<(), BusError> {
         self.known_queues().insert(queue.to_string());
         let declared = || {
@@ -457,20 +479,43 @@ impl AmqpBus {
         if declared() {
             return Ok(());
         }
-        let _declaring = link.declaring.lock().await;
+        let waited_from = link.declarations_ended.load(Ordering::Acquire);
+        let mut refused = link.declaring.lock().await;
         if declared() {
             return Ok(());
         }
+        if let Some(r) = refused.as_ref()
+            && r.queue == queue
+            && r.ended > waited_from
+        {
+            return Err(r.error.clone());
+        }
         self.inner.declarations.fetch_add(1, Ordering::Relaxed);
-        let channel = timed("open channel", link.conn.create_channel()).await?;
-        let declared = self.declare_route_queue(&channel, queue).await;
-        let _ = channel.close(200, short("done")).await;
-        declared?;
-        link.declared
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(queue.to_string());
-        Ok(())
+        let result = async {
+            let channel = timed("open channel", link.conn.create_channel()).await?;
+            let declared = self.declare_route_queue(&channel, queue).await;
+            close(&channel).await;
+            declared
+        }
+        .await;
+        let ended = link.declarations_ended.fetch_add(1, Ordering::AcqRel) + 1;
+        match &result {
+            Ok(()) => {
+                link.declared
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(queue.to_string());
+                *refused = None;
+            }
+            Err(error) => {
+                *refused = Some(Refused {
+                    queue: queue.to_string(),
+                    ended,
+                    error: error.clone(),
+                });
+            }
+        }
+        result
     }
 
     /// The queue, its binding and its retry queues, on `channel`.
@@ -721,7 +766,7 @@ impl Bus for AmqpBus {
             channel.queue_declare(short(queue), options, FieldTable::default()),
         )
         .await;
-        let _ = channel.close(200, short("done")).await;
+        close(&channel).await;
         let q = q?;
         Ok(QueueStats {
             messages: u64::from(q.message_count()),
@@ -791,7 +836,7 @@ impl AmqpBus {
         }
         // Closing the channel returns everything read but not acknowledged, in order.
         drop(held);
-        let _ = channel.close(200, short("done")).await;
+        close(&channel).await;
         Ok(letters)
     }
 }
@@ -1153,6 +1198,37 @@ mod tests {
             1,
             "declared once per connection"
         );
+    }
+
+    /// Callers that waited for a declaration the broker refused share its refusal
+    /// instead of each declaring again in turn: against a broker that stopped answering,
+    /// the last of them would otherwise wait one timeout per caller before it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_waiting_for_a_refused_declaration_share_the_refusal() {
+        let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+        let ns = format!("declare-refused-{}", std::process::id());
+        let queue = format!("{ns}.build");
+        // Another namespace took the name first, with its own dead-letter exchange.
+        AmqpBus::with_queue_expiry(url, &format!("{ns}-first"), Some(Duration::from_secs(6)))
+            .publish_raw(&queue, b"{}")
+            .await
+            .expect("publish (is RabbitMQ running on 127.0.0.1:5672?)");
+        let bus = AmqpBus::with_queue_expiry(url, &ns, Some(Duration::from_secs(60)));
+        let bodies: Vec<String> = (0..32).map(|i| i.to_string()).collect();
+        let published = futures_util::future::join_all(
+            bodies.iter().map(|b| bus.publish_raw(&queue, b.as_bytes())),
+        )
+        .await;
+        for p in published {
+            assert!(
+                matches!(p, Err(BusError::Unavailable(_) | BusError::Rejected(_))),
+                "{p:?}"
+            );
+        }
+        assert_eq!(bus.inner.declarations.load(Ordering::Relaxed), 1);
+        // Not remembered beyond those who waited: the next call tries again.
+        assert!(bus.publish_raw(&queue, b"{}").await.is_err());
+        assert_eq!(bus.inner.declarations.load(Ordering::Relaxed), 2);
     }
 
     #[test]
