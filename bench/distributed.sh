@@ -2,7 +2,8 @@
 # Distributed mode side by side with what a user would pick instead, in one run, on one
 # memcached (this script's own, `-t 2`, on a free port) and the running RabbitMQ:
 #   1. memcached hits with L1 off: the gateway against nginx `memcached_pass` (Debian's
-#      nginx, 2 workers, keepalive 32), both reading a 2 KB fragment, wrk -t1 -c64;
+#      nginx, 2 workers, keepalive 32), both reading a 2 KB fragment, wrk -t1 -c64, with
+#      each server's and memcached's CPU per request;
 #   2. cold misses (every request a new key: lookup, lease with re-check, confirmed
 #      publish, 202) against RabbitMQ's own publish+confirm rate and publish-to-confirm
 #      time with 64 in flight (amqp-rates, as many messages as a round publishes), on
@@ -152,6 +153,8 @@ TOML
   wait_port "$adm2" gateway
   # Traffic starts once the gateway says it is ready, as a load balancer would send it.
   for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$adm2/readyz" && break; sleep 0.1; done
+  curl -sf -o /dev/null "http://127.0.0.1:$adm2/readyz" ||
+    echo "distributed: the $kind gateway is not ready after 10 s; measuring it anyway" >&2
   for run in 1 2 3; do
     miss_script "$kind$run$RANDOM"
     echo "run $run tessera gateway, $kind queue: $(wrk -t1 -c64 -d"${secs}s" --latency -s "$tmp/miss.lua" "http://127.0.0.1:$gw2" | summary)"
