@@ -25,6 +25,7 @@ target/release/plain-server 127.0.0.1:18091 2048 "$tags" 2>/dev/null & pids+=($!
 cat > "$tmp/tessera.toml" <<TOML
 [gateway]
 listen = "127.0.0.1:18090"
+threads = 1
 admin_listen = "127.0.0.1:0"
 [upstream]
 url = "http://127.0.0.1:18091"

@@ -58,7 +58,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::L1;
 use crate::error::GatewayError;
 use crate::waiters::Waiters;
-use tessera_runtime::web::{Body, ServeOptions};
+use tessera_runtime::web::{Body, ServeOptions, Threads};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +75,9 @@ pub enum StartError {
     /// The embedded workers could not be set up.
     #[error("embedded workers: {0}")]
     Workers(String),
+    /// The public listener's threads could not be started.
+    #[error("cannot start the gateway.threads: {0}")]
+    Threads(std::io::Error),
     /// A listener could not be bound.
     #[error("cannot listen on {what} = {addr}: {source}")]
     Bind {
@@ -162,11 +165,14 @@ pub async fn serve(
         let admin = AdminListen(admin.as_ref().and_then(|a| a.local_addr().ok()));
         tracing::info!(%addr, %admin, embedded_workers = config.workers.embedded, routes = config.fragments.len(), "gateway listening");
     }
-    gateway.clone().listen(listener, admin, shutdown).await;
+    let threads = gateway.clone().listen(listener, admin, shutdown).await?;
     if let Some(workers) = workers {
         drain_workers(workers).await;
     }
     events.abort();
+    // Last: the embedded workers may still have used a memcached connection one of the
+    // public threads dialed.
+    drop(threads);
     tracing::info!("gateway stopped");
     Ok(())
 }
@@ -249,14 +255,16 @@ impl Gateway {
         )))
     }
 
-    /// Serves public traffic on `listener` and the admin API on `admin` until
-    /// `shutdown`; long-polls are answered at once when it fires.
+    /// Serves public traffic on `listener`, on `gateway.threads` threads of its own, and
+    /// the admin API on `admin`, until `shutdown`; long-polls are answered at once when
+    /// it fires. The public threads are returned drained: their runtimes, and what their
+    /// requests started, end when they are dropped.
     async fn listen(
         self: Arc<Self>,
         listener: TcpListener,
         admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send,
-    ) {
+    ) -> Result<Threads, StartError> {
         let stopping = self.stopping.clone();
         let shutdown = async move {
             shutdown.await;
@@ -266,6 +274,17 @@ impl Gateway {
         let options = |name| {
             ServeOptions::new(&self.config.http).counted_by(self.metrics.connections.listener(name))
         };
+        let public = self.clone();
+        let mut threads = Threads::start(
+            "tessera-http",
+            listener,
+            self.config.gateway.threads,
+            options("public"),
+            move |req, peer| public.clone().handle(req, peer),
+            // Each thread keeps to a memcached connection of its own.
+            tessera_backends::memcached::home,
+        )
+        .map_err(StartError::Threads)?;
         let admin_server = admin.map(|admin| {
             let (gw, stop) = (self.clone(), self.stopping.clone());
             tokio::spawn(tessera_runtime::web::serve(
@@ -275,17 +294,11 @@ impl Gateway {
                 async move { stop.cancelled().await },
             ))
         });
-        let public = self.clone();
-        tessera_runtime::web::serve(
-            listener,
-            options("public"),
-            move |req, peer| public.clone().handle(req, peer),
-            shutdown,
-        )
-        .await;
+        threads.serve_until(shutdown).await;
         if let Some(admin_server) = admin_server {
             let _ = admin_server.await;
         }
+        Ok(threads)
     }
 }
 

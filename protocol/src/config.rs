@@ -132,7 +132,14 @@ pub struct GatewayConfig {
     /// Most push streams (`/_tessera/stream`) open at once; one more is answered 503 and
     /// the client script falls back to long-polls. Default 1,000.
     pub max_streams: usize,
+    /// Threads serving the public listener, each with a single-threaded runtime and
+    /// memcached connections of its own, as nginx's worker processes. Between 1 and
+    /// [`MAX_THREADS`]. Default: one per core.
+    pub threads: usize,
 }
+
+/// Most `gateway.threads`.
+pub const MAX_THREADS: usize = 1024;
 
 impl Default for GatewayConfig {
     fn default() -> Self {
@@ -145,6 +152,7 @@ impl Default for GatewayConfig {
             trusted_proxies: Vec::new(),
             compress: true,
             max_streams: 1_000,
+            threads: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
         }
     }
 }
@@ -840,6 +848,7 @@ mod file {
         pub trusted_proxies: Vec<IpNet>,
         pub compress: bool,
         pub max_streams: usize,
+        pub threads: usize,
     }
 
     impl Default for GatewayFile {
@@ -854,6 +863,7 @@ mod file {
                 trusted_proxies: d.trusted_proxies,
                 compress: d.compress,
                 max_streams: d.max_streams,
+                threads: d.threads,
             }
         }
     }
@@ -1043,6 +1053,7 @@ impl GatewayFile {
             trusted_proxies: self.trusted_proxies,
             compress: self.compress,
             max_streams: self.max_streams,
+            threads: self.threads,
         };
         gateway.validate()?;
         Ok(gateway)
@@ -1186,6 +1197,12 @@ impl GatewayConfig {
                 format!(
                     "{prefix:?} must start and end with `/`, e.g. \"/fragments/\", and not be under /_tessera/"
                 ),
+            ));
+        }
+        if self.threads == 0 || self.threads > MAX_THREADS {
+            return Err(invalid(
+                "gateway.threads",
+                format!("{} is not between 1 and {MAX_THREADS}", self.threads),
             ));
         }
         positive("gateway.max_wait", self.max_wait)
@@ -1636,6 +1653,8 @@ queue = "tessera.build"
                 "gateway.fragment_prefix",
             ),
             ("[gateway]\nmax_wait = \"0s\"", "gateway.max_wait"),
+            ("[gateway]\nthreads = 0", "gateway.threads"),
+            ("[gateway]\nthreads = 1025", "gateway.threads"),
             ("[upstream]\nurl = \"https://x\"", "upstream.url"),
             ("[upstream]\nurl = \"http://x/?a=1\"", "upstream.url"),
             ("[upstream]\ntimeout = \"0s\"", "upstream.timeout"),
@@ -1832,6 +1851,8 @@ queue = "tessera.build"
         assert_eq!(c.gateway.admin_token, "");
         assert_eq!(c.gateway.fragment_prefix, "/fragments/");
         assert_eq!(c.gateway.max_wait, Duration::from_secs(30));
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(c.gateway.threads, cores);
         assert_eq!(c.upstream.url.as_str(), "http://127.0.0.1:3000");
         assert_eq!(c.upstream.timeout, Duration::from_secs(30));
         assert_eq!(c.cache.capacity, ByteSize::mib(64));

@@ -5,8 +5,9 @@
 //! a pool checkout, a liveness probe, a timer per answer and several allocations per
 //! exchange, and waits for one exchange's answers before a connection carries the next.
 //!
-//! - **Long-lived, pipelined.** Each server has [`LINES`] connections, dialed on first
-//!   use. Each is served by two tasks: a writer that sends every exchange queued since
+//! - **Long-lived, pipelined.** Each server has [`lines`] connections (two, or one per
+//!   core), dialed on first use. Calls take turns over them, except on a thread that
+//!   keeps to one ([`home`]). Each is served by two tasks: a writer that sends every exchange queued since
 //!   its last write in one write, and a reader that parses answers as they arrive and
 //!   hands each exchange its own, in order (memcached answers a connection's commands in
 //!   the order they came). No exchange waits for another's answers before it is sent.
@@ -39,8 +40,10 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
-/// Connections per server. Two let a memcached started with `-t 2` (or more) answer on
-/// two threads, and still leave each write a good share of the concurrent callers.
+/// Fewest connections per server. Two let a memcached started with `-t 2` (or more)
+/// answer on two threads, and still leave each write a good share of the concurrent
+/// callers. A server has one per core when there are more cores ([`lines`]), so that
+/// each of the gateway's HTTP threads keeps to a connection of its own ([`home`]).
 pub const LINES: usize = 2;
 /// The largest write the writer gathers before sending (more waits for the next write).
 const MAX_WRITE: usize = 256 * 1024;
@@ -50,6 +53,25 @@ const READ_CHUNK: usize = 64 * 1024;
 const MAX_LINE: usize = 8 * 1024;
 /// Largest data block accepted, as `memcache` bounds it.
 const MAX_VALUE: usize = 1 << 30;
+
+/// Connections per server: [`LINES`], or one per core where there are more.
+pub fn lines() -> usize {
+    std::thread::available_parallelism().map_or(LINES, |n| n.get().max(LINES))
+}
+
+thread_local! {
+    /// The connection this thread keeps to, if it has one ([`home`]).
+    static HOME: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes this thread's calls use connection `index` (modulo [`lines`]) of each server,
+/// instead of taking turns over all of them. A thread that runs its own single-threaded
+/// runtime (the gateway's HTTP threads) calls this once: the connection's tasks then run
+/// on that runtime, dialed there by its first call, and an answer wakes its caller
+/// without a hand-off to another thread.
+pub fn home(index: usize) {
+    HOME.with(|home| home.set(Some(index)));
+}
 
 /// One command's answer: its return code and, for `VA`, its data block.
 #[derive(Debug)]
@@ -75,7 +97,7 @@ pub struct Server {
     host: String,
     port: u16,
     timeout: Duration,
-    lines: [Line; LINES],
+    lines: Box<[Line]>,
     next: AtomicUsize,
     /// Writes made on this server's connections (each may carry many exchanges).
     writes: Arc<AtomicUsize>,
@@ -96,7 +118,7 @@ impl Server {
             host,
             port,
             timeout,
-            lines: Default::default(),
+            lines: (0..lines()).map(|_| Line::default()).collect(),
             next: AtomicUsize::new(0),
             writes: Arc::default(),
         }
@@ -110,7 +132,10 @@ impl Server {
             return Ok(Vec::new());
         }
         let (reply, answer) = oneshot::channel();
-        let line = &self.lines[self.next.fetch_add(1, Ordering::Relaxed) % LINES];
+        let index = HOME
+            .with(std::cell::Cell::get)
+            .unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed));
+        let line = &self.lines[index % self.lines.len()];
         line.send(
             self,
             Exchange {
@@ -507,7 +532,7 @@ mod tests {
         // The next call may meet the failed connection (an error, never the stray `HD`
         // as its answer) before its line dials anew.
         let mut answered = 0;
-        for _ in 0..(2 * LINES + 2) {
+        for _ in 0..(2 * lines() + 2) {
             if let Ok(answers) = server.exchange(get(), 1).await {
                 assert_eq!(answers[0].as_ref().unwrap().rc, ReturnCode::En);
                 answered += 1;
@@ -517,7 +542,7 @@ mod tests {
         // Each line dialed once, and the failed one again.
         assert_eq!(
             accepted.load(Ordering::SeqCst),
-            LINES + 1,
+            lines() + 1,
             "never dialed anew"
         );
     }
@@ -538,11 +563,44 @@ mod tests {
         );
         assert!(started.elapsed() < timeout * 5, "{:?}", started.elapsed());
         // The line that failed dials anew; the other line dials for the first time.
-        for _ in 0..LINES {
+        for _ in 0..lines() {
             let answers = server.exchange(get(), 1).await.unwrap();
             assert_eq!(answers[0].as_ref().unwrap().rc, ReturnCode::Hd);
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), LINES + 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), lines() + 1);
+    }
+
+    #[tokio::test]
+    async fn a_thread_that_keeps_home_uses_one_connection() {
+        let (port, accepted) = fake(|_| b"EN\r\n").await;
+        let server = Arc::new(Server::new(
+            "127.0.0.1".into(),
+            port,
+            Duration::from_secs(5),
+        ));
+        let at_home = server.clone();
+        let calls = std::thread::spawn(move || {
+            home(1);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                for _ in 0..(4 * lines()) {
+                    at_home.exchange(get(), 1).await.unwrap();
+                }
+            });
+        });
+        tokio::task::spawn_blocking(move || calls.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "took turns over lines");
+        // Elsewhere, calls still take turns. The home line's tasks ended with the
+        // thread's runtime, so that line dials anew.
+        for _ in 0..lines() {
+            server.exchange(get(), 1).await.unwrap();
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), lines() + 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -553,7 +611,7 @@ mod tests {
             port,
             Duration::from_secs(5),
         ));
-        for _ in 0..LINES {
+        for _ in 0..lines() {
             server.exchange(get(), 1).await.unwrap(); // every line dialed
         }
         let before = server.writes.load(Ordering::SeqCst);
