@@ -5,8 +5,8 @@
 //! task on one, the memcached connection that answers it on another, woken across by a
 //! cross-thread wake and stolen back and forth. Here a connection lives and dies on the
 //! thread that accepted it, and everything its requests start (a memcached connection
-//! that thread keeps to, a background rebuild) runs there too. Measured on the
-//! memcached hit path, this serves about a fifth more requests on the same CPU
+//! that thread keeps to, a background rebuild) runs there too. On the memcached hit
+//! path this cut the gateway's CPU per hit from 18–20 µs to 15–16 µs
 //! (`bench/README.md`, "HTTP threads").
 //!
 //! - **Sharing the listener.** Every thread accepts on the same socket; a busy thread
