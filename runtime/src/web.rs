@@ -176,24 +176,10 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(options.http.max_connections));
-    accept_loop(listener, slots, Arc::new(options), handler, shutdown).await;
-}
-
-/// [`serve`]'s loop, taking connection slots from `slots` (which holds
-/// `max_connections` of them, shared by every loop on the same listener).
-async fn accept_loop<H, F>(
-    listener: TcpListener,
-    slots: Arc<Semaphore>,
-    options: Arc<ServeOptions>,
-    handler: H,
-    shutdown: impl Future<Output = ()>,
-) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
-{
     let drain = Arc::new(Drain::default());
     let max = options.http.max_connections;
+    let slots = Arc::new(Semaphore::new(max));
+    let options = Arc::new(options);
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {

@@ -1,16 +1,18 @@
 //! One listener served by several threads, each with a single-threaded runtime of its
-//! own, as nginx's worker processes share one listening socket.
+//! own, as nginx's worker processes serve one listening socket.
 //!
 //! A multi-threaded runtime hands a request's tasks between threads: the connection's
 //! task on one, the memcached connection that answers it on another, woken across by a
 //! cross-thread wake and stolen back and forth. Here a connection lives and dies on the
-//! thread that accepted it, and everything its requests start (a memcached connection
-//! that thread keeps to, a background rebuild) runs there too. On the memcached hit
-//! path this cut the gateway's CPU per hit from 18–20 µs to 15–16 µs
-//! (`bench/README.md`, "HTTP threads").
+//! thread it was given, and everything its requests start (a memcached connection that
+//! thread keeps to, a background rebuild) runs there too. On the memcached hit path
+//! this cut the gateway's CPU per hit from 18–20 µs to 15–16 µs (`bench/README.md`,
+//! "HTTP threads").
 //!
-//! - **Sharing the listener.** Every thread accepts on the same socket; a busy thread
-//!   is not there to take a new connection, so connections go to the ones that are.
+//! - **Balanced.** The caller's runtime accepts, and gives each connection to the thread
+//!   with the fewest open. Threads that each accepted for themselves on a shared socket
+//!   took 64 connections opened at once unevenly, and the busier thread's requests
+//!   waited: cold-miss p99 went from 11–20 ms to 18–98 ms.
 //! - **One limit.** The `max_connections` slots are shared by all threads.
 //! - **Shutdown.** [`Threads::serve_until`] drains every thread's connections, as
 //!   [`serve`](super::serve) does. The threads' runtimes, and whatever their requests
@@ -22,31 +24,51 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{Body, ServeOptions, accept_loop};
+use super::{Body, Drain, ServeOptions, accept, close_all, connection};
+
+/// A connection handed to a thread: the socket (to be registered with the thread's own
+/// runtime), its peer and its slot.
+type Handed = (std::net::TcpStream, SocketAddr, OwnedSemaphorePermit);
+
+/// A thread's end of the hand-off, and how many connections it has open.
+struct Lane {
+    hand: mpsc::UnboundedSender<Handed>,
+    open: Arc<AtomicUsize>,
+}
 
 /// Threads serving one listener. Dropping this stops them: they drain their
 /// connections, if they were still serving, and their runtimes end.
 #[derive(Debug)]
 pub struct Threads {
-    /// Cancelled to stop accepting and drain.
-    stop: Option<DropGuard>,
+    /// Closed when serving ends.
+    listener: Option<TcpListener>,
+    slots: Arc<Semaphore>,
+    /// Taken (closing every hand-off) when serving ends: each thread then drains.
+    lanes: Vec<Lane>,
     /// Cancelled to end the runtimes.
     _keep: DropGuard,
     /// Closed once every thread has drained.
     drained: mpsc::Receiver<()>,
 }
 
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lane").field("open", &self.open).finish()
+    }
+}
+
 impl Threads {
-    /// Starts `count` threads (named `{name}-0`, `{name}-1`, …) serving `listener` with
-    /// `handler`; each runs `on_start` with its index first. Fails only when a runtime or
-    /// a thread cannot be created.
+    /// Starts `count` threads (named `{name}-0`, `{name}-1`, …) to serve `listener`'s
+    /// connections with `handler`; each runs `on_start` with its index first. Fails only
+    /// when a runtime or a thread cannot be created.
     pub fn start<H, F, S>(
         name: &str,
         listener: TcpListener,
@@ -60,14 +82,15 @@ impl Threads {
         F: Future<Output = Response<Body>> + Send + 'static,
         S: Fn(usize) + Clone + Send + 'static,
     {
-        let listener = listener.into_std()?;
         let slots = Arc::new(Semaphore::new(options.http.max_connections));
         let options = Arc::new(options);
-        let (stop, keep) = (CancellationToken::new(), CancellationToken::new());
-        let (serving, drained) = mpsc::channel(1);
-        // Guards first: a failure below stops the threads already started.
-        let threads = Threads {
-            stop: Some(stop.clone().drop_guard()),
+        let keep = CancellationToken::new();
+        let (drained_tx, drained) = mpsc::channel(1);
+        // The guard first: a failure below ends the threads already started.
+        let mut threads = Threads {
+            listener: Some(listener),
+            slots: slots.clone(),
+            lanes: Vec::new(),
             _keep: keep.clone().drop_guard(),
             drained,
         };
@@ -75,57 +98,131 @@ impl Threads {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            // Registered with the thread's own runtime, whose I/O driver polls it.
-            let listener = {
-                let _in = runtime.enter();
-                TcpListener::from_std(listener.try_clone()?)?
+            let (hand, handed) = mpsc::unbounded_channel();
+            let open = Arc::new(AtomicUsize::new(0));
+            let lane = Lane {
+                hand,
+                open: open.clone(),
             };
             let (slots, options, handler) = (slots.clone(), options.clone(), handler.clone());
-            let (stop, keep, serving, on_start) = (
-                stop.clone(),
-                keep.clone(),
-                serving.clone(),
-                on_start.clone(),
-            );
+            let (keep, drained, on_start) = (keep.clone(), drained_tx.clone(), on_start.clone());
             std::thread::Builder::new()
                 .name(format!("{name}-{index}"))
                 .spawn(move || {
                     on_start(index);
                     runtime.block_on(async move {
-                        let stopped = stop.cancelled_owned();
-                        accept_loop(listener, slots, options, handler, stopped).await;
-                        drop(serving);
+                        let lane = (handed, open);
+                        serve_handed(lane, &slots, options, handler).await;
+                        drop(drained);
                         keep.cancelled().await;
                     });
                 })?;
+            threads.lanes.push(lane);
         }
         Ok(threads)
     }
 
-    /// Serves until `shutdown` resolves, then waits for every thread to drain its
-    /// connections (bounded by [`DRAIN_DEADLINE`](super::DRAIN_DEADLINE)).
+    /// Accepts connections, each given to the thread with the fewest open, until
+    /// `shutdown` resolves; then waits for every thread to drain its connections
+    /// (bounded by [`DRAIN_DEADLINE`](super::DRAIN_DEADLINE)).
     pub async fn serve_until(&mut self, shutdown: impl Future<Output = ()>) {
-        shutdown.await;
-        drop(self.stop.take());
-        // Every thread holds a sender until it has drained.
+        let Some(listener) = self.listener.take() else {
+            return;
+        };
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = accept(&listener, &self.slots) => accepted,
+            };
+            let Some((stream, peer, slot)) = accepted else {
+                continue;
+            };
+            // Deregistered here, registered with the thread's runtime there.
+            let stream = match stream.into_std() {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "accepted connection lost");
+                    continue;
+                }
+            };
+            let Some(lane) = self
+                .lanes
+                .iter()
+                .min_by_key(|l| l.open.load(Ordering::Relaxed))
+            else {
+                break;
+            };
+            lane.open.fetch_add(1, Ordering::Relaxed);
+            // A thread that is gone (its runtime failed) drops the connection.
+            let _ = lane.hand.send((stream, peer, slot));
+        }
+        drop(listener);
+        // Closing the hand-offs tells every thread to drain.
+        self.lanes.clear();
         while self.drained.recv().await.is_some() {}
     }
 }
 
+/// A thread's loop: serves the connections handed to it until the hand-off closes, then
+/// drains them.
+async fn serve_handed<H, F>(
+    (mut handed, open): (mpsc::UnboundedReceiver<Handed>, Arc<AtomicUsize>),
+    slots: &Semaphore,
+    options: Arc<ServeOptions>,
+    handler: H,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let drain = Arc::new(Drain::default());
+    while let Some((stream, peer, slot)) = handed.recv().await {
+        let stream = match tokio::net::TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot serve a connection on this thread");
+                open.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+        };
+        let serving = connection(
+            stream,
+            peer,
+            slot,
+            drain.clone(),
+            options.clone(),
+            handler.clone(),
+        );
+        let open = open.clone();
+        tokio::spawn(async move {
+            serving.await;
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    close_all(&drain, slots, options.http.max_connections).await;
+}
+
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
     use std::time::Duration;
 
     use tessera_protocol::config::HttpConfig;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
+    use tokio::sync::oneshot;
+    use tokio::task::JoinHandle;
 
     use super::super::full;
     use super::*;
 
     /// Threads named `test-http-*` answering each request with the name of the thread
-    /// that served it, at most `max_connections` connections at once.
-    async fn start(count: usize, max_connections: usize) -> (Threads, SocketAddr) {
+    /// that served it, at most `max_connections` connections at once, serving until
+    /// told to stop; the task hands the drained threads back.
+    async fn start(
+        count: usize,
+        max_connections: usize,
+    ) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<Threads>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let http = HttpConfig {
@@ -136,7 +233,7 @@ mod tests {
             let name = std::thread::current().name().unwrap_or("").to_string();
             Response::new(full(name))
         };
-        let threads = Threads::start(
+        let mut threads = Threads::start(
             "test-http",
             listener,
             count,
@@ -145,7 +242,16 @@ mod tests {
             |_| {},
         )
         .unwrap();
-        (threads, addr)
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            threads
+                .serve_until(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+            threads
+        });
+        (addr, stop, task)
     }
 
     /// Sends one request on `stream` and reads its answer's body (answers are short).
@@ -162,35 +268,51 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn requests_are_served_on_the_threads_and_shutdown_drains_them() {
-        let (mut threads, addr) = start(2, 100).await;
-        for _ in 0..8 {
+    async fn connections_are_spread_over_the_threads_and_shutdown_drains_them() {
+        let (addr, stop, task) = start(2, 100).await;
+        // Four connections open at once: two on each thread.
+        let mut open = Vec::new();
+        let mut served_by = Vec::new();
+        for _ in 0..4 {
             let mut stream = TcpStream::connect(addr).await.unwrap();
-            let served_by = ask(&mut stream).await;
-            assert!(served_by.starts_with("test-http-"), "{served_by:?}");
+            served_by.push(ask(&mut stream).await);
+            open.push(stream);
         }
-        let mut open = TcpStream::connect(addr).await.unwrap();
-        ask(&mut open).await;
-        tokio::time::timeout(Duration::from_secs(5), threads.serve_until(async {}))
-            .await
-            .expect("every thread drained");
-        // The idle connection was closed, and nothing listens any more.
-        let mut rest = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(1), open.read_to_end(&mut rest));
-        assert!(
-            read.await.is_ok_and(|r| r.is_ok()),
-            "the connection stayed open"
+        let threads: BTreeSet<&str> = served_by.iter().map(String::as_str).collect();
+        assert_eq!(
+            threads,
+            BTreeSet::from(["test-http-0", "test-http-1"]),
+            "{served_by:?}"
         );
+        for name in ["test-http-0", "test-http-1"] {
+            let on_it = served_by.iter().filter(|s| *s == name).count();
+            assert_eq!(on_it, 2, "{served_by:?}");
+        }
+        stop.send(()).unwrap();
+        let threads = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("every thread drained")
+            .unwrap();
+        // The idle connections were closed, and nothing listens any more.
+        for mut stream in open {
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut rest));
+            assert!(
+                read.await.is_ok_and(|r| r.is_ok()),
+                "a connection stayed open"
+            );
+        }
         assert!(TcpStream::connect(addr).await.is_err(), "still listening");
+        drop(threads);
     }
 
     #[tokio::test]
     async fn max_connections_counts_over_all_threads() {
-        let (_threads, addr) = start(2, 1).await;
+        let (addr, _stop, _task) = start(2, 1).await;
         let mut first = TcpStream::connect(addr).await.unwrap();
         ask(&mut first).await;
         // The second connection waits in the backlog while the first holds the slot,
-        // whichever thread would take it.
+        // though the other thread has none.
         let second = tokio::spawn(async move {
             let mut second = TcpStream::connect(addr).await.unwrap();
             ask(&mut second).await
@@ -207,9 +329,9 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_threads_stops_them() {
-        let (threads, addr) = start(2, 100).await;
+        let (addr, _stop, task) = start(2, 100).await;
         ask(&mut TcpStream::connect(addr).await.unwrap()).await;
-        drop(threads);
+        task.abort();
         let closed = async {
             while TcpStream::connect(addr).await.is_ok() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
