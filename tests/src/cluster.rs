@@ -44,12 +44,38 @@ pub fn bin_dir() -> PathBuf {
     .clone()
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; good enough for tests).
+/// A TCP port on 127.0.0.1 for a server a test starts, free when asked.
+///
+/// Not the kernel's pick (`bind` to port 0), which comes from the ephemeral range: there
+/// an outgoing connection may take the port before the server binds it, and a port a test
+/// freed by killing its server (to start it again on the same port) may be handed to a
+/// concurrent test meanwhile. Then two tests share one memcached, and one sees its
+/// connections reset when the other's server is killed. So ports come from below the
+/// ephemeral range, each at most once per test process, starting at a place the process id
+/// picks (another test process runs elsewhere), skipping any another process listens on.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 10_000;
+    // The first ephemeral port (`ip_local_port_range`), Linux's default where unreadable.
+    let end = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768u32);
+    assert!(
+        end > FIRST + 1_000,
+        "ip_local_port_range starts at {end}: no room for test ports below it"
+    );
+    let count = end - FIRST;
+    let start = std::process::id().wrapping_mul(7_919) % count;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < count, "every test port below {end} was handed out");
+        let port = u16::try_from(FIRST + (start + n) % count).expect("below 65536");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A child process, killed (SIGKILL) when dropped.
