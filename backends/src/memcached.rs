@@ -10,17 +10,18 @@
 //!   server to four moves only the keys the new one wins, about a fifth. Changing the
 //!   placement function itself (as from the `fnv1a64 % n` of earlier releases) remaps
 //!   most keys once: a cold start, not an error.
-//! - **Commands that arrive together go out together.** Each server has [`lines`]
-//!   pipelined connections (two, or one per core). A call's commands (a `get`, every key of a `get_many` on that
+//! - **Commands that arrive together go out together.** Each server has [`LINES`]
+//!   pipelined connections, and one more per gateway HTTP thread ([`home`]). A call's commands (a `get`, every key of a `get_many` on that
 //!   server, the two of an `add_then_get` or a `set_then_delete`) are one exchange, kept
 //!   together and in order on one connection; exchanges queued while a connection has
 //!   answers outstanding go out in one write. Under load N concurrent calls cost a few
 //!   writes and reads, not N round trips; alone, a call goes out at once (as with
 //!   Nagle's algorithm). A caller that goes away (its client hung up) is not sent and
 //!   never fails or strands the others.
-//! - **Bounded connections.** [`lines`] per server, whatever the load. A memcached that
-//!   stops answering fails each call at `store.timeout`, and the connection with it;
-//!   nothing is spawned per call, so nothing piles up.
+//! - **Bounded connections.** [`LINES`] per server, and one per HTTP thread on a
+//!   gateway, whatever the load. A memcached that stops answering fails each call at
+//!   `store.timeout`, and the connection with it; nothing is spawned per call, so
+//!   nothing piles up.
 //! - **Recovery.** A connection that fails (the server restarted or stopped answering)
 //!   fails what was in flight on it; the next call dials anew, without a pool rebuild.
 //!   Start-up never waits for a server: names are resolved and servers dialed on first
@@ -52,7 +53,7 @@ use tessera_protocol::time::ceil_secs;
 
 use pipeline::{Answers, Reply, Server};
 
-pub use pipeline::{LINES, home, lines};
+pub use pipeline::{LINES, home};
 
 /// Longest expiration memcached reads as relative seconds.
 const MAX_RELATIVE_EXPIRY: u64 = 30 * 24 * 3600;

@@ -5,10 +5,11 @@
 //! a pool checkout, a liveness probe, a timer per answer and several allocations per
 //! exchange, and waits for one exchange's answers before a connection carries the next.
 //!
-//! - **Long-lived, pipelined.** Each server has [`lines`] connections (two, or one per
-//!   core), dialed on first use. Calls take turns over them, except on a thread that
-//!   keeps to one ([`home`]). Each is served by two tasks: a writer that sends every exchange queued since
-//!   its last write in one write, and a reader that parses answers as they arrive and
+//! - **Long-lived, pipelined.** Each server has [`LINES`] connections that calls take
+//!   turns over, and one more for each thread that keeps to a connection of its own
+//!   ([`home`]: the gateway's HTTP threads), all dialed on first use. Each is served by
+//!   two tasks: a writer that sends every exchange queued since its last write in one
+//!   write, and a reader that parses answers as they arrive and
 //!   hands each exchange its own, in order (memcached answers a connection's commands in
 //!   the order they came). No exchange waits for another's answers before it is sent.
 //! - **Batching across callers**, as Nagle's algorithm does: on an idle connection an
@@ -40,10 +41,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
-/// Fewest connections per server. Two let a memcached started with `-t 2` (or more)
-/// answer on two threads, and still leave each write a good share of the concurrent
-/// callers. A server has one per core when there are more cores ([`lines`]), so that
-/// each of the gateway's HTTP threads keeps to a connection of its own ([`home`]).
+/// Connections per server that calls take turns over. Two let a memcached started with
+/// `-t 2` (or more) answer on two threads, and still leave each write a good share of
+/// the concurrent callers.
 pub const LINES: usize = 2;
 /// The largest write the writer gathers before sending (more waits for the next write).
 const MAX_WRITE: usize = 256 * 1024;
@@ -54,21 +54,16 @@ const MAX_LINE: usize = 8 * 1024;
 /// Largest data block accepted, as `memcache` bounds it.
 const MAX_VALUE: usize = 1 << 30;
 
-/// Connections per server: [`LINES`], or one per core where there are more.
-pub fn lines() -> usize {
-    std::thread::available_parallelism().map_or(LINES, |n| n.get().max(LINES))
-}
-
 thread_local! {
     /// The connection this thread keeps to, if it has one ([`home`]).
     static HOME: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
 
-/// Makes this thread's calls use connection `index` (modulo [`lines`]) of each server,
-/// instead of taking turns over all of them. A thread that runs its own single-threaded
-/// runtime (the gateway's HTTP threads) calls this once: the connection's tasks then run
-/// on that runtime, dialed there by its first call, and an answer wakes its caller
-/// without a hand-off to another thread.
+/// Makes this thread's calls use a connection of each server kept for it (home `index`,
+/// modulo the cores), instead of taking turns over the [`LINES`] shared ones. A thread
+/// that runs its own single-threaded runtime (the gateway's HTTP threads) calls this
+/// once: no other thread dials or uses that connection, so its tasks run on that
+/// runtime, and an answer wakes its caller without a hand-off to another thread.
 pub fn home(index: usize) {
     HOME.with(|home| home.set(Some(index)));
 }
@@ -97,7 +92,10 @@ pub struct Server {
     host: String,
     port: u16,
     timeout: Duration,
-    lines: Box<[Line]>,
+    /// The connections calls take turns over.
+    lines: [Line; LINES],
+    /// One connection per home thread ([`home`]), one per core.
+    homes: Box<[Line]>,
     next: AtomicUsize,
     /// Writes made on this server's connections (each may carry many exchanges).
     writes: Arc<AtomicUsize>,
@@ -118,7 +116,10 @@ impl Server {
             host,
             port,
             timeout,
-            lines: (0..lines()).map(|_| Line::default()).collect(),
+            lines: Default::default(),
+            homes: (0..std::thread::available_parallelism().map_or(1, usize::from))
+                .map(|_| Line::default())
+                .collect(),
             next: AtomicUsize::new(0),
             writes: Arc::default(),
         }
@@ -132,10 +133,10 @@ impl Server {
             return Ok(Vec::new());
         }
         let (reply, answer) = oneshot::channel();
-        let index = HOME
-            .with(std::cell::Cell::get)
-            .unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed));
-        let line = &self.lines[index % self.lines.len()];
+        let line = match HOME.with(std::cell::Cell::get) {
+            Some(home) => &self.homes[home % self.homes.len()],
+            None => &self.lines[self.next.fetch_add(1, Ordering::Relaxed) % LINES],
+        };
         line.send(
             self,
             Exchange {
@@ -532,7 +533,7 @@ mod tests {
         // The next call may meet the failed connection (an error, never the stray `HD`
         // as its answer) before its line dials anew.
         let mut answered = 0;
-        for _ in 0..(2 * lines() + 2) {
+        for _ in 0..(2 * LINES + 2) {
             if let Ok(answers) = server.exchange(get(), 1).await {
                 assert_eq!(answers[0].as_ref().unwrap().rc, ReturnCode::En);
                 answered += 1;
@@ -542,7 +543,7 @@ mod tests {
         // Each line dialed once, and the failed one again.
         assert_eq!(
             accepted.load(Ordering::SeqCst),
-            lines() + 1,
+            LINES + 1,
             "never dialed anew"
         );
     }
@@ -563,21 +564,26 @@ mod tests {
         );
         assert!(started.elapsed() < timeout * 5, "{:?}", started.elapsed());
         // The line that failed dials anew; the other line dials for the first time.
-        for _ in 0..lines() {
+        for _ in 0..LINES {
             let answers = server.exchange(get(), 1).await.unwrap();
             assert_eq!(answers[0].as_ref().unwrap().rc, ReturnCode::Hd);
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), lines() + 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), LINES + 1);
     }
 
     #[tokio::test]
-    async fn a_thread_that_keeps_home_uses_one_connection() {
+    async fn a_thread_that_keeps_home_uses_a_connection_of_its_own() {
         let (port, accepted) = fake(|_| b"EN\r\n").await;
         let server = Arc::new(Server::new(
             "127.0.0.1".into(),
             port,
             Duration::from_secs(5),
         ));
+        // Calls elsewhere take turns over the shared connections.
+        for _ in 0..(2 * LINES) {
+            server.exchange(get(), 1).await.unwrap();
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), LINES);
         let at_home = server.clone();
         let calls = std::thread::spawn(move || {
             home(1);
@@ -586,7 +592,7 @@ mod tests {
                 .build()
                 .unwrap();
             runtime.block_on(async {
-                for _ in 0..(4 * lines()) {
+                for _ in 0..(4 * LINES) {
                     at_home.exchange(get(), 1).await.unwrap();
                 }
             });
@@ -594,13 +600,8 @@ mod tests {
         tokio::task::spawn_blocking(move || calls.join().unwrap())
             .await
             .unwrap();
-        assert_eq!(accepted.load(Ordering::SeqCst), 1, "took turns over lines");
-        // Elsewhere, calls still take turns. The home line's tasks ended with the
-        // thread's runtime, so that line dials anew.
-        for _ in 0..lines() {
-            server.exchange(get(), 1).await.unwrap();
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), lines() + 1);
+        // The home thread dialed one connection, its own, and used no other.
+        assert_eq!(accepted.load(Ordering::SeqCst), LINES + 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -611,7 +612,7 @@ mod tests {
             port,
             Duration::from_secs(5),
         ));
-        for _ in 0..lines() {
+        for _ in 0..LINES {
             server.exchange(get(), 1).await.unwrap(); // every line dialed
         }
         let before = server.writes.load(Ordering::SeqCst);

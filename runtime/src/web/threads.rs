@@ -39,6 +39,7 @@ use super::{Body, Drain, ServeOptions, accept, close_all, connection};
 type Handed = (std::net::TcpStream, SocketAddr, OwnedSemaphorePermit);
 
 /// A thread's end of the hand-off, and how many connections it has open.
+#[derive(Debug)]
 struct Lane {
     hand: mpsc::UnboundedSender<Handed>,
     open: Arc<AtomicUsize>,
@@ -57,12 +58,6 @@ pub struct Threads {
     _keep: DropGuard,
     /// Closed once every thread has drained.
     drained: mpsc::Receiver<()>,
-}
-
-impl std::fmt::Debug for Lane {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lane").field("open", &self.open).finish()
-    }
 }
 
 impl Threads {

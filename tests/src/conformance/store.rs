@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_backends::memcached::{MemcachedStore, lines};
+use tessera_backends::memcached::{LINES, MemcachedStore};
 use tessera_protocol::Config;
 use tessera_protocol::backends::item_limit;
 use tessera_protocol::config::MemcachedServer;
@@ -605,7 +605,7 @@ pub mod memcached_only {
             .expect("a total_connections statistic")
     }
 
-    /// 500 lookups started at once share the store's [`lines`] connections, not one per
+    /// 500 lookups started at once share the store's [`LINES`] connections, not one per
     /// lookup in flight, and every lookup gets its own key's value. Half are `get_many`
     /// of two keys (as a worker's claim reads a lease and a generation). That calls
     /// share writes too is `exchanges_sent_together_share_writes` in the pipeline's
@@ -646,7 +646,7 @@ pub mod memcached_only {
         // One is this statistics connection.
         let dialed = connections_accepted(port) - before - 1;
         assert!(
-            dialed <= lines() as u64,
+            dialed <= LINES as u64,
             "{dialed} connections for 500 concurrent lookups"
         );
     }
@@ -696,7 +696,7 @@ pub mod memcached_only {
         }
         let dialed = connections_accepted(port) - before - 1;
         assert!(
-            dialed <= lines() as u64,
+            dialed <= LINES as u64,
             "{dialed} connections for 400 concurrent pairs"
         );
     }
