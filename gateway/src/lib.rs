@@ -58,7 +58,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::L1;
 use crate::error::GatewayError;
 use crate::waiters::Waiters;
-use tessera_runtime::web::{Body, ServeOptions, Threads};
+use tessera_runtime::web::{self, Body, ServeOptions, Threads};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -255,16 +255,17 @@ impl Gateway {
         )))
     }
 
-    /// Serves public traffic on `listener`, on `gateway.threads` threads of its own, and
-    /// the admin API on `admin`, until `shutdown`; long-polls are answered at once when
-    /// it fires. The public threads are returned drained: their runtimes, and what their
-    /// requests started, end when they are dropped.
+    /// Serves public traffic on `listener`, on `gateway.threads` threads of its own (or,
+    /// with 0, on the process's runtime), and the admin API on `admin`, until
+    /// `shutdown`; long-polls are answered at once when it fires. The public threads, if
+    /// any, are returned drained: their runtimes, and what their requests started, end
+    /// when they are dropped.
     async fn listen(
         self: Arc<Self>,
         listener: TcpListener,
         admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<Threads, StartError> {
+    ) -> Result<Option<Threads>, StartError> {
         let stopping = self.stopping.clone();
         let shutdown = async move {
             shutdown.await;
@@ -274,29 +275,40 @@ impl Gateway {
         let options = |name| {
             ServeOptions::new(&self.config.http).counted_by(self.metrics.connections.listener(name))
         };
+        let stopped = || self.stopping.clone().cancelled_owned();
         let public = self.clone();
-        let mut threads = Threads::start(
-            "tessera-http",
-            listener,
-            self.config.gateway.threads,
-            options("public"),
-            move |req, peer| public.clone().handle(req, peer),
-            // Each thread keeps to a memcached connection of its own.
-            tessera_backends::memcached::home,
-        )
-        .map_err(StartError::Threads)?;
+        let handler = move |req, peer| public.clone().handle(req, peer);
+        let (mut threads, shared) = match self.config.gateway.threads {
+            // The process's runtime, whose threads take work from each other.
+            0 => {
+                let public = web::serve(listener, options("public"), handler, stopped());
+                (None, Some(tokio::spawn(public)))
+            }
+            count => {
+                let threads = Threads::start(
+                    "tessera-http",
+                    listener,
+                    count,
+                    options("public"),
+                    handler,
+                    // Each thread keeps to a memcached connection of its own.
+                    tessera_backends::memcached::home,
+                )
+                .map_err(StartError::Threads)?;
+                (Some(threads), None)
+            }
+        };
         let admin_server = admin.map(|admin| {
-            let (gw, stop) = (self.clone(), self.stopping.clone());
-            tokio::spawn(tessera_runtime::web::serve(
-                admin,
-                options("admin"),
-                move |req, peer| gw.clone().admin(req, peer),
-                async move { stop.cancelled().await },
-            ))
+            let gw = self.clone();
+            let handler = move |req, peer| gw.clone().admin(req, peer);
+            tokio::spawn(web::serve(admin, options("admin"), handler, stopped()))
         });
-        threads.serve_until(shutdown).await;
-        if let Some(admin_server) = admin_server {
-            let _ = admin_server.await;
+        match threads.as_mut() {
+            Some(threads) => threads.serve_until(shutdown).await,
+            None => shutdown.await,
+        }
+        for server in shared.into_iter().chain(admin_server) {
+            let _ = server.await;
         }
         Ok(threads)
     }
