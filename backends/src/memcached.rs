@@ -1,5 +1,5 @@
 //! The shared store on memcached: the meta protocol as `memcache::exp` builds and parses
-//! it, over connections of our own ([`pipeline`]).
+//! it, over connections of our own (`pipeline`).
 //!
 //! Promises, beyond the [`Store`] contract:
 //! - **Never blocks a runtime thread, no thread hop.** Calls are tokio I/O on long-lived
@@ -11,15 +11,16 @@
 //!   placement function itself (as from the `fnv1a64 % n` of earlier releases) remaps
 //!   most keys once: a cold start, not an error.
 //! - **Commands that arrive together go out together.** Each server has [`LINES`]
-//!   pipelined connections, and one more per gateway HTTP thread ([`home`]). A call's commands (a `get`, every key of a `get_many` on that
+//!   shared pipelined connections, and one per gateway HTTP thread ([`home`]). A call's
+//!   commands (a `get`, every key of a `get_many` on that
 //!   server, the two of an `add_then_get` or a `set_then_delete`) are one exchange, kept
 //!   together and in order on one connection; exchanges queued while a connection has
 //!   answers outstanding go out in one write. Under load N concurrent calls cost a few
 //!   writes and reads, not N round trips; alone, a call goes out at once (as with
 //!   Nagle's algorithm). A caller that goes away (its client hung up) is not sent and
 //!   never fails or strands the others.
-//! - **Bounded connections.** [`LINES`] per server, and one per HTTP thread on a
-//!   gateway, whatever the load. A memcached that stops answering fails each call at
+//! - **Bounded connections.** [`LINES`] per server, and on a gateway one per HTTP
+//!   thread (at most one per core), whatever the load. A memcached that stops answering fails each call at
 //!   `store.timeout`, and the connection with it; nothing is spawned per call, so
 //!   nothing piles up.
 //! - **Recovery.** A connection that fails (the server restarted or stopped answering)

@@ -133,8 +133,8 @@ pub struct GatewayConfig {
     /// the client script falls back to long-polls. Default 1,000.
     pub max_streams: usize,
     /// Threads serving the public listener, each with a single-threaded runtime and
-    /// memcached connections of its own, as nginx's worker processes: the least CPU per
-    /// request. 0 serves it on the process's runtime instead, whose threads take work
+    /// memcached connections of its own (threads beyond the cores share them), as
+    /// nginx's worker processes: the least CPU per request. 0 serves it on the process's runtime instead, whose threads take work
     /// from each other: when the gateway shares its cores with busy neighbours (a broker
     /// on the same machine), a thread that is kept waiting then holds up none of its
     /// requests, for a shorter latency tail. At most [`MAX_THREADS`]. Default: one per

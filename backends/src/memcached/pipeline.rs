@@ -6,12 +6,13 @@
 //! exchange, and waits for one exchange's answers before a connection carries the next.
 //!
 //! - **Long-lived, pipelined.** Each server has [`LINES`] connections that calls take
-//!   turns over, and one more for each thread that keeps to a connection of its own
-//!   ([`home`]: the gateway's HTTP threads), all dialed on first use. Each is served by
-//!   two tasks: a writer that sends every exchange queued since its last write in one
-//!   write, and a reader that parses answers as they arrive and
-//!   hands each exchange its own, in order (memcached answers a connection's commands in
-//!   the order they came). No exchange waits for another's answers before it is sent.
+//!   turns over, and one per core kept for the threads that keep to a connection of
+//!   their own ([`home`]: the gateway's HTTP threads; threads beyond the cores share
+//!   one), all dialed on first use. Each is served by two tasks: a writer that sends
+//!   every exchange queued since its last write in one write, and a reader that parses
+//!   answers as they arrive and hands each exchange its own, in order (memcached answers
+//!   a connection's commands in the order they came). No exchange waits for another's
+//!   answers before it is sent.
 //! - **Batching across callers**, as Nagle's algorithm does: on an idle connection an
 //!   exchange goes out at once; while answers are outstanding, the writer yields once
 //!   before it writes, so that every caller ready at that instant joins the same write:
