@@ -6,8 +6,7 @@
 /// file, a pipe or journald gets plain text).
 pub fn init_logging() {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let json = std::env::var(tessera_protocol::config::env::LOG_FORMAT)
         .is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let colour = std::io::stdout().is_terminal()
@@ -19,6 +18,26 @@ pub fn init_logging() {
         builder.json().flatten_event(true).init();
     } else {
         builder.init();
+    }
+}
+
+/// lapin logs every message the broker returns (a publish no queue took) at `warn`, with
+/// its whole body. The bus reports the same publish as an error of its own, so in a miss
+/// storm against a deleted queue that line would double the log, with the build request's
+/// body in every line: kept below `error` unless `RUST_LOG` names the target.
+const RETURNED: &str = "lapin::returned_messages";
+
+/// The filter `RUST_LOG` (or its absence, or a value it cannot parse: `info`) asks for.
+fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::EnvFilter;
+    let spec = rust_log.unwrap_or("info");
+    let filter = EnvFilter::try_new(spec).unwrap_or_else(|_| EnvFilter::new("info"));
+    if spec.contains(RETURNED) {
+        return filter;
+    }
+    match format!("{RETURNED}=error").parse() {
+        Ok(quiet) => filter.add_directive(quiet),
+        Err(_) => filter,
     }
 }
 
@@ -49,4 +68,56 @@ pub async fn shutdown_signal() {
         () = term => {}
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// What a subscriber with `log_filter(rust_log)` writes for a `warn` from lapin's
+    /// returned messages and one from the gateway.
+    fn logged(rust_log: Option<&str>) -> String {
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(log_filter(rust_log))
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "lapin::returned_messages", "Server returned us a message");
+            tracing::warn!(target: "tessera_gateway::error", "request failed");
+        });
+        let bytes = out.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn returned_messages_are_not_logged_twice_unless_asked_for() {
+        for rust_log in [None, Some("warn"), Some("debug"), Some("not a filter ==")] {
+            let out = logged(rust_log);
+            assert!(out.contains("request failed"), "{rust_log:?}: {out}");
+            assert!(!out.contains("returned us"), "{rust_log:?}: {out}");
+        }
+        let out = logged(Some("warn,lapin::returned_messages=warn"));
+        assert!(
+            out.contains("returned us") && out.contains("request failed"),
+            "{out}"
+        );
+        let out = logged(Some("error"));
+        assert!(out.is_empty(), "{out}");
+    }
 }
