@@ -7,7 +7,9 @@
 //! evict sooner.
 //!
 //! Concurrent misses on one key are coalesced by moka's `try_get_with`: a burst of
-//! identical requests costs one store lookup (and, on a cold key, one lease attempt).
+//! identical requests costs one store lookup (and, on a cold key, one lease attempt). A
+//! load may answer its callers without L1 keeping the answer ([`Loaded::once`]): the
+//! gateway does so for a build the load itself queued.
 //!
 //! Eviction by event has a race that a plain `invalidate` does not close: a load that
 //! started *before* an event can finish *after* it and insert what it read. So every event
@@ -40,6 +42,35 @@ pub enum SlotState {
     Found(Envelope),
     /// No envelope; a build is queued or running (the lease is held).
     Pending,
+}
+
+/// What a load found, and whether L1 keeps it.
+#[derive(Debug)]
+pub struct Loaded {
+    /// What the store said.
+    pub state: SlotState,
+    /// False for an answer given once and not kept (see [`Loaded::once`]).
+    pub keep: bool,
+}
+
+impl Loaded {
+    /// `state`, answered to the callers waiting for this load but not kept.
+    pub fn once(state: SlotState) -> Self {
+        Self { state, keep: false }
+    }
+}
+
+impl From<SlotState> for Loaded {
+    fn from(state: SlotState) -> Self {
+        Self { state, keep: true }
+    }
+}
+
+/// Why a load left nothing in L1: it failed, or it found what is answered once.
+#[derive(Debug, Clone)]
+enum NotKept {
+    Failed(CacheError),
+    Once(Arc<Slot>),
 }
 
 /// One cached answer from the store.
@@ -312,7 +343,7 @@ impl L1 {
                 }),
         )
         .await
-        .map_err(unshare);
+        .map_err(Arc::unwrap_or_clone);
         match loaded {
             Ok(g) => {
                 if self.still_valid(&log_key, g.loaded_at) {
@@ -354,14 +385,16 @@ impl L1 {
     ///
     /// `load` builds the loading future only on a miss, and the miss path is boxed: a hit
     /// then creates and moves a small future, which is most of what a hit costs.
-    pub async fn slot<L, F>(&self, key: &StoreKey, load: L) -> Result<SlotRead, CacheError>
+    pub async fn slot<L, F, S>(&self, key: &StoreKey, load: L) -> Result<SlotRead, CacheError>
     where
         L: FnOnce() -> F,
-        F: Future<Output = Result<SlotState, CacheError>>,
+        F: Future<Output = Result<S, CacheError>>,
+        S: Into<Loaded>,
     {
         let started = Instant::now();
         let Some(slots) = &self.slots else {
-            let slot = Arc::new(Slot::new(Box::pin(load()).await?, started));
+            let loaded: Loaded = Box::pin(load()).await?.into();
+            let slot = Arc::new(Slot::new(loaded.state, started));
             return Ok(SlotRead::current(slot));
         };
         if let Some(slot) = slots.get(key).await {
@@ -379,7 +412,7 @@ impl L1 {
 
     /// The miss path of [`Self::slot`]: loads, and falls back to the copy waiting in
     /// `reloading` when the store cannot answer.
-    async fn reload<L, F>(
+    async fn reload<L, F, S>(
         &self,
         slots: &moka::future::Cache<StoreKey, Arc<Slot>, Hasher>,
         key: &StoreKey,
@@ -388,20 +421,30 @@ impl L1 {
     ) -> Result<SlotRead, CacheError>
     where
         L: FnOnce() -> F,
-        F: Future<Output = Result<SlotState, CacheError>>,
+        F: Future<Output = Result<S, CacheError>>,
+        S: Into<Loaded>,
     {
+        // Concurrent callers share the load and its outcome, kept or not.
         let loaded = slots
             .try_get_with(key.clone(), async move {
-                load()
-                    .await
-                    .map(|state| Arc::new(Slot::new(state, started)))
+                let loaded: Loaded = load().await.map_err(NotKept::Failed)?.into();
+                let slot = Arc::new(Slot::new(loaded.state, started));
+                if loaded.keep {
+                    Ok(slot)
+                } else {
+                    Err(NotKept::Once(slot))
+                }
             })
             .await
-            .map_err(unshare);
+            .map(|slot| (slot, true))
+            .or_else(|e| match Arc::unwrap_or_clone(e) {
+                NotKept::Once(slot) => Ok((slot, false)),
+                NotKept::Failed(e) => Err(e),
+            });
         match loaded {
-            Ok(slot) => {
+            Ok((slot, kept)) => {
                 self.reloading.invalidate(key);
-                if !self.still_valid(key.as_str(), slot.loaded_at) {
+                if kept && !self.still_valid(key.as_str(), slot.loaded_at) {
                     // The load straddled an invalidation: answer it, keep nothing.
                     slots.invalidate(key).await;
                 }
@@ -446,10 +489,18 @@ impl L1 {
             .then_some(slot)
     }
 
-    /// Caches what a batch load that started at `loaded_at` found for `key`, and returns it.
-    pub async fn insert(&self, key: &StoreKey, state: SlotState, loaded_at: Instant) -> Arc<Slot> {
-        let slot = Arc::new(Slot::new(state, loaded_at));
+    /// Caches what a batch load that started at `loaded_at` found for `key` (unless it is
+    /// [`Loaded::once`]), and returns it.
+    pub async fn insert(
+        &self,
+        key: &StoreKey,
+        loaded: impl Into<Loaded>,
+        loaded_at: Instant,
+    ) -> Arc<Slot> {
+        let loaded = loaded.into();
+        let slot = Arc::new(Slot::new(loaded.state, loaded_at));
         if let Some(slots) = &self.slots
+            && loaded.keep
             && self.still_valid(key.as_str(), loaded_at)
         {
             slots.insert(key.clone(), slot.clone()).await;
@@ -515,11 +566,6 @@ impl L1 {
     }
 }
 
-/// moka hands concurrent waiters a shared error; each gets its own copy.
-fn unshare(e: Arc<CacheError>) -> CacheError {
-    Arc::try_unwrap(e).unwrap_or_else(|shared| (*shared).clone())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -557,6 +603,42 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(loads.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_answer_given_once_is_shared_but_not_kept() {
+        let l1 = Arc::new(L1::new(1 << 20, Duration::from_secs(2)));
+        let loads = Arc::new(AtomicUsize::new(0));
+        let load = |loads: Arc<AtomicUsize>| async move {
+            loads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(Loaded::once(SlotState::Pending))
+        };
+        let tasks: Vec<_> = (0..100)
+            .map(|_| {
+                let (l1, loads) = (l1.clone(), loads.clone());
+                tokio::spawn(async move { l1.slot(&key(1), || load(loads)).await.unwrap() })
+            })
+            .collect();
+        for t in tasks {
+            let read = t.await.unwrap();
+            assert!(matches!(read.slot.state, SlotState::Pending) && !read.fallback);
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1, "callers share the load");
+        l1.settle_counts().await;
+        assert_eq!(l1.entry_count(), 0, "nothing kept");
+        l1.slot(&key(1), || load(loads.clone())).await.unwrap();
+        assert_eq!(
+            loads.load(Ordering::SeqCst),
+            2,
+            "the next caller loads again"
+        );
+        // What a batch load answers once is not kept either.
+        l1.insert(&key(2), Loaded::once(SlotState::Pending), Instant::now())
+            .await;
+        assert!(l1.peek(&key(2)).await.is_none());
+        l1.insert(&key(2), SlotState::Pending, Instant::now()).await;
+        assert!(l1.peek(&key(2)).await.is_some());
     }
 
     #[tokio::test]
@@ -623,7 +705,7 @@ mod tests {
         let l1 = L1::new(1 << 20, Duration::from_secs(60));
         let e = l1
             .slot(&key(1), || async {
-                Err(CacheError::Store(
+                Err::<SlotState, _>(CacheError::Store(
                     tessera_protocol::StoreError::Unavailable("x".into()),
                 ))
             })
@@ -726,7 +808,9 @@ mod tests {
             .await;
         assert!(!first.unwrap().fallback);
         std::thread::sleep(TTL * 2);
-        let read = l1.slot(&key(1), || async { Err(store_down()) }).await;
+        let read = l1
+            .slot(&key(1), || async { Err::<SlotState, _>(store_down()) })
+            .await;
         let read = read.expect("served from L1");
         assert!(read.fallback);
         assert!(matches!(read.slot.state, SlotState::Found(_)));
@@ -764,7 +848,7 @@ mod tests {
                     let slot = l1
                         .slot(&key(1), || async {
                             hang().await;
-                            Err(store_down())
+                            Err::<SlotState, _>(store_down())
                         })
                         .await
                         .map(|r| r.fallback);
@@ -795,7 +879,9 @@ mod tests {
         l1.invalidate_key(&key(1)).await;
         std::thread::sleep(TTL * 2);
         for n in 1..=3 {
-            let read = l1.slot(&key(n), || async { Err(store_down()) }).await;
+            let read = l1
+                .slot(&key(n), || async { Err::<SlotState, _>(store_down()) })
+                .await;
             assert!(read.is_err(), "key {n}");
             assert!(l1.kept(&key(n)).await.is_none(), "key {n}");
         }

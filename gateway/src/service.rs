@@ -28,7 +28,7 @@ use tessera_protocol::{
     Identity, Lease, StoreError, StoreKey, store,
 };
 
-use crate::cache::{L1, Slot, SlotState};
+use crate::cache::{L1, Loaded, Slot, SlotState};
 use crate::headers::Trace;
 use crate::metrics::Metrics;
 
@@ -166,12 +166,12 @@ impl CacheService {
                 if let Some(bytes) = self.backends.store.get(&t.keys.envelope).await?
                     && let Some(envelope) = self.decode(&t.keys.envelope, &bytes)
                 {
-                    return Ok(SlotState::Found(envelope));
+                    return Ok(SlotState::Found(envelope).into());
                 }
                 Ok(self
                     .request_build(t, Priority::Waited, 0)
                     .await?
-                    .into_state())
+                    .into_loaded())
             })
             .await?;
         if read.fallback {
@@ -201,11 +201,11 @@ impl CacheService {
         self.l1.invalidate_key(&t.keys.envelope).await;
         // After the invalidation, so what is cached now counts as loaded after it.
         let started = Instant::now();
-        let state = self
+        let loaded = self
             .request_build(t, Priority::Waited, 0)
             .await?
-            .into_state();
-        Ok(self.l1.insert(&t.keys.envelope, state, started).await)
+            .into_loaded();
+        Ok(self.l1.insert(&t.keys.envelope, loaded, started).await)
     }
 
     /// Whether a tag purge retired `envelope`: its tags are looked up in L1's tag table,
@@ -337,7 +337,7 @@ impl CacheService {
             match outcome {
                 Ok(requested) => {
                     let key = &t.keys.envelope;
-                    let slot = self.l1.insert(key, requested.into_state(), started).await;
+                    let slot = self.l1.insert(key, requested.into_loaded(), started).await;
                     slots.push((key.clone(), slot));
                 }
                 Err(e) => {
@@ -553,11 +553,18 @@ impl CacheService {
 }
 
 impl Requested {
-    /// What L1 should hold after this request.
-    fn into_state(self) -> SlotState {
+    /// What L1 answers after this request, and whether it keeps it. A build queued by
+    /// this very request is answered pending but not kept: in a storm of keys asked once
+    /// (a crawler walking ids, a purged busy route) every such entry would only wait to
+    /// expire, and L1's upkeep of them (insert, expiry, its map's growth) cost a fifth of
+    /// a miss's CPU and doubled its latency tail (`bench/README.md`). A key asked again
+    /// while its build runs costs one more lookup and lease attempt, which finds the
+    /// lease held: that answer is kept, so a polled fragment is read from L1 after all.
+    fn into_loaded(self) -> Loaded {
         match self {
-            Requested::JustBuilt(envelope) => SlotState::Found(envelope),
-            Requested::Queued | Requested::AlreadyPending => SlotState::Pending,
+            Requested::JustBuilt(envelope) => SlotState::Found(envelope).into(),
+            Requested::AlreadyPending => SlotState::Pending.into(),
+            Requested::Queued => Loaded::once(SlotState::Pending),
         }
     }
 }

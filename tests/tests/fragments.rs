@@ -730,6 +730,60 @@ tessera_tests::on_both_backends!(
     refresh_ahead_keeps_a_hot_fragment_fresh,
 );
 
+/// A build this gateway just queued is answered pending but not kept in L1: in a storm
+/// of keys asked once, such entries would only churn it. Asked again while the build
+/// runs, the key is read from the store once more and its lease found held; that answer
+/// is kept, so the polls after it are answered from L1, and one build is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_just_queued_is_not_kept_but_a_polled_one_is() {
+    use tessera_tests::counting::{Calls, CountingStore};
+    let up = FakeUpstream::start().await;
+    up.script(
+        "/_render/polled",
+        Script {
+            delay: Duration::from_secs(3),
+            ..Script::default()
+        },
+    );
+    let mut polled = route("polled");
+    polled.build_timeout = Duration::from_secs(20);
+    let mut c = config(&up.url(), vec![polled]);
+    assert!(c.cache.capacity.as_u64() > 0, "L1 is on");
+    let mut b = backends(Backend::Memory, &mut c).await;
+    let (store, calls) = CountingStore::wrap(b.store.clone());
+    b.store = store;
+    let gw = TestGateway::start(c, b).await;
+    let url = gw.at("/fragments/polled");
+    let reads = || {
+        (
+            Calls::read(&calls.envelope_gets),
+            Calls::read(&calls.lease_adds),
+        )
+    };
+
+    assert_eq!(get(&url).await.status(), StatusCode::ACCEPTED);
+    // The memory store reads the envelope back after the lease in a call of its own.
+    assert_eq!(
+        reads(),
+        (2, 1),
+        "a miss: a lookup, a lease taken and a re-check"
+    );
+    assert_eq!(get(&url).await.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        reads(),
+        (3, 2),
+        "asked again: looked up, the lease found held"
+    );
+    for _ in 0..3 {
+        assert_eq!(get(&url).await.status(), StatusCode::ACCEPTED);
+    }
+    assert_eq!(reads(), (3, 2), "polls from then on are answered from L1");
+    let r = wait_for(&url, 10).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(up.renders("/_render/polled"), 1, "one build");
+    gw.stop().await;
+}
+
 /// The store dies after a fragment was cached: past `cache.ttl` the gateway cannot ask
 /// it again, and serves L1's copy (within the route's `stale` window) marked
 /// stale-if-error instead of a 503. A fragment it never held still gets a 503.
