@@ -566,7 +566,7 @@ impl AmqpBus {
         Ok(())
     }
 
-    /// Publishes with a confirm; `Ok` only once the broker took the message.
+    /// Publishes with a confirm; `Ok` only once the broker took the message into a queue.
     async fn publish(
         &self,
         link: &Arc<Link>,
@@ -575,6 +575,26 @@ impl AmqpBus {
         body: &[u8],
         props: BasicProperties,
     ) -> Result<(), BusError> {
+        if self
+            .publish_routed(link, exchange, routing_key, body, props)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(unroutable(exchange, routing_key))
+        }
+    }
+
+    /// Publishes with a confirm: `Ok(true)` once the broker took the message into a queue,
+    /// `Ok(false)` when it confirmed it but no queue took it (it came back).
+    async fn publish_routed(
+        &self,
+        link: &Arc<Link>,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<bool, BusError> {
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
@@ -592,10 +612,8 @@ impl AmqpBus {
             )
             .await?;
             match timed("publisher confirm", confirm).await? {
-                Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-                Confirmation::Ack(Some(_)) => Err(BusError::Rejected(format!(
-                    "no queue is bound for {routing_key:?} on {exchange:?}"
-                ))),
+                Confirmation::Ack(None) | Confirmation::NotRequested => Ok(true),
+                Confirmation::Ack(Some(_)) => Ok(false),
                 Confirmation::Nack(_) => {
                     Err(BusError::Rejected("the broker refused the message".into()))
                 }
@@ -619,9 +637,11 @@ impl AmqpBus {
             .await
     }
 
-    /// Declares `queue` (with its retry queues) once per link, then publishes. An
-    /// unroutable publish means a queue went (deleted, or expired: retry queues of an
-    /// expiring namespace expire when unused): declare them again next time.
+    /// Declares `queue` (with its retry queues) once per link, then publishes. A publish
+    /// no queue took means a queue went (an operator deleted it, or it expired: RabbitMQ
+    /// does not count publishes as use), and the broker lost nothing of ours yet: the
+    /// queues are declared again and the message published once more, so a miss storm
+    /// against a deleted queue is not answered with a storm of 503s.
     async fn publish_declared(
         &self,
         queue: &str,
@@ -630,18 +650,28 @@ impl AmqpBus {
         body: &[u8],
     ) -> Result<(), BusError> {
         let link = self.link().await?;
-        self.declare_queue(&link, queue).await?;
-        let published = self
-            .publish(&link, exchange, routing_key, body, persistent())
-            .await;
-        if let Err(BusError::Rejected(_)) = &published {
+        for _ in 0..2 {
+            self.declare_queue(&link, queue).await?;
+            if self
+                .publish_routed(&link, exchange, routing_key, body, persistent())
+                .await?
+            {
+                return Ok(());
+            }
             link.declared
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(queue);
         }
-        published
+        Err(unroutable(exchange, routing_key))
     }
+}
+
+/// A publish the broker confirmed but no queue took.
+fn unroutable(exchange: &str, routing_key: &str) -> BusError {
+    BusError::Rejected(format!(
+        "no queue is bound for {routing_key:?} on {exchange:?}"
+    ))
 }
 
 fn persistent() -> BasicProperties {

@@ -27,6 +27,12 @@ mod amqp {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_build_queue_that_went_is_declared_again() {
+        tessera_tests::conformance::bus::amqp_only::a_build_queue_that_went_is_declared_again()
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn exchanges_of_an_expiring_namespace_go_with_it() {
         tessera_tests::conformance::bus::amqp_only::exchanges_of_an_expiring_namespace_go_with_it()
             .await;

@@ -645,7 +645,7 @@ pub mod amqp_only {
 
     /// A retry queue that went while its route queue stayed (retry queues of an
     /// expiring namespace expire when unused; an operator may delete one): the retry
-    /// that finds it gone is refused, and the next one declares it again and arrives.
+    /// that finds it gone declares it again and arrives.
     pub async fn a_retry_queue_that_went_is_declared_again() {
         let ns = unique_namespace();
         let queue = format!("{ns}.build");
@@ -668,14 +668,38 @@ pub mod amqp_only {
             .queue_delete(retry, lapin::options::QueueDeleteOptions::default())
             .await
             .expect("delete the retry queue");
-        let refused = bus.publish_retry(&queue, &request("lost"), delay).await;
-        assert!(
-            matches!(refused, Err(BusError::Rejected(_))),
-            "a retry to a queue that went: {refused:?}"
-        );
         bus.publish_retry(&queue, &request("again"), delay)
             .await
-            .expect("the next retry declares the queue again");
+            .expect("a retry to a queue that went declares it again");
+        assert_eq!(id(&next(&mut c).await), "again");
+    }
+
+    /// A build queue that went (an operator deleted it, or it expired with no worker
+    /// consuming: publishes are no use to RabbitMQ) while a gateway kept publishing to
+    /// it: the next build request declares it again and is queued, not refused.
+    pub async fn a_build_queue_that_went_is_declared_again() {
+        let ns = unique_namespace();
+        let queue = format!("{ns}.build");
+        let bus = AmqpBus::with_queue_expiry(&amqp_url(), &ns, Some(QUEUE_EXPIRY))
+            .with_queues(std::slice::from_ref(&queue));
+        bus.publish_build(&queue, &request("first")).await.unwrap();
+        let conn = raw_connection().await;
+        let channel = conn.create_channel().await.unwrap();
+        let deleted = channel
+            .queue_delete(
+                ShortString::from(queue.clone()),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await
+            .expect("delete the build queue");
+        assert_eq!(deleted, 1, "the first request was in it");
+        bus.publish_build(&queue, &request("again"))
+            .await
+            .expect("a build request to a queue that went declares it again");
+        let mut c = bus
+            .consume(std::slice::from_ref(&queue), &[], 1)
+            .await
+            .unwrap();
         assert_eq!(id(&next(&mut c).await), "again");
     }
 
