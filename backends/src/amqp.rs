@@ -566,28 +566,9 @@ impl AmqpBus {
         Ok(())
     }
 
-    /// Publishes with a confirm; `Ok` only once the broker took the message into a queue.
-    async fn publish(
-        &self,
-        link: &Arc<Link>,
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        props: BasicProperties,
-    ) -> Result<(), BusError> {
-        if self
-            .publish_routed(link, exchange, routing_key, body, props)
-            .await?
-        {
-            Ok(())
-        } else {
-            Err(unroutable(exchange, routing_key))
-        }
-    }
-
     /// Publishes with a confirm: `Ok(true)` once the broker took the message into a queue,
     /// `Ok(false)` when it confirmed it but no queue took it (it came back).
-    async fn publish_routed(
+    async fn publish(
         &self,
         link: &Arc<Link>,
         exchange: &str,
@@ -653,7 +634,7 @@ impl AmqpBus {
         for _ in 0..2 {
             self.declare_queue(&link, queue).await?;
             if self
-                .publish_routed(&link, exchange, routing_key, body, persistent())
+                .publish(&link, exchange, routing_key, body, persistent())
                 .await?
             {
                 return Ok(());
@@ -1025,7 +1006,11 @@ impl Acker for AmqpAcker {
         let props = persistent().with_headers(headers);
         let dead = self.bus.exchange("dead");
         let published = match self.bus.link().await {
-            Ok(link) => self.bus.publish(&link, &dead, "", &self.body, props).await,
+            Ok(link) => match self.bus.publish(&link, &dead, "", &self.body, props).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(unroutable(&dead, "")),
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         match published {

@@ -48,9 +48,9 @@ pub enum SlotState {
 #[derive(Debug)]
 pub struct Loaded {
     /// What the store said.
-    pub state: SlotState,
+    state: SlotState,
     /// False for an answer given once and not kept (see [`Loaded::once`]).
-    pub keep: bool,
+    keep: bool,
 }
 
 impl Loaded {
