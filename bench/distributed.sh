@@ -3,13 +3,14 @@
 # memcached (this script's own, `-t 2`, on a free port) and the running RabbitMQ:
 #   1. memcached hits with L1 off: the gateway against nginx `memcached_pass` (Debian's
 #      nginx, 2 workers, keepalive 32), both reading a 2 KB fragment, wrk -t1 -c64, with
-#      each server's and memcached's CPU per request;
+#      each server's and memcached's CPU per request, in HIT_ROUNDS (5) alternating
+#      rounds, and the median of the rounds' ratios;
 #   2. cold misses (every request a new key: lookup, lease with re-check, confirmed
 #      publish, 202) against RabbitMQ's own publish+confirm rate and publish-to-confirm
 #      time with 64 in flight (amqp-rates, as many messages as a round publishes), on
 #      classic and on quorum queues, with the default HTTP threads and with
 #      gateway.threads = 0; miss traffic starts once the gateway is ready, and each
-#      round on an empty build queue;
+#      round on an empty build queue, each with its ratio to RabbitMQ's own rate;
 #   3. one, two and four tessera-worker processes draining queued builds (instant
 #      upstream with 16 and with 64 builds in flight per process, then 50 ms renders)
 #      against RabbitMQ's own consume+ack rate with prefetch 64.
@@ -102,13 +103,21 @@ run_hits() {
   out=$(wrk -t1 -c64 -d"${secs}s" --latency "$url")
   own1=$(ticks "$@"); mc1=$(ticks "$mcpid")
   n=$(awk '/requests in/ {print $1}' <<<"$out")
+  rate=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   echo "$name $(summary <<<"$out")CPU per request: own $(( (own1 - own0) * 1000000 / hz / n )) µs, memcached $(( (mc1 - mc0) * 1000000 / hz / n )) µs"
 }
-for run in 1 2 3; do
+# Throughput on two cores shared by wrk, the server and memcached swings by 15 % from one
+# round to the next, for either server: the target is read off the median of the rounds'
+# ratios, each round of the gateway against the nginx round just before it.
+ratios=()
+for run in $(seq "${HIT_ROUNDS:-5}"); do
   # nginx's CPU is its workers'.
   run_hits "run $run nginx memcached_pass:" "http://127.0.0.1:$ng/fragment" $(pgrep -P "$ngpid")
+  nginx_rate=$rate
   run_hits "run $run tessera gateway:     " "http://127.0.0.1:$gw/fragments/bench" "$gwpid"
+  ratios+=("$(awk -v g="$rate" -v n="$nginx_rate" 'BEGIN {printf "%.2f", g / n}')")
 done
+echo "gateway / nginx, round by round: ${ratios[*]}; median $(printf '%s\n' "${ratios[@]}" | sort -n | awk '{r[NR] = $1} END {print r[int((NR + 1) / 2)]}')x"
 echo "== 1b. the same, one connection (what batching costs a lone request)"
 echo "nginx memcached_pass: $(wrk -t1 -c1 -d"${secs}s" --latency "http://127.0.0.1:$ng/fragment" | summary)"
 echo "tessera gateway:      $(wrk -t1 -c1 -d"${secs}s" --latency "http://127.0.0.1:$gw/fragments/bench" | summary)"
@@ -130,7 +139,9 @@ for kind in classic quorum; do
   # As many messages as one round of misses publishes (about 6,000 a second): a queue
   # tens of thousands deep confirms slower than a short one (on classic queues, p99
   # 25 ms at 20,000 messages, 43 ms at 60,000).
-  $bin/amqp-rates "$((secs * 6000))" 64 "$kind" | grep publish
+  broker=$($bin/amqp-rates "$((secs * 6000))" 64 "$kind" | grep publish)
+  echo "$broker"
+  broker_rate=$(grep -oE '[0-9]+ msg/s' <<<"$broker" | cut -d' ' -f1)
   # The default (an HTTP thread per core), then the public listener on the shared
   # runtime (gateway.threads = 0), which keeps the tail shorter beside a busy broker.
   for threads in default 0; do
@@ -167,7 +178,8 @@ TOML
       echo "distributed: the $kind gateway (threads $threads) is not ready after 10 s; measuring it anyway" >&2
     for run in 1 2 3; do
       miss_script "$kind$run$RANDOM"
-      echo "run $run tessera gateway, $kind queue, threads $threads: $(wrk -t1 -c64 -d"${secs}s" --latency -s "$tmp/miss.lua" "http://127.0.0.1:$gw2" | summary)"
+      out=$(wrk -t1 -c64 -d"${secs}s" --latency -s "$tmp/miss.lua" "http://127.0.0.1:$gw2")
+      echo "run $run tessera gateway, $kind queue, threads $threads: $(summary <<<"$out")$(awk -v b="$broker_rate" '/Requests\/sec/ {printf "%.2fx RabbitMQ", $2 / b}' <<<"$out")"
       # Each round starts on an empty queue, as RabbitMQ's own rate above does: a round
       # leaves some 100,000 builds queued (no worker runs), and a deeper queue confirms
       # slower, so later rounds would measure the depth the earlier ones left.
