@@ -231,7 +231,9 @@ impl MemcachedStore {
         commands: impl ExactSizeIterator<Item = &MetaCommand>,
     ) -> Answers {
         let count = commands.len();
-        let mut payload = Vec::new();
+        // Room for the usual command (a key and a few flags) without growing; a set's
+        // value grows it once.
+        let mut payload = Vec::with_capacity(count * 128);
         for command in commands {
             command.encode_into(&mut payload)?;
         }

@@ -20,7 +20,7 @@
 //! A lease is placed on the memcached server of its envelope ([`placed_as`]), so the two
 //! can be written in one ordered exchange (see [`crate::store::Store::add_then_get`]).
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 use http::HeaderMap;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
@@ -121,12 +121,20 @@ impl Keyspace {
 
     /// The keys of a fragment in `generation` of its route.
     pub fn fragment(&self, identity: &Identity, generation: u64) -> FragmentKeys {
-        let digest = identity.digest();
+        // Built in place: it is made on every request, and `format!` growing the string
+        // piece by piece cost more than the rest of the key's making.
+        let mut key = String::with_capacity(
+            self.ns.len() + identity.route.len() + ":f:::".len() + 20 + DIGEST_HEX,
+        );
+        key.push_str(&self.ns);
+        key.push_str(":f:");
+        key.push_str(&identity.route);
+        key.push(':');
+        let _ = write!(key, "{generation}");
+        key.push(':');
+        identity.push_digest(&mut key);
         FragmentKeys {
-            envelope: StoreKey(format!(
-                "{}:f:{}:{generation}:{digest}",
-                self.ns, identity.route
-            )),
+            envelope: StoreKey(key),
             kind_at: self.ns.len(),
         }
     }
@@ -280,17 +288,22 @@ impl Identity {
 
     /// Fixed-length digest of the canonical form.
     pub fn digest(&self) -> String {
-        /// Feeds formatted text straight into the hasher.
-        struct Hashing(blake3::Hasher);
-        impl std::fmt::Write for Hashing {
-            fn write_str(&mut self, s: &str) -> std::fmt::Result {
-                self.0.update(s.as_bytes());
-                Ok(())
-            }
+        let mut digest = String::with_capacity(DIGEST_HEX);
+        self.push_digest(&mut digest);
+        digest
+    }
+
+    /// Appends [`Identity::digest`] to `out`: the canonical form is written out whole and
+    /// hashed in one call, which costs less than feeding the hasher piece by piece.
+    fn push_digest(&self, out: &mut String) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut canonical = String::with_capacity(128);
+        let _ = self.write_canonical(&mut canonical);
+        let hash = blake3::hash(canonical.as_bytes());
+        for b in &hash.as_bytes()[..DIGEST_HEX / 2] {
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
         }
-        let mut h = Hashing(blake3::Hasher::new());
-        let _ = self.write_canonical(&mut h);
-        h.0.finalize().to_hex()[..DIGEST_HEX].to_string()
     }
 
     /// The params as a query string for the upstream render (canonical order).
