@@ -246,8 +246,14 @@ impl std::fmt::Debug for L1 {
     }
 }
 
-fn route_log_key(route: &str) -> String {
-    format!("route:{route}")
+/// What an invalidation is logged under. Hashed as it is, so the hit path that checks a
+/// route's generation makes no string for it.
+#[derive(Debug, Clone, Copy, Hash)]
+enum Logged<'a> {
+    Key(&'a str),
+    /// A route's generation.
+    Route(&'a str),
+    Tag(&'a str),
 }
 
 impl L1 {
@@ -290,27 +296,27 @@ impl L1 {
         }
     }
 
-    fn still_valid(&self, log_key: &str, loaded_at: Instant) -> bool {
+    fn still_valid(&self, logged: Logged<'_>, loaded_at: Instant) -> bool {
         let at =
             |nanos: &AtomicU64| self.base + Duration::from_nanos(nanos.load(Ordering::Acquire));
         // Fast path: loaded after the latest invalidation of anything.
         if loaded_at > at(&self.last_invalidation) {
             return true;
         }
-        loaded_at > at(&self.everything_before) && loaded_at > at(self.log_slot(log_key))
+        loaded_at > at(&self.everything_before) && loaded_at > at(self.log_slot(logged))
     }
 
-    fn log_slot(&self, log_key: &str) -> &AtomicU64 {
+    fn log_slot(&self, logged: Logged<'_>) -> &AtomicU64 {
         // The low bits of a 64-bit hash; the cast keeps them.
         #[allow(clippy::cast_possible_truncation)]
-        let i = self.hasher.hash_one(log_key) as usize % LOG_SLOTS;
+        let i = self.hasher.hash_one(logged) as usize % LOG_SLOTS;
         &self.log[i]
     }
 
-    /// Logs an invalidation of `log_key` (a key, or a route's log key) now.
-    fn log(&self, log_key: &str) {
+    /// Logs an invalidation of `logged` now.
+    fn log(&self, logged: Logged<'_>) {
         let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.log_slot(log_key).fetch_max(nanos, Ordering::AcqRel);
+        self.log_slot(logged).fetch_max(nanos, Ordering::AcqRel);
         self.last_invalidation.fetch_max(nanos, Ordering::AcqRel);
     }
 
@@ -322,10 +328,10 @@ impl L1 {
         L: FnOnce() -> F,
         F: Future<Output = Result<u64, CacheError>>,
     {
-        let log_key = route_log_key(route);
+        let logged = Logged::Route(route);
         let started = Instant::now();
         if let Some(g) = self.generations.get(route).await {
-            if self.still_valid(&log_key, g.loaded_at)
+            if self.still_valid(logged, g.loaded_at)
                 && started.saturating_duration_since(g.loaded_at) < self.ttl
             {
                 return Ok((g.value, g.loaded_at));
@@ -346,7 +352,7 @@ impl L1 {
         .map_err(Arc::unwrap_or_clone);
         match loaded {
             Ok(g) => {
-                if self.still_valid(&log_key, g.loaded_at) {
+                if self.still_valid(logged, g.loaded_at) {
                     self.known.insert(route.to_string(), g);
                 } else {
                     // The load straddled a purge: answer it, keep nothing.
@@ -357,7 +363,7 @@ impl L1 {
             Err(CacheError::Store(e)) => self
                 .known
                 .get(route)
-                .filter(|g| self.still_valid(&log_key, g.loaded_at))
+                .filter(|g| self.still_valid(logged, g.loaded_at))
                 .map(|g| (g.value, g.loaded_at))
                 .ok_or(CacheError::Store(e)),
             Err(e) => Err(e),
@@ -398,7 +404,7 @@ impl L1 {
             return Ok(SlotRead::current(slot));
         };
         if let Some(slot) = slots.get(key).await {
-            if !self.still_valid(key.as_str(), slot.loaded_at) {
+            if !self.still_valid(Logged::Key(key.as_str()), slot.loaded_at) {
                 slots.invalidate(key).await;
             } else if started.saturating_duration_since(slot.loaded_at) < self.ttl {
                 return Ok(SlotRead::current(slot));
@@ -444,7 +450,7 @@ impl L1 {
         match loaded {
             Ok((slot, kept)) => {
                 self.reloading.invalidate(key);
-                if kept && !self.still_valid(key.as_str(), slot.loaded_at) {
+                if kept && !self.still_valid(Logged::Key(key.as_str()), slot.loaded_at) {
                     // The load straddled an invalidation: answer it, keep nothing.
                     slots.invalidate(key).await;
                 }
@@ -466,7 +472,7 @@ impl L1 {
     /// Whether `slot`, past `cache.ttl`, may still be served while the store is down:
     /// valid, servable, and not retired by any tag purge heard of.
     fn usable_fallback(&self, key: &StoreKey, slot: &Slot) -> bool {
-        self.still_valid(key.as_str(), slot.loaded_at)
+        self.still_valid(Logged::Key(key.as_str()), slot.loaded_at)
             && matches!(&slot.state, SlotState::Found(e)
                 if e.servable(now_ms()) && !e.retired_by(|t| self.tags.last_known(t)))
     }
@@ -485,7 +491,8 @@ impl L1 {
     /// loads.
     pub async fn peek(&self, key: &StoreKey) -> Option<Arc<Slot>> {
         let slot = self.slots.as_ref()?.get(key).await?;
-        (self.still_valid(key.as_str(), slot.loaded_at) && slot.loaded_at.elapsed() < self.ttl)
+        (self.still_valid(Logged::Key(key.as_str()), slot.loaded_at)
+            && slot.loaded_at.elapsed() < self.ttl)
             .then_some(slot)
     }
 
@@ -501,7 +508,7 @@ impl L1 {
         let slot = Arc::new(Slot::new(loaded.state, loaded_at));
         if let Some(slots) = &self.slots
             && loaded.keep
-            && self.still_valid(key.as_str(), loaded_at)
+            && self.still_valid(Logged::Key(key.as_str()), loaded_at)
         {
             slots.insert(key.clone(), slot.clone()).await;
         }
@@ -510,7 +517,7 @@ impl L1 {
 
     /// Forgets `key` and anything loaded for it before now (built, failed, purged).
     pub async fn invalidate_key(&self, key: &StoreKey) {
-        self.log(key.as_str());
+        self.log(Logged::Key(key.as_str()));
         self.reloading.invalidate(key);
         if let Some(slots) = &self.slots {
             slots.invalidate(key).await;
@@ -519,7 +526,7 @@ impl L1 {
 
     /// A route moved to a new generation: forget its cached generation.
     pub async fn invalidate_route(&self, route: &str) {
-        self.log(&route_log_key(route));
+        self.log(Logged::Route(route));
         self.known.invalidate(route);
         self.generations.invalidate(route).await;
     }
@@ -531,7 +538,7 @@ impl L1 {
             Some(at) => self.tags.learn(tag, at, Instant::now()),
             None => self.tags.forget(tag),
         }
-        self.log(&format!("tag:{tag}"));
+        self.log(Logged::Tag(tag));
     }
 
     /// Events may have been missed: forget everything loaded before now.
@@ -681,21 +688,21 @@ mod tests {
         l1.invalidate_key(&key(0)).await;
         // Twice as many other events as the log has slots: every slot written again.
         for n in 1..=(2 * LOG_SLOTS as u64) {
-            l1.log(key(n).as_str());
+            l1.log(Logged::Key(key(n).as_str()));
         }
         assert!(
-            !l1.still_valid(key(0).as_str(), loaded),
+            !l1.still_valid(Logged::Key(key(0).as_str()), loaded),
             "a load from before the event stays invalid"
         );
         let later = Instant::now();
         l1.invalidate_key(&key(0)).await;
         // Other keys loaded before it are untouched, bar a rare shared slot.
         let untouched = (1..=20)
-            .filter(|n| l1.still_valid(key(2 * LOG_SLOTS as u64 + n).as_str(), later))
+            .filter(|n| l1.still_valid(Logged::Key(key(2 * LOG_SLOTS as u64 + n).as_str()), later))
             .count();
         assert!(untouched >= 19, "only {untouched} of 20 other keys kept");
         assert!(
-            l1.still_valid(key(0).as_str(), Instant::now()),
+            l1.still_valid(Logged::Key(key(0).as_str()), Instant::now()),
             "loads after it are valid"
         );
     }
