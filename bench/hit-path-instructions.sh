@@ -6,7 +6,9 @@
 # changes with. It leaves out the kernel, which does most of the work of a request here
 # and does the same work for both servers (one recvfrom and one writev per request).
 # TAGS and VARY as in hit-path.sh: the fragment's render answer carries TAGS tags; VARY=1
-# takes every hit down the full path (no hot answers).
+# takes every hit down the full path (no hot answers). DISTRIBUTED=1 counts the
+# distributed hit instead: L1 off, every hit read from memcached (scripts/services.sh's,
+# on 127.0.0.1:11211).
 #   bash bench/hit-path-instructions.sh [SECONDS] [TAGS] [VARY]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +17,11 @@ vary_line=""; [ "$vary" = 1 ] && vary_line='vary = ["header:x-bench"]'
 for tool in wrk valgrind; do
   command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq "$tool" >/dev/null; }
 done
+distributed=""
+if [ "${DISTRIBUTED:-0}" = 1 ]; then
+  bash scripts/services.sh >/dev/null
+  distributed=$(printf '[cache]\ncapacity = "0"\n[store]\nmemcached = ["127.0.0.1:11211"]\nnamespace = "count%s"\n' "$RANDOM")
+fi
 cargo build --release -q -p tessera-gateway -p tessera-bench
 tmp=$(mktemp -d); pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
@@ -29,6 +36,7 @@ threads = 1
 admin_listen = "127.0.0.1:0"
 [upstream]
 url = "http://127.0.0.1:18091"
+$distributed
 [[fragment]]
 name = "bench"
 render = "/_render/bench"
@@ -60,5 +68,5 @@ count() {
 read -r pn pi < <(count plain http://127.0.0.1:18092/_render/bench target/release/plain-server 127.0.0.1:18092 2048)
 read -r gn gi < <(count gateway http://127.0.0.1:18090/fragments/bench target/release/tessera-gateway --config "$tmp/tessera.toml")
 echo "plain hyper server: $pi instructions per request ($pn requests)"
-echo "tessera gateway:    $gi instructions per request ($gn requests; tags: $tags, vary: $vary)"
+echo "tessera gateway:    $gi instructions per request ($gn requests; tags: $tags, vary: $vary, distributed: ${DISTRIBUTED:-0})"
 awk -v g="$gi" -v p="$pi" 'BEGIN { printf "gateway/plain: %.2f\n", g / p }'
