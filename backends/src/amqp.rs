@@ -48,7 +48,8 @@
 //! [`OP_TIMEOUT`]); unroutable ones come back (`mandatory`) and count as failures.
 //! Consumers set `basic_qos(prefetch)` before consuming and acknowledge manually.
 //!
-//! One connection per process. When it drops, publishes fail fast with
+//! One connection per process. When it drops, a publish that was waiting for its confirm
+//! is sent once more on a new connection; publishes fail fast with
 //! [`BusError::Unavailable`] while a reconnection is attempted (at most every
 //! [`RECONNECT_MIN`]); consumers and subscriptions reconnect by themselves with one
 //! backoff policy ([`Backoff`]: 100 ms doubling to 5 s, back to 100 ms once a connection
@@ -618,11 +619,19 @@ impl AmqpBus {
             .await
     }
 
-    /// Declares `queue` (with its retry queues) once per link, then publishes. A publish
-    /// no queue took means a queue went (an operator deleted it, or it expired: RabbitMQ
-    /// does not count publishes as use), and the broker lost nothing of ours yet: the
-    /// queues are declared again and the message published once more, so a miss storm
-    /// against a deleted queue is not answered with a storm of 503s.
+    /// Declares `queue` (with its retry queues) once per link, then publishes, trying a
+    /// second time in two cases where the broker did not take the message:
+    /// - No queue took it: a queue went (an operator deleted it, or it expired: RabbitMQ
+    ///   does not count publishes as use). The queues are declared again, so a miss storm
+    ///   against a deleted queue is not answered with a storm of 503s.
+    /// - The connection closed under it (RabbitMQ closes it with 541 INTERNAL_ERROR when
+    ///   a publish meets a queue's deletion, or it restarted): the message goes out on a
+    ///   new connection. The first may have taken it after all: a second copy is
+    ///   harmless, since builds are idempotent and a copy picked up after the first was
+    ///   built is dropped as already built.
+    ///
+    /// A publish that timed out on a connection still open is not tried again: the broker
+    /// is slow, and a second wait would double the caller's.
     async fn publish_declared(
         &self,
         queue: &str,
@@ -630,19 +639,25 @@ impl AmqpBus {
         routing_key: &str,
         body: &[u8],
     ) -> Result<(), BusError> {
-        let link = self.link().await?;
-        for _ in 0..2 {
+        let mut link = self.link().await?;
+        for attempt in 0..2 {
             self.declare_queue(&link, queue).await?;
-            if self
+            match self
                 .publish(&link, exchange, routing_key, body, persistent())
-                .await?
+                .await
             {
-                return Ok(());
+                Ok(true) => return Ok(()),
+                Ok(false) => {
+                    link.declared
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(queue);
+                }
+                Err(BusError::Unavailable(_)) if attempt == 0 && !link.alive() => {
+                    link = self.link().await?;
+                }
+                Err(e) => return Err(e),
             }
-            link.declared
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(queue);
         }
         Err(unroutable(exchange, routing_key))
     }
@@ -1244,6 +1259,39 @@ mod tests {
         // Not remembered beyond those who waited: the next call tries again.
         assert!(bus.publish_raw(&queue, b"{}").await.is_err());
         assert_eq!(bus.inner.declarations.load(Ordering::Relaxed), 2);
+    }
+
+    /// Publishes waiting for their confirms when the connection closes under them (as
+    /// RabbitMQ closes it with 541 INTERNAL_ERROR when a publish meets a queue's
+    /// deletion) go out again on a new connection, instead of each failing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publishes_in_flight_when_the_connection_closes_go_out_again() {
+        let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+        let ns = format!("closed-under-publishes-{}", std::process::id());
+        let bus = AmqpBus::with_queue_expiry(url, &ns, Some(Duration::from_secs(60)));
+        let queue = format!("{ns}.build");
+        bus.publish_raw(&queue, b"first")
+            .await
+            .expect("publish (is RabbitMQ running on 127.0.0.1:5672?)");
+        // A reconnection is attempted at most once per RECONNECT_MIN.
+        tokio::time::sleep(RECONNECT_MIN).await;
+        let link = bus.live_link().expect("connected");
+        let bodies: Vec<String> = (0..64).map(|i| i.to_string()).collect();
+        let publishes = futures_util::future::join_all(
+            bodies.iter().map(|b| bus.publish_raw(&queue, b.as_bytes())),
+        );
+        let close = async {
+            // Once every publish above is sent and waits for its confirm.
+            tokio::task::yield_now().await;
+            let _ = link.conn.close(320, short("closed by the test")).await;
+        };
+        let (published, ()) = tokio::join!(publishes, close);
+        for p in published {
+            p.expect("published on a new connection");
+        }
+        assert_eq!(bus.reconnects(), 1);
+        let waiting = bus.queue_stats(&queue).await.unwrap().messages;
+        assert!(waiting >= 65, "{waiting} messages queued, not 65 or more");
     }
 
     #[test]
