@@ -108,7 +108,8 @@ run_hits() {
 }
 # Throughput on two cores shared by wrk, the server and memcached swings by 15 % from one
 # round to the next, for either server: the target is read off the median of the rounds'
-# ratios, each round of the gateway against the nginx round just before it.
+# ratios (the lower of the two middle ones for an even HIT_ROUNDS), each round of the
+# gateway against the nginx round just before it.
 ratios=()
 for run in $(seq "${HIT_ROUNDS:-5}"); do
   # nginx's CPU is its workers'.

@@ -187,10 +187,12 @@ async fn drained(
     }
     let (first_seen, built_then) = first.ok_or("no build was seen stored")?;
     let ready = first_seen - started;
-    let rate = if built_then < n {
-        (n - built_then) as f64 / first_seen.elapsed().as_secs_f64()
-    } else {
-        f64::NAN
-    };
+    if built_then == n {
+        return Err(format!(
+            "all {n} builds were stored by the first look, so none could be timed; queue more"
+        )
+        .into());
+    }
+    let rate = (n - built_then) as f64 / first_seen.elapsed().as_secs_f64();
     Ok((rate, ready))
 }
