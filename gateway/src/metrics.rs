@@ -423,13 +423,26 @@ impl Metrics {
         self.connections.register(r);
     }
 
-    /// Build durations by route, as reported in `built` events by any worker.
-    pub fn observe_build(&self, route: &str, seconds: f64) {
-        self.build_duration
-            .get_or_create(&RouteLabels {
-                route: route.to_string(),
-            })
-            .observe(seconds);
+    /// A build of `route` any worker reported done (a `built` event), with how long its
+    /// render took when the event says.
+    pub fn build_succeeded(&self, route: &str, build_ms: Option<u64>) {
+        let labels = RouteLabels {
+            route: route.to_string(),
+        };
+        if let Some(ms) = build_ms {
+            self.build_duration
+                .get_or_create(&labels)
+                .observe(ms as f64 / 1000.0);
+        }
+        self.builds_succeeded.get_or_create(&labels).inc();
+    }
+
+    /// A build of `route` any worker reported failed for good (a `failed` event).
+    pub fn build_failed(&self, route: &str) {
+        let labels = RouteLabels {
+            route: route.to_string(),
+        };
+        self.builds_failed.get_or_create(&labels).inc();
     }
 
     /// The counters of `route`; names that are no configured route share one set (label

@@ -42,5 +42,5 @@ pub use envelope::{Envelope, Status};
 pub use error::Cause;
 pub use key::{FragmentKeys, Identity, Keyspace, StoreKey};
 pub use lease::{Acquired, Claim, Lease};
-pub use message::{BuildRequest, Event};
+pub use message::{BuildRequest, Event, Purge};
 pub use store::{Store, StoreError};

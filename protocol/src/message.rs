@@ -88,22 +88,36 @@ pub enum Event {
     /// Content was purged: one key, a whole route by generation, or every fragment
     /// carrying a tag.
     Purged {
-        /// The route whose generation was bumped.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        route: Option<String>,
+        /// What was purged.
+        #[serde(flatten)]
+        purge: Purge,
+    },
+}
+
+/// What a purge retired. On the wire its fields sit beside the event's `type`, as they
+/// always have: `{"type":"purged","route":"recs","generation":4}`,
+/// `{"type":"purged","key":"…"}`, `{"type":"purged","tag":"p-1","purged_at":1700000000000}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Purge {
+    /// A whole route: its generation was bumped.
+    Route {
+        /// The route.
+        route: String,
         /// Its new generation.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        generation: Option<u64>,
-        /// The single envelope key deleted.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        key: Option<String>,
-        /// The tag purged (see [`crate::tags`]).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        tag: Option<String>,
-        /// When the tag was purged (Unix ms), as written to its store key. Without it a
-        /// gateway forgets what it knew of the tag and reads the store again.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        purged_at: Option<u64>,
+        generation: u64,
+    },
+    /// Every fragment carrying a tag (see [`crate::tags`]).
+    Tag {
+        /// The tag.
+        tag: String,
+        /// When it was purged (Unix ms), as written to its store key.
+        purged_at: u64,
+    },
+    /// One fragment: its envelope key was deleted.
+    Key {
+        /// The envelope key.
+        key: String,
     },
 }
 
@@ -137,7 +151,10 @@ impl Event {
     pub fn key(&self) -> Option<&str> {
         match self {
             Event::Built { key, .. } | Event::Failed { key, .. } => Some(key),
-            Event::Purged { key, .. } => key.as_deref(),
+            Event::Purged {
+                purge: Purge::Key { key },
+            } => Some(key),
+            Event::Purged { .. } => None,
         }
     }
 }
@@ -218,20 +235,17 @@ mod tests {
         };
         assert_eq!(failed.key(), Some("t:f:recs:1:bb"));
         let purged_key = Event::Purged {
-            route: None,
-            generation: None,
-            key: Some("t:f:recs:1:cc".into()),
-            tag: None,
-            purged_at: None,
+            purge: Purge::Key {
+                key: "t:f:recs:1:cc".into(),
+            },
         };
         assert_eq!(purged_key.key(), Some("t:f:recs:1:cc"));
         // A whole-route purge is about a generation, not one key.
         let purged_route = Event::Purged {
-            route: Some("recs".into()),
-            generation: Some(2),
-            key: None,
-            tag: None,
-            purged_at: None,
+            purge: Purge::Route {
+                route: "recs".into(),
+                generation: 2,
+            },
         };
         assert_eq!(purged_route.key(), None);
     }
@@ -252,30 +266,47 @@ mod tests {
     }
 
     #[test]
-    fn purge_events_of_earlier_releases_still_decode() {
-        let e = Event::decode(br#"{"v":1,"type":"purged","route":"recs","generation":4}"#).unwrap();
-        assert!(matches!(
-            e,
-            Event::Purged {
-                tag: None,
-                purged_at: None,
-                ..
-            }
-        ));
-        let json: serde_json::Value = serde_json::from_slice(
-            &Event::Purged {
-                route: None,
-                generation: None,
-                key: None,
-                tag: Some("p-1".into()),
-                purged_at: Some(5),
-            }
-            .encode(),
-        )
-        .unwrap();
-        assert_eq!(json["tag"], "p-1");
-        assert_eq!(json["purged_at"], 5);
-        assert!(json.get("route").is_none());
+    fn purge_events_keep_their_bytes_on_the_wire() {
+        // What this release's gateways send and read, as the release before it wrote them.
+        let wire = [
+            (
+                &br#"{"v":1,"type":"purged","route":"recs","generation":4}"#[..],
+                Purge::Route {
+                    route: "recs".into(),
+                    generation: 4,
+                },
+            ),
+            (
+                br#"{"v":1,"type":"purged","key":"t:f:recs:1:cc"}"#,
+                Purge::Key {
+                    key: "t:f:recs:1:cc".into(),
+                },
+            ),
+            (
+                br#"{"v":1,"type":"purged","tag":"p-1","purged_at":1700000000000}"#,
+                Purge::Tag {
+                    tag: "p-1".into(),
+                    purged_at: 1_700_000_000_000,
+                },
+            ),
+        ];
+        for (bytes, purge) in wire {
+            let event = Event::Purged { purge };
+            assert_eq!(Event::decode(bytes).unwrap(), event);
+            assert_eq!(event.encode(), bytes, "{}", String::from_utf8_lossy(bytes));
+        }
+        // A purge that names nothing it can act on is refused, not taken for another kind.
+        for bad in [
+            &br#"{"v":1,"type":"purged"}"#[..],
+            br#"{"v":1,"type":"purged","route":"recs"}"#,
+            br#"{"v":1,"type":"purged","tag":"p-1"}"#,
+        ] {
+            assert!(
+                Event::decode(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]
@@ -291,25 +322,19 @@ mod tests {
                 error: "x".into(),
             },
             Event::Purged {
-                route: Some("recs".into()),
-                generation: Some(3),
-                key: None,
-                tag: None,
-                purged_at: None,
+                purge: Purge::Route {
+                    route: "recs".into(),
+                    generation: 3,
+                },
             },
             Event::Purged {
-                route: None,
-                generation: None,
-                key: Some("k".into()),
-                tag: None,
-                purged_at: None,
+                purge: Purge::Key { key: "k".into() },
             },
             Event::Purged {
-                route: None,
-                generation: None,
-                key: None,
-                tag: Some("product-42".into()),
-                purged_at: Some(1_700_000_000_000),
+                purge: Purge::Tag {
+                    tag: "product-42".into(),
+                    purged_at: 1_700_000_000_000,
+                },
             },
         ] {
             assert_eq!(Event::decode(&e.encode()).unwrap(), e);

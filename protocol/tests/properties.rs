@@ -11,6 +11,7 @@ use proptest::prelude::*;
 use tessera_protocol::config::{ConfigError, VarySource};
 use tessera_protocol::envelope::Status;
 use tessera_protocol::key::encode;
+use tessera_protocol::message::Purge;
 use tessera_protocol::{
     BuildRequest, Config, Envelope, Event, FragmentRoute, Identity, Keyspace, StoreKey,
 };
@@ -314,20 +315,15 @@ fn event() -> impl Strategy<Value = Event> {
                 build_ms
             }),
         (any::<String>(), any::<String>()).prop_map(|(key, error)| Event::Failed { key, error }),
-        (
-            proptest::option::of(any::<String>()),
-            proptest::option::of(any::<u64>()),
-            proptest::option::of(any::<String>()),
-            proptest::option::of(any::<String>()),
-            proptest::option::of(any::<u64>()),
-        )
-            .prop_map(|(route, generation, key, tag, purged_at)| Event::Purged {
-                route,
-                generation,
-                key,
-                tag,
-                purged_at,
-            }),
+        (any::<String>(), any::<u64>()).prop_map(|(route, generation)| Event::Purged {
+            purge: Purge::Route { route, generation }
+        }),
+        (any::<String>(), any::<u64>()).prop_map(|(tag, purged_at)| Event::Purged {
+            purge: Purge::Tag { tag, purged_at }
+        }),
+        any::<String>().prop_map(|key| Event::Purged {
+            purge: Purge::Key { key }
+        }),
     ]
 }
 

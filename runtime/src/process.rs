@@ -87,7 +87,7 @@ mod tests {
             .finish();
         tracing::subscriber::with_default(subscriber, || {
             tracing::warn!(target: "lapin::returned_messages", "Server returned us a message");
-            tracing::warn!(target: "tessera_gateway::error", "request failed");
+            tracing::warn!(target: "tessera_gateway::http::error", "request failed");
         });
         let bytes = out.lock().unwrap().clone();
         String::from_utf8(bytes).unwrap()

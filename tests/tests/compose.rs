@@ -447,7 +447,7 @@ async fn oversized_pages_pass_through_uncomposed() {
     let up = FakeUpstream::start().await;
     let big = format!(
         r#"<esi:include src="/fragments/box"/>{}"#,
-        "x".repeat(tessera_gateway::compose::MAX_PAGE)
+        "x".repeat(tessera_gateway::MAX_PAGE)
     );
     page(&up, "/", &big);
     let (gw, _) = start(&up, vec![route("box")]).await;

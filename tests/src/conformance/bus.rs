@@ -456,11 +456,10 @@ pub async fn events_reach_every_subscriber(t: BusUnderTest) {
             error: "upstream said 500".into(),
         },
         Event::Purged {
-            route: Some("r".into()),
-            generation: Some(8),
-            key: None,
-            tag: None,
-            purged_at: None,
+            purge: tessera_protocol::message::Purge::Route {
+                route: "r".into(),
+                generation: 8,
+            },
         },
     ];
     for e in &events {

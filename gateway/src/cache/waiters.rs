@@ -62,11 +62,6 @@ impl Waiters {
     pub fn len(&self) -> usize {
         self.lock().len()
     }
-
-    /// Whether nobody waits.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl Waiter<'_> {
@@ -127,6 +122,6 @@ mod tests {
         drop(a);
         assert_eq!(w.len(), 1);
         drop(b);
-        assert!(w.is_empty());
+        assert_eq!(w.len(), 0);
     }
 }

@@ -59,11 +59,11 @@ pub enum GatewayError {
     UpstreamTimeout(Duration),
 }
 
-impl From<crate::service::CacheError> for GatewayError {
-    fn from(e: crate::service::CacheError) -> Self {
+impl From<crate::cache::CacheError> for GatewayError {
+    fn from(e: crate::cache::CacheError) -> Self {
         match e {
-            crate::service::CacheError::Store(e) => GatewayError::Store(e),
-            crate::service::CacheError::Bus(e) => GatewayError::Bus(e),
+            crate::cache::CacheError::Store(e) => GatewayError::Store(e),
+            crate::cache::CacheError::Bus(e) => GatewayError::Bus(e),
         }
     }
 }

@@ -28,17 +28,30 @@ use std::sync::Arc;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tessera_protocol::tags::Tag;
-use tessera_protocol::{Identity, QueueStats};
+use tessera_protocol::{Backends, Config, Identity, QueueStats};
 
-use crate::Gateway;
+use super::error::GatewayError;
+use super::headers::Trace;
+use crate::cache::CacheService;
+use crate::metrics::Metrics;
 use tessera_runtime::web::{self, Body, READY_TIMEOUT, json, problem, text};
 
-use crate::error::GatewayError;
-use crate::headers::Trace;
+/// What the admin listener acts on.
+#[derive(Debug)]
+pub struct Admin {
+    /// The configuration the gateway runs with.
+    pub config: Arc<Config>,
+    /// Purges, and what L1 holds.
+    pub cache: Arc<CacheService>,
+    /// The store and bus: readiness, queues, dead letters.
+    pub backends: Backends,
+    /// The gateway's metrics.
+    pub metrics: Arc<Metrics>,
+}
 
-impl Gateway {
+impl Admin {
     /// Answers one admin request: the checks every admin listener makes, then routing.
-    pub(crate) async fn admin(
+    pub async fn serve(
         self: Arc<Self>,
         req: Request<Incoming>,
         _peer: SocketAddr,
@@ -71,7 +84,7 @@ impl Gateway {
             }
             (&Method::GET, "/api/status") => self.status().await,
             (&Method::GET, "/dead-letters") => {
-                match self.cache.backends.bus.dead_letters(DEAD_LETTER_PAGE).await {
+                match self.backends.bus.dead_letters(DEAD_LETTER_PAGE).await {
                     Ok(letters) => json(
                         StatusCode::OK,
                         &serde_json::Value::Array(letters.iter().map(letter_json).collect()),
@@ -81,13 +94,13 @@ impl Gateway {
             }
             (&Method::POST, "/dead-letters/requeue") => {
                 let limit = query_usize(req.uri().query(), "limit").unwrap_or(DEAD_LETTER_PAGE);
-                match self.cache.backends.bus.requeue_dead_letters(limit).await {
+                match self.backends.bus.requeue_dead_letters(limit).await {
                     Ok(n) => json(StatusCode::OK, &serde_json::json!({ "requeued": n })),
                     Err(e) => GatewayError::Bus(e).into_response(),
                 }
             }
             (&Method::GET, "/healthz") => web::alive(),
-            (&Method::GET, "/readyz") => web::ready(&self.cache.backends).await,
+            (&Method::GET, "/readyz") => web::ready(&self.backends).await,
             (&Method::GET, "/metrics") => {
                 self.read_scraped_metrics().await;
                 web::metrics(self.metrics.registry(), req.headers())
@@ -130,9 +143,9 @@ impl Gateway {
             .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
         let identity = Identity::from_request(route, req.uri().query(), req.headers())?;
         let trace = Trace::new(req.headers());
-        let target = self.cache.target(route, identity, &trace).await?;
-        let deleted = self.cache.purge_fragment(&target).await?;
-        let key = target.keys.envelope.as_str();
+        let fragment = self.cache.fragment(route, identity, &trace).await?;
+        let deleted = self.cache.purge_fragment(&fragment).await?;
+        let key = fragment.keys.envelope.as_str();
         let body = serde_json::json!({ "route": route.name, "key": key, "deleted": deleted });
         Ok(json(StatusCode::OK, &body))
     }
@@ -164,24 +177,11 @@ impl Gateway {
     }
 }
 
-/// A build failure reported by a worker, as the dashboard lists it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Failure {
-    /// When this gateway heard of it (Unix ms).
-    pub at: u64,
-    /// The route, read from the key.
-    pub route: String,
-    /// The worker's error.
-    pub error: String,
-}
-
-/// Recent failures kept for the dashboard.
-const FAILURES_KEPT: usize = 50;
 /// Dead letters listed or requeued per request.
 const DEAD_LETTER_PAGE: usize = 100;
-const DASHBOARD: &str = include_str!("../assets/dashboard.html");
-const DASHBOARD_JS: &str = include_str!("../assets/dashboard.js");
-const DASHBOARD_CSS: &str = include_str!("../assets/dashboard.css");
+const DASHBOARD: &str = include_str!("../../assets/dashboard.html");
+const DASHBOARD_JS: &str = include_str!("../../assets/dashboard.js");
+const DASHBOARD_CSS: &str = include_str!("../../assets/dashboard.css");
 /// The dashboard's policy: its own script and style files (no inline code, so an
 /// injected `<script>` would not run), requests to its own origin, never framed.
 const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
@@ -197,39 +197,7 @@ fn dashboard() -> Response<Body> {
     r
 }
 
-/// The latest build failures any worker reported, newest last, at most
-/// [`FAILURES_KEPT`].
-#[derive(Debug, Default)]
-pub struct Failures(std::sync::Mutex<std::collections::VecDeque<Failure>>);
-
-impl Failures {
-    /// Remembers a failure of `route` (`""` when the key named no route of ours).
-    pub fn record(&self, route: &str, error: &str) {
-        let mut failures = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if failures.len() >= FAILURES_KEPT {
-            failures.pop_front();
-        }
-        failures.push_back(Failure {
-            at: tessera_protocol::time::now_ms(),
-            route: route.to_string(),
-            error: error.to_string(),
-        });
-    }
-
-    /// The failures kept, newest first.
-    pub fn recent(&self) -> Vec<Failure> {
-        let failures = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        failures.iter().rev().cloned().collect()
-    }
-}
-
-impl Gateway {
+impl Admin {
     /// Every configured queue, build and background, with its depth and consumers, read
     /// from the broker (all queues at once, each bounded by [`READY_TIMEOUT`]; `None` when
     /// it did not answer).
@@ -241,9 +209,7 @@ impl Gateway {
             .chain(self.config.background_queues())
             .collect();
         let stats = futures_util::future::join_all(queues.iter().map(|queue| async move {
-            match tokio::time::timeout(READY_TIMEOUT, self.cache.backends.bus.queue_stats(queue))
-                .await
-            {
+            match tokio::time::timeout(READY_TIMEOUT, self.backends.bus.queue_stats(queue)).await {
                 Ok(Ok(stats)) => Some(stats),
                 _ => None,
             }
@@ -256,14 +222,14 @@ impl Gateway {
     /// long-polls, and every queue's depth and consumers from the broker (queues the
     /// broker does not answer for are left out).
     async fn read_scraped_metrics(&self) {
-        self.cache.l1.settle_counts().await;
+        let sizes = self.cache.sizes().await;
         let m = &self.metrics;
         m.l1_entries
-            .set(i64::try_from(self.cache.l1.entry_count()).unwrap_or(i64::MAX));
+            .set(i64::try_from(sizes.l1_entries).unwrap_or(i64::MAX));
         m.l1_bytes
-            .set(i64::try_from(self.cache.l1.weighted_size()).unwrap_or(i64::MAX));
+            .set(i64::try_from(sizes.l1_bytes).unwrap_or(i64::MAX));
         m.long_polls
-            .set(i64::try_from(self.waiters.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(sizes.long_polls).unwrap_or(i64::MAX));
         m.queues.set(self.queue_stats().await);
     }
 
@@ -283,14 +249,12 @@ impl Gateway {
             })
             .collect();
         let dead =
-            match tokio::time::timeout(READY_TIMEOUT, self.cache.backends.bus.dead_letters(20))
-                .await
-            {
+            match tokio::time::timeout(READY_TIMEOUT, self.backends.bus.dead_letters(20)).await {
                 Ok(Ok(letters)) => letters.iter().map(letter_json).collect(),
                 _ => Vec::new(),
             };
-        let failures = self.failures.recent();
-        let ready = web::readiness(&self.cache.backends).await;
+        let failures = self.cache.recent_failures();
+        let ready = web::readiness(&self.backends).await;
         json(
             StatusCode::OK,
             &serde_json::json!({

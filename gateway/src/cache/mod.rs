@@ -1,6 +1,5 @@
-//! The fragment cache as a service: what is known about a fragment, and the one build it
-//! may call for. It knows nothing of HTTP; [`crate::fragment`] and [`crate::compose`] turn
-//! what it finds into answers.
+//! The cache core: what is known about a fragment, and the one build it may call for.
+//! It knows nothing of HTTP; the front ([`crate::http`]) turns what it finds into answers.
 //!
 //! A lookup goes L1, then the store; a missing fragment has its build requested through
 //! the [`Lease`], so of all callers in all gateways exactly one queues it. Inside one
@@ -8,10 +7,26 @@
 //!
 //! Every envelope found (in L1 or the store) that carries tags is checked against the tag
 //! purges ([`tessera_protocol::tags`]) before it is judged: against what L1 knows
-//! ([`crate::tags`]) when it read the tags within `cache.ttl`, otherwise by reading the
+//! ([`tags`]) when it read the tags within `cache.ttl`, otherwise by reading the
 //! tags' keys in one `get_many`. An envelope a purge retired is dropped from L1 and
 //! treated as missing: its rebuild is requested as for a cold miss, and nothing of it is
 //! served, not even stale.
+//!
+//! # Layout
+//! - this file: [`CacheService`], the one entry point: lookups ([`CacheService::lookup`],
+//!   [`CacheService::lookup_many`]), build requests, purges, and what the admin listener
+//!   reads; [`Fragment`], [`Found`] and [`CacheError`].
+//! - [`l1`]: L1, the in-process cache, with coalescing and an invalidation log.
+//! - [`hot`]: the last fresh answer per request target, for the hit path.
+//! - [`tags`]: what this gateway knows of tag purges, for the hit path.
+//! - [`events`]: follows built/failed/purged events from every worker and gateway.
+//! - [`waiters`]: long-poll wake-ups for `Prefer: wait`.
+
+pub mod events;
+pub mod hot;
+pub mod l1;
+pub mod tags;
+pub mod waiters;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,16 +36,18 @@ use futures_util::future::join_all;
 use tessera_protocol::config::background_queue;
 use tessera_protocol::envelope::Freshness;
 use tessera_protocol::message::VERSION;
-use tessera_protocol::tags::{self, Tag};
+use tessera_protocol::tags::{self as tag_keys, Tag};
 use tessera_protocol::time::{now_ms, remaining};
 use tessera_protocol::{
     Backends, BuildRequest, BusError, Config, Envelope, Event, FragmentKeys, FragmentRoute,
-    Identity, Lease, StoreError, StoreKey, store,
+    Identity, Lease, Purge, StoreError, StoreKey, store,
 };
 
-use crate::cache::{L1, Loaded, Slot, SlotState};
-use crate::headers::Trace;
-use crate::metrics::Metrics;
+use crate::metrics::{CacheStatus, Metrics};
+use events::{Failure, Failures};
+use hot::{Hot, HotAnswers, LastHeaders};
+use l1::{Entry, L1, Loaded, Read, Slot, SlotState};
+use waiters::{Waiter, Waiters};
 
 /// Why the cache could not answer: a backend failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -43,10 +60,24 @@ pub enum CacheError {
     Bus(#[from] BusError),
 }
 
+/// The trace a lookup belongs to. Its id goes with the builds the lookup requests, and is
+/// worked out only then: a hit never pays for it.
+pub trait TraceId: Sync + std::fmt::Debug {
+    /// The id (W3C trace id, or a request id).
+    fn trace_id(&self) -> &str;
+}
+
+/// An id known already (work carried on after its request ended).
+impl TraceId for String {
+    fn trace_id(&self) -> &str {
+        self
+    }
+}
+
 /// One fragment as a request names it: its route, identity, generation and keys, and the
 /// trace of the request that asked.
 #[derive(Debug, Clone)]
-pub struct Target<'c> {
+pub struct Fragment<'c> {
     /// The configured route.
     pub route: &'c FragmentRoute,
     /// Who and what the fragment is for.
@@ -58,7 +89,7 @@ pub struct Target<'c> {
     /// When that generation was read from the store.
     pub generation_read_at: Instant,
     /// The request's trace, passed on to the build.
-    pub trace: &'c Trace<'c>,
+    pub trace: &'c dyn TraceId,
 }
 
 /// What a lookup found, as far as the answer is concerned.
@@ -66,7 +97,7 @@ pub struct Target<'c> {
 pub enum Found {
     /// Serve this envelope's body; `stale` when past fresh (rebuild already requested).
     Serve {
-        /// The slot holding the envelope.
+        /// The envelope, with what serving it needs.
         slot: Arc<Slot>,
         /// Past its fresh time, or served because the store could not answer.
         stale: bool,
@@ -82,6 +113,19 @@ pub enum Found {
         /// Until the next build may be tried.
         retry_after: Duration,
     },
+}
+
+/// How what a lookup found counts, at the endpoint or as an ESI include (before any
+/// waiting, see [`CacheStatus::after_waiting`]).
+impl From<&Found> for CacheStatus {
+    fn from(found: &Found) -> Self {
+        match found {
+            Found::Serve { stale: true, .. } => CacheStatus::stale,
+            Found::Serve { stale: false, .. } => CacheStatus::hit,
+            Found::Pending => CacheStatus::pending,
+            Found::Failed { .. } => CacheStatus::error,
+        }
+    }
 }
 
 /// Whether a hit with `left` of freshness starts the early rebuild of a route with
@@ -118,28 +162,42 @@ pub enum Requested {
     JustBuilt(Envelope),
 }
 
-/// L1 in front of the store, and the build requests its misses call for.
+/// L1 in front of the store, the build requests its misses call for, and what this
+/// gateway keeps beside it (hot answers, long-poll waiters, recent failures).
 #[derive(Debug)]
 pub struct CacheService {
-    /// The configuration the gateway runs with.
-    pub config: Arc<Config>,
-    /// The store and bus.
-    pub backends: Backends,
-    /// The in-process cache.
-    pub l1: L1,
-    /// The gateway's metrics.
-    pub metrics: Arc<Metrics>,
+    config: Arc<Config>,
+    backends: Backends,
+    l1: L1,
+    hot: HotAnswers,
+    waiters: Waiters,
+    failures: Failures,
+    metrics: Arc<Metrics>,
 }
 
 impl CacheService {
-    /// The target `identity` of `route` names now: reads the route's generation (L1,
+    /// The cache of a gateway running `config` on `backends`, counting in `metrics`.
+    pub fn new(config: Arc<Config>, backends: Backends, metrics: Arc<Metrics>) -> Self {
+        Self {
+            l1: L1::new(config.cache.capacity.as_u64(), config.cache.ttl),
+            // A quarter of L1's budget: what hot answers may keep alive beyond it.
+            hot: HotAnswers::new(config.cache.capacity.as_u64() / 4),
+            waiters: Waiters::default(),
+            failures: Failures::default(),
+            config,
+            backends,
+            metrics,
+        }
+    }
+
+    /// The fragment `identity` of `route` names now: reads the route's generation (L1,
     /// then the store) and derives the keys.
-    pub async fn target<'c>(
+    pub async fn fragment<'c>(
         &self,
         route: &'c FragmentRoute,
         identity: Identity,
-        trace: &'c Trace<'c>,
-    ) -> Result<Target<'c>, CacheError> {
+        trace: &'c dyn TraceId,
+    ) -> Result<Fragment<'c>, CacheError> {
         let (generation, generation_read_at) = self
             .l1
             .generation(&route.name, || async {
@@ -147,7 +205,7 @@ impl CacheService {
                 Ok(store::generation(self.backends.store.as_ref(), &key).await?)
             })
             .await?;
-        Ok(Target {
+        Ok(Fragment {
             keys: self.backends.keys.fragment(&identity, generation),
             route,
             identity,
@@ -159,10 +217,10 @@ impl CacheService {
 
     /// Looks a fragment up (L1, then the store), requesting a build when it is missing,
     /// stale or failed long enough ago.
-    pub async fn lookup(self: &Arc<Self>, t: &Target<'_>) -> Result<Found, CacheError> {
+    pub async fn lookup(self: &Arc<Self>, t: &Fragment<'_>) -> Result<Found, CacheError> {
         let read = self
             .l1
-            .slot(&t.keys.envelope, || async {
+            .read(&t.keys.envelope, || async {
                 if let Some(bytes) = self.backends.store.get(&t.keys.envelope).await?
                     && let Some(envelope) = self.decode(&t.keys.envelope, &bytes)
                 {
@@ -174,27 +232,31 @@ impl CacheService {
                     .into_loaded())
             })
             .await?;
-        if read.fallback {
-            tracing::debug!(key = %t.keys.envelope, "store unavailable; serving L1's last copy");
-            return Ok(Found::Serve {
-                slot: read.slot,
-                stale: true,
-                fallback: true,
-            });
+        match read {
+            Read::Current(entry) => {
+                let entry = self.screen(t, entry).await?;
+                Ok(self.judge(t, entry))
+            }
+            Read::Fallback(slot) => {
+                tracing::debug!(key = %t.keys.envelope, "store unavailable; serving L1's last copy");
+                Ok(Found::Serve {
+                    slot,
+                    stale: true,
+                    fallback: true,
+                })
+            }
         }
-        let slot = self.screen(t, read.slot).await?;
-        Ok(self.judge(t, slot))
     }
 
-    /// `slot`, unless a tag purge retired its envelope: then the envelope is dropped from
+    /// `entry`, unless a tag purge retired its envelope: then the envelope is dropped from
     /// L1, its build requested as for a miss, and what that leaves (pending, or a build
     /// that just finished) cached and returned instead.
-    async fn screen(&self, t: &Target<'_>, slot: Arc<Slot>) -> Result<Arc<Slot>, CacheError> {
-        let SlotState::Found(envelope) = &slot.state else {
-            return Ok(slot);
+    async fn screen(&self, t: &Fragment<'_>, entry: Entry) -> Result<Entry, CacheError> {
+        let Entry::Found(slot) = &entry else {
+            return Ok(entry);
         };
-        if !self.retired(envelope).await? {
-            return Ok(slot);
+        if !self.retired(&slot.envelope).await? {
+            return Ok(entry);
         }
         self.metrics.tag_retired.inc();
         tracing::debug!(key = %t.keys.envelope, "retired by a tag purge; rebuilding");
@@ -212,7 +274,7 @@ impl CacheService {
     /// and those it does not know (within `cache.ttl`) read from the store in one
     /// `get_many`. When the store cannot answer, what L1 last knew of every tag decides;
     /// a tag it never knew makes it a store error.
-    pub async fn retired(&self, envelope: &Envelope) -> Result<bool, CacheError> {
+    async fn retired(&self, envelope: &Envelope) -> Result<bool, CacheError> {
         if envelope.tags.is_empty() {
             return Ok(false);
         }
@@ -229,7 +291,7 @@ impl CacheService {
         if unknown.is_empty() {
             return Ok(false);
         }
-        let read = tags::purged_at(self.backends.store.as_ref(), &self.backends.keys, &unknown);
+        let read = tag_keys::purged_at(self.backends.store.as_ref(), &self.backends.keys, &unknown);
         match read.await {
             Ok(found) => {
                 for (tag, at) in &found {
@@ -245,20 +307,20 @@ impl CacheService {
     }
 
     /// Looks every target up at once: L1, then one multi-get for the rest, then one
-    /// build request per miss. Targets the store could not be asked about are left out.
+    /// build request per miss. Fragments the store could not be asked about are left out.
     pub async fn lookup_many(
         self: &Arc<Self>,
-        targets: &[&Target<'_>],
+        targets: &[&Fragment<'_>],
     ) -> HashMap<StoreKey, Found> {
-        let mut slots: HashMap<StoreKey, Arc<Slot>> = HashMap::new();
-        let mut missing: Vec<&Target<'_>> = Vec::new();
+        let mut entries: HashMap<StoreKey, Entry> = HashMap::new();
+        let mut missing: Vec<&Fragment<'_>> = Vec::new();
         for t in targets {
-            if slots.contains_key(&t.keys.envelope) || missing.iter().any(|m| m.keys == t.keys) {
+            if entries.contains_key(&t.keys.envelope) || missing.iter().any(|m| m.keys == t.keys) {
                 continue;
             }
             match self.l1.peek(&t.keys.envelope).await {
-                Some(slot) => {
-                    slots.insert(t.keys.envelope.clone(), slot);
+                Some(entry) => {
+                    entries.insert(t.keys.envelope.clone(), entry);
                 }
                 None => missing.push(t),
             }
@@ -266,7 +328,7 @@ impl CacheService {
         let mut kept: HashMap<StoreKey, Arc<Slot>> = HashMap::new();
         if !missing.is_empty() {
             match self.load_many(&missing).await {
-                Ok(loaded) => slots.extend(loaded),
+                Ok(loaded) => entries.extend(loaded),
                 Err(e) => {
                     tracing::warn!(error = %e, "store unavailable while composing; serving what L1 kept, placeholders for the rest");
                     for t in &missing {
@@ -292,10 +354,10 @@ impl CacheService {
             if found.contains_key(&t.keys.envelope) {
                 continue;
             }
-            if let Some(slot) = slots.get(&t.keys.envelope) {
-                match self.screen(t, slot.clone()).await {
-                    Ok(slot) => {
-                        found.insert(t.keys.envelope.clone(), self.judge(t, slot));
+            if let Some(entry) = entries.get(&t.keys.envelope) {
+                match self.screen(t, entry.clone()).await {
+                    Ok(entry) => {
+                        found.insert(t.keys.envelope.clone(), self.judge(t, entry));
                     }
                     Err(e) => {
                         tracing::warn!(route = %t.route.name, error = %e, "include left out: its tags could not be checked");
@@ -310,8 +372,8 @@ impl CacheService {
     /// there, and caches every answer in L1.
     async fn load_many(
         &self,
-        missing: &[&Target<'_>],
-    ) -> Result<Vec<(StoreKey, Arc<Slot>)>, CacheError> {
+        missing: &[&Fragment<'_>],
+    ) -> Result<Vec<(StoreKey, Entry)>, CacheError> {
         let started = Instant::now();
         let keys: Vec<StoreKey> = missing.iter().map(|t| t.keys.envelope.clone()).collect();
         let mut values = self.backends.store.get_many(&keys).await?;
@@ -321,8 +383,8 @@ impl CacheService {
             let key = &t.keys.envelope;
             match values.remove(key).and_then(|b| self.decode(key, &b)) {
                 Some(e) => {
-                    let slot = self.l1.insert(key, SlotState::Found(e), started).await;
-                    slots.push((key.clone(), slot));
+                    let entry = self.l1.insert(key, SlotState::Found(e), started).await;
+                    slots.push((key.clone(), entry));
                 }
                 None => absent.push(*t),
             }
@@ -337,8 +399,8 @@ impl CacheService {
             match outcome {
                 Ok(requested) => {
                     let key = &t.keys.envelope;
-                    let slot = self.l1.insert(key, requested.into_loaded(), started).await;
-                    slots.push((key.clone(), slot));
+                    let entry = self.l1.insert(key, requested.into_loaded(), started).await;
+                    slots.push((key.clone(), entry));
                 }
                 Err(e) => {
                     tracing::warn!(route = %t.route.name, error = %e, "include left pending: build not requested");
@@ -362,11 +424,12 @@ impl CacheService {
 
     /// What to answer for a slot at this instant; requests the one rebuild a stale or
     /// expired-failure slot calls for (in the background: the answer never waits).
-    pub fn judge(self: &Arc<Self>, t: &Target<'_>, slot: Arc<Slot>) -> Found {
+    fn judge(self: &Arc<Self>, t: &Fragment<'_>, entry: Entry) -> Found {
         let now = now_ms();
-        let SlotState::Found(envelope) = &slot.state else {
+        let Entry::Found(slot) = entry else {
             return Found::Pending;
         };
+        let envelope = &slot.envelope;
         let freshness = envelope.freshness(now);
         let servable = envelope.servable(now);
         if freshness == Freshness::Fresh
@@ -409,7 +472,12 @@ impl CacheService {
 
     /// Requests a rebuild of `t`, whose copy fresh until `replaces` (Unix ms) is served
     /// meanwhile, without waiting for it.
-    fn rebuild_in_background(self: &Arc<Self>, t: &Target<'_>, priority: Priority, replaces: u64) {
+    fn rebuild_in_background(
+        self: &Arc<Self>,
+        t: &Fragment<'_>,
+        priority: Priority,
+        replaces: u64,
+    ) {
         let this = self.clone();
         let (route, identity, generation, keys, generation_read_at) = (
             t.route.clone(),
@@ -418,9 +486,9 @@ impl CacheService {
             t.keys.clone(),
             t.generation_read_at,
         );
-        let trace = Trace::known(t.trace.id().to_string());
+        let trace = t.trace.trace_id().to_string();
         tokio::spawn(async move {
-            let target = Target {
+            let target = Fragment {
                 route: &route,
                 identity,
                 generation,
@@ -440,9 +508,9 @@ impl CacheService {
     /// the copy being rebuilt stops being fresh (Unix ms; 0 when there is none): a copy
     /// in the store fresher than both it and now was built meanwhile, and is not built
     /// again.
-    pub async fn request_build(
+    async fn request_build(
         &self,
-        t: &Target<'_>,
+        t: &Fragment<'_>,
         priority: Priority,
         replaces: u64,
     ) -> Result<Requested, CacheError> {
@@ -475,7 +543,7 @@ impl CacheService {
             attempt: 1,
             requested_at: now,
             lease_deadline: won.deadline,
-            trace_id: t.trace.id().to_string(),
+            trace_id: t.trace.trace_id().to_string(),
         };
         let queue = match priority {
             Priority::Waited => t.route.queue.clone(),
@@ -490,24 +558,22 @@ impl CacheService {
             return Err(e.into());
         }
         metrics.published.inc();
-        tracing::debug!(route = %t.route.name, key = %t.keys.envelope, request = %request.id, ?priority, trace_id = %t.trace.id(), "build queued");
+        tracing::debug!(route = %t.route.name, key = %t.keys.envelope, request = %request.id, ?priority, trace_id = %t.trace.trace_id(), "build queued");
         Ok(Requested::Queued)
     }
 }
 
 impl CacheService {
     /// Deletes one fragment everywhere and tells every gateway; whether it was there.
-    pub async fn purge_fragment(&self, t: &Target<'_>) -> Result<bool, CacheError> {
+    pub async fn purge_fragment(&self, t: &Fragment<'_>) -> Result<bool, CacheError> {
         let key = &t.keys.envelope;
         let deleted = self.backends.store.delete(key).await?;
         // Evict here first, so this gateway is right even if the broker is down.
         self.l1.invalidate_key(key).await;
         let event = Event::Purged {
-            route: None,
-            generation: None,
-            key: Some(key.to_string()),
-            tag: None,
-            purged_at: None,
+            purge: Purge::Key {
+                key: key.to_string(),
+            },
         };
         self.backends.bus.publish_event(&event).await?;
         tracing::info!(route = %t.route.name, %key, deleted, "fragment purged");
@@ -518,16 +584,16 @@ impl CacheService {
     /// fragment rendered before it is retired in every gateway, then tells every gateway
     /// (whose L1 and hot answers forget it at once). Returns the instant (Unix ms).
     pub async fn purge_tag(&self, tag: &Tag) -> Result<u64, CacheError> {
-        let purged_at = tags::purge(self.backends.store.as_ref(), &self.backends.keys, tag).await?;
+        let purged_at =
+            tag_keys::purge(self.backends.store.as_ref(), &self.backends.keys, tag).await?;
         // Here first, so this gateway is right even if the broker is down.
-        self.l1.invalidate_tag(tag.as_str(), Some(purged_at));
+        self.l1.invalidate_tag(tag.as_str(), purged_at);
         self.metrics.tag_purges.inc();
         let event = Event::Purged {
-            route: None,
-            generation: None,
-            key: None,
-            tag: Some(tag.to_string()),
-            purged_at: Some(purged_at),
+            purge: Purge::Tag {
+                tag: tag.to_string(),
+                purged_at,
+            },
         };
         self.backends.bus.publish_event(&event).await?;
         tracing::info!(%tag, purged_at, "tag purged");
@@ -540,16 +606,159 @@ impl CacheService {
         let generation = store::bump_generation(self.backends.store.as_ref(), &key).await?;
         self.l1.invalidate_route(&route.name).await;
         let event = Event::Purged {
-            route: Some(route.name.clone()),
-            generation: Some(generation),
-            key: None,
-            tag: None,
-            purged_at: None,
+            purge: Purge::Route {
+                route: route.name.clone(),
+                generation,
+            },
         };
         self.backends.bus.publish_event(&event).await?;
         tracing::info!(route = %route.name, generation, "route purged");
         Ok(generation)
     }
+}
+
+/// What events from every worker and gateway do to this gateway ([`events::follow`]).
+impl CacheService {
+    /// Applies one event: a fragment built, failed or purged is evicted from L1 (and so
+    /// from the hot answers) and whoever waits for it is woken; a route purge forgets the
+    /// route's generation; a tag purge is recorded, which retires every envelope carrying
+    /// the tag on its next use.
+    async fn apply(&self, event: &Event) {
+        let keys = event
+            .key()
+            .and_then(|text| self.backends.keys.parse_envelope_key(text));
+        if event.key().is_some() && keys.is_none() {
+            tracing::debug!("event for a key outside this namespace ignored");
+        }
+        // Only configured routes become label values.
+        let route = keys
+            .as_ref()
+            .map(|k| k.route())
+            .filter(|r| self.config.route(r).is_some());
+        match event {
+            Event::Failed { error, .. } => self.failures.record(route.unwrap_or(""), error),
+            Event::Purged {
+                purge: Purge::Route { route, .. },
+            } => self.l1.invalidate_route(route).await,
+            Event::Purged {
+                purge: Purge::Tag { tag, purged_at },
+            } => {
+                self.l1.invalidate_tag(tag, *purged_at);
+                self.metrics.tag_purges_heard.inc();
+            }
+            Event::Built { .. } | Event::Purged { .. } => {}
+        }
+        if let Some(keys) = &keys {
+            // Evict first, then wake: a woken request must not find the old entry.
+            self.l1.invalidate_key(&keys.envelope).await;
+            self.waiters.wake(keys.envelope.as_str());
+        }
+        // Counted once applied: whoever reads a count finds L1 already without the old entry.
+        let Some(route) = route else { return };
+        match event {
+            Event::Failed { .. } => self.metrics.build_failed(route),
+            Event::Built { build_ms, .. } => self.metrics.build_succeeded(route, *build_ms),
+            Event::Purged { .. } => {}
+        }
+    }
+
+    /// Events may have been missed: everything L1 holds is forgotten, and every waiter
+    /// looks again.
+    fn events_lost(&self) {
+        tracing::info!("events may have been missed; dropping L1");
+        self.metrics.events_lagged.inc();
+        self.l1.invalidate_all();
+        self.waiters.wake_all();
+    }
+}
+
+/// The hit path's shortcut: hot answers, remembered by the front.
+impl CacheService {
+    /// The hot answer for `request_target` (path and query) and its route, when it may be
+    /// served at `now` without looking anything up: nothing was invalidated since it was
+    /// checked, what it rests on is within `cache.ttl`, and it is fresh and not in its
+    /// route's `refresh_ahead` stretch (there, hits take the full path, which may start
+    /// the early rebuild).
+    pub fn hot(&self, request_target: &str, now: Instant) -> Option<(Arc<Hot>, &FragmentRoute)> {
+        let hot = self.hot.get(request_target)?;
+        let route = self.config.fragments.get(hot.route)?;
+        if !self.l1.unchanged_since(hot.checked_at, hot.loaded_at, now)
+            || now + route.refresh_ahead >= hot.fresh_until
+        {
+            return None;
+        }
+        Some((hot, route))
+    }
+
+    /// Makes `slot`, found fresh for `t` by a lookup that started at `checked_at`, the hot
+    /// answer for `request_target` (routes without `vary` only, and only while L1 caches
+    /// slots).
+    pub fn remember(
+        &self,
+        request_target: &str,
+        t: &Fragment<'_>,
+        slot: &Arc<Slot>,
+        checked_at: Instant,
+    ) {
+        let route = t.route;
+        if !route.vary.is_empty() || !self.l1.enabled() {
+            // Per user, or not cached.
+            return;
+        }
+        let Some(index) = self
+            .config
+            .fragments
+            .iter()
+            .position(|r| std::ptr::eq(r, route))
+        else {
+            return;
+        };
+        self.hot.insert(Hot {
+            target: request_target.into(),
+            route: index,
+            metrics: self.metrics.route(&route.name).clone(),
+            slot: slot.clone(),
+            checked_at,
+            loaded_at: t.generation_read_at.min(slot.loaded_at()),
+            fresh_until: Instant::now() + remaining(now_ms(), slot.envelope.fresh_until),
+            headers: LastHeaders::default(),
+        });
+    }
+
+    /// Starts waiting for news of `t` (built, failed, purged). Register before looking it
+    /// up, so that news between the lookup and the wait still wakes the waiter.
+    pub fn waiter(&self, t: &Fragment<'_>) -> Waiter<'_> {
+        self.waiters.register(t.keys.envelope.as_str())
+    }
+}
+
+/// What the admin listener reads and does.
+impl CacheService {
+    /// L1's entries and bytes, counted up to date, and the long-polls waiting.
+    pub async fn sizes(&self) -> Sizes {
+        self.l1.settle_counts().await;
+        Sizes {
+            l1_entries: self.l1.entry_count(),
+            l1_bytes: self.l1.weighted_size(),
+            long_polls: self.waiters.len(),
+        }
+    }
+
+    /// The latest build failures any worker reported, newest first.
+    pub fn recent_failures(&self) -> Vec<Failure> {
+        self.failures.recent()
+    }
+}
+
+/// What this gateway's cache holds, as `/metrics` shows it.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    /// Entries in L1.
+    pub l1_entries: u64,
+    /// Bytes L1 holds, by its weigher.
+    pub l1_bytes: u64,
+    /// Keys long-polls wait on.
+    pub long_polls: usize,
 }
 
 impl Requested {

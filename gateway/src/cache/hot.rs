@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use http::HeaderMap;
 
-use crate::cache::Slot;
+use super::l1::Slot;
 use crate::metrics::RouteMetrics;
 
 /// Most entries; past it, or past its byte budget, the table starts over (entries are
@@ -135,7 +135,17 @@ impl HotAnswers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::SlotState;
+
+    fn envelope(size: usize) -> tessera_protocol::Envelope {
+        tessera_protocol::Envelope::ready(
+            bytes::Bytes::from(vec![b'x'; size]),
+            "text/html".into(),
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_secs(600),
+            1,
+            1,
+        )
+    }
 
     fn hot(target: &str) -> Hot {
         let now = Instant::now();
@@ -143,7 +153,7 @@ mod tests {
             target: target.into(),
             route: 0,
             metrics: crate::metrics::Metrics::new(["news"]).route("news").clone(),
-            slot: Arc::new(Slot::new(SlotState::Pending, now)),
+            slot: Arc::new(Slot::new(envelope(0), now)),
             checked_at: now,
             loaded_at: now,
             fresh_until: now,
@@ -182,19 +192,9 @@ mod tests {
 
     #[test]
     fn stays_within_its_byte_budget() {
-        let found = |target: &str, size: usize| {
-            let envelope = tessera_protocol::Envelope::ready(
-                bytes::Bytes::from(vec![b'x'; size]),
-                "text/html".into(),
-                std::time::Duration::from_secs(60),
-                std::time::Duration::from_secs(600),
-                1,
-                1,
-            );
-            Hot {
-                slot: Arc::new(Slot::new(SlotState::Found(envelope), Instant::now())),
-                ..hot(target)
-            }
+        let found = |target: &str, size: usize| Hot {
+            slot: Arc::new(Slot::new(envelope(size), Instant::now())),
+            ..hot(target)
         };
         let one = found("/f/0", 10_000).weight();
         let table = HotAnswers::new(u64::try_from(3 * one).unwrap());

@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioIo;
 
-use crate::error::GatewayError;
+use super::error::GatewayError;
 use tessera_protocol::Cause;
 use tessera_protocol::config::{IpNet, UpstreamUrl};
 use tessera_runtime::web::Body;

@@ -20,22 +20,21 @@
 //! fail the whole page; it stays a placeholder that the client script retries.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Response, header};
+use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body_util::{BodyExt, BodyStream, StreamBody};
-use tessera_protocol::{FragmentRoute, Identity, StoreKey};
+use tessera_protocol::{Config, FragmentRoute, Identity, StoreKey};
 
-use crate::Gateway;
-use crate::cache::SlotState;
-use crate::encoding;
-use crate::error::GatewayError;
+use super::Front;
+use super::encoding;
+use super::error::GatewayError;
+use super::headers::Trace;
+use crate::cache::{CacheService, Found, Fragment, TraceId};
 use crate::esi::{self, Segment};
-use crate::fragment::cache_status;
-use crate::headers::Trace;
-use crate::metrics::CacheStatus;
-use crate::service::{CacheService, Found, Target};
+use crate::metrics::{CacheStatus, Metrics};
 use tessera_runtime::web::{Body, BoxError, full};
 
 /// Largest page composed; bigger ones pass through as they are.
@@ -66,7 +65,7 @@ pub struct Composed {
 struct Include<'c> {
     /// The canonical `src`, as the client script polls it.
     src: String,
-    target: Target<'c>,
+    fragment: Fragment<'c>,
 }
 
 /// What one `<esi:include>` of a level resolved to, before anything is looked up.
@@ -85,12 +84,12 @@ enum Plan<'c> {
 }
 
 impl<'c> Plan<'c> {
-    fn targets(&self) -> impl Iterator<Item = &Target<'c>> {
+    fn fragments(&self) -> impl Iterator<Item = &Fragment<'c>> {
         let (primary, alt) = match self {
             Plan::Resolved { primary, alt, .. } => (primary.as_ref(), alt.as_ref()),
             Plan::Limit(_) => (None, None),
         };
-        primary.into_iter().chain(alt).map(|i| &i.target)
+        primary.into_iter().chain(alt).map(|i| &i.fragment)
     }
 }
 
@@ -120,143 +119,178 @@ impl PageBase {
 
 /// One page being composed: the request it answers, and what is left of its budget.
 struct Composer<'c> {
+    config: &'c Config,
     cache: &'c Arc<CacheService>,
+    metrics: &'c Metrics,
     headers: &'c HeaderMap,
     /// The page's `Host`: an absolute `src` naming it is this gateway.
     host: Option<&'c str>,
-    trace: &'c Trace<'c>,
+    trace: &'c dyn TraceId,
     /// Includes that may still be resolved (all levels together).
     budget: usize,
     out: Composed,
 }
 
-impl Gateway {
-    /// Composes `page`, requested at `base` with `headers` (whose cookies and headers feed
-    /// the includes' `vary` values).
-    pub(crate) async fn compose(
-        &self,
-        page: &[u8],
-        base: &PageBase,
-        headers: &HeaderMap,
-        trace: &Trace<'_>,
-    ) -> Composed {
-        let mut out = self.compose_at(page, base, headers, trace, 0).await;
-        if out.placeholders > 0 {
-            inject_client(&mut out.body);
-        }
-        out
+/// A page: `req` from `peer` proxied to the upstream, and composed when its answer asks
+/// for ESI. A HEAD answers what GET would, composed headers included (length, caching),
+/// without the body: asked upstream as GET, as Varnish does.
+pub async fn page(
+    front: Arc<Front>,
+    mut req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    // Composition needs the page request's cookies and headers for `vary`, and its host
+    // and path to resolve include `src`s against.
+    let headers = req.headers().clone();
+    let base = PageBase::of(req.uri(), &headers);
+    let head = req.method() == http::Method::HEAD;
+    if head {
+        *req.method_mut() = http::Method::GET;
     }
-
-    /// Composes `markup` as level `depth` of a page: a page is level 0, a fragment
-    /// answered at its endpoint level 1 (the client script puts it into a page).
-    pub(crate) async fn compose_at(
-        &self,
-        markup: &[u8],
-        base: &PageBase,
-        headers: &HeaderMap,
-        trace: &Trace<'_>,
-        depth: usize,
-    ) -> Composed {
-        let mut composer = Composer {
-            cache: &self.cache,
-            headers,
-            host: base.host.as_deref(),
-            trace,
-            budget: MAX_INCLUDES,
-            out: Composed::default(),
-        };
-        composer.level(markup, &base.path, depth).await;
-        composer.out
+    let response = front.upstream.forward(req, peer).await;
+    let response = response_for(&front, response, &base, &headers).await;
+    if head {
+        let (parts, _) = response.into_parts();
+        return Response::from_parts(parts, tessera_runtime::web::empty());
     }
+    response
+}
 
-    /// Composes an upstream response to a request at `base` when it asks for ESI; passes
-    /// it through otherwise. A compressed page is decoded first, and the composed page
-    /// encoded for the client ([`encoding`]). `Surrogate-Control` and `Surrogate-Key` are
-    /// for surrogates like us and are never sent on to the client.
-    pub(crate) async fn compose_response(
-        self: &Arc<Self>,
-        response: Response<Body>,
-        base: &PageBase,
-        request_headers: &HeaderMap,
-    ) -> Response<Body> {
-        let trace = Trace::new(request_headers);
-        let trace = &trace;
-        let (mut parts, body) = response.into_parts();
-        let esi = tessera_runtime::web::asks_for_esi(&parts.headers);
-        parts.headers.remove("surrogate-control");
-        parts.headers.remove(tessera_protocol::tags::HEADER);
-        let html = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("text/html"));
-        if !esi || !html {
-            return Response::from_parts(parts, body);
-        }
-        let page = match read_up_to(body, MAX_PAGE).await {
-            Ok(Page::Whole(page)) => page,
-            Ok(Page::TooBig(prefix, rest)) => {
-                tracing::warn!(
-                    limit = MAX_PAGE,
-                    "ESI page too large; passed through uncomposed"
-                );
-                let head =
-                    futures_util::stream::once(async move { Ok(hyper::body::Frame::data(prefix)) });
-                let body =
-                    StreamBody::new(futures_util::StreamExt::chain(head, BodyStream::new(rest)));
-                return Response::from_parts(parts, tessera_runtime::web::stream(body));
-            }
-            Err(e) => {
-                return GatewayError::Upstream(tessera_protocol::Cause::context(
-                    "reading an ESI page",
-                    e,
-                ))
-                .into_response();
-            }
-        };
-        let page = match parts.headers.get(header::CONTENT_ENCODING) {
-            None => page,
-            Some(coding) => {
-                let coding = String::from_utf8_lossy(coding.as_bytes());
-                let decoded = tessera_runtime::coding::decode(&coding, &page, MAX_PAGE);
-                match decoded {
-                    Ok(decoded) => {
-                        parts.headers.remove(header::CONTENT_ENCODING);
-                        Bytes::from(decoded)
-                    }
-                    Err(e @ tessera_runtime::coding::DecodeError::Corrupt { .. }) => {
-                        return GatewayError::UpstreamCoding(tessera_protocol::Cause::new(e))
-                            .into_response();
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "ESI page passed through uncomposed");
-                        return Response::from_parts(parts, full(page));
-                    }
-                }
-            }
-        };
-        let composed = self.compose(&page, base, request_headers, trace).await;
-        self.metrics
-            .includes_refused
-            .inc_by(composed.refused as u64);
-        parts.headers.remove(header::ETAG);
-        if composed.per_user {
-            parts.headers.insert(
-                header::CACHE_CONTROL,
-                HeaderValue::from_static("private, no-cache"),
-            );
-        }
-        let (body, _) = encoding::represent(
-            self.config.gateway.compress,
-            request_headers,
-            &mut parts.headers,
-            Bytes::from(composed.body),
-            None,
+/// Composes `page`, requested at `base` with `headers` (whose cookies and headers feed the
+/// includes' `vary` values).
+async fn compose(
+    front: &Front,
+    page: &[u8],
+    base: &PageBase,
+    headers: &HeaderMap,
+    trace: &dyn TraceId,
+) -> Composed {
+    let mut out = compose_at(front, page, base, headers, trace, 0).await;
+    if out.placeholders > 0 {
+        inject_client(&mut out.body);
+    }
+    out
+}
+
+/// Composes `markup` as level `depth` of a page: a page is level 0, a fragment answered at
+/// its endpoint level 1 (the client script puts it into a page).
+pub async fn compose_at(
+    front: &Front,
+    markup: &[u8],
+    base: &PageBase,
+    headers: &HeaderMap,
+    trace: &dyn TraceId,
+    depth: usize,
+) -> Composed {
+    let mut composer = Composer {
+        config: &front.config,
+        cache: &front.cache,
+        metrics: &front.metrics,
+        headers,
+        host: base.host.as_deref(),
+        trace,
+        budget: MAX_INCLUDES,
+        out: Composed::default(),
+    };
+    composer.level(markup, &base.path, depth).await;
+    composer.out
+}
+
+/// Composes an upstream response to a request at `base` when it asks for ESI; passes it
+/// through otherwise. A compressed page is decoded first, and the composed page encoded
+/// for the client ([`encoding`]). `Surrogate-Control` and `Surrogate-Key` are for
+/// surrogates like us and are never sent on to the client.
+async fn response_for(
+    front: &Front,
+    response: Response<Body>,
+    base: &PageBase,
+    request_headers: &HeaderMap,
+) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    let esi = tessera_runtime::web::asks_for_esi(&parts.headers);
+    parts.headers.remove("surrogate-control");
+    parts.headers.remove(tessera_protocol::tags::HEADER);
+    let html = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("text/html"));
+    if !esi || !html {
+        return Response::from_parts(parts, body);
+    }
+    let page = match read_page(&mut parts, body).await {
+        Ok(page) => page,
+        Err(response) => return response,
+    };
+    let trace = Trace::new(request_headers);
+    let composed = compose(front, &page, base, request_headers, &trace).await;
+    front
+        .metrics
+        .includes_refused
+        .inc_by(composed.refused as u64);
+    parts.headers.remove(header::ETAG);
+    if composed.per_user {
+        parts.headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("private, no-cache"),
         );
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        Response::from_parts(parts, full(body))
+    }
+    let (body, _) = encoding::represent(
+        front.config.gateway.compress,
+        request_headers,
+        &mut parts.headers,
+        Bytes::from(composed.body),
+        None,
+    );
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    Response::from_parts(parts, full(body))
+}
+
+/// The decoded page an ESI answer with head `parts` carries, or the response to send
+/// instead: the page passed through uncomposed (too large, or in a coding not decoded),
+/// or a 502 (unreadable, or corrupt in its coding).
+async fn read_page(parts: &mut http::response::Parts, body: Body) -> Result<Bytes, Response<Body>> {
+    let page = match read_up_to(body, MAX_PAGE).await {
+        Ok(Page::Whole(page)) => page,
+        Ok(Page::TooBig(prefix, rest)) => {
+            tracing::warn!(
+                limit = MAX_PAGE,
+                "ESI page too large; passed through uncomposed"
+            );
+            let head =
+                futures_util::stream::once(async move { Ok(hyper::body::Frame::data(prefix)) });
+            let body = StreamBody::new(futures_util::StreamExt::chain(head, BodyStream::new(rest)));
+            return Err(Response::from_parts(
+                parts.clone(),
+                tessera_runtime::web::stream(body),
+            ));
+        }
+        Err(e) => {
+            return Err(GatewayError::Upstream(tessera_protocol::Cause::context(
+                "reading an ESI page",
+                e,
+            ))
+            .into_response());
+        }
+    };
+    let Some(coding) = parts.headers.get(header::CONTENT_ENCODING) else {
+        return Ok(page);
+    };
+    let coding = String::from_utf8_lossy(coding.as_bytes());
+    match tessera_runtime::coding::decode(&coding, &page, MAX_PAGE) {
+        Ok(decoded) => {
+            parts.headers.remove(header::CONTENT_ENCODING);
+            Ok(Bytes::from(decoded))
+        }
+        Err(e @ tessera_runtime::coding::DecodeError::Corrupt { .. }) => {
+            Err(GatewayError::UpstreamCoding(tessera_protocol::Cause::new(e)).into_response())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "ESI page passed through uncomposed");
+            Err(Response::from_parts(parts.clone(), full(page)))
+        }
     }
 }
 
@@ -278,7 +312,7 @@ impl<'c> Composer<'c> {
                     plans.push(self.plan(inc, base, depth).await);
                 }
             }
-            let wanted: Vec<&Target<'_>> = plans.iter().flat_map(Plan::targets).collect();
+            let wanted: Vec<&Fragment<'_>> = plans.iter().flat_map(Plan::fragments).collect();
             let started = std::time::Instant::now();
             let found = self.cache.lookup_many(&wanted).await;
             self.count_lookups(&wanted, &found, started.elapsed().as_secs_f64());
@@ -311,14 +345,13 @@ impl<'c> Composer<'c> {
     /// Counts every include looked up (its `src`, and its `alt`) as the fragment endpoint
     /// counts its requests, each with the level's lookup time: an include the store could
     /// not be asked about counts as an error.
-    fn count_lookups(&self, wanted: &[&Target<'_>], found: &HashMap<StoreKey, Found>, took: f64) {
-        for target in wanted {
+    fn count_lookups(&self, wanted: &[&Fragment<'_>], found: &HashMap<StoreKey, Found>, took: f64) {
+        for fragment in wanted {
             let cache = found
-                .get(&target.keys.envelope)
-                .map_or(CacheStatus::error, cache_status);
-            self.cache
-                .metrics
-                .route(&target.route.name)
+                .get(&fragment.keys.envelope)
+                .map_or(CacheStatus::error, CacheStatus::from);
+            self.metrics
+                .route(&fragment.route.name)
                 .request(cache, took);
         }
     }
@@ -352,12 +385,16 @@ impl<'c> Composer<'c> {
         let (path, query) = resolved
             .split_once('?')
             .map_or((resolved.as_str(), None), |(p, q)| (p, Some(q)));
-        let prefix = self.cache.config.gateway.fragment_prefix.as_str();
-        let route = self.cache.config.route(path.strip_prefix(prefix)?)?;
+        let prefix = self.config.gateway.fragment_prefix.as_str();
+        let route = self.config.route(path.strip_prefix(prefix)?)?;
         let identity = Identity::from_request(route, query, self.headers).ok()?;
         let src = canonical_src(prefix, route, &identity);
-        let target = self.cache.target(route, identity, self.trace).await.ok()?;
-        Some(Include { src, target })
+        let fragment = self
+            .cache
+            .fragment(route, identity, self.trace)
+            .await
+            .ok()?;
+        Some(Include { src, fragment })
     }
 
     /// Writes one include out: its fragment (composed in turn when it carries markup),
@@ -388,17 +425,17 @@ impl<'c> Composer<'c> {
         if primary
             .iter()
             .chain(alt.iter())
-            .any(|i| !i.target.route.vary.is_empty())
+            .any(|i| !i.fragment.route.vary.is_empty())
         {
             self.out.per_user = true;
         }
         let serve = |i: &Option<Include<'_>>| {
             let i = i.as_ref()?;
-            match found.get(&i.target.keys.envelope)? {
-                Found::Serve { slot, .. } => match &slot.state {
-                    SlotState::Found(e) => Some((e.body.clone(), e.esi, i.src.clone())),
-                    SlotState::Pending => None,
-                },
+            match found.get(&i.fragment.keys.envelope)? {
+                Found::Serve { slot, .. } => {
+                    let e = &slot.envelope;
+                    Some((e.body.clone(), e.esi, i.src.clone()))
+                }
                 _ => None,
             }
         };
@@ -424,7 +461,7 @@ impl<'c> Composer<'c> {
             ),
             Some(i) => {
                 let failed = matches!(
-                    found.get(&i.target.keys.envelope),
+                    found.get(&i.fragment.keys.envelope),
                     Some(Found::Failed { .. })
                 );
                 if !(failed && continue_on_error) {
@@ -467,7 +504,7 @@ fn canonical_src(prefix: &str, route: &FragmentRoute, identity: &Identity) -> St
 }
 
 fn placeholder(i: &Include<'_>) -> String {
-    let route = i.target.route;
+    let route = i.fragment.route;
     format!(
         r#"<div class="tessera-fragment" data-tessera-src="{}">{}<template class="tessera-fallback">{}</template></div>"#,
         html_attr(&i.src),

@@ -42,8 +42,9 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 
-use crate::Gateway;
-use crate::error::GatewayError;
+use super::Front;
+use super::error::GatewayError;
+use super::fragment;
 use tessera_runtime::web::{Body, problem};
 
 /// Path of the push stream.
@@ -53,148 +54,141 @@ pub const MAX_SOURCES: usize = 32;
 /// Pause before asking again for a fragment the store could not be asked about (503).
 const UNAVAILABLE_PAUSE: Duration = Duration::from_secs(1);
 
-impl Gateway {
-    /// Serves one push stream.
-    pub(crate) fn stream<B>(self: &Arc<Self>, req: &Request<B>) -> Response<Body> {
-        if req.method() != Method::GET {
-            return GatewayError::MethodNotAllowed {
-                method: req.method().clone(),
-                allow: "GET",
-            }
-            .into_response();
+/// Serves one push stream.
+pub fn serve<B>(front: &Arc<Front>, req: &Request<B>) -> Response<Body> {
+    if req.method() != Method::GET {
+        return GatewayError::MethodNotAllowed {
+            method: req.method().clone(),
+            allow: "GET",
         }
-        let sources = match sources(req.uri().query().unwrap_or("")) {
-            Ok(sources) => sources,
-            Err(detail) => return problem(StatusCode::BAD_REQUEST, "bad_request", &detail),
-        };
-        let streams = &self.metrics.streams;
-        let open = streams.inc();
-        if usize::try_from(open).unwrap_or(usize::MAX) >= self.config.gateway.max_streams {
-            streams.dec();
-            let mut r = problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too_many_streams",
-                "too many push streams open; poll the fragments instead",
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(1));
-            return r;
-        }
-        let (tx, rx) = mpsc::channel(MAX_SOURCES + 2);
-        let this = self.clone();
-        let headers = req.headers().clone();
-        tokio::spawn(async move {
-            this.feed(sources, headers, &tx).await;
-            this.metrics.streams.dec();
-        });
-        let mut r = Response::new(tessera_runtime::web::stream(Events(rx)));
-        let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream; charset=utf-8"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        // Proxies in front (nginx) must pass events on as they come.
-        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-        r
+        .into_response();
     }
+    let sources = match sources(req.uri().query().unwrap_or("")) {
+        Ok(sources) => sources,
+        Err(detail) => return problem(StatusCode::BAD_REQUEST, "bad_request", &detail),
+    };
+    let streams = &front.metrics.streams;
+    let open = streams.inc();
+    if usize::try_from(open).unwrap_or(usize::MAX) >= front.config.gateway.max_streams {
+        streams.dec();
+        let mut r = problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_streams",
+            "too many push streams open; poll the fragments instead",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(1));
+        return r;
+    }
+    let (tx, rx) = mpsc::channel(MAX_SOURCES + 2);
+    let front = front.clone();
+    let headers = req.headers().clone();
+    tokio::spawn(async move {
+        feed(&front, sources, headers, &tx).await;
+        front.metrics.streams.dec();
+    });
+    let mut r = Response::new(tessera_runtime::web::stream(Events(rx)));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Proxies in front (nginx) must pass events on as they come.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
 
-    /// Sends an event for each source as it becomes ready, then `end`; stops early when
-    /// the client goes away (the channel closes).
-    async fn feed(
-        self: &Arc<Self>,
-        sources: Vec<String>,
-        headers: HeaderMap,
-        tx: &mpsc::Sender<Bytes>,
-    ) {
-        let deadline = tokio::time::Instant::now() + self.config.gateway.max_wait;
+/// Sends an event for each source as it becomes ready, then `end`; stops early when
+/// the client goes away (the channel closes).
+async fn feed(front: &Front, sources: Vec<String>, headers: HeaderMap, tx: &mpsc::Sender<Bytes>) {
+    let deadline = tokio::time::Instant::now() + front.config.gateway.max_wait;
+    if tx
+        .send(Bytes::from_static(b"retry: 2000\n\n"))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut pending: FuturesUnordered<_> = sources
+        .iter()
+        .enumerate()
+        .map(|(i, src)| {
+            let headers = &headers;
+            async move { (i, until_ready(front, src, headers, deadline).await) }
+        })
+        .collect();
+    let mut sent = vec![false; sources.len()];
+    loop {
+        let (i, answer) = tokio::select! {
+            () = tx.closed() => return,
+            next = pending.next() => match next {
+                Some(done) => done,
+                None => break,
+            },
+        };
+        let Some((status, html)) = answer else {
+            continue; // still pending at the deadline: listed in `end`
+        };
+        let data = serde_json::json!({ "src": sources[i], "status": status, "html": html });
         if tx
-            .send(Bytes::from_static(b"retry: 2000\n\n"))
+            .send(Bytes::from(format!(
+                "id: {i}\nevent: fragment\ndata: {data}\n\n"
+            )))
             .await
             .is_err()
         {
             return;
         }
-        let mut pending: FuturesUnordered<_> = sources
-            .iter()
-            .enumerate()
-            .map(|(i, src)| {
-                let headers = &headers;
-                async move { (i, self.until_ready(src, headers, deadline).await) }
-            })
-            .collect();
-        let mut sent = vec![false; sources.len()];
-        loop {
-            let (i, answer) = tokio::select! {
-                () = tx.closed() => return,
-                next = pending.next() => match next {
-                    Some(done) => done,
-                    None => break,
-                },
-            };
-            let Some((status, html)) = answer else {
-                continue; // still pending at the deadline: listed in `end`
-            };
-            let data = serde_json::json!({ "src": sources[i], "status": status, "html": html });
-            if tx
-                .send(Bytes::from(format!(
-                    "id: {i}\nevent: fragment\ndata: {data}\n\n"
-                )))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            sent[i] = true;
-        }
-        let left: Vec<&String> = sources
-            .iter()
-            .zip(&sent)
-            .filter_map(|(src, sent)| (!sent).then_some(src))
-            .collect();
-        let end = serde_json::json!({ "pending": left });
-        let _ = tx
-            .send(Bytes::from(format!("event: end\ndata: {end}\n\n")))
-            .await;
+        sent[i] = true;
     }
+    let left: Vec<&String> = sources
+        .iter()
+        .zip(&sent)
+        .filter_map(|(src, sent)| (!sent).then_some(src))
+        .collect();
+    let end = serde_json::json!({ "pending": left });
+    let _ = tx
+        .send(Bytes::from(format!("event: end\ndata: {end}\n\n")))
+        .await;
+}
 
-    /// Asks the fragment endpoint for `src` with this stream's headers, waiting as a
-    /// long-poll does, until it answers anything but "pending" or `deadline` passes
-    /// (`None`).
-    async fn until_ready(
-        self: &Arc<Self>,
-        src: &str,
-        headers: &HeaderMap,
-        deadline: tokio::time::Instant,
-    ) -> Option<(u16, String)> {
-        let prefix = self.config.gateway.fragment_prefix.as_str();
-        let Some(name) = src
-            .split('?')
-            .next()
-            .and_then(|path| path.strip_prefix(prefix))
-        else {
-            return Some((StatusCode::NOT_FOUND.as_u16(), String::new()));
+/// Asks the fragment endpoint for `src` with this stream's headers, waiting as a
+/// long-poll does, until it answers anything but "pending" or `deadline` passes
+/// (`None`).
+async fn until_ready(
+    front: &Front,
+    src: &str,
+    headers: &HeaderMap,
+    deadline: tokio::time::Instant,
+) -> Option<(u16, String)> {
+    let prefix = front.config.gateway.fragment_prefix.as_str();
+    let Some(name) = src
+        .split('?')
+        .next()
+        .and_then(|path| path.strip_prefix(prefix))
+    else {
+        return Some((StatusCode::NOT_FOUND.as_u16(), String::new()));
+    };
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= deadline || front.stopping.is_cancelled() {
+            return None;
+        }
+        let wait = (deadline - now).as_secs().max(1);
+        let Ok(req) = fragment_request(src, headers, wait) else {
+            return Some((StatusCode::BAD_REQUEST.as_u16(), String::new()));
         };
-        loop {
-            let now = tokio::time::Instant::now();
-            if now >= deadline || self.stopping.is_cancelled() {
-                return None;
-            }
-            let wait = (deadline - now).as_secs().max(1);
-            let Ok(req) = fragment_request(src, headers, wait) else {
-                return Some((StatusCode::BAD_REQUEST.as_u16(), String::new()));
-            };
-            let response = Box::pin(self.fragment(&req, name)).await;
-            let status = response.status();
-            if status == StatusCode::OK {
-                let body = response.into_body().collect().await.ok()?.to_bytes();
-                return Some((status.as_u16(), String::from_utf8_lossy(&body).into_owned()));
-            }
-            if status == StatusCode::SERVICE_UNAVAILABLE {
-                tokio::time::sleep(UNAVAILABLE_PAUSE.min(deadline - now)).await;
-            } else if status != StatusCode::ACCEPTED {
-                return Some((status.as_u16(), String::new()));
-            }
+        let response = Box::pin(fragment::serve(front, &req, name)).await;
+        let status = response.status();
+        if status == StatusCode::OK {
+            let body = response.into_body().collect().await.ok()?.to_bytes();
+            return Some((status.as_u16(), String::from_utf8_lossy(&body).into_owned()));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            tokio::time::sleep(UNAVAILABLE_PAUSE.min(deadline - now)).await;
+        } else if status != StatusCode::ACCEPTED {
+            return Some((status.as_u16(), String::new()));
         }
     }
 }

@@ -1,15 +1,16 @@
 //! L1: the in-process cache in front of the store.
 //!
-//! Two moka caches: slots (what the store said about one envelope key — an envelope, or
-//! "pending") and route generations, and beside them what is known of tag purges
-//! ([`crate::tags`]), which an envelope's tags are checked against on every use. Both
+//! Two moka caches: entries (what the store said about one envelope key — an envelope in
+//! its [`Slot`], or "pending") and route generations, and beside them what is known of
+//! tag purges ([`super::tags`]), which an envelope's tags are checked against on every use. Both
 //! caches are bounded (bytes for slots) and hold entries for at most `cache.ttl`; events
 //! evict sooner.
 //!
-//! Concurrent misses on one key are coalesced by moka's `try_get_with`: a burst of
-//! identical requests costs one store lookup (and, on a cold key, one lease attempt). A
-//! load may answer its callers without L1 keeping the answer ([`Loaded::once`]): the
-//! gateway does so for a build the load itself queued.
+//! Concurrent misses on one key share one load: a burst of identical requests costs one
+//! store lookup (and, on a cold key, one lease attempt). A load may answer its callers
+//! without L1 keeping the answer ([`Loaded::once`]): the cache does so for a build the
+//! load itself queued. The callers waiting for a load are kept apart from the cache
+//! itself (moka's own coalescing keeps every answer it shares).
 //!
 //! Eviction by event has a race that a plain `invalidate` does not close: a load that
 //! started *before* an event can finish *after* it and insert what it read. So every event
@@ -23,17 +24,20 @@
 //! memory is fixed (1 MiB) however many events arrive, and it never forgets: two keys that
 //! share a slot only cost the other one an early reload, never a missed invalidation.
 
+use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 use tessera_protocol::time::now_ms;
 use tessera_protocol::{Envelope, StoreKey};
+use tokio::sync::OnceCell;
 
-use crate::service::CacheError;
-use crate::tags::TagPurges;
+use super::CacheError;
+use super::tags::TagPurges;
+use crate::compress::{Encoded, compressible, eligible};
 
 /// What the store said about one envelope key.
 #[derive(Debug)]
@@ -66,57 +70,43 @@ impl From<SlotState> for Loaded {
     }
 }
 
-/// Why a load left nothing in L1: it failed, or it found what is answered once.
-#[derive(Debug, Clone)]
-enum NotKept {
-    Failed(CacheError),
-    Once(Arc<Slot>),
-}
-
-/// One cached answer from the store.
+/// A fragment L1 holds: an envelope the store had (ready or failed), with what serving
+/// it needs, worked out once rather than on every hit.
 #[derive(Debug)]
 pub struct Slot {
-    /// The answer.
-    pub state: SlotState,
+    /// The envelope.
+    pub envelope: Envelope,
     /// When the load that produced it started.
     loaded_at: Instant,
     /// Set once a rebuild was requested from this slot, so a stale entry served to many
     /// requests asks for one rebuild, not one per request.
     rebuild_requested: AtomicBool,
-    /// `Content-Type` and `ETag` of a found envelope, validated once rather than on
-    /// every hit; `None` when a value cannot be a header (it is then left out).
+    /// `Content-Type` and `ETag` of the envelope, validated once rather than on every
+    /// hit; `None` when a value cannot be a header (it is then left out).
     pub content_type: Option<HeaderValue>,
     /// See `content_type`.
     pub etag: Option<HeaderValue>,
-    /// The envelope body's compressed copies, made on the first hit that asks for each.
-    pub encoded: crate::encoding::Encoded,
+    /// The body's compressed copies, made on the first hit that asks for each.
+    pub encoded: Encoded,
     /// Whether the body is compressed for clients that ask (see
-    /// [`crate::encoding::eligible`]), decided once rather than on every hit.
+    /// [`crate::compress::eligible`]), decided once rather than on every hit.
     pub compressible: bool,
 }
 
 impl Slot {
-    pub(crate) fn new(state: SlotState, loaded_at: Instant) -> Self {
-        let (content_type, etag) = match &state {
-            SlotState::Found(e) => (
-                HeaderValue::from_str(&e.content_type).ok(),
-                HeaderValue::from_str(&e.etag).ok(),
-            ),
-            SlotState::Pending => (None, None),
-        };
-        let compressible = match (&state, &content_type) {
-            (SlotState::Found(e), Some(ct)) => {
-                crate::encoding::eligible(ct.as_bytes(), e.body.len())
-            }
-            _ => false,
-        };
+    pub(crate) fn new(envelope: Envelope, loaded_at: Instant) -> Self {
+        let content_type = HeaderValue::from_str(&envelope.content_type).ok();
+        let etag = HeaderValue::from_str(&envelope.etag).ok();
+        let compressible = content_type
+            .as_ref()
+            .is_some_and(|ct| eligible(ct.as_bytes(), envelope.body.len()));
         Self {
-            state,
+            envelope,
             loaded_at,
             rebuild_requested: AtomicBool::new(false),
             content_type,
             etag,
-            encoded: crate::encoding::Encoded::default(),
+            encoded: Encoded::default(),
             compressible,
         }
     }
@@ -130,23 +120,54 @@ impl Slot {
     /// key). A compressible body counts twice: its compressed copies, each kept only
     /// while smaller than the body, may come to as much again.
     pub fn weight(&self) -> usize {
-        let envelope = match &self.state {
-            SlotState::Found(e) => {
-                let copies = if crate::encoding::compressible(e.content_type.as_bytes()) {
-                    e.body.len()
-                } else {
-                    0
-                };
-                e.body.len() + copies + e.content_type.len() + e.etag.len()
-            }
-            SlotState::Pending => 0,
+        let e = &self.envelope;
+        let copies = if compressible(e.content_type.as_bytes()) {
+            e.body.len()
+        } else {
+            0
         };
-        envelope + SLOT_OVERHEAD
+        e.body.len() + copies + e.content_type.len() + e.etag.len() + SLOT_OVERHEAD
     }
 
     /// True for the first caller only.
     pub fn claim_rebuild(&self) -> bool {
         !self.rebuild_requested.swap(true, Ordering::AcqRel)
+    }
+}
+
+/// What L1 holds for one envelope key.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// The store had an envelope.
+    Found(Arc<Slot>),
+    /// The store had none, and a build is queued or running (the lease is held).
+    Pending {
+        /// When the load that found it started.
+        loaded_at: Instant,
+    },
+}
+
+impl Entry {
+    fn new(state: SlotState, loaded_at: Instant) -> Self {
+        match state {
+            SlotState::Found(envelope) => Entry::Found(Arc::new(Slot::new(envelope, loaded_at))),
+            SlotState::Pending => Entry::Pending { loaded_at },
+        }
+    }
+
+    /// When the load that produced it started.
+    pub fn loaded_at(&self) -> Instant {
+        match self {
+            Entry::Found(slot) => slot.loaded_at,
+            Entry::Pending { loaded_at } => *loaded_at,
+        }
+    }
+
+    fn weight(&self) -> usize {
+        match self {
+            Entry::Found(slot) => slot.weight(),
+            Entry::Pending { .. } => SLOT_OVERHEAD,
+        }
     }
 }
 
@@ -156,7 +177,7 @@ impl Slot {
 /// `bench/README.md`), so that `cache.capacity` bounds the memory L1 really holds: 512
 /// bytes, before the slot grew the cells of its compressed copies, counted here by their
 /// size (the copies' bytes are counted in [`Slot::weight`]).
-const SLOT_OVERHEAD: usize = 512 + std::mem::size_of::<crate::encoding::Encoded>();
+const SLOT_OVERHEAD: usize = 512 + std::mem::size_of::<Encoded>();
 
 #[derive(Debug, Clone, Copy)]
 struct Generation {
@@ -178,34 +199,31 @@ struct SlotExpiry {
     ttl: Duration,
 }
 
-impl moka::Expiry<StoreKey, Arc<Slot>> for SlotExpiry {
-    fn expire_after_create(&self, _: &StoreKey, slot: &Arc<Slot>, _: Instant) -> Option<Duration> {
-        let ttl = match &slot.state {
+impl moka::Expiry<StoreKey, Entry> for SlotExpiry {
+    fn expire_after_create(&self, _: &StoreKey, entry: &Entry, _: Instant) -> Option<Duration> {
+        let ttl = match entry {
             // Read for `cache.ttl`, then kept as a fallback for a store that cannot answer,
             // but never past the moment the store would drop it.
-            SlotState::Found(e) => e.store_ttl(now_ms()),
-            SlotState::Pending => self.ttl,
+            Entry::Found(slot) => slot.envelope.store_ttl(now_ms()),
+            Entry::Pending { .. } => self.ttl,
         };
         Some(ttl)
     }
 }
 
-/// What [`L1::slot`] found.
-#[derive(Debug)]
-pub struct SlotRead {
-    /// The slot.
-    pub slot: Arc<Slot>,
-    /// The store could not be reached: this is the copy L1 last read, past `cache.ttl`.
-    pub fallback: bool,
+impl moka::Expiry<StoreKey, Arc<Slot>> for SlotExpiry {
+    fn expire_after_create(&self, _: &StoreKey, slot: &Arc<Slot>, _: Instant) -> Option<Duration> {
+        Some(slot.envelope.store_ttl(now_ms()))
+    }
 }
 
-impl SlotRead {
-    fn current(slot: Arc<Slot>) -> Self {
-        Self {
-            slot,
-            fallback: false,
-        }
-    }
+/// What [`L1::read`] found.
+#[derive(Debug)]
+pub enum Read {
+    /// What L1 holds, or what a load found, within `cache.ttl`.
+    Current(Entry),
+    /// The store could not be reached: the copy L1 last read, past `cache.ttl`.
+    Fallback(Arc<Slot>),
 }
 
 /// L1's hasher, for its maps and the invalidation log: seeded per process, and several
@@ -215,7 +233,9 @@ type Hasher = foldhash::fast::RandomState;
 
 /// The L1 cache of one gateway.
 pub struct L1 {
-    slots: Option<moka::future::Cache<StoreKey, Arc<Slot>, Hasher>>,
+    slots: Option<moka::future::Cache<StoreKey, Entry, Hasher>>,
+    /// Loads in flight, each shared by every caller that missed the key meanwhile.
+    loading: Mutex<HashMap<StoreKey, Arc<Load>, Hasher>>,
     /// Entries past `cache.ttl` taken out of `slots` to be read again: what every
     /// concurrent reader falls back to while the store cannot answer, not only the one
     /// that took it out. Dropped once a read succeeds.
@@ -235,6 +255,37 @@ pub struct L1 {
     ttl: Duration,
     /// What is known of tag purges, so a hit checks its envelope's tags without I/O.
     pub tags: TagPurges,
+}
+
+/// One load in flight: its outcome, once known, for every caller waiting on it.
+type Load = OnceCell<Result<Entry, CacheError>>;
+
+/// A caller's share of the load of `key`: the load in flight, or a new one. Dropped, it
+/// takes the load out of [`L1::loading`] (the first caller done does, so a key is never
+/// left there, even by a cancelled request); callers still waiting keep their share.
+struct Waiting<'a> {
+    l1: &'a L1,
+    key: &'a StoreKey,
+    load: Arc<Load>,
+}
+
+impl<'a> Waiting<'a> {
+    fn join(l1: &'a L1, key: &'a StoreKey) -> Self {
+        let load = l1.loading().entry(key.clone()).or_default().clone();
+        Self { l1, key, load }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut loading = self.l1.loading();
+        if loading
+            .get(self.key)
+            .is_some_and(|l| Arc::ptr_eq(l, &self.load))
+        {
+            loading.remove(self.key);
+        }
+    }
 }
 
 impl std::fmt::Debug for L1 {
@@ -263,14 +314,15 @@ impl L1 {
         let slots = (capacity > 0).then(|| {
             moka::future::Cache::builder()
                 .max_capacity(capacity)
-                .weigher(|k: &StoreKey, s: &Arc<Slot>| {
-                    u32::try_from(k.as_str().len() + s.weight()).unwrap_or(u32::MAX)
+                .weigher(|k: &StoreKey, e: &Entry| {
+                    u32::try_from(k.as_str().len() + e.weight()).unwrap_or(u32::MAX)
                 })
                 .expire_after(SlotExpiry { ttl })
                 .build_with_hasher(Hasher::default())
         });
         Self {
             slots,
+            loading: Mutex::default(),
             reloading: moka::sync::Cache::builder()
                 .max_capacity(capacity)
                 .weigher(|k: &StoreKey, s: &Arc<Slot>| {
@@ -383,15 +435,16 @@ impl L1 {
         self.slots.is_some()
     }
 
-    /// The slot of `key`, from L1 or from `load` (coalesced across concurrent callers).
+    /// What L1 holds for `key`, or what `load` finds (one load shared by concurrent
+    /// callers).
     ///
     /// An entry past `cache.ttl` is loaded again; when the store cannot answer then, the
-    /// entry serves on as a [`SlotRead::fallback`] while its envelope is servable (within
+    /// entry serves on as a [`Read::Fallback`] while its envelope is servable (within
     /// the route's `stale` window). Invalidated entries (events, purges) are never used.
     ///
     /// `load` builds the loading future only on a miss, and the miss path is boxed: a hit
     /// then creates and moves a small future, which is most of what a hit costs.
-    pub async fn slot<L, F, S>(&self, key: &StoreKey, load: L) -> Result<SlotRead, CacheError>
+    pub async fn read<L, F, S>(&self, key: &StoreKey, load: L) -> Result<Read, CacheError>
     where
         L: FnOnce() -> F,
         F: Future<Output = Result<S, CacheError>>,
@@ -400,100 +453,103 @@ impl L1 {
         let started = Instant::now();
         let Some(slots) = &self.slots else {
             let loaded: Loaded = Box::pin(load()).await?.into();
-            let slot = Arc::new(Slot::new(loaded.state, started));
-            return Ok(SlotRead::current(slot));
+            return Ok(Read::Current(Entry::new(loaded.state, started)));
         };
-        if let Some(slot) = slots.get(key).await {
-            if !self.still_valid(Logged::Key(key.as_str()), slot.loaded_at) {
+        if let Some(entry) = slots.get(key).await {
+            let loaded_at = entry.loaded_at();
+            if !self.still_valid(Logged::Key(key.as_str()), loaded_at) {
                 slots.invalidate(key).await;
-            } else if started.saturating_duration_since(slot.loaded_at) < self.ttl {
-                return Ok(SlotRead::current(slot));
+            } else if started.saturating_duration_since(loaded_at) < self.ttl {
+                return Ok(Read::Current(entry));
             } else {
-                self.reloading.insert(key.clone(), slot);
+                if let Entry::Found(slot) = entry {
+                    self.reloading.insert(key.clone(), slot);
+                }
                 slots.invalidate(key).await;
             }
         }
         Box::pin(self.reload(slots, key, load, started)).await
     }
 
-    /// The miss path of [`Self::slot`]: loads, and falls back to the copy waiting in
-    /// `reloading` when the store cannot answer.
+    /// The miss path of [`Self::read`]: loads (or waits for the load another caller
+    /// started), and falls back to the copy waiting in `reloading` when the store cannot
+    /// answer.
     async fn reload<L, F, S>(
         &self,
-        slots: &moka::future::Cache<StoreKey, Arc<Slot>, Hasher>,
+        slots: &moka::future::Cache<StoreKey, Entry, Hasher>,
         key: &StoreKey,
         load: L,
         started: Instant,
-    ) -> Result<SlotRead, CacheError>
+    ) -> Result<Read, CacheError>
     where
         L: FnOnce() -> F,
         F: Future<Output = Result<S, CacheError>>,
         S: Into<Loaded>,
     {
-        // Concurrent callers share the load and its outcome, kept or not.
-        let loaded = slots
-            .try_get_with(key.clone(), async move {
-                let loaded: Loaded = load().await.map_err(NotKept::Failed)?.into();
-                let slot = Arc::new(Slot::new(loaded.state, started));
-                if loaded.keep {
-                    Ok(slot)
-                } else {
-                    Err(NotKept::Once(slot))
+        // Taken out of `loading` when this caller is done, however it ends (a cancelled
+        // request too), so a key never stays there.
+        let shared = Waiting::join(self, key);
+        let outcome = shared
+            .load
+            .get_or_init(|| async {
+                let loaded: Loaded = load().await?.into();
+                let entry = Entry::new(loaded.state, started);
+                // Kept before its callers are answered, so a caller that comes after
+                // them finds it in L1.
+                if loaded.keep && self.still_valid(Logged::Key(key.as_str()), started) {
+                    slots.insert(key.clone(), entry.clone()).await;
                 }
+                Ok(entry)
             })
             .await
-            .map(|slot| (slot, true))
-            .or_else(|e| match Arc::unwrap_or_clone(e) {
-                NotKept::Once(slot) => Ok((slot, false)),
-                NotKept::Failed(e) => Err(e),
-            });
-        match loaded {
-            Ok((slot, kept)) => {
+            .clone();
+        drop(shared);
+        match outcome {
+            Ok(entry) => {
                 self.reloading.invalidate(key);
-                if kept && !self.still_valid(Logged::Key(key.as_str()), slot.loaded_at) {
-                    // The load straddled an invalidation: answer it, keep nothing.
-                    slots.invalidate(key).await;
-                }
-                Ok(SlotRead::current(slot))
+                Ok(Read::Current(entry))
             }
             Err(CacheError::Store(e)) => self
                 .reloading
                 .get(key)
                 .filter(|slot| self.usable_fallback(key, slot))
-                .map(|slot| SlotRead {
-                    slot,
-                    fallback: true,
-                })
+                .map(Read::Fallback)
                 .ok_or(CacheError::Store(e)),
             Err(e) => Err(e),
         }
     }
 
+    fn loading(&self) -> std::sync::MutexGuard<'_, HashMap<StoreKey, Arc<Load>, Hasher>> {
+        self.loading.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Whether `slot`, past `cache.ttl`, may still be served while the store is down:
     /// valid, servable, and not retired by any tag purge heard of.
     fn usable_fallback(&self, key: &StoreKey, slot: &Slot) -> bool {
+        let e = &slot.envelope;
         self.still_valid(Logged::Key(key.as_str()), slot.loaded_at)
-            && matches!(&slot.state, SlotState::Found(e)
-                if e.servable(now_ms()) && !e.retired_by(|t| self.tags.last_known(t)))
+            && e.servable(now_ms())
+            && !e.retired_by(|t| self.tags.last_known(t))
     }
 
     /// The slot of `key` loaded past `cache.ttl` ago, still valid and servable: what to
     /// serve when the store cannot be asked. Never loads.
     pub async fn kept(&self, key: &StoreKey) -> Option<Arc<Slot>> {
         let slot = match self.slots.as_ref()?.get(key).await {
-            Some(slot) => slot,
+            Some(Entry::Found(slot)) => slot,
+            Some(Entry::Pending { .. }) => return None,
             None => self.reloading.get(key)?,
         };
         self.usable_fallback(key, &slot).then_some(slot)
     }
 
-    /// The cached slot of `key`, if there is a valid one within `cache.ttl`; never
+    /// The cached entry of `key`, if there is a valid one within `cache.ttl`; never
     /// loads.
-    pub async fn peek(&self, key: &StoreKey) -> Option<Arc<Slot>> {
-        let slot = self.slots.as_ref()?.get(key).await?;
-        (self.still_valid(Logged::Key(key.as_str()), slot.loaded_at)
-            && slot.loaded_at.elapsed() < self.ttl)
-            .then_some(slot)
+    pub async fn peek(&self, key: &StoreKey) -> Option<Entry> {
+        let entry = self.slots.as_ref()?.get(key).await?;
+        let loaded_at = entry.loaded_at();
+        (self.still_valid(Logged::Key(key.as_str()), loaded_at) && loaded_at.elapsed() < self.ttl)
+            .then_some(entry)
     }
 
     /// Caches what a batch load that started at `loaded_at` found for `key` (unless it is
@@ -503,16 +559,16 @@ impl L1 {
         key: &StoreKey,
         loaded: impl Into<Loaded>,
         loaded_at: Instant,
-    ) -> Arc<Slot> {
+    ) -> Entry {
         let loaded = loaded.into();
-        let slot = Arc::new(Slot::new(loaded.state, loaded_at));
+        let entry = Entry::new(loaded.state, loaded_at);
         if let Some(slots) = &self.slots
             && loaded.keep
             && self.still_valid(Logged::Key(key.as_str()), loaded_at)
         {
-            slots.insert(key.clone(), slot.clone()).await;
+            slots.insert(key.clone(), entry.clone()).await;
         }
-        slot
+        entry
     }
 
     /// Forgets `key` and anything loaded for it before now (built, failed, purged).
@@ -531,13 +587,10 @@ impl L1 {
         self.generations.invalidate(route).await;
     }
 
-    /// `tag` was purged at `purged_at` (Unix ms; `None` when the event did not say, and the
-    /// store is read again). Hot answers are dropped with it (they check no tags).
-    pub fn invalidate_tag(&self, tag: &str, purged_at: Option<u64>) {
-        match purged_at {
-            Some(at) => self.tags.learn(tag, at, Instant::now()),
-            None => self.tags.forget(tag),
-        }
+    /// `tag` was purged at `purged_at` (Unix ms). Hot answers are dropped with it (they
+    /// check no tags).
+    pub fn invalidate_tag(&self, tag: &str, purged_at: u64) {
+        self.tags.learn(tag, purged_at, Instant::now());
         self.log(Logged::Tag(tag));
     }
 
@@ -596,7 +649,7 @@ mod tests {
             .map(|_| {
                 let (l1, loads) = (l1.clone(), loads.clone());
                 tokio::spawn(async move {
-                    l1.slot(&key(1), || async {
+                    l1.read(&key(1), || async {
                         loads.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         Ok(SlotState::Pending)
@@ -624,17 +677,17 @@ mod tests {
         let tasks: Vec<_> = (0..100)
             .map(|_| {
                 let (l1, loads) = (l1.clone(), loads.clone());
-                tokio::spawn(async move { l1.slot(&key(1), || load(loads)).await.unwrap() })
+                tokio::spawn(async move { l1.read(&key(1), || load(loads)).await.unwrap() })
             })
             .collect();
         for t in tasks {
             let read = t.await.unwrap();
-            assert!(matches!(read.slot.state, SlotState::Pending) && !read.fallback);
+            assert!(matches!(read, Read::Current(Entry::Pending { .. })));
         }
         assert_eq!(loads.load(Ordering::SeqCst), 1, "callers share the load");
         l1.settle_counts().await;
         assert_eq!(l1.entry_count(), 0, "nothing kept");
-        l1.slot(&key(1), || load(loads.clone())).await.unwrap();
+        l1.read(&key(1), || load(loads.clone())).await.unwrap();
         assert_eq!(
             loads.load(Ordering::SeqCst),
             2,
@@ -656,7 +709,7 @@ mod tests {
         let loader = {
             let l1 = l1.clone();
             tokio::spawn(async move {
-                l1.slot(&key(1), || async move {
+                l1.read(&key(1), || async move {
                     started_tx.send(()).unwrap();
                     finish_rx.await.unwrap();
                     Ok(SlotState::Pending)
@@ -672,7 +725,7 @@ mod tests {
         loader.await.unwrap();
         // …so what it inserted must not be used: the next read loads again.
         let reloaded = AtomicBool::new(false);
-        l1.slot(&key(1), || async {
+        l1.read(&key(1), || async {
             reloaded.store(true, Ordering::SeqCst);
             Ok(SlotState::Pending)
         })
@@ -711,14 +764,14 @@ mod tests {
     async fn errors_are_not_cached() {
         let l1 = L1::new(1 << 20, Duration::from_secs(60));
         let e = l1
-            .slot(&key(1), || async {
+            .read(&key(1), || async {
                 Err::<SlotState, _>(CacheError::Store(
                     tessera_protocol::StoreError::Unavailable("x".into()),
                 ))
             })
             .await;
         assert!(matches!(e, Err(CacheError::Store(_))));
-        let ok = l1.slot(&key(1), || async { Ok(SlotState::Pending) }).await;
+        let ok = l1.read(&key(1), || async { Ok(SlotState::Pending) }).await;
         assert!(ok.is_ok());
     }
 
@@ -773,7 +826,7 @@ mod tests {
         let l1 = L1::new(0, Duration::from_secs(60));
         let loads = AtomicUsize::new(0);
         for _ in 0..3 {
-            l1.slot(&key(1), || async {
+            l1.read(&key(1), || async {
                 loads.fetch_add(1, Ordering::SeqCst);
                 Ok(SlotState::Pending)
             })
@@ -785,7 +838,10 @@ mod tests {
 
     #[tokio::test]
     async fn rebuild_is_claimed_once() {
-        let slot = Slot::new(SlotState::Pending, Instant::now());
+        let SlotState::Found(envelope) = found(Duration::ZERO) else {
+            unreachable!()
+        };
+        let slot = Slot::new(envelope, Instant::now());
         assert!(slot.claim_rebuild());
         assert!(!slot.claim_rebuild());
     }
@@ -811,30 +867,32 @@ mod tests {
     async fn past_the_ttl_a_dead_store_gets_the_copy_l1_kept() {
         let l1 = L1::new(1 << 20, TTL);
         let first = l1
-            .slot(&key(1), || async { Ok(found(Duration::from_secs(60))) })
+            .read(&key(1), || async { Ok(found(Duration::from_secs(60))) })
             .await;
-        assert!(!first.unwrap().fallback);
+        assert!(matches!(first.unwrap(), Read::Current(Entry::Found(_))));
         std::thread::sleep(TTL * 2);
         let read = l1
-            .slot(&key(1), || async { Err::<SlotState, _>(store_down()) })
+            .read(&key(1), || async { Err::<SlotState, _>(store_down()) })
             .await;
         let read = read.expect("served from L1");
-        assert!(read.fallback);
-        assert!(matches!(read.slot.state, SlotState::Found(_)));
+        assert!(matches!(read, Read::Fallback(_)));
         assert!(l1.kept(&key(1)).await.is_some());
         assert!(
             l1.peek(&key(1)).await.is_none(),
             "past the ttl: not current"
         );
         // The store answers again: it is read, not the copy.
-        let read = l1.slot(&key(1), || async { Ok(SlotState::Pending) }).await;
-        assert!(!read.unwrap().fallback);
+        let read = l1.read(&key(1), || async { Ok(SlotState::Pending) }).await;
+        assert!(matches!(
+            read.unwrap(),
+            Read::Current(Entry::Pending { .. })
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_concurrent_reader_past_the_ttl_gets_the_kept_copy() {
         let l1 = Arc::new(L1::new(1 << 20, TTL));
-        l1.slot(&key(1), || async { Ok(found(Duration::from_secs(60))) })
+        l1.read(&key(1), || async { Ok(found(Duration::from_secs(60))) })
             .await
             .unwrap();
         assert_eq!(l1.generation("r", || async { Ok(7) }).await.unwrap().0, 7);
@@ -853,12 +911,12 @@ mod tests {
                         .await
                         .map(|g| g.0);
                     let slot = l1
-                        .slot(&key(1), || async {
+                        .read(&key(1), || async {
                             hang().await;
                             Err::<SlotState, _>(store_down())
                         })
                         .await
-                        .map(|r| r.fallback);
+                        .map(|r| matches!(r, Read::Fallback(_)));
                     (generation, slot)
                 })
             })
@@ -873,21 +931,21 @@ mod tests {
     #[tokio::test]
     async fn no_copy_of_an_invalidated_or_unservable_entry() {
         let l1 = L1::new(1 << 20, TTL);
-        l1.slot(&key(1), || async { Ok(found(Duration::from_secs(60))) })
+        l1.read(&key(1), || async { Ok(found(Duration::from_secs(60))) })
             .await
             .unwrap();
         // Past its stale window: nothing to serve.
-        l1.slot(&key(2), || async { Ok(found(Duration::ZERO)) })
+        l1.read(&key(2), || async { Ok(found(Duration::ZERO)) })
             .await
             .unwrap();
-        l1.slot(&key(3), || async { Ok(SlotState::Pending) })
+        l1.read(&key(3), || async { Ok(SlotState::Pending) })
             .await
             .unwrap();
         l1.invalidate_key(&key(1)).await;
         std::thread::sleep(TTL * 2);
         for n in 1..=3 {
             let read = l1
-                .slot(&key(n), || async { Err::<SlotState, _>(store_down()) })
+                .read(&key(n), || async { Err::<SlotState, _>(store_down()) })
                 .await;
             assert!(read.is_err(), "key {n}");
             assert!(l1.kept(&key(n)).await.is_none(), "key {n}");

@@ -2,12 +2,12 @@
 //! never), so the hit path can tell whether a tag purge retired an L1 entry without I/O.
 //!
 //! Filled from the store (the tag keys of an envelope read on a miss, in one `get_many`,
-//! see [`crate::service`]) and from `purged` events, which carry the instant of the purge.
+//! see [`super`]) and from `purged` events, which carry the instant of the purge.
 //! A value is trusted for `cache.ttl` after it was read, like L1's own entries; past it,
 //! the tag is read again, and the old value is kept only as the fallback for a store that
 //! cannot answer. Values only grow: a store read that started before a purge and answers
 //! after its event never lowers what the event said. A lost event clears the table with
-//! L1 ([`crate::cache::L1::invalidate_all`]).
+//! L1 ([`super::l1::L1::invalidate_all`]).
 //!
 //! Bounded: at most [`CAPACITY`] tags, each kept at most [`KEPT`].
 
@@ -80,11 +80,6 @@ impl TagPurges {
             });
     }
 
-    /// Forgets `tag`: the next check reads the store.
-    pub fn forget(&self, tag: &str) {
-        self.known.invalidate(tag);
-    }
-
     /// Forgets everything (events may have been missed).
     pub fn clear(&self) {
         self.known.invalidate_all();
@@ -110,10 +105,9 @@ mod tests {
         let late = t0 + Duration::from_secs(3);
         assert_eq!(tags.current("a", late), None);
         assert_eq!(tags.last_known("a"), Some(500));
-        tags.forget("a");
-        assert_eq!(tags.last_known("a"), None);
         tags.learn("b", 1, t0);
         tags.clear();
+        assert_eq!(tags.last_known("a"), None);
         assert_eq!(tags.last_known("b"), None);
     }
 }

@@ -69,7 +69,7 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
 /// the hit path never pays for it.
 #[derive(Debug)]
 pub struct Trace<'a> {
-    headers: Option<&'a HeaderMap>,
+    headers: &'a HeaderMap,
     id: std::sync::OnceLock<String>,
 }
 
@@ -77,23 +77,20 @@ impl<'a> Trace<'a> {
     /// The trace of a request with `headers`.
     pub fn new(headers: &'a HeaderMap) -> Self {
         Self {
-            headers: Some(headers),
+            headers,
             id: std::sync::OnceLock::new(),
-        }
-    }
-
-    /// A trace whose id is already known (work carried on after its request ended).
-    pub fn known(id: String) -> Trace<'static> {
-        Trace {
-            headers: None,
-            id: std::sync::OnceLock::from(id),
         }
     }
 
     /// The id, see [`trace_id`].
     pub fn id(&self) -> &str {
-        self.id
-            .get_or_init(|| self.headers.map(trace_id).unwrap_or_default())
+        self.id.get_or_init(|| trace_id(self.headers))
+    }
+}
+
+impl crate::cache::TraceId for Trace<'_> {
+    fn trace_id(&self) -> &str {
+        self.id()
     }
 }
 
@@ -268,7 +265,9 @@ mod tests {
         let first = t.id().to_string();
         assert_eq!(first.len(), 32);
         assert_eq!(t.id(), first, "a random id is drawn once");
-        assert_eq!(Trace::known("t-9".into()).id(), "t-9");
+        use crate::cache::TraceId;
+        assert_eq!(t.trace_id(), first, "as the cache reads it");
+        assert_eq!("t-9".to_string().trace_id(), "t-9", "an id known already");
     }
 
     #[test]

@@ -1,0 +1,442 @@
+//! The fragment endpoint: `GET {fragment_prefix}{name}?{params}`.
+//!
+//! Answers never wait for a render, except when the client asked to with
+//! `Prefer: wait=N`:
+//!
+//! | the store holds | answer |
+//! | --- | --- |
+//! | a fresh envelope | 200 (or 304 on `If-None-Match`) |
+//! | a stale one | 200 stale, and one rebuild is requested |
+//! | nothing | 202 placeholder; the first caller anywhere queues the build (lease) |
+//! | a failed build with a servable copy | 200 stale-if-error |
+//! | a failed build, nothing to serve | 502 problem with `Retry-After` |
+//!
+//! What is found, and which build is requested, is the cache core's business
+//! ([`CacheService::lookup`](crate::cache::CacheService::lookup)); this module turns it
+//! into HTTP answers.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use tessera_protocol::time::{ceil_secs, now_ms, remaining};
+use tessera_protocol::{Envelope, FragmentRoute, Identity};
+
+use super::Front;
+use super::compose::{self, Composed, PageBase};
+use super::encoding;
+use super::error::GatewayError;
+use super::headers::{Trace, if_none_match, prefer_wait, wants_json};
+use crate::cache::l1::Slot;
+use crate::cache::waiters::Waiter;
+use crate::cache::{Found, Fragment};
+use crate::compress::Encoded;
+use crate::metrics::CacheStatus;
+use tessera_runtime::web::{Body, empty, full};
+
+/// `Retry-After` on pending answers: clients should prefer `Prefer: wait`.
+const PENDING_RETRY_AFTER: u64 = 1;
+
+/// RFC 9211's `Cache-Status`.
+static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
+
+/// Answers a fresh hit from the hot answers, without looking anything up or awaiting;
+/// `None` sends the request down the full path ([`serve`]).
+pub fn hot<B: Sync>(front: &Front, req: &Request<B>) -> Option<Response<Body>> {
+    let started = std::time::Instant::now();
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return None;
+    }
+    let (hot, route) = front
+        .cache
+        .hot(req.uri().path_and_query()?.as_str(), started)?;
+    let envelope = &hot.slot.envelope;
+    let ttl = (hot.fresh_until - started).as_secs();
+    // Whether to compress, and the `Vary` that goes with it, decided once per entry.
+    let compressed = front.config.gateway.compress && hot.slot.compressible;
+    let headers = hot.headers.get(ttl, || {
+        let mut h = answer_headers(route, &hot.slot, hit_status(ttl));
+        if compressed {
+            encoding::add_vary(&mut h);
+        }
+        h
+    });
+    let compression = if compressed {
+        Compression::Marked(&hot.slot.encoded)
+    } else {
+        Compression::Off
+    };
+    let response = finish(
+        req,
+        &envelope.etag,
+        envelope.body.clone(),
+        headers,
+        compression,
+    );
+    hot.metrics
+        .request(CacheStatus::hit, started.elapsed().as_secs_f64());
+    Some(response)
+}
+
+/// Serves one fragment request.
+pub async fn serve<B: Sync>(front: &Front, req: &Request<B>, name: &str) -> Response<Body> {
+    let started = std::time::Instant::now();
+    let (response, cache) = match answer_request(front, req, name).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            if matches!(e, GatewayError::Store(_)) {
+                front.metrics.store_errors.inc();
+            } else if matches!(e, GatewayError::Bus(_)) {
+                front.metrics.bus_errors.inc();
+            }
+            (e.into_response(), CacheStatus::error)
+        }
+    };
+    front
+        .metrics
+        .route(name)
+        .request(cache, started.elapsed().as_secs_f64());
+    response
+}
+
+/// Looks the fragment `req` names up and answers it, waiting for its build first when
+/// the request asked to (`Prefer: wait`) and it is pending.
+async fn answer_request<B: Sync>(
+    front: &Front,
+    req: &Request<B>,
+    name: &str,
+) -> Result<(Response<Body>, CacheStatus), GatewayError> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Err(GatewayError::MethodNotAllowed {
+            method: req.method().clone(),
+            allow: "GET, HEAD",
+        });
+    }
+    let route = front
+        .config
+        .route(name)
+        .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
+    let mut identity = Identity::from_request(route, req.uri().query(), req.headers())?;
+    let trace = Trace::new(req.headers());
+    let wait = prefer_wait(req.headers()).map(|w| w.min(front.config.gateway.max_wait));
+    let deadline = wait.map(|w| tokio::time::Instant::now() + w);
+    // Whether this request waited for a build: what it is then served is no hit.
+    let mut waited = false;
+    let cache = &front.cache;
+
+    loop {
+        let checked_at = std::time::Instant::now();
+        let fragment = cache.fragment(route, identity, &trace).await?;
+        // Register before looking, so a `built` event between the lookup and the wait
+        // still wakes us.
+        let mut waiter = deadline.map(|_| cache.waiter(&fragment));
+        let found = cache.lookup(&fragment).await?;
+        match (found, deadline, waiter.as_mut()) {
+            (Found::Pending, Some(deadline), Some(waiter))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                // Boxed: waiting is the rare path, and its timer would otherwise enlarge
+                // every request's future.
+                waited = true;
+                if Box::pin(wait_for(front, waiter, deadline)).await {
+                    identity = fragment.identity;
+                    continue;
+                }
+                // Deadline or shutdown: one last look, then answer whatever it is.
+                let found = cache.lookup(&fragment).await?;
+                let (response, status) = answer(front, req, &fragment, found).await;
+                return Ok((response, status.after_waiting(true)));
+            }
+            (found, _, _) => {
+                if let Found::Serve {
+                    slot, stale: false, ..
+                } = &found
+                    && !needs_composing(slot)
+                    && let Some(target) = req.uri().path_and_query()
+                {
+                    // Composed answers are built per request: never a hot answer.
+                    cache.remember(target.as_str(), &fragment, slot, checked_at);
+                }
+                let (response, status) = answer(front, req, &fragment, found).await;
+                return Ok((response, status.after_waiting(waited)));
+            }
+        }
+    }
+}
+
+/// The answer to `req` for what a lookup of `fragment` found. A fragment whose render
+/// asked for ESI has its includes composed first, as in a page: the fragment is level 1
+/// of the page the client script puts it in, so the same depth limit holds.
+async fn answer<B: Sync>(
+    front: &Front,
+    req: &Request<B>,
+    fragment: &Fragment<'_>,
+    found: Found,
+) -> (Response<Body>, CacheStatus) {
+    let composed = match &found {
+        // Boxed: composition is the rare path, and its future is large.
+        Found::Serve { slot, .. } if needs_composing(slot) => {
+            let base = PageBase::of(req.uri(), req.headers());
+            let body = &slot.envelope.body;
+            let compose = compose::compose_at(front, body, &base, req.headers(), fragment.trace, 1);
+            Some(Box::pin(compose).await)
+        }
+        _ => None,
+    };
+    respond(
+        fragment.route,
+        req,
+        found,
+        composed,
+        front.config.gateway.compress,
+    )
+}
+
+/// Sleeps until `waiter` is woken (true), or the deadline passes or the gateway stops
+/// (false).
+async fn wait_for(front: &Front, waiter: &mut Waiter<'_>, deadline: tokio::time::Instant) -> bool {
+    tokio::select! {
+        () = waiter.woken() => true,
+        () = tokio::time::sleep_until(deadline) => false,
+        () = front.stopping.cancelled() => false,
+    }
+}
+
+/// Whether `slot`'s render asked for ESI and its body carries markup: it is then
+/// composed per answer.
+fn needs_composing(slot: &Slot) -> bool {
+    slot.envelope.esi && crate::esi::has_markup(&slot.envelope.body)
+}
+
+/// The answer to `req` for what a lookup found (with its includes `composed`, when it
+/// asked for ESI), and how it counts.
+fn respond<B: Sync>(
+    route: &FragmentRoute,
+    req: &Request<B>,
+    found: Found,
+    composed: Option<Composed>,
+    compress: bool,
+) -> (Response<Body>, CacheStatus) {
+    let cache = CacheStatus::from(&found);
+    let response = match found {
+        Found::Serve {
+            slot,
+            stale,
+            fallback,
+        } => {
+            let envelope = &slot.envelope;
+            let answer = Answer::new(route, &slot, envelope, stale, fallback);
+            match composed {
+                Some(composed) => answer.composed(req, composed, compress),
+                None => finish(
+                    req,
+                    &envelope.etag,
+                    envelope.body.clone(),
+                    answer.headers,
+                    Compression::Decide(compress, Some(&slot.encoded)),
+                ),
+            }
+        }
+        Found::Pending => pending(route, req.headers()),
+        Found::Failed { error, retry_after } => {
+            GatewayError::BuildFailed { error, retry_after }.into_response()
+        }
+    };
+    (response, cache)
+}
+
+/// A 200 serving an envelope, before its body is chosen.
+struct Answer {
+    headers: HeaderMap,
+}
+
+impl Answer {
+    fn new(
+        route: &FragmentRoute,
+        slot: &Slot,
+        envelope: &Envelope,
+        stale: bool,
+        fallback: bool,
+    ) -> Self {
+        let now = now_ms();
+        let status = if stale {
+            let age = ceil_secs(remaining(envelope.fresh_until, now));
+            // The last build failed, or the store cannot be reached: either way an error
+            // is why this copy is served.
+            let detail = if envelope.error.is_some() || fallback {
+                "; detail=stale-if-error"
+            } else {
+                ""
+            };
+            format!("tessera; fwd=stale; ttl=-{age}{detail}")
+        } else {
+            hit_status(remaining(now, envelope.fresh_until).as_secs())
+        };
+        Self {
+            headers: answer_headers(route, slot, status),
+        }
+    }
+
+    /// Serves the composed fragment: its own ETag, and private when an include varies
+    /// per user.
+    fn composed<B: Sync>(
+        mut self,
+        req: &Request<B>,
+        composed: Composed,
+        compress: bool,
+    ) -> Response<Body> {
+        let etag = tessera_protocol::envelope::etag_of(&composed.body);
+        if let Ok(v) = HeaderValue::from_str(&etag) {
+            self.headers.insert(header::ETAG, v);
+        }
+        if composed.per_user {
+            self.headers.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("private, no-cache"),
+            );
+        }
+        finish(
+            req,
+            &etag,
+            Bytes::from(composed.body),
+            self.headers,
+            Compression::Decide(compress, None),
+        )
+    }
+}
+
+/// The `Cache-Status` of a fresh hit with `ttl` seconds of freshness left.
+fn hit_status(ttl: u64) -> String {
+    format!("tessera; hit; ttl={ttl}")
+}
+
+/// The headers of a 200 serving `slot`'s envelope with `Cache-Status: {status}`, all but
+/// its length.
+fn answer_headers(route: &FragmentRoute, slot: &Slot, status: String) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(8);
+    if let Some(ct) = &slot.content_type {
+        h.insert(header::CONTENT_TYPE, ct.clone());
+    }
+    if let Some(etag) = &slot.etag {
+        h.insert(header::ETAG, etag.clone());
+    }
+    cache_headers(route, &mut h);
+    if let Ok(v) = HeaderValue::try_from(status) {
+        h.insert(&CACHE_STATUS, v);
+    }
+    h
+}
+
+/// How [`finish`] may compress an answer.
+#[derive(Debug)]
+pub enum Compression<'a> {
+    /// As `gateway.compress` (the first) and the answer's type and size allow, from the
+    /// body's cached copies (the second) when it has them.
+    Decide(bool, Option<&'a Encoded>),
+    /// Decided already: the answer is eligible and its headers carry the `Vary`; from
+    /// the body's cached copies.
+    Marked(&'a Encoded),
+    /// Never.
+    Off,
+}
+
+/// The answer to `req` serving `body` (whose ETag is `etag`) with `headers`: compressed
+/// when `compression` and the request allow it, 304 when `If-None-Match` matches the
+/// representation chosen, no body for `HEAD`.
+pub fn finish<B: Sync>(
+    req: &Request<B>,
+    etag: &str,
+    body: Bytes,
+    mut headers: HeaderMap,
+    compression: Compression<'_>,
+) -> Response<Body> {
+    let (body, _) = match compression {
+        Compression::Decide(enabled, cached) => {
+            encoding::represent(enabled, req.headers(), &mut headers, body, cached)
+        }
+        Compression::Marked(cached) => {
+            encoding::choose(req.headers(), &mut headers, body, Some(cached))
+        }
+        Compression::Off => (body, None),
+    };
+    // The ETag of the representation chosen (`represent` renamed it for its coding).
+    let etag = headers
+        .get(header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(etag);
+    let (status, body) = if if_none_match(req.headers(), etag) {
+        headers.remove(header::CONTENT_TYPE);
+        (StatusCode::NOT_MODIFIED, empty())
+    } else if req.method() == Method::HEAD {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        (StatusCode::OK, empty())
+    } else {
+        // hyper writes `Content-Length` from the body's exact size.
+        (StatusCode::OK, full(body))
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+fn pending(route: &FragmentRoute, headers: &HeaderMap) -> Response<Body> {
+    let (content_type, body) = if wants_json(headers) {
+        let json = serde_json::json!({
+            "status": "pending",
+            "route": route.name,
+            "retry_after": PENDING_RETRY_AFTER,
+            "placeholder": route.placeholder,
+        });
+        ("application/json", Bytes::from(json.to_string()))
+    } else {
+        (
+            "text/html; charset=utf-8",
+            Bytes::from(route.placeholder.clone()),
+        )
+    };
+    let mut response = Response::new(full(body));
+    *response.status_mut() = StatusCode::ACCEPTED;
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::RETRY_AFTER, HeaderValue::from(PENDING_RETRY_AFTER));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        &CACHE_STATUS,
+        HeaderValue::from_static("tessera; fwd=miss; detail=pending"),
+    );
+    response
+}
+
+/// Fragments are revalidated on every use (cheap: a 304 from L1), so a purge takes effect
+/// at once in browsers too; per-user fragments are never stored by shared caches.
+fn cache_headers(route: &FragmentRoute, h: &mut HeaderMap) {
+    let per_user = !route.vary.is_empty();
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(if per_user {
+            "private, no-cache"
+        } else {
+            "public, no-cache"
+        }),
+    );
+    let varied: Vec<&str> = route
+        .vary
+        .iter()
+        .map(|v| match v {
+            tessera_protocol::config::VarySource::Header(n) => n.as_str(),
+            tessera_protocol::config::VarySource::Cookie(_) => "cookie",
+        })
+        .collect();
+    if !varied.is_empty() {
+        let mut unique = varied;
+        unique.dedup();
+        insert(h, header::VARY, &unique.join(", "));
+    }
+}
+
+fn insert(h: &mut HeaderMap, name: impl header::IntoHeaderName, value: &str) {
+    // Values come from our own envelopes and config; a byte that cannot be a header value
+    // drops the header rather than the response.
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(name, v);
+    }
+}

@@ -1,0 +1,125 @@
+//! The HTTP front: every answer the gateway gives, built from what the cache core
+//! ([`crate::cache`]) finds.
+//!
+//! [`handle`] routes each public request: a repeated fresh hit is answered from the hot
+//! answers at once ([`fragment::hot`]); other fragment requests go to the fragment
+//! endpoint ([`fragment::serve`]); the push stream and the client script are served here;
+//! everything else is proxied to the upstream and composed when it asks for ESI
+//! ([`compose::page`]). The admin listener is [`admin`].
+//!
+//! # Layout
+//! - [`fragment`]: the fragment endpoint: HTTP answers for what the cache found.
+//! - [`compose`]: pages (proxied, then composed) and ESI composition from cached fragments.
+//! - [`stream`]: the push stream, one connection per page for all its placeholders.
+//! - [`proxy`]: the reverse proxy to the upstream.
+//! - [`admin`]: the admin listener: dashboard, metrics, health, purges, dead letters.
+//! - [`encoding`]: which coding an answer gets (`Accept-Encoding`, `Vary`, ETags).
+//! - [`headers`]: small request-header parsers, and the request's trace.
+//! - [`error`]: the one error type and its problem responses.
+
+pub mod admin;
+pub mod compose;
+pub mod encoding;
+pub mod error;
+pub mod fragment;
+pub mod headers;
+pub mod proxy;
+pub mod stream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue, Request, Response, header};
+use tessera_protocol::Config;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::CacheService;
+use crate::compress::Encoded;
+use crate::metrics::Metrics;
+use tessera_runtime::web::Body;
+
+/// What every endpoint of the public listener shares.
+#[derive(Debug)]
+pub struct Front {
+    /// The configuration the gateway runs with.
+    pub config: Arc<Config>,
+    /// Lookups, build requests and purges.
+    pub cache: Arc<CacheService>,
+    /// The upstream application.
+    pub upstream: proxy::Upstream,
+    /// The gateway's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the gateway starts shutting down: long-polls and streams answer at
+    /// once.
+    pub stopping: CancellationToken,
+}
+
+/// Routes one public request. A fresh hit is answered at once, before any future exists:
+/// the request, which holds on to hyper's read buffer, is then dropped before hyper reads
+/// on, so the connection keeps reusing one buffer instead of allocating another for each
+/// request.
+pub fn handle(
+    front: Arc<Front>,
+    req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+) -> impl Future<Output = Response<Body>> + Send {
+    use futures_util::future::Either;
+    match fragment::hot(&front, &req) {
+        Some(response) => Either::Left(std::future::ready(response)),
+        // Boxed: hyper moves the future it is handed, and the full path's is large.
+        None => Either::Right(Box::pin(route(front, req, peer))),
+    }
+}
+
+/// Routes a request the hot answers did not answer: the fragment endpoint's full path,
+/// the client script, the push stream, or a page.
+async fn route(
+    front: Arc<Front>,
+    req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let prefix = front.config.gateway.fragment_prefix.as_str();
+    if let Some(name) = req.uri().path().strip_prefix(prefix) {
+        return fragment::serve(&front, &req, name).await;
+    }
+    if req.uri().path() == compose::CLIENT_JS_PATH {
+        return client_js(&req, front.config.gateway.compress);
+    }
+    if req.uri().path() == stream::STREAM_PATH {
+        return stream::serve(&front, &req);
+    }
+    // Boxed: the proxy and composition futures are large, and without the box every
+    // request down this path (fragment misses, hits on `vary` routes) would allocate
+    // and fill a future of their size.
+    Box::pin(compose::page(front, req, peer)).await
+}
+
+/// The client script, embedded in the binary.
+const CLIENT_JS: &str = include_str!("../../assets/client.js");
+
+fn client_js(req: &Request<hyper::body::Incoming>, compress: bool) -> Response<Body> {
+    /// Compressed once per process.
+    static ENCODED: Encoded = Encoded::new();
+    let etag = tessera_protocol::envelope::etag_of(CLIENT_JS.as_bytes());
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/javascript; charset=utf-8"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    let body = bytes::Bytes::from_static(CLIENT_JS.as_bytes());
+    fragment::finish(
+        req,
+        &etag,
+        body,
+        h,
+        fragment::Compression::Decide(compress, Some(&ENCODED)),
+    )
+}
