@@ -29,7 +29,7 @@ MODULES=(
   "tessera-protocol protocol/src/key.rs"
   "tessera-protocol protocol/src/envelope.rs"
   "tessera-protocol protocol/src/message.rs"
-  "tessera-protocol protocol/src/config.rs"
+  "tessera-protocol protocol/src/config/*.rs"
   "tessera-gateway gateway/src/esi.rs"
   "tessera-gateway gateway/src/hot.rs"
   "tessera-gateway gateway/src/headers.rs"
@@ -75,7 +75,7 @@ below=0
 for m in "${selected[@]}"; do
   pkg=${m%% *}
   file=${m#* }
-  out="$DIR/reports/$(echo "$file" | tr / _)"
+  out="$DIR/reports/$(echo "$file" | tr '/*' '_x')"
   rm -rf "$out"
   echo "== $file ($pkg)"
   # In place means one mutant at a time (cargo-mutants refuses --jobs with it), which

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use tessera_protocol::config::{Config, VarySource};
 use tessera_protocol::tags::{self, TagError};
@@ -158,7 +159,7 @@ impl HttpBuilder {
             format!("{}{}?{query}", self.base, route.render)
         };
         // Fragments are stored as they are served before compression: ask for them plain
-        // (a coded answer is still read, see `build`).
+        // (a coded answer is still read, see `decode`).
         let mut builder = Request::get(uri)
             .header(header::USER_AGENT, self.user_agent.clone())
             .header(header::ACCEPT_ENCODING, "identity");
@@ -184,6 +185,40 @@ impl HttpBuilder {
             .body(Empty::new())
             .map_err(|e| BuildError::Request(Cause::new(e)))
     }
+
+    /// Sends the render `request` and reads the answer into a fragment, checking it in the
+    /// order a failing answer is reported: status, privacy, tags, then the body.
+    async fn fetch(
+        &self,
+        route: &FragmentRoute,
+        request: Request<Empty<Bytes>>,
+    ) -> Result<Rendered, BuildError> {
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| BuildError::Connect(Cause::new(e)))?;
+        check_answer(route, response.status(), response.headers())?;
+        let headers = response.headers();
+        let esi = tessera_runtime::web::asks_for_esi(headers);
+        let tags = tags_of(headers)?;
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("text/html; charset=utf-8")
+            .to_string();
+        let coding = headers
+            .get(header::CONTENT_ENCODING)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let body = read_body(response.into_body(), self.max_body).await?;
+        let body = decode(body, coding, self.max_body)?;
+        Ok(Rendered {
+            body,
+            content_type,
+            esi,
+            tags,
+        })
+    }
 }
 
 #[async_trait]
@@ -194,84 +229,77 @@ impl FragmentBuilder for HttpBuilder {
         req: &BuildRequest,
     ) -> Result<Rendered, BuildError> {
         let request = self.request(route, req)?;
-        let max = self.max_body;
-        let work = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| BuildError::Connect(Cause::new(e)))?;
-            let status = response.status();
-            if status.is_server_error() {
-                return Err(BuildError::UpstreamServer(status));
-            }
-            if status.is_client_error() {
-                return Err(BuildError::UpstreamClient(status));
-            }
-            if !status.is_success() {
-                return Err(BuildError::UpstreamRedirect(status));
-            }
-            if let Some(directive) = private(response.headers())
-                && route.vary.is_empty()
-                && !route.shareable
-            {
-                return Err(BuildError::Private {
-                    route: route.name.clone(),
-                    directive,
-                });
-            }
-            let esi = tessera_runtime::web::asks_for_esi(response.headers());
-            let tags = tags::parse(
-                response
-                    .headers()
-                    .get_all(tags::HEADER)
-                    .iter()
-                    .map(HeaderValue::as_bytes),
-            )?;
-            let content_type = response
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("text/html; charset=utf-8")
-                .to_string();
-            let coding = response
-                .headers()
-                .get(header::CONTENT_ENCODING)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-            // A fragment that does not fit is an error, never a truncated fragment.
-            let body = Limited::new(response.into_body(), max)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.downcast_ref::<http_body_util::LengthLimitError>()
-                        .is_some()
-                    {
-                        BuildError::TooLarge { size: max + 1, max }
-                    } else {
-                        BuildError::Connect(Cause::new(e))
-                    }
-                })?
-                .to_bytes();
-            let body = match coding {
-                None => body,
-                Some(coding) => match tessera_runtime::coding::decode(&coding, &body, max) {
-                    Ok(plain) => Bytes::from(plain),
-                    Err(tessera_runtime::coding::DecodeError::TooBig(_)) => {
-                        return Err(BuildError::TooLarge { size: max + 1, max });
-                    }
-                    Err(e) => return Err(BuildError::Coding(Cause::new(e))),
-                },
-            };
-            Ok(Rendered {
-                body,
-                content_type,
-                esi,
-                tags,
-            })
-        };
-        tokio::time::timeout(route.build_timeout, work)
+        tokio::time::timeout(route.build_timeout, self.fetch(route, request))
             .await
             .map_err(|_| BuildError::Timeout(route.build_timeout))?
+    }
+}
+
+/// Refuses a render answer that is not a success, or that is marked private while the
+/// route would share it between users.
+fn check_answer(
+    route: &FragmentRoute,
+    status: StatusCode,
+    headers: &http::HeaderMap,
+) -> Result<(), BuildError> {
+    if status.is_server_error() {
+        return Err(BuildError::UpstreamServer(status));
+    }
+    if status.is_client_error() {
+        return Err(BuildError::UpstreamClient(status));
+    }
+    if !status.is_success() {
+        return Err(BuildError::UpstreamRedirect(status));
+    }
+    if let Some(directive) = private(headers)
+        && route.vary.is_empty()
+        && !route.shareable
+    {
+        return Err(BuildError::Private {
+            route: route.name.clone(),
+            directive,
+        });
+    }
+    Ok(())
+}
+
+/// The answer's tags, from every `Surrogate-Key` header.
+fn tags_of(headers: &http::HeaderMap) -> Result<Vec<String>, TagError> {
+    tags::parse(
+        headers
+            .get_all(tags::HEADER)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    )
+}
+
+/// The whole body, at most `max` bytes.
+async fn read_body(body: Incoming, max: usize) -> Result<Bytes, BuildError> {
+    // A fragment that does not fit is an error, never a truncated fragment.
+    let collected = Limited::new(body, max).collect().await.map_err(|e| {
+        if e.downcast_ref::<http_body_util::LengthLimitError>()
+            .is_some()
+        {
+            BuildError::TooLarge { size: max + 1, max }
+        } else {
+            BuildError::Connect(Cause::new(e))
+        }
+    })?;
+    Ok(collected.to_bytes())
+}
+
+/// The fragment itself from a body in `coding` (its `Content-Encoding`, if any), at most
+/// `max` bytes once decoded.
+fn decode(body: Bytes, coding: Option<String>, max: usize) -> Result<Bytes, BuildError> {
+    let Some(coding) = coding else {
+        return Ok(body);
+    };
+    match tessera_runtime::coding::decode(&coding, &body, max) {
+        Ok(plain) => Ok(Bytes::from(plain)),
+        Err(tessera_runtime::coding::DecodeError::TooBig(_)) => {
+            Err(BuildError::TooLarge { size: max + 1, max })
+        }
+        Err(e) => Err(BuildError::Coding(Cause::new(e))),
     }
 }
 

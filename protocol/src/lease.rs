@@ -25,8 +25,9 @@
 //! "take the lease, then read the envelope" and "store the envelope, then release" are one
 //! pipelined exchange each, executed in order. A miss costs two store exchanges (the
 //! lookup, then the lease with the re-check) and one confirmed publish. memcached's
-//! one-command lookup-or-lease (`mg` with `N`) would save only the lookup, measured at
-//! about 5 % of a miss's CPU (`bench/README.md`), for a new key scheme: not adopted.
+//! one-command lookup-or-lease (`mg` with `N`) could fold the lookup into the lease, for
+//! a new key scheme; it is not adopted (what it would save, measured: `bench/README.md`,
+//! "Lookup-or-lease in one command").
 //!
 //! However long a request waits in its queue, at most one request per key gets past its
 //! claim: a lease that expired in the queue lets the next poll publish again, and the

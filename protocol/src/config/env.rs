@@ -1,0 +1,118 @@
+//! Names of the environment variables that override the file, in one place, and the
+//! overrides they make: a `TESSERA_*` variable that is set beats the file's key.
+
+/// Path of the TOML file, when `--config` is not given.
+pub const CONFIG: &str = "TESSERA_CONFIG";
+/// Overrides `gateway.listen`.
+pub const LISTEN: &str = "TESSERA_LISTEN";
+/// Overrides `upstream.url`.
+pub const UPSTREAM_URL: &str = "TESSERA_UPSTREAM_URL";
+/// Overrides `store.memcached`, comma-separated `host:port` list.
+pub const MEMCACHED: &str = "TESSERA_MEMCACHED";
+/// Overrides `bus.amqp`.
+pub const AMQP_URL: &str = "TESSERA_AMQP_URL";
+/// Overrides `gateway.admin_listen`.
+pub const ADMIN_LISTEN: &str = "TESSERA_ADMIN_LISTEN";
+/// Overrides `gateway.admin_token` and `workers.admin_token`.
+pub const ADMIN_TOKEN: &str = "TESSERA_ADMIN_TOKEN";
+/// `json` for one JSON object per log line.
+pub const LOG_FORMAT: &str = "TESSERA_LOG_FORMAT";
+
+/// What the environment replaces in the file, read through a lookup (the process
+/// environment, or a test's own) and still text, as the file's values are before their
+/// conversion.
+#[derive(Debug)]
+pub(super) struct Overrides {
+    /// [`LISTEN`]: `gateway.listen`.
+    pub listen: Option<String>,
+    /// [`UPSTREAM_URL`]: `upstream.url`.
+    pub upstream_url: Option<String>,
+    /// [`MEMCACHED`]: `store.memcached`, split at commas, blank entries dropped (a blank
+    /// value leaves no server).
+    pub memcached: Option<Vec<String>>,
+    /// [`AMQP_URL`]: `bus.amqp`; `Some(None)` when set but blank, which means no broker.
+    pub amqp: Option<Option<String>>,
+    /// [`ADMIN_LISTEN`]: `gateway.admin_listen`.
+    pub admin_listen: Option<String>,
+    /// [`ADMIN_TOKEN`]: `gateway.admin_token` and `workers.admin_token`.
+    pub admin_token: Option<String>,
+}
+
+impl Overrides {
+    /// Reads every override through `env`.
+    pub(super) fn read(env: impl Fn(&str) -> Option<String>) -> Self {
+        Self {
+            listen: env(LISTEN),
+            upstream_url: env(UPSTREAM_URL),
+            memcached: env(MEMCACHED).map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            }),
+            amqp: env(AMQP_URL).map(|v| Some(v).filter(|s| !s.trim().is_empty())),
+            admin_listen: env(ADMIN_LISTEN),
+            admin_token: env(ADMIN_TOKEN),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Backend, Config, env};
+
+    #[test]
+    fn env_overrides_file() {
+        let c = Config::from_sources(
+            "t",
+            Some("[gateway]\nlisten = \"127.0.0.1:1\"\n"),
+            |k| match k {
+                env::LISTEN => Some("127.0.0.1:2".into()),
+                env::MEMCACHED => Some("127.0.0.1:11211, 127.0.0.1:11212".into()),
+                env::AMQP_URL => Some("amqp://127.0.0.1".into()),
+                env::ADMIN_TOKEN => Some("s3cret".into()),
+                env::ADMIN_LISTEN => Some("127.0.0.1:3".into()),
+                _ => None,
+            },
+        )
+        .unwrap();
+        assert_eq!(c.gateway.listen.to_string(), "127.0.0.1:2");
+        assert_eq!(c.gateway.admin_token, "s3cret");
+        assert_eq!(c.workers.admin_token, "s3cret");
+        assert_eq!(c.gateway.admin_listen.to_string(), "127.0.0.1:3");
+        let servers: Vec<String> = c
+            .backend
+            .memcached()
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(servers, vec!["127.0.0.1:11211", "127.0.0.1:11212"]);
+        assert_eq!(c.backend.amqp().unwrap().as_str(), "amqp://127.0.0.1");
+    }
+
+    #[test]
+    fn env_overrides_reach_every_key_they_name() {
+        let c = Config::from_sources("t", None, |k| match k {
+            env::UPSTREAM_URL => Some("http://app:4000".into()),
+            env::MEMCACHED => Some(" , h:1,,".into()),
+            env::AMQP_URL => Some("  ".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.upstream.url.as_str(), "http://app:4000");
+        assert_eq!(
+            c.backend,
+            Backend::Memcached {
+                servers: vec!["h:1".parse().unwrap()]
+            },
+            "an empty TESSERA_AMQP_URL means no broker"
+        );
+        let e = Config::from_sources("t", Some("[bus]\namqp = \"amqp://b\""), |k| {
+            (k == env::MEMCACHED).then(|| " ".to_string())
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("`store.memcached`"), "{e}");
+    }
+}

@@ -1,0 +1,375 @@
+//! The file as written, before its URLs and addresses are parsed: what serde reads and
+//! what the `TESSERA_*` overrides replace. Kept private so that nothing downstream ever
+//! sees an unparsed value; [`ConfigFile::resolve`] turns it into a [`Config`].
+
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+use super::Config;
+use super::env::Overrides;
+use super::queues::default_queue;
+use super::schema::{
+    AmqpUrl, Backend, BusConfig, CacheConfig, FragmentRoute, GatewayConfig, HttpConfig,
+    MemcachedServer, QueueType, StoreConfig, UpstreamConfig, UpstreamUrl, WorkersConfig, duration,
+};
+use super::validate::{ConfigError, invalid, parse_addr};
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct ConfigFile {
+    pub gateway: GatewayFile,
+    pub http: HttpConfig,
+    pub upstream: UpstreamFile,
+    pub cache: CacheConfig,
+    pub store: StoreFile,
+    pub bus: BusFile,
+    pub workers: WorkersFile,
+    #[serde(rename = "fragment")]
+    pub fragments: Vec<FragmentRoute>,
+}
+
+/// `[gateway]` as written; see [`super::GatewayConfig`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct GatewayFile {
+    /// `host:port` text, parsed by [`GatewayFile::resolve`].
+    pub listen: String,
+    /// `host:port` text, parsed by [`GatewayFile::resolve`].
+    pub admin_listen: String,
+    pub admin_token: String,
+    pub fragment_prefix: String,
+    #[serde(deserialize_with = "duration")]
+    pub max_wait: Duration,
+    #[serde(deserialize_with = "ip_nets")]
+    pub trusted_proxies: Vec<IpNet>,
+    pub compress: bool,
+    pub max_streams: usize,
+    pub threads: usize,
+}
+
+impl Default for GatewayFile {
+    fn default() -> Self {
+        let d = GatewayConfig::default();
+        Self {
+            listen: d.listen.to_string(),
+            admin_listen: d.admin_listen.to_string(),
+            admin_token: d.admin_token,
+            fragment_prefix: d.fragment_prefix,
+            max_wait: d.max_wait,
+            trusted_proxies: d.trusted_proxies,
+            compress: d.compress,
+            max_streams: d.max_streams,
+            threads: d.threads,
+        }
+    }
+}
+
+/// `[upstream]` as written; see [`super::UpstreamConfig`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct UpstreamFile {
+    pub url: String,
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for UpstreamFile {
+    fn default() -> Self {
+        let d = UpstreamConfig::default();
+        Self {
+            url: d.url.as_str().to_string(),
+            timeout: d.timeout,
+        }
+    }
+}
+
+/// `[store]` as written; see [`super::StoreConfig`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct StoreFile {
+    /// memcached servers as `host:port`. Empty: the embedded memory store.
+    pub memcached: Vec<String>,
+    pub namespace: String,
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    pub max_item_size: ByteSize,
+    pub memory_capacity: ByteSize,
+}
+
+impl Default for StoreFile {
+    fn default() -> Self {
+        let d = StoreConfig::default();
+        Self {
+            memcached: Vec::new(),
+            namespace: d.namespace,
+            timeout: d.timeout,
+            max_item_size: d.max_item_size,
+            memory_capacity: d.memory_capacity,
+        }
+    }
+}
+
+/// `[bus]` as written; see [`super::BusConfig`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct BusFile {
+    /// AMQP URL of the broker. Absent: the embedded in-process bus.
+    pub amqp: Option<String>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub queue_expiry: Option<Duration>,
+    pub queue_type: QueueType,
+}
+
+/// `[workers]` as written; see [`super::WorkersConfig`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct WorkersFile {
+    pub embedded: usize,
+    pub concurrency: usize,
+    /// `host:port` text, parsed by [`WorkersFile::resolve`].
+    pub admin_listen: String,
+    pub admin_token: String,
+}
+
+impl Default for WorkersFile {
+    fn default() -> Self {
+        let d = WorkersConfig::default();
+        Self {
+            embedded: d.embedded,
+            concurrency: d.concurrency,
+            admin_listen: d.admin_listen.to_string(),
+            admin_token: d.admin_token,
+        }
+    }
+}
+
+/// A list of addresses (`"10.0.0.7"`, one host) and CIDR networks (`"10.0.0.0/8"`).
+fn ip_nets<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "{s:?} is neither an IP address nor a CIDR network, e.g. \"10.0.0.0/8\""
+                    ))
+                })
+        })
+        .collect()
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+impl ConfigFile {
+    /// Replaces what the environment overrides.
+    pub(super) fn apply(&mut self, overrides: Overrides) {
+        if let Some(v) = overrides.listen {
+            self.gateway.listen = v;
+        }
+        if let Some(v) = overrides.upstream_url {
+            self.upstream.url = v;
+        }
+        if let Some(v) = overrides.memcached {
+            self.store.memcached = v;
+        }
+        if let Some(v) = overrides.amqp {
+            self.bus.amqp = v;
+        }
+        if let Some(v) = overrides.admin_listen {
+            self.gateway.admin_listen = v;
+        }
+        if let Some(v) = overrides.admin_token {
+            self.workers.admin_token.clone_from(&v);
+            self.gateway.admin_token = v;
+        }
+    }
+
+    /// Parses what is still text and checks every rule, section by section in file order,
+    /// so the first problem reported is the first one in the file's order.
+    pub(super) fn resolve(self) -> Result<Config, ConfigError> {
+        let gateway = self.gateway.resolve()?;
+        self.http.validate()?;
+        let url = self
+            .upstream
+            .url
+            .parse::<UpstreamUrl>()
+            .map_err(|problem| invalid("upstream.url", problem))?;
+        let upstream = UpstreamConfig {
+            url,
+            timeout: self.upstream.timeout,
+        };
+        upstream.validate()?;
+        self.cache.validate()?;
+        let servers = self
+            .store
+            .memcached
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse::<MemcachedServer>()
+                    .map_err(|problem| invalid(format!("store.memcached[{i}]"), problem))
+            })
+            .collect::<Result<Vec<MemcachedServer>, _>>()?;
+        let store = StoreConfig {
+            namespace: self.store.namespace,
+            timeout: self.store.timeout,
+            max_item_size: self.store.max_item_size,
+            memory_capacity: self.store.memory_capacity,
+        };
+        store.validate()?;
+        let amqp = self
+            .bus
+            .amqp
+            .map(|url| {
+                url.parse::<AmqpUrl>()
+                    .map_err(|problem| invalid("bus.amqp", problem))
+            })
+            .transpose()?;
+        let backend = Backend::resolve(servers, amqp)?;
+        let workers = self.workers.resolve(&backend)?;
+        let fragments = with_default_queues(self.fragments, &store.namespace);
+        let config = Config {
+            gateway,
+            http: self.http,
+            upstream,
+            cache: self.cache,
+            store,
+            bus: BusConfig {
+                queue_expiry: self.bus.queue_expiry,
+                queue_type: self.bus.queue_type,
+            },
+            backend,
+            workers,
+            fragments,
+        };
+        config.validate_routes()?;
+        Ok(config)
+    }
+}
+
+impl GatewayFile {
+    /// Parses both addresses, then checks the rest: the order the keys were always checked in.
+    fn resolve(self) -> Result<GatewayConfig, ConfigError> {
+        let gateway = GatewayConfig {
+            listen: parse_addr("gateway.listen", &self.listen)?,
+            admin_listen: parse_addr("gateway.admin_listen", &self.admin_listen)?,
+            admin_token: self.admin_token,
+            fragment_prefix: self.fragment_prefix,
+            max_wait: self.max_wait,
+            trusted_proxies: self.trusted_proxies,
+            compress: self.compress,
+            max_streams: self.max_streams,
+            threads: self.threads,
+        };
+        gateway.validate()?;
+        Ok(gateway)
+    }
+}
+
+impl WorkersFile {
+    /// Parses `admin_listen` after the build-capacity rules and before the rest, the order
+    /// the keys were always checked in, so the first problem reported stays the same.
+    fn resolve(self, backend: &Backend) -> Result<WorkersConfig, ConfigError> {
+        WorkersConfig::validate_capacity(backend, self.embedded, self.concurrency)?;
+        let workers = WorkersConfig {
+            embedded: self.embedded,
+            concurrency: self.concurrency,
+            admin_listen: parse_addr("workers.admin_listen", &self.admin_listen)?,
+            admin_token: self.admin_token,
+        };
+        workers.validate(backend)?;
+        Ok(workers)
+    }
+}
+
+/// Gives each route that names no queue its namespace's [`default_queue`].
+fn with_default_queues(mut routes: Vec<FragmentRoute>, namespace: &str) -> Vec<FragmentRoute> {
+    for r in routes.iter_mut().filter(|r| r.queue.is_empty()) {
+        r.queue = default_queue(namespace);
+    }
+    routes
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use crate::config::test_support::err;
+
+    #[test]
+    fn addresses_are_parsed_where_they_were_always_checked() {
+        for (toml, key) in [
+            (
+                "[gateway]\nlisten = \"x\"\nadmin_listen = \"y\"",
+                "gateway.listen",
+            ),
+            (
+                "[gateway]\nadmin_listen = \"y\"\nfragment_prefix = \"f\"",
+                "gateway.admin_listen",
+            ),
+            (
+                "[workers]\nembedded = 0\nadmin_listen = \"x\"",
+                "workers.embedded",
+            ),
+            (
+                "[workers]\nconcurrency = 0\nadmin_listen = \"x\"",
+                "workers.concurrency",
+            ),
+            (
+                "[workers]\nembedded = 70000\nadmin_listen = \"x\"",
+                "workers.admin_listen",
+            ),
+        ] {
+            let msg = err(toml);
+            assert!(msg.contains(&format!("`{key}`")), "{toml:?} gave {msg:?}");
+        }
+    }
+
+    #[test]
+    fn parse_errors_name_the_key() {
+        for (toml, needle) in [
+            ("[cache]\nttl = \"soon\"", "ttl"),
+            ("[cache]\ncapacity = \"lots\"", "capacity"),
+            ("[gateway]\nlisten_port = 1", "listen_port"),
+            ("[[fragment]]\nname = \"a\"", "render"),
+            (
+                "[[fragment]]\nname = \"a\"\nrender = \"/r\"\nvary = [\"query:x\"]",
+                "vary",
+            ),
+            (
+                "[[fragment]]\nname = \"a\"\nrender = \"/r\"\nmax_atempts = 3",
+                "max_atempts",
+            ),
+        ] {
+            let msg = err(toml);
+            assert!(msg.contains(needle), "{toml:?} gave {msg:?}");
+        }
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_networks() {
+        let c = Config::from_toml(
+            "[gateway]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\", \"::1\"]",
+        )
+        .unwrap();
+        let trusted = |ip: &str| {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            c.gateway.trusted_proxies.iter().any(|n| n.contains(&ip))
+        };
+        assert!(trusted("10.1.2.3") && trusted("192.0.2.7") && trusted("2001:db8::9"));
+        assert!(trusted("::1"));
+        assert!(!trusted("192.0.2.8") && !trusted("11.0.0.1"));
+        assert!(Config::default().gateway.trusted_proxies.is_empty());
+        let msg = err("[gateway]\ntrusted_proxies = [\"10.0.0/8\"]");
+        assert!(
+            msg.contains("trusted_proxies") && msg.contains("10.0.0/8"),
+            "{msg}"
+        );
+    }
+}
