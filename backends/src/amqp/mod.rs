@@ -81,6 +81,7 @@ use async_trait::async_trait;
 use lapin::Channel;
 use lapin::types::ShortString;
 
+use tessera_protocol::Cause;
 use tessera_protocol::bus::{Bus, BusError, Consumer, DeadLetter, QueueStats, Subscription};
 use tessera_protocol::config::QueueType;
 use tessera_protocol::message::{BuildRequest, Event};
@@ -105,8 +106,10 @@ pub const RETRY_BUCKETS: [u64; 6] = [1, 2, 4, 8, 16, 32];
 /// Events buffered for a slow subscriber before it is told it lagged.
 const EVENT_BUFFER: usize = 4096;
 
-fn unavailable(e: impl std::fmt::Display) -> BusError {
-    BusError::Unavailable(e.to_string())
+/// The broker could not be reached or did not answer: `cause` (lapin's error, or a
+/// message when there is none) is kept as the source.
+fn unavailable(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> BusError {
+    BusError::Unavailable(Cause::new(cause))
 }
 
 async fn timed<T>(
@@ -115,7 +118,7 @@ async fn timed<T>(
 ) -> Result<T, BusError> {
     match tokio::time::timeout(OP_TIMEOUT, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(unavailable(format!("{what}: {e}"))),
+        Ok(Err(e)) => Err(BusError::Unavailable(Cause::context(what, e))),
         Err(_) => Err(unavailable(format!(
             "{what}: no answer within {OP_TIMEOUT:?}"
         ))),
@@ -279,5 +282,56 @@ impl Bus for AmqpBus {
 
     async fn requeue_dead_letters(&self, limit: usize) -> Result<usize, BusError> {
         self.take_dead_letters(limit, true).await.map(|l| l.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::*;
+
+    /// A broker call that failed keeps lapin's error (and what lies beneath it) as the
+    /// source, and reads as it always did.
+    #[tokio::test]
+    async fn a_failed_call_keeps_lapins_error() {
+        let refused = || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = timed("connect", async {
+            Err::<(), _>(lapin::Error::from(refused()))
+        })
+        .await
+        .unwrap_err();
+        let lapin_says = lapin::Error::from(refused()).to_string();
+        assert_eq!(
+            e.to_string(),
+            format!("bus unavailable: connect: {lapin_says}")
+        );
+        assert!(e.is_retryable());
+        let BusError::Unavailable(cause) = &e else {
+            panic!("{e:?}")
+        };
+        let lapin = cause
+            .downcast_ref::<lapin::Error>()
+            .expect("lapin's error kept");
+        assert!(matches!(lapin.kind(), lapin::ErrorKind::IOError(_)));
+        assert_eq!(
+            e.source().unwrap().source().unwrap().to_string(),
+            lapin_says
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_without_an_answer_is_unavailable_at_the_deadline() {
+        let e = timed(
+            "publisher confirm",
+            std::future::pending::<lapin::Result<()>>(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "bus unavailable: publisher confirm: no answer within 5s"
+        );
+        assert!(e.is_retryable());
     }
 }

@@ -96,7 +96,7 @@ impl AmqpBus {
             {
                 Ok(true) => return Ok(()),
                 Ok(false) => link.queues.forget(queue),
-                Err(BusError::Unavailable(_)) if attempt == 0 && !link.alive() => {
+                Err(e) if e.is_retryable() && attempt == 0 && !link.alive() => {
                     link = self.link().await?;
                 }
                 Err(e) => return Err(e),
@@ -127,9 +127,7 @@ impl AmqpBus {
 
 /// A publish the broker confirmed but no queue took.
 pub(super) fn unroutable(exchange: &str, routing_key: &str) -> BusError {
-    BusError::Rejected(format!(
-        "no queue is bound for {routing_key:?} on {exchange:?}"
-    ))
+    BusError::Rejected(format!("no queue is bound for {routing_key:?} on {exchange:?}").into())
 }
 
 pub(super) fn persistent() -> BasicProperties {
