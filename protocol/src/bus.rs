@@ -31,17 +31,29 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast};
 
+use crate::error::Cause;
 use crate::message::{BuildRequest, Event};
 
-/// A bus call failed.
+/// A bus call failed. Each variant keeps what caused it (the client library's error,
+/// reachable through [`Error::source`](std::error::Error::source), or a message when
+/// there is none) and says whether a retry helps ([`BusError::is_retryable`]).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BusError {
     /// Not connected, or the broker did not answer in time. Retrying later helps.
     #[error("bus unavailable: {0}")]
-    Unavailable(String),
-    /// The broker refused the message (queue full, negative confirm).
+    Unavailable(#[source] Cause),
+    /// The broker refused the message (queue full, negative confirm, no queue took it).
+    /// It decided: the same message sent again at once is refused again.
     #[error("bus refused the message: {0}")]
-    Rejected(String),
+    Rejected(#[source] Cause),
+}
+
+impl BusError {
+    /// Whether sending again soon may succeed: the broker could not be reached, rather
+    /// than refusing.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, BusError::Unavailable(_))
+    }
 }
 
 /// What a gateway's event subscription yields.
@@ -282,9 +294,9 @@ impl Inner {
             let mut queues = self.queues();
             let q = queues.entry(queue.to_string()).or_default();
             if q.len() >= MEMORY_QUEUE_LIMIT && !front {
-                return Err(BusError::Rejected(format!(
-                    "queue {queue} holds {MEMORY_QUEUE_LIMIT} messages"
-                )));
+                return Err(BusError::Rejected(
+                    format!("queue {queue} holds {MEMORY_QUEUE_LIMIT} messages").into(),
+                ));
             }
             if front {
                 q.push_front(message);
@@ -776,5 +788,47 @@ mod tests {
             bus.publish_event(&e).await.unwrap();
         }
         assert_eq!(a.next().await, Some(Notice::Lagged));
+    }
+
+    #[test]
+    fn bus_errors_keep_their_cause_and_say_whether_to_retry() {
+        use std::error::Error;
+
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let down = BusError::Unavailable(Cause::context("connect", io));
+        assert_eq!(down.to_string(), "bus unavailable: connect: refused");
+        assert!(down.is_retryable());
+        let cause = down.source().expect("the cause is the source");
+        assert_eq!(cause.to_string(), "connect: refused");
+        assert_eq!(cause.source().unwrap().to_string(), "refused");
+        let BusError::Unavailable(cause) = &down else {
+            unreachable!()
+        };
+        let io = cause.downcast_ref::<std::io::Error>().unwrap();
+        assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+
+        let refused = BusError::Rejected("negative confirm".into());
+        assert_eq!(
+            refused.to_string(),
+            "bus refused the message: negative confirm"
+        );
+        assert!(!refused.is_retryable());
+    }
+
+    #[test]
+    fn a_full_queue_refuses_the_message() {
+        let bus = MemoryBus::new();
+        for _ in 0..MEMORY_QUEUE_LIMIT {
+            bus.publish_raw("full", Bytes::from_static(b"{}")).unwrap();
+        }
+        let e = bus
+            .publish_raw("full", Bytes::from_static(b"{}"))
+            .unwrap_err();
+        assert!(matches!(e, BusError::Rejected(_)), "{e:?}");
+        assert!(!e.is_retryable());
+        assert_eq!(
+            e.to_string(),
+            format!("bus refused the message: queue full holds {MEMORY_QUEUE_LIMIT} messages")
+        );
     }
 }

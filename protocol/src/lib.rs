@@ -20,7 +20,7 @@
 //! - [`store`]: the `Store` trait (memcached semantics) and its in-memory twin.
 //! - [`bus`]: the `Bus` trait (AMQP semantics) and its in-process twin.
 //! - [`backends`]: the store and bus a process works with; the in-process pair.
-//! - [`error`]: [`Cause`](error::Cause), the source kept under store and upstream errors.
+//! - [`error`]: [`Cause`](error::Cause), the source kept under store, bus and upstream errors.
 //! - [`time`]: wall-clock milliseconds shared by envelopes and messages.
 
 pub mod backends;

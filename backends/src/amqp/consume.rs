@@ -1,0 +1,427 @@
+//! Taking messages off the broker: build consumers on both classes of queues (each
+//! delivery with its acker, which dead-letters with the reason kept), the events
+//! subscription, and dead letters read back for operators. Consumers and subscriptions
+//! reconnect by themselves after a [`Backoff`].
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use tokio::sync::mpsc;
+
+use async_trait::async_trait;
+use tessera_protocol::bus::{
+    Acker, BusError, Consumer, DeadLetter, Delivery, Notice, Subscription, Turns,
+};
+use tessera_protocol::message::Event;
+
+use super::publish::{persistent, unroutable};
+use super::{AmqpBus, Backoff, EVENT_BUFFER, OP_TIMEOUT, close, short, timed, unavailable};
+
+impl AmqpBus {
+    /// Reads up to `limit` dead letters; with `requeue`, publishes each back to its queue
+    /// and removes it, otherwise leaves them all where they were.
+    pub(super) async fn take_dead_letters(
+        &self,
+        limit: usize,
+        requeue: bool,
+    ) -> Result<Vec<DeadLetter>, BusError> {
+        let link = self.link().await?;
+        let channel = timed("open channel", link.conn.create_channel()).await?;
+        let mut letters = Vec::new();
+        let mut held = Vec::new();
+        while letters.len() < limit {
+            let Some(msg) = timed(
+                "read dead letter",
+                channel.basic_get(short(&self.exchange("dead")), BasicGetOptions::default()),
+            )
+            .await?
+            else {
+                break;
+            };
+            let header = |name: &str| {
+                msg.delivery
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| h.inner().get(name))
+                    .map(|v| match v {
+                        AMQPValue::LongString(s) => {
+                            String::from_utf8_lossy(s.as_bytes()).into_owned()
+                        }
+                        other => format!("{other:?}"),
+                    })
+            };
+            let letter = DeadLetter {
+                queue: header("x-tessera-queue").unwrap_or_default(),
+                body: Bytes::from(msg.delivery.data.clone()),
+                reason: header("x-tessera-error").unwrap_or_else(|| "rejected".into()),
+            };
+            if requeue && !letter.queue.is_empty() {
+                self.publish_to_queue(&letter.queue, &letter.body).await?;
+                timed(
+                    "ack dead letter",
+                    msg.delivery.acker.ack(BasicAckOptions::default()),
+                )
+                .await?;
+            } else {
+                held.push(msg.delivery.acker.clone());
+            }
+            letters.push(letter);
+        }
+        // Closing the channel returns everything read but not acknowledged, in order.
+        drop(held);
+        close(&channel).await;
+        Ok(letters)
+    }
+}
+
+/// Keeps a consumer on both classes of queues (waited, background) alive across
+/// reconnections, feeding each class's deliveries to its sender.
+async fn consume_loop(
+    bus: AmqpBus,
+    classes: [Vec<String>; 2],
+    prefetch: u16,
+    txs: [mpsc::Sender<Delivery>; 2],
+) {
+    let mut backoff = Backoff::default();
+    loop {
+        match consume_once(&bus, &classes, prefetch, &txs, &mut backoff).await {
+            Ok(()) => return, // the receiving side is gone
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, ?delay, "build consumer lost; reconnecting");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Consumes every queue of `classes` on one channel until it fails (the broker's
+/// `prefetch` applies per queue's consumer); resets `backoff` once consuming.
+async fn consume_once(
+    bus: &AmqpBus,
+    classes: &[Vec<String>; 2],
+    prefetch: u16,
+    txs: &[mpsc::Sender<Delivery>; 2],
+    backoff: &mut Backoff,
+) -> Result<(), BusError> {
+    let link = bus.link().await?;
+    let channel = timed("open channel", link.conn.create_channel()).await?;
+    timed(
+        "qos",
+        channel.basic_qos(prefetch, BasicQosOptions::default()),
+    )
+    .await?;
+    let mut streams = Vec::new();
+    for (class, queues) in classes.iter().enumerate() {
+        for q in queues {
+            bus.declare_queue(&link, q).await?;
+            let consumer = timed(
+                "consume",
+                channel.basic_consume(
+                    short(q),
+                    short(""),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await?;
+            streams.push(consumer.map(move |d| (d, q.clone(), class)));
+        }
+    }
+    tracing::info!(waited = ?classes[0], background = ?classes[1], prefetch, "consuming build requests");
+    backoff.reset();
+    let mut all = futures_util::stream::select_all(streams);
+    while let Some((delivery, queue, class)) = all.next().await {
+        let d = delivery.map_err(unavailable)?;
+        let acker = AmqpAcker {
+            bus: bus.clone(),
+            acker: d.acker,
+            queue: queue.clone(),
+            body: Bytes::from(d.data.clone()),
+            settled: false,
+        };
+        let delivery = Delivery::new(Bytes::from(d.data), queue, d.redelivered, Box::new(acker));
+        if txs[class].send(delivery).await.is_err() {
+            return Ok(());
+        }
+    }
+    Err(unavailable("consumer stream ended"))
+}
+
+#[derive(Debug)]
+pub(super) struct AmqpConsumer {
+    /// Deliveries of waited builds, then of background ones.
+    rx: [mpsc::Receiver<Delivery>; 2],
+    turns: Turns,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl AmqpConsumer {
+    /// Consumes `queues` (waited builds) and `background` in a task of its own.
+    pub(super) fn start(
+        bus: AmqpBus,
+        queues: &[String],
+        background: &[String],
+        prefetch: u16,
+    ) -> Self {
+        let prefetch = prefetch.max(1);
+        // Room for every delivery the broker may hand out unacknowledged (`prefetch` per
+        // queue), so feeding one class never waits on the other being taken.
+        let room = |qs: &[String]| usize::from(prefetch) * qs.len().max(1);
+        let (waited_tx, waited) = mpsc::channel(room(queues));
+        let (background_tx, background_rx) = mpsc::channel(room(background));
+        let task = tokio::spawn(consume_loop(
+            bus,
+            [queues.to_vec(), background.to_vec()],
+            prefetch,
+            [waited_tx, background_tx],
+        ));
+        Self {
+            rx: [waited, background_rx],
+            turns: Turns::default(),
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for AmqpConsumer {
+    async fn next(&mut self) -> Option<Delivery> {
+        let first = usize::from(self.turns.background_first());
+        // What is in hand already, in the order the turns say; else whatever comes first.
+        let ready = [first, 1 - first]
+            .into_iter()
+            .find_map(|class| Some((class, self.rx[class].try_recv().ok()?)));
+        let (class, delivery) = match ready {
+            Some(found) => found,
+            None => {
+                let [waited, background] = &mut self.rx;
+                tokio::select! {
+                    Some(d) = waited.recv() => (0, d),
+                    Some(d) = background.recv() => (1, d),
+                    else => return None,
+                }
+            }
+        };
+        self.turns.took(class == 1);
+        Some(delivery)
+    }
+}
+
+struct AmqpAcker {
+    bus: AmqpBus,
+    acker: lapin::Acker,
+    queue: String,
+    body: Bytes,
+    settled: bool,
+}
+
+impl std::fmt::Debug for AmqpAcker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpAcker")
+            .field("queue", &self.queue)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl Acker for AmqpAcker {
+    async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
+        self.settled = true;
+        timed("ack", self.acker.ack(BasicAckOptions::default()))
+            .await
+            .map(|_| ())
+    }
+
+    async fn reject(mut self: Box<Self>, requeue: bool, reason: &str) -> Result<(), BusError> {
+        self.settled = true;
+        if requeue {
+            let options = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            return timed("nack", self.acker.nack(options)).await.map(|_| ());
+        }
+        // Keep the reason: publish a copy with headers to the dead-letter exchange, then
+        // acknowledge. If that publish fails, a plain reject still dead-letters it.
+        let mut headers = FieldTable::default();
+        headers.insert(
+            short("x-tessera-error"),
+            AMQPValue::LongString(LongString::from(reason.to_string())),
+        );
+        headers.insert(
+            short("x-tessera-queue"),
+            AMQPValue::LongString(LongString::from(self.queue.clone())),
+        );
+        let props = persistent().with_headers(headers);
+        let dead = self.bus.exchange("dead");
+        let published = match self.bus.link().await {
+            Ok(link) => match self.bus.publish(&link, &dead, "", &self.body, props).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(unroutable(&dead, "")),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        match published {
+            Ok(()) => timed("ack", self.acker.ack(BasicAckOptions::default()))
+                .await
+                .map(|_| ()),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not publish the dead letter with its reason; rejecting");
+                let options = BasicNackOptions {
+                    requeue: false,
+                    ..BasicNackOptions::default()
+                };
+                timed("nack", self.acker.nack(options)).await.map(|_| ())
+            }
+        }
+    }
+
+    fn release(mut self: Box<Self>) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        let acker = self.acker.clone();
+        // Dropped mid-build: hand it back now rather than when the channel closes.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let options = BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                };
+                let _ = tokio::time::timeout(OP_TIMEOUT, acker.nack(options)).await;
+            });
+        }
+    }
+}
+
+/// Keeps an events subscription alive across reconnections.
+async fn subscribe_loop(
+    bus: AmqpBus,
+    tx: mpsc::Sender<Notice>,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut ready = Some(ready);
+    let mut backoff = Backoff::default();
+    let mut first = true;
+    loop {
+        let result = subscribe_once(&bus, &tx, &mut ready, first, &mut backoff).await;
+        first = false;
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, ?delay, "event subscription lost; reconnecting");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Follows the events exchange on one connection until it fails; resets `backoff` once
+/// subscribed.
+async fn subscribe_once(
+    bus: &AmqpBus,
+    tx: &mpsc::Sender<Notice>,
+    ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
+    first: bool,
+    backoff: &mut Backoff,
+) -> Result<(), BusError> {
+    let link = bus.link().await?;
+    let channel = timed("open channel", link.conn.create_channel()).await?;
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = timed(
+        "declare event queue",
+        channel.queue_declare(short(""), options, FieldTable::default()),
+    )
+    .await?;
+    let name = queue.name().clone();
+    timed(
+        "bind event queue",
+        channel.queue_bind(
+            name.clone(),
+            short(&bus.exchange("events")),
+            short(""),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    let options = BasicConsumeOptions {
+        no_ack: true,
+        ..BasicConsumeOptions::default()
+    };
+    let mut consumer = timed(
+        "consume events",
+        channel.basic_consume(name, short(""), options, FieldTable::default()),
+    )
+    .await?;
+    backoff.reset();
+    if let Some(ready) = ready.take() {
+        let _ = ready.send(());
+    }
+    if !first && tx.send(Notice::Lagged).await.is_err() {
+        return Ok(());
+    }
+    while let Some(d) = consumer.next().await {
+        let d = d.map_err(unavailable)?;
+        let notice = match Event::decode(&d.data) {
+            Ok(e) => Notice::Event(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable event ignored");
+                continue;
+            }
+        };
+        match tx.try_send(notice) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // The gateway fell behind: tell it once there is room.
+                if tx.send(Notice::Lagged).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+        }
+    }
+    Err(unavailable("event stream ended"))
+}
+
+#[derive(Debug)]
+pub(super) struct AmqpSubscription {
+    rx: mpsc::Receiver<Notice>,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl AmqpSubscription {
+    /// Follows the events exchange in a task of its own.
+    pub(super) async fn start(bus: AmqpBus) -> Self {
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(subscribe_loop(bus, tx, ready_tx));
+        // Wait (bounded) for the first subscription, so events published after
+        // `subscribe` returns are seen; a broker that is down is not fatal.
+        let _ = tokio::time::timeout(OP_TIMEOUT, ready_rx).await;
+        Self {
+            rx,
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+        }
+    }
+}
+
+#[async_trait]
+impl Subscription for AmqpSubscription {
+    async fn next(&mut self) -> Option<Notice> {
+        self.rx.recv().await
+    }
+}
