@@ -220,7 +220,7 @@ impl FragmentBuilder for HttpBuilder {
                     directive,
                 });
             }
-            let esi = tessera_runtime::web::asks_for_esi(response.headers());
+            let esi = tessera_protocol::surrogate::asks_for_esi(response.headers());
             let tags = tags::parse(
                 response
                     .headers()

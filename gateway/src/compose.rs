@@ -182,7 +182,7 @@ impl Gateway {
         let trace = Trace::new(request_headers);
         let trace = &trace;
         let (mut parts, body) = response.into_parts();
-        let esi = tessera_runtime::web::asks_for_esi(&parts.headers);
+        let esi = tessera_protocol::surrogate::asks_for_esi(&parts.headers);
         parts.headers.remove("surrogate-control");
         parts.headers.remove(tessera_protocol::tags::HEADER);
         let html = parts

@@ -453,21 +453,6 @@ async fn accept(
     }
 }
 
-/// Whether an upstream answer asks a surrogate to process ESI: `Surrogate-Control`
-/// with `content="ESI/1.0"` (Edge Architecture Specification). Pages and fragment
-/// renders are composed only when they ask.
-pub fn asks_for_esi(headers: &HeaderMap) -> bool {
-    headers
-        .get_all("surrogate-control")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            v.to_ascii_lowercase()
-                .replace(' ', "")
-                .contains("content=\"esi/1.0\"")
-        })
-}
-
 /// An RFC 9457 problem response. `code` is a stable machine-readable name.
 pub fn problem(status: StatusCode, code: &str, detail: &str) -> Response<Body> {
     let body = serde_json::json!({
@@ -1147,19 +1132,6 @@ mod tests {
         assert!(!asks("text/plain"));
         assert!(!asks("*/*"));
         assert!(!wants_openmetrics(&HeaderMap::new()));
-    }
-
-    #[test]
-    fn esi_is_asked_for_by_surrogate_control_only() {
-        let with = |v: &'static str| {
-            let mut h = HeaderMap::new();
-            h.append("surrogate-control", HeaderValue::from_static(v));
-            h
-        };
-        assert!(asks_for_esi(&with(r#"content="ESI/1.0""#)));
-        assert!(asks_for_esi(&with(r#"max-age=60, content = "esi/1.0""#)));
-        assert!(!asks_for_esi(&with("max-age=60")));
-        assert!(!asks_for_esi(&HeaderMap::new()));
     }
 
     #[test]
