@@ -15,7 +15,7 @@
 //!   waited: cold-miss p99 went from 11–20 ms to 18–98 ms.
 //! - **One limit.** The `max_connections` slots are shared by all threads.
 //! - **Shutdown.** [`Threads::serve_until`] drains every thread's connections, as
-//!   [`serve`](super::serve) does. The threads' runtimes, and whatever their requests
+//!   [`serve`](fn@super::serve) does. The threads' runtimes, and whatever their requests
 //!   spawned, live on until the [`Threads`] is dropped, so that the caller's own
 //!   shutdown (embedded workers finishing a build through a memcached connection a
 //!   thread dialed) still has them.
@@ -32,7 +32,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{Body, Drain, ServeOptions, accept, close_all, connection};
+use super::body::Body;
+use super::drain::Drain;
+use super::serve::{ServeOptions, accept, close_all, connection};
 
 /// A connection handed to a thread: the socket (to be registered with the thread's own
 /// runtime), its peer and its slot.
