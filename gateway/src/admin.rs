@@ -298,7 +298,7 @@ impl Gateway {
                 "workers": workers,
                 "recent_failures": failures,
                 "dead_letters": dead,
-                "ready": { "store": ready.0, "bus": ready.1 },
+                "ready": ready.to_json(),
             }),
         )
     }

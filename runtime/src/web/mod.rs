@@ -29,6 +29,6 @@ mod threads;
 pub use body::{Body, BoxError, empty, full, json, problem, stream, text};
 pub use gate::{admin_gate, authorized, cross_site, harden, unauthorized};
 pub use metrics::{BackendMetrics, ConnectionGauges, metrics, wants_openmetrics};
-pub use ready::{READY_TIMEOUT, alive, readiness, ready};
+pub use ready::{Check, READY_TIMEOUT, Readiness, alive, readiness, ready};
 pub use serve::{DRAIN_DEADLINE, ServeOptions, serve};
 pub use threads::Threads;
