@@ -5,14 +5,12 @@
 //! task on one, the memcached connection that answers it on another, woken across by a
 //! cross-thread wake and stolen back and forth. Here a connection lives and dies on the
 //! thread it was given, and everything its requests start (a memcached connection that
-//! thread keeps to, a background rebuild) runs there too. On the memcached hit path
-//! this cut the gateway's CPU per hit from 18–20 µs to 15–16 µs (`bench/README.md`,
-//! "HTTP threads").
+//! thread keeps to, a background rebuild) runs there too. This measured cheaper per
+//! memcached hit than one shared runtime (`bench/README.md`, "HTTP threads").
 //!
 //! - **Balanced.** The caller's runtime accepts, and gives each connection to the thread
-//!   with the fewest open. Threads that each accepted for themselves on a shared socket
-//!   took 64 connections opened at once unevenly, and the busier thread's requests
-//!   waited: cold-miss p99 went from 11–20 ms to 18–98 ms.
+//!   with the fewest open: threads that each accepted for themselves on a shared socket
+//!   took connections opened at once unevenly, and the busier thread's requests waited.
 //! - **One limit.** The `max_connections` slots are shared by all threads.
 //! - **Shutdown.** [`Threads::serve_until`] drains every thread's connections, as
 //!   [`serve`](fn@super::serve) does. The threads' runtimes, and whatever their requests
