@@ -200,7 +200,7 @@ impl HttpBuilder {
             .map_err(|e| BuildError::Connect(Cause::new(e)))?;
         check_answer(route, response.status(), response.headers())?;
         let headers = response.headers();
-        let esi = tessera_runtime::web::asks_for_esi(headers);
+        let esi = tessera_protocol::surrogate::asks_for_esi(headers);
         let tags = tags_of(headers)?;
         let content_type = headers
             .get(header::CONTENT_TYPE)

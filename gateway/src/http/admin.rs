@@ -262,7 +262,7 @@ impl Admin {
                 "workers": workers,
                 "recent_failures": failures,
                 "dead_letters": dead,
-                "ready": { "store": ready.0, "bus": ready.1 },
+                "ready": ready.to_json(),
             }),
         )
     }

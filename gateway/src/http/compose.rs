@@ -207,8 +207,8 @@ async fn response_for(
     request_headers: &HeaderMap,
 ) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
-    let esi = tessera_runtime::web::asks_for_esi(&parts.headers);
-    parts.headers.remove("surrogate-control");
+    let esi = tessera_protocol::surrogate::asks_for_esi(&parts.headers);
+    parts.headers.remove(tessera_protocol::surrogate::HEADER);
     parts.headers.remove(tessera_protocol::tags::HEADER);
     let html = parts
         .headers

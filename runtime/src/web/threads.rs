@@ -5,17 +5,15 @@
 //! task on one, the memcached connection that answers it on another, woken across by a
 //! cross-thread wake and stolen back and forth. Here a connection lives and dies on the
 //! thread it was given, and everything its requests start (a memcached connection that
-//! thread keeps to, a background rebuild) runs there too. On the memcached hit path
-//! this cut the gateway's CPU per hit from 18–20 µs to 15–16 µs (`bench/README.md`,
-//! "HTTP threads").
+//! thread keeps to, a background rebuild) runs there too. This measured cheaper per
+//! memcached hit than one shared runtime (`bench/README.md`, "HTTP threads").
 //!
 //! - **Balanced.** The caller's runtime accepts, and gives each connection to the thread
-//!   with the fewest open. Threads that each accepted for themselves on a shared socket
-//!   took 64 connections opened at once unevenly, and the busier thread's requests
-//!   waited: cold-miss p99 went from 11–20 ms to 18–98 ms.
+//!   with the fewest open: threads that each accepted for themselves on a shared socket
+//!   took connections opened at once unevenly, and the busier thread's requests waited.
 //! - **One limit.** The `max_connections` slots are shared by all threads.
 //! - **Shutdown.** [`Threads::serve_until`] drains every thread's connections, as
-//!   [`serve`](super::serve) does. The threads' runtimes, and whatever their requests
+//!   [`serve`](fn@super::serve) does. The threads' runtimes, and whatever their requests
 //!   spawned, live on until the [`Threads`] is dropped, so that the caller's own
 //!   shutdown (embedded workers finishing a build through a memcached connection a
 //!   thread dialed) still has them.
@@ -32,7 +30,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{Body, Drain, ServeOptions, accept, close_all, connection};
+use super::body::Body;
+use super::drain::Drain;
+use super::serve::{ServeOptions, accept, close_all, connection};
 
 /// A connection handed to a thread: the socket (to be registered with the thread's own
 /// runtime), its peer and its slot.

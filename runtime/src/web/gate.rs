@@ -1,0 +1,251 @@
+//! The admin gate every admin listener passes a request through before routing it: the
+//! token check, the refusal of cross-site requests that change state, and the hardening
+//! headers every admin answer carries.
+
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+
+use super::body::{Body, problem};
+use super::ready::alive;
+
+/// Whether `headers` carry the admin `token`: `Authorization: Bearer {token}`, or HTTP
+/// Basic with the token as password (how a browser logs in to a dashboard). The scheme
+/// is matched in any case (RFC 9110 §11.1). An empty token admits everyone.
+pub fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    let token = token.as_bytes();
+    if token.is_empty() {
+        return true;
+    }
+    let Some(auth) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let (scheme, credentials) = auth.trim().split_once(' ').unwrap_or((auth, ""));
+    let credentials = credentials.trim();
+    let given = if scheme.eq_ignore_ascii_case("bearer") {
+        credentials.as_bytes().to_vec()
+    } else if scheme.eq_ignore_ascii_case("basic") {
+        use base64::Engine;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(credentials)
+            .unwrap_or_default();
+        // `user:password`; the user name is not checked.
+        match decoded.iter().position(|b| *b == b':') {
+            Some(colon) => decoded[colon + 1..].to_vec(),
+            None => return false,
+        }
+    } else {
+        return false;
+    };
+    constant_time_eq(&given, token)
+}
+
+/// The 401 for a request without the admin token named by `key`.
+pub fn unauthorized(key: &str) -> Response<Body> {
+    let mut r = problem(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        &format!("this admin endpoint needs `Authorization: Bearer <{key}>`"),
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(r#"Bearer, Basic realm="tessera admin""#),
+    );
+    r
+}
+
+/// What every admin listener checks before routing, `None` meaning go on:
+/// - `GET /healthz` answers to anyone: liveness probes carry no token, and it tells
+///   nothing but that the process runs;
+/// - every other request needs the token `key` names (see [`authorized`]);
+/// - a state-changing request must not come from another site (see [`cross_site`]): a
+///   browser resends HTTP Basic credentials by itself, so a page elsewhere could
+///   otherwise purge or requeue through a logged-in operator's browser.
+pub fn admin_gate<B>(req: &Request<B>, token: &str, key: &str) -> Option<Response<Body>> {
+    if req.method() == http::Method::GET && req.uri().path() == "/healthz" {
+        return Some(alive());
+    }
+    if !authorized(req.headers(), token) {
+        return Some(unauthorized(key));
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(http::uri::Authority::as_str));
+    let why = cross_site(req.method(), host, req.headers())?;
+    Some(problem(
+        StatusCode::FORBIDDEN,
+        "cross_site",
+        &format!(
+            "cross-site request refused: {why}. Admin requests that change state must come \
+             from the dashboard itself, or from a client that sends no Origin or Referer \
+             (curl, scripts, `tessera-gateway purge`)"
+        ),
+    ))
+}
+
+/// Why a request that changes state (any method but GET, HEAD and OPTIONS) comes from
+/// another site than `host` (the request's `Host`), if it does. It does when
+/// `Sec-Fetch-Site` is anything but `same-origin` or `none` (typed by the user), or when
+/// `Origin` or `Referer` names another `host:port`. A request without any of them (curl,
+/// scripts, the CLI) is not cross-site: no browser sends a state-changing request
+/// without `Origin`.
+pub fn cross_site(
+    method: &http::Method,
+    host: Option<&str>,
+    headers: &HeaderMap,
+) -> Option<String> {
+    use http::Method;
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return None;
+    }
+    if let Some(site) = headers.get("sec-fetch-site") {
+        let site = site.to_str().unwrap_or("").trim();
+        if !(site.eq_ignore_ascii_case("same-origin") || site.eq_ignore_ascii_case("none")) {
+            return Some("Sec-Fetch-Site is not same-origin".into());
+        }
+    }
+    for name in [header::ORIGIN, header::REFERER] {
+        if let Some(source) = headers.get(&name) {
+            let same = source
+                .to_str()
+                .is_ok_and(|source| host.is_some_and(|host| same_origin(source, host)));
+            if !same {
+                return Some(format!(
+                    "{name} is not this admin listener ({})",
+                    host.unwrap_or("no Host")
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// Whether the URL `source` (an `Origin`, or a `Referer` with its path) is on `host`
+/// (`host[:port]`), a port left out being the default of `source`'s scheme.
+fn same_origin(source: &str, host: &str) -> bool {
+    let Some((scheme, rest)) = source.split_once("://") else {
+        return false; // `null`, or not a URL
+    };
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" => 80,
+        "https" => 443,
+        _ => return false,
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let (Ok(theirs), Ok(ours)) = (
+        authority.parse::<http::uri::Authority>(),
+        host.parse::<http::uri::Authority>(),
+    ) else {
+        return false;
+    };
+    theirs.host().eq_ignore_ascii_case(ours.host())
+        && theirs.port_u16().unwrap_or(default_port) == ours.port_u16().unwrap_or(default_port)
+}
+
+/// Adds what every admin answer carries: no MIME sniffing, never shown in a frame
+/// (clickjacking a purge button), and a policy that loads nothing unless the answer set
+/// its own (the dashboard does).
+pub fn harden(headers: &mut HeaderMap) {
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers
+        .entry(header::CONTENT_SECURITY_POLICY)
+        .or_insert(HeaderValue::from_static(
+            "default-src 'none'; frame-ancestors 'none'",
+        ));
+}
+
+/// Compares without leaking where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn bearer_and_basic_tokens() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+            h
+        };
+        assert!(authorized(&HeaderMap::new(), ""));
+        assert!(!authorized(&HeaderMap::new(), "s3cret"));
+        assert!(authorized(&with("Bearer s3cret"), "s3cret"));
+        assert!(!authorized(&with("Bearer s3cre"), "s3cret"));
+        // "admin:s3cret"
+        assert!(authorized(&with("Basic YWRtaW46czNjcmV0"), "s3cret"));
+        // "admin:nope"
+        assert!(!authorized(&with("Basic YWRtaW46bm9wZQ=="), "s3cret"));
+        assert!(!authorized(&with("Token s3cret"), "s3cret"));
+        // The scheme in any case (RFC 9110 §11.1).
+        assert!(authorized(&with("bearer s3cret"), "s3cret"));
+        assert!(authorized(&with("BEARER  s3cret "), "s3cret"));
+        assert!(authorized(&with("basic YWRtaW46czNjcmV0"), "s3cret"));
+        assert!(!authorized(&with("bearers3cret"), "s3cret"));
+    }
+
+    #[test]
+    fn cross_site_requests() {
+        use http::Method;
+        let with = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let host = Some("127.0.0.1:9090");
+        let refused = |method: Method, pairs| cross_site(&method, host, &with(pairs)).is_some();
+        for hostile in [
+            &[("origin", "http://evil.example")][..],
+            &[("origin", "null")],
+            &[("origin", "http://127.0.0.1:9091")],
+            &[("origin", "http://127.0.0.1")],
+            &[
+                ("origin", "http://127.0.0.1:9090"),
+                ("sec-fetch-site", "same-site"),
+            ],
+            &[("sec-fetch-site", "cross-site")],
+            &[("referer", "http://evil.example/admin?x")],
+            &[("referer", "http://127.0.0.1:9090.evil.example/")],
+        ] {
+            assert!(refused(Method::POST, hostile), "{hostile:?}");
+            assert!(refused(Method::DELETE, hostile), "{hostile:?}");
+            assert!(!refused(Method::GET, hostile), "reads are not refused");
+        }
+        for fine in [
+            &[][..],
+            &[("origin", "http://127.0.0.1:9090")],
+            &[
+                ("origin", "HTTP://127.0.0.1:9090"),
+                ("sec-fetch-site", "same-origin"),
+            ],
+            &[("sec-fetch-site", "none")],
+            &[("referer", "http://127.0.0.1:9090/?x=1")],
+        ] {
+            assert!(!refused(Method::POST, fine), "{fine:?}");
+        }
+        // Default ports count as written.
+        let plain = with(&[("origin", "https://admin.example")]);
+        assert!(cross_site(&Method::PUT, Some("admin.example:443"), &plain).is_none());
+        assert!(cross_site(&Method::PUT, Some("admin.example"), &plain).is_none());
+        assert!(cross_site(&Method::PUT, None, &plain).is_some());
+    }
+}
