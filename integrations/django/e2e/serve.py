@@ -24,8 +24,9 @@ call_command("migrate", run_syncdb=True, verbosity=0)
 for name in ("alice", "bob", "carol"):
     if not User.objects.filter(username=name).exists():
         User.objects.create_user(name, password=f"pw-{name}")
-for i in range(1, 4):
-    Product.objects.get_or_create(pk=i, defaults={"name": f"Product {i}", "price_cents": i * 1000})
+# bulk_create sends no signals: no purge, as no gateway runs yet.
+if not Product.objects.exists():
+    Product.objects.bulk_create(Product(pk=i, name=f"Product {i}", price_cents=i * 1000) for i in range(1, 4))
 
 server = ThreadedWSGIServer(("127.0.0.1", 0), WSGIRequestHandler)
 server.set_app(get_wsgi_application())

@@ -31,10 +31,25 @@ ADMIN_TOKEN = "e2e-admin-token"
 WAIT = {"Prefer": "wait=20"}
 
 
+class GatewayExited(RuntimeError):
+    pass
+
+
 class Shop:
     """The site and the gateway in front of it, started once for all tests."""
 
     def start(self):
+        """The gateway's admin port is picked before the site starts (the site is told
+        it), so another process may take it meanwhile: then everything starts again."""
+        for attempt in range(3):
+            try:
+                return self.start_once()
+            except GatewayExited:
+                self.stop()
+                if attempt == 2:
+                    raise
+
+    def start_once(self):
         self.dir = tempfile.mkdtemp(prefix="tessera-django-e2e")
         self.procs = []
         admin_port = free_port()
@@ -69,9 +84,14 @@ class Shop:
         if check.returncode != 0:
             raise RuntimeError(f"the gateway refuses the config:\n{check.stdout}{check.stderr}")
 
-        genv = dict(os.environ, TESSERA_LOG_FORMAT="json", RUST_LOG="info", TESSERA_RENDER_TOKEN=RENDER_TOKEN or "")
-        self.spawn([GATEWAY, "--config", config], genv, "gateway.log")
-        addr = self.wait_for(self.gateway_addr, "the gateway", "gateway.log")
+        # RUST_LIB_BACKTRACE=0: an error exit (a port taken) is not held up symbolizing a
+        # backtrace of the debug build; panics still have theirs.
+        genv = dict(
+            os.environ, TESSERA_LOG_FORMAT="json", RUST_LOG="info", RUST_LIB_BACKTRACE="0",
+            TESSERA_RENDER_TOKEN=RENDER_TOKEN or "",
+        )
+        gateway = self.spawn([GATEWAY, "--config", config], genv, "gateway.log")
+        addr = self.wait_for(self.gateway_addr, "the gateway", "gateway.log", gateway)
         self.gateway_url = f"http://{addr}"
 
     def gateway_addr(self):
@@ -83,13 +103,16 @@ class Shop:
     def spawn(self, argv, env, log, cwd=None):
         with open(os.path.join(self.dir, log), "w") as out:
             self.procs.append(subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT))
+        return self.procs[-1]
 
-    def wait_for(self, probe, what, log):
+    def wait_for(self, probe, what, log, gateway=None):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             value = probe()
             if value:
                 return value
+            if gateway is not None and gateway.poll() is not None:
+                raise GatewayExited(f"{what} exited:\n{self.logs([log])}")
             if any(p.poll() is not None for p in self.procs):
                 break
             time.sleep(0.1)

@@ -23,14 +23,29 @@ module Shop
   REPO = File.expand_path("../../../..", __dir__)
   GATEWAY = ENV.fetch("TESSERA_GATEWAY_BIN", File.join(REPO, "target/debug/tessera-gateway"))
   ADMIN_TOKEN = "e2e-admin-token"
+  class GatewayExited < RuntimeError; end
 
   class << self
     attr_reader :app_url, :gateway_url, :admin_url, :dir
 
+    # The gateway's admin port is picked before the app starts (the app is told it), so
+    # another process may take it meanwhile: then everything starts again on another.
     def start
+      Minitest.after_run { stop } # at_exit would run before the tests
+      attempts = 0
+      begin
+        attempts += 1
+        start_once
+      rescue GatewayExited
+        stop
+        retry if attempts < 3
+        raise
+      end
+    end
+
+    def start_once
       @dir = Dir.mktmpdir("tessera-rails-e2e")
       @pids = []
-      Minitest.after_run { stop } # at_exit would run before the tests
       admin_port = free_port
       @admin_url = "http://127.0.0.1:#{admin_port}"
       env = {
@@ -91,12 +106,17 @@ module Shop
       raise "no gateway at #{GATEWAY}: cargo build -p tessera-gateway" unless File.executable?(GATEWAY)
 
       log = "#{@dir}/gateway.log"
-      env = { "TESSERA_LOG_FORMAT" => "json", "RUST_LOG" => "info", "TESSERA_RENDER_TOKEN" => RENDER_TOKEN.to_s }
-      @pids << spawn(env, GATEWAY, "--config", "#{@dir}/tessera.toml", out: log, err: [:child, :out])
+      # RUST_LIB_BACKTRACE=0: an error exit (a port taken) is not held up symbolizing a
+      # backtrace of the debug build; panics still have theirs.
+      env = { "TESSERA_LOG_FORMAT" => "json", "RUST_LOG" => "info", "RUST_LIB_BACKTRACE" => "0",
+              "TESSERA_RENDER_TOKEN" => RENDER_TOKEN.to_s }
+      pid = spawn(env, GATEWAY, "--config", "#{@dir}/tessera.toml", out: log, err: [:child, :out])
+      @pids << pid
       deadline = Time.now + 30
       until Time.now > deadline
         line = File.exist?(log) && File.foreach(log).find { |l| l.include?('"gateway listening"') }
         return @gateway_url = "http://#{JSON.parse(line).fetch('addr')}" if line
+        raise GatewayExited, "the gateway exited:\n#{File.read(log)}" if Process.wait(pid, Process::WNOHANG)
 
         sleep 0.1
       end
