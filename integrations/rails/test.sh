@@ -20,7 +20,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if [ -z "${TESSERA_GATEWAY_BIN:-}" ]; then
-  (cd "$repo" && cargo build --locked -q -p tessera-gateway)
+  # The same build as the workspace's own end-to-end tests (tests/src/cluster.rs), so
+  # after `cargo test` it has nothing left to do.
+  (cd "$repo" && cargo build --locked -q -p tessera-gateway -p tessera-workers --bins)
   export TESSERA_GATEWAY_BIN="$repo/target/debug/tessera-gateway"
 fi
 
