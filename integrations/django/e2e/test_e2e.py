@@ -250,6 +250,10 @@ class EndToEnd(unittest.TestCase):
         self.assertIsNone(page.getheader("Surrogate-Control"))
         self.assertIsNone(page.getheader("Surrogate-Key"))
 
+        crawler = Browser(shop.gateway_url).get("/products/1/").text  # keeps no cookies
+        self.assertIn("<h2>Product 1</h2>", crawler)
+        self.assertIn('data-tessera-src="/fragments/account?product_id=1"', crawler)
+
     def test_without_the_gateway_the_page_has_placeholders(self):
         page = Browser(shop.app_url).get("/products/1/")
         self.assertIn('data-tessera-src="/fragments/product?id=1"', page.text)

@@ -23,12 +23,22 @@ class RailsTest < ActionDispatch::IntegrationTest
     refute_includes response.body, "client.js"
   end
 
-  def test_a_page_that_writes_the_user_cookie_writes_placeholders
+  def test_a_page_that_writes_the_user_cookie_leaves_per_user_fragments_to_the_browser
     get "/page", headers: ESI
     assert_includes set_cookies, "tessera_user"
-    assert_nil response.headers["Surrogate-Control"]
-    refute_includes response.body, "esi:include"
+    assert_equal 'content="ESI/1.0"', response.headers["Surrogate-Control"]
+    assert_includes response.body, '<esi:include src="/fragments/recs?limit=5&amp;tag=a+b&amp;tag=c%26d"/>'
     assert_includes response.body, 'data-tessera-src="/fragments/cart"'
+    assert_equal 1, response.body.scan("client.js").size
+  end
+
+  def test_a_client_without_cookies_gets_shared_fragments_composed
+    3.times do
+      cookies.delete("tessera_user")
+      get "/page", headers: ESI
+      assert_includes set_cookies, "tessera_user"
+      assert_includes response.body, '<esi:include src="/fragments/recs?limit=5&amp;tag=a+b&amp;tag=c%26d"/>'
+    end
   end
 
   def test_without_the_gateway_a_page_writes_placeholders_and_the_script_once
@@ -145,7 +155,10 @@ class RailsTest < ActionDispatch::IntegrationTest
 
     get "/page", headers: ESI
     refute_equal anonymous_cookie, cookies["tessera_user"]
-    refute_includes response.body, "esi:include", "the browser does not hold the new cookie yet"
+    refute_includes response.body, '<esi:include src="/fragments/cart"/>', "the browser does not hold the new cookie yet"
+    assert_includes response.body, 'data-tessera-src="/fragments/cart"'
+    get "/page", headers: ESI
+    assert_includes response.body, '<esi:include src="/fragments/cart"/>'
     post "/update", params: { authenticity_token: anonymous_token }
     assert_equal 422, response.status
 

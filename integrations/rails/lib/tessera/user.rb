@@ -68,8 +68,8 @@ module Tessera
     end
 
     # Whether this request (re)wrote the cookie: the browser does not hold it yet, so the
-    # page's includes would be composed with the old one (Tessera::Helper then writes
-    # placeholders, which the browser fetches with the new cookie).
+    # page's per-user includes would be composed with the old one (Tessera::Helper then
+    # writes placeholders, which the browser fetches with the new cookie).
     def tessera_user_changed?
       return false if tessera_user_identify.nil?
 

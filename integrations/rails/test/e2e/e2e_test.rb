@@ -217,6 +217,10 @@ class E2ETest < Minitest::Test
     refute_includes body, "tessera-fragment"
     assert_nil page["surrogate-control"]
     assert_nil page["surrogate-key"]
+
+    crawler = gateway.get("/products/1").body # keeps no cookies: a new visitor each time
+    assert_includes crawler, "<h2>Product 1</h2>"
+    assert_includes crawler, 'data-tessera-src="/fragments/account?product_id=1"'
   end
 
   def test_without_the_gateway_the_page_has_placeholders
