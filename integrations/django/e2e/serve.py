@@ -17,7 +17,6 @@ from django.contrib.auth.models import User  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.core.servers.basehttp import ThreadedWSGIServer, WSGIRequestHandler  # noqa: E402
 from django.core.wsgi import get_wsgi_application  # noqa: E402
-
 from shop.models import Product  # noqa: E402
 
 call_command("migrate", run_syncdb=True, verbosity=0)

@@ -87,7 +87,10 @@ class Shop:
         # RUST_LIB_BACKTRACE=0: an error exit (a port taken) is not held up symbolizing a
         # backtrace of the debug build; panics still have theirs.
         genv = dict(
-            os.environ, TESSERA_LOG_FORMAT="json", RUST_LOG="info", RUST_LIB_BACKTRACE="0",
+            os.environ,
+            TESSERA_LOG_FORMAT="json",
+            RUST_LOG="info",
+            RUST_LIB_BACKTRACE="0",
             TESSERA_RENDER_TOKEN=RENDER_TOKEN or "",
         )
         gateway = self.spawn([GATEWAY, "--config", config], genv, "gateway.log")
@@ -269,7 +272,8 @@ class EndToEnd(unittest.TestCase):
         before = re.search(r"rendered ([^<]+)", alice_page).group(1)
 
         # The form came from alice's cached fragment; its token must pass Django's check.
-        renamed = alice.post("/products/2/rename/", {"csrfmiddlewaretoken": csrf_token(alice_page), "name": "Renamed by alice"})
+        form = {"csrfmiddlewaretoken": csrf_token(alice_page), "name": "Renamed by alice"}
+        renamed = alice.post("/products/2/rename/", form)
         self.assertEqual(renamed.status, 302, renamed.text)
 
         # The save purged tag product-2: the product fragment is built anew.

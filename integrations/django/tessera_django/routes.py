@@ -83,9 +83,7 @@ class Route:
         if self.vary:
             lines.append(f"vary = {toml(self.vary)}")
         lines += [f"{key} = {toml(self.options[key])}" for key in OTHERS if key in self.options]
-        lines += [
-            f"{key} = {toml(self._duration(self.options[key]))}" for key in DURATIONS if key in self.options
-        ]
+        lines += [f"{key} = {toml(self._duration(self.options[key]))}" for key in DURATIONS if key in self.options]
         return "\n".join(lines)
 
     def _duration(self, value):

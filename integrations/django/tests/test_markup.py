@@ -46,27 +46,38 @@ def view():
 class RouteTests(SimpleTestCase):
     def test_toml_of_a_route(self):
         route = Route(
-            "cart", view, params=["a", "b"], vary=["session", "csrf", "header:accept-language"],
-            fresh=90, stale=600.0, refresh_ahead="15s", failed_ttl=2.5, shareable=False, max_attempts=3,
-            placeholder='<p class="x">\\…\n</p>', queue="tessera.build.slow",
+            "cart",
+            view,
+            params=["a", "b"],
+            vary=["session", "csrf", "header:accept-language"],
+            fresh=90,
+            stale=600.0,
+            refresh_ahead="15s",
+            failed_ttl=2.5,
+            shareable=False,
+            max_attempts=3,
+            placeholder='<p class="x">\\…\n</p>',
+            queue="tessera.build.slow",
         )
         self.assertEqual(
             route.to_toml("/_render/cart"),
-            "\n".join([
-                "[[fragment]]",
-                'name = "cart"',
-                'render = "/_render/cart"',
-                'params = ["a", "b"]',
-                'vary = ["cookie:sessionid", "cookie:csrftoken", "header:accept-language"]',
-                "shareable = false",
-                "max_attempts = 3",
-                'placeholder = "<p class=\\"x\\">\\\\…\\u000A</p>"',
-                'queue = "tessera.build.slow"',
-                'fresh = "90s"',
-                'stale = "600000ms"',
-                'refresh_ahead = "15s"',
-                'failed_ttl = "2500ms"',
-            ]),
+            "\n".join(
+                [
+                    "[[fragment]]",
+                    'name = "cart"',
+                    'render = "/_render/cart"',
+                    'params = ["a", "b"]',
+                    'vary = ["cookie:sessionid", "cookie:csrftoken", "header:accept-language"]',
+                    "shareable = false",
+                    "max_attempts = 3",
+                    'placeholder = "<p class=\\"x\\">\\\\…\\u000A</p>"',
+                    'queue = "tessera.build.slow"',
+                    'fresh = "90s"',
+                    'stale = "600000ms"',
+                    'refresh_ahead = "15s"',
+                    'failed_ttl = "2500ms"',
+                ]
+            ),
         )
         self.assertEqual(route.max_age, 90)
         self.assertTrue(route.per_user and route.csrf)

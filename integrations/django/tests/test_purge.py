@@ -61,8 +61,12 @@ class PurgeTests(TestCase):
     def test_purge_paths(self):
         with override_settings(TESSERA={"ADMIN_URL": self.admin.url + "/"}):
             results = tessera_django.purge(
-                tags=["a%b#c", "é"], route="recs", fragment="cart", params={"id": 7, "q": "x y"},
-                cookies={"sessionid": "abc"}, headers={"Accept-Language": "fr"},
+                tags=["a%b#c", "é"],
+                route="recs",
+                fragment="cart",
+                params={"id": 7, "q": "x y"},
+                cookies={"sessionid": "abc"},
+                headers={"Accept-Language": "fr"},
             )
         requests = self.admin.taken()
         self.assertEqual(
