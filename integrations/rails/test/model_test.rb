@@ -22,7 +22,7 @@ class ModelTest < Minitest::Test
     requests = @admin.taken
     tags = ["/tags/product-#{product.id}", "/tags/products"]
     assert_equal tags * 3, requests.map(&:path)
-    assert_equal ["DELETE"], requests.map(&:method).uniq
+    assert_equal ["DELETE"], requests.map(&:verb).uniq
     assert_equal ["Bearer adm"], requests.map { |r| r.headers["authorization"] }.uniq
   end
 

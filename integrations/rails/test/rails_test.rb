@@ -213,7 +213,10 @@ class RailsTest < ActionDispatch::IntegrationTest
   def test_a_route_name_belongs_to_one_action
     error = assert_raises(ArgumentError) do
       Class.new(ActionController::Base) do
-        def self.name = "OtherFragmentsController"
+        def self.name
+          "OtherFragmentsController"
+        end
+
         include Tessera::Render
         tessera_render :recs
       end

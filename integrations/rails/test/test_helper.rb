@@ -123,7 +123,7 @@ end
 
 # An admin listener that records each request and answers what the test says.
 class FakeAdmin
-  Request = Struct.new(:method, :path, :headers)
+  Request = Struct.new(:verb, :path, :headers)
   attr_reader :requests, :url
   attr_accessor :status
 

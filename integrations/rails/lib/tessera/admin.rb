@@ -71,7 +71,8 @@ module Tessera
         http.request(request)
       end
     rescue SystemCallError, IOError, Timeout::Error, SocketError, OpenSSL::SSL::SSLError => e
-      raise PurgeError, "DELETE #{uri.path}: cannot reach the gateway's admin API at #{@config.admin_url} (#{e.class}: #{e.message})"
+      raise PurgeError, "DELETE #{uri.path}: cannot reach the gateway's admin API at " \
+                        "#{@config.admin_url} (#{e.class}: #{e.message})"
     end
   end
 end

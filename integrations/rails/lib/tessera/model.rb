@@ -14,7 +14,9 @@ module Tessera
   module Model
     def tessera_tags(tags = nil, &block)
       tags ||= block
-      raise ArgumentError, "tessera_tags needs a lambda or block naming the record's tags" unless tags.respond_to?(:call)
+      unless tags.respond_to?(:call)
+        raise ArgumentError, "tessera_tags needs a lambda or block naming the record's tags"
+      end
 
       after_commit do
         names = Array(tags.arity.zero? ? instance_exec(&tags) : tags.call(self)).compact.map(&:to_s).uniq
