@@ -23,7 +23,8 @@ if ! "$venv/bin/python" -c "import django, sys; sys.exit(django.get_version() !=
   echo "== tessera-django: installing Django $django"
   "$venv/bin/pip" install -q --disable-pip-version-check "Django==$django"
 fi
-if ! "$venv/bin/python" -c "import tessera_django" 2>/dev/null; then
+# Imported from elsewhere than here, where the source tree itself would be found.
+if ! (cd / && "$venv/bin/python" -c "import tessera_django" 2>/dev/null); then
   echo "== tessera-django: installing the package (editable)"
   "$venv/bin/pip" install -q --disable-pip-version-check -e .
 fi
