@@ -67,7 +67,12 @@ module Shop
     def stop
       (@pids || []).reverse_each do |pid|
         Process.kill("TERM", pid)
-        Process.wait(pid)
+        deadline = Time.now + 10
+        sleep 0.05 until Process.wait(pid, Process::WNOHANG) || Time.now > deadline
+        if Time.now > deadline
+          Process.kill("KILL", pid)
+          Process.wait(pid)
+        end
       rescue Errno::ESRCH, Errno::ECHILD
         nil
       end
