@@ -3,7 +3,9 @@
 #   1. install and start what the tests need (memcached, RabbitMQ, Chromium, promtool,
 #      the deploy validators),
 #   2. check formatting and lints,
-#   3. run every test in the workspace.
+#   3. run every test in the workspace,
+#   4. run the Rails and Django integrations' tests (integrations/*/test.sh: Debian's
+#      Rails, Django from PyPI in a venv under target/, each in front of a real gateway).
 # Any step failing fails the run; nothing is skipped silently.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,3 +36,7 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked -- --test-threads "${TESSERA_TEST_THREADS:-4}"
+echo "== integrations/rails"
+bash integrations/rails/test.sh
+echo "== integrations/django"
+bash integrations/django/test.sh
