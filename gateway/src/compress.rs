@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 
 /// Smallest body worth compressing: below this, the coding's framing eats the gain.
-pub const MIN_SIZE: usize = 1024;
+pub(crate) const MIN_SIZE: usize = 1024;
 /// gzip level: zlib's default, as Varnish uses.
 const GZIP_LEVEL: u32 = 6;
 /// Brotli quality: 4, the usual choice for content compressed per response (at 5 and
@@ -25,7 +25,7 @@ const BROTLI_WINDOW: u32 = 22;
 
 /// A coding the gateway answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Coding {
+pub(crate) enum Coding {
     /// Brotli (RFC 7932).
     Br,
     /// gzip (RFC 1952).
@@ -37,7 +37,7 @@ impl Coding {
     pub(crate) const ALL: [Coding; 2] = [Coding::Br, Coding::Gzip];
 
     /// Its `Content-Encoding` token.
-    pub fn token(self) -> &'static str {
+    pub(crate) fn token(self) -> &'static str {
         match self {
             Coding::Br => "br",
             Coding::Gzip => "gzip",
@@ -49,7 +49,7 @@ impl Coding {
     }
 
     /// `body` in this coding.
-    pub fn encode(self, body: &[u8]) -> Bytes {
+    pub(crate) fn encode(self, body: &[u8]) -> Bytes {
         // Writing into a `Vec` cannot fail: the `expect`s below are unreachable.
         let mut out = Vec::with_capacity(body.len() / 3 + 64);
         match self {
@@ -74,7 +74,7 @@ impl Coding {
 
 /// Whether a body of `content_type` gains from compression: text, JSON, JavaScript, XML
 /// and SVG. Images, video, archives and fonts are compressed already.
-pub fn compressible(content_type: &[u8]) -> bool {
+pub(crate) fn compressible(content_type: &[u8]) -> bool {
     // On the hit path: compared in place, without lower-casing a copy.
     let t = content_type
         .split(|&b| b == b';')
@@ -114,11 +114,11 @@ pub(crate) fn variant(coding: Coding, body: &[u8], etag: Option<&HeaderValue>) -
 /// compression per coding for as long as the body is cached, and nothing allocated per
 /// hit.
 #[derive(Debug, Default)]
-pub struct Encoded([OnceLock<Variant>; 2]);
+pub(crate) struct Encoded([OnceLock<Variant>; 2]);
 
 impl Encoded {
     /// No copies yet.
-    pub const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Self([OnceLock::new(), OnceLock::new()])
     }
 
@@ -140,7 +140,7 @@ fn variant_etag(etag: &str, coding: Coding) -> String {
 
 /// Whether a body of `len` bytes of `content_type` is compressed for clients that ask
 /// (a [`compressible`] type, at least [`MIN_SIZE`] bytes).
-pub fn eligible(content_type: &[u8], len: usize) -> bool {
+pub(crate) fn eligible(content_type: &[u8], len: usize) -> bool {
     len >= MIN_SIZE && compressible(content_type)
 }
 

@@ -31,7 +31,7 @@
 
 /// One piece of a parsed page.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Segment<'a> {
+pub(crate) enum Segment<'a> {
     /// Bytes to emit as they are.
     Text(&'a [u8]),
     /// An include to resolve.
@@ -42,7 +42,7 @@ pub enum Segment<'a> {
 
 /// An `<esi:include>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Include {
+pub(crate) struct Include {
     /// `src`, unescaped.
     pub src: String,
     /// `alt`, unescaped: tried when `src` cannot be served.
@@ -53,7 +53,7 @@ pub struct Include {
 
 /// ESI markup removed from the page as an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dropped {
+pub(crate) struct Dropped {
     /// Offset of the markup in the page.
     pub at: usize,
     /// An `<esi:include>` that could not be read (outside `<esi:remove>`, where Varnish
@@ -128,7 +128,7 @@ fn opener(page: &[u8], lt: usize) -> (Opener, usize) {
 
 /// Splits `page` into text, includes and dropped markup. Cheap when the page has no ESI
 /// markup: one scan.
-pub fn parse(page: &[u8]) -> Vec<Segment<'_>> {
+pub(crate) fn parse(page: &[u8]) -> Vec<Segment<'_>> {
     let mut parser = Parser {
         page,
         pos: 0,
@@ -421,7 +421,7 @@ fn unescape(s: &str) -> String {
 }
 
 /// Whether [`parse`] would change anything in `page` (a cheap pre-check).
-pub fn has_markup(page: &[u8]) -> bool {
+pub(crate) fn has_markup(page: &[u8]) -> bool {
     let mut at = 0;
     while let Some(lt) = next_lt(page, at) {
         if matches!(opener(page, lt).0, Opener::Esi { .. } | Opener::EsiComment) {
@@ -432,7 +432,7 @@ pub fn has_markup(page: &[u8]) -> bool {
     false
 }
 
-pub mod reference;
+pub(crate) mod reference;
 
 /// Properties on generated pages (proptest), sharing the unit tests' helpers.
 #[cfg(test)]

@@ -18,14 +18,14 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tessera_protocol::{Backends, QueueStats};
 use tessera_runtime::web::{BackendMetrics, ConnectionGauges};
-pub use tessera_workers::metrics::RouteLabels;
+pub(crate) use tessera_workers::metrics::RouteLabels;
 use tessera_workers::metrics::WorkerMetrics;
 
 /// How a fragment lookup was answered: a request at the fragment endpoint, or an ESI
 /// include of a composed page.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
-pub enum CacheStatus {
+pub(crate) enum CacheStatus {
     /// Fresh (200 or 304), found without waiting.
     hit,
     /// Stale, or a failed build's last good copy.
@@ -43,7 +43,7 @@ impl CacheStatus {
     /// How an answer counts when the request waited for a build first: served content
     /// (fresh or stale) counts as [`CacheStatus::waited`]; anything else as it is.
     #[must_use]
-    pub fn after_waiting(self, waited: bool) -> Self {
+    pub(crate) fn after_waiting(self, waited: bool) -> Self {
         match self {
             CacheStatus::hit | CacheStatus::stale if waited => CacheStatus::waited,
             other => other,
@@ -53,7 +53,7 @@ impl CacheStatus {
 
 /// Labels of per-route request counters.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
+pub(crate) struct RequestLabels {
     /// Route name (only configured routes; unknown names count as `""`).
     pub route: String,
     /// How it was answered.
@@ -61,7 +61,7 @@ pub struct RequestLabels {
 }
 
 /// Latency buckets in seconds: 0.5 ms to ~33 s (long-polls included).
-pub fn latency_buckets() -> impl Iterator<Item = f64> {
+pub(crate) fn latency_buckets() -> impl Iterator<Item = f64> {
     prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 17)
 }
 
@@ -72,7 +72,7 @@ fn latency_histogram() -> Histogram {
 /// One route's request and build counters, created once so the hot path neither
 /// allocates label strings nor looks labels up.
 #[derive(Debug, Clone)]
-pub struct RouteMetrics {
+pub(crate) struct RouteMetrics {
     hit: Counter,
     stale: Counter,
     waited: Counter,
@@ -118,7 +118,7 @@ impl RouteMetrics {
     }
 
     /// Counts one answered fragment lookup, which took `seconds`.
-    pub fn request(&self, cache: CacheStatus, seconds: f64) {
+    pub(crate) fn request(&self, cache: CacheStatus, seconds: f64) {
         match cache {
             CacheStatus::hit => &self.hit,
             CacheStatus::stale => &self.stale,
@@ -138,14 +138,14 @@ impl RouteMetrics {
 /// every queue first, [`QueueGauges::set`]s the figures, then encodes. Each reading
 /// replaces the last one whole, so concurrent scrapes never mix two readings.
 #[derive(Debug, Clone, Default)]
-pub struct QueueGauges {
+pub(crate) struct QueueGauges {
     last: Arc<Mutex<Vec<(String, QueueStats)>>>,
 }
 
 impl QueueGauges {
     /// Replaces the figures with `stats`; queues without figures (the broker did not
     /// answer for them) are left out until it does.
-    pub fn set(&self, stats: impl IntoIterator<Item = (String, Option<QueueStats>)>) {
+    pub(crate) fn set(&self, stats: impl IntoIterator<Item = (String, Option<QueueStats>)>) {
         let reading = stats
             .into_iter()
             .filter_map(|(queue, stats)| Some((queue, stats?)))
@@ -192,7 +192,7 @@ fn encode_queue_gauge<'q>(
 
 /// Every metric the gateway exports.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// Fragment lookups (endpoint requests and ESI includes) by route and cache status.
     pub requests: Family<RequestLabels, Counter>,
@@ -245,7 +245,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// A fresh registry with every metric registered, for the given route names.
-    pub fn new<'a>(route_names: impl IntoIterator<Item = &'a str>) -> Self {
+    pub(crate) fn new<'a>(route_names: impl IntoIterator<Item = &'a str>) -> Self {
         let requests = Family::default();
         let latency = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         let (builds_published, builds_coalesced) = Default::default();
@@ -303,7 +303,7 @@ impl Metrics {
 
     /// Also exports the reconnect counters of `backends` (`tessera_store_reconnects`,
     /// `tessera_bus_reconnects`), read at each scrape.
-    pub fn with_backends(mut self, backends: Backends) -> Self {
+    pub(crate) fn with_backends(mut self, backends: Backends) -> Self {
         self.registry
             .register_collector(Box::new(BackendMetrics::new(backends)));
         self
@@ -425,7 +425,7 @@ impl Metrics {
 
     /// A build of `route` any worker reported done (a `built` event), with how long its
     /// render took when the event says.
-    pub fn build_succeeded(&self, route: &str, build_ms: Option<u64>) {
+    pub(crate) fn build_succeeded(&self, route: &str, build_ms: Option<u64>) {
         let labels = RouteLabels {
             route: route.to_string(),
         };
@@ -438,7 +438,7 @@ impl Metrics {
     }
 
     /// A build of `route` any worker reported failed for good (a `failed` event).
-    pub fn build_failed(&self, route: &str) {
+    pub(crate) fn build_failed(&self, route: &str) {
         let labels = RouteLabels {
             route: route.to_string(),
         };
@@ -447,12 +447,12 @@ impl Metrics {
 
     /// The counters of `route`; names that are no configured route share one set (label
     /// `""`), so arbitrary paths cannot grow the metric set.
-    pub fn route(&self, route: &str) -> &RouteMetrics {
+    pub(crate) fn route(&self, route: &str) -> &RouteMetrics {
         self.routes.get(route).unwrap_or(&self.unknown)
     }
 
     /// Every registered metric.
-    pub fn registry(&self) -> &Registry {
+    pub(crate) fn registry(&self) -> &Registry {
         &self.registry
     }
 }

@@ -71,7 +71,7 @@ pub fn home(index: usize) {
 
 /// One command's answer: its return code and, for `VA`, its data block.
 #[derive(Debug)]
-pub struct Reply {
+pub(super) struct Reply {
     pub rc: ReturnCode,
     pub value: Option<Bytes>,
 }
@@ -79,7 +79,7 @@ pub struct Reply {
 /// Each command's own answer, in order (a `SERVER_ERROR` or `CLIENT_ERROR` is that
 /// command's error); the outer error when the exchange failed as a whole (the
 /// connection, the deadline).
-pub type Answers = Result<Vec<Result<Reply, McError>>, McError>;
+pub(super) type Answers = Result<Vec<Result<Reply, McError>>, McError>;
 
 /// Encoded commands and where their answers go.
 struct Exchange {
@@ -89,7 +89,7 @@ struct Exchange {
 }
 
 /// One memcached server's connections.
-pub struct Server {
+pub(super) struct Server {
     host: String,
     port: u16,
     timeout: Duration,
@@ -112,7 +112,7 @@ struct Line {
 impl Server {
     /// A server at `host:port`, not dialed yet; `timeout` bounds dialing and every
     /// exchange.
-    pub fn new(host: String, port: u16, timeout: Duration) -> Self {
+    pub(super) fn new(host: String, port: u16, timeout: Duration) -> Self {
         Self {
             host,
             port,
@@ -129,7 +129,7 @@ impl Server {
     /// Sends `payload` (`count` encoded commands) and waits for their answers. The
     /// caller bounds the wait; the connection fails the exchange itself when the server
     /// does not answer within the timeout.
-    pub async fn exchange(&self, payload: Vec<u8>, count: usize) -> Answers {
+    pub(super) async fn exchange(&self, payload: Vec<u8>, count: usize) -> Answers {
         if count == 0 {
             return Ok(Vec::new());
         }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::CacheService;
 
 /// Applies events to `cache` until the bus closes or `stopping` is cancelled.
-pub async fn follow(
+pub(crate) async fn follow(
     cache: Arc<CacheService>,
     mut events: Box<dyn Subscription>,
     stopping: CancellationToken,
@@ -36,7 +36,7 @@ pub async fn follow(
 
 /// A build failure reported by a worker, as the dashboard lists it.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Failure {
+pub(crate) struct Failure {
     /// When this gateway heard of it (Unix ms).
     pub at: u64,
     /// The route, read from the key.
@@ -51,11 +51,11 @@ const FAILURES_KEPT: usize = 50;
 /// The latest build failures any worker reported, newest last, at most
 /// [`FAILURES_KEPT`].
 #[derive(Debug, Default)]
-pub struct Failures(Mutex<VecDeque<Failure>>);
+pub(crate) struct Failures(Mutex<VecDeque<Failure>>);
 
 impl Failures {
     /// Remembers a failure of `route` (`""` when the key named no route of ours).
-    pub fn record(&self, route: &str, error: &str) {
+    pub(crate) fn record(&self, route: &str, error: &str) {
         let mut failures = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if failures.len() >= FAILURES_KEPT {
             failures.pop_front();
@@ -68,7 +68,7 @@ impl Failures {
     }
 
     /// The failures kept, newest first.
-    pub fn recent(&self) -> Vec<Failure> {
+    pub(crate) fn recent(&self) -> Vec<Failure> {
         let failures = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         failures.iter().rev().cloned().collect()
     }

@@ -32,7 +32,7 @@ const OVERHEAD: usize = 512;
 
 /// One remembered answer.
 #[derive(Debug)]
-pub struct Hot {
+pub(crate) struct Hot {
     /// The request target (path and query) it answers.
     pub target: Box<str>,
     /// Its route's index in `Config::fragments`.
@@ -53,12 +53,12 @@ pub struct Hot {
 
 /// The headers of an entry's last answer and the `Cache-Status` ttl (seconds) they carry.
 #[derive(Debug, Default)]
-pub struct LastHeaders(RwLock<Option<(u64, HeaderMap)>>);
+pub(crate) struct LastHeaders(RwLock<Option<(u64, HeaderMap)>>);
 
 impl LastHeaders {
     /// The headers of an answer with ttl `ttl`: the last ones when built for the same
     /// ttl, else `build`'s (remembered for the next caller).
-    pub fn get(&self, ttl: u64, build: impl FnOnce() -> HeaderMap) -> HeaderMap {
+    pub(crate) fn get(&self, ttl: u64, build: impl FnOnce() -> HeaderMap) -> HeaderMap {
         if let Some((built_for, headers)) = &*self.0.read().unwrap_or_else(PoisonError::into_inner)
             && *built_for == ttl
         {
@@ -75,7 +75,7 @@ impl LastHeaders {
 /// Entries share their slots with L1, but a slot L1 evicts stays alive while an entry
 /// holds it, so the table has a byte budget of its own.
 #[derive(Debug)]
-pub struct HotAnswers {
+pub(crate) struct HotAnswers {
     table: RwLock<Table>,
     budget: usize,
     /// Seeded per process: a client cannot aim targets at one slot of the table.
@@ -97,7 +97,7 @@ impl Hot {
 
 impl HotAnswers {
     /// A table holding at most `budget` bytes of answers.
-    pub fn new(budget: u64) -> Self {
+    pub(crate) fn new(budget: u64) -> Self {
         Self {
             table: RwLock::default(),
             budget: usize::try_from(budget).unwrap_or(usize::MAX),
@@ -106,7 +106,7 @@ impl HotAnswers {
     }
 
     /// The entry for `target`, if any (not yet checked for validity).
-    pub fn get(&self, target: &str) -> Option<Arc<Hot>> {
+    pub(crate) fn get(&self, target: &str) -> Option<Arc<Hot>> {
         let hash = self.hasher.hash_one(target);
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
         let hot = table.entries.get(&hash)?;
@@ -114,7 +114,7 @@ impl HotAnswers {
     }
 
     /// Remembers what the full path served (unless it alone is over the budget).
-    pub fn insert(&self, hot: Hot) {
+    pub(crate) fn insert(&self, hot: Hot) {
         let weight = hot.weight();
         if weight > self.budget {
             return;

@@ -41,7 +41,7 @@ use crate::compress::{Encoded, compressible, eligible};
 
 /// What the store said about one envelope key.
 #[derive(Debug)]
-pub enum SlotState {
+pub(crate) enum SlotState {
     /// An envelope (ready or failed).
     Found(Envelope),
     /// No envelope; a build is queued or running (the lease is held).
@@ -50,7 +50,7 @@ pub enum SlotState {
 
 /// What a load found, and whether L1 keeps it.
 #[derive(Debug)]
-pub struct Loaded {
+pub(crate) struct Loaded {
     /// What the store said.
     state: SlotState,
     /// False for an answer given once and not kept (see [`Loaded::once`]).
@@ -59,7 +59,7 @@ pub struct Loaded {
 
 impl Loaded {
     /// `state`, answered to the callers waiting for this load but not kept.
-    pub fn once(state: SlotState) -> Self {
+    pub(crate) fn once(state: SlotState) -> Self {
         Self { state, keep: false }
     }
 }
@@ -73,7 +73,7 @@ impl From<SlotState> for Loaded {
 /// A fragment L1 holds: an envelope the store had (ready or failed), with what serving
 /// it needs, worked out once rather than on every hit.
 #[derive(Debug)]
-pub struct Slot {
+pub(crate) struct Slot {
     /// The envelope.
     pub envelope: Envelope,
     /// When the load that produced it started.
@@ -112,14 +112,14 @@ impl Slot {
     }
 
     /// When the load that produced it started.
-    pub fn loaded_at(&self) -> Instant {
+    pub(crate) fn loaded_at(&self) -> Instant {
         self.loaded_at
     }
 
     /// The bytes it holds with its bookkeeping (what L1's byte budget counts, with its
     /// key). A compressible body counts twice: its compressed copies, each kept only
     /// while smaller than the body, may come to as much again.
-    pub fn weight(&self) -> usize {
+    pub(crate) fn weight(&self) -> usize {
         let e = &self.envelope;
         let copies = if compressible(e.content_type.as_bytes()) {
             e.body.len()
@@ -130,14 +130,14 @@ impl Slot {
     }
 
     /// True for the first caller only.
-    pub fn claim_rebuild(&self) -> bool {
+    pub(crate) fn claim_rebuild(&self) -> bool {
         !self.rebuild_requested.swap(true, Ordering::AcqRel)
     }
 }
 
 /// What L1 holds for one envelope key.
 #[derive(Debug, Clone)]
-pub enum Entry {
+pub(crate) enum Entry {
     /// The store had an envelope.
     Found(Arc<Slot>),
     /// The store had none, and a build is queued or running (the lease is held).
@@ -156,7 +156,7 @@ impl Entry {
     }
 
     /// When the load that produced it started.
-    pub fn loaded_at(&self) -> Instant {
+    pub(crate) fn loaded_at(&self) -> Instant {
         match self {
             Entry::Found(slot) => slot.loaded_at,
             Entry::Pending { loaded_at } => *loaded_at,
@@ -188,7 +188,7 @@ struct Generation {
 /// Slots of the invalidation log: 1 MiB of timestamps. At 1,000 events a second and a
 /// `cache.ttl` of 2 s, an entry shares a slot with a fresh event about 1.5 % of the time
 /// (an early reload).
-pub const LOG_SLOTS: usize = 1 << 17;
+pub(crate) const LOG_SLOTS: usize = 1 << 17;
 /// Most route generations cached.
 const GENERATION_CAPACITY: u64 = 10_000;
 /// How long a generation read from the store is kept as a fallback for a store that
@@ -219,7 +219,7 @@ impl moka::Expiry<StoreKey, Arc<Slot>> for SlotExpiry {
 
 /// What [`L1::read`] found.
 #[derive(Debug)]
-pub enum Read {
+pub(crate) enum Read {
     /// What L1 holds, or what a load found, within `cache.ttl`.
     Current(Entry),
     /// The store could not be reached: the copy L1 last read, past `cache.ttl`.
@@ -232,7 +232,7 @@ pub enum Read {
 type Hasher = foldhash::fast::RandomState;
 
 /// The L1 cache of one gateway.
-pub struct L1 {
+pub(crate) struct L1 {
     slots: Option<moka::future::Cache<StoreKey, Entry, Hasher>>,
     /// Loads in flight, each shared by every caller that missed the key meanwhile.
     loading: Mutex<HashMap<StoreKey, Arc<Load>, Hasher>>,
@@ -310,7 +310,7 @@ enum Logged<'a> {
 impl L1 {
     /// A cache of at most `capacity` bytes whose entries live at most `ttl`.
     /// `capacity == 0` disables slot caching (every request reads the store).
-    pub fn new(capacity: u64, ttl: Duration) -> Self {
+    pub(crate) fn new(capacity: u64, ttl: Duration) -> Self {
         let slots = (capacity > 0).then(|| {
             moka::future::Cache::builder()
                 .max_capacity(capacity)
@@ -375,7 +375,11 @@ impl L1 {
     /// The generation of `route`, from L1 or from `load`, and when it was read from the
     /// store. Past `cache.ttl` it is read again; when the store cannot answer then, the
     /// generation L1 last read serves on (a route purge would have invalidated it).
-    pub async fn generation<L, F>(&self, route: &str, load: L) -> Result<(u64, Instant), CacheError>
+    pub(crate) async fn generation<L, F>(
+        &self,
+        route: &str,
+        load: L,
+    ) -> Result<(u64, Instant), CacheError>
     where
         L: FnOnce() -> F,
         F: Future<Output = Result<u64, CacheError>>,
@@ -425,13 +429,13 @@ impl L1 {
     /// Whether nothing was invalidated since `at` (events, purges, lost events), and
     /// an entry loaded at `loaded_at` is, `now`, within `cache.ttl`: what lets a hot
     /// answer checked at `at` be reused without looking anything up.
-    pub fn unchanged_since(&self, at: Instant, loaded_at: Instant, now: Instant) -> bool {
+    pub(crate) fn unchanged_since(&self, at: Instant, loaded_at: Instant, now: Instant) -> bool {
         let last = self.base + Duration::from_nanos(self.last_invalidation.load(Ordering::Acquire));
         at > last && now.saturating_duration_since(loaded_at) < self.ttl
     }
 
     /// Whether slots are cached at all (`cache.capacity` > 0).
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.slots.is_some()
     }
 
@@ -444,7 +448,7 @@ impl L1 {
     ///
     /// `load` builds the loading future only on a miss, and the miss path is boxed: a hit
     /// then creates and moves a small future, which is most of what a hit costs.
-    pub async fn read<L, F, S>(&self, key: &StoreKey, load: L) -> Result<Read, CacheError>
+    pub(crate) async fn read<L, F, S>(&self, key: &StoreKey, load: L) -> Result<Read, CacheError>
     where
         L: FnOnce() -> F,
         F: Future<Output = Result<S, CacheError>>,
@@ -534,7 +538,7 @@ impl L1 {
 
     /// The slot of `key` loaded past `cache.ttl` ago, still valid and servable: what to
     /// serve when the store cannot be asked. Never loads.
-    pub async fn kept(&self, key: &StoreKey) -> Option<Arc<Slot>> {
+    pub(crate) async fn kept(&self, key: &StoreKey) -> Option<Arc<Slot>> {
         let slot = match self.slots.as_ref()?.get(key).await {
             Some(Entry::Found(slot)) => slot,
             Some(Entry::Pending { .. }) => return None,
@@ -545,7 +549,7 @@ impl L1 {
 
     /// The cached entry of `key`, if there is a valid one within `cache.ttl`; never
     /// loads.
-    pub async fn peek(&self, key: &StoreKey) -> Option<Entry> {
+    pub(crate) async fn peek(&self, key: &StoreKey) -> Option<Entry> {
         let entry = self.slots.as_ref()?.get(key).await?;
         let loaded_at = entry.loaded_at();
         (self.still_valid(Logged::Key(key.as_str()), loaded_at) && loaded_at.elapsed() < self.ttl)
@@ -554,7 +558,7 @@ impl L1 {
 
     /// Caches what a batch load that started at `loaded_at` found for `key` (unless it is
     /// [`Loaded::once`]), and returns it.
-    pub async fn insert(
+    pub(crate) async fn insert(
         &self,
         key: &StoreKey,
         loaded: impl Into<Loaded>,
@@ -572,7 +576,7 @@ impl L1 {
     }
 
     /// Forgets `key` and anything loaded for it before now (built, failed, purged).
-    pub async fn invalidate_key(&self, key: &StoreKey) {
+    pub(crate) async fn invalidate_key(&self, key: &StoreKey) {
         self.log(Logged::Key(key.as_str()));
         self.reloading.invalidate(key);
         if let Some(slots) = &self.slots {
@@ -581,7 +585,7 @@ impl L1 {
     }
 
     /// A route moved to a new generation: forget its cached generation.
-    pub async fn invalidate_route(&self, route: &str) {
+    pub(crate) async fn invalidate_route(&self, route: &str) {
         self.log(Logged::Route(route));
         self.known.invalidate(route);
         self.generations.invalidate(route).await;
@@ -589,13 +593,13 @@ impl L1 {
 
     /// `tag` was purged at `purged_at` (Unix ms). Hot answers are dropped with it (they
     /// check no tags).
-    pub fn invalidate_tag(&self, tag: &str, purged_at: u64) {
+    pub(crate) fn invalidate_tag(&self, tag: &str, purged_at: u64) {
         self.tags.learn(tag, purged_at, Instant::now());
         self.log(Logged::Tag(tag));
     }
 
     /// Events may have been missed: forget everything loaded before now.
-    pub fn invalidate_all(&self) {
+    pub(crate) fn invalidate_all(&self) {
         let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.everything_before.fetch_max(nanos, Ordering::AcqRel);
         self.last_invalidation.fetch_max(nanos, Ordering::AcqRel);
@@ -609,19 +613,19 @@ impl L1 {
     }
 
     /// Brings the entry and byte counts up to date (moka counts lazily).
-    pub async fn settle_counts(&self) {
+    pub(crate) async fn settle_counts(&self) {
         if let Some(slots) = &self.slots {
             slots.run_pending_tasks().await;
         }
     }
 
     /// Entries held (approximate until [`L1::settle_counts`]).
-    pub fn entry_count(&self) -> u64 {
+    pub(crate) fn entry_count(&self) -> u64 {
         self.slots.as_ref().map_or(0, |s| s.entry_count())
     }
 
     /// Bytes held (approximate).
-    pub fn weighted_size(&self) -> u64 {
+    pub(crate) fn weighted_size(&self) -> u64 {
         self.slots.as_ref().map_or(0, |s| s.weighted_size())
     }
 }

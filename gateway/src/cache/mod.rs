@@ -22,11 +22,11 @@
 //! - [`events`]: follows built/failed/purged events from every worker and gateway.
 //! - [`waiters`]: long-poll wake-ups for `Prefer: wait`.
 
-pub mod events;
-pub mod hot;
-pub mod l1;
-pub mod tags;
-pub mod waiters;
+pub(crate) mod events;
+pub(crate) mod hot;
+pub(crate) mod l1;
+pub(crate) mod tags;
+pub(crate) mod waiters;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -51,7 +51,7 @@ use waiters::{Waiter, Waiters};
 
 /// Why the cache could not answer: a backend failed.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum CacheError {
+pub(crate) enum CacheError {
     /// The shared store could not be reached.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -62,7 +62,7 @@ pub enum CacheError {
 
 /// The trace a lookup belongs to. Its id goes with the builds the lookup requests, and is
 /// worked out only then: a hit never pays for it.
-pub trait TraceId: Sync + std::fmt::Debug {
+pub(crate) trait TraceId: Sync + std::fmt::Debug {
     /// The id (W3C trace id, or a request id).
     fn trace_id(&self) -> &str;
 }
@@ -77,7 +77,7 @@ impl TraceId for String {
 /// One fragment as a request names it: its route, identity, generation and keys, and the
 /// trace of the request that asked.
 #[derive(Debug, Clone)]
-pub struct Fragment<'c> {
+pub(crate) struct Fragment<'c> {
     /// The configured route.
     pub route: &'c FragmentRoute,
     /// Who and what the fragment is for.
@@ -94,7 +94,7 @@ pub struct Fragment<'c> {
 
 /// What a lookup found, as far as the answer is concerned.
 #[derive(Debug)]
-pub enum Found {
+pub(crate) enum Found {
     /// Serve this envelope's body; `stale` when past fresh (rebuild already requested).
     Serve {
         /// The envelope, with what serving it needs.
@@ -144,7 +144,7 @@ fn refresh_early(left: std::time::Duration, refresh_ahead: std::time::Duration) 
 /// Whether someone waits for a build: waited builds go ahead of background ones (see
 /// [`tessera_protocol::bus::Turns`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Priority {
+pub(crate) enum Priority {
     /// A placeholder was answered, a long-poll or page waits: the route's queue.
     Waited,
     /// A stale copy was served: a refresh on the route's background queue.
@@ -153,7 +153,7 @@ pub enum Priority {
 
 /// The outcome of asking for a build.
 #[derive(Debug)]
-pub enum Requested {
+pub(crate) enum Requested {
     /// We won the lease and queued the build.
     Queued,
     /// Someone else holds the lease: a build is already queued or running.
@@ -165,7 +165,7 @@ pub enum Requested {
 /// L1 in front of the store, the build requests its misses call for, and what this
 /// gateway keeps beside it (hot answers, long-poll waiters, recent failures).
 #[derive(Debug)]
-pub struct CacheService {
+pub(crate) struct CacheService {
     config: Arc<Config>,
     backends: Backends,
     l1: L1,
@@ -177,7 +177,7 @@ pub struct CacheService {
 
 impl CacheService {
     /// The cache of a gateway running `config` on `backends`, counting in `metrics`.
-    pub fn new(config: Arc<Config>, backends: Backends, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(config: Arc<Config>, backends: Backends, metrics: Arc<Metrics>) -> Self {
         Self {
             l1: L1::new(config.cache.capacity.as_u64(), config.cache.ttl),
             // A quarter of L1's budget: what hot answers may keep alive beyond it.
@@ -192,7 +192,7 @@ impl CacheService {
 
     /// The fragment `identity` of `route` names now: reads the route's generation (L1,
     /// then the store) and derives the keys.
-    pub async fn fragment<'c>(
+    pub(crate) async fn fragment<'c>(
         &self,
         route: &'c FragmentRoute,
         identity: Identity,
@@ -217,7 +217,7 @@ impl CacheService {
 
     /// Looks a fragment up (L1, then the store), requesting a build when it is missing,
     /// stale or failed long enough ago.
-    pub async fn lookup(self: &Arc<Self>, t: &Fragment<'_>) -> Result<Found, CacheError> {
+    pub(crate) async fn lookup(self: &Arc<Self>, t: &Fragment<'_>) -> Result<Found, CacheError> {
         let read = self
             .l1
             .read(&t.keys.envelope, || async {
@@ -308,7 +308,7 @@ impl CacheService {
 
     /// Looks every target up at once: L1, then one multi-get for the rest, then one
     /// build request per miss. Fragments the store could not be asked about are left out.
-    pub async fn lookup_many(
+    pub(crate) async fn lookup_many(
         self: &Arc<Self>,
         targets: &[&Fragment<'_>],
     ) -> HashMap<StoreKey, Found> {
@@ -565,7 +565,7 @@ impl CacheService {
 
 impl CacheService {
     /// Deletes one fragment everywhere and tells every gateway; whether it was there.
-    pub async fn purge_fragment(&self, t: &Fragment<'_>) -> Result<bool, CacheError> {
+    pub(crate) async fn purge_fragment(&self, t: &Fragment<'_>) -> Result<bool, CacheError> {
         let key = &t.keys.envelope;
         let deleted = self.backends.store.delete(key).await?;
         // Evict here first, so this gateway is right even if the broker is down.
@@ -583,7 +583,7 @@ impl CacheService {
     /// Purges `tag` everywhere: records the instant in the tag's store key, so every
     /// fragment rendered before it is retired in every gateway, then tells every gateway
     /// (whose L1 and hot answers forget it at once). Returns the instant (Unix ms).
-    pub async fn purge_tag(&self, tag: &Tag) -> Result<u64, CacheError> {
+    pub(crate) async fn purge_tag(&self, tag: &Tag) -> Result<u64, CacheError> {
         let purged_at =
             tag_keys::purge(self.backends.store.as_ref(), &self.backends.keys, tag).await?;
         // Here first, so this gateway is right even if the broker is down.
@@ -601,7 +601,7 @@ impl CacheService {
     }
 
     /// Moves a route to a new generation and tells every gateway; the new generation.
-    pub async fn purge_route(&self, route: &FragmentRoute) -> Result<u64, CacheError> {
+    pub(crate) async fn purge_route(&self, route: &FragmentRoute) -> Result<u64, CacheError> {
         let key = self.backends.keys.generation(&route.name);
         let generation = store::bump_generation(self.backends.store.as_ref(), &key).await?;
         self.l1.invalidate_route(&route.name).await;
@@ -679,7 +679,11 @@ impl CacheService {
     /// checked, what it rests on is within `cache.ttl`, and it is fresh and not in its
     /// route's `refresh_ahead` stretch (there, hits take the full path, which may start
     /// the early rebuild).
-    pub fn hot(&self, request_target: &str, now: Instant) -> Option<(Arc<Hot>, &FragmentRoute)> {
+    pub(crate) fn hot(
+        &self,
+        request_target: &str,
+        now: Instant,
+    ) -> Option<(Arc<Hot>, &FragmentRoute)> {
         let hot = self.hot.get(request_target)?;
         let route = self.config.fragments.get(hot.route)?;
         if !self.l1.unchanged_since(hot.checked_at, hot.loaded_at, now)
@@ -693,7 +697,7 @@ impl CacheService {
     /// Makes `slot`, found fresh for `t` by a lookup that started at `checked_at`, the hot
     /// answer for `request_target` (routes without `vary` only, and only while L1 caches
     /// slots).
-    pub fn remember(
+    pub(crate) fn remember(
         &self,
         request_target: &str,
         t: &Fragment<'_>,
@@ -727,7 +731,7 @@ impl CacheService {
 
     /// Starts waiting for news of `t` (built, failed, purged). Register before looking it
     /// up, so that news between the lookup and the wait still wakes the waiter.
-    pub fn waiter(&self, t: &Fragment<'_>) -> Waiter<'_> {
+    pub(crate) fn waiter(&self, t: &Fragment<'_>) -> Waiter<'_> {
         self.waiters.register(t.keys.envelope.as_str())
     }
 }
@@ -735,7 +739,7 @@ impl CacheService {
 /// What the admin listener reads and does.
 impl CacheService {
     /// L1's entries and bytes, counted up to date, and the long-polls waiting.
-    pub async fn sizes(&self) -> Sizes {
+    pub(crate) async fn sizes(&self) -> Sizes {
         self.l1.settle_counts().await;
         Sizes {
             l1_entries: self.l1.entry_count(),
@@ -745,14 +749,14 @@ impl CacheService {
     }
 
     /// The latest build failures any worker reported, newest first.
-    pub fn recent_failures(&self) -> Vec<Failure> {
+    pub(crate) fn recent_failures(&self) -> Vec<Failure> {
         self.failures.recent()
     }
 }
 
 /// What this gateway's cache holds, as `/metrics` shows it.
 #[derive(Debug, Clone, Copy)]
-pub struct Sizes {
+pub(crate) struct Sizes {
     /// Entries in L1.
     pub l1_entries: u64,
     /// Bytes L1 holds, by its weigher.

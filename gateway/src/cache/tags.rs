@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 /// Most tags remembered.
-pub const CAPACITY: u64 = 100_000;
+pub(crate) const CAPACITY: u64 = 100_000;
 /// How long a value is kept as a fallback for a store that cannot answer.
 const KEPT: Duration = Duration::from_secs(24 * 3600);
 
@@ -27,7 +27,7 @@ struct Known {
 }
 
 /// The tag table of one gateway.
-pub struct TagPurges {
+pub(crate) struct TagPurges {
     known: moka::sync::Cache<String, Known, foldhash::fast::RandomState>,
     ttl: Duration,
 }
@@ -42,7 +42,7 @@ impl std::fmt::Debug for TagPurges {
 
 impl TagPurges {
     /// A table whose values are trusted for `ttl` (`cache.ttl`).
-    pub fn new(ttl: Duration) -> Self {
+    pub(crate) fn new(ttl: Duration) -> Self {
         Self {
             known: moka::sync::Cache::builder()
                 .max_capacity(CAPACITY)
@@ -53,7 +53,7 @@ impl TagPurges {
     }
 
     /// When `tag` was last purged, if read within `cache.ttl` of `now`.
-    pub fn current(&self, tag: &str, now: Instant) -> Option<u64> {
+    pub(crate) fn current(&self, tag: &str, now: Instant) -> Option<u64> {
         self.known
             .get(tag)
             .filter(|k| now.saturating_duration_since(k.read_at) < self.ttl)
@@ -62,13 +62,13 @@ impl TagPurges {
 
     /// When `tag` was last purged, as last heard, however long ago: for a store that
     /// cannot answer.
-    pub fn last_known(&self, tag: &str) -> Option<u64> {
+    pub(crate) fn last_known(&self, tag: &str) -> Option<u64> {
         self.known.get(tag).map(|k| k.purged_at)
     }
 
     /// Records what a store read (or an event) that started at `read_at` said of `tag`.
     /// The later purge wins; the later read time too.
-    pub fn learn(&self, tag: &str, purged_at: u64, read_at: Instant) {
+    pub(crate) fn learn(&self, tag: &str, purged_at: u64, read_at: Instant) {
         self.known
             .entry_by_ref(tag)
             .and_upsert_with(|old| match old.map(|e| e.into_value()) {
@@ -81,7 +81,7 @@ impl TagPurges {
     }
 
     /// Forgets everything (events may have been missed).
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         self.known.invalidate_all();
     }
 }

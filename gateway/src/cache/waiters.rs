@@ -13,13 +13,13 @@ use tokio::sync::futures::OwnedNotified;
 
 /// Registry of keys that requests are waiting on.
 #[derive(Debug, Default)]
-pub struct Waiters {
+pub(crate) struct Waiters {
     keys: Mutex<HashMap<String, Arc<Notify>>>,
 }
 
 /// One registered waiter; unregisters itself when dropped.
 #[derive(Debug)]
-pub struct Waiter<'a> {
+pub(crate) struct Waiter<'a> {
     registry: &'a Waiters,
     key: String,
     notify: Arc<Notify>,
@@ -32,7 +32,7 @@ impl Waiters {
     }
 
     /// Starts listening for `key`. Wake-ups from this moment on are not lost.
-    pub fn register(&self, key: &str) -> Waiter<'_> {
+    pub(crate) fn register(&self, key: &str) -> Waiter<'_> {
         let notify = self.lock().entry(key.to_string()).or_default().clone();
         let mut notified = Box::pin(notify.clone().notified_owned());
         notified.as_mut().enable();
@@ -45,28 +45,28 @@ impl Waiters {
     }
 
     /// Wakes everything waiting on `key`.
-    pub fn wake(&self, key: &str) {
+    pub(crate) fn wake(&self, key: &str) {
         if let Some(n) = self.lock().get(key) {
             n.notify_waiters();
         }
     }
 
     /// Wakes every waiter (events may have been missed, or the gateway is stopping).
-    pub fn wake_all(&self) {
+    pub(crate) fn wake_all(&self) {
         for n in self.lock().values() {
             n.notify_waiters();
         }
     }
 
     /// Keys with at least one waiter.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.lock().len()
     }
 }
 
 impl Waiter<'_> {
     /// Resolves at the first wake-up since registration.
-    pub async fn woken(&mut self) {
+    pub(crate) async fn woken(&mut self) {
         self.notified.as_mut().await;
     }
 }

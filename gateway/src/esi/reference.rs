@@ -12,7 +12,7 @@
 
 /// What `src` names on this gateway, as `/path?query`, when the page was asked of `host`
 /// at `base` (its path and query); `None` when it names something elsewhere.
-pub fn resolve(src: &str, host: Option<&str>, base: &str) -> Option<String> {
+pub(crate) fn resolve(src: &str, host: Option<&str>, base: &str) -> Option<String> {
     let src = src.split_once('#').map_or(src, |(before, _)| before);
     if let Some((scheme, rest)) = scheme(src) {
         return match scheme.eq_ignore_ascii_case("http") {

@@ -38,7 +38,7 @@ use tessera_runtime::web::{self, Body, READY_TIMEOUT, json, problem, text};
 
 /// What the admin listener acts on.
 #[derive(Debug)]
-pub struct Admin {
+pub(crate) struct Admin {
     /// The configuration the gateway runs with.
     pub config: Arc<Config>,
     /// Purges, and what L1 holds.
@@ -51,7 +51,7 @@ pub struct Admin {
 
 impl Admin {
     /// Answers one admin request: the checks every admin listener makes, then routing.
-    pub async fn serve(
+    pub(crate) async fn serve(
         self: Arc<Self>,
         req: Request<Incoming>,
         _peer: SocketAddr,

@@ -40,16 +40,16 @@ use tessera_runtime::web::{Body, BoxError, full};
 /// Largest page composed; bigger ones pass through as they are.
 pub const MAX_PAGE: usize = 4 * 1024 * 1024;
 /// Most includes resolved in one page (all levels together).
-pub const MAX_INCLUDES: usize = 100;
+pub(crate) const MAX_INCLUDES: usize = 100;
 /// Deepest include nesting (the page is level 0).
-pub const MAX_DEPTH: usize = 3;
+pub(crate) const MAX_DEPTH: usize = 3;
 
 /// Path of the client script.
-pub const CLIENT_JS_PATH: &str = "/_tessera/client.js";
+pub(crate) const CLIENT_JS_PATH: &str = "/_tessera/client.js";
 
 /// The result of composing a page.
 #[derive(Debug, Default)]
-pub struct Composed {
+pub(crate) struct Composed {
     /// The page with includes filled.
     pub body: Vec<u8>,
     /// Includes left as placeholders (the client script fills them).
@@ -95,7 +95,7 @@ impl<'c> Plan<'c> {
 
 /// The request a page (or fragment) answers, as far as its includes are concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PageBase {
+pub(crate) struct PageBase {
     /// The authority it was asked of (`Host`, or the URI's for HTTP/2).
     pub host: Option<String>,
     /// Its path and query: what a relative `src` is resolved against.
@@ -104,7 +104,7 @@ pub struct PageBase {
 
 impl PageBase {
     /// The base of a request for `uri` with `headers`.
-    pub fn of(uri: &http::Uri, headers: &HeaderMap) -> Self {
+    pub(crate) fn of(uri: &http::Uri, headers: &HeaderMap) -> Self {
         let host = headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
@@ -134,7 +134,7 @@ struct Composer<'c> {
 /// A page: `req` from `peer` proxied to the upstream, and composed when its answer asks
 /// for ESI. A HEAD answers what GET would, composed headers included (length, caching),
 /// without the body: asked upstream as GET, as Varnish does.
-pub async fn page(
+pub(crate) async fn page(
     front: Arc<Front>,
     mut req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
@@ -174,7 +174,7 @@ async fn compose(
 
 /// Composes `markup` as level `depth` of a page: a page is level 0, a fragment answered at
 /// its endpoint level 1 (the client script puts it into a page).
-pub async fn compose_at(
+pub(crate) async fn compose_at(
     front: &Front,
     markup: &[u8],
     base: &PageBase,

@@ -24,7 +24,7 @@ use crate::compress::{Coding, Encoded, eligible, variant};
 
 /// The coding to answer a request carrying `headers` with: among `br` and `gzip`, the one
 /// with the highest `q` (`*` stands for both), `br` on a tie; `None` for identity.
-pub fn negotiate(headers: &HeaderMap) -> Option<Coding> {
+pub(crate) fn negotiate(headers: &HeaderMap) -> Option<Coding> {
     let mut q = [None::<u16>; 2];
     let mut star = None;
     for value in headers.get_all(header::ACCEPT_ENCODING) {
@@ -81,7 +81,7 @@ fn qvalue(v: &str) -> Option<u16> {
 /// `Content-Type` and `ETag` among them) updated to say so. `cache` holds the body's
 /// compressed copies when the body is cached; `None` compresses it now. `enabled` is
 /// `gateway.compress`.
-pub fn represent(
+pub(crate) fn represent(
     enabled: bool,
     request: &HeaderMap,
     headers: &mut HeaderMap,
@@ -102,7 +102,7 @@ pub fn represent(
 
 /// [`represent`] for an answer already known to be [`eligible`], whose `headers` already
 /// carry `Vary: accept-encoding` (the hot answers decide both once, not per hit).
-pub fn choose(
+pub(crate) fn choose(
     request: &HeaderMap,
     headers: &mut HeaderMap,
     body: Bytes,
@@ -129,7 +129,7 @@ pub fn choose(
 }
 
 /// Adds `accept-encoding` to `Vary` unless it is there already (or `Vary: *`).
-pub fn add_vary(headers: &mut HeaderMap) {
+pub(crate) fn add_vary(headers: &mut HeaderMap) {
     const TOKEN: &str = "accept-encoding";
     let Some(old) = headers.get(header::VARY) else {
         // The usual case, on the hit path: nothing to read or format.

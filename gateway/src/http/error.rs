@@ -11,11 +11,11 @@ use tessera_protocol::tags::TagError;
 use tessera_protocol::{BusError, Cause, StoreError, key::IdentityError};
 
 use tessera_runtime::web::Body;
-pub use tessera_runtime::web::problem;
+pub(crate) use tessera_runtime::web::problem;
 
 /// Everything that can go wrong while answering a request.
 #[derive(Debug, thiserror::Error)]
-pub enum GatewayError {
+pub(crate) enum GatewayError {
     /// No `[[fragment]]` route has this name.
     #[error("no fragment route is called {0:?}")]
     UnknownRoute(String),
@@ -121,7 +121,7 @@ impl GatewayError {
     }
 
     /// The problem response. Server-side faults are logged here, with their detail.
-    pub fn into_response(self) -> Response<Body> {
+    pub(crate) fn into_response(self) -> Response<Body> {
         let (status, code, detail) = self.parts();
         if status.is_server_error() {
             tracing::warn!(error = %self, status = status.as_u16(), "request failed");

@@ -40,7 +40,7 @@ static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache
 
 /// Answers a fresh hit from the hot answers, without looking anything up or awaiting;
 /// `None` sends the request down the full path ([`serve`]).
-pub fn hot<B: Sync>(front: &Front, req: &Request<B>) -> Option<Response<Body>> {
+pub(crate) fn hot<B: Sync>(front: &Front, req: &Request<B>) -> Option<Response<Body>> {
     let started = std::time::Instant::now();
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return None;
@@ -77,7 +77,7 @@ pub fn hot<B: Sync>(front: &Front, req: &Request<B>) -> Option<Response<Body>> {
 }
 
 /// Serves one fragment request.
-pub async fn serve<B: Sync>(front: &Front, req: &Request<B>, name: &str) -> Response<Body> {
+pub(crate) async fn serve<B: Sync>(front: &Front, req: &Request<B>, name: &str) -> Response<Body> {
     let started = std::time::Instant::now();
     let (response, cache) = match answer_request(front, req, name).await {
         Ok(answer) => answer,
@@ -327,7 +327,7 @@ fn answer_headers(route: &FragmentRoute, slot: &Slot, status: String) -> HeaderM
 
 /// How [`finish`] may compress an answer.
 #[derive(Debug)]
-pub enum Compression<'a> {
+pub(crate) enum Compression<'a> {
     /// As `gateway.compress` (the first) and the answer's type and size allow, from the
     /// body's cached copies (the second) when it has them.
     Decide(bool, Option<&'a Encoded>),
@@ -341,7 +341,7 @@ pub enum Compression<'a> {
 /// The answer to `req` serving `body` (whose ETag is `etag`) with `headers`: compressed
 /// when `compression` and the request allow it, 304 when `If-None-Match` matches the
 /// representation chosen, no body for `HEAD`.
-pub fn finish<B: Sync>(
+pub(crate) fn finish<B: Sync>(
     req: &Request<B>,
     etag: &str,
     body: Bytes,

@@ -8,7 +8,7 @@ use http::header::{ACCEPT, IF_NONE_MATCH};
 /// The `wait` preference (RFC 7240) in seconds, if any. `Prefer: respond-async, wait=10`.
 /// A number too large for any clock saturates (the caller caps it at `max_wait`);
 /// anything but digits is no preference.
-pub fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
+pub(crate) fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
     headers
         .get_all("prefer")
         .iter()
@@ -36,7 +36,7 @@ fn delta_seconds(text: &str) -> Option<u64> {
 }
 
 /// Whether `If-None-Match` matches `etag` (weak comparison, RFC 9110 §13.1.2).
-pub fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+pub(crate) fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
     fn opaque(t: &str) -> &str {
         let t = t.trim();
         t.strip_prefix("W/").unwrap_or(t).trim()
@@ -54,7 +54,7 @@ pub fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
 }
 
 /// Whether the client prefers JSON over HTML.
-pub fn wants_json(headers: &HeaderMap) -> bool {
+pub(crate) fn wants_json(headers: &HeaderMap) -> bool {
     headers
         .get_all(ACCEPT)
         .iter()
@@ -68,14 +68,14 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
 /// A request's trace id, worked out only when something needs it (a build request):
 /// the hit path never pays for it.
 #[derive(Debug)]
-pub struct Trace<'a> {
+pub(crate) struct Trace<'a> {
     headers: &'a HeaderMap,
     id: std::sync::OnceLock<String>,
 }
 
 impl<'a> Trace<'a> {
     /// The trace of a request with `headers`.
-    pub fn new(headers: &'a HeaderMap) -> Self {
+    pub(crate) fn new(headers: &'a HeaderMap) -> Self {
         Self {
             headers,
             id: std::sync::OnceLock::new(),
@@ -83,7 +83,7 @@ impl<'a> Trace<'a> {
     }
 
     /// The id, see [`trace_id`].
-    pub fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         self.id.get_or_init(|| trace_id(self.headers))
     }
 }
@@ -96,7 +96,7 @@ impl crate::cache::TraceId for Trace<'_> {
 
 /// The trace id of a request: the W3C `traceparent` trace id, else `X-Request-Id` when
 /// it is a safe token, else a new random one. Never logs raw client bytes.
-pub fn trace_id(headers: &HeaderMap) -> String {
+pub(crate) fn trace_id(headers: &HeaderMap) -> String {
     let safe = |s: &str| {
         !s.is_empty()
             && s.len() <= 64

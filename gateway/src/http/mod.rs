@@ -17,14 +17,14 @@
 //! - [`headers`]: small request-header parsers, and the request's trace.
 //! - [`error`]: the one error type and its problem responses.
 
-pub mod admin;
-pub mod compose;
-pub mod encoding;
-pub mod error;
-pub mod fragment;
-pub mod headers;
-pub mod proxy;
-pub mod stream;
+pub(crate) mod admin;
+pub(crate) mod compose;
+pub(crate) mod encoding;
+pub(crate) mod error;
+pub(crate) mod fragment;
+pub(crate) mod headers;
+pub(crate) mod proxy;
+pub(crate) mod stream;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -41,7 +41,7 @@ use tessera_runtime::web::Body;
 
 /// What every endpoint of the public listener shares.
 #[derive(Debug)]
-pub struct Front {
+pub(crate) struct Front {
     /// The configuration the gateway runs with.
     pub config: Arc<Config>,
     /// Lookups, build requests and purges.
@@ -59,7 +59,7 @@ pub struct Front {
 /// the request, which holds on to hyper's read buffer, is then dropped before hyper reads
 /// on, so the connection keeps reusing one buffer instead of allocating another for each
 /// request.
-pub fn handle(
+pub(crate) fn handle(
     front: Arc<Front>,
     req: Request<hyper::body::Incoming>,
     peer: SocketAddr,

@@ -51,7 +51,7 @@ const FORWARDING: [&str; 5] = [
 
 /// A pooled HTTP/1.1 client for the upstream.
 #[derive(Debug, Clone)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     client: Client<HttpConnector, Body>,
     base: Uri,
     timeout: Duration,
@@ -61,7 +61,7 @@ pub struct Upstream {
 impl Upstream {
     /// A client for `base` (`upstream.url`, parsed at load: `http://host[:port]`),
     /// believing the forwarding headers of peers in `trusted` (`gateway.trusted_proxies`).
-    pub fn new(base: &UpstreamUrl, timeout: Duration, trusted: &[IpNet]) -> Self {
+    pub(crate) fn new(base: &UpstreamUrl, timeout: Duration, trusted: &[IpNet]) -> Self {
         Self {
             client: tessera_runtime::upstream::client(timeout),
             base: base.uri().clone(),
@@ -71,7 +71,7 @@ impl Upstream {
     }
 
     /// Forwards `req` from `peer` and streams the answer back.
-    pub async fn forward(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    pub(crate) async fn forward(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         match self.forward_inner(req, peer).await {
             Ok(r) => r,
             Err(e) => e.into_response(),
@@ -199,7 +199,7 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 }
 
 /// Removes the headers named in `Connection` and the fixed hop-by-hop list.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

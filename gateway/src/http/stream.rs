@@ -48,14 +48,14 @@ use super::fragment;
 use tessera_runtime::web::{Body, problem};
 
 /// Path of the push stream.
-pub const STREAM_PATH: &str = "/_tessera/stream";
+pub(crate) const STREAM_PATH: &str = "/_tessera/stream";
 /// Most fragments one stream carries.
-pub const MAX_SOURCES: usize = 32;
+pub(crate) const MAX_SOURCES: usize = 32;
 /// Pause before asking again for a fragment the store could not be asked about (503).
 const UNAVAILABLE_PAUSE: Duration = Duration::from_secs(1);
 
 /// Serves one push stream.
-pub fn serve<B>(front: &Arc<Front>, req: &Request<B>) -> Response<Body> {
+pub(crate) fn serve<B>(front: &Arc<Front>, req: &Request<B>) -> Response<Body> {
     if req.method() != Method::GET {
         return GatewayError::MethodNotAllowed {
             method: req.method().clone(),
