@@ -31,8 +31,8 @@ MODULES=(
   "tessera-protocol protocol/src/message.rs"
   "tessera-protocol protocol/src/config/*.rs"
   "tessera-gateway gateway/src/esi.rs"
-  "tessera-gateway gateway/src/hot.rs"
-  "tessera-gateway gateway/src/headers.rs"
+  "tessera-gateway gateway/src/cache/hot.rs"
+  "tessera-gateway gateway/src/http/headers.rs"
   "tessera-workers fragment-workers/src/retry.rs"
 )
 

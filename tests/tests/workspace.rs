@@ -58,3 +58,34 @@ fn the_contract_crate_links_no_network_client_or_http_stack() {
     let runtime = normal_dependencies("tessera-runtime");
     assert!(runtime.contains("hyper") && runtime.contains("tracing-subscriber"));
 }
+
+/// The gateway's cache core (`gateway/src/cache/`) knows nothing of HTTP: it imports
+/// nothing from the front (`gateway/src/http/`), the server or hyper. The front uses the
+/// core, never the other way round, so the two halves cannot grow into a circle again.
+#[test]
+fn the_gateway_cache_core_imports_nothing_of_the_http_front() {
+    let core = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway/src/cache");
+    let mut files = 0;
+    for entry in std::fs::read_dir(&core).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        files += 1;
+        for (n, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap();
+            for front in [
+                "crate::http",
+                "super::super::http",
+                "hyper::",
+                "tessera_runtime::web",
+            ] {
+                assert!(
+                    !code.contains(front),
+                    "{}:{}: the cache core names {front}: {line}",
+                    path.display(),
+                    n + 1
+                );
+            }
+        }
+    }
+    assert!(files >= 6, "found only {files} files in {}", core.display());
+}
