@@ -7,6 +7,7 @@
 //! - `/echo`: JSON with the method, headers and body length it received;
 //! - `/download?bytes=N`: N bytes in 64 KiB chunks, the rest only after
 //!   [`FakeUpstream::release_download`] (proves the proxy streams);
+//! - `/big?bytes=N`: N bytes in 64 KiB chunks, as fast as they are taken;
 //! - `/upload`: counts the body as it arrives ([`FakeUpstream::uploaded`]);
 //! - `/ws` with `Upgrade: echo`: 101, then echoes bytes back.
 
@@ -57,6 +58,8 @@ struct State {
     renders: HashMap<String, usize>,
     requests: Vec<(String, Option<String>, HeaderMap)>,
     uploaded: u64,
+    /// Connections open now.
+    open: usize,
 }
 
 /// Shared between the server tasks and the test.
@@ -90,13 +93,16 @@ impl FakeUpstream {
                     a = listener.accept() => match a { Ok((stream, _)) => stream, Err(_) => continue },
                 };
                 let s = s.clone();
+                s.state.lock().unwrap().open += 1;
                 tokio::spawn(async move {
+                    let shared = s.clone();
                     let service = service_fn(move |req| answer(s.clone(), req));
                     let mut builder = auto::Builder::new(TokioExecutor::new());
                     builder.http1().timer(TokioTimer::new());
                     let _ = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
+                    shared.state.lock().unwrap().open -= 1;
                 });
             }
         });
@@ -147,6 +153,11 @@ impl FakeUpstream {
     /// Lets a `/download` send the rest of its body.
     pub fn release_download(&self) {
         self.shared.release.notify_waiters();
+    }
+
+    /// Connections open to it now (the gateway's pooled and busy ones).
+    pub fn open_connections(&self) -> usize {
+        self.shared.state.lock().unwrap().open
     }
 
     /// Body bytes `/upload` has received so far.
@@ -228,6 +239,22 @@ async fn answer(
             }
             let total = shared.state.lock().unwrap().uploaded;
             return Ok(respond(200, total.to_string()));
+        }
+        "/big" => {
+            let bytes: usize = query
+                .as_deref()
+                .and_then(|q| q.strip_prefix("bytes="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let chunks = (0..bytes.div_ceil(chunk.len())).map(move |i| {
+                let n = chunk.len().min(bytes - i * chunk.len());
+                Ok::<_, std::io::Error>(Frame::data(chunk.slice(..n)))
+            });
+            let body = StreamBody::new(futures_util::stream::iter(chunks));
+            let mut r = Response::new(BodyExt::boxed(body));
+            r.headers_mut().insert("content-length", bytes.into());
+            return Ok(r);
         }
         "/download" => {
             let bytes: usize = query

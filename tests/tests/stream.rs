@@ -270,3 +270,52 @@ async fn streams_are_limited_and_checked() {
     .await;
     gw.stop().await;
 }
+
+/// Sources that name one fragment (junk params do not make another) are looked up once,
+/// and each gets its event, with the same HTML.
+#[tokio::test]
+async fn sources_naming_one_fragment_share_one_lookup() {
+    let up = FakeUpstream::start().await;
+    let mut recs = up.render("recs", 0, "<b>\"recs\"\n</b>");
+    recs.params = vec!["id".into()];
+    let gw = gateway(&up, vec![recs], Backend::Memory).await;
+    let warmed = client()
+        .get(gw.at("/fragments/recs?id=1"))
+        .header("prefer", "wait=5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(warmed.status(), StatusCode::OK);
+    let lookups = || async {
+        let text = tessera_tests::harness::text(format!("{}/metrics", gw.admin)).await;
+        tessera_tests::metric(
+            &text,
+            "tessera_requests_total{route=\"recs\",cache=\"hit\"}",
+        )
+    };
+    let before = lookups().await;
+    let srcs = [
+        "/fragments/recs?id=1&junk=1",
+        "/fragments/recs?junk=2&id=1",
+        "/fragments/recs?id=1",
+        "/fragments/recs?id=2&junk=1",
+    ];
+    let got = events(&gw, &srcs, None).await;
+    let fragments: Vec<&Event> = got
+        .iter()
+        .map(|(e, _)| e)
+        .filter(|e| e.name == "fragment")
+        .collect();
+    assert_eq!(fragments.len(), 4, "{got:?}");
+    for src in &srcs[..3] {
+        let e = fragments.iter().find(|e| e.data["src"] == *src).unwrap();
+        assert_eq!(e.data["html"], "<b>\"recs\"\n</b>", "{src}");
+    }
+    assert_eq!(
+        lookups().await - before,
+        1.0,
+        "the three sources of id=1 were one lookup (id=2 was built, no hit)"
+    );
+    assert_eq!(up.renders("/_render/recs"), 2, "id=1 and id=2, once each");
+    gw.stop().await;
+}

@@ -30,6 +30,13 @@
 //! - At most [`MAX_SOURCES`] sources per stream (400 past it: the client splits), and
 //!   `gateway.max_streams` streams open at once (503 past it: the client falls back to
 //!   long-polls). Open streams are `tessera_streams` in `/metrics`.
+//! - Sources that name the same fragment (the same route and allow-listed params, whatever
+//!   else their query carries) are looked up once, and their events share its bytes.
+//!
+//! What a stream holds is bounded, however slowly its client reads: events are made one
+//! at a time, as the connection takes them (a channel of one), and a fragment's HTML is
+//! escaped into the event's JSON a chunk at a time ([`CHUNK`]) from the cached body itself,
+//! never copied whole. A client that takes nothing is cut off after `http.send_timeout`.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -42,6 +49,8 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 
+use tessera_protocol::Identity;
+
 use super::Front;
 use super::error::GatewayError;
 use super::fragment;
@@ -53,6 +62,8 @@ pub(crate) const STREAM_PATH: &str = "/_tessera/stream";
 pub(crate) const MAX_SOURCES: usize = 32;
 /// Pause before asking again for a fragment the store could not be asked about (503).
 const UNAVAILABLE_PAUSE: Duration = Duration::from_secs(1);
+/// Most bytes of escaped HTML in one frame of an event.
+pub(crate) const CHUNK: usize = 16 * 1024;
 
 /// Serves one push stream.
 pub(crate) fn serve<B>(front: &Arc<Front>, req: &Request<B>) -> Response<Body> {
@@ -80,14 +91,16 @@ pub(crate) fn serve<B>(front: &Arc<Front>, req: &Request<B>) -> Response<Body> {
             .insert(header::RETRY_AFTER, HeaderValue::from(1));
         return r;
     }
-    let (tx, rx) = mpsc::channel(MAX_SOURCES + 2);
+    // One event waits while the connection takes the one before: a stream runs ahead of
+    // its client by one event at most.
+    let (tx, rx) = mpsc::channel(1);
     let front = front.clone();
     let headers = req.headers().clone();
     tokio::spawn(async move {
         feed(&front, sources, headers, &tx).await;
         front.metrics.streams.dec();
     });
-    let mut r = Response::new(tessera_runtime::web::stream(Events(rx)));
+    let mut r = Response::new(tessera_runtime::web::stream(Events { rx, html: None }));
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -99,48 +112,51 @@ pub(crate) fn serve<B>(front: &Arc<Front>, req: &Request<B>) -> Response<Body> {
     r
 }
 
-/// Sends an event for each source as it becomes ready, then `end`; stops early when
-/// the client goes away (the channel closes).
-async fn feed(front: &Front, sources: Vec<String>, headers: HeaderMap, tx: &mpsc::Sender<Bytes>) {
+/// Sends an event for each source as it becomes ready, then `end`; stops early when the
+/// client goes away (the channel closes).
+async fn feed(front: &Front, sources: Vec<String>, headers: HeaderMap, tx: &mpsc::Sender<Event>) {
     let deadline = tokio::time::Instant::now() + front.config.gateway.max_wait;
     if tx
-        .send(Bytes::from_static(b"retry: 2000\n\n"))
+        .send(Event::Text(Bytes::from_static(b"retry: 2000\n\n")))
         .await
         .is_err()
     {
         return;
     }
-    let mut pending: FuturesUnordered<_> = sources
+    let (wanted, mut answered) = plan(front, &sources, &headers);
+    let mut pending: FuturesUnordered<_> = wanted
         .iter()
-        .enumerate()
-        .map(|(i, src)| {
+        .map(|w| {
             let headers = &headers;
-            async move { (i, until_ready(front, src, headers, deadline).await) }
+            async move { (w, until_ready(front, w, headers, deadline).await) }
         })
         .collect();
     let mut sent = vec![false; sources.len()];
     loop {
-        let (i, answer) = tokio::select! {
-            () = tx.closed() => return,
-            next = pending.next() => match next {
-                Some(done) => done,
-                None => break,
+        let (indexes, answer) = match answered.pop() {
+            Some((i, status)) => (vec![i], Some((status, Bytes::new()))),
+            None => tokio::select! {
+                () = tx.closed() => return,
+                next = pending.next() => match next {
+                    Some((w, answer)) => (w.indexes.clone(), answer),
+                    None => break,
+                },
             },
         };
+        // Still pending at the deadline: listed in `end`.
         let Some((status, html)) = answer else {
-            continue; // still pending at the deadline: listed in `end`
+            continue;
         };
-        let data = serde_json::json!({ "src": sources[i], "status": status, "html": html });
-        if tx
-            .send(Bytes::from(format!(
-                "id: {i}\nevent: fragment\ndata: {data}\n\n"
-            )))
-            .await
-            .is_err()
-        {
-            return;
+        for i in indexes {
+            if tx
+                .send(Event::fragment(i, &sources[i], status, html.clone()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            sent[i] = true;
         }
-        sent[i] = true;
     }
     let left: Vec<&String> = sources
         .iter()
@@ -148,47 +164,99 @@ async fn feed(front: &Front, sources: Vec<String>, headers: HeaderMap, tx: &mpsc
         .filter_map(|(src, sent)| (!sent).then_some(src))
         .collect();
     let end = serde_json::json!({ "pending": left });
-    let _ = tx
-        .send(Bytes::from(format!("event: end\ndata: {end}\n\n")))
-        .await;
+    let text = Bytes::from(format!("event: end\ndata: {end}\n\n"));
+    let _ = tx.send(Event::Text(text)).await;
 }
 
-/// Asks the fragment endpoint for `src` with this stream's headers, waiting as a
+/// One fragment a stream looks up, for every source that names it.
+#[derive(Debug)]
+struct Wanted {
+    /// The fragment's route.
+    name: String,
+    /// Its canonical `src`: the route's path and allow-listed params.
+    src: String,
+    /// The sources (indexes into the stream's) that name it.
+    indexes: Vec<usize>,
+}
+
+/// The fragments `sources` name, each once, and the sources answered without a lookup
+/// (404: no fragment route; 400: params the route refuses), with their status.
+fn plan(
+    front: &Front,
+    sources: &[String],
+    headers: &HeaderMap,
+) -> (Vec<Wanted>, Vec<(usize, u16)>) {
+    let prefix = front.config.gateway.fragment_prefix.as_str();
+    let mut wanted: Vec<Wanted> = Vec::new();
+    let mut answered = Vec::new();
+    for (i, src) in sources.iter().enumerate() {
+        let (path, query) = src
+            .split_once('?')
+            .map_or((src.as_str(), None), |(p, q)| (p, Some(q)));
+        let Some(route) = path
+            .strip_prefix(prefix)
+            .and_then(|name| front.config.route(name))
+        else {
+            answered.push((i, StatusCode::NOT_FOUND.as_u16()));
+            continue;
+        };
+        let Ok(identity) = Identity::from_request(route, query, headers) else {
+            answered.push((i, StatusCode::BAD_REQUEST.as_u16()));
+            continue;
+        };
+        let canonical = identity.query_string();
+        let src = if canonical.is_empty() {
+            format!("{prefix}{}", route.name)
+        } else {
+            format!("{prefix}{}?{canonical}", route.name)
+        };
+        match wanted.iter_mut().find(|w| w.src == src) {
+            Some(w) => w.indexes.push(i),
+            None => wanted.push(Wanted {
+                name: route.name.clone(),
+                src,
+                indexes: vec![i],
+            }),
+        }
+    }
+    // Answered in source order (popped from the end).
+    answered.reverse();
+    (wanted, answered)
+}
+
+/// Asks the fragment endpoint for `wanted` with this stream's headers, waiting as a
 /// long-poll does, until it answers anything but "pending" or `deadline` passes
-/// (`None`).
+/// (`None`). The fragment comes back as the endpoint's body (L1's own bytes for a cached
+/// fragment), as UTF-8.
 async fn until_ready(
     front: &Front,
-    src: &str,
+    wanted: &Wanted,
     headers: &HeaderMap,
     deadline: tokio::time::Instant,
-) -> Option<(u16, String)> {
-    let prefix = front.config.gateway.fragment_prefix.as_str();
-    let Some(name) = src
-        .split('?')
-        .next()
-        .and_then(|path| path.strip_prefix(prefix))
-    else {
-        return Some((StatusCode::NOT_FOUND.as_u16(), String::new()));
-    };
+) -> Option<(u16, Bytes)> {
     loop {
         let now = tokio::time::Instant::now();
         if now >= deadline || front.stopping.is_cancelled() {
             return None;
         }
         let wait = (deadline - now).as_secs().max(1);
-        let Ok(req) = fragment_request(src, headers, wait) else {
-            return Some((StatusCode::BAD_REQUEST.as_u16(), String::new()));
+        let Ok(req) = fragment_request(&wanted.src, headers, wait) else {
+            return Some((StatusCode::BAD_REQUEST.as_u16(), Bytes::new()));
         };
-        let response = Box::pin(fragment::serve(front, &req, name)).await;
+        let response = Box::pin(fragment::serve(front, &req, &wanted.name)).await;
         let status = response.status();
         if status == StatusCode::OK {
             let body = response.into_body().collect().await.ok()?.to_bytes();
-            return Some((status.as_u16(), String::from_utf8_lossy(&body).into_owned()));
+            let html = match std::str::from_utf8(&body) {
+                Ok(_) => body,
+                Err(_) => Bytes::from(String::from_utf8_lossy(&body).into_owned()),
+            };
+            return Some((status.as_u16(), html));
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             tokio::time::sleep(UNAVAILABLE_PAUSE.min(deadline - now)).await;
         } else if status != StatusCode::ACCEPTED {
-            return Some((status.as_u16(), String::new()));
+            return Some((status.as_u16(), Bytes::new()));
         }
     }
 }
@@ -241,9 +309,46 @@ fn sources(query: &str) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-/// The stream's body: events as the feeding task sends them; ends when it is done.
+/// One event of a stream, as the feeding task hands it to the body.
 #[derive(Debug)]
-struct Events(mpsc::Receiver<Bytes>);
+enum Event {
+    /// Sent as it is.
+    Text(Bytes),
+    /// A fragment event: `head`, then `html` escaped as a JSON string's contents, then the
+    /// event's end.
+    Fragment {
+        /// `id: …\nevent: fragment\ndata: {"src":…,"status":…,"html":"`.
+        head: Bytes,
+        /// The fragment (UTF-8), not yet escaped.
+        html: Bytes,
+    },
+}
+
+/// What closes a fragment event after its HTML.
+const FRAGMENT_END: &[u8] = b"\"}\n\n";
+
+impl Event {
+    /// The event for source `i`, `src`, answered `status` with `html`.
+    fn fragment(i: usize, src: &str, status: u16, html: Bytes) -> Self {
+        let src = serde_json::Value::from(src);
+        let head = format!(
+            "id: {i}\nevent: fragment\ndata: {{\"src\":{src},\"status\":{status},\"html\":\""
+        );
+        Event::Fragment {
+            head: Bytes::from(head),
+            html,
+        }
+    }
+}
+
+/// The stream's body: events as the feeding task sends them, a fragment's HTML escaped a
+/// [`CHUNK`] at a time as hyper asks for frames; ends when the task is done.
+#[derive(Debug)]
+struct Events {
+    rx: mpsc::Receiver<Event>,
+    /// The HTML of the fragment event being sent, and how much of it was.
+    html: Option<(Bytes, usize)>,
+}
 
 impl hyper::body::Body for Events {
     type Data = Bytes;
@@ -253,10 +358,49 @@ impl hyper::body::Body for Events {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|event| event.map(|bytes| Ok(hyper::body::Frame::data(bytes))))
+        let frame = |bytes| Poll::Ready(Some(Ok(hyper::body::Frame::data(bytes))));
+        if let Some((html, at)) = &mut self.html {
+            let chunk = escape_chunk(html, at, CHUNK);
+            if *at == html.len() {
+                self.html = None;
+            }
+            return frame(chunk);
+        }
+        match std::task::ready!(self.rx.poll_recv(cx)) {
+            None => Poll::Ready(None),
+            Some(Event::Text(text)) => frame(text),
+            Some(Event::Fragment { head, html }) => {
+                self.html = Some((html, 0));
+                frame(head)
+            }
+        }
     }
+}
+
+/// The next chunk of `html` from `*at` (at most about `max` bytes once escaped) escaped as
+/// the contents of a JSON string, and `*at` moved past it; once `*at` reaches the end,
+/// the chunk also carries what ends the event ([`FRAGMENT_END`]). Quotes, backslashes and
+/// control characters are escaped as JSON requires; everything else, UTF-8 included, is
+/// copied (a chunk may end inside a character: the frames are one byte stream).
+fn escape_chunk(html: &[u8], at: &mut usize, max: usize) -> Bytes {
+    let mut out = Vec::with_capacity(max + 8);
+    while *at < html.len() && out.len() < max {
+        let b = html[*at];
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0..0x20 => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+            _ => out.push(b),
+        }
+        *at += 1;
+    }
+    if *at == html.len() {
+        out.extend_from_slice(FRAGMENT_END);
+    }
+    Bytes::from(out)
 }
 
 #[cfg(test)]
@@ -284,5 +428,44 @@ mod tests {
         assert!(sources(&many.join("&")).unwrap_err().contains("at most"));
         let enough: Vec<String> = (0..MAX_SOURCES).map(|i| format!("src=/f/{i}")).collect();
         assert_eq!(sources(&enough.join("&")).unwrap().len(), MAX_SOURCES);
+    }
+
+    /// The whole event a fragment's chunks make, as a client reads it.
+    fn event_of(html: &[u8], max: usize) -> (String, usize) {
+        let mut at = 0;
+        let mut out = b"{\"html\":\"".to_vec();
+        let mut frames = 0;
+        while at < html.len() || frames == 0 {
+            out.extend_from_slice(&escape_chunk(html, &mut at, max));
+            frames += 1;
+        }
+        (String::from_utf8(out).unwrap(), frames)
+    }
+
+    #[test]
+    fn html_is_escaped_as_json_a_chunk_at_a_time() {
+        let html = "<p class=\"x\">a\\b\r\n\tc\u{1}\u{1f} é 😀</p>".repeat(50);
+        for max in [1, 7, 64, 1 << 20] {
+            let (event, frames) = event_of(html.as_bytes(), max);
+            let event = event.strip_suffix("\n\n").expect("the event's end");
+            let value: serde_json::Value = serde_json::from_str(event).unwrap();
+            assert_eq!(value["html"], html, "max {max}");
+            assert!(
+                frames >= html.len().div_ceil(max.max(1) * 6).max(1),
+                "max {max}"
+            );
+        }
+        let (empty, frames) = event_of(b"", 16);
+        assert_eq!((empty.as_str(), frames), ("{\"html\":\"\"}\n\n", 1));
+    }
+
+    #[test]
+    fn a_chunk_stays_near_its_size_whatever_the_html() {
+        // Control bytes are six times their size escaped: a chunk stops once it is full.
+        let html = vec![1u8; 100_000];
+        let mut at = 0;
+        let chunk = escape_chunk(&html, &mut at, CHUNK);
+        assert!(chunk.len() <= CHUNK + 6, "{}", chunk.len());
+        assert_eq!(at, CHUNK.div_ceil(6));
     }
 }

@@ -91,6 +91,13 @@ pub struct HttpConfig {
     /// balancers, so that they close first.
     #[serde(deserialize_with = "duration")]
     pub idle_timeout: Duration,
+    /// A connection whose answer makes no progress for this long is closed: the client
+    /// reads nothing (its socket takes no byte, or, over HTTP/2, it opens no flow-control
+    /// window), so the answer, and whatever it holds (an upstream connection, a stream's
+    /// fragments), is dropped. Timed between two writes that make progress, as nginx's
+    /// `send_timeout`: a client that keeps reading, however slowly, is served. Default 60 s.
+    #[serde(deserialize_with = "duration")]
+    pub send_timeout: Duration,
     /// Most connections served at once; further clients wait in the listen backlog.
     /// Default 10,000.
     pub max_connections: usize,
@@ -105,6 +112,7 @@ impl Default for HttpConfig {
             first_byte_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(75),
+            send_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             max_header_bytes: ByteSize::kib(64),
         }

@@ -140,6 +140,7 @@ impl HttpConfig {
         positive("http.first_byte_timeout", self.first_byte_timeout)?;
         positive("http.header_timeout", self.header_timeout)?;
         positive("http.idle_timeout", self.idle_timeout)?;
+        positive("http.send_timeout", self.send_timeout)?;
         if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS_LIMIT {
             return Err(invalid(
                 "http.max_connections",
@@ -795,15 +796,17 @@ mod tests {
         assert_eq!(d.first_byte_timeout, Duration::from_secs(10));
         assert_eq!(d.header_timeout, Duration::from_secs(10));
         assert_eq!(d.idle_timeout, Duration::from_secs(75));
+        assert_eq!(d.send_timeout, Duration::from_secs(60));
         assert_eq!(d.max_connections, 10_000);
         assert_eq!(d.max_header_bytes, ByteSize::kib(64));
         let c = Config::from_toml(
-            "[http]\nfirst_byte_timeout = \"2s\"\nheader_timeout = \"5s\"\nidle_timeout = \"1m\"\nmax_connections = 500\nmax_header_bytes = \"16KiB\"",
+            "[http]\nfirst_byte_timeout = \"2s\"\nheader_timeout = \"5s\"\nidle_timeout = \"1m\"\nsend_timeout = \"30s\"\nmax_connections = 500\nmax_header_bytes = \"16KiB\"",
         )
         .unwrap();
         assert_eq!(c.http.first_byte_timeout, Duration::from_secs(2));
         assert_eq!(c.http.header_timeout, Duration::from_secs(5));
         assert_eq!(c.http.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.http.send_timeout, Duration::from_secs(30));
         assert_eq!(c.http.max_connections, 500);
         assert_eq!(c.http.max_header_bytes, ByteSize::kib(16));
         for (toml, key) in [
@@ -813,6 +816,7 @@ mod tests {
             ),
             ("[http]\nheader_timeout = \"0s\"", "http.header_timeout"),
             ("[http]\nidle_timeout = \"0s\"", "http.idle_timeout"),
+            ("[http]\nsend_timeout = \"0s\"", "http.send_timeout"),
             ("[http]\nmax_connections = 0", "http.max_connections"),
             (
                 "[http]\nmax_header_bytes = \"4KiB\"",

@@ -111,7 +111,11 @@ where
             this.asked = true;
             this.connection.as_mut().graceful_shutdown();
         }
-        this.connection.as_mut().poll(cx)
+        let polled = this.connection.as_mut().poll(cx);
+        if polled.is_pending() {
+            this.watchdog.after_poll(cx);
+        }
+        polled
     }
 }
 

@@ -1,4 +1,5 @@
-//! Closing connections that send nothing: the watchdog beside each connection.
+//! Closing connections that send nothing, or read nothing: the watchdog beside each
+//! connection.
 //!
 //! hyper's header-read timeout only starts once hyper-util's auto builder has read enough
 //! bytes to tell HTTP/1 from h2c, and HTTP/2 has no timeout at all for a connection that
@@ -18,9 +19,28 @@
 //!   first byte since then if that is later (a request head on a keep-alive connection; a
 //!   stray h2 PING or WINDOW_UPDATE does not cut the idle time short).
 //!
-//! A request is in flight from its head until its answer is sent (or dropped), and is
-//! never cut: its own deadlines (upstream timeout, `max_wait`) bound it. Per request this costs two atomic updates and a clock read when it ends;
-//! per socket read, one atomic load; the timer fires about once per deadline.
+//! A connection past its deadline while a request head is only partly read is closed at
+//! once: there is no request to let finish.
+//!
+//! A request is in flight from its head until its answer is sent (or dropped), and is not
+//! cut for taking long: its own deadlines (upstream timeout, `max_wait`) bound it. But an
+//! answer that makes no progress for `send_timeout` is (nginx's `send_timeout`): a client
+//! that reads nothing would otherwise hold the answer, and what it holds (an upstream
+//! connection, a stream's fragments), for as long as it likes. Two signs of it:
+//! - the socket takes no byte: a write returned `Pending` and none has made progress since
+//!   ([`Watched`] notes when);
+//! - an answer's body handed a frame to hyper and was not asked for the next one since
+//!   ([`Activity::frame_out`], [`Activity::frame_followed`]), while no other answer on the
+//!   connection made progress: over HTTP/2 a client that opens no flow-control window
+//!   stalls its streams without ever blocking the socket.
+//!
+//! Either closes the connection `send_timeout` after it began (the second is sampled by the
+//! watchdog once per `send_timeout` while requests are in flight, so it closes between one
+//! and two `send_timeout`s after the stall began).
+//!
+//! Per request this costs two atomic updates and a clock read when it ends; per frame of an
+//! answer, three atomic updates; per socket read or write, one atomic load; the timer fires
+//! about once per deadline.
 
 use std::future::Future;
 use std::io::IoSlice;
@@ -45,6 +65,13 @@ pub(super) struct Activity {
     /// 1 + milliseconds after `opened` of the first byte read since the connection went
     /// idle; 0 when none was.
     first_read: AtomicU64,
+    /// 1 + milliseconds after `opened` of the first write that found the socket full since
+    /// the last one that made progress; 0 when writes make progress.
+    write_blocked: AtomicU64,
+    /// Frames the connection's answers handed to hyper.
+    frames_out: AtomicU64,
+    /// Answers that handed a frame out and were not asked for the next one since.
+    bodies_waiting: AtomicU32,
 }
 
 impl Activity {
@@ -55,6 +82,9 @@ impl Activity {
             served: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
             first_read: AtomicU64::new(0),
+            write_blocked: AtomicU64::new(0),
+            frames_out: AtomicU64::new(0),
+            bodies_waiting: AtomicU32::new(0),
         })
     }
 
@@ -75,8 +105,35 @@ impl Activity {
         }
     }
 
-    /// When the connection is to be closed, or `None` while a request is in flight.
-    fn deadline(&self, limits: &HttpConfig) -> Option<Instant> {
+    /// A write found the socket full.
+    fn note_write_blocked(&self) {
+        if self.write_blocked.load(Ordering::Relaxed) == 0 {
+            self.write_blocked
+                .store(self.millis() + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// A write made progress.
+    fn note_written(&self) {
+        if self.write_blocked.load(Ordering::Relaxed) != 0 {
+            self.write_blocked.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// An answer's body handed a frame out, and waits to be asked for the next.
+    pub(super) fn frame_out(&self) {
+        self.frames_out.fetch_add(1, Ordering::Relaxed);
+        self.bodies_waiting.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An answer's body that handed a frame out is asked for the next, or dropped.
+    pub(super) fn frame_followed(&self) {
+        self.bodies_waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// When the connection is to be closed for idling, and how, or `None` while a
+    /// request is in flight.
+    fn deadline(&self, limits: &HttpConfig) -> Option<(Instant, Idle)> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
@@ -84,36 +141,75 @@ impl Activity {
             0 => None,
             n => Some(Duration::from_millis(n - 1)),
         };
-        let after = deadline(
+        let (after, idle) = deadline(
             limits,
             self.served.load(Ordering::Relaxed),
             Duration::from_millis(self.idle_since.load(Ordering::Relaxed)),
             first_read,
         );
-        Some(self.opened + after)
+        Some((self.opened + after, idle))
+    }
+
+    /// When the socket stopped taking bytes, if it did.
+    fn write_blocked_at(&self) -> Option<Instant> {
+        match self.write_blocked.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(self.opened + Duration::from_millis(n - 1)),
+        }
+    }
+
+    /// The count of frames handed out, when some answer waits to be asked for its next.
+    fn frame_waiting(&self) -> Option<u64> {
+        (self.bodies_waiting.load(Ordering::Relaxed) > 0)
+            .then(|| self.frames_out.load(Ordering::Relaxed))
     }
 }
 
-/// When an idle connection is to be closed, counted from its opening: `served` tells
-/// whether it had a request, `idle_since` when its last one ended, `first_read` when the
-/// first byte since then arrived.
+/// What an idle connection past its deadline gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    /// Nothing begun: asked to shut down gracefully (HTTP/2: GOAWAY).
+    Quiet,
+    /// A request head begun and not finished within `header_timeout`: closed.
+    Head,
+}
+
+/// When an idle connection is to be closed, counted from its opening, and how: `served`
+/// tells whether it had a request, `idle_since` when its last one ended, `first_read` when
+/// the first byte since then arrived.
 fn deadline(
     limits: &HttpConfig,
     served: bool,
     idle_since: Duration,
     first_read: Option<Duration>,
-) -> Duration {
+) -> (Duration, Idle) {
+    let head = |read: Duration| (read + limits.header_timeout, Idle::Head);
     match (served, first_read) {
-        (false, None) => limits.first_byte_timeout,
-        (false, Some(read)) => read + limits.header_timeout,
-        (true, None) => idle_since + limits.idle_timeout,
-        (true, Some(read)) => (idle_since + limits.idle_timeout).max(read + limits.header_timeout),
+        (false, None) => (limits.first_byte_timeout, Idle::Quiet),
+        (false, Some(read)) => head(read),
+        (true, None) => (idle_since + limits.idle_timeout, Idle::Quiet),
+        (true, Some(read)) => {
+            let idle = (idle_since + limits.idle_timeout, Idle::Quiet);
+            // A stray frame early in the idle time does not shorten it.
+            if head(read).0 > idle.0 {
+                head(read)
+            } else {
+                idle
+            }
+        }
     }
 }
 
 /// A request in flight on its connection.
 #[derive(Debug)]
 pub(super) struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    /// The connection this request is on.
+    pub(super) fn activity(&self) -> &Activity {
+        &self.0
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -140,6 +236,17 @@ impl<S> Watched<S> {
     }
 }
 
+impl<S> Watched<S> {
+    /// Notes whether a write made progress or found the socket full.
+    fn note(&self, polled: &Poll<std::io::Result<usize>>) {
+        match polled {
+            Poll::Pending => self.activity.note_write_blocked(),
+            Poll::Ready(Ok(n)) if *n > 0 => self.activity.note_written(),
+            Poll::Ready(_) => {}
+        }
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -161,7 +268,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note(&polled);
+        polled
     }
 
     fn poll_write_vectored(
@@ -169,7 +278,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -192,8 +303,10 @@ pub(super) enum Verdict {
     Open,
     /// Idle past its deadline: shut down gracefully.
     Shutdown,
-    /// Still open and idle `header_timeout` after [`Verdict::Shutdown`] (an h2 peer that
-    /// does not answer the PING of a graceful GOAWAY): drop it.
+    /// Drop it: still open and idle `header_timeout` after [`Verdict::Shutdown`] (an h2
+    /// peer that does not answer the PING of a graceful GOAWAY), a request head not
+    /// finished within `header_timeout`, or an answer that made no progress for
+    /// `send_timeout`.
     Close,
 }
 
@@ -206,6 +319,10 @@ pub(super) struct Watchdog {
     timer: Pin<Box<Sleep>>,
     /// Whether [`Verdict::Shutdown`] was given.
     shut: bool,
+    /// The count of frames handed out when the watchdog last found one waiting.
+    waiting_frame: Option<u64>,
+    /// Whether the timer was brought forward to the first request head's deadline.
+    head_timed: bool,
 }
 
 impl Watchdog {
@@ -218,6 +335,8 @@ impl Watchdog {
             limits: limits.clone(),
             timer,
             shut: false,
+            waiting_frame: None,
+            head_timed: false,
         }
     }
 
@@ -233,12 +352,11 @@ impl Watchdog {
         // so that it wakes this task.
         while self.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
-            let next = match self.activity.deadline(&self.limits) {
-                // Busy: look again later.
-                None => now + self.limits.idle_timeout,
-                Some(deadline) if deadline > now => deadline,
-                Some(_) if self.shut => return Verdict::Close,
-                Some(_) => {
+            let next = match self.due(now) {
+                Due::At(next) => next,
+                Due::Close => return Verdict::Close,
+                Due::Shutdown if self.shut => return Verdict::Close,
+                Due::Shutdown => {
                     self.shut = true;
                     verdict = Verdict::Shutdown;
                     now + self.limits.header_timeout
@@ -248,6 +366,60 @@ impl Watchdog {
         }
         verdict
     }
+
+    /// Called after each poll of the connection that leaves it waiting: once the first
+    /// bytes of a connection arrived, its first request head is due `header_timeout`
+    /// after them, which may come before `first_byte_timeout`, what the timer waits for
+    /// until then. Later heads are never due before the idle deadline the timer holds.
+    pub(super) fn after_poll(&mut self, cx: &mut Context<'_>) {
+        if self.head_timed || self.activity.first_read.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        self.head_timed = true;
+        if let Some((deadline, _)) = self.activity.deadline(&self.limits)
+            && deadline < self.timer.deadline()
+        {
+            self.timer.as_mut().reset(deadline);
+            // Polled so that it wakes this task.
+            let _ = self.timer.as_mut().poll(cx);
+        }
+    }
+
+    /// What is due for the connection `now`, or when to look again.
+    fn due(&mut self, now: Instant) -> Due {
+        let send_timeout = self.limits.send_timeout;
+        if let Some(blocked) = self.activity.write_blocked_at() {
+            let at = blocked + send_timeout;
+            return if at <= now { Due::Close } else { Due::At(at) };
+        }
+        let Some((deadline, idle)) = self.activity.deadline(&self.limits) else {
+            // Busy: look again within `send_timeout`, when a frame still waiting since this
+            // look has waited at least that long.
+            let waiting = self.activity.frame_waiting();
+            if waiting.is_some() && waiting == self.waiting_frame {
+                return Due::Close;
+            }
+            self.waiting_frame = waiting;
+            return Due::At(now + send_timeout.min(self.limits.idle_timeout));
+        };
+        self.waiting_frame = None;
+        match idle {
+            _ if deadline > now => Due::At(deadline),
+            Idle::Head => Due::Close,
+            Idle::Quiet => Due::Shutdown,
+        }
+    }
+}
+
+/// What [`Watchdog::due`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Due {
+    /// Nothing yet; look again then.
+    At(Instant),
+    /// Idle past its deadline.
+    Shutdown,
+    /// To be dropped now.
+    Close,
 }
 
 #[cfg(test)]
@@ -270,21 +442,27 @@ mod tests {
     #[test]
     fn deadlines_of_idle_connections() {
         let l = limits();
-        assert_eq!(deadline(&l, false, secs(0), None), secs(5), "silent");
+        let quiet = |s| (secs(s), Idle::Quiet);
+        let head = |s| (secs(s), Idle::Head);
+        assert_eq!(deadline(&l, false, secs(0), None), quiet(5), "silent");
         assert_eq!(
             deadline(&l, false, secs(0), Some(secs(1))),
-            secs(11),
-            "a first byte, then no request"
+            head(11),
+            "a first byte, then no request: closed header_timeout after it"
         );
-        assert_eq!(deadline(&l, true, secs(100), None), secs(160), "keep-alive");
+        assert_eq!(
+            deadline(&l, true, secs(100), None),
+            quiet(160),
+            "keep-alive"
+        );
         assert_eq!(
             deadline(&l, true, secs(100), Some(secs(155))),
-            secs(165),
+            head(165),
             "a request head begun late gets header_timeout"
         );
         assert_eq!(
             deadline(&l, true, secs(100), Some(secs(101))),
-            secs(160),
+            quiet(160),
             "an early stray frame does not shorten the idle time"
         );
     }
@@ -293,10 +471,10 @@ mod tests {
     async fn requests_in_flight_hold_the_deadline() {
         let l = limits();
         let a = Activity::new();
-        assert_eq!(a.deadline(&l), Some(a.opened + secs(5)));
+        assert_eq!(a.deadline(&l), Some((a.opened + secs(5), Idle::Quiet)));
         tokio::time::advance(secs(2)).await;
         a.note_read();
-        assert_eq!(a.deadline(&l), Some(a.opened + secs(12)));
+        assert_eq!(a.deadline(&l), Some((a.opened + secs(12), Idle::Head)));
         let first = a.begin();
         let second = a.begin();
         assert_eq!(a.deadline(&l), None);
@@ -304,6 +482,92 @@ mod tests {
         drop(first);
         assert_eq!(a.deadline(&l), None, "one still in flight");
         drop(second);
-        assert_eq!(a.deadline(&l), Some(a.opened + secs(162)));
+        assert_eq!(a.deadline(&l), Some((a.opened + secs(162), Idle::Quiet)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_that_makes_no_progress_is_closed_after_send_timeout() {
+        let l = HttpConfig {
+            send_timeout: secs(30),
+            ..limits()
+        };
+        let a = Activity::new();
+        let mut dog = Watchdog::new(a.clone(), &l);
+        let _request = a.begin();
+        let now = Instant::now();
+        assert_eq!(
+            dog.due(now),
+            Due::At(now + secs(30)),
+            "busy: looked at again"
+        );
+        // The socket stops taking bytes.
+        a.note_write_blocked();
+        tokio::time::advance(secs(10)).await;
+        a.note_write_blocked();
+        assert_eq!(
+            dog.due(Instant::now()),
+            Due::At(now + secs(30)),
+            "timed from the first"
+        );
+        tokio::time::advance(secs(20)).await;
+        assert_eq!(dog.due(Instant::now()), Due::Close);
+        // A write that makes progress starts it over.
+        a.note_written();
+        let now = Instant::now();
+        assert_eq!(dog.due(now), Due::At(now + secs(30)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_never_followed_is_closed_at_the_second_look() {
+        let l = HttpConfig {
+            send_timeout: secs(30),
+            ..limits()
+        };
+        let a = Activity::new();
+        let mut dog = Watchdog::new(a.clone(), &l);
+        let _request = a.begin();
+        a.frame_out();
+        assert!(matches!(dog.due(Instant::now()), Due::At(_)), "first seen");
+        // Asked again and another frame out: progress, so not the same one waiting.
+        a.frame_followed();
+        a.frame_out();
+        assert!(matches!(dog.due(Instant::now()), Due::At(_)), "a new one");
+        assert_eq!(
+            dog.due(Instant::now()),
+            Due::Close,
+            "the same one, a look later"
+        );
+        // A body waiting on its own source (asked, nothing handed out) is no stall.
+        let b = Activity::new();
+        let mut dog = Watchdog::new(b.clone(), &l);
+        let _request = b.begin();
+        b.frame_out();
+        b.frame_followed();
+        for _ in 0..3 {
+            assert!(matches!(dog.due(Instant::now()), Due::At(_)));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_not_finished_in_time_is_closed_not_asked_to_shut_down() {
+        let l = limits();
+        let a = Activity::new();
+        let mut dog = Watchdog::new(a.clone(), &l);
+        tokio::time::advance(secs(1)).await;
+        a.note_read();
+        tokio::time::advance(secs(10)).await;
+        assert_eq!(
+            dog.due(Instant::now()),
+            Due::Close,
+            "at header_timeout, not twice it"
+        );
+        let quiet = Activity::new();
+        let mut dog = Watchdog::new(quiet.clone(), &l);
+        tokio::time::advance(secs(5)).await;
+        assert_eq!(
+            dog.due(Instant::now()),
+            Due::Shutdown,
+            "a silent one is asked first"
+        );
     }
 }

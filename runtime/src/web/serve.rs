@@ -26,6 +26,9 @@ use super::body::{Body, BoxError};
 use super::drain::Drain;
 use super::idle;
 
+/// Most bytes an HTTP/2 stream holds unsent.
+const MAX_SEND_BUF: usize = 64 * 1024;
+
 /// How long shutdown waits for in-flight requests before closing their connections.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -114,7 +117,8 @@ pub(super) async fn connection<H, F>(
         async move {
             let answer = answer.await.map(|body| Counted {
                 body,
-                _in_flight: in_flight,
+                in_flight,
+                waiting: false,
             });
             Ok::<_, Infallible>(answer)
         }
@@ -128,10 +132,29 @@ pub(super) async fn connection<H, F>(
 }
 
 /// An answer's body, which keeps its request in flight (for the [`idle`] watchdog) until
-/// it is sent or dropped: a long download is not idle time.
+/// it is sent or dropped: a long download is not idle time. It tells the watchdog when it
+/// hands a frame out and when it is asked for the next, so an answer the client does not
+/// take is found out.
 struct Counted {
     body: Body,
-    _in_flight: idle::InFlight,
+    in_flight: idle::InFlight,
+    /// A frame was handed out and the next not asked for yet.
+    waiting: bool,
+}
+
+impl Counted {
+    /// No longer waiting to be asked for the next frame.
+    fn followed(&mut self) {
+        if std::mem::take(&mut self.waiting) {
+            self.in_flight.activity().frame_followed();
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.followed();
+    }
 }
 
 impl hyper::body::Body for Counted {
@@ -142,7 +165,13 @@ impl hyper::body::Body for Counted {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        self.followed();
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            self.in_flight.activity().frame_out();
+            self.waiting = true;
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -188,7 +217,10 @@ fn connection_builder(http: &HttpConfig) -> auto::Builder<TokioExecutor> {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(max_list);
+        .max_header_list_size(max_list)
+        // What one HTTP/2 stream may hold unsent (hyper's default is 400 KiB): a client that
+        // opens no flow-control window pins at most this per stream until send_timeout.
+        .max_send_buf_size(MAX_SEND_BUF);
     builder
 }
 
@@ -388,6 +420,25 @@ mod tests {
             .await
             .unwrap();
         closed_by_server(&mut loris, "a connection with half a request head").await;
+    }
+
+    #[tokio::test]
+    async fn a_head_begun_is_due_at_header_timeout_whatever_first_byte_timeout() {
+        let limits = HttpConfig {
+            first_byte_timeout: Duration::from_secs(30),
+            ..short_limits()
+        };
+        let addr = limited_server(ServeOptions::new(&limits), Duration::ZERO).await;
+        let mut loris = tokio::net::TcpStream::connect(addr).await.unwrap();
+        loris
+            .write_all(b"GET / HTTP/1.1\r\nhost: te")
+            .await
+            .unwrap();
+        closed_by_server(
+            &mut loris,
+            "half a request head, long before first_byte_timeout",
+        )
+        .await;
     }
 
     #[tokio::test]
