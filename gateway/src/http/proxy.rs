@@ -109,7 +109,7 @@ impl Upstream {
         append(&mut parts.headers, header::VIA, VIA);
         Ok(Response::from_parts(
             parts,
-            tessera_runtime::web::stream(body),
+            tessera_runtime::web::stream(Sliced { body, rest: None }),
         ))
     }
 
@@ -411,5 +411,67 @@ mod tests {
         assert_eq!(token_or_quoted("shop.example"), "shop.example");
         assert_eq!(token_or_quoted("a:1"), "\"a:1\"");
         assert_eq!(token_or_quoted("a\"b\\"), "\"a\\\"b\\\\\"");
+    }
+}
+
+/// Largest frame of a proxied answer handed to the client's connection. hyper queues up
+/// to 16 frames, or `max_header_bytes`, unsent: in small slices (of the upstream's 4 KiB
+/// reads, not copied) a client that reads nothing pins 16 KiB, not 64
+/// (`bench/slow-readers.sh`).
+const SLICE: usize = 1024;
+
+/// A proxied answer's body, its frames cut into [`SLICE`]s.
+#[derive(Debug)]
+struct Sliced {
+    body: Incoming,
+    /// What is left of the frame being sliced.
+    rest: Option<bytes::Bytes>,
+}
+
+impl hyper::body::Body for Sliced {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+        use std::task::Poll;
+        let slice = |rest: &mut bytes::Bytes| rest.split_to(rest.len().min(SLICE));
+        if let Some(rest) = &mut self.rest {
+            let frame = slice(rest);
+            if rest.is_empty() {
+                self.rest = None;
+            }
+            return Poll::Ready(Some(Ok(hyper::body::Frame::data(frame))));
+        }
+        let frame = match std::task::ready!(std::pin::Pin::new(&mut self.body).poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            other => return Poll::Ready(other),
+        };
+        match frame.into_data() {
+            Ok(mut data) if data.len() > SLICE => {
+                let first = slice(&mut data);
+                self.rest = Some(data);
+                Poll::Ready(Some(Ok(hyper::body::Frame::data(first))))
+            }
+            Ok(data) => Poll::Ready(Some(Ok(hyper::body::Frame::data(data)))),
+            Err(frame) => Poll::Ready(Some(Ok(frame))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_none() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        let body = self.body.size_hint();
+        let rest = self.rest.as_ref().map_or(0, |r| r.len() as u64);
+        let mut hint = hyper::body::SizeHint::new();
+        if let Some(upper) = body.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint.set_lower(body.lower() + rest);
+        hint
     }
 }
