@@ -28,6 +28,8 @@ struct Admin {
     registry: Registry,
     backends: Backends,
     token: String,
+    /// Where the listener listens (what a request without a token must name).
+    listen: std::net::SocketAddr,
 }
 
 /// Serves the admin endpoints on `listener`, with the connection limits of `http`, until
@@ -45,10 +47,15 @@ pub async fn serve(
     let connections = web::ConnectionGauges::default();
     connections.register(&mut registry);
     let options = web::ServeOptions::new(&http).counted_by(connections.listener("admin"));
+    let Ok(listen) = listener.local_addr() else {
+        tracing::error!("the admin listener has no address; not serving it");
+        return;
+    };
     let admin = Arc::new(Admin {
         registry,
         backends,
         token,
+        listen,
     });
     web::serve(
         listener,
@@ -64,10 +71,11 @@ pub async fn serve(
 
 impl Admin {
     async fn answer(&self, req: &Request<Incoming>) -> Response<Body> {
-        let mut response = match web::admin_gate(req, &self.token, "workers.admin_token") {
-            Some(refused) => refused,
-            None => self.route(req).await,
-        };
+        let mut response =
+            match web::admin_gate(req, &self.token, "workers.admin_token", self.listen) {
+                Some(refused) => refused,
+                None => self.route(req).await,
+            };
         web::harden(response.headers_mut());
         response
     }

@@ -143,15 +143,24 @@ pub async fn serve(
         metrics: metrics.clone(),
         stopping: stopping.clone(),
     });
-    let admin = admin.map(|listener| {
-        let admin = Admin {
-            config: config.clone(),
-            cache: cache.clone(),
-            backends: backends.clone(),
-            metrics: metrics.clone(),
-        };
-        (listener, Arc::new(admin))
-    });
+    let admin = match admin {
+        Some(listener) => {
+            let listen = listener.local_addr().map_err(|source| StartError::Bind {
+                what: "gateway.admin_listen",
+                addr: config.gateway.admin_listen,
+                source,
+            })?;
+            let admin = Admin {
+                config: config.clone(),
+                cache: cache.clone(),
+                backends: backends.clone(),
+                metrics: metrics.clone(),
+                listen,
+            };
+            Some((listener, Arc::new(admin)))
+        }
+        None => None,
+    };
     // Subscribe before serving, so no event after the first request is missed.
     let subscription = backends.bus.subscribe().await?;
     let events = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(cache::events::follow(

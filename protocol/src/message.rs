@@ -159,6 +159,46 @@ impl Event {
     }
 }
 
+/// A dead-lettered message's body as operators are shown it (the admin API, the
+/// dashboard, the CLI). A build request's `vary` values are a user's cookies and headers
+/// (a session, a bearer token): each is replaced by `redacted:` and the first 12 hex digits
+/// of its BLAKE3 hash, which tells two users apart without showing either. A body that is
+/// not a JSON object (so not a build request, and possibly one cut short, secrets and
+/// all) is not shown, only its size.
+pub fn redacted(body: &[u8]) -> String {
+    let Ok(serde_json::Value::Object(mut message)) = serde_json::from_slice(body) else {
+        return format!("({} bytes, not a JSON object; not shown)", body.len());
+    };
+    if let Some(vary) = message.get_mut("vary") {
+        redact_vary(vary);
+    }
+    serde_json::Value::Object(message).to_string()
+}
+
+/// Replaces every value in `vary` (`[[source, value], …]`, or anything else a
+/// malformed message put there) by its redaction, keeping the source names.
+fn redact_vary(vary: &mut serde_json::Value) {
+    use serde_json::Value;
+    let hide = |v: &Value| {
+        let text = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+        Value::from(format!(
+            "redacted:{}",
+            &blake3::hash(text.as_bytes()).to_hex()[..12]
+        ))
+    };
+    match vary {
+        Value::Array(pairs) => {
+            for pair in pairs {
+                match pair {
+                    Value::Array(parts) if parts.len() == 2 => parts[1] = hide(&parts[1]),
+                    other => *other = hide(other),
+                }
+            }
+        }
+        other => *other = hide(other),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,6 +346,40 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(bad)
             );
+        }
+    }
+
+    #[test]
+    fn dead_letters_show_no_vary_value() {
+        let mut r = request();
+        r.identity.vary = vec![
+            ("cookie:session".into(), "s3cret-session".into()),
+            ("header:authorization".into(), "Bearer t0ken".into()),
+        ];
+        let shown = redacted(&r.encode());
+        assert!(
+            !shown.contains("s3cret-session") && !shown.contains("t0ken"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("cookie:session") && shown.contains("redacted:"),
+            "{shown}"
+        );
+        let again = redacted(&r.encode());
+        assert_eq!(shown, again, "the same value hashes the same");
+        r.identity.vary[0].1 = "another-session".into();
+        assert_ne!(redacted(&r.encode()), shown, "two users are told apart");
+        // Anything that is not a well-formed request hides its values too.
+        for odd in [
+            &br#"{"vary":"s3cret"}"#[..],
+            br#"{"vary":[["cookie:s","s3cret","x"]]}"#,
+            br#"{"vary":[{"v":"s3cret"}]}"#,
+            br#"{"v":1,"vary":[["cookie:s","s3cret"]"#,
+            b"[\"s3cret\"]",
+            b"\xff s3cret",
+        ] {
+            let shown = redacted(odd);
+            assert!(!shown.contains("s3cret"), "{shown}");
         }
     }
 

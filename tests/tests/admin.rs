@@ -11,7 +11,7 @@ use tessera_tests::harness::{
     Backend, TestGateway, amqp_url, backends, client, config, memcached_addr, require_servers,
     route, text, unique_namespace,
 };
-use tessera_tests::upstream::FakeUpstream;
+use tessera_tests::upstream::{FakeUpstream, Script};
 use tessera_tests::{eventually, metric};
 
 const WITHIN: Duration = Duration::from_secs(15);
@@ -807,5 +807,112 @@ async fn tag_purges_check_the_name_and_are_counted() {
         ) && metrics.contains("tessera_tag_purges_total 2"),
         "{metrics}"
     );
+    gw.stop().await;
+}
+
+/// A page on another origin whose name is re-pointed at 127.0.0.1 (DNS rebinding) reaches
+/// the admin listener with its own name in `Host`: without a token the listener answers
+/// only its loopback names, reads and state changes alike.
+#[tokio::test]
+async fn a_rebound_name_cannot_reach_an_admin_listener_without_a_token() {
+    let up = FakeUpstream::start().await;
+    let mut c = config(&up.url(), vec![route("a")]);
+    c.gateway.admin_token = String::new();
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    let port = gw.admin.rsplit(':').next().unwrap().to_string();
+    let evil = format!("evil.example:{port}");
+    for (method, path) in [
+        ("GET", "/dead-letters"),
+        ("GET", "/api/status"),
+        ("GET", "/metrics"),
+        ("DELETE", "/routes/a"),
+        ("POST", "/dead-letters/requeue"),
+    ] {
+        let r = client()
+            .request(method.parse().unwrap(), format!("{}{path}", gw.admin))
+            .header("host", &evil)
+            .header("origin", format!("http://{evil}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{method} {path}");
+        let problem: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(problem["code"], "bad_host", "{problem}");
+    }
+    for host in [format!("localhost:{port}"), format!("127.0.0.1:{port}")] {
+        let r = client()
+            .delete(format!("{}/routes/a", gw.admin))
+            .header("host", &host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{host}");
+    }
+    let probe = client()
+        .get(format!("{}/healthz", gw.admin))
+        .header("host", &evil)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(probe.status(), StatusCode::OK, "probes name no host");
+    gw.stop().await;
+}
+
+/// A dead letter of a route that varies on a session cookie and a bearer token shows
+/// neither, on the admin API and in the dashboard's status; two users stay apart.
+#[tokio::test]
+async fn dead_letters_show_no_vary_value() {
+    let up = FakeUpstream::start().await;
+    up.script(
+        "/_render/private",
+        Script {
+            then: Some(500),
+            ..Script::default()
+        },
+    );
+    let mut private = route("private");
+    // Failed for good at once: dead-lettered.
+    private.max_attempts = 1;
+    private.vary = vec![
+        "cookie:session".parse().unwrap(),
+        "header:authorization".parse().unwrap(),
+    ];
+    let mut c = config(&up.url(), vec![private]);
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    for user in ["alice", "bob"] {
+        let r = client()
+            .get(gw.at("/fragments/private"))
+            .header("cookie", format!("session=s3cret-{user}"))
+            .header("authorization", format!("Bearer t0ken-{user}"))
+            .header("prefer", "wait=5")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_GATEWAY, "the render fails");
+    }
+    let dead = format!("{}/dead-letters", gw.admin);
+    eventually(
+        "both builds are dead-lettered",
+        Duration::from_secs(10),
+        || async { text(&dead).await.matches("\"queue\"").count() == 2 },
+    )
+    .await;
+    for shown in [
+        text(&dead).await,
+        text(format!("{}/api/status", gw.admin)).await,
+    ] {
+        for secret in ["s3cret", "t0ken"] {
+            assert!(!shown.contains(secret), "{secret} shown in {shown}");
+        }
+        assert!(shown.contains("cookie:session"), "{shown}");
+    }
+    let letters: Vec<serde_json::Value> = serde_json::from_str(&text(&dead).await).unwrap();
+    let bodies: Vec<&str> = letters
+        .iter()
+        .map(|l| l["body"].as_str().unwrap())
+        .collect();
+    assert_ne!(bodies[0], bodies[1], "two users are told apart");
     gw.stop().await;
 }

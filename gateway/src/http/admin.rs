@@ -47,6 +47,8 @@ pub(crate) struct Admin {
     pub backends: Backends,
     /// The gateway's metrics.
     pub metrics: Arc<Metrics>,
+    /// Where the admin listener listens (what a request without a token must name).
+    pub listen: SocketAddr,
 }
 
 impl Admin {
@@ -60,6 +62,7 @@ impl Admin {
             &req,
             &self.config.gateway.admin_token,
             "gateway.admin_token",
+            self.listen,
         );
         let mut response = match gate {
             Some(refused) => refused,
@@ -285,10 +288,11 @@ impl Admin {
     }
 }
 
+/// A dead letter as the admin API and the dashboard show it: its build request with every
+/// `vary` value redacted (see [`tessera_protocol::message::redacted`]).
 fn letter_json(d: &tessera_protocol::DeadLetter) -> serde_json::Value {
-    let body = String::from_utf8_lossy(&d.body);
-    let shown: String = body.chars().take(300).collect();
-    serde_json::json!({ "queue": d.queue, "reason": d.reason, "body": shown })
+    let body = tessera_protocol::message::redacted(&d.body);
+    serde_json::json!({ "queue": d.queue, "reason": d.reason, "body": body })
 }
 
 fn query_usize(query: Option<&str>, name: &str) -> Option<usize> {

@@ -1,6 +1,9 @@
 //! The admin gate every admin listener passes a request through before routing it: the
-//! token check, the refusal of cross-site requests that change state, and the hardening
-//! headers every admin answer carries.
+//! token check, the `Host` check of a listener without a token (DNS rebinding), the
+//! refusal of cross-site requests that change state, and the hardening headers every
+//! admin answer carries.
+
+use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 
@@ -59,10 +62,19 @@ pub fn unauthorized(key: &str) -> Response<Body> {
 /// - `GET /healthz` answers to anyone: liveness probes carry no token, and it tells
 ///   nothing but that the process runs;
 /// - every other request needs the token `key` names (see [`authorized`]);
+/// - without a token, the request must be addressed to the listener, on `listen`, by a
+///   loopback name (see [`loopback_host`]): a page on another origin whose name an
+///   attacker re-points at 127.0.0.1 (DNS rebinding) reaches the listener with its own
+///   name in `Host`, and would otherwise read and purge as it likes;
 /// - a state-changing request must not come from another site (see [`cross_site`]): a
 ///   browser resends HTTP Basic credentials by itself, so a page elsewhere could
 ///   otherwise purge or requeue through a logged-in operator's browser.
-pub fn admin_gate<B>(req: &Request<B>, token: &str, key: &str) -> Option<Response<Body>> {
+pub fn admin_gate<B>(
+    req: &Request<B>,
+    token: &str,
+    key: &str,
+    listen: SocketAddr,
+) -> Option<Response<Body>> {
     if req.method() == http::Method::GET && req.uri().path() == "/healthz" {
         return Some(alive());
     }
@@ -74,6 +86,21 @@ pub fn admin_gate<B>(req: &Request<B>, token: &str, key: &str) -> Option<Respons
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .or_else(|| req.uri().authority().map(http::uri::Authority::as_str));
+    if token.is_empty()
+        && let Some(host) = host
+        && !loopback_host(host, listen.ip())
+    {
+        return Some(problem(
+            StatusCode::FORBIDDEN,
+            "bad_host",
+            &format!(
+                "this admin listener has no {key}, so it answers only requests addressed to \
+                 it by a loopback name (Host localhost, 127.0.0.1, [::1] or {}), not {host:?}; \
+                 set {key} to reach it by another name",
+                listen.ip()
+            ),
+        ));
+    }
     let why = cross_site(req.method(), host, req.headers())?;
     Some(problem(
         StatusCode::FORBIDDEN,
@@ -84,6 +111,26 @@ pub fn admin_gate<B>(req: &Request<B>, token: &str, key: &str) -> Option<Respons
              (curl, scripts, `tessera-gateway purge`)"
         ),
     ))
+}
+
+/// Whether `host` (a `Host` header, `name[:port]`) names this machine's loopback or the
+/// listener's own address `listen`: `localhost` (a trailing dot allowed), an address in
+/// 127.0.0.0/8 or `[::1]`, or `listen` itself. Any port: what protects against DNS
+/// rebinding is the name, which the attacker's page cannot choose (an SSH tunnel on
+/// another port still works). Anything that is not a valid authority is refused.
+pub(super) fn loopback_host(host: &str, listen: IpAddr) -> bool {
+    let Ok(authority) = host.trim().parse::<http::uri::Authority>() else {
+        return false;
+    };
+    let name = authority.host();
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<IpAddr>() {
+        Ok(ip) => ip.is_loopback() || ip == listen || ip.to_canonical() == listen,
+        Err(_) => {
+            let name = name.strip_suffix('.').unwrap_or(name);
+            name.eq_ignore_ascii_case("localhost")
+        }
+    }
 }
 
 /// Why a request that changes state (any method but GET, HEAD and OPTIONS) comes from
@@ -169,6 +216,73 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_loopback_names_reach_a_listener_without_a_token() {
+        let lo = IpAddr::from([127, 0, 0, 1]);
+        for good in [
+            "127.0.0.1:9090",
+            "localhost:9090",
+            "LOCALHOST",
+            "localhost.:9090",
+            "127.0.0.2:1",
+            "[::1]:9090",
+            "localhost:8000",
+        ] {
+            assert!(loopback_host(good, lo), "{good}");
+        }
+        for bad in [
+            "evil.example:9090",
+            "evil.example",
+            "localhost.evil.example:9090",
+            "127.0.0.1.evil.example",
+            "10.0.0.5:9090",
+            "[::2]:9090",
+            "",
+            "localhost:9090/x",
+            "user@localhost:9090",
+            "local host",
+        ] {
+            assert!(!loopback_host(bad, lo), "{bad}");
+        }
+        // The listener's own address, when it is not loopback (a token is required off
+        // loopback, so this is a listener with a token in practice; the rule still holds).
+        let own = IpAddr::from([10, 0, 0, 5]);
+        assert!(loopback_host("10.0.0.5:9090", own));
+        assert!(!loopback_host("10.0.0.6:9090", own));
+    }
+
+    #[test]
+    fn the_gate_refuses_other_hosts_without_a_token_only() {
+        let listen = SocketAddr::from(([127, 0, 0, 1], 9090));
+        let req = |host: &str| {
+            Request::builder()
+                .uri("/dead-letters")
+                .header("host", host)
+                .body(())
+                .unwrap()
+        };
+        let refused = admin_gate(&req("evil.example:9090"), "", "gateway.admin_token", listen)
+            .expect("refused");
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+        assert!(admin_gate(&req("localhost:9090"), "", "k", listen).is_none());
+        // With a token the token is the protection: any name (a load balancer's).
+        let mut with_token = req("admin.example.com");
+        with_token
+            .headers_mut()
+            .insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        assert!(admin_gate(&with_token, "t", "k", listen).is_none());
+        // Probes need no name either.
+        let probe = Request::builder()
+            .uri("/healthz")
+            .header("host", "evil.example")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            admin_gate(&probe, "", "k", listen).unwrap().status(),
+            StatusCode::OK
+        );
+    }
 
     #[test]
     fn token_comparison() {
