@@ -14,8 +14,10 @@
 # Printed: RSS and open file descriptors of the gateway and of each worker, sampled from
 # /proc every 5 s (all samples in the CSV named at the end); per kind of request the
 # answers by status; lost builds (accepted by the gateway, never rendered: expect 0) and
-# doubled builds (rendered twice without a fault in between to explain it: expect 0).
-# Workers log each build at info (key, request id, attempt) to explain a doubled one.
+# doubled builds (rendered twice without a fault in between to explain it: expect 0), each
+# lost key with when it was sent and accepted, beside the faults.
+# Workers log each build at info (key, request id, attempt) to explain a doubled one, and
+# each request dropped without a build with its reason, to explain a lost one.
 # TESSERA_BENCH_BIN=DIR runs the binaries in DIR instead of building target/release.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
-//! What a pool of workers counts: build outcomes and durations by route, builds in
-//! flight, store and bus errors.
+//! What a pool of workers counts: build outcomes and durations by route, requests dropped
+//! without a build by route and reason, builds in flight, store and bus errors.
 //!
 //! A `tessera-worker` serves them on its admin listener as `tessera_worker_*`; embedded
 //! workers register them in their gateway's registry under the same names, so one
@@ -19,6 +19,17 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+/// Labels of a build request dropped without a build: its route and why.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    /// Route name.
+    pub route: String,
+    /// Why: `purged` (its route moved to a newer generation since the request was
+    /// made), `superseded` (the lease holds another request's id) or `already_built`
+    /// (the lease was free and the fragment fresh).
+    pub reason: &'static str,
+}
+
 /// The metrics of one worker pool. Cheap to share: every field is a handle.
 #[derive(Debug, Clone)]
 pub struct WorkerMetrics {
@@ -30,9 +41,9 @@ pub struct WorkerMetrics {
     pub retried: Family<RouteLabels, Counter>,
     /// Requests sent to the dead-letter queue (out of attempts, undecodable, misfit).
     pub dead_lettered: Family<RouteLabels, Counter>,
-    /// Requests acknowledged without a build: superseded by a newer request for the
-    /// same fragment, already built, or for a purged generation.
-    pub dropped: Family<RouteLabels, Counter>,
+    /// Requests acknowledged without a build, by route and reason: superseded by a
+    /// newer request for the same fragment, already built, or for a purged generation.
+    pub dropped: Family<DropLabels, Counter>,
     /// Render-and-store time of stored builds.
     pub duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Builds running now.
@@ -85,7 +96,7 @@ impl WorkerMetrics {
         );
         registry.register(
             "builds_dropped",
-            "Build requests acknowledged without a build (superseded, already built, or purged)",
+            "Build requests acknowledged without a build, by reason (superseded, already_built, purged)",
             self.dropped.clone(),
         );
         registry.register(
@@ -127,6 +138,16 @@ impl WorkerMetrics {
         self.duration
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
+    }
+
+    /// A request of `route` dropped without a build, for `reason` (see [`DropLabels`]).
+    pub(crate) fn dropped(&self, route: &str, reason: &'static str) {
+        self.dropped
+            .get_or_create(&DropLabels {
+                route: route.to_string(),
+                reason,
+            })
+            .inc();
     }
 
     /// One route's counter of `family`.

@@ -168,6 +168,16 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// The `reason` label and log field of a claim that drops its request.
+fn drop_reason(claim: Claim) -> &'static str {
+    match claim {
+        Claim::Purged => "purged",
+        Claim::Superseded => "superseded",
+        Claim::AlreadyBuilt => "already_built",
+        Claim::Held => "held",
+    }
+}
+
 /// How a build attempt ended, before the message is settled.
 enum Outcome {
     /// Stored, after this long.
@@ -273,8 +283,17 @@ impl Worker {
         {
             Ok(Claim::Held) => {}
             Ok(claim) => {
-                tracing::debug!(route = %route.name, ?claim, "build request dropped");
-                WorkerMetrics::count(&self.metrics.dropped, &route.name);
+                let reason = drop_reason(claim);
+                // At info, with when the gateway queued it: a build a client was promised
+                // and that never came is traced to this line (the span names the key and
+                // the request).
+                tracing::info!(
+                    reason,
+                    generation = req.generation,
+                    queued_ms_ago = now_ms().saturating_sub(req.requested_at),
+                    "build request dropped"
+                );
+                self.metrics.dropped(&route.name, reason);
                 return None;
             }
             Err(e) => return Some(self.store_failed(route, req, e)),

@@ -708,6 +708,90 @@ pub async fn refresh_ahead_keeps_a_hot_fragment_fresh(kind: Backend) {
     gw.stop().await;
 }
 
+/// How a route's generation moves under a waiting long-poll, with no event naming the
+/// fragment to wake it.
+#[derive(Debug, Clone, Copy)]
+enum NewGeneration {
+    /// `DELETE /routes/{name}` on the admin listener.
+    Purge,
+    /// The store loses the route's generation and the fragment's lease, as in a memcached
+    /// restart (the next reader seeds a new generation).
+    StoreLost,
+}
+
+/// A long-poll whose route moves to a new generation while it waits, and whose build
+/// of the old generation is then dropped as purged, is answered 202 at its deadline: a
+/// build must follow with nobody asking again. The last look is made in the generation
+/// current then (soak run 4's lost build, `bench/README.md`, "Soak").
+async fn a_long_poll_across_a_new_generation_still_gets_its_build(
+    kind: Backend,
+    how: NewGeneration,
+) {
+    let up = FakeUpstream::start().await;
+    let mut r = route("moved");
+    r.build_timeout = Duration::from_secs(1);
+    let mut c = config(&up.url(), vec![r.clone()]);
+    let b = backends(kind, &mut c).await;
+    let workers = c.workers.embedded;
+    c.workers.embedded = 0;
+    let gw = TestGateway::start(c.clone(), b.clone()).await;
+    let url = gw.at("/fragments/moved");
+    // Past `cache.ttl` (2 s), so the gateway reads the route's generation again.
+    let poll = tokio::spawn(async move { wait_for(&url, 4).await.status() });
+    // No worker runs: the long-poll's request waits in its queue, its lease held.
+    let generation_key = b.keys.generation("moved");
+    let generation = tessera_protocol::store::generation(b.store.as_ref(), &generation_key)
+        .await
+        .unwrap();
+    let identity = tessera_protocol::Identity {
+        route: "moved".into(),
+        params: vec![],
+        vary: vec![],
+    };
+    let keys = b.keys.fragment(&identity, generation);
+    let lease = tessera_protocol::Lease::new(b.store.as_ref(), &keys, &r);
+    eventually("the long-poll queued its build", WITHIN, || async {
+        lease.holder().await.unwrap().is_some()
+    })
+    .await;
+    match how {
+        NewGeneration::Purge => {
+            let purged = client()
+                .delete(format!("{}/routes/moved", gw.admin))
+                .send()
+                .await
+                .unwrap();
+            assert!(purged.status().is_success(), "{}", purged.status());
+        }
+        NewGeneration::StoreLost => {
+            b.store.delete(&generation_key).await.unwrap();
+            b.store.delete(lease.key()).await.unwrap();
+        }
+    }
+    assert_eq!(poll.await.unwrap(), StatusCode::ACCEPTED);
+    // Workers start; nobody asks for the fragment again.
+    c.workers.embedded = workers;
+    let workers = TestGateway::start(c, b.clone()).await;
+    eventually(
+        "the build accepted at the deadline is made",
+        WITHIN,
+        || async { up.renders("/_render/moved") == 1 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(up.renders("/_render/moved"), 1);
+    gw.stop().await;
+    workers.stop().await;
+}
+
+pub async fn a_long_poll_across_a_route_purge_still_gets_its_build(kind: Backend) {
+    a_long_poll_across_a_new_generation_still_gets_its_build(kind, NewGeneration::Purge).await;
+}
+
+pub async fn a_long_poll_across_a_store_restart_still_gets_its_build(kind: Backend) {
+    a_long_poll_across_a_new_generation_still_gets_its_build(kind, NewGeneration::StoreLost).await;
+}
+
 tessera_tests::on_both_backends!(
     burst_of_cold_requests_builds_once,
     long_poll_answers_when_built,
@@ -723,6 +807,8 @@ tessera_tests::on_both_backends!(
     vary_cookies_never_cross,
     an_abandoned_lease_expires,
     a_backed_up_queue_still_builds_once,
+    a_long_poll_across_a_route_purge_still_gets_its_build,
+    a_long_poll_across_a_store_restart_still_gets_its_build,
     a_build_killed_midway_is_redone,
     graceful_stop_answers_waiting_clients,
     other_programs_can_warm_the_cache,

@@ -11,6 +11,9 @@
 //!   to `cache.ttl` after it came back) may be dropped as obsolete: the restart started
 //!   a new route generation, as a purge does. Such a key is polled once more after the
 //!   drain, as client.js would, and counts as lost only if that does not build it.
+//!   Each lost key is printed with when its request was sent and when the gateway
+//!   answered that it queued it (Unix ms), beside the faults: `lost esi?id=N: sent
+//!   S, accepted (202) A; memcached-down +MS …`.
 //! - doubled builds: keys rendered more than once, except re-renders a fault in FAULTS
 //!   explains (a worker killed while the key was building, a memcached restart between
 //!   the renders). The purge route is left out: a purge asks for a rebuild.
@@ -31,6 +34,18 @@ use tokio::time::MissedTickBehavior;
 
 type Counts = Arc<Mutex<BTreeMap<(&'static str, u16), u64>>>;
 
+/// A build the gateway accepted: a 202 (queued, or pending) or a 200 (built) for `key`.
+#[derive(Debug, Clone)]
+struct Accepted {
+    /// `route?id=N`.
+    key: String,
+    /// When the request was sent (Unix ms); for an ESI include, when its page was.
+    sent: u64,
+    /// When the gateway answered (Unix ms): after a long-poll, up to `max_wait` later.
+    at: u64,
+    status: u16,
+}
+
 /// What every load task shares.
 #[derive(Debug, Clone)]
 struct Load {
@@ -40,8 +55,8 @@ struct Load {
     until: Instant,
     /// Status answers by kind of request; 0 for a transport error.
     counts: Counts,
-    /// Keys (`route?id=N`) the gateway accepted to build, and when (Unix ms).
-    accepted: Arc<Mutex<Vec<(String, u64)>>>,
+    /// Builds the gateway accepted.
+    accepted: Arc<Mutex<Vec<Accepted>>>,
     next_id: Arc<AtomicU64>,
 }
 
@@ -67,8 +82,14 @@ impl Load {
         *lock(&self.counts).entry((kind, status)).or_default() += 1;
     }
 
-    fn accept(&self, key: String) {
-        lock(&self.accepted).push((key, now_ms()));
+    fn accept(&self, key: String, sent: u64, status: u16) {
+        let at = now_ms();
+        lock(&self.accepted).push(Accepted {
+            key,
+            sent,
+            at,
+            status,
+        });
     }
 
     /// Runs `step` every `period` until the load ends.
@@ -113,25 +134,31 @@ async fn run_load(load: &Load) {
     };
     let cold = load.every(Duration::from_millis(20), |n| async move {
         let path = format!("/fragments/cold?id={n}");
-        if matches!(load.get("cold", &path, None).await, 200 | 202) {
-            load.accept(format!("cold?id={n}"));
+        let sent = now_ms();
+        let status = load.get("cold", &path, None).await;
+        if matches!(status, 200 | 202) {
+            load.accept(format!("cold?id={n}"), sent, status);
         }
     });
     let poll = |_: u64| {
         load.every(Duration::from_millis(50), |n| async move {
             let path = format!("/fragments/poll?id={n}");
-            if matches!(load.get("long-poll", &path, Some(10)).await, 200 | 202) {
-                load.accept(format!("poll?id={n}"));
+            let sent = now_ms();
+            let status = load.get("long-poll", &path, Some(10)).await;
+            if matches!(status, 200 | 202) {
+                load.accept(format!("poll?id={n}"), sent, status);
             }
         })
     };
     let esi = load.every(Duration::from_millis(100), |n| async move {
         // A page answers 200 even when its includes could not be queued (store down):
         // like client.js, long-poll the placeholder; either answer queues the build.
+        let sent = now_ms();
         if load.get("esi-page", &format!("/page/{n}"), None).await == 200 {
             let path = format!("/fragments/esi?id={n}");
-            if matches!(load.get("esi-fill", &path, Some(10)).await, 200 | 202) {
-                load.accept(format!("esi?id={n}"));
+            let status = load.get("esi-fill", &path, Some(10)).await;
+            if matches!(status, 200 | 202) {
+                load.accept(format!("esi?id={n}"), sent, status);
             }
         }
     });
@@ -229,33 +256,47 @@ async fn missing(
     load: &Load,
     upstream: &str,
     faults: &[(String, u64)],
-) -> (Vec<String>, Vec<String>) {
+) -> (Vec<Accepted>, Vec<Accepted>) {
     let accepted = lock(&load.accepted).clone();
     let renders = renders(&load.client, upstream).await;
-    let unbuilt: Vec<(String, u64)> = accepted
+    let unbuilt: Vec<Accepted> = accepted
         .into_iter()
-        .filter(|(k, _)| !renders.contains_key(k))
+        .filter(|a| !renders.contains_key(&a.key))
         .collect();
     let mut repolled = Vec::new();
-    for (key, at) in &unbuilt {
-        if around_a_restart(faults, *at) {
-            let path = format!("/fragments/{key}");
+    for a in &unbuilt {
+        if around_a_restart(faults, a.at) {
+            let path = format!("/fragments/{}", a.key);
             load.get("re-poll", &path, Some(10)).await;
-            repolled.push(key.clone());
+            repolled.push(a.key.clone());
         }
     }
     let renders = drain(&load.client, upstream).await;
-    let (built, lost) = unbuilt
+    unbuilt
         .into_iter()
-        .map(|(k, _)| k)
-        .partition(|k| repolled.contains(k) && renders.contains_key(k));
-    (lost, built)
+        .partition(|a| !(repolled.contains(&a.key) && renders.contains_key(&a.key)))
+}
+
+/// `a` with when it was sent and accepted, and how far from each fault (ms, signed).
+fn timed(a: &Accepted, faults: &[(String, u64)]) -> String {
+    let offsets: Vec<String> = faults
+        .iter()
+        .map(|(kind, at)| format!("{kind} {:+}", i128::from(a.at) - i128::from(*at)))
+        .collect();
+    format!(
+        "{}: sent {}, accepted ({}) {}; {}",
+        a.key,
+        a.sent,
+        a.status,
+        a.at,
+        offsets.join(", ")
+    )
 }
 
 /// Lost and doubled builds, printed; the doubled ones listed.
 fn verdict(
     accepted: usize,
-    (lost, repolled): (Vec<String>, Vec<String>),
+    (lost, repolled): (Vec<Accepted>, Vec<Accepted>),
     renders: &HashMap<String, Vec<u64>>,
     faults: &[(String, u64)],
 ) {
@@ -288,16 +329,20 @@ fn verdict(
     }
     println!("accepted builds: {accepted}");
     println!("keys rendered: {}", renders.len());
-    println!(
-        "lost builds: {} {:?}",
-        lost.len(),
-        &lost[..lost.len().min(10)]
-    );
+    let keys =
+        |v: &[Accepted]| -> Vec<String> { v.iter().take(10).map(|a| a.key.clone()).collect() };
+    println!("lost builds: {} {:?}", lost.len(), keys(&lost));
+    for a in lost.iter().take(10) {
+        println!("  lost {}", timed(a, faults));
+    }
     println!(
         "obsolete after a memcached restart, built on the next poll: {} {:?}",
         repolled.len(),
-        &repolled[..repolled.len().min(10)]
+        keys(&repolled)
     );
+    for a in repolled.iter().take(10) {
+        println!("  re-polled {}", timed(a, faults));
+    }
     println!(
         "doubled builds: {} {:?}",
         doubled.len(),
@@ -327,8 +372,10 @@ async fn soak(args: &[String]) -> anyhow::Result<()> {
     // Warm the hit set first, so hits are hits.
     for id in 0..50 {
         let path = format!("/fragments/hot?id={id}");
-        if matches!(load.get("warm-up", &path, Some(10)).await, 200 | 202) {
-            load.accept(format!("hot?id={id}"));
+        let sent = now_ms();
+        let status = load.get("warm-up", &path, Some(10)).await;
+        if matches!(status, 200 | 202) {
+            load.accept(format!("hot?id={id}"), sent, status);
         }
     }
     let started = now_ms();

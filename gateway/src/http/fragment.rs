@@ -140,7 +140,13 @@ async fn answer_request<B: Sync>(
                     identity = fragment.identity;
                     continue;
                 }
-                // Deadline or shutdown: one last look, then answer whatever it is.
+                // Deadline or shutdown: one last look, then answer whatever it is. It is
+                // made in the route's generation of now, not of when the wait began: the
+                // route may have moved on meanwhile (a purge, or a memcached restart,
+                // which no event names), and a build this look queued in the old one
+                // would be dropped by its worker as purged, leaving a 202 that no build
+                // follows (bench/README.md, "Soak", run 4's lost build).
+                let fragment = cache.fragment(route, fragment.identity, &trace).await?;
                 let found = cache.lookup(&fragment).await?;
                 let (response, status) = answer(front, req, &fragment, found).await;
                 return Ok((response, status.after_waiting(true)));
