@@ -19,6 +19,9 @@ pub(crate) enum GatewayError {
     /// No `[[fragment]]` route has this name.
     #[error("no fragment route is called {0:?}")]
     UnknownRoute(String),
+    /// A public request for a route's render path (see [`super::render_paths`]).
+    #[error("not found")]
+    RenderPath,
     /// The request cannot be mapped to a fragment (query too long, bad bytes, …).
     #[error(transparent)]
     BadRequest(#[from] IdentityError),
@@ -75,6 +78,7 @@ impl GatewayError {
             GatewayError::UnknownRoute(_) => {
                 (StatusCode::NOT_FOUND, "unknown_route", self.to_string())
             }
+            GatewayError::RenderPath => (StatusCode::NOT_FOUND, "not_found", self.to_string()),
             GatewayError::BadRequest(_) => {
                 (StatusCode::BAD_REQUEST, "bad_request", self.to_string())
             }

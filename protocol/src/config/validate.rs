@@ -13,10 +13,15 @@ use bytesize::ByteSize;
 use super::queues::BACKGROUND_SUFFIX;
 use super::schema::{
     AmqpUrl, Backend, CacheConfig, FragmentRoute, GatewayConfig, HttpConfig, MAX_CONNECTIONS_LIMIT,
-    MAX_NAMESPACE, MAX_ROUTE_NAME, MAX_THREADS, MemcachedServer, StoreConfig, UpstreamConfig,
-    VarySource, WorkersConfig,
+    MAX_NAMESPACE, MAX_ROUTE_NAME, MAX_THREADS, MemcachedServer, RENDER_TOKEN_HEADER, StoreConfig,
+    UpstreamConfig, VarySource, WorkersConfig,
 };
 use super::{Config, env};
+
+/// Shortest `workers.render_token`: a secret that cannot be guessed.
+const MIN_RENDER_TOKEN: usize = 16;
+/// Longest `workers.render_token`.
+const MAX_RENDER_TOKEN: usize = 256;
 
 /// Why a configuration was refused. The message always names the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +207,20 @@ impl WorkersConfig {
         if self.embedded > u16::MAX as usize {
             return Err(invalid("workers.embedded", "must be at most 65535"));
         }
+        let token = &self.render_token;
+        let token_ok = token.is_empty()
+            || ((MIN_RENDER_TOKEN..=MAX_RENDER_TOKEN).contains(&token.len())
+                && token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b)));
+        if !token_ok {
+            return Err(invalid(
+                "workers.render_token",
+                format!(
+                    "must be empty or {MIN_RENDER_TOKEN} to {MAX_RENDER_TOKEN} letters, digits, `-`, `.`, `_`, `~`, `+`, `/` or `=` (e.g. `openssl rand -hex 32`)"
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -306,6 +325,14 @@ impl FragmentRoute {
                 return Err(invalid(
                     format!("{at}.vary"),
                     "vary on single cookies with `cookie:NAME`, not on the whole Cookie header",
+                ));
+            }
+            if matches!(v, VarySource::Header(h) if h == RENDER_TOKEN_HEADER) {
+                return Err(invalid(
+                    format!("{at}.vary"),
+                    format!(
+                        "{RENDER_TOKEN_HEADER:?} is the workers' own header (workers.render_token); a client's is never passed on"
+                    ),
                 ));
             }
         }
@@ -787,6 +814,74 @@ mod tests {
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(&format!("`{key}`")), "{key}: {e}");
         }
+    }
+
+    #[test]
+    fn render_tokens_are_long_header_safe_secrets() {
+        let token = "t".repeat(16);
+        let c = Config::from_toml(&format!("[workers]\nrender_token = \"{token}\"")).unwrap();
+        assert_eq!(c.workers.render_token, token);
+        assert!(
+            Config::from_toml("")
+                .unwrap()
+                .workers
+                .render_token
+                .is_empty()
+        );
+        let hex = "0123456789abcdef".repeat(4);
+        let b64 = "ab+/cd-_.~EF01==";
+        for ok in [hex.as_str(), b64, &"x".repeat(256)] {
+            let toml = format!("[workers]\nrender_token = \"{ok}\"");
+            assert!(Config::from_toml(&toml).is_ok(), "{ok}");
+        }
+        for bad in [
+            "short",
+            &"t".repeat(15),
+            "has space 0123456789",
+            &"x".repeat(257),
+            "new\\nline0123456789",
+        ] {
+            let toml = format!("[workers]\nrender_token = \"{bad}\"");
+            let msg = err(&toml);
+            assert!(
+                msg.contains("`workers.render_token`") && msg.contains("openssl rand"),
+                "{bad:?} gave {msg:?}"
+            );
+            assert!(!msg.contains(bad), "the secret is not echoed: {msg}");
+        }
+        let c = Config::from_sources("t", None, |k| {
+            (k == env::RENDER_TOKEN).then(|| " from-the-environment ".to_string())
+        })
+        .unwrap();
+        assert_eq!(c.workers.render_token, "from-the-environment");
+        let c = Config::from_sources(
+            "t",
+            Some(&format!("[workers]\nrender_token = \"{token}\"")),
+            |k| (k == env::RENDER_TOKEN).then(String::new),
+        )
+        .unwrap();
+        assert!(
+            c.workers.render_token.is_empty(),
+            "a blank variable turns it off"
+        );
+        assert!(
+            !format!(
+                "{:?}",
+                Config::from_toml(&format!("[workers]\nrender_token = \"{token}\"")).unwrap()
+            )
+            .contains(&token)
+        );
+        assert_eq!(
+            key_of(&format!("{ROUTE}vary = [\"header:Tessera-Render-Token\"]")),
+            "fragment[0].vary"
+        );
+    }
+
+    #[test]
+    fn render_paths_are_closed_unless_opened() {
+        assert!(!Config::default().gateway.public_render_paths);
+        let c = Config::from_toml("[gateway]\npublic_render_paths = true").unwrap();
+        assert!(c.gateway.public_render_paths);
     }
 
     #[test]
