@@ -257,6 +257,7 @@ impl ConfigFile {
             fragments,
         };
         config.validate_routes()?;
+        config.validate_listeners()?;
         Ok(config)
     }
 }

@@ -69,7 +69,48 @@ impl Config {
         self.cache.validate()?;
         self.store.validate()?;
         self.workers.validate(&self.backend)?;
-        self.validate_routes()
+        self.validate_routes()?;
+        self.validate_listeners()
+    }
+
+    /// That the listeners can all be bound, and the upstream is none of them: addresses
+    /// that are set apart in the file but would collide on one host. Worker processes
+    /// exist only with a broker; their admin listener is then checked as if they ran
+    /// beside the gateway, since one file describes both.
+    pub(super) fn validate_listeners(&self) -> Result<(), ConfigError> {
+        let mut listeners = vec![
+            ("gateway.listen", self.gateway.listen),
+            ("gateway.admin_listen", self.gateway.admin_listen),
+        ];
+        if self.backend.amqp().is_some() {
+            listeners.push(("workers.admin_listen", self.workers.admin_listen));
+        }
+        for (i, &(key, addr)) in listeners.iter().enumerate() {
+            if let Some((earlier, other)) = listeners[..i].iter().find(|(_, o)| clash(addr, *o)) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{addr} collides with {earlier} ({other}): two listeners cannot share a port on one host; give each its own port"
+                    ),
+                ));
+            }
+        }
+        let upstream = self.upstream.url.uri();
+        let port = upstream.port_u16().unwrap_or(80);
+        let host = upstream.host().unwrap_or("");
+        if let Some((key, addr)) = listeners
+            .iter()
+            .find(|(_, addr)| addr.port() == port && reaches(host, addr.ip()))
+        {
+            return Err(invalid(
+                "upstream.url",
+                format!(
+                    "{} is this deployment's own {key} ({addr}): requests would be proxied back to it; point it at the application",
+                    self.upstream.url
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Each route, and that no two share a name.
@@ -429,6 +470,31 @@ fn admin_needs_token(section: &str, admin: SocketAddr, token: &str) -> Result<()
         ));
     }
     Ok(())
+}
+
+/// Whether listeners on `a` and `b` cannot both be bound on one host: the same port (not
+/// 0, which picks a free one) on the same address, or on any address when either is the
+/// unspecified one (`0.0.0.0` and `[::]` take every address, of both families on a
+/// dual-stack host).
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Whether a connection to `host` (an `upstream.url` host) would reach a listener on `ip`
+/// of this host, as far as the name alone says: the same address, a loopback name or
+/// address for a loopback or unspecified listener. Other names are not resolved.
+fn reaches(host: &str, ip: std::net::IpAddr) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|h| h.is_loopback());
+    match host.parse::<std::net::IpAddr>() {
+        Ok(h) if h == ip => true,
+        _ => loopback && (ip.is_loopback() || ip.is_unspecified()),
+    }
 }
 
 pub(super) fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -814,6 +880,81 @@ mod tests {
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(&format!("`{key}`")), "{key}: {e}");
         }
+    }
+
+    #[test]
+    fn listeners_that_would_collide_on_one_host_are_refused() {
+        const BROKER: &str = "[store]\nmemcached = [\"h:1\"]\n[bus]\namqp = \"amqp://b\"\n";
+        for (toml, key, names) in [
+            (
+                "[gateway]\nlisten = \"127.0.0.1:9090\"".to_string(),
+                "gateway.admin_listen",
+                "gateway.listen",
+            ),
+            (
+                "[gateway]\nlisten = \"0.0.0.0:9090\"".to_string(),
+                "gateway.admin_listen",
+                "gateway.listen",
+            ),
+            (
+                "[gateway]\nlisten = \"[::]:7000\"\nadmin_listen = \"127.0.0.1:7000\"".to_string(),
+                "gateway.admin_listen",
+                "gateway.listen",
+            ),
+            (
+                format!("{BROKER}[workers]\nadmin_listen = \"127.0.0.1:8080\""),
+                "workers.admin_listen",
+                "gateway.listen",
+            ),
+            (
+                format!("{BROKER}[workers]\nadmin_listen = \"127.0.0.1:9090\""),
+                "workers.admin_listen",
+                "gateway.admin_listen",
+            ),
+            (
+                "[upstream]\nurl = \"http://127.0.0.1:8080\"".to_string(),
+                "upstream.url",
+                "gateway.listen",
+            ),
+            (
+                "[upstream]\nurl = \"http://localhost:9090/app\"".to_string(),
+                "upstream.url",
+                "gateway.admin_listen",
+            ),
+            (
+                "[gateway]\nlisten = \"0.0.0.0:80\"\n[upstream]\nurl = \"http://[::1]\""
+                    .to_string(),
+                "upstream.url",
+                "gateway.listen",
+            ),
+            (
+                format!("{BROKER}[upstream]\nurl = \"http://127.0.0.1:9091\""),
+                "upstream.url",
+                "workers.admin_listen",
+            ),
+        ] {
+            let msg = err(&toml);
+            assert!(
+                msg.contains(&format!("`{key}`")) && msg.contains(names),
+                "{toml:?} gave {msg:?}, expected key {key} naming {names}"
+            );
+        }
+        for ok in [
+            "[gateway]\nlisten = \"127.0.0.2:9090\"",
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
+            // Without a broker there are no worker processes, so no worker listener.
+            "[workers]\nadmin_listen = \"127.0.0.1:8080\"",
+            "[upstream]\nurl = \"http://app:8080\"",
+            "[upstream]\nurl = \"http://127.0.0.1:8081\"",
+            "[upstream]\nurl = \"http://10.0.0.5:8080\"",
+        ] {
+            assert!(Config::from_toml(ok).is_ok(), "{ok} was refused");
+        }
+        // A configuration made in code passes the same rule.
+        let mut c = Config::default();
+        c.gateway.admin_listen = c.gateway.listen;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("`gateway.admin_listen`"), "{e}");
     }
 
     #[test]
