@@ -510,7 +510,7 @@ impl Worker {
         WorkerMetrics::count(&self.metrics.failed, &route.name);
         self.announce(Event::Failed {
             key: keys.envelope.to_string(),
-            error: error.to_string(),
+            error: tessera_protocol::message::error_text(&error.to_string()),
         });
         if error.is_retryable() {
             tracing::warn!(%error, attempts = req.attempt, "build failed for good; dead-lettered");

@@ -35,7 +35,7 @@ pub use schema::{
     MemcachedServer, QueueType, RENDER_TOKEN_HEADER, StoreConfig, UpstreamConfig, UpstreamUrl,
     VarySource, WorkersConfig,
 };
-pub use validate::{ConfigError, admin_listener};
+pub use validate::{ConfigError, admin_listener, is_param_name, is_route_name};
 
 use file::ConfigFile;
 

@@ -299,13 +299,7 @@ impl FragmentRoute {
     }
 
     fn validate_name(&self, at: &str) -> Result<(), ConfigError> {
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= MAX_ROUTE_NAME
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-        if !name_ok {
+        if !is_route_name(&self.name) {
             return Err(invalid(
                 format!("{at}.name"),
                 format!(
@@ -337,11 +331,7 @@ impl FragmentRoute {
     fn validate_identity(&self, at: &str) -> Result<(), ConfigError> {
         let mut seen = HashSet::new();
         for p in &self.params {
-            let ok = !p.is_empty()
-                && p.len() <= 64
-                && p.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.[]".contains(&b));
-            if !ok {
+            if !is_param_name(p) {
                 return Err(invalid(
                     format!("{at}.params"),
                     format!("{p:?} must be 1 to 64 letters, digits, `-`, `_`, `.`, `[` or `]`"),
@@ -442,6 +432,26 @@ impl FragmentRoute {
         }
         Ok(())
     }
+}
+
+/// Whether `name` can be a route's name: 1 to [`MAX_ROUTE_NAME`] lower-case letters,
+/// digits, `-` or `_` (it becomes part of store keys and queue names).
+pub fn is_route_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_ROUTE_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// Whether `name` can be an allow-listed param: 1 to 64 letters, digits, `-`, `_`, `.`,
+/// `[` or `]`.
+pub fn is_param_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.[]".contains(&b))
 }
 
 /// Parses `listen` as `{section}.admin_listen` and checks that an admin listener off
