@@ -124,11 +124,18 @@ impl GatewayError {
         }
     }
 
-    /// The problem response. Server-side faults are logged here, with their detail.
+    /// The problem response. Server-side faults are logged here, with their detail: the
+    /// first of each kind (code) per interval, then how many followed (an outage fails
+    /// every request the same way; see [`tessera_runtime::throttle`]).
     pub(crate) fn into_response(self) -> Response<Body> {
         let (status, code, detail) = self.parts();
         if status.is_server_error() {
-            tracing::warn!(error = %self, status = status.as_u16(), "request failed");
+            tessera_runtime::warn_throttled!(
+                code,
+                error = %self,
+                status = status.as_u16(),
+                "request failed"
+            );
         }
         let mut response = problem(status, code, &detail);
         if let Some(after) = self.retry_after() {
