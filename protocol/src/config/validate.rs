@@ -124,6 +124,18 @@ impl Config {
                     format!("{:?} is used by an earlier route", r.name),
                 ));
             }
+            // The gateway closes render paths and everything below them to the public.
+            if !self.gateway.public_render_paths
+                && r.render.split('/').all(|s| s.is_empty() || s == ".")
+            {
+                return Err(invalid(
+                    format!("fragment[{i}].render"),
+                    format!(
+                        "{:?} is the upstream's root: closed to the public as render paths are, it would close every page; give render paths a prefix of their own (\"/_render/…\"), or set gateway.public_render_paths",
+                        r.render
+                    ),
+                ));
+            }
             if r.queue.ends_with(BACKGROUND_SUFFIX) {
                 return Err(invalid(
                     format!("fragment[{i}].queue"),
@@ -1033,6 +1045,13 @@ mod tests {
         assert!(!Config::default().gateway.public_render_paths);
         let c = Config::from_toml("[gateway]\npublic_render_paths = true").unwrap();
         assert!(c.gateway.public_render_paths);
+        // A render path at the root would close every page.
+        for root in ["/", "//", "/./"] {
+            let toml = format!("[[fragment]]\nname = \"a\"\nrender = \"{root}\"\n");
+            assert_eq!(key_of(&toml), "fragment[0].render", "{root}");
+            let open = format!("[gateway]\npublic_render_paths = true\n{toml}");
+            assert!(Config::from_toml(&open).is_ok(), "{root}");
+        }
     }
 
     #[test]
