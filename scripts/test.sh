@@ -6,11 +6,14 @@
 #   3. run every test in the workspace,
 #   4. run the Rails and Django integrations' tests (integrations/*/test.sh: Debian's
 #      Rails, Django from PyPI in a venv under target/, each in front of a real gateway).
-# Any step failing fails the run; nothing is skipped silently.
+# Any step failing fails the run; nothing is skipped silently. On the way out, pass or
+# fail, it stops the servers step 1 started, and only those (scripts/services.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/services.sh
+started=$(mktemp)
+trap 'bash scripts/services.sh stop "$started"; rm -f "$started"' EXIT
+TESSERA_SERVICES_STARTED=$started bash scripts/services.sh
 bash scripts/deploy-tools.sh
 
 # The browser tests drive Debian's Chromium through chromedriver; the metrics test lints

@@ -9,7 +9,8 @@ use http::{HeaderName, HeaderValue, Request, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use tessera_protocol::config::{Config, VarySource};
+use tessera_protocol::config::{Config, RENDER_TOKEN_HEADER, VarySource};
+use tessera_protocol::surrogate;
 use tessera_protocol::tags::{self, TagError};
 use tessera_protocol::{BuildRequest, Cause, FragmentRoute};
 
@@ -123,7 +124,9 @@ pub trait FragmentBuilder: Send + Sync + std::fmt::Debug + 'static {
 }
 
 /// The default builder: `GET {upstream.url}{render}?{params}` with the vary headers and
-/// cookies of the request, and nothing else from the browser.
+/// cookies of the request, and nothing else from the browser. It says it is a surrogate
+/// that processes ESI (`Surrogate-Capability`, as proxied requests do) and, when
+/// `workers.render_token` is set, proves it is a worker (`Tessera-Render-Token`).
 #[derive(Debug, Clone)]
 pub struct HttpBuilder {
     client: Client<HttpConnector, Empty<Bytes>>,
@@ -131,11 +134,23 @@ pub struct HttpBuilder {
     base: String,
     max_body: usize,
     user_agent: HeaderValue,
+    /// `workers.render_token`, marked sensitive (it prints as `Sensitive`).
+    render_token: Option<HeaderValue>,
 }
 
 impl HttpBuilder {
     /// A builder for the upstream and item size limit of `config`.
     pub fn new(config: &Config) -> Result<Self, BuildError> {
+        let token = &config.workers.render_token;
+        let render_token = if token.is_empty() {
+            None
+        } else {
+            // Validated at load as header-safe; one built in code may not have been.
+            let mut value =
+                HeaderValue::from_str(token).map_err(|e| BuildError::Request(Cause::new(e)))?;
+            value.set_sensitive(true);
+            Some(value)
+        };
         Ok(Self {
             client: tessera_runtime::upstream::client(config.upstream.timeout),
             base: config.upstream.url.base().to_string(),
@@ -144,6 +159,7 @@ impl HttpBuilder {
                 "tessera-worker/",
                 env!("CARGO_PKG_VERSION")
             )),
+            render_token,
         })
     }
 
@@ -181,9 +197,20 @@ impl HttpBuilder {
         if !req.trace_id.is_empty() {
             builder = builder.header("x-request-id", req.trace_id.as_str());
         }
-        builder
+        builder = builder.header(
+            surrogate::CAPABILITY_HEADER,
+            HeaderValue::from_static(surrogate::CAPABILITY),
+        );
+        let mut request = builder
             .body(Empty::new())
-            .map_err(|e| BuildError::Request(Cause::new(e)))
+            .map_err(|e| BuildError::Request(Cause::new(e)))?;
+        // Inserted last, over any header of that name: the token is the worker's alone.
+        if let Some(token) = &self.render_token {
+            request
+                .headers_mut()
+                .insert(RENDER_TOKEN_HEADER, token.clone());
+        }
+        Ok(request)
     }
 
     /// Sends the render `request` and reads the answer into a fragment, checking it in the

@@ -218,7 +218,7 @@ impl Worker {
                 Ok(current) => req.generation = current,
                 Err(e) => {
                     self.metrics.store_errors.inc();
-                    tracing::warn!(error = %e, "store unavailable; requeueing");
+                    tessera_runtime::warn_throttled!("store", error = %e, "store unavailable; requeueing");
                     tokio::time::sleep(REQUEUE_PAUSE).await;
                     return self.settle(delivery.requeue().await);
                 }
@@ -420,7 +420,7 @@ impl Worker {
         let released = lease.finish(bytes, ttl).await?;
         if let Err(e) = released {
             self.metrics.store_errors.inc();
-            tracing::warn!(error = %e, "could not release the lease");
+            tessera_runtime::warn_throttled!("store", error = %e, "could not release the lease");
         }
         Ok(())
     }
@@ -433,7 +433,7 @@ impl Worker {
         tokio::spawn(async move {
             if let Err(e) = bus.publish_event(&event).await {
                 metrics.bus_errors.inc();
-                tracing::warn!(error = %e, "could not announce a build's outcome");
+                tessera_runtime::warn_throttled!("bus", error = %e, "could not announce a build's outcome");
             }
         });
     }
@@ -455,7 +455,7 @@ impl Worker {
         next.lease_deadline = lease.deadline_after(delay);
         if let Err(e) = lease.extend(&req.id, delay).await {
             self.metrics.store_errors.inc();
-            tracing::warn!(error = %e, "could not extend the lease");
+            tessera_runtime::warn_throttled!("store", error = %e, "could not extend the lease");
         }
         tracing::info!(%error, ?delay, "build failed; retrying");
         match self
@@ -470,7 +470,7 @@ impl Worker {
             }
             Err(e) => {
                 self.metrics.bus_errors.inc();
-                tracing::warn!(error = %e, "could not schedule the retry; requeueing");
+                tessera_runtime::warn_throttled!("bus", error = %e, "could not schedule the retry; requeueing");
                 tokio::time::sleep(REQUEUE_PAUSE).await;
                 self.settle(delivery.requeue().await);
             }
@@ -521,7 +521,7 @@ impl Worker {
         if let Err(e) = stored {
             // Nowhere to record the failure: keep the request rather than lose it.
             self.metrics.store_errors.inc();
-            tracing::warn!(%error, store_error = %e, "build failed and the store is unavailable; requeueing");
+            tessera_runtime::warn_throttled!("store", %error, store_error = %e, "build failed and the store is unavailable; requeueing");
             tokio::time::sleep(REQUEUE_PAUSE).await;
             self.settle(delivery.requeue().await);
             return;
@@ -529,7 +529,7 @@ impl Worker {
         WorkerMetrics::count(&self.metrics.failed, &route.name);
         self.announce(Event::Failed {
             key: keys.envelope.to_string(),
-            error: error.to_string(),
+            error: tessera_protocol::message::error_text(&error.to_string()),
         });
         if error.is_retryable() {
             tracing::warn!(%error, attempts = req.attempt, "build failed for good; dead-lettered");
@@ -558,7 +558,7 @@ impl Worker {
     fn settle(&self, result: Result<(), BusError>) {
         if let Err(e) = result {
             self.metrics.bus_errors.inc();
-            tracing::warn!(error = %e, "could not settle a delivery; the broker will redeliver it");
+            tessera_runtime::warn_throttled!("bus", error = %e, "could not settle a delivery; the broker will redeliver it");
         }
     }
 }

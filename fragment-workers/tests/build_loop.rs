@@ -272,6 +272,58 @@ async fn a_request_that_does_not_fit_its_route_is_dead_lettered() {
     s.worker.await.unwrap();
 }
 
+/// A field the gateway would never write so (here a trace id with a newline, which would
+/// forge a worker log line and fail the render request) is dead-lettered naming the field,
+/// before anything is rendered.
+#[tokio::test]
+async fn a_request_with_a_hostile_field_is_dead_lettered_naming_it() {
+    let s = setup().await;
+    let cases = [
+        (
+            &br#"{"v":1,"id":"f1","key":"","route":"r","params":[["id","1"]],"vary":[],
+        "generation":0,"attempt":1,"requested_at":0,"lease_deadline":0,
+        "trace_id":"t\n2026-01-01T00:00:00Z  INFO built route=admin"}"#[..],
+            "`trace_id`",
+        ),
+        (
+            br#"{"v":1,"id":"f2\r\n","key":"","route":"r","params":[["id","1"]],"vary":[],
+        "generation":0,"attempt":1,"requested_at":0,"lease_deadline":0,"trace_id":""}"#,
+            "`id`",
+        ),
+        (
+            br#"{"v":1,"id":"f3","key":"a b","route":"r","params":[["id","1"]],"vary":[],
+        "generation":0,"attempt":1,"requested_at":0,"lease_deadline":0,"trace_id":""}"#,
+            "`key`",
+        ),
+    ];
+    for (forged, _) in cases {
+        s.bus
+            .publish_raw(&s.route.queue, Bytes::copy_from_slice(forged))
+            .unwrap();
+    }
+    dead_letters(&s, 3).await;
+    let reasons: Vec<String> = s.bus.dead_letters().into_iter().map(|d| d.reason).collect();
+    for (_, field) in cases {
+        assert!(
+            reasons.iter().any(|r| r.contains(field)),
+            "{field}: {reasons:?}"
+        );
+    }
+    for reason in &reasons {
+        assert!(
+            !reason.contains('\n') && !reason.contains("INFO"),
+            "{reason:?}"
+        );
+    }
+    assert_eq!(
+        s.builder.calls.load(Ordering::SeqCst),
+        0,
+        "nothing rendered"
+    );
+    s.stop.cancel();
+    s.worker.await.unwrap();
+}
+
 /// `GET http://{addr}{path}` with an optional bearer token: status and body.
 async fn get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
     use http_body_util::{BodyExt, Empty};

@@ -140,6 +140,7 @@ pub async fn serve(
             config.upstream.timeout,
             &config.gateway.trusted_proxies,
         ),
+        render_paths: http::render_paths::RenderPaths::new(&config),
         metrics: metrics.clone(),
         stopping: stopping.clone(),
     });

@@ -159,11 +159,14 @@ fn check(config: &Config) {
         "in-process"
     };
     let routes: Vec<&str> = config.fragments.iter().map(|r| r.name.as_str()).collect();
+    let routes = if routes.is_empty() {
+        "no routes are configured: every request is proxied to the upstream".to_string()
+    } else {
+        format!("routes: {}", routes.join(", "))
+    };
     println!(
-        "configuration OK: store {store}; bus {bus}; {} embedded workers; upstream {}; routes: {}",
-        config.workers.embedded,
-        config.upstream.url,
-        routes.join(", ")
+        "configuration OK: store {store}; bus {bus}; {} embedded workers; upstream {}; {routes}",
+        config.workers.embedded, config.upstream.url,
     );
 }
 

@@ -221,3 +221,58 @@ fn check_validates_a_config_without_starting_anything() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("cache.ttl"));
 }
+
+/// `check` with no file at all: the defaults, and what they mean without routes.
+#[test]
+fn check_without_a_config_says_that_no_routes_are_configured() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera-gateway"))
+        .arg("check")
+        .env_remove("TESSERA_CONFIG")
+        .env_remove("TESSERA_ADMIN_TOKEN")
+        .env_remove("TESSERA_RENDER_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("configuration OK"), "{summary}");
+    assert!(
+        summary.contains("no routes are configured")
+            && summary.contains("every request is proxied to the upstream"),
+        "{summary}"
+    );
+    assert!(!summary.contains("routes: \n"), "{summary}");
+}
+
+/// A configuration whose listeners cannot all be bound is refused by `check`, naming the
+/// keys, as the gateway itself refuses it before binding anything.
+#[test]
+fn check_refuses_listeners_that_collide() {
+    for (toml, keys) in [
+        (
+            "[gateway]\nlisten = \"127.0.0.1:9090\"\nadmin_listen = \"127.0.0.1:9090\"\n",
+            ["gateway.admin_listen", "gateway.listen"],
+        ),
+        (
+            "[store]\nmemcached = [\"127.0.0.1:11211\"]\n[bus]\namqp = \"amqp://127.0.0.1\"\n\
+             [workers]\nadmin_listen = \"0.0.0.0:8080\"\nadmin_token = \"t\"\n",
+            ["workers.admin_listen", "gateway.listen"],
+        ),
+        (
+            "[upstream]\nurl = \"http://localhost:8080\"\n",
+            ["upstream.url", "gateway.listen"],
+        ),
+    ] {
+        for args in [&["check"][..], &[]] {
+            let out = purge(toml, args);
+            assert_eq!(out.status.code(), Some(2), "{toml} {args:?}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            for key in keys {
+                assert!(stderr.contains(key), "{args:?}: {stderr}");
+            }
+        }
+    }
+}

@@ -157,11 +157,7 @@ impl Keyspace {
         let mut parts = rest.split(':');
         let (route, generation, digest) = (parts.next()?, parts.next()?, parts.next()?);
         let valid = parts.next().is_none()
-            && !route.is_empty()
-            && route.len() <= crate::config::MAX_ROUTE_NAME
-            && route
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            && crate::config::is_route_name(route)
             && generation.parse::<u64>().is_ok()
             && digest.len() == DIGEST_HEX
             && digest
@@ -324,6 +320,24 @@ fn check_value(name: &str, value: &str) -> Result<(), IdentityError> {
         return Err(IdentityError::BadValue(name.to_string()));
     }
     Ok(())
+}
+
+/// Whether `value` is a param value a request could have produced: decoded text of at
+/// most [`MAX_VALUE`] bytes without control characters.
+pub fn is_param_value(value: &str) -> bool {
+    check_value("", value).is_ok()
+}
+
+/// Whether `value` is a value of `source` a request could have produced: at most
+/// [`MAX_VALUE`] bytes of printable ASCII (what a header value reads as text), and for a
+/// cookie without `;`, which would end it, and without the spaces around it that the
+/// cookie's parsing trims.
+pub fn is_vary_value(source: &VarySource, value: &str) -> bool {
+    let printable = value.len() <= MAX_VALUE && value.bytes().all(|b| (b' '..=b'~').contains(&b));
+    match source {
+        VarySource::Header(_) => printable,
+        VarySource::Cookie(_) => printable && !value.contains(';') && value.trim() == value,
+    }
 }
 
 fn decode(raw: &str, name_for_errors: &str) -> Result<String, IdentityError> {

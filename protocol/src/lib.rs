@@ -16,7 +16,8 @@
 //! - [`envelope`]: the versioned, compact value stored for a fragment.
 //! - [`message`]: `BuildRequest` and events, JSON with a `v` field.
 //! - [`tags`]: surrogate keys: parsing and limits, tag purges, whether one retired an envelope.
-//! - [`surrogate`]: `Surrogate-Control`: whether an answer asks for ESI.
+//! - [`surrogate`]: `Surrogate-Control`: whether an answer asks for ESI; the
+//!   `Surrogate-Capability` every upstream request carries.
 //! - [`lease`]: the pending lease, sole owner of "exactly one build per key".
 //! - [`store`]: the `Store` trait (memcached semantics) and its in-memory twin.
 //! - [`bus`]: the `Bus` trait (AMQP semantics) and its in-process twin.

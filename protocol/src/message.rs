@@ -4,10 +4,21 @@
 //! warming its cache can publish a `BuildRequest` with any AMQP client — and so that a
 //! future format can be told apart. Decoding checks the version; anything that does not
 //! decode is dead-lettered by the consumer, never retried in a loop.
+//!
+//! Decoding also checks every field as strictly as the gateway makes it, since whatever
+//! another program wrote ends up in log lines, headers of render requests and store
+//! keys: ids are short tokens ([`is_id`]), keys are key characters ([`is_key_text`]),
+//! routes, params and vary values are what a request could have produced (see
+//! [`crate::key`]), ETags and errors are single lines. A message that fails says which
+//! field and which rule ([`MessageError::Invalid`]), never echoing the value.
+
+use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::key::Identity;
+use crate::config::{VarySource, is_param_name, is_route_name};
+use crate::key::{Identity, is_param_value, is_vary_value};
+use crate::tags::Tag;
 
 /// Current message format version.
 pub const VERSION: u32 = 1;
@@ -21,6 +32,134 @@ pub enum MessageError {
     /// A `v` this build does not read.
     #[error("message version {0} is not supported (this build reads {VERSION})")]
     Version(u32),
+    /// A field holds what the gateway would never write there.
+    #[error("field `{field}` {rule}")]
+    Invalid {
+        /// The field, e.g. `params[1].value`.
+        field: String,
+        /// The rule it breaks.
+        rule: &'static str,
+    },
+}
+
+/// Longest id or trace id (the gateway's are 16 and 32 characters).
+pub const MAX_ID: usize = 64;
+/// Longest key: memcached's limit.
+pub const MAX_KEY: usize = 250;
+/// Longest ETag (the gateway's are 34 characters).
+pub const MAX_ETAG: usize = 128;
+/// Longest error of a `failed` event.
+pub const MAX_ERROR: usize = 4096;
+
+const ID_RULE: &str = "must be 1 to 64 letters, digits, `-` or `_`";
+const TRACE_RULE: &str = "must be empty or 1 to 64 letters, digits, `-` or `_`";
+const KEY_RULE: &str = "must be 1 to 250 letters, digits, `.`, `_`, `:` or `-`";
+
+/// Whether `s` is an id as the gateway makes them (request ids, trace ids): 1 to
+/// [`MAX_ID`] letters, digits, `-` or `_`. Safe in a log line, a header and a key.
+pub fn is_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_ID
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Whether `s` can be a store key as the keyspace builds them: 1 to [`MAX_KEY`] letters,
+/// digits, `.`, `_`, `:` or `-` (namespace, kind, route, generation, digest). Whether it
+/// is the right key is for its user to check against what it derives.
+pub fn is_key_text(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_KEY
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".:_-".contains(&b))
+}
+
+/// Whether `s` can be an ETag: 1 to [`MAX_ETAG`] visible ASCII characters.
+pub fn is_etag(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_ETAG && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Whether `s` can be a build's error: at most [`MAX_ERROR`] bytes on one line, without
+/// control characters.
+pub fn is_error_text(s: &str) -> bool {
+    s.len() <= MAX_ERROR && !s.chars().any(char::is_control)
+}
+
+/// `s` made a valid build error ([`is_error_text`]): control characters become spaces,
+/// and past [`MAX_ERROR`] bytes it is cut (at a character boundary) with `…`. What the
+/// workers announce, so that no gateway refuses their own event.
+pub fn error_text(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if out.len() > MAX_ERROR {
+        let mut cut = MAX_ERROR - '…'.len_utf8();
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push('…');
+    }
+    out
+}
+
+fn check(ok: bool, field: impl Into<String>, rule: &'static str) -> Result<(), MessageError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(MessageError::Invalid {
+            field: field.into(),
+            rule,
+        })
+    }
+}
+
+/// `route`, `params` and `vary` of a message, as a request could have produced them.
+fn check_identity(identity: &Identity) -> Result<(), MessageError> {
+    check(
+        is_route_name(&identity.route),
+        "route",
+        "must be 1 to 64 lower-case letters, digits, `-` or `_`",
+    )?;
+    for (i, (name, value)) in identity.params.iter().enumerate() {
+        check(
+            is_param_name(name),
+            format!("params[{i}].name"),
+            "must be 1 to 64 letters, digits, `-`, `_`, `.`, `[` or `]`",
+        )?;
+        check(
+            is_param_value(value),
+            format!("params[{i}].value"),
+            "must be at most 1024 bytes of text without control characters",
+        )?;
+    }
+    let mut seen = HashSet::new();
+    for (i, (spec, value)) in identity.vary.iter().enumerate() {
+        let source = spec
+            .parse::<VarySource>()
+            .ok()
+            .filter(|s| s.spec() == *spec);
+        let Some(source) = source else {
+            return check(
+                false,
+                format!("vary[{i}].source"),
+                "must be `cookie:NAME` or `header:name` (lower-case), as the route lists it",
+            );
+        };
+        check(
+            seen.insert(spec.as_str()),
+            format!("vary[{i}].source"),
+            "must not be listed twice",
+        )?;
+        check(
+            is_vary_value(&source, value),
+            format!("vary[{i}].value"),
+            "must be at most 1024 bytes of printable ASCII (a cookie's without `;` or \
+             surrounding spaces)",
+        )?;
+    }
+    Ok(())
 }
 
 /// Ask the workers to build one fragment.
@@ -54,13 +193,32 @@ impl BuildRequest {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Parses JSON bytes from the broker.
+    /// Parses JSON bytes from the broker, and checks every field ([`Self::validate`]).
     pub fn decode(bytes: &[u8]) -> Result<BuildRequest, MessageError> {
         let req: BuildRequest = serde_json::from_slice(bytes)?;
         if req.v != VERSION {
             return Err(MessageError::Version(req.v));
         }
+        req.validate()?;
         Ok(req)
+    }
+
+    /// Checks every field as strictly as the gateway makes it: see the module doc.
+    /// `key` may be empty (generation 0, "the current one"); `attempt` starts at 1.
+    pub fn validate(&self) -> Result<(), MessageError> {
+        check(is_id(&self.id), "id", ID_RULE)?;
+        check(
+            self.key.is_empty() || is_key_text(&self.key),
+            "key",
+            "must be empty or 1 to 250 letters, digits, `.`, `_`, `:` or `-`",
+        )?;
+        check_identity(&self.identity)?;
+        check(self.attempt >= 1, "attempt", "must be at least 1")?;
+        check(
+            self.trace_id.is_empty() || is_id(&self.trace_id),
+            "trace_id",
+            TRACE_RULE,
+        )
     }
 }
 
@@ -138,13 +296,50 @@ impl Event {
         .unwrap_or_default()
     }
 
-    /// Parses JSON bytes from the broker.
+    /// Parses JSON bytes from the broker, and checks every field ([`Self::validate`]).
     pub fn decode(bytes: &[u8]) -> Result<Event, MessageError> {
         let wire: EventWire = serde_json::from_slice(bytes)?;
         if wire.v != VERSION {
             return Err(MessageError::Version(wire.v));
         }
+        wire.event.validate()?;
         Ok(wire.event)
+    }
+
+    /// Checks every field as strictly as the gateway and the workers make it: see the
+    /// module doc.
+    pub fn validate(&self) -> Result<(), MessageError> {
+        match self {
+            Event::Built { key, etag, .. } => {
+                check(is_key_text(key), "key", KEY_RULE)?;
+                check(
+                    is_etag(etag),
+                    "etag",
+                    "must be 1 to 128 visible ASCII characters",
+                )
+            }
+            Event::Failed { key, error } => {
+                check(is_key_text(key), "key", KEY_RULE)?;
+                check(
+                    is_error_text(error),
+                    "error",
+                    "must be at most 4096 bytes on one line, without control characters",
+                )
+            }
+            Event::Purged { purge } => match purge {
+                Purge::Route { route, .. } => check(
+                    is_route_name(route),
+                    "route",
+                    "must be 1 to 64 lower-case letters, digits, `-` or `_`",
+                ),
+                Purge::Tag { tag, .. } => check(
+                    Tag::new(tag).is_ok(),
+                    "tag",
+                    "must be 1 to 128 token characters",
+                ),
+                Purge::Key { key } => check(is_key_text(key), "key", KEY_RULE),
+            },
+        }
     }
 
     /// The envelope key the event is about, when it is about one.
@@ -259,6 +454,151 @@ mod tests {
             BuildRequest::decode(&r.encode()),
             Err(MessageError::Version(2))
         ));
+    }
+
+    /// Every field another program can get wrong is refused by name, without its value;
+    /// what the gateway itself writes passes.
+    #[test]
+    fn every_field_is_checked_as_strictly_as_the_gateway_makes_it() {
+        type Change = fn(&mut BuildRequest);
+        let cases: &[(Change, &str)] = &[
+            (|r| r.id = String::new(), "`id`"),
+            (|r| r.id = "a\nb".into(), "`id`"),
+            (|r| r.id = "x".repeat(65), "`id`"),
+            (|r| r.id = "a.b".into(), "`id`"),
+            (|r| r.key = "a b".into(), "`key`"),
+            (|r| r.key = "k\r\nset x 0 0 1".into(), "`key`"),
+            (|r| r.key = "k".repeat(251), "`key`"),
+            (|r| r.identity.route = "Recs".into(), "`route`"),
+            (|r| r.identity.route = "recs\n".into(), "`route`"),
+            (
+                |r| r.identity.params = vec![("user id".into(), "7".into())],
+                "`params[0].name`",
+            ),
+            (
+                |r| r.identity.params.push(("limit".into(), "1\u{0}".into())),
+                "`params[1].value`",
+            ),
+            (
+                |r| r.identity.params = vec![("q".into(), "v".repeat(1025))],
+                "`params[0].value`",
+            ),
+            (
+                |r| r.identity.vary = vec![("cookie:session_id".into(), "a; admin=1".into())],
+                "`vary[0].value`",
+            ),
+            (
+                |r| r.identity.vary = vec![("cookie:session_id".into(), " a".into())],
+                "`vary[0].value`",
+            ),
+            (
+                |r| r.identity.vary = vec![("header:x-a".into(), "caf\u{e9}".into())],
+                "`vary[0].value`",
+            ),
+            (
+                |r| r.identity.vary = vec![("header:X-A".into(), "1".into())],
+                "`vary[0].source`",
+            ),
+            (
+                |r| r.identity.vary = vec![("query:a".into(), "1".into())],
+                "`vary[0].source`",
+            ),
+            (
+                |r| {
+                    r.identity.vary = vec![
+                        ("header:x-a".into(), "1".into()),
+                        ("header:x-a".into(), "2".into()),
+                    ];
+                },
+                "`vary[1].source`",
+            ),
+            (|r| r.attempt = 0, "`attempt`"),
+            (
+                |r| r.trace_id = "t\n2026-01-01 INFO forged".into(),
+                "`trace_id`",
+            ),
+            (|r| r.trace_id = "t".repeat(65), "`trace_id`"),
+        ];
+        for (change, field) in cases {
+            let mut r = request();
+            change(&mut r);
+            let e = BuildRequest::decode(&r.encode()).unwrap_err();
+            assert!(matches!(e, MessageError::Invalid { .. }), "{e}");
+            let shown = e.to_string();
+            assert!(shown.contains(field), "{field}: {shown}");
+            assert!(!shown.contains(['\n', '\r', '\u{0}']), "{shown:?}");
+        }
+        // What the gateway writes, and the README's warm-up example, pass.
+        let mut r = request();
+        r.id = format!("{:016x}", u64::MAX);
+        r.trace_id = "4bf92f3577b34da6a3ce929d0e0e4736".into();
+        r.identity.vary = vec![
+            ("cookie:session_id".into(), String::new()),
+            ("header:accept-language".into(), "de-CH, en;q=0.5".into()),
+        ];
+        r.identity.params = vec![("user_id".into(), "caf\u{e9} & \"co\"".into())];
+        assert_eq!(BuildRequest::decode(&r.encode()).unwrap(), r);
+        r.trace_id.clear();
+        r.key.clear();
+        assert!(BuildRequest::decode(&r.encode()).is_ok());
+    }
+
+    #[test]
+    fn errors_are_made_single_lines_that_pass() {
+        assert_eq!(error_text("upstream answered 500"), "upstream answered 500");
+        assert_eq!(error_text("a\nb\u{0}c"), "a b c");
+        let long = error_text(&"é".repeat(MAX_ERROR));
+        assert!(
+            long.len() <= MAX_ERROR && long.ends_with('…'),
+            "{}",
+            long.len()
+        );
+        assert!(is_error_text(&long));
+        let exact = "e".repeat(MAX_ERROR);
+        assert_eq!(error_text(&exact), exact);
+        assert_eq!(error_text(&format!("{exact}e")).len(), MAX_ERROR);
+    }
+
+    #[test]
+    fn event_fields_are_checked_too() {
+        for (bad, field) in [
+            (
+                &br#"{"v":1,"type":"built","key":"a b","etag":"e"}"#[..],
+                "`key`",
+            ),
+            (
+                br#"{"v":1,"type":"built","key":"k","etag":"a b"}"#,
+                "`etag`",
+            ),
+            (br#"{"v":1,"type":"built","key":"k","etag":""}"#, "`etag`"),
+            (
+                br#"{"v":1,"type":"failed","key":"k","error":"x\ny"}"#,
+                "`error`",
+            ),
+            (
+                br#"{"v":1,"type":"purged","route":"R","generation":1}"#,
+                "`route`",
+            ),
+            (
+                br#"{"v":1,"type":"purged","tag":"a b","purged_at":1}"#,
+                "`tag`",
+            ),
+            (br#"{"v":1,"type":"purged","key":""}"#, "`key`"),
+        ] {
+            let e = Event::decode(bad).unwrap_err().to_string();
+            assert!(e.contains(field), "{}: {e}", String::from_utf8_lossy(bad));
+        }
+        let long = format!(
+            r#"{{"v":1,"type":"failed","key":"k","error":"{}"}}"#,
+            "e".repeat(4097)
+        );
+        assert!(Event::decode(long.as_bytes()).is_err());
+        let built = Event::Built {
+            key: "tessera:f:recs:1:0123456789abcdef0123456789abcdef".into(),
+            etag: crate::envelope::etag_of(b"x"),
+            build_ms: Some(3),
+        };
+        assert_eq!(Event::decode(&built.encode()).unwrap(), built);
     }
 
     #[test]

@@ -262,11 +262,31 @@ proptest! {
 
 // ---------------------------------------------------------------- messages
 
+/// An id as the gateway makes them (request ids, trace ids).
+const ID: &str = "[A-Za-z0-9_-]{1,64}";
+/// Text without control characters (a decoded param value, an error).
+const TEXT: &str = "\\PC{0,40}";
+
+/// Vary values as a request produces them: any printable ASCII for a header, no `;` and
+/// no surrounding space for a cookie.
+fn vary() -> impl Strategy<Value = Vec<(String, String)>> {
+    (
+        proptest::option::of("[ -~]{0,40}"),
+        proptest::option::of("([!-:<-~][ -:<-~]{0,38})?[!-:<-~]"),
+    )
+        .prop_map(|(language, sid)| {
+            let language = language.map(|v| ("header:accept-language".to_string(), v));
+            let sid = sid.map(|v| ("cookie:sid".to_string(), v));
+            language.into_iter().chain(sid).collect()
+        })
+}
+
+/// Identities as a request (or a program following the rules) names them.
 fn identity() -> impl Strategy<Value = Identity> {
     (
-        any::<String>(),
-        proptest::collection::vec((any::<String>(), any::<String>()), 0..4),
-        proptest::collection::vec((any::<String>(), any::<String>()), 0..3),
+        "[a-z0-9_-]{1,64}",
+        proptest::collection::vec(("[A-Za-z0-9_.\\[\\]-]{1,64}", TEXT), 0..4),
+        vary(),
     )
         .prop_map(|(route, params, vary)| Identity {
             route,
@@ -277,9 +297,13 @@ fn identity() -> impl Strategy<Value = Identity> {
 
 fn build_request() -> impl Strategy<Value = BuildRequest> {
     (
-        (any::<String>(), any::<String>(), any::<String>()),
+        (
+            ID,
+            prop_oneof![Just(String::new()), "[A-Za-z0-9._:-]{1,250}"],
+            prop_oneof![Just(String::new()), ID.prop_map(String::from)],
+        ),
         identity(),
-        (any::<u64>(), any::<u32>(), any::<u64>(), any::<u64>()),
+        (any::<u64>(), 1..=u32::MAX, any::<u64>(), any::<u64>()),
     )
         .prop_map(
             |(
@@ -302,29 +326,51 @@ fn build_request() -> impl Strategy<Value = BuildRequest> {
         )
 }
 
+/// A key as the keyspace builds them.
+const KEY: &str = "[A-Za-z0-9._:-]{1,250}";
+
 fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
-        (
-            any::<String>(),
-            any::<String>(),
-            proptest::option::of(any::<u64>())
-        )
-            .prop_map(|(key, etag, build_ms)| Event::Built {
+        (KEY, "[!-~]{1,128}", proptest::option::of(any::<u64>())).prop_map(
+            |(key, etag, build_ms)| Event::Built {
                 key,
                 etag,
                 build_ms
-            }),
-        (any::<String>(), any::<String>()).prop_map(|(key, error)| Event::Failed { key, error }),
-        (any::<String>(), any::<u64>()).prop_map(|(route, generation)| Event::Purged {
+            }
+        ),
+        (KEY, TEXT).prop_map(|(key, error)| Event::Failed { key, error }),
+        ("[a-z0-9_-]{1,64}", any::<u64>()).prop_map(|(route, generation)| Event::Purged {
             purge: Purge::Route { route, generation }
         }),
-        (any::<String>(), any::<u64>()).prop_map(|(tag, purged_at)| Event::Purged {
-            purge: Purge::Tag { tag, purged_at }
+        ("[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}", any::<u64>()).prop_map(|(tag, purged_at)| {
+            Event::Purged {
+                purge: Purge::Tag { tag, purged_at },
+            }
         }),
-        any::<String>().prop_map(|key| Event::Purged {
+        KEY.prop_map(|key| Event::Purged {
             purge: Purge::Key { key }
         }),
     ]
+}
+
+/// Which field of a build request a hostile value goes in.
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    Id,
+    Key,
+    Route,
+    ParamName,
+    ParamValue,
+    VaryValue,
+    TraceId,
+}
+
+/// `value` with one character a log line, a header or a key must never carry (a line
+/// break, NUL, a space, `;`) put in at `at`.
+fn hostile(value: &str, at: prop::sample::Index, bad: char) -> String {
+    let mut chars: Vec<char> = value.chars().collect();
+    chars.insert(at.index(chars.len() + 1), bad);
+    chars.into_iter().collect()
 }
 
 /// Any JSON value, a few levels deep.
@@ -405,6 +451,85 @@ proptest! {
         let _ = Event::decode(&bytes);
     }
 
+    /// What the gateway derives from any request passes the decoder's checks: it never
+    /// refuses the gateway's own build requests.
+    #[test]
+    fn the_gateway_s_own_identities_pass(
+        q in prop_oneof![query(), any::<String>()],
+        cookie in proptest::collection::vec(any::<u8>(), 0..64),
+        language in proptest::collection::vec(any::<u8>(), 0..64),
+        trace in ID,
+    ) {
+        let h = headers(&cookie, &language);
+        if let Ok(identity) = Identity::from_request(&route(), Some(&q), &h) {
+            let key = Keyspace::new("tessera").fragment(&identity, 1).envelope;
+            let req = BuildRequest {
+                v: tessera_protocol::message::VERSION,
+                id: format!("{:016x}", 7u64),
+                key: key.as_str().to_string(),
+                identity,
+                generation: 1,
+                attempt: 1,
+                requested_at: 0,
+                lease_deadline: 0,
+                trace_id: trace,
+            };
+            prop_assert!(req.validate().is_ok(), "{:?}: {:?}", req, req.validate());
+            prop_assert_eq!(BuildRequest::decode(&req.encode()).unwrap(), req);
+        }
+    }
+
+    /// A control character, space or `;` in a field that must not hold one is refused,
+    /// naming the field and never echoing the value.
+    #[test]
+    fn hostile_fields_are_refused_without_echoing_them(
+        req in build_request(),
+        field in prop::sample::select(vec![
+            Field::Id, Field::Key, Field::Route, Field::ParamName, Field::ParamValue,
+            Field::VaryValue, Field::TraceId,
+        ]),
+        bad in prop::sample::select(vec!['\n', '\r', '\u{0}', '\u{1b}', '\u{85}']),
+        at in any::<prop::sample::Index>(),
+    ) {
+        let mut req = req;
+        let name = match field {
+            Field::Id => { req.id = hostile(&req.id, at, bad); "id" }
+            Field::Key => { req.key = hostile(&req.key, at, bad); "key" }
+            Field::Route => { req.identity.route = hostile(&req.identity.route, at, bad); "route" }
+            Field::ParamName | Field::ParamValue => {
+                req.identity.params.push(("limit".into(), "1".into()));
+                let last = req.identity.params.len() - 1;
+                let (n, v) = &mut req.identity.params[last];
+                if matches!(field, Field::ParamName) { *n = hostile(n, at, bad); "name" }
+                else { *v = hostile(v, at, bad); "value" }
+            }
+            Field::VaryValue => {
+                req.identity.vary = vec![("cookie:sid".into(), hostile("abc", at, bad))];
+                "vary[0].value"
+            }
+            Field::TraceId => { req.trace_id = hostile(&req.trace_id, at, bad); "trace_id" }
+        };
+        let bytes = req.encode();
+        let e = BuildRequest::decode(&bytes).unwrap_err().to_string();
+        prop_assert!(e.contains(name), "{}: {}", name, e);
+        prop_assert!(!e.contains(bad), "{:?}", e);
+        // The same for events, whose fields reach every gateway.
+        let failed = Event::Failed { key: "k".into(), error: hostile("upstream said 500", at, bad) };
+        let e = Event::decode(&failed.encode()).unwrap_err().to_string();
+        prop_assert!(e.contains("`error`") && !e.contains(bad), "{:?}", e);
+    }
+
+    /// The cookie separator in a cookie's vary value would add a cookie to the render
+    /// request: refused; a header's may hold it.
+    #[test]
+    fn a_cookie_value_cannot_carry_another_cookie(value in "[!-:<-~]{1,20}") {
+        let mut req = BuildRequest::decode(&build_request_json()).unwrap();
+        req.identity.vary = vec![("cookie:sid".into(), format!("{value}; admin=1"))];
+        prop_assert!(BuildRequest::decode(&req.encode()).is_err());
+        req.identity.vary = vec![("header:accept-language".into(), format!("{value}; q=1"))];
+        prop_assert!(BuildRequest::decode(&req.encode()).is_ok());
+    }
+
     #[test]
     fn any_json_decodes_to_a_message_or_an_error(value in prop_oneof![json(), message_like()]) {
         let bytes = serde_json::to_vec(&value).unwrap();
@@ -415,6 +540,13 @@ proptest! {
             prop_assert_eq!(Event::decode(&e.encode()).unwrap(), e);
         }
     }
+}
+
+/// A build request as the README shows other programs writing one.
+fn build_request_json() -> Vec<u8> {
+    br#"{"v":1,"id":"warm-1","key":"","route":"recs","params":[["limit","5"]],
+        "vary":[],"generation":0,"attempt":1,"requested_at":0,"lease_deadline":0,"trace_id":""}"#
+        .to_vec()
 }
 
 // ---------------------------------------------------------------- config

@@ -6,9 +6,12 @@
 //! - [`web`]: the accept loop, body type, problems and admin pieces both binaries serve.
 //! - [`upstream`]: the pooled HTTP/1.1 client for the upstream application.
 //! - [`process`]: logging set-up and shutdown signals.
+//! - [`throttle`]: repeated warnings written once per kind per interval, the rest counted
+//!   ([`warn_throttled!`]).
 //! - [`coding`]: decoding `gzip`/`deflate`/`br` bodies from the upstream, with a limit.
 
 pub mod coding;
 pub mod process;
+pub mod throttle;
 pub mod upstream;
 pub mod web;

@@ -165,6 +165,13 @@ impl FakeUpstream {
         self.shared.state.lock().unwrap().uploaded
     }
 
+    /// The path of every request that reached the application's pages and render paths
+    /// (not the proxy test paths), in order.
+    pub fn paths(&self) -> Vec<String> {
+        let state = self.shared.state.lock().unwrap();
+        state.requests.iter().map(|(p, _, _)| p.clone()).collect()
+    }
+
     /// Every request to `path`: its query and headers.
     pub fn requests(&self, path: &str) -> Vec<(Option<String>, HeaderMap)> {
         self.shared

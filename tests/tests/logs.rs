@@ -144,3 +144,82 @@ async fn json_logs_carry_the_trace_id_and_no_cookie() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// During a broker outage every cold fragment is a 503: the gateway writes the first of
+/// them, then one line per interval saying how many more there were, not a line each
+/// (issue 29: 1,067 lines in 20 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_writes_a_count_not_a_line_per_failure() {
+    tessera_tests::harness::require("memcached", &tessera_tests::harness::memcached_addr());
+    let up = FakeUpstream::start().await;
+    let (port, admin, broker) = (free_port(), free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("tessera-outage-logs-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("tessera.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+             [upstream]\nurl = \"{}\"\n[store]\nmemcached = [\"{}\"]\nnamespace = \"{}\"\n\
+             [bus]\namqp = \"amqp://guest:guest@127.0.0.1:{broker}/%2f\"\n\
+             [workers]\nembedded = 0\n\
+             [[fragment]]\nname = \"news\"\nrender = \"/_render/news\"\n",
+            up.url(),
+            tessera_tests::harness::memcached_addr(),
+            tessera_tests::harness::unique_namespace(),
+        ),
+    )
+    .unwrap();
+    let log = dir.join("gateway.log");
+    let mut gateway = Proc::spawn(
+        Command::new(bin_dir().join("tessera-gateway"))
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .env("TESSERA_LOG_FORMAT", "json")
+            .env_remove("TESSERA_CONFIG")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null()),
+        "tessera-gateway",
+    );
+    let url = format!("http://127.0.0.1:{port}/fragments/news");
+    eventually("the gateway answers", Duration::from_secs(20), || async {
+        client().get(&url).send().await.is_ok()
+    })
+    .await;
+    let mut unavailable = 0;
+    for _ in 0..200 {
+        let r = client().get(&url).send().await.unwrap();
+        if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            unavailable += 1;
+        }
+    }
+    assert!(unavailable >= 190, "{unavailable} of 200 were 503s");
+    // Stopping ends the interval early: its count is written on the way out.
+    tokio::task::block_in_place(|| gateway.terminate(Duration::from_secs(20)));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let failed = lines
+        .iter()
+        .filter(|l| l["message"] == "request failed")
+        .count();
+    assert!(
+        (1..=3).contains(&failed),
+        "{failed} lines for {unavailable} failures:\n{text}"
+    );
+    let counted: u64 = lines
+        .iter()
+        .filter(|l| l["message"] == "similar warnings suppressed" && l["kind"] == "unavailable")
+        .map(|l| l["suppressed"].as_u64().unwrap())
+        .sum();
+    // The request that found the gateway up failed the same way.
+    assert_eq!(
+        counted + failed as u64,
+        unavailable + 1,
+        "every failure is written or counted:\n{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

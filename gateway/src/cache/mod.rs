@@ -330,7 +330,7 @@ impl CacheService {
             match self.load_many(&missing).await {
                 Ok(loaded) => entries.extend(loaded),
                 Err(e) => {
-                    tracing::warn!(error = %e, "store unavailable while composing; serving what L1 kept, placeholders for the rest");
+                    tessera_runtime::warn_throttled!("store", error = %e, "store unavailable while composing; serving what L1 kept, placeholders for the rest");
                     for t in &missing {
                         if let Some(slot) = self.l1.kept(&t.keys.envelope).await {
                             kept.insert(t.keys.envelope.clone(), slot);
@@ -360,7 +360,7 @@ impl CacheService {
                         found.insert(t.keys.envelope.clone(), self.judge(t, entry));
                     }
                     Err(e) => {
-                        tracing::warn!(route = %t.route.name, error = %e, "include left out: its tags could not be checked");
+                        tessera_runtime::warn_throttled!("store", route = %t.route.name, error = %e, "include left out: its tags could not be checked");
                     }
                 }
             }
@@ -403,7 +403,7 @@ impl CacheService {
                     slots.push((key.clone(), entry));
                 }
                 Err(e) => {
-                    tracing::warn!(route = %t.route.name, error = %e, "include left pending: build not requested");
+                    tessera_runtime::warn_throttled!("build request", route = %t.route.name, error = %e, "include left pending: build not requested");
                 }
             }
         }
@@ -497,7 +497,7 @@ impl CacheService {
                 trace: &trace,
             };
             if let Err(e) = this.request_build(&target, priority, replaces).await {
-                tracing::warn!(route = %route.name, error = %e, "could not request a rebuild");
+                tessera_runtime::warn_throttled!("build request", route = %route.name, error = %e, "could not request a rebuild");
             }
         });
     }
@@ -553,7 +553,7 @@ impl CacheService {
             // Nothing was queued: give the lease back so the next request can try again
             // instead of waiting for it to expire.
             if let Err(se) = lease.release().await {
-                tracing::warn!(key = %lease.key(), error = %se, "could not release the lease");
+                tessera_runtime::warn_throttled!("store", key = %lease.key(), error = %se, "could not release the lease");
             }
             return Err(e.into());
         }

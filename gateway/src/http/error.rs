@@ -19,6 +19,9 @@ pub(crate) enum GatewayError {
     /// No `[[fragment]]` route has this name.
     #[error("no fragment route is called {0:?}")]
     UnknownRoute(String),
+    /// A public request for a route's render path (see [`super::render_paths`]).
+    #[error("not found")]
+    RenderPath,
     /// The request cannot be mapped to a fragment (query too long, bad bytes, …).
     #[error(transparent)]
     BadRequest(#[from] IdentityError),
@@ -75,6 +78,7 @@ impl GatewayError {
             GatewayError::UnknownRoute(_) => {
                 (StatusCode::NOT_FOUND, "unknown_route", self.to_string())
             }
+            GatewayError::RenderPath => (StatusCode::NOT_FOUND, "not_found", self.to_string()),
             GatewayError::BadRequest(_) => {
                 (StatusCode::BAD_REQUEST, "bad_request", self.to_string())
             }
@@ -120,11 +124,18 @@ impl GatewayError {
         }
     }
 
-    /// The problem response. Server-side faults are logged here, with their detail.
+    /// The problem response. Server-side faults are logged here, with their detail: the
+    /// first of each kind (code) per interval, then how many followed (an outage fails
+    /// every request the same way; see [`tessera_runtime::throttle`]).
     pub(crate) fn into_response(self) -> Response<Body> {
         let (status, code, detail) = self.parts();
         if status.is_server_error() {
-            tracing::warn!(error = %self, status = status.as_u16(), "request failed");
+            tessera_runtime::warn_throttled!(
+                code,
+                error = %self,
+                status = status.as_u16(),
+                "request failed"
+            );
         }
         let mut response = problem(status, code, &detail);
         if let Some(after) = self.retry_after() {

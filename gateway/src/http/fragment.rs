@@ -14,10 +14,30 @@
 //! What is found, and which build is requested, is the cache core's business
 //! ([`CacheService::lookup`](crate::cache::CacheService::lookup)); this module turns it
 //! into HTTP answers.
+//!
+//! Each answer says how it was made in `Cache-Status` (RFC 9211), as the cache `tessera`:
+//!
+//! | outcome | `Cache-Status` |
+//! | --- | --- |
+//! | fresh | `tessera; hit; ttl=N` |
+//! | stale, rebuilt meanwhile | `tessera; hit; ttl=-N` |
+//! | stale-if-error (the last build failed, or the store cannot answer) | `tessera; hit; ttl=±N; detail=stale-if-error` |
+//! | built while the request waited (`Prefer: wait`) | `tessera; fwd=miss; stored; ttl=N` |
+//! | pending (202) | `tessera; fwd=miss; detail=pending` |
+//! | failed (502), remembered | `tessera; hit; detail=failed` |
+//! | failed (502) while the request waited | `tessera; fwd=miss; detail=failed` |
+//!
+//! `hit` means the answer came from the cache without the request going forward: a stale
+//! copy's rebuild runs on its own, and a failure remembered for `failed_ttl` is the
+//! cache's answer too. A request that waited for its build went forward (`fwd=miss`),
+//! and what it got was `stored`. `ttl` is the freshness left, negative once stale.
+
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use tessera_protocol::time::{ceil_secs, now_ms, remaining};
+use tessera_protocol::envelope::Status;
+use tessera_protocol::time::{add_ms, ceil_secs, now_ms, remaining};
 use tessera_protocol::{Envelope, FragmentRoute, Identity};
 
 use super::Front;
@@ -148,7 +168,7 @@ async fn answer_request<B: Sync>(
                 // follows (bench/README.md, "Soak", run 4's lost build).
                 let fragment = cache.fragment(route, fragment.identity, &trace).await?;
                 let found = cache.lookup(&fragment).await?;
-                let (response, status) = answer(front, req, &fragment, found).await;
+                let (response, status) = answer(front, req, &fragment, found, true).await;
                 return Ok((response, status.after_waiting(true)));
             }
             (found, _, _) => {
@@ -161,21 +181,23 @@ async fn answer_request<B: Sync>(
                     // Composed answers are built per request: never a hot answer.
                     cache.remember(target.as_str(), &fragment, slot, checked_at);
                 }
-                let (response, status) = answer(front, req, &fragment, found).await;
+                let (response, status) = answer(front, req, &fragment, found, waited).await;
                 return Ok((response, status.after_waiting(waited)));
             }
         }
     }
 }
 
-/// The answer to `req` for what a lookup of `fragment` found. A fragment whose render
-/// asked for ESI has its includes composed first, as in a page: the fragment is level 1
-/// of the page the client script puts it in, so the same depth limit holds.
+/// The answer to `req` for what a lookup of `fragment` found, after the request `waited`
+/// for a build or not. A fragment whose render asked for ESI has its includes composed
+/// first, as in a page: the fragment is level 1 of the page the client script puts it
+/// in, so the same depth limit holds.
 async fn answer<B: Sync>(
     front: &Front,
     req: &Request<B>,
     fragment: &Fragment<'_>,
     found: Found,
+    waited: bool,
 ) -> (Response<Body>, CacheStatus) {
     let composed = match &found {
         // Boxed: composition is the rare path, and its future is large.
@@ -190,7 +212,7 @@ async fn answer<B: Sync>(
     respond(
         fragment.route,
         req,
-        found,
+        (found, waited),
         composed,
         front.config.gateway.compress,
     )
@@ -212,24 +234,23 @@ fn needs_composing(slot: &Slot) -> bool {
     slot.envelope.esi && crate::esi::has_markup(&slot.envelope.body)
 }
 
-/// The answer to `req` for what a lookup found (with its includes `composed`, when it
-/// asked for ESI), and how it counts.
+/// The answer to `req` for what a lookup found, after the request waited for a build or
+/// not (with its includes `composed`, when it asked for ESI), and how it counts.
 fn respond<B: Sync>(
     route: &FragmentRoute,
     req: &Request<B>,
-    found: Found,
+    (found, waited): (Found, bool),
     composed: Option<Composed>,
     compress: bool,
 ) -> (Response<Body>, CacheStatus) {
     let cache = CacheStatus::from(&found);
+    let status = cache_status(&found, waited, route.fresh, now_ms());
     let response = match found {
-        Found::Serve {
-            slot,
-            stale,
-            fallback,
-        } => {
+        Found::Serve { slot, .. } => {
             let envelope = &slot.envelope;
-            let answer = Answer::new(route, &slot, envelope, stale, fallback);
+            let answer = Answer {
+                headers: answer_headers(route, &slot, status),
+            };
             match composed {
                 Some(composed) => answer.composed(req, composed, compress),
                 None => finish(
@@ -241,12 +262,53 @@ fn respond<B: Sync>(
                 ),
             }
         }
-        Found::Pending => pending(route, req.headers()),
+        Found::Pending => pending(route, req.headers(), status),
         Found::Failed { error, retry_after } => {
-            GatewayError::BuildFailed { error, retry_after }.into_response()
+            let mut response = GatewayError::BuildFailed { error, retry_after }.into_response();
+            insert(response.headers_mut(), &CACHE_STATUS, &status);
+            response
         }
     };
     (response, cache)
+}
+
+/// The `Cache-Status` (RFC 9211) of an answer for what a lookup found at `now` (Unix
+/// ms), after the request `waited` for a build or not, on a route whose copies stay
+/// `fresh` this long: see the module doc.
+fn cache_status(found: &Found, waited: bool, fresh: Duration, now: u64) -> String {
+    match found {
+        Found::Serve {
+            slot,
+            stale,
+            fallback,
+        } => {
+            let envelope: &Envelope = &slot.envelope;
+            // A failed build's envelope is fresh until the next build may be tried; the
+            // copy it keeps was fresh for `fresh` after it was built.
+            let fresh_until = match envelope.status {
+                Status::Ready => envelope.fresh_until,
+                Status::Failed => add_ms(envelope.built_at, fresh),
+            };
+            // Seconds of freshness left, counted down; once past, counted up from there.
+            let ttl = if now < fresh_until {
+                format!("{}", remaining(now, fresh_until).as_secs())
+            } else {
+                format!("-{}", ceil_secs(remaining(fresh_until, now)))
+            };
+            // The last build failed, or the store cannot be reached: either way an error
+            // is why this copy is served.
+            let failed = *stale && (envelope.error.is_some() || *fallback);
+            match (waited, failed) {
+                (false, false) => format!("tessera; hit; ttl={ttl}"),
+                (false, true) => format!("tessera; hit; ttl={ttl}; detail=stale-if-error"),
+                (true, false) => format!("tessera; fwd=miss; stored; ttl={ttl}"),
+                (true, true) => format!("tessera; fwd=miss; ttl={ttl}; detail=stale-if-error"),
+            }
+        }
+        Found::Pending => "tessera; fwd=miss; detail=pending".into(),
+        Found::Failed { .. } if waited => "tessera; fwd=miss; detail=failed".into(),
+        Found::Failed { .. } => "tessera; hit; detail=failed".into(),
+    }
 }
 
 /// A 200 serving an envelope, before its body is chosen.
@@ -255,32 +317,6 @@ struct Answer {
 }
 
 impl Answer {
-    fn new(
-        route: &FragmentRoute,
-        slot: &Slot,
-        envelope: &Envelope,
-        stale: bool,
-        fallback: bool,
-    ) -> Self {
-        let now = now_ms();
-        let status = if stale {
-            let age = ceil_secs(remaining(envelope.fresh_until, now));
-            // The last build failed, or the store cannot be reached: either way an error
-            // is why this copy is served.
-            let detail = if envelope.error.is_some() || fallback {
-                "; detail=stale-if-error"
-            } else {
-                ""
-            };
-            format!("tessera; fwd=stale; ttl=-{age}{detail}")
-        } else {
-            hit_status(remaining(now, envelope.fresh_until).as_secs())
-        };
-        Self {
-            headers: answer_headers(route, slot, status),
-        }
-    }
-
     /// Serves the composed fragment: its own ETag, and private when an include varies
     /// per user.
     fn composed<B: Sync>(
@@ -384,7 +420,7 @@ pub(crate) fn finish<B: Sync>(
     response
 }
 
-fn pending(route: &FragmentRoute, headers: &HeaderMap) -> Response<Body> {
+fn pending(route: &FragmentRoute, headers: &HeaderMap, cache_status: String) -> Response<Body> {
     let (content_type, body) = if wants_json(headers) {
         let json = serde_json::json!({
             "status": "pending",
@@ -405,10 +441,7 @@ fn pending(route: &FragmentRoute, headers: &HeaderMap) -> Response<Body> {
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::RETRY_AFTER, HeaderValue::from(PENDING_RETRY_AFTER));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        &CACHE_STATUS,
-        HeaderValue::from_static("tessera; fwd=miss; detail=pending"),
-    );
+    insert(h, &CACHE_STATUS, &cache_status);
     response
 }
 
@@ -444,5 +477,88 @@ fn insert(h: &mut HeaderMap, name: impl header::IntoHeaderName, value: &str) {
     // drops the header rather than the response.
     if let Ok(v) = HeaderValue::from_str(value) {
         h.insert(name, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    const NOW: u64 = 1_700_000_000_000;
+    const FRESH: Duration = Duration::from_secs(60);
+
+    /// A copy built `age` seconds before [`NOW`] on a route fresh for [`FRESH`].
+    fn serve(age: u64, failed: bool, fallback: bool) -> Found {
+        let mut envelope = Envelope::ready(
+            Bytes::from_static(b"<p>x</p>"),
+            "text/html".into(),
+            FRESH,
+            Duration::from_secs(600),
+            1,
+            1,
+        );
+        envelope.built_at = NOW - age * 1000;
+        envelope.fresh_until = envelope.built_at + 60_000;
+        if failed {
+            envelope.status = Status::Failed;
+            envelope.error = Some("upstream answered 500".into());
+            // A failed envelope is "fresh" until the next build may be tried.
+            envelope.fresh_until = NOW + 5_000;
+        }
+        let stale = failed || fallback || age >= 60;
+        Found::Serve {
+            slot: Arc::new(Slot::new(envelope, std::time::Instant::now())),
+            stale,
+            fallback,
+        }
+    }
+
+    #[test]
+    fn every_outcome_says_how_it_was_made_as_rfc_9211_does() {
+        let failed = || Found::Failed {
+            error: "x".into(),
+            retry_after: Duration::from_secs(5),
+        };
+        for (found, waited, expected) in [
+            (serve(10, false, false), false, "tessera; hit; ttl=50"),
+            (serve(70, false, false), false, "tessera; hit; ttl=-10"),
+            (
+                serve(70, true, false),
+                false,
+                "tessera; hit; ttl=-10; detail=stale-if-error",
+            ),
+            (
+                serve(10, false, true),
+                false,
+                "tessera; hit; ttl=50; detail=stale-if-error",
+            ),
+            (
+                serve(90, false, true),
+                false,
+                "tessera; hit; ttl=-30; detail=stale-if-error",
+            ),
+            (
+                serve(0, false, false),
+                true,
+                "tessera; fwd=miss; stored; ttl=60",
+            ),
+            (
+                serve(70, true, false),
+                true,
+                "tessera; fwd=miss; ttl=-10; detail=stale-if-error",
+            ),
+            (Found::Pending, false, "tessera; fwd=miss; detail=pending"),
+            (Found::Pending, true, "tessera; fwd=miss; detail=pending"),
+            (failed(), false, "tessera; hit; detail=failed"),
+            (failed(), true, "tessera; fwd=miss; detail=failed"),
+        ] {
+            assert_eq!(
+                cache_status(&found, waited, FRESH, NOW),
+                expected,
+                "{found:?}"
+            );
+        }
     }
 }

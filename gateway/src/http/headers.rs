@@ -95,14 +95,10 @@ impl crate::cache::TraceId for Trace<'_> {
 }
 
 /// The trace id of a request: the W3C `traceparent` trace id, else `X-Request-Id` when
-/// it is a safe token, else a new random one. Never logs raw client bytes.
+/// it is a safe token (the rule build requests are held to: [`is_id`](tessera_protocol::message::is_id)), else a new random
+/// one. Never logs raw client bytes.
 pub(crate) fn trace_id(headers: &HeaderMap) -> String {
-    let safe = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 64
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
+    let safe = tessera_protocol::message::is_id;
     if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
         let mut parts = tp.trim().split('-');
         if let (Some(_version), Some(id)) = (parts.next(), parts.next())

@@ -12,6 +12,7 @@
 //! - [`compose`]: pages (proxied, then composed) and ESI composition from cached fragments.
 //! - [`stream`]: the push stream, one connection per page for all its placeholders.
 //! - [`proxy`]: the reverse proxy to the upstream.
+//! - [`render_paths`]: the routes' render paths, closed to the public.
 //! - [`admin`]: the admin listener: dashboard, metrics, health, purges, dead letters.
 //! - [`encoding`]: which coding an answer gets (`Accept-Encoding`, `Vary`, ETags).
 //! - [`headers`]: small request-header parsers, and the request's trace.
@@ -24,6 +25,7 @@ pub(crate) mod error;
 pub(crate) mod fragment;
 pub(crate) mod headers;
 pub(crate) mod proxy;
+pub(crate) mod render_paths;
 pub(crate) mod stream;
 
 use std::future::Future;
@@ -48,6 +50,8 @@ pub(crate) struct Front {
     pub cache: Arc<CacheService>,
     /// The upstream application.
     pub upstream: proxy::Upstream,
+    /// Paths never proxied: the routes' render paths.
+    pub render_paths: render_paths::RenderPaths,
     /// The gateway's metrics.
     pub metrics: Arc<Metrics>,
     /// Cancelled when the gateway starts shutting down: long-polls and streams answer at
@@ -88,6 +92,10 @@ async fn route(
     }
     if req.uri().path() == stream::STREAM_PATH {
         return stream::serve(&front, &req);
+    }
+    if front.render_paths.closes(req.uri().path()) {
+        tracing::debug!(path = %req.uri().path(), "render path refused to a public request");
+        return error::GatewayError::RenderPath.into_response();
     }
     // Boxed: the proxy and composition futures are large, and without the box every
     // request down this path (fragment misses, hits on `vary` routes) would allocate

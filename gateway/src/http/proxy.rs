@@ -8,7 +8,9 @@
 //! `real_ip_recursive`). The client's `Host` is passed through
 //! so the application sees the name it is served under. Inbound HTTP/2 is sent upstream as
 //! HTTP/1.1. An upstream that cannot be reached gives a 502 problem, one that does not
-//! start answering within `upstream.timeout` a 504 — never a hang.
+//! start answering within `upstream.timeout` a 504 — never a hang. A client's
+//! `Tessera-Render-Token` is never passed on: only the workers' render requests carry
+//! one, so the application can trust it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -21,8 +23,8 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioIo;
 
 use super::error::GatewayError;
-use tessera_protocol::Cause;
-use tessera_protocol::config::{IpNet, UpstreamUrl};
+use tessera_protocol::config::{IpNet, RENDER_TOKEN_HEADER, UpstreamUrl};
+use tessera_protocol::{Cause, surrogate};
 use tessera_runtime::web::Body;
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -151,9 +153,11 @@ impl Upstream {
         }
         // Tell the application it may answer with ESI markup (Edge Architecture spec).
         parts.headers.insert(
-            "surrogate-capability",
-            HeaderValue::from_static("tessera=\"ESI/1.0\""),
+            surrogate::CAPABILITY_HEADER,
+            HeaderValue::from_static(surrogate::CAPABILITY),
         );
+        // Only workers send it: the application may trust the one it gets.
+        parts.headers.remove(RENDER_TOKEN_HEADER);
         Ok(())
     }
 }

@@ -18,11 +18,11 @@ import time
 import unittest
 from urllib.parse import urlencode, urlsplit
 
-# RENDER-TOKEN: turn the render token on here once the gateway sends
-# `Tessera-Render-Token` (workers.render_token / TESSERA_RENDER_TOKEN): set it to a
-# secret, e.g. "e2e-render-secret". It is then given to the site and to the gateway, and
-# test_render_path_refuses_requests_without_the_token checks the refusal.
-RENDER_TOKEN = None
+# RENDER-TOKEN: the gateway's workers send it in `Tessera-Render-Token`
+# (workers.render_token / TESSERA_RENDER_TOKEN). It is given to the site and to the
+# gateway, and test_render_path_refuses_requests_without_the_token checks the refusal
+# (None turns it off).
+RENDER_TOKEN = "e2e-render-secret"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "../../.."))
@@ -294,6 +294,9 @@ class EndToEnd(unittest.TestCase):
         if RENDER_TOKEN:
             self.assertEqual(app.get("/_render/product?id=1").status, 404)
             self.assertEqual(app.get("/_render/product?id=1", {"Tessera-Render-Token": RENDER_TOKEN}).status, 200)
+            # Through the gateway render paths are closed, whatever a client sends.
+            gateway = Browser(shop.gateway_url)
+            self.assertEqual(gateway.get("/_render/product/?id=1", {"Tessera-Render-Token": RENDER_TOKEN}).status, 404)
         else:
             self.assertEqual(app.get("/_render/product?id=1").status, 200, "no token: render paths answer everyone")
 

@@ -15,6 +15,8 @@ pub const AMQP_URL: &str = "TESSERA_AMQP_URL";
 pub const ADMIN_LISTEN: &str = "TESSERA_ADMIN_LISTEN";
 /// Overrides `gateway.admin_token` and `workers.admin_token`.
 pub const ADMIN_TOKEN: &str = "TESSERA_ADMIN_TOKEN";
+/// Overrides `workers.render_token`; blank means none.
+pub const RENDER_TOKEN: &str = "TESSERA_RENDER_TOKEN";
 /// `json` for one JSON object per log line.
 pub const LOG_FORMAT: &str = "TESSERA_LOG_FORMAT";
 
@@ -36,6 +38,8 @@ pub(super) struct Overrides {
     pub admin_listen: Option<String>,
     /// [`ADMIN_TOKEN`]: `gateway.admin_token` and `workers.admin_token`.
     pub admin_token: Option<String>,
+    /// [`RENDER_TOKEN`]: `workers.render_token`, trimmed (a blank value sends none).
+    pub render_token: Option<String>,
 }
 
 impl Overrides {
@@ -54,6 +58,7 @@ impl Overrides {
             amqp: env(AMQP_URL).map(|v| Some(v).filter(|s| !s.trim().is_empty())),
             admin_listen: env(ADMIN_LISTEN),
             admin_token: env(ADMIN_TOKEN),
+            render_token: env(RENDER_TOKEN).map(|v| v.trim().to_string()),
         }
     }
 }

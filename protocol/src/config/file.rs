@@ -49,6 +49,7 @@ pub(super) struct GatewayFile {
     pub compress: bool,
     pub max_streams: usize,
     pub threads: usize,
+    pub public_render_paths: bool,
 }
 
 impl Default for GatewayFile {
@@ -64,6 +65,7 @@ impl Default for GatewayFile {
             compress: d.compress,
             max_streams: d.max_streams,
             threads: d.threads,
+            public_render_paths: d.public_render_paths,
         }
     }
 }
@@ -133,6 +135,7 @@ pub(super) struct WorkersFile {
     /// `host:port` text, parsed by [`WorkersFile::resolve`].
     pub admin_listen: String,
     pub admin_token: String,
+    pub render_token: String,
 }
 
 impl Default for WorkersFile {
@@ -143,6 +146,7 @@ impl Default for WorkersFile {
             concurrency: d.concurrency,
             admin_listen: d.admin_listen.to_string(),
             admin_token: d.admin_token,
+            render_token: d.render_token,
         }
     }
 }
@@ -188,6 +192,9 @@ impl ConfigFile {
         if let Some(v) = overrides.admin_token {
             self.workers.admin_token.clone_from(&v);
             self.gateway.admin_token = v;
+        }
+        if let Some(v) = overrides.render_token {
+            self.workers.render_token = v;
         }
     }
 
@@ -250,6 +257,7 @@ impl ConfigFile {
             fragments,
         };
         config.validate_routes()?;
+        config.validate_listeners()?;
         Ok(config)
     }
 }
@@ -267,6 +275,7 @@ impl GatewayFile {
             compress: self.compress,
             max_streams: self.max_streams,
             threads: self.threads,
+            public_render_paths: self.public_render_paths,
         };
         gateway.validate()?;
         Ok(gateway)
@@ -283,6 +292,7 @@ impl WorkersFile {
             concurrency: self.concurrency,
             admin_listen: parse_addr("workers.admin_listen", &self.admin_listen)?,
             admin_token: self.admin_token,
+            render_token: self.render_token,
         };
         workers.validate(backend)?;
         Ok(workers)

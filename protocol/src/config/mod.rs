@@ -32,10 +32,10 @@ pub use queues::{background_queue, default_queue};
 pub use schema::{
     AmqpUrl, Backend, BusConfig, CacheConfig, FragmentRoute, GatewayConfig, HttpConfig,
     LEASE_SLACK, MAX_CONNECTIONS_LIMIT, MAX_NAMESPACE, MAX_ROUTE_NAME, MAX_THREADS,
-    MemcachedServer, QueueType, StoreConfig, UpstreamConfig, UpstreamUrl, VarySource,
-    WorkersConfig,
+    MemcachedServer, QueueType, RENDER_TOKEN_HEADER, StoreConfig, UpstreamConfig, UpstreamUrl,
+    VarySource, WorkersConfig,
 };
-pub use validate::{ConfigError, admin_listener};
+pub use validate::{ConfigError, admin_listener, is_param_name, is_route_name};
 
 use file::ConfigFile;
 

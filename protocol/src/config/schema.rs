@@ -51,6 +51,10 @@ pub struct GatewayConfig {
     /// requests, for a shorter latency tail. At most [`MAX_THREADS`]. Default: one per
     /// core.
     pub threads: usize,
+    /// Proxy public requests for a route's `render` path to the upstream like any other
+    /// page. Default false: they are answered 404, so nobody can load the render paths
+    /// directly and bypass the cache and the build queue; only the workers reach them.
+    pub public_render_paths: bool,
 }
 
 /// Most `gateway.threads`.
@@ -68,6 +72,7 @@ impl Default for GatewayConfig {
             compress: true,
             max_streams: 1_000,
             threads: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            public_render_paths: false,
         }
     }
 }
@@ -455,7 +460,7 @@ impl Backend {
 }
 
 /// `[workers]`
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WorkersConfig {
     /// Build tasks inside each gateway. Default 4; `0` with a broker leaves building to
     /// `tessera-worker` processes.
@@ -468,7 +473,14 @@ pub struct WorkersConfig {
     pub admin_listen: SocketAddr,
     /// Bearer token for the worker admin listener; required when it is not on loopback.
     pub admin_token: String,
+    /// Secret sent in [`RENDER_TOKEN_HEADER`] with every render request, so the upstream
+    /// can refuse render requests that do not come from a worker. Empty (the default):
+    /// none is sent. The gateway never forwards a client's own header of that name.
+    pub render_token: String,
 }
+
+/// The header that carries `workers.render_token` to the upstream.
+pub const RENDER_TOKEN_HEADER: &str = "tessera-render-token";
 
 impl Default for WorkersConfig {
     fn default() -> Self {
@@ -477,7 +489,22 @@ impl Default for WorkersConfig {
             concurrency: 16,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
             admin_token: String::new(),
+            render_token: String::new(),
         }
+    }
+}
+
+/// Secrets print as `***` when set.
+impl fmt::Debug for WorkersConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secret = |s: &str| if s.is_empty() { "" } else { "***" };
+        f.debug_struct("WorkersConfig")
+            .field("embedded", &self.embedded)
+            .field("concurrency", &self.concurrency)
+            .field("admin_listen", &self.admin_listen)
+            .field("admin_token", &secret(&self.admin_token))
+            .field("render_token", &secret(&self.render_token))
+            .finish()
     }
 }
 

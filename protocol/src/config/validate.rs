@@ -13,10 +13,15 @@ use bytesize::ByteSize;
 use super::queues::BACKGROUND_SUFFIX;
 use super::schema::{
     AmqpUrl, Backend, CacheConfig, FragmentRoute, GatewayConfig, HttpConfig, MAX_CONNECTIONS_LIMIT,
-    MAX_NAMESPACE, MAX_ROUTE_NAME, MAX_THREADS, MemcachedServer, StoreConfig, UpstreamConfig,
-    VarySource, WorkersConfig,
+    MAX_NAMESPACE, MAX_ROUTE_NAME, MAX_THREADS, MemcachedServer, RENDER_TOKEN_HEADER, StoreConfig,
+    UpstreamConfig, VarySource, WorkersConfig,
 };
 use super::{Config, env};
+
+/// Shortest `workers.render_token`: a secret that cannot be guessed.
+const MIN_RENDER_TOKEN: usize = 16;
+/// Longest `workers.render_token`.
+const MAX_RENDER_TOKEN: usize = 256;
 
 /// Why a configuration was refused. The message always names the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +69,48 @@ impl Config {
         self.cache.validate()?;
         self.store.validate()?;
         self.workers.validate(&self.backend)?;
-        self.validate_routes()
+        self.validate_routes()?;
+        self.validate_listeners()
+    }
+
+    /// That the listeners can all be bound, and the upstream is none of them: addresses
+    /// that are set apart in the file but would collide on one host. Worker processes
+    /// exist only with a broker; their admin listener is then checked as if they ran
+    /// beside the gateway, since one file describes both.
+    pub(super) fn validate_listeners(&self) -> Result<(), ConfigError> {
+        let mut listeners = vec![
+            ("gateway.listen", self.gateway.listen),
+            ("gateway.admin_listen", self.gateway.admin_listen),
+        ];
+        if self.backend.amqp().is_some() {
+            listeners.push(("workers.admin_listen", self.workers.admin_listen));
+        }
+        for (i, &(key, addr)) in listeners.iter().enumerate() {
+            if let Some((earlier, other)) = listeners[..i].iter().find(|(_, o)| clash(addr, *o)) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{addr} collides with {earlier} ({other}): two listeners cannot share a port on one host; give each its own port"
+                    ),
+                ));
+            }
+        }
+        let upstream = self.upstream.url.uri();
+        let port = upstream.port_u16().unwrap_or(80);
+        let host = upstream.host().unwrap_or("");
+        if let Some((key, addr)) = listeners
+            .iter()
+            .find(|(_, addr)| addr.port() == port && reaches(host, addr.ip()))
+        {
+            return Err(invalid(
+                "upstream.url",
+                format!(
+                    "{} is this deployment's own {key} ({addr}): requests would be proxied back to it; point it at the application",
+                    self.upstream.url
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Each route, and that no two share a name.
@@ -76,6 +122,18 @@ impl Config {
                 return Err(invalid(
                     format!("fragment[{i}].name"),
                     format!("{:?} is used by an earlier route", r.name),
+                ));
+            }
+            // The gateway closes render paths and everything below them to the public.
+            if !self.gateway.public_render_paths
+                && r.render.split('/').all(|s| s.is_empty() || s == ".")
+            {
+                return Err(invalid(
+                    format!("fragment[{i}].render"),
+                    format!(
+                        "{:?} is the upstream's root: closed to the public as render paths are, it would close every page; give render paths a prefix of their own (\"/_render/…\"), or set gateway.public_render_paths",
+                        r.render
+                    ),
                 ));
             }
             if r.queue.ends_with(BACKGROUND_SUFFIX) {
@@ -203,6 +261,20 @@ impl WorkersConfig {
         if self.embedded > u16::MAX as usize {
             return Err(invalid("workers.embedded", "must be at most 65535"));
         }
+        let token = &self.render_token;
+        let token_ok = token.is_empty()
+            || ((MIN_RENDER_TOKEN..=MAX_RENDER_TOKEN).contains(&token.len())
+                && token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b)));
+        if !token_ok {
+            return Err(invalid(
+                "workers.render_token",
+                format!(
+                    "must be empty or {MIN_RENDER_TOKEN} to {MAX_RENDER_TOKEN} letters, digits, `-`, `.`, `_`, `~`, `+`, `/` or `=` (e.g. `openssl rand -hex 32`)"
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -240,13 +312,7 @@ impl FragmentRoute {
     }
 
     fn validate_name(&self, at: &str) -> Result<(), ConfigError> {
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= MAX_ROUTE_NAME
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-        if !name_ok {
+        if !is_route_name(&self.name) {
             return Err(invalid(
                 format!("{at}.name"),
                 format!(
@@ -278,11 +344,7 @@ impl FragmentRoute {
     fn validate_identity(&self, at: &str) -> Result<(), ConfigError> {
         let mut seen = HashSet::new();
         for p in &self.params {
-            let ok = !p.is_empty()
-                && p.len() <= 64
-                && p.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.[]".contains(&b));
-            if !ok {
+            if !is_param_name(p) {
                 return Err(invalid(
                     format!("{at}.params"),
                     format!("{p:?} must be 1 to 64 letters, digits, `-`, `_`, `.`, `[` or `]`"),
@@ -307,6 +369,14 @@ impl FragmentRoute {
                 return Err(invalid(
                     format!("{at}.vary"),
                     "vary on single cookies with `cookie:NAME`, not on the whole Cookie header",
+                ));
+            }
+            if matches!(v, VarySource::Header(h) if h == RENDER_TOKEN_HEADER) {
+                return Err(invalid(
+                    format!("{at}.vary"),
+                    format!(
+                        "{RENDER_TOKEN_HEADER:?} is the workers' own header (workers.render_token); a client's is never passed on"
+                    ),
                 ));
             }
         }
@@ -377,6 +447,26 @@ impl FragmentRoute {
     }
 }
 
+/// Whether `name` can be a route's name: 1 to [`MAX_ROUTE_NAME`] lower-case letters,
+/// digits, `-` or `_` (it becomes part of store keys and queue names).
+pub fn is_route_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_ROUTE_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// Whether `name` can be an allow-listed param: 1 to 64 letters, digits, `-`, `_`, `.`,
+/// `[` or `]`.
+pub fn is_param_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.[]".contains(&b))
+}
+
 /// Parses `listen` as `{section}.admin_listen` and checks that an admin listener off
 /// loopback has a token: for an address given outside the file, such as
 /// `tessera-worker --admin-listen`, which must pass the same rule as the file's.
@@ -403,6 +493,31 @@ fn admin_needs_token(section: &str, admin: SocketAddr, token: &str) -> Result<()
         ));
     }
     Ok(())
+}
+
+/// Whether listeners on `a` and `b` cannot both be bound on one host: the same port (not
+/// 0, which picks a free one) on the same address, or on any address when either is the
+/// unspecified one (`0.0.0.0` and `[::]` take every address, of both families on a
+/// dual-stack host).
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Whether a connection to `host` (an `upstream.url` host) would reach a listener on `ip`
+/// of this host, as far as the name alone says: the same address, a loopback name or
+/// address for a loopback or unspecified listener. Other names are not resolved.
+fn reaches(host: &str, ip: std::net::IpAddr) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|h| h.is_loopback());
+    match host.parse::<std::net::IpAddr>() {
+        Ok(h) if h == ip => true,
+        _ => loopback && (ip.is_loopback() || ip.is_unspecified()),
+    }
 }
 
 pub(super) fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -787,6 +902,156 @@ mod tests {
             change(&mut c);
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(&format!("`{key}`")), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn listeners_that_would_collide_on_one_host_are_refused() {
+        const BROKER: &str = "[store]\nmemcached = [\"h:1\"]\n[bus]\namqp = \"amqp://b\"\n";
+        for (toml, key, names) in [
+            (
+                "[gateway]\nlisten = \"127.0.0.1:9090\"".to_string(),
+                "gateway.admin_listen",
+                "gateway.listen",
+            ),
+            (
+                "[gateway]\nlisten = \"0.0.0.0:9090\"".to_string(),
+                "gateway.admin_listen",
+                "gateway.listen",
+            ),
+            (
+                "[gateway]\nlisten = \"[::]:7000\"\nadmin_listen = \"127.0.0.1:7000\"".to_string(),
+                "gateway.admin_listen",
+                "gateway.listen",
+            ),
+            (
+                format!("{BROKER}[workers]\nadmin_listen = \"127.0.0.1:8080\""),
+                "workers.admin_listen",
+                "gateway.listen",
+            ),
+            (
+                format!("{BROKER}[workers]\nadmin_listen = \"127.0.0.1:9090\""),
+                "workers.admin_listen",
+                "gateway.admin_listen",
+            ),
+            (
+                "[upstream]\nurl = \"http://127.0.0.1:8080\"".to_string(),
+                "upstream.url",
+                "gateway.listen",
+            ),
+            (
+                "[upstream]\nurl = \"http://localhost:9090/app\"".to_string(),
+                "upstream.url",
+                "gateway.admin_listen",
+            ),
+            (
+                "[gateway]\nlisten = \"0.0.0.0:80\"\n[upstream]\nurl = \"http://[::1]\""
+                    .to_string(),
+                "upstream.url",
+                "gateway.listen",
+            ),
+            (
+                format!("{BROKER}[upstream]\nurl = \"http://127.0.0.1:9091\""),
+                "upstream.url",
+                "workers.admin_listen",
+            ),
+        ] {
+            let msg = err(&toml);
+            assert!(
+                msg.contains(&format!("`{key}`")) && msg.contains(names),
+                "{toml:?} gave {msg:?}, expected key {key} naming {names}"
+            );
+        }
+        for ok in [
+            "[gateway]\nlisten = \"127.0.0.2:9090\"",
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
+            // Without a broker there are no worker processes, so no worker listener.
+            "[workers]\nadmin_listen = \"127.0.0.1:8080\"",
+            "[upstream]\nurl = \"http://app:8080\"",
+            "[upstream]\nurl = \"http://127.0.0.1:8081\"",
+            "[upstream]\nurl = \"http://10.0.0.5:8080\"",
+        ] {
+            assert!(Config::from_toml(ok).is_ok(), "{ok} was refused");
+        }
+        // A configuration made in code passes the same rule.
+        let mut c = Config::default();
+        c.gateway.admin_listen = c.gateway.listen;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("`gateway.admin_listen`"), "{e}");
+    }
+
+    #[test]
+    fn render_tokens_are_long_header_safe_secrets() {
+        let token = "t".repeat(16);
+        let c = Config::from_toml(&format!("[workers]\nrender_token = \"{token}\"")).unwrap();
+        assert_eq!(c.workers.render_token, token);
+        assert!(
+            Config::from_toml("")
+                .unwrap()
+                .workers
+                .render_token
+                .is_empty()
+        );
+        let hex = "0123456789abcdef".repeat(4);
+        let b64 = "ab+/cd-_.~EF01==";
+        for ok in [hex.as_str(), b64, &"x".repeat(256)] {
+            let toml = format!("[workers]\nrender_token = \"{ok}\"");
+            assert!(Config::from_toml(&toml).is_ok(), "{ok}");
+        }
+        for bad in [
+            "short",
+            &"t".repeat(15),
+            "has space 0123456789",
+            &"x".repeat(257),
+            "new\\nline0123456789",
+        ] {
+            let toml = format!("[workers]\nrender_token = \"{bad}\"");
+            let msg = err(&toml);
+            assert!(
+                msg.contains("`workers.render_token`") && msg.contains("openssl rand"),
+                "{bad:?} gave {msg:?}"
+            );
+            assert!(!msg.contains(bad), "the secret is not echoed: {msg}");
+        }
+        let c = Config::from_sources("t", None, |k| {
+            (k == env::RENDER_TOKEN).then(|| " from-the-environment ".to_string())
+        })
+        .unwrap();
+        assert_eq!(c.workers.render_token, "from-the-environment");
+        let c = Config::from_sources(
+            "t",
+            Some(&format!("[workers]\nrender_token = \"{token}\"")),
+            |k| (k == env::RENDER_TOKEN).then(String::new),
+        )
+        .unwrap();
+        assert!(
+            c.workers.render_token.is_empty(),
+            "a blank variable turns it off"
+        );
+        assert!(
+            !format!(
+                "{:?}",
+                Config::from_toml(&format!("[workers]\nrender_token = \"{token}\"")).unwrap()
+            )
+            .contains(&token)
+        );
+        assert_eq!(
+            key_of(&format!("{ROUTE}vary = [\"header:Tessera-Render-Token\"]")),
+            "fragment[0].vary"
+        );
+    }
+
+    #[test]
+    fn render_paths_are_closed_unless_opened() {
+        assert!(!Config::default().gateway.public_render_paths);
+        let c = Config::from_toml("[gateway]\npublic_render_paths = true").unwrap();
+        assert!(c.gateway.public_render_paths);
+        // A render path at the root would close every page.
+        for root in ["/", "//", "/./"] {
+            let toml = format!("[[fragment]]\nname = \"a\"\nrender = \"{root}\"\n");
+            assert_eq!(key_of(&toml), "fragment[0].render", "{root}");
+            let open = format!("[gateway]\npublic_render_paths = true\n{toml}");
+            assert!(Config::from_toml(&open).is_ok(), "{root}");
         }
     }
 

@@ -12,11 +12,11 @@ require "socket"
 require "tmpdir"
 require "uri"
 
-# RENDER-TOKEN: turn the render token on here once the gateway sends
-# `Tessera-Render-Token` (workers.render_token / TESSERA_RENDER_TOKEN): set it to a
-# secret, e.g. "e2e-render-secret". It is then given to the app and to the gateway, and
-# test_render_path_refuses_requests_without_the_token checks the refusal.
-RENDER_TOKEN = nil
+# RENDER-TOKEN: the gateway's workers send it in `Tessera-Render-Token`
+# (workers.render_token / TESSERA_RENDER_TOKEN). It is given to the app and to the
+# gateway, and test_render_path_refuses_requests_without_the_token checks the refusal
+# (nil turns it off).
+RENDER_TOKEN = "e2e-render-secret"
 
 module Shop
   APP = File.expand_path("app", __dir__)
@@ -269,6 +269,8 @@ class E2ETest < Minitest::Test
     if RENDER_TOKEN
       assert_equal "404", app.get("/_render/product?id=1").code
       assert_equal "200", app.get("/_render/product?id=1", "Tessera-Render-Token" => RENDER_TOKEN).code
+      # Through the gateway render paths are closed, whatever a client sends.
+      assert_equal "404", gateway.get("/_render/product?id=1", "Tessera-Render-Token" => RENDER_TOKEN).code
     else
       assert_equal "200", app.get("/_render/product?id=1").code, "no token: render paths answer everyone"
     end
