@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a clean clone on a fresh machine:
-#   1. install and start what the tests need (memcached, RabbitMQ, Chromium, promtool,
-#      the deploy validators),
+#   1. install and start what the tests need (memcached, RabbitMQ, a three-node RabbitMQ
+#      cluster beside it for the failover test, Chromium, promtool, the deploy validators),
 #   2. check formatting and lints,
 #   3. run every test in the workspace,
 #   4. run the Rails and Django integrations' tests (integrations/*/test.sh: Debian's
@@ -11,6 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/services.sh
+# Started once here (about a minute the first time, seconds when it runs), not per test;
+# left running for the next run (`bash scripts/rabbitmq-cluster.sh down` stops it).
+bash scripts/rabbitmq-cluster.sh up
 bash scripts/deploy-tools.sh
 
 # The browser tests drive Debian's Chromium through chromedriver; the metrics test lints
