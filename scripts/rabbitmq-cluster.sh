@@ -2,7 +2,7 @@
 # A RabbitMQ cluster on this machine, from Debian's rabbitmq-server: extra nodes beside the
 # machine's own broker (rabbit@localhost on 5672, which this script never touches or joins).
 #
-#   scripts/rabbitmq-cluster.sh up     [--nodes N]   # default 3; prints the AMQP URLs
+#   scripts/rabbitmq-cluster.sh up     [--nodes N] [--no-wait]   # default 3; prints the AMQP URLs
 #   scripts/rabbitmq-cluster.sh urls                 # the URLs, comma-separated (TESSERA_AMQP_URL)
 #   scripts/rabbitmq-cluster.sh status               # one line per node: NAME PORT PID|-
 #   scripts/rabbitmq-cluster.sh down                 # stops every node, deletes their data
@@ -17,7 +17,9 @@
 #
 # `up` is idempotent: it starts the nodes that are not running (a node that was killed comes
 # back into the cluster by itself), joins those that are not clustered yet to node 1, and
-# returns once every node accepts AMQP connections. `down` stops every node it finds in DIR
+# returns once every node accepts AMQP connections. With --no-wait it only starts the nodes
+# that are not running and returns: for bringing back a node that was stopped or killed,
+# which rejoins by itself (the next `up` waits for it). `down` stops every node it finds in DIR
 # and removes DIR, so the next `up` builds a new cluster. Needs root (or the rabbitmq user).
 # Every wait is bounded; a failure exits non-zero naming the node and its log.
 set -euo pipefail
@@ -51,14 +53,26 @@ ctl() { # node index, rabbitmqctl arguments...
   as_rabbitmq "$SBIN/rabbitmqctl" -q -n "$(node "$i")" "$@"
 }
 
-# The pid of node i when it runs, else nothing. The node's name is not on its command line
-# (3.10 names the node from its environment), so the pid file is checked against that.
+# The pid of node i when it runs (booting included), else nothing. The node's name is not
+# on its command line (3.10 names the node from its environment), so Erlang VMs are told
+# apart by that.
 node_pid() {
   local pid
-  pid=$(cat "$DIR/rq$1/pid" 2>/dev/null) || return 0
-  [[ -n $pid ]] && tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" | grep -qx "RABBITMQ_NODENAME=$(node "$1")" &&
-    echo "$pid"
+  for pid in $(pgrep -x beam.smp); do
+    if tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" | grep -qx "RABBITMQ_NODENAME=$(node "$1")"; then
+      echo "$pid"
+      return 0
+    fi
+  done
   return 0
+}
+
+# One `up` or `down` at a time (the test command, a test and a benchmark may overlap). The
+# nodes started do not inherit the lock (start_node closes it for them).
+lock() {
+  mkdir -p "$(dirname "$DIR")"
+  exec 9>"$DIR.lock"
+  flock -w 300 9 || die "another $0 held $DIR.lock for 5 minutes"
 }
 
 # The count of nodes DIR holds, from their directories (0 when none).
@@ -101,7 +115,7 @@ start_node() {
     RABBITMQ_MNESIA_BASE="$d/mnesia" \
     RABBITMQ_LOG_BASE="$d/log" \
     RABBITMQ_PID_FILE="$d/pid" \
-    setsid "$SBIN/rabbitmq-server" -detached </dev/null >>"$d/log/startup.log" 2>&1 ||
+    setsid "$SBIN/rabbitmq-server" -detached </dev/null >>"$d/log/startup.log" 2>&1 9>&- ||
     die "$(node "$i") did not start; see $d/log"
 }
 
@@ -130,16 +144,18 @@ join() { # index
 }
 
 up() {
-  local n=3
+  local n=3 wait=1
   while (($#)); do
     case $1 in
       --nodes) n=$2; shift 2 ;;
+      --no-wait) wait=0; shift ;;
       *) die "unknown option $1 (see the top of $0)" ;;
     esac
   done
   [[ $n =~ ^[1-9][0-9]?$ ]] || die "--nodes takes a number from 1"
   command -v jq >/dev/null || die "jq is missing: apt-get install -y jq"
   preflight
+  lock
   mkdir -p "$DIR"
   local i started=0
   for i in $(seq "$n"); do
@@ -148,6 +164,10 @@ up() {
     start_node "$i"
     started=1
   done
+  if ((!wait)); then
+    echo "== not waiting for the nodes to answer"
+    return
+  fi
   for i in $(seq "$n"); do await_node "$i" 120; done
   local members
   members=$(members disk_nodes)
@@ -181,6 +201,7 @@ status() {
 
 down() {
   local n i pid
+  lock
   n=$(known_nodes)
   ((n)) || { echo "rabbitmq-cluster: nothing to stop in $DIR"; return 0; }
   for i in $(seq "$n"); do
