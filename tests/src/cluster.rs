@@ -496,8 +496,10 @@ impl RabbitCluster {
         }
     }
 
-    /// Starts every node that is not running again; they rejoin the cluster.
-    pub fn restore(&self) {
-        run_rabbitmq_cluster_script(&["up", "--nodes", "3"]);
+    /// Starts every node that is not running again, without waiting for it to answer: it
+    /// rejoins the cluster by itself, in some 10–30 s, and the next [`RabbitCluster::up`]
+    /// waits for it.
+    pub fn restart_stopped(&self) {
+        run_rabbitmq_cluster_script(&["up", "--nodes", "3", "--no-wait"]);
     }
 }
