@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a clean clone on a fresh machine:
-#   1. install and start what the tests need (memcached, RabbitMQ, Chromium, promtool,
-#      the deploy validators),
+#   1. install and start what the tests need (memcached, RabbitMQ, a three-node RabbitMQ
+#      cluster beside it for the failover test, Chromium, promtool, the deploy validators),
 #   2. check formatting and lints,
 #   3. run every test in the workspace,
 #   4. run the Rails and Django integrations' tests (integrations/*/test.sh: Debian's
@@ -12,8 +12,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 started=$(mktemp)
-trap 'bash scripts/services.sh stop "$started"; rm -f "$started"' EXIT
+# The RabbitMQ cluster (scripts/rabbitmq-cluster.sh) is started once here, not per test:
+# about a minute the first time. Stopped at the end only when this run started it.
+cluster_was_up=$(bash scripts/rabbitmq-cluster.sh status 2>/dev/null | awk '$3 != "-"' | wc -l)
+stop_started() {
+  bash scripts/services.sh stop "$started"
+  rm -f "$started"
+  if [ "$cluster_was_up" = 0 ]; then bash scripts/rabbitmq-cluster.sh down; fi
+}
+trap stop_started EXIT
 TESSERA_SERVICES_STARTED=$started bash scripts/services.sh
+bash scripts/rabbitmq-cluster.sh up
 bash scripts/deploy-tools.sh
 
 # The browser tests drive Debian's Chromium through chromedriver; the metrics test lints

@@ -50,9 +50,12 @@ pub async fn connect(config: &Config) -> Result<Backends, BackendError> {
         ),
     };
     let bus: SharedBus = match config.backend.amqp() {
-        Some(url) => Arc::new(
-            AmqpBus::with_queue_expiry(
-                url.as_str(),
+        Some(nodes) => Arc::new(
+            AmqpBus::on_nodes(
+                &nodes
+                    .iter()
+                    .map(|u| u.as_str().to_string())
+                    .collect::<Vec<_>>(),
                 &config.store.namespace,
                 config.bus.queue_expiry,
             )

@@ -4,7 +4,8 @@
 # (unless --config names your own app), gateways and workers.
 #
 #   deploy/local/cluster.sh up     [--gateways N] [--workers N] [--config FILE] [--dir DIR]
-#                                  [--memcached HOST:PORT] [--amqp URL] [--bin DIR]
+#                                  [--memcached N|HOST:PORT[,HOST:PORT...]]
+#                                  [--rabbitmq-nodes N | --amqp URL[,URL...]] [--bin DIR]
 #                                  [--namespace NS] [--queue-expiry DURATION]
 #   deploy/local/cluster.sh add    gateway|worker [--dir DIR]
 #   deploy/local/cluster.sh status [--dir DIR]
@@ -15,10 +16,15 @@
 # alone. Defaults: 2 gateways, 2 workers, DIR=${TMPDIR:-/tmp}/tessera-cluster,
 # --memcached 127.0.0.1:11211, --amqp amqp://guest:guest@127.0.0.1:5672/%2f, --bin
 # target/release (build it with `cargo build --release -p tessera-gateway -p tessera-workers`).
-# --memcached and --amqp are passed to every process (TESSERA_MEMCACHED, TESSERA_AMQP_URL),
-# over what a --config file says. Each process logs to DIR/logs/NAME.log. Without --config
-# the demo's routes are configured in namespace NS (default tessera) on queue NS.build;
-# --queue-expiry lets RabbitMQ drop that queue once unused (throw-away clusters).
+# --memcached N starts N memcached servers of the cluster's own on free ports (stopped by
+# `down`); --memcached with addresses uses those servers. --rabbitmq-nodes N (N > 1) runs the
+# bus on an N-node RabbitMQ cluster beside the machine's broker (scripts/rabbitmq-cluster.sh,
+# as root; `down` stops it only if `up` started it) with quorum queues; 1 is the default
+# broker. The memcached servers and the AMQP URLs are passed to every process
+# (TESSERA_MEMCACHED, TESSERA_AMQP_URL, comma-separated), over what a --config file says.
+# Each process logs to DIR/logs/NAME.log. Without --config the demo's routes are configured
+# in namespace NS (default tessera) on queue NS.build; --queue-expiry lets RabbitMQ drop that
+# queue once unused (throw-away clusters).
 #
 # DIR/procs has one line per process: `KIND NAME PID URL ADMIN_URL` (`-` when none), and
 # DIR/run/NAME.exit the exit status of one that ended: what the distributed end-to-end tests
@@ -138,24 +144,69 @@ $(tail -n 20 "$log")"
   die "$name: no free ports after 5 attempts"
 }
 
+# Installs memcached when it is missing (as root).
+install_memcached() {
+  command -v memcached >/dev/null && return
+  [[ $(id -u) == 0 ]] || die "memcached is not installed: apt-get install -y memcached"
+  echo "== installing memcached"
+  apt-get install -y -qq memcached >/dev/null 2>&1 ||
+    { apt-get update -qq && apt-get install -y -qq memcached >/dev/null; }
+}
+
+# Starts N memcached servers of the cluster's own on free ports; sets MEMCACHED to them.
+start_memcached() { # count
+  local i port pid status servers=()
+  install_memcached
+  for i in $(seq 0 $(($1 - 1))); do
+    for _ in 1 2 3 4 5; do
+      port=$(pick_port)
+      pid=$(launch "memcached-$i" memcached -u "$(id -un)" -l 127.0.0.1 -p "$port" -m 64)
+      status=0
+      wait_ready "$pid" memcached 10 answers "127.0.0.1:$port" || status=$?
+      [[ $status == 1 ]] || break   # 1: it exited (the port was taken)
+    done
+    [[ $status == 0 ]] || die "memcached-$i did not start; see $DIR/logs/memcached-$i.log"
+    record "memcached memcached-$i $pid memcache://127.0.0.1:$port -"
+    servers+=("127.0.0.1:$port")
+  done
+  MEMCACHED=$(IFS=,; echo "${servers[*]}")
+}
+
 ensure_memcached() {
+  if [[ $MEMCACHED == *,* ]]; then
+    local server
+    for server in ${MEMCACHED//,/ }; do answers "$server" || die "memcached does not answer on $server"; done
+    return
+  fi
   answers "$MEMCACHED" && return
   local host=${MEMCACHED%:*} port=${MEMCACHED##*:}
   [[ $host == 127.0.0.1 || $host == localhost ]] || die "memcached does not answer on $MEMCACHED"
-  if ! command -v memcached >/dev/null; then
-    [[ $(id -u) == 0 ]] || die "memcached is not installed: apt-get install -y memcached"
-    echo "== installing memcached"
-    apt-get install -y -qq memcached >/dev/null 2>&1 ||
-      { apt-get update -qq && apt-get install -y -qq memcached >/dev/null; }
-  fi
+  install_memcached
   local pid
   pid=$(launch memcached memcached -u "$(id -un)" -l 127.0.0.1 -p "$port" -m 256)
   wait_ready "$pid" memcached 10 answers "$MEMCACHED" || die "memcached did not start; see $DIR/logs/memcached.log"
   record "memcached memcached $pid memcache://$MEMCACHED -"
 }
 
+# Brings up an N-node RabbitMQ cluster with scripts/rabbitmq-cluster.sh (recorded, so `down`
+# stops it, unless all N nodes ran already); sets AMQP to its nodes' URLs.
+start_rabbitmq_cluster() { # nodes
+  local script=$ROOT/scripts/rabbitmq-cluster.sh running
+  running=$(bash "$script" status 2>/dev/null | head -n "$1" | awk '$3 ~ /^[0-9]+$/' | wc -l)
+  bash "$script" up --nodes "$1" || die "the RabbitMQ cluster did not start (see above)"
+  AMQP=$(bash "$script" urls | cut -d, -f1-"$1")
+  ((running == $1)) || record "rabbitmq-cluster rabbitmq-cluster - ${AMQP%%,*} -"
+}
+
 ensure_rabbitmq() {
-  local hostport
+  local url hostport
+  if [[ $AMQP == *,* ]]; then
+    for url in ${AMQP//,/ }; do
+      hostport=$(sed -E 's#^amqps?://([^@/]*@)?([^/?]*).*#\2#' <<<"$url")
+      answers "$hostport" && return
+    done
+    die "no RabbitMQ node of $AMQP answers"
+  fi
   hostport=$(sed -E 's#^amqps?://([^@/]*@)?([^/?]*).*#\2#' <<<"$AMQP")
   [[ $hostport == *:* ]] || hostport="$hostport:5672"
   answers "$hostport" && return
@@ -170,8 +221,15 @@ ensure_rabbitmq() {
   die "RabbitMQ did not start within 60 s"
 }
 
+# `a,b` as the TOML list `["a", "b"]`.
+toml_list() {
+  local out='' item
+  for item in ${1//,/ }; do out+="${out:+, }\"$item\""; done
+  echo "[$out]"
+}
+
 up() {
-  local gateways=2 workers=2 config='' namespace=tessera expiry=''
+  local gateways=2 workers=2 config='' namespace=tessera expiry='' memcached_count=0 rabbitmq_nodes=1 amqp_given=0
   BIN=$ROOT/target/release
   MEMCACHED=127.0.0.1:11211
   AMQP='amqp://guest:guest@127.0.0.1:5672/%2f'
@@ -180,8 +238,11 @@ up() {
       --gateways) gateways=$2; shift 2 ;;
       --workers) workers=$2; shift 2 ;;
       --config) config=$(realpath "$2"); shift 2 ;;
-      --memcached) MEMCACHED=$2; shift 2 ;;
-      --amqp) AMQP=$2; shift 2 ;;
+      --memcached)
+        if [[ $2 =~ ^[0-9]+$ ]]; then memcached_count=$2; else MEMCACHED=$2; fi
+        shift 2 ;;
+      --rabbitmq-nodes) rabbitmq_nodes=$2; shift 2 ;;
+      --amqp) AMQP=$2; amqp_given=1; shift 2 ;;
       --namespace) namespace=$2; shift 2 ;;
       --queue-expiry) expiry=$2; shift 2 ;;
       --bin) BIN=$(realpath "$2"); shift 2 ;;
@@ -189,6 +250,9 @@ up() {
     esac
   done
   [[ $gateways =~ ^[0-9]+$ && $workers =~ ^[0-9]+$ ]] || die "--gateways and --workers take numbers"
+  [[ $memcached_count =~ ^[0-9]+$ && $memcached_count -le 32 ]] || die "--memcached takes a number up to 32 or addresses"
+  [[ $rabbitmq_nodes =~ ^[1-9]$ ]] || die "--rabbitmq-nodes takes a number from 1 to 9"
+  ((rabbitmq_nodes == 1 || ! amqp_given)) || die "give either --rabbitmq-nodes or --amqp, not both"
   for b in tessera-gateway tessera-worker; do
     [[ -x $BIN/$b ]] || die "$BIN/$b not found: cargo build --release -p tessera-gateway -p tessera-workers (or pass --bin DIR)"
   done
@@ -200,12 +264,12 @@ up() {
   mkdir -p "$DIR/logs" "$DIR/run"
   : >"$DIR/procs"
   CONFIG=${config:-$DIR/tessera.toml}
-  printf 'BIN=%q\nCONFIG=%q\nMEMCACHED=%q\nAMQP=%q\n' "$BIN" "$CONFIG" "$MEMCACHED" "$AMQP" >"$DIR/settings"
-  load
   trap '[[ $? == 0 ]] || { echo "cluster: start failed; stopping what was started" >&2; down; }' EXIT
 
-  ensure_memcached
-  ensure_rabbitmq
+  if ((memcached_count > 0)); then start_memcached "$memcached_count"; else ensure_memcached; fi
+  if ((rabbitmq_nodes > 1)); then start_rabbitmq_cluster "$rabbitmq_nodes"; else ensure_rabbitmq; fi
+  printf 'BIN=%q\nCONFIG=%q\nMEMCACHED=%q\nAMQP=%q\n' "$BIN" "$CONFIG" "$MEMCACHED" "$AMQP" >"$DIR/settings"
+  load
   if [[ -z $config ]]; then
     local port pid status
     # A port picked free can be taken before the upstream binds it: try another, as add does.
@@ -221,8 +285,10 @@ up() {
     {
       echo "# Written by deploy/local/cluster.sh: the demo upstream and its routes."
       printf '[upstream]\nurl = "http://127.0.0.1:%s"\n' "$port"
-      printf '[store]\nmemcached = ["%s"]\nnamespace = "%s"\n' "$MEMCACHED" "$namespace"
-      printf '[bus]\namqp = "%s"\n' "$AMQP"
+      printf '[store]\nmemcached = %s\nnamespace = "%s"\n' "$(toml_list "$MEMCACHED")" "$namespace"
+      printf '[bus]\namqp = %s\n' "$(toml_list "$AMQP")"
+      # A cluster's queues must outlive any one node.
+      ((rabbitmq_nodes > 1)) && printf 'queue_type = "quorum"\n'
       [[ -n $expiry ]] && printf 'queue_expiry = "%s"\n' "$expiry"
       printf '[workers]\nembedded = 0\n\n'
       # Every route on the namespace's own queue, so clusters sharing a broker stay apart.
@@ -260,7 +326,7 @@ down() {
   [[ -f $DIR/procs ]] || { echo "cluster: nothing running from $DIR"; return 0; }
   local kind name pid _url _admin
   local -a pids=() names=()
-  local rabbit=0
+  local rabbit=0 rabbit_cluster=0
   # Workers first (they finish their builds), then gateways, upstream, memcached.
   for k in worker gateway upstream memcached; do
     while read -r kind name pid _url _admin; do
@@ -276,6 +342,7 @@ down() {
     done <"$DIR/procs"
   done
   grep -q "^rabbitmq " "$DIR/procs" && rabbit=1
+  grep -q "^rabbitmq-cluster " "$DIR/procs" && rabbit_cluster=1
   local i left
   for _ in $(seq 300); do
     left=0
@@ -292,6 +359,10 @@ down() {
   if ((rabbit)); then
     echo "== stopping the RabbitMQ this script started"
     timeout 60 rabbitmqctl stop >/dev/null 2>&1 || echo "cluster: rabbitmqctl stop failed" >&2
+  fi
+  if ((rabbit_cluster)); then
+    echo "== stopping the RabbitMQ cluster this script started"
+    bash "$ROOT/scripts/rabbitmq-cluster.sh" down >/dev/null || echo "cluster: stopping the RabbitMQ cluster failed" >&2
   fi
   rm -rf "$DIR/procs" "$DIR/settings" "$DIR/run"
   echo "cluster: stopped ${#pids[@]} processes; logs are in $DIR/logs"

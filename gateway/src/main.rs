@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use http::Method;
 use tessera_protocol::Config;
+use tessera_protocol::config::QueueType;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -153,10 +154,16 @@ fn check(config: &Config) {
             format!("memcached {}", servers.join(", "))
         }
     };
-    let bus = if config.backend.amqp().is_some() {
-        "RabbitMQ"
-    } else {
-        "in-process"
+    let bus = match config.backend.amqp() {
+        None => "in-process".to_string(),
+        Some(nodes) => {
+            let nodes: Vec<String> = nodes.iter().map(ToString::to_string).collect();
+            format!(
+                "RabbitMQ {} ({} queues)",
+                nodes.join(", "),
+                config.bus.queue_type.as_str()
+            )
+        }
     };
     let routes: Vec<&str> = config.fragments.iter().map(|r| r.name.as_str()).collect();
     let routes = if routes.is_empty() {
@@ -168,6 +175,14 @@ fn check(config: &Config) {
         "configuration OK: store {store}; bus {bus}; {} embedded workers; upstream {}; {routes}",
         config.workers.embedded, config.upstream.url,
     );
+    if config.bus.queue_type == QueueType::Classic
+        && config.backend.amqp().is_some_and(|nodes| nodes.len() > 1)
+    {
+        eprintln!(
+            "warning: bus.amqp lists several nodes, and classic queues live on one node: \
+             queued builds are lost with it; set bus.queue_type = \"quorum\" for a cluster"
+        );
+    }
 }
 
 async fn probe(config: &Config, url: &str) -> anyhow::Result<()> {

@@ -276,3 +276,34 @@ fn check_refuses_listeners_that_collide() {
         }
     }
 }
+
+/// `check` names a cluster's nodes (passwords hidden) and its queue type, and warns when
+/// classic queues would lose queued builds with a node.
+#[test]
+fn check_names_the_brokers_nodes_and_warns_about_classic_queues_on_a_cluster() {
+    let cluster = "[store]\nmemcached = [\"127.0.0.1:11211\"]\n[workers]\nembedded = 0\n[bus]\n\
+                   amqp = [\"amqp://u:s3cret@10.0.0.1:5672/%2f\", \"amqp://u:s3cret@10.0.0.2:5672/%2f\"]\n";
+    let out = purge(&format!("{cluster}queue_type = \"quorum\"\n"), &["check"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains(
+            "bus RabbitMQ amqp://u:***@10.0.0.1:5672/%2f, amqp://u:***@10.0.0.2:5672/%2f (quorum queues)"
+        ),
+        "{summary}"
+    );
+    assert!(!summary.contains("s3cret"), "{summary}");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let classic = purge(cluster, &["check"]);
+    assert!(classic.status.success());
+    let warning = String::from_utf8_lossy(&classic.stderr);
+    assert!(warning.contains("bus.queue_type = \"quorum\""), "{warning}");
+}

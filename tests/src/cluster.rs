@@ -1,15 +1,16 @@
 //! Real processes for distributed tests: `tessera-gateway` and `tessera-worker` binaries
 //! sharing one config (memcached, RabbitMQ, a unique namespace), started and stopped by
-//! `deploy/local/cluster.sh` (the script users run), and single child processes killed
-//! when dropped.
+//! `deploy/local/cluster.sh` (the script users run), single child processes killed
+//! when dropped, and the three-node RabbitMQ cluster of `scripts/rabbitmq-cluster.sh`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tessera_protocol::FragmentRoute;
+use tessera_protocol::config::QueueType;
 
-use crate::harness::{amqp_url, memcached_addr, require_servers, unique_namespace};
+use crate::harness::{amqp_url, memcached_addr, require, require_servers, unique_namespace};
 
 /// Where the workspace's binaries are: `TESSERA_BIN_DIR`, else next to this test
 /// executable (`target/<profile>/`), where they are brought up to date with cargo once per
@@ -241,7 +242,7 @@ pub fn pid_alive(pid: u32) -> bool {
 /// One line of `DIR/procs`: `KIND NAME PID URL ADMIN_URL`.
 #[derive(Debug, Clone)]
 pub struct ProcLine {
-    /// `gateway`, `worker`, `upstream`, `memcached`, `rabbitmq`.
+    /// `gateway`, `worker`, `upstream`, `memcached`, `rabbitmq`, `rabbitmq-cluster`.
     pub kind: String,
     /// `gateway-0`, …
     pub name: String,
@@ -293,21 +294,49 @@ impl Cluster {
     /// Writes a config for `routes` (their queues prefixed with a fresh namespace) against
     /// `upstream`, on `memcached` (default: the test memcached) and the test RabbitMQ, and
     /// brings up an empty cluster (`cluster.sh up --gateways 0 --workers 0`).
-    pub fn new(
+    pub fn new(upstream: &str, routes: Vec<FragmentRoute>, memcached: Option<String>) -> Cluster {
+        require_servers();
+        Self::start(
+            upstream,
+            routes,
+            memcached.unwrap_or_else(memcached_addr),
+            &[amqp_url()],
+            QueueType::Classic,
+        )
+    }
+
+    /// Like [`Cluster::new`] on the test memcached, with the bus on `rabbitmq`'s nodes
+    /// (listed in that order) and quorum queues, as a cluster should be run.
+    pub fn on_rabbitmq_cluster(
+        upstream: &str,
+        routes: Vec<FragmentRoute>,
+        rabbitmq: &RabbitCluster,
+    ) -> Cluster {
+        require("memcached", &memcached_addr());
+        Self::start(
+            upstream,
+            routes,
+            memcached_addr(),
+            &rabbitmq.urls,
+            QueueType::Quorum,
+        )
+    }
+
+    fn start(
         upstream: &str,
         mut routes: Vec<FragmentRoute>,
-        memcached: Option<String>,
+        memcached: String,
+        amqp: &[String],
+        queue_type: QueueType,
     ) -> Cluster {
-        require_servers();
         let namespace = unique_namespace();
         for r in &mut routes {
             r.queue = format!("{namespace}.{}", r.queue);
         }
-        let memcached = memcached.unwrap_or_else(memcached_addr);
         let mut toml = format!(
             "[upstream]\nurl = \"{upstream}\"\ntimeout = \"5s\"\n[store]\nmemcached = [\"{memcached}\"]\nnamespace = \"{namespace}\"\n\
-             [bus]\namqp = \"{}\"\nqueue_expiry = \"10m\"\n[workers]\nembedded = 0\nconcurrency = 8\n[cache]\nttl = \"2s\"\n",
-            amqp_url(),
+             [bus]\namqp = {amqp:?}\nqueue_expiry = \"10m\"\nqueue_type = \"{}\"\n[workers]\nembedded = 0\nconcurrency = 8\n[cache]\nttl = \"2s\"\n",
+            queue_type.as_str(),
         );
         for r in &routes {
             toml.push_str(&format!(
@@ -338,7 +367,7 @@ impl Cluster {
                 "--memcached",
                 &memcached,
                 "--amqp",
-                &amqp_url(),
+                &amqp.join(","),
                 "--bin",
                 &bin.to_string_lossy(),
             ],
@@ -391,5 +420,86 @@ impl Drop for Cluster {
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// `scripts/rabbitmq-cluster.sh`, which runs a RabbitMQ cluster beside the machine's broker.
+pub fn rabbitmq_cluster_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/rabbitmq-cluster.sh")
+}
+
+/// Runs `rabbitmq-cluster.sh ARGS`; returns its stdout, panicking with its output and how
+/// to start the cluster by hand when it fails.
+fn run_rabbitmq_cluster_script(args: &[&str]) -> String {
+    let out = Command::new("bash")
+        .arg(rabbitmq_cluster_script())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("bash runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "the test RabbitMQ cluster is not available: `scripts/rabbitmq-cluster.sh {}` failed \
+         (start it by hand, as root, with `bash scripts/rabbitmq-cluster.sh up`; Debian's \
+         rabbitmq-server must be installed):\n{stdout}\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The three-node RabbitMQ cluster of `scripts/rabbitmq-cluster.sh`, on its own ports
+/// (never the machine's broker, which other tests share).
+#[derive(Debug)]
+pub struct RabbitCluster {
+    /// Each node's AMQP URL, node 1 first.
+    pub urls: Vec<String>,
+}
+
+impl RabbitCluster {
+    /// Brings the cluster up (`rabbitmq-cluster.sh up`: nothing to do when it is, about a
+    /// minute from nothing) and returns it; panics saying how to start it when it cannot.
+    pub fn up() -> RabbitCluster {
+        run_rabbitmq_cluster_script(&["up", "--nodes", "3"]);
+        let urls: Vec<String> = run_rabbitmq_cluster_script(&["urls"])
+            .trim()
+            .split(',')
+            .map(String::from)
+            .collect();
+        assert_eq!(urls.len(), 3, "three nodes: {urls:?}");
+        RabbitCluster { urls }
+    }
+
+    /// The pid of node `i` (from 1), when it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        let status = run_rabbitmq_cluster_script(&["status"]);
+        let line = status.lines().nth(i - 1)?;
+        line.split_whitespace().nth(2)?.parse().ok()
+    }
+
+    /// Kills node `i` (from 1) with SIGKILL, as a crash would, and waits until it is gone.
+    pub fn kill(&self, i: usize) {
+        let pid = self
+            .pid(i)
+            .unwrap_or_else(|| panic!("RabbitMQ node {i} is not running"));
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pid_alive(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "RabbitMQ node {i} (pid {pid}) outlived SIGKILL"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts every node that is not running again, without waiting for it to answer: it
+    /// rejoins the cluster by itself, in some 10–30 s, and the next [`RabbitCluster::up`]
+    /// waits for it.
+    pub fn restart_stopped(&self) {
+        run_rabbitmq_cluster_script(&["up", "--nodes", "3", "--no-wait"]);
     }
 }

@@ -103,7 +103,7 @@ pub async fn backends(kind: Backend, config: &mut Config) -> Backends {
                         .parse()
                         .expect("memcached address is valid"),
                 ],
-                amqp: amqp_url().parse().expect("AMQP URL is valid"),
+                amqp: vec![amqp_url().parse().expect("AMQP URL is valid")],
             };
             config.bus.queue_expiry = Some(QUEUE_EXPIRY);
             for route in &mut config.fragments {

@@ -423,6 +423,7 @@ fn the_scripts_pass_shellcheck() {
         "deploy/local/cluster.sh",
         "scripts/test.sh",
         "scripts/services.sh",
+        "scripts/rabbitmq-cluster.sh",
         "scripts/deploy-tools.sh",
         "bench/hit-path.sh",
         "bench/hit-path-instructions.sh",

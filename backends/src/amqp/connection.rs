@@ -3,8 +3,18 @@
 //! is lost — on behalf of publishers at most every [`RECONNECT_MIN`], by consumers and
 //! subscriptions after a [`Backoff`]. Every new connection declares the shared topology
 //! before anyone uses it.
+//!
+//! # Several nodes
+//! The broker may be a cluster: a list of node URLs ([`Connector::new`]). A connection
+//! attempt tries them in turn, each within [`OP_TIMEOUT`](super::OP_TIMEOUT), from the
+//! node after the one the last connection was made to, and keeps the first that connects
+//! and declares the topology. So the first connection goes to the first node listed, and
+//! a lost one moves to the next node at once (the lost node is tried last), without
+//! waiting for the node that went away to come back. A node that does not answer at all
+//! (a host gone without a reset) costs one `OP_TIMEOUT` per attempt until the attempts
+//! have moved past it. With one URL this is the one broker, as ever.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -12,9 +22,10 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
 
 use tessera_protocol::bus::BusError;
+use tessera_protocol::config::AmqpUrl;
 
 use super::topology::Declarations;
-use super::{AmqpBus, BACKOFF_MAX, BACKOFF_MIN, RECONNECT_MIN, timed, unavailable};
+use super::{AmqpBus, BACKOFF_MAX, BACKOFF_MIN, RECONNECT_MIN, short, timed, unavailable};
 
 /// How long a consumer or subscription waits before each reconnection attempt: `min`,
 /// doubling up to `max`, and `min` again once a connection worked ([`Backoff::reset`]),
@@ -59,20 +70,92 @@ impl Backoff {
 /// A live connection and the confirm-mode channel publishers share.
 pub(super) struct Link {
     pub(super) conn: Connection,
-    pub(super) publish: Channel,
+    /// The publish channel; replaced when the broker refuses a publish on it
+    /// ([`Link::renew_publisher`]).
+    publish: Mutex<Channel>,
+    /// Held while the publish channel is replaced: one replacement at a time.
+    renewing: tokio::sync::Mutex<()>,
     /// Route queues declared on this connection, and the declaration under way.
     pub(super) queues: Declarations,
 }
 
 impl Link {
+    fn new(conn: Connection, publish: Channel) -> Self {
+        Self {
+            conn,
+            publish: Mutex::new(publish),
+            renewing: tokio::sync::Mutex::new(()),
+            queues: Declarations::default(),
+        }
+    }
+
     pub(super) fn alive(&self) -> bool {
-        self.conn.status().connected() && self.publish.status().connected()
+        self.conn.status().connected() && self.publisher().status().connected()
+    }
+
+    /// The confirm-mode channel to publish on.
+    pub(super) fn publisher(&self) -> Channel {
+        self.publish
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the publish channel `refused` (unless another caller already did) with a
+    /// new one, and closes it.
+    ///
+    /// A channel keeps what it learnt of each queue it published to. When a quorum
+    /// queue's leader dies, a channel that first published to the queue while its
+    /// record still named the dead leader keeps sending there, and RabbitMQ (3.10)
+    /// refuses every publish on it (a negative confirm) long after a new leader took
+    /// over, while a new channel publishes at once. So a refusal costs the channel.
+    pub(super) async fn renew_publisher(&self, refused: &Channel) -> Result<(), BusError> {
+        let _renewing = self.renewing.lock().await;
+        if self.publisher().id() != refused.id() {
+            return Ok(());
+        }
+        let fresh = timed("open channel", self.conn.create_channel()).await?;
+        timed(
+            "confirm_select",
+            fresh.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        *self.publish.lock().unwrap_or_else(PoisonError::into_inner) = fresh;
+        tracing::info!("the broker refused a publish; publishing on a new channel");
+        let refused = refused.clone();
+        // Publishes still waiting for their confirms on it fail with the close.
+        tokio::spawn(async move { super::close(&refused).await });
+        Ok(())
+    }
+}
+
+/// One node of the broker.
+struct Node {
+    /// What to connect to, password included.
+    url: String,
+    /// What logs say: the URL without its password.
+    name: String,
+}
+
+impl Node {
+    fn new(url: &str, index: usize) -> Self {
+        let name = url
+            .parse::<AmqpUrl>()
+            .map_or_else(|_| format!("node {index}"), |u| u.redacted());
+        Self {
+            url: url.to_string(),
+            name,
+        }
     }
 }
 
 /// The broker this process connects to, and its connection when there is one.
 pub(super) struct Connector {
-    url: String,
+    /// The broker's nodes, in the order they are tried.
+    nodes: Vec<Node>,
+    /// Where the next connection attempt starts: the node after the one the last
+    /// connection was made to.
+    next: AtomicUsize,
     /// The live link, if any: looked at by every publish, so not held across I/O.
     link: Mutex<Option<Arc<Link>>>,
     /// Held while connecting: one connection attempt at a time.
@@ -85,10 +168,16 @@ pub(super) struct Connector {
 }
 
 impl Connector {
-    /// Not connected yet: the first call that needs the broker connects.
-    pub(super) fn new(url: &str) -> Self {
+    /// Not connected yet: the first call that needs the broker connects, to the first of
+    /// `urls` that answers.
+    pub(super) fn new(urls: &[String]) -> Self {
         Self {
-            url: url.to_string(),
+            nodes: urls
+                .iter()
+                .enumerate()
+                .map(|(i, url)| Node::new(url, i))
+                .collect(),
+            next: AtomicUsize::new(0),
             link: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             last_attempt: Mutex::new(None),
@@ -104,28 +193,61 @@ impl Connector {
 }
 
 impl AmqpBus {
-    /// Opens a connection, declares the shared topology.
+    /// Connects to the first node that answers, trying each once from the one after the
+    /// last connection's; the last node's error when none does.
     async fn connect(&self) -> Result<Link, BusError> {
+        let connection = &self.inner.connection;
+        let count = connection.nodes.len();
+        let start = connection.next.load(Ordering::Relaxed);
+        let mut failed = unavailable("no broker node is configured");
+        for i in (start..start + count).map(|i| i % count) {
+            let node = &connection.nodes[i];
+            match self.connect_to(node).await {
+                Ok(link) => {
+                    connection.next.store((i + 1) % count, Ordering::Relaxed);
+                    tracing::info!(node = %node.name, "connected to the broker");
+                    return Ok(link);
+                }
+                Err(e) => {
+                    if count > 1 {
+                        tracing::warn!(node = %node.name, error = %e, "broker node unavailable; trying the next");
+                    }
+                    failed = e;
+                }
+            }
+        }
+        Err(failed)
+    }
+
+    /// Opens a connection to `node`, declares the shared topology; closes the connection
+    /// when that fails, so a node that answers but refuses keeps no half-made link.
+    async fn connect_to(&self, node: &Node) -> Result<Link, BusError> {
         let conn = timed(
             "connect",
-            Connection::connect(&self.inner.connection.url, ConnectionProperties::default()),
+            Connection::connect(&node.url, ConnectionProperties::default()),
         )
         .await?;
-        let publish = timed("open channel", conn.create_channel()).await?;
-        timed(
-            "confirm_select",
-            publish.confirm_select(ConfirmSelectOptions::default()),
-        )
-        .await?;
-        self.declare_shared(&publish).await?;
-        if self.inner.expiry.is_some() {
-            self.declare_anchor(&publish).await?;
+        let set_up = async {
+            let publish = timed("open channel", conn.create_channel()).await?;
+            timed(
+                "confirm_select",
+                publish.confirm_select(ConfirmSelectOptions::default()),
+            )
+            .await?;
+            self.declare_shared(&publish).await?;
+            if self.inner.expiry.is_some() {
+                self.declare_anchor(&publish).await?;
+            }
+            Ok(publish)
         }
-        Ok(Link {
-            conn,
-            publish,
-            queues: Declarations::default(),
-        })
+        .await;
+        match set_up {
+            Ok(publish) => Ok(Link::new(conn, publish)),
+            Err(e) => {
+                let _ = timed("close", conn.close(200, short("set-up failed"))).await;
+                Err(e)
+            }
+        }
     }
 
     /// The live link, reconnecting when it is gone (rate limited, so publishers fail fast
@@ -152,7 +274,6 @@ impl AmqpBus {
         }
         match self.connect().await {
             Ok(link) => {
-                tracing::info!("connected to the broker");
                 if connection.connected.swap(true, Ordering::Relaxed) {
                     connection.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
@@ -192,6 +313,7 @@ impl AmqpBus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_protocol::Bus;
 
     #[test]
     fn backoff_doubles_up_to_its_cap() {
@@ -210,6 +332,51 @@ mod tests {
         b.reset();
         assert_eq!(b.next_delay(), Duration::from_millis(10));
         assert_eq!(b.next_delay(), Duration::from_millis(20));
+    }
+
+    /// A URL nothing answers on.
+    fn dead_node() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+    }
+
+    /// A node that does not answer is passed over, on the first connection and on a
+    /// reconnection alike; a lost connection moves to the next node.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_go_to_the_next_node_that_answers() {
+        let live = "amqp://guest:guest@127.0.0.1:5672/%2f".to_string();
+        let ns = format!("next-node-{}", std::process::id());
+        let bus = AmqpBus::on_nodes(
+            &[dead_node(), live.clone(), dead_node()],
+            &ns,
+            Some(Duration::from_secs(60)),
+        );
+        let queue = format!("{ns}.build");
+        let publish = || bus.publish_raw(&queue, b"{}");
+        publish()
+            .await
+            .expect("published through the second node (is RabbitMQ running on 127.0.0.1:5672?)");
+        assert_eq!(bus.inner.connection.next.load(Ordering::Relaxed), 2);
+        let link = bus.live_link().expect("connected");
+        let _ = link.conn.close(320, short("closed by the test")).await;
+        tokio::time::sleep(RECONNECT_MIN).await;
+        // The next attempt starts at the third node, goes round to the first, then the
+        // second.
+        publish().await.expect("published after a reconnection");
+        assert_eq!(bus.reconnects(), 1);
+        assert_eq!(bus.inner.connection.next.load(Ordering::Relaxed), 2);
+        let nowhere = AmqpBus::on_nodes(&[dead_node(), dead_node()], &ns, None);
+        let e = nowhere.publish_raw(&queue, b"{}").await.unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        let none = AmqpBus::on_nodes(&[], &ns, None);
+        assert!(
+            none.ping()
+                .await
+                .unwrap_err()
+                .to_string()
+                .contains("no broker node")
+        );
     }
 
     #[test]

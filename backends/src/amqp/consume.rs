@@ -2,6 +2,23 @@
 //! delivery with its acker, which dead-letters with the reason kept), the events
 //! subscription, and dead letters read back for operators. Consumers and subscriptions
 //! reconnect by themselves after a [`Backoff`].
+//!
+//! # One copy of a message at a time
+//! A consumer hands on at most one delivery of the same message (the same bytes) at a
+//! time; a copy that arrives while another is in hand waits, outside the worker, until
+//! that one is settled (acknowledged, rejected or released), and is handed on then. Two
+//! copies of one build request meet in one consumer in two ways, both around a lost
+//! connection: the broker redelivers what was in hand on the lost connection (which can no
+//! longer be acknowledged) while it is still being built, and a publish whose confirm was
+//! lost is sent again although the broker had taken it. Handed on together, both copies
+//! pass the lease's claim (same request, same holder) and the fragment is built twice;
+//! handed on after the first is settled, the copy finds it built and is dropped. Copies
+//! that reach two different consumers are not held back: the lease and idempotent builds
+//! are what bound those.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -79,17 +96,82 @@ impl AmqpBus {
     }
 }
 
+/// A consumer's deliveries handed on and not settled yet, by message, each with the copies
+/// of it that arrived meanwhile (see the module docs), and where each class's deliveries
+/// go. Kept across reconnections: a copy redelivered on a new connection waits for the
+/// delivery still in hand from the old one.
+struct InHand {
+    copies: Mutex<HashMap<Bytes, VecDeque<(usize, Delivery)>>>,
+    /// Deliveries of waited builds, then of background ones.
+    txs: [mpsc::Sender<Delivery>; 2],
+}
+
+/// The worker's side of the consumer is gone.
+struct Closed;
+
+impl InHand {
+    fn copies(&self) -> std::sync::MutexGuard<'_, HashMap<Bytes, VecDeque<(usize, Delivery)>>> {
+        self.copies.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Hands `delivery` (of `class`) on, unless a copy of it is in hand: then it waits
+    /// for that one to be settled.
+    async fn arrive(&self, class: usize, delivery: Delivery) -> Result<(), Closed> {
+        match self.copies().entry(delivery.body.clone()) {
+            Entry::Occupied(mut waiting) => {
+                tracing::debug!(
+                    redelivered = delivery.redelivered,
+                    "a copy of a delivery in hand waits for it"
+                );
+                waiting.get_mut().push_back((class, delivery));
+                return Ok(());
+            }
+            Entry::Vacant(none) => {
+                none.insert(VecDeque::new());
+            }
+        }
+        self.txs[class].send(delivery).await.map_err(|_| Closed)
+    }
+
+    /// The delivery of `body` in hand was settled: hands on the next copy, if any.
+    fn settled(&self, body: &Bytes) {
+        let (class, next) = {
+            let mut copies = self.copies();
+            let Some(waiting) = copies.get_mut(body) else {
+                return;
+            };
+            match waiting.pop_front() {
+                Some(next) => next,
+                None => {
+                    copies.remove(body);
+                    return;
+                }
+            }
+        };
+        // Outside the lock: a delivery that cannot be handed on is released when dropped,
+        // which settles it in turn.
+        let tx = self.txs[class].clone();
+        if let Err(mpsc::error::TrySendError::Full(next)) = tx.try_send(next)
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(async move {
+                let _ = tx.send(next).await;
+            });
+        }
+    }
+}
+
 /// Keeps a consumer on both classes of queues (waited, background) alive across
 /// reconnections, feeding each class's deliveries to its sender.
 async fn consume_loop(
     bus: AmqpBus,
     classes: [Vec<String>; 2],
     prefetch: u16,
-    txs: [mpsc::Sender<Delivery>; 2],
+    in_hand: Arc<InHand>,
 ) {
     let mut backoff = Backoff::default();
     loop {
-        match consume_once(&bus, &classes, prefetch, &txs, &mut backoff).await {
+        match consume_once(&bus, &classes, prefetch, &in_hand, &mut backoff).await {
             Ok(()) => return, // the receiving side is gone
             Err(e) => {
                 let delay = backoff.next_delay();
@@ -106,7 +188,7 @@ async fn consume_once(
     bus: &AmqpBus,
     classes: &[Vec<String>; 2],
     prefetch: u16,
-    txs: &[mpsc::Sender<Delivery>; 2],
+    in_hand: &Arc<InHand>,
     backoff: &mut Backoff,
 ) -> Result<(), BusError> {
     let link = bus.link().await?;
@@ -138,15 +220,17 @@ async fn consume_once(
     let mut all = futures_util::stream::select_all(streams);
     while let Some((delivery, queue, class)) = all.next().await {
         let d = delivery.map_err(unavailable)?;
+        let body = Bytes::from(d.data);
         let acker = AmqpAcker {
             bus: bus.clone(),
             acker: d.acker,
             queue: queue.clone(),
-            body: Bytes::from(d.data.clone()),
+            body: body.clone(),
             settled: false,
+            in_hand: Arc::downgrade(in_hand),
         };
-        let delivery = Delivery::new(Bytes::from(d.data), queue, d.redelivered, Box::new(acker));
-        if txs[class].send(delivery).await.is_err() {
+        let delivery = Delivery::new(body, queue, d.redelivered, Box::new(acker));
+        if in_hand.arrive(class, delivery).await.is_err() {
             return Ok(());
         }
     }
@@ -175,11 +259,15 @@ impl AmqpConsumer {
         let room = |qs: &[String]| usize::from(prefetch) * qs.len().max(1);
         let (waited_tx, waited) = mpsc::channel(room(queues));
         let (background_tx, background_rx) = mpsc::channel(room(background));
+        let in_hand = Arc::new(InHand {
+            copies: Mutex::new(HashMap::new()),
+            txs: [waited_tx, background_tx],
+        });
         let task = tokio::spawn(consume_loop(
             bus,
             [queues.to_vec(), background.to_vec()],
             prefetch,
-            [waited_tx, background_tx],
+            in_hand,
         ));
         Self {
             rx: [waited, background_rx],
@@ -219,6 +307,18 @@ struct AmqpAcker {
     queue: String,
     body: Bytes,
     settled: bool,
+    /// Its consumer's deliveries in hand: told when this one is done with (dropped,
+    /// once settled), so a copy waiting for it goes on. Weak: the copies waiting there
+    /// hold ackers too, and go (released) with the consumer.
+    in_hand: Weak<InHand>,
+}
+
+impl Drop for AmqpAcker {
+    fn drop(&mut self) {
+        if let Some(in_hand) = self.in_hand.upgrade() {
+            in_hand.settled(&self.body);
+        }
+    }
 }
 
 impl std::fmt::Debug for AmqpAcker {
@@ -423,5 +523,54 @@ impl AmqpSubscription {
 impl Subscription for AmqpSubscription {
     async fn next(&mut self) -> Option<Notice> {
         self.rx.recv().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use tessera_protocol::Bus;
+
+    /// Two copies of one message (a publish sent again after its confirm was lost) are
+    /// not handed on together: the second waits until the first is settled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_of_a_delivery_in_hand_waits_until_it_is_settled() {
+        let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+        let ns = format!("copies-wait-{}", std::process::id());
+        let bus = AmqpBus::with_queue_expiry(url, &ns, Some(Duration::from_secs(60)));
+        let queue = format!("{ns}.build");
+        for body in ["same", "other", "same"] {
+            bus.publish_raw(&queue, body.as_bytes())
+                .await
+                .expect("publish (is RabbitMQ running on 127.0.0.1:5672?)");
+        }
+        let mut consumer = bus.consume(&[queue], &[], 10).await.unwrap();
+        async fn next(consumer: &mut Box<dyn Consumer>) -> Option<Delivery> {
+            tokio::time::timeout(Duration::from_secs(5), consumer.next())
+                .await
+                .ok()
+                .flatten()
+        }
+        let first = next(&mut consumer).await.expect("the first copy");
+        let other = next(&mut consumer).await.expect("the other message");
+        assert_eq!(
+            (&first.body[..], &other.body[..]),
+            (&b"same"[..], &b"other"[..])
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), consumer.next())
+                .await
+                .is_err(),
+            "the second copy waits while the first is in hand"
+        );
+        first.ack().await.unwrap();
+        let copy = next(&mut consumer)
+            .await
+            .expect("the second copy, once the first is settled");
+        assert_eq!(&copy.body[..], b"same");
+        copy.ack().await.unwrap();
+        other.ack().await.unwrap();
     }
 }

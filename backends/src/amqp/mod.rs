@@ -56,14 +56,28 @@
 //! consumes again), re-declare and resume; a subscription then yields
 //! [`Notice::Lagged`], since events may have been lost meanwhile. Deliveries taken before
 //! a reconnection can no longer be acknowledged — the broker redelivers them instead,
-//! which is why builds are idempotent. Nothing here panics or exits the process.
+//! which is why builds are idempotent; a consumer hands such a copy on only once the
+//! delivery it copies is settled, so the copy finds its build done (`consume`). Nothing
+//! here panics or exits the process.
+//!
+//! # A cluster
+//! The bus may be given several node URLs ([`AmqpBus::on_nodes`], `bus.amqp` as a list).
+//! It connects to the first that answers, and a new connection after a lost one starts
+//! with the next node, so losing the node a process is connected to costs what any lost
+//! connection costs — the resend, the reconnections above, a [`Notice::Lagged`] — and
+//! the process carries on with another node at once. Nothing is lost with the node when
+//! the queues are quorum queues (`bus.queue_type = "quorum"`), which the cluster keeps
+//! on a majority of nodes: classic queues live on one node and go with it. The event
+//! queues are exclusive to their connection, so they are made anew on the new node.
 //!
 //! # Layout
-//! - `connection`: the one connection and its publish channel, reconnection, [`Backoff`].
+//! - `connection`: the one connection and its publish channel, reconnection (to the next
+//!   node of a cluster), [`Backoff`].
 //! - `topology`: exchanges, route and retry queues, their arguments, declared once per
 //!   connection.
 //! - `publish`: confirmed publishes, the resend on a closed connection, unroutable ones.
-//! - `consume`: build consumers and their ackers, the events subscription, dead letters.
+//! - `consume`: build consumers and their ackers (one copy of a message in hand at a
+//!   time), the events subscription, dead letters.
 //!
 //! [`Notice::Lagged`]: tessera_protocol::Notice::Lagged
 
@@ -174,12 +188,20 @@ impl AmqpBus {
     /// Like [`AmqpBus::new`]; with `expiry`, RabbitMQ deletes the namespace's queues once
     /// unused that long (throw-away namespaces only, see `bus.queue_expiry`).
     pub fn with_queue_expiry(url: &str, namespace: &str, expiry: Option<Duration>) -> Self {
+        Self::on_nodes(&[url.to_string()], namespace, expiry)
+    }
+
+    /// Like [`AmqpBus::with_queue_expiry`], on a broker of several nodes (a cluster):
+    /// connects to the first of `urls` that answers, and when that connection is lost,
+    /// to the next (see the module docs). With no URL every call is
+    /// [`BusError::Unavailable`].
+    pub fn on_nodes(urls: &[String], namespace: &str, expiry: Option<Duration>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 expiry,
                 quorum: std::sync::atomic::AtomicBool::new(false),
                 ns: namespace.to_string(),
-                connection: Connector::new(url),
+                connection: Connector::new(urls),
                 queues: Mutex::new(BTreeSet::new()),
                 declarations: std::sync::atomic::AtomicU64::new(0),
             }),

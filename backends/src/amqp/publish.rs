@@ -1,5 +1,6 @@
 //! Publishing with publisher confirms: build requests to their route queues (declared
-//! first, sent once more when the connection closed under them or no queue took them),
+//! first, sent once more when the connection closed under them, no queue took them or
+//! the broker refused them on a channel it then replaced),
 //! retries to their delay buckets, dead letters with their reason, and events to the
 //! fanout. A publish the broker confirmed but no queue took is a failure.
 
@@ -29,16 +30,11 @@ impl AmqpBus {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
+        let channel = link.publisher();
         let result = async {
             let confirm = timed(
                 "publish",
-                link.publish.basic_publish(
-                    short(exchange),
-                    short(routing_key),
-                    options,
-                    body,
-                    props,
-                ),
+                channel.basic_publish(short(exchange), short(routing_key), options, body, props),
             )
             .await?;
             match timed("publisher confirm", confirm).await? {
@@ -50,9 +46,16 @@ impl AmqpBus {
             }
         }
         .await;
-        if let Err(BusError::Unavailable(_)) = &result {
+        match &result {
             // Let the next call reconnect.
-            self.drop_link(link);
+            Err(BusError::Unavailable(_)) => self.drop_link(link),
+            Err(BusError::Rejected(_)) => {
+                if let Err(e) = link.renew_publisher(&channel).await {
+                    tracing::warn!(error = %e, "could not open a new publish channel");
+                    self.drop_link(link);
+                }
+            }
+            Ok(_) => {}
         }
         result
     }
@@ -68,7 +71,7 @@ impl AmqpBus {
     }
 
     /// Declares `queue` (with its retry queues) once per link, then publishes, trying a
-    /// second time in two cases where the broker did not take the message:
+    /// second time in three cases where the broker did not take the message:
     /// - No queue took it: a queue went (an operator deleted it, or it expired: RabbitMQ
     ///   does not count publishes as use). The queues are declared again, so a miss storm
     ///   against a deleted queue is not answered with a storm of 503s.
@@ -76,7 +79,11 @@ impl AmqpBus {
     ///   a publish meets a queue's deletion, or it restarted): the message goes out on a
     ///   new connection. The first may have taken it after all: a second copy is
     ///   harmless, since builds are idempotent and a copy picked up after the first was
-    ///   built is dropped as already built.
+    ///   built is dropped as already built (and a consumer holding both hands the copy
+    ///   on only after the first is settled).
+    /// - The broker refused it (a negative confirm): the channel may hold a dead quorum
+    ///   queue leader (see [`Link::renew_publisher`]); it goes out once more on the new
+    ///   channel the refusal bought. A second refusal is the caller's.
     ///
     /// A publish that timed out on a connection still open is not tried again: the broker
     /// is slow, and a second wait would double the caller's.
@@ -96,6 +103,7 @@ impl AmqpBus {
             {
                 Ok(true) => return Ok(()),
                 Ok(false) => link.queues.forget(queue),
+                Err(BusError::Rejected(_)) if attempt == 0 => {}
                 Err(e) if e.is_retryable() && attempt == 0 && !link.alive() => {
                     link = self.link().await?;
                 }
@@ -112,7 +120,7 @@ impl AmqpBus {
         let link = self.link().await?;
         let confirm = timed(
             "publish event",
-            link.publish.basic_publish(
+            link.publisher().basic_publish(
                 short(&self.exchange("events")),
                 short(""),
                 BasicPublishOptions::default(),

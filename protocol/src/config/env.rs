@@ -1,6 +1,8 @@
 //! Names of the environment variables that override the file, in one place, and the
 //! overrides they make: a `TESSERA_*` variable that is set beats the file's key.
 
+use super::file::AmqpNodesFile;
+
 /// Path of the TOML file, when `--config` is not given.
 pub const CONFIG: &str = "TESSERA_CONFIG";
 /// Overrides `gateway.listen`.
@@ -9,7 +11,8 @@ pub const LISTEN: &str = "TESSERA_LISTEN";
 pub const UPSTREAM_URL: &str = "TESSERA_UPSTREAM_URL";
 /// Overrides `store.memcached`, comma-separated `host:port` list.
 pub const MEMCACHED: &str = "TESSERA_MEMCACHED";
-/// Overrides `bus.amqp`.
+/// Overrides `bus.amqp`: one URL, or the nodes of a cluster comma-separated (a comma in a
+/// password is written `%2C`).
 pub const AMQP_URL: &str = "TESSERA_AMQP_URL";
 /// Overrides `gateway.admin_listen`.
 pub const ADMIN_LISTEN: &str = "TESSERA_ADMIN_LISTEN";
@@ -32,8 +35,10 @@ pub(super) struct Overrides {
     /// [`MEMCACHED`]: `store.memcached`, split at commas, blank entries dropped (a blank
     /// value leaves no server).
     pub memcached: Option<Vec<String>>,
-    /// [`AMQP_URL`]: `bus.amqp`; `Some(None)` when set but blank, which means no broker.
-    pub amqp: Option<Option<String>>,
+    /// [`AMQP_URL`]: `bus.amqp`, split at commas, blank entries dropped (one entry is
+    /// one URL, as a file's string); `Some(None)` when set but blank, which means no
+    /// broker.
+    pub amqp: Option<Option<AmqpNodesFile>>,
     /// [`ADMIN_LISTEN`]: `gateway.admin_listen`.
     pub admin_listen: Option<String>,
     /// [`ADMIN_TOKEN`]: `gateway.admin_token` and `workers.admin_token`.
@@ -55,7 +60,19 @@ impl Overrides {
                     .map(String::from)
                     .collect()
             }),
-            amqp: env(AMQP_URL).map(|v| Some(v).filter(|s| !s.trim().is_empty())),
+            amqp: env(AMQP_URL).map(|v| {
+                let mut urls: Vec<String> = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect();
+                match urls.len() {
+                    0 => None,
+                    1 => urls.pop().map(AmqpNodesFile::One),
+                    _ => Some(AmqpNodesFile::Many(urls)),
+                }
+            }),
             admin_listen: env(ADMIN_LISTEN),
             admin_token: env(ADMIN_TOKEN),
             render_token: env(RENDER_TOKEN).map(|v| v.trim().to_string()),
@@ -94,7 +111,7 @@ mod tests {
             .map(ToString::to_string)
             .collect();
         assert_eq!(servers, vec!["127.0.0.1:11211", "127.0.0.1:11212"]);
-        assert_eq!(c.backend.amqp().unwrap().as_str(), "amqp://127.0.0.1");
+        assert_eq!(c.backend.amqp().unwrap()[0].as_str(), "amqp://127.0.0.1");
     }
 
     #[test]

@@ -119,11 +119,83 @@ impl Default for StoreFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct BusFile {
-    /// AMQP URL of the broker. Absent: the embedded in-process bus.
-    pub amqp: Option<String>,
+    /// AMQP URL of the broker, or of each node of a cluster. Absent: the embedded
+    /// in-process bus.
+    pub amqp: Option<AmqpNodesFile>,
     #[serde(default, deserialize_with = "optional_duration")]
     pub queue_expiry: Option<Duration>,
     pub queue_type: QueueType,
+}
+
+/// `bus.amqp` as written: one URL (`"amqp://…"`), or a list of them, one per node of a
+/// cluster. A problem with a single URL names `bus.amqp`, one in a list `bus.amqp[i]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum AmqpNodesFile {
+    /// One URL, as `bus.amqp` always took.
+    One(String),
+    /// A list, in the order processes try the nodes.
+    Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for AmqpNodesFile {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Nodes;
+        impl<'de> serde::de::Visitor<'de> for Nodes {
+            type Value = AmqpNodesFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an AMQP URL, or a list of them (one per node of a cluster)")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(AmqpNodesFile::One(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut urls = Vec::new();
+                while let Some(url) = seq.next_element::<String>()? {
+                    urls.push(url);
+                }
+                Ok(AmqpNodesFile::Many(urls))
+            }
+        }
+        d.deserialize_any(Nodes)
+    }
+}
+
+impl AmqpNodesFile {
+    /// Parses every URL; at least one, none twice.
+    fn resolve(self) -> Result<Vec<AmqpUrl>, ConfigError> {
+        let urls = match self {
+            AmqpNodesFile::One(url) => {
+                return Ok(vec![
+                    url.parse()
+                        .map_err(|problem| invalid("bus.amqp", problem))?,
+                ]);
+            }
+            AmqpNodesFile::Many(urls) => urls,
+        };
+        if urls.is_empty() {
+            return Err(invalid(
+                "bus.amqp",
+                "lists no node: give at least one AMQP URL, or leave `bus.amqp` out for the embedded bus",
+            ));
+        }
+        let mut nodes: Vec<AmqpUrl> = Vec::with_capacity(urls.len());
+        for (i, url) in urls.iter().enumerate() {
+            let node: AmqpUrl = url
+                .parse()
+                .map_err(|problem| invalid(format!("bus.amqp[{i}]"), problem))?;
+            if let Some(first) = nodes.iter().position(|n| *n == node) {
+                return Err(invalid(
+                    format!("bus.amqp[{i}]"),
+                    format!("names the same node as bus.amqp[{first}]"),
+                ));
+            }
+            nodes.push(node);
+        }
+        Ok(nodes)
+    }
 }
 
 /// `[workers]` as written; see [`super::WorkersConfig`].
@@ -231,14 +303,7 @@ impl ConfigFile {
             memory_capacity: self.store.memory_capacity,
         };
         store.validate()?;
-        let amqp = self
-            .bus
-            .amqp
-            .map(|url| {
-                url.parse::<AmqpUrl>()
-                    .map_err(|problem| invalid("bus.amqp", problem))
-            })
-            .transpose()?;
+        let amqp = self.bus.amqp.map(AmqpNodesFile::resolve).transpose()?;
         let backend = Backend::resolve(servers, amqp)?;
         let workers = self.workers.resolve(&backend)?;
         let fragments = with_default_queues(self.fragments, &store.namespace);
@@ -309,8 +374,8 @@ fn with_default_queues(mut routes: Vec<FragmentRoute>, namespace: &str) -> Vec<F
 
 #[cfg(test)]
 mod tests {
-    use crate::config::Config;
-    use crate::config::test_support::err;
+    use crate::config::test_support::{err, key_of};
+    use crate::config::{Config, env};
 
     #[test]
     fn addresses_are_parsed_where_they_were_always_checked() {
@@ -381,5 +446,72 @@ mod tests {
             msg.contains("trusted_proxies") && msg.contains("10.0.0/8"),
             "{msg}"
         );
+    }
+
+    const MEMCACHED: &str = "[store]\nmemcached = [\"h:1\"]\n[workers]\nembedded = 0\n";
+
+    fn nodes(c: &Config) -> Vec<&str> {
+        c.backend
+            .amqp()
+            .unwrap()
+            .iter()
+            .map(|u| u.as_str())
+            .collect()
+    }
+
+    /// `bus.amqp` takes one URL, as it always did, or a cluster's nodes as a list, kept
+    /// in the order written (the order processes try them in).
+    #[test]
+    fn amqp_takes_one_url_or_a_list_of_nodes() {
+        let one = Config::from_toml(&format!("{MEMCACHED}[bus]\namqp = \"amqp://a/%2f\"")).unwrap();
+        assert_eq!(nodes(&one), ["amqp://a/%2f"]);
+        let three = Config::from_toml(&format!(
+            "{MEMCACHED}[bus]\namqp = [\"amqp://c:5673\", \"amqp://a:5671\", \"amqps://b\"]"
+        ))
+        .unwrap();
+        assert_eq!(
+            nodes(&three),
+            ["amqp://c:5673", "amqp://a:5671", "amqps://b"]
+        );
+        for (bus, key) in [
+            ("amqp = []", "bus.amqp"),
+            ("amqp = \"http://a\"", "bus.amqp"),
+            ("amqp = [\"amqp://a\", \"http://b\"]", "bus.amqp[1]"),
+            ("amqp = [\"amqp://a\", \"amqp://b:0\"]", "bus.amqp[1]"),
+            (
+                "amqp = [\"amqp://a\", \"amqp://b\", \"amqp://a\"]",
+                "bus.amqp[2]",
+            ),
+        ] {
+            assert_eq!(key_of(&format!("{MEMCACHED}[bus]\n{bus}")), key, "{bus}");
+        }
+        let msg = err(&format!("{MEMCACHED}[bus]\namqp = []"));
+        assert!(msg.contains("at least one"), "{msg}");
+        let msg = err(&format!(
+            "{MEMCACHED}[bus]\namqp = [\"amqp://a\", \"amqp://a\"]"
+        ));
+        assert!(msg.contains("same node as bus.amqp[0]"), "{msg}");
+        let msg = err("[bus]\namqp = 5");
+        assert!(msg.contains("a list of them"), "{msg}");
+    }
+
+    /// `TESSERA_AMQP_URL` takes the nodes comma-separated, as `TESSERA_MEMCACHED` does.
+    #[test]
+    fn the_amqp_override_takes_nodes_comma_separated() {
+        let with = |value: &'static str| {
+            Config::from_sources("t", Some(MEMCACHED), move |k| {
+                (k == env::AMQP_URL).then(|| value.to_string())
+            })
+        };
+        let c = with(" amqp://a:5701 ,amqp://a:5702,, amqp://a:5703").unwrap();
+        assert_eq!(
+            nodes(&c),
+            ["amqp://a:5701", "amqp://a:5702", "amqp://a:5703"]
+        );
+        assert_eq!(nodes(&with("amqp://one").unwrap()), ["amqp://one"]);
+        let e = with("amqp://a,ftp://b").unwrap_err();
+        assert!(e.to_string().contains("`bus.amqp[1]`"), "{e}");
+        let e = with("ftp://b").unwrap_err();
+        assert!(e.to_string().contains("`bus.amqp`"), "{e}");
     }
 }

@@ -327,7 +327,7 @@ impl fmt::Display for MemcachedServer {
     }
 }
 
-/// `[bus]` — the broker's URL, `amqp`, is resolved into
+/// `[bus]` — the broker's node URLs, `amqp`, are resolved into
 /// [`Config::backend`](super::Config::backend).
 #[derive(Debug, Clone, Default)]
 pub struct BusConfig {
@@ -347,7 +347,8 @@ pub enum QueueType {
     #[default]
     Classic,
     /// Replicated over the cluster by Raft (`x-queue-type: quorum`): survives losing a
-    /// minority of nodes, costs a write to a majority per message.
+    /// minority of nodes, costs a write to a majority per message. The choice for a
+    /// cluster (`bus.amqp` listing several nodes).
     Quorum,
 }
 
@@ -361,7 +362,9 @@ impl QueueType {
     }
 }
 
-/// `bus.amqp`, checked once: an `amqp://` or `amqps://` URL.
+/// One node of `bus.amqp`, checked once: an `amqp://` or `amqps://` URL with a host, and
+/// a port from 1 when it names one. A problem is described without the URL, which may
+/// carry a password.
 ///
 /// It carries the broker's password, so it prints (`Display` and `Debug`) with the
 /// password replaced by `***`; [`AmqpUrl::as_str`] gives the URL to connect with.
@@ -396,14 +399,34 @@ impl std::str::FromStr for AmqpUrl {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        if s.starts_with("amqp://") || s.starts_with("amqps://") {
-            Ok(Self(s.to_string()))
-        } else {
-            Err(
+        let Some(rest) = s
+            .strip_prefix("amqp://")
+            .or_else(|| s.strip_prefix("amqps://"))
+        else {
+            return Err(
                 "must be an amqp:// or amqps:// URL, e.g. \"amqp://guest:guest@127.0.0.1:5672/%2f\""
                     .into(),
-            )
+            );
+        };
+        let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let (host, port) = match host_port.strip_prefix('[') {
+            Some(v6) => match v6.split_once(']') {
+                Some((host, after)) => (host, after.strip_prefix(':')),
+                None => return Err("opens an IPv6 address with `[` and never closes it".into()),
+            },
+            None => match host_port.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (host_port, None),
+            },
+        };
+        if host.is_empty() {
+            return Err("names no host, e.g. \"amqp://guest:guest@127.0.0.1:5672/%2f\"".into());
         }
+        if port.is_some_and(|p| !p.parse::<u16>().is_ok_and(|p| p > 0)) {
+            return Err("has a port that is not a number from 1 to 65535".into());
+        }
+        Ok(Self(s.to_string()))
     }
 }
 
@@ -436,8 +459,9 @@ pub enum Backend {
     Distributed {
         /// `store.memcached`, never empty.
         servers: Vec<MemcachedServer>,
-        /// `bus.amqp`.
-        amqp: AmqpUrl,
+        /// `bus.amqp`, never empty: the broker's nodes, in the order a process tries them
+        /// (one URL for a single broker, one per node of a cluster).
+        amqp: Vec<AmqpUrl>,
     },
 }
 
@@ -450,8 +474,8 @@ impl Backend {
         }
     }
 
-    /// The broker, when the bus is AMQP.
-    pub fn amqp(&self) -> Option<&AmqpUrl> {
+    /// The broker's nodes, when the bus is AMQP.
+    pub fn amqp(&self) -> Option<&[AmqpUrl]> {
         match self {
             Backend::Distributed { amqp, .. } => Some(amqp),
             _ => None,
@@ -849,6 +873,33 @@ mod tests {
     }
 
     #[test]
+    fn amqp_urls_name_a_host_and_a_real_port() {
+        for url in [
+            "amqp://h",
+            "amqp://h:5672",
+            "amqps://u:p@h:5671/vhost?heartbeat=10",
+            "amqp://[::1]:5672/%2f",
+            "amqp://[::1]",
+            "amqp://h?heartbeat=10",
+        ] {
+            assert!(url.parse::<AmqpUrl>().is_ok(), "{url}");
+        }
+        for (url, problem) in [
+            ("amqp://", "names no host"),
+            ("amqp://u:p@/%2f", "names no host"),
+            ("amqp://:5672", "names no host"),
+            ("amqp://h:0", "port"),
+            ("amqp://h:70000/%2f", "port"),
+            ("amqp://h:x", "port"),
+            ("amqp://[::1/x", "never closes"),
+        ] {
+            let e = url.parse::<AmqpUrl>().unwrap_err();
+            // The URL is not repeated: it may carry a password.
+            assert!(e.contains(problem) && !e.contains("u:p"), "{url}: {e}");
+        }
+    }
+
+    #[test]
     fn the_backend_says_which_servers_run() {
         assert_eq!(Backend::Embedded.memcached(), None);
         assert_eq!(Backend::Embedded.amqp(), None);
@@ -861,10 +912,10 @@ mod tests {
         let amqp: AmqpUrl = "amqp://b".parse().unwrap();
         let distributed = Backend::Distributed {
             servers: vec![server.clone()],
-            amqp: amqp.clone(),
+            amqp: vec![amqp.clone()],
         };
         assert_eq!(distributed.memcached(), Some(&[server][..]));
-        assert_eq!(distributed.amqp(), Some(&amqp));
+        assert_eq!(distributed.amqp(), Some(&[amqp][..]));
         // Only the embedded backend is embedded: memcached alone, or with a broker, is not.
         let c = Config::from_toml("[store]\nmemcached = [\"h:1\"]").unwrap();
         assert!(!c.is_embedded());

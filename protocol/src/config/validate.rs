@@ -154,7 +154,7 @@ impl Backend {
     /// The rules that tie `store.memcached` and `bus.amqp` together.
     pub(super) fn resolve(
         servers: Vec<MemcachedServer>,
-        amqp: Option<AmqpUrl>,
+        amqp: Option<Vec<AmqpUrl>>,
     ) -> Result<Self, ConfigError> {
         match (servers.is_empty(), amqp) {
             (true, None) => Ok(Backend::Embedded),
