@@ -23,6 +23,7 @@ use tessera_protocol::store::{MemoryStore, Store, StoreError};
 use crate::cluster::{free_port, memcached};
 use crate::eventually;
 use crate::harness::{memcached_addr, require, unique_namespace};
+use crate::servers::all_threads_stopped;
 
 /// One implementation under test, fresh for one case.
 #[derive(Debug)]
@@ -704,20 +705,6 @@ pub mod memcached_only {
             dialed <= LINES as u64,
             "{dialed} connections for 400 concurrent pairs"
         );
-    }
-
-    /// Whether every thread of process `pid` is stopped (state `T` in `/proc`).
-    fn all_threads_stopped(pid: &str) -> bool {
-        let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            return false;
-        };
-        threads.flatten().all(|t| {
-            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
-                // The state follows the command name, which is in parentheses.
-                stat.rsplit_once(')')
-                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
-            })
-        })
     }
 
     /// A lookup that goes away while its batch forms (its client hung up, its deadline
