@@ -6,7 +6,7 @@
 //! types (keys, envelope, messages) links that crate alone.
 //!
 //! # Layout
-//! - [`memcached`]: the `Store` on memcached servers.
+//! - [`memcached`]: the `Store` on memcached servers, with failover when one is out.
 //! - [`amqp`]: the `Bus` on RabbitMQ, with its topology and reconnection.
 //!
 //! [`Store`]: tessera_protocol::Store
@@ -23,7 +23,7 @@ use tessera_protocol::store::SharedStore;
 use tessera_protocol::{Backends, BusError, Config, StoreError};
 
 use crate::amqp::AmqpBus;
-use crate::memcached::MemcachedStore;
+use crate::memcached::{Failover, MemcachedStore};
 
 /// Connecting to a backend failed at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +45,13 @@ pub async fn connect(config: &Config) -> Result<Backends, BackendError> {
     let store: SharedStore = match config.backend.memcached() {
         None => memory.store,
         Some(servers) => Arc::new(
-            MemcachedStore::new(servers, config.store.timeout, item_limit(config))
-                .map_err(BackendError::Store)?,
+            MemcachedStore::with_failover(
+                servers,
+                config.store.timeout,
+                item_limit(config),
+                Failover::of(&config.store),
+            )
+            .map_err(BackendError::Store)?,
         ),
     };
     let bus: SharedBus = match config.backend.amqp() {

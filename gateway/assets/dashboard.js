@@ -223,8 +223,13 @@ async function refresh() {
     $("waiting-detail").textContent = `${streams} push streams · ${polls} long-polled fragments`;
     $("tag-purges").textContent = sum(ms, "tessera_tag_purges_total");
     $("tag-detail").textContent = `${sum(ms, "tessera_tag_retired_total")} fragments retired and rebuilt`;
-    const healthy = s.ready.store === "ok" && s.ready.bus === "ok";
+    const servers = s.store_servers || [];
+    const down = servers.filter((v) => !v.up).length;
+    const healthy = s.ready.store === "ok" && s.ready.bus === "ok" && down === 0;
     $("health").textContent = healthy ? "ok" : "degraded"; $("health").className = healthy ? "ok" : "bad";
+    $("servers-detail").textContent = servers.length ? `${servers.length - down} of ${servers.length} memcached up` : "";
+    $("servers-section").hidden = servers.length === 0;
+    rows("servers", servers, (v) => [cell(v.server), cell(v.up ? "up" : "down (probed)", v.up ? "ok" : "bad"), cell(v.ejections, "num"), cell(v.readmissions, "num"), cell(v.flushes, "num")], "no servers");
     const routes = [...new Set(ms.filter((m) => m.name === "tessera_build_duration_seconds_count").map((m) => m.labels.route))];
     const latency = routes.map((route) => {
       const count = sum(ms, "tessera_build_duration_seconds_count", (l) => l.route === route);

@@ -16,6 +16,8 @@
 //! | `{ns}:p:{route}:{gen}:{digest}` | the pending lease: the id of the one request allowed to build |
 //! | `{ns}:g:{route}` | the route's generation |
 //! | `{ns}:t:{tag}` | when the tag was last purged (Unix ms; see [`crate::tags`]) |
+//! | `{ns}:m:{server}` | how often writes went elsewhere in place of a memcached server (`server`: a hash of its `host:port`) |
+//! | `{ns}:i` | on each memcached server: the count of `:m:` it was last emptied for |
 //!
 //! A lease is placed on the memcached server of its envelope ([`placed_as`]), so the two
 //! can be written in one ordered exchange (see [`crate::store::Store::add_then_get`]).
@@ -148,6 +150,18 @@ impl Keyspace {
     /// (no `:`, space or control character) and is at most 128 bytes.
     pub fn tag(&self, tag: &Tag) -> StoreKey {
         StoreKey(format!("{}:t:{tag}", self.ns))
+    }
+
+    /// Where the count of writes a memcached server missed is kept, `server` naming it
+    /// (a hash of its address). Only the memcached store uses it.
+    pub fn missed_writes(&self, server: u64) -> StoreKey {
+        StoreKey(format!("{}:m:{server:016x}", self.ns))
+    }
+
+    /// The key each memcached server holds for itself: the count of missed writes it was
+    /// last emptied for. Only the memcached store uses it.
+    pub fn emptied_for(&self) -> StoreKey {
+        StoreKey(format!("{}:i", self.ns))
     }
 
     /// Recovers a fragment's keys from its envelope key's text, as carried in messages

@@ -29,6 +29,17 @@
 //! a new key scheme; it is not adopted (what it would save, measured: `bench/README.md`,
 //! "Lookup-or-lease in one command").
 //!
+//! On a store of several servers the lease is kept on two of them ([`crate::store::copies`]):
+//! the first two of its envelope's placement order that the process believes up. It is
+//! taken on the first, then on the second, and held only when both were won (the loser of
+//! the second gives the first back); a claim reads both, and finding two requests on them
+//! looks again briefly (one is being given back) before it steps aside; extending and
+//! releasing write both; the envelope is stored on the first. While processes disagree
+//! about one server being out, their copies still share a server, so two requests are
+//! never both held: a server lost, or flushed on its return, takes one copy of a lease
+//! with it and never the lease. The two adds cost a queued build one more exchange; a
+//! lookup and a hit cost nothing more.
+//!
 //! However long a request waits in its queue, at most one request per key gets past its
 //! claim: a lease that expired in the queue lets the next poll publish again, and the
 //! older request then finds the newer one's id and steps aside. A build nobody waits for
@@ -41,6 +52,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::join_all;
 
 use crate::config::FragmentRoute;
 use crate::envelope::Envelope;
@@ -100,6 +112,11 @@ impl<'a> Lease<'a> {
         &self.key
     }
 
+    /// Where the lease is kept: its copies, first copy first (see the module docs).
+    fn copies(&self) -> Vec<&'a dyn Store> {
+        store::copies(self.store, &self.key)
+    }
+
     /// Takes the lease for the request `holder` unless someone holds it. `Some` when this
     /// caller won: it must then queue the request or [`release`](Self::release) the lease.
     /// `None` when a build is already queued or running.
@@ -107,70 +124,130 @@ impl<'a> Lease<'a> {
     /// The envelope is read back after the lease is taken, in the same exchange on
     /// memcached (the two share a server): a worker that stored a result and released its
     /// lease between the caller's lookup and this call is seen, and not built twice.
+    /// With two copies, the first is taken before the second, and both must be won.
     pub async fn acquire(&self, holder: &str) -> Result<Option<Acquired>, StoreError> {
         let deadline = self.deadline_after(Duration::ZERO);
-        let won = self
-            .store
-            .add_then_get(&self.key, holder.as_bytes(), self.ttl, self.envelope)
-            .await?;
-        Ok(won.map(|envelope| Acquired { deadline, envelope }))
+        let copies = self.copies();
+        let Some((first, others)) = copies.split_first() else {
+            return Err(no_copy());
+        };
+        let take = |copy: &'a dyn Store| {
+            copy.add_then_get(&self.key, holder.as_bytes(), self.ttl, self.envelope)
+        };
+        let Some(mut envelope) = take(*first).await? else {
+            return Ok(None);
+        };
+        for copy in others {
+            match take(*copy).await {
+                // A copy that does not answer is the server out of service: the first
+                // copy, which every view shares with this one, decides.
+                Err(_) => {}
+                Ok(Some(read)) => envelope = envelope.or(read),
+                Ok(None) => {
+                    // Another request holds it there (taken under another view of which
+                    // server is out): it wins, give the first copy back.
+                    let _ = first.delete(&self.key).await;
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(Acquired { deadline, envelope }))
     }
 
     /// A worker picked the request `holder`, made in `generation` of the route, up: may
-    /// it build? See the module docs. The route's generation and the lease are read in
-    /// one exchange.
+    /// it build? See the module docs. The route's generation and the lease are read at
+    /// once.
     pub async fn claim(&self, holder: &str, generation: u64) -> Result<Claim, StoreError> {
         let generation_key = self.keyspace.generation(self.route);
-        let mut found = self
-            .store
-            .get_many(&[self.key.clone(), generation_key.clone()])
-            .await?;
-        let route_generation = match found.remove(&generation_key) {
-            Some(bytes) => store::parse_generation(&bytes)?,
-            None => store::generation(self.store, &generation_key).await?,
-        };
-        if generation < route_generation {
+        let (route_generation, mut holders) = tokio::join!(
+            store::generation(self.store, &generation_key),
+            self.holders(),
+        );
+        if generation < route_generation? {
             return Ok(Claim::Purged);
         }
-        match found.remove(&self.key) {
-            Some(current) if current == holder.as_bytes() => {
-                self.store
-                    .set(&self.key, holder.as_bytes(), self.ttl)
-                    .await?;
-                Ok(Claim::Held)
-            }
-            Some(_) => Ok(Claim::Superseded),
-            None => {
-                // Take it, reading the envelope back in the same exchange.
-                let Some(won) = self.acquire(holder).await? else {
-                    return Ok(Claim::Superseded);
-                };
-                let fresh = match won.envelope.and_then(|bytes| Envelope::decode(&bytes).ok()) {
-                    // A fresh envelope a tag purge retired is as good as none.
-                    Some(e) if now_ms() < e.fresh_until => {
-                        !tags::retired(self.store, &self.keyspace, &e).await?
-                    }
-                    _ => false,
-                };
-                if !fresh {
+        for _ in 0..CONFLICT_READS {
+            match holders? {
+                Holders::Conflict => {}
+                Holders::Of(Some(current)) if current == holder.as_bytes() => {
+                    self.extend(holder, Duration::ZERO).await?;
                     return Ok(Claim::Held);
                 }
-                // Nothing to build: give it back. One that cannot be given back expires
-                // by itself, and the fragment is fresh meanwhile.
-                let _ = self.release().await;
-                Ok(Claim::AlreadyBuilt)
+                Holders::Of(Some(_)) => return Ok(Claim::Superseded),
+                Holders::Of(None) => return self.claim_unheld(holder).await,
+            }
+            // Two requests on two copies: one is giving its copy back (it lost the other
+            // one). Look again shortly.
+            tokio::time::sleep(CONFLICT_PAUSE).await;
+            holders = self.holders().await;
+        }
+        Ok(Claim::Superseded)
+    }
+
+    /// Nobody held the lease: the worker takes it as a gateway does, reading the
+    /// envelope back in the same exchange.
+    async fn claim_unheld(&self, holder: &str) -> Result<Claim, StoreError> {
+        let Some(won) = self.acquire(holder).await? else {
+            return Ok(Claim::Superseded);
+        };
+        let fresh = match won.envelope.and_then(|bytes| Envelope::decode(&bytes).ok()) {
+            // A fresh envelope a tag purge retired is as good as none.
+            Some(e) if now_ms() < e.fresh_until => {
+                !tags::retired(self.store, &self.keyspace, &e).await?
+            }
+            _ => false,
+        };
+        if !fresh {
+            return Ok(Claim::Held);
+        }
+        // Nothing to build: give it back. One that cannot be given back expires by
+        // itself, and the fragment is fresh meanwhile.
+        let _ = self.release().await;
+        Ok(Claim::AlreadyBuilt)
+    }
+
+    /// Who holds the lease, read from every copy: one request (or nobody) where the
+    /// copies that answered agree, a conflict where two requests hold one copy each.
+    async fn holders(&self) -> Result<Holders, StoreError> {
+        let read = join_all(self.copies().iter().map(|c| c.get(&self.key))).await;
+        let mut answered = false;
+        let mut held: Option<Bytes> = None;
+        let mut failure = None;
+        for copy in read {
+            match copy {
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+                Ok(found) => {
+                    answered = true;
+                    match (&held, found) {
+                        (Some(a), Some(b)) if *a != b => return Ok(Holders::Conflict),
+                        (None, Some(b)) => held = Some(b),
+                        _ => {}
+                    }
+                }
             }
         }
+        if !answered {
+            return Err(failure.unwrap_or_else(no_copy));
+        }
+        Ok(Holders::Of(held))
     }
 
     /// Holds the lease for the request `holder` `wait` more than its usual TTL, from
     /// now: through a retry's delay and the retried render. Returns the new deadline
-    /// (Unix ms), the same as [`deadline_after`](Self::deadline_after) gives.
+    /// (Unix ms), the same as [`deadline_after`](Self::deadline_after) gives. Written on
+    /// every copy (a copy that came back empty is filled again).
     pub async fn extend(&self, holder: &str, wait: Duration) -> Result<u64, StoreError> {
         let deadline = self.deadline_after(wait);
-        self.store
-            .set(&self.key, holder.as_bytes(), wait + self.ttl)
-            .await?;
+        let copies = self.copies();
+        let set = join_all(
+            copies
+                .iter()
+                .map(|c| c.set(&self.key, holder.as_bytes(), wait + self.ttl)),
+        )
+        .await;
+        any_answered(set)?;
         Ok(deadline)
     }
 
@@ -182,29 +259,73 @@ impl<'a> Lease<'a> {
     /// Gives the lease back: the next request may queue a build at once instead of
     /// waiting for the lease to expire.
     pub async fn release(&self) -> Result<(), StoreError> {
-        self.store.delete(&self.key).await.map(drop)
+        let copies = self.copies();
+        any_answered(join_all(copies.iter().map(|c| c.delete(&self.key))).await)
     }
 
     /// Stores the envelope `bytes` for `ttl`, then gives the lease back, in that order
-    /// (one exchange on memcached). The outer result is the store's; the inner one the
+    /// (one exchange on memcached, on the first copy, where the envelope lives; the other
+    /// copy is given back beside it). The outer result is the store's; the inner one the
     /// release's, which only delays the next build when it fails (the lease expires).
     pub async fn finish(
         &self,
         bytes: &[u8],
         ttl: Duration,
     ) -> Result<Result<(), StoreError>, StoreError> {
-        let released = self
-            .store
-            .set_then_delete(self.envelope, bytes, ttl, &self.key)
-            .await?;
-        Ok(released.map(drop))
+        let copies = self.copies();
+        let Some((first, others)) = copies.split_first() else {
+            return Err(no_copy());
+        };
+        let (stored, others) = tokio::join!(
+            first.set_then_delete(self.envelope, bytes, ttl, &self.key),
+            join_all(others.iter().map(|c| c.delete(&self.key))),
+        );
+        let released = stored?;
+        // The release counts where any copy was given back.
+        Ok(any_answered([released].into_iter().chain(others).collect()))
     }
 
     /// The id of the request holding the lease now, if any.
     pub async fn holder(&self) -> Result<Option<String>, StoreError> {
-        let value = self.store.get(&self.key).await?;
-        Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        let held = match self.holders().await? {
+            Holders::Of(held) => held,
+            Holders::Conflict => None,
+        };
+        Ok(held.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
+}
+
+/// Who holds a lease, by its copies.
+enum Holders {
+    /// The copies that answered name this request, or nobody.
+    Of(Option<Bytes>),
+    /// Two copies name two requests.
+    Conflict,
+}
+
+/// How often a claim looks again at a lease two requests hold one copy each.
+const CONFLICT_READS: usize = 3;
+/// How long a claim waits before it looks again.
+const CONFLICT_PAUSE: Duration = Duration::from_millis(20);
+
+/// Ok when any of `results` succeeded (a copy that does not answer is out of service);
+/// the first error when none did.
+fn any_answered<T>(results: Vec<Result<T, StoreError>>) -> Result<(), StoreError> {
+    let mut failure = None;
+    for result in results {
+        match result {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    Err(failure.unwrap_or_else(no_copy))
+}
+
+/// A store of several servers with none up.
+fn no_copy() -> StoreError {
+    StoreError::Unavailable(crate::Cause::new("no server is up to hold the lease"))
 }
 
 #[cfg(test)]
@@ -212,6 +333,7 @@ mod tests {
     use super::*;
     use crate::key::{Identity, Keyspace};
     use crate::store::MemoryStore;
+    use crate::store::copies::fake::{self, View};
 
     /// A route in generation 1, and the keys of one of its fragments.
     async fn setup() -> (MemoryStore, FragmentKeys, FragmentRoute) {
@@ -400,5 +522,139 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(lease.claim("old", 2).await.unwrap(), Claim::Purged);
+    }
+
+    /// Three servers, and the keys of one fragment of route `recs` in generation 1.
+    async fn servers() -> (Vec<std::sync::Arc<dyn Store>>, FragmentKeys, FragmentRoute) {
+        let servers = vec![fake::server(), fake::server(), fake::server()];
+        let keyspace = Keyspace::new("t");
+        let all = View::new(&servers, &[]);
+        crate::store::Register::of(&all, &keyspace.generation("recs"))
+            .raise(1)
+            .await
+            .unwrap();
+        let keys = keyspace.fragment(&identity(vec![]), 1);
+        (servers, keys, FragmentRoute::new("recs", "/render/recs"))
+    }
+
+    #[tokio::test]
+    async fn a_lease_has_one_holder_while_views_disagree_about_a_server() {
+        let (servers, keys, route) = servers().await;
+        let all = View::new(&servers, &[]);
+        let without_first = View::new(&servers, &[0]);
+        let lease = |view| Lease::new(view, &keys, &route);
+        assert!(lease(&all).acquire("r").await.unwrap().is_some());
+        // A process that judged the first server out takes the second and third copies:
+        // the second is held.
+        assert_eq!(lease(&without_first).acquire("q").await.unwrap(), None);
+        // Its worker may build the request that holds the lease; the copy it found
+        // empty is filled.
+        assert_eq!(
+            lease(&without_first).claim("r", 1).await.unwrap(),
+            Claim::Held
+        );
+        assert_eq!(
+            lease(&without_first).claim("q", 1).await.unwrap(),
+            Claim::Superseded
+        );
+        assert!(servers[2].get(&lease(&all).key).await.unwrap().is_some());
+        // The first server comes back empty (flushed): the lease is still held.
+        let back = vec![fake::server(), servers[1].clone(), servers[2].clone()];
+        let after = View::new(&back, &[]);
+        assert_eq!(lease(&after).acquire("p").await.unwrap(), None);
+        assert_eq!(lease(&after).holder().await.unwrap().as_deref(), Some("r"));
+        assert_eq!(
+            back[0].get(&lease(&all).key).await.unwrap(),
+            None,
+            "given back"
+        );
+        // Storing releases every copy, wherever the view put them.
+        lease(&without_first)
+            .finish(b"built", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        for server in &back {
+            assert_eq!(server.get(&lease(&all).key).await.unwrap(), None);
+        }
+        assert_eq!(
+            back[1].get(&keys.envelope).await.unwrap().as_deref(),
+            Some(&b"built"[..]),
+            "the envelope lives on that view's first copy"
+        );
+        // Whoever takes the lease next reads it back from either copy.
+        let won = lease(&after).acquire("next").await.unwrap().unwrap();
+        assert_eq!(won.envelope.as_deref(), Some(&b"built"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_take_split_over_two_copies_is_given_back() {
+        let (servers, keys, route) = servers().await;
+        let all = View::new(&servers, &[]);
+        let lease = Lease::new(&all, &keys, &route);
+        // Another view's request holds the second copy only.
+        servers[1]
+            .set(&lease.key, b"q", Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(lease.acquire("r").await.unwrap(), None);
+        assert_eq!(
+            servers[0].get(&lease.key).await.unwrap(),
+            None,
+            "the first copy was given back"
+        );
+    }
+
+    #[tokio::test]
+    async fn two_requests_on_two_copies_both_step_aside() {
+        tokio::time::pause();
+        let (servers, keys, route) = servers().await;
+        let all = View::new(&servers, &[]);
+        let lease = Lease::new(&all, &keys, &route);
+        servers[0]
+            .set(&lease.key, b"r", Duration::from_secs(30))
+            .await
+            .unwrap();
+        servers[1]
+            .set(&lease.key, b"q", Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(lease.claim("r", 1).await.unwrap(), Claim::Superseded);
+        assert_eq!(lease.claim("q", 1).await.unwrap(), Claim::Superseded);
+        assert_eq!(lease.holder().await.unwrap(), None);
+        // One copy given back meanwhile (the loser of a split take): the other builds.
+        servers[0].delete(&lease.key).await.unwrap();
+        assert_eq!(lease.claim("q", 1).await.unwrap(), Claim::Held);
+    }
+
+    #[tokio::test]
+    async fn a_copy_that_does_not_answer_neither_blocks_nor_doubles_a_lease() {
+        let (servers, keys, route) = servers().await;
+        let hung: std::sync::Arc<dyn Store> = std::sync::Arc::new(fake::Unreachable);
+        // The second server hangs, and this view has not judged it out yet.
+        let unaware = View::new(&[servers[0].clone(), hung, servers[2].clone()], &[]);
+        let aware = View::new(&servers, &[1]);
+        assert!(
+            Lease::new(&unaware, &keys, &route)
+                .acquire("r")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(
+            Lease::new(&aware, &keys, &route)
+                .acquire("q")
+                .await
+                .unwrap(),
+            None,
+            "the first server, shared by both views, decides"
+        );
+        assert_eq!(
+            Lease::new(&unaware, &keys, &route)
+                .claim("r", 1)
+                .await
+                .unwrap(),
+            Claim::Held
+        );
     }
 }

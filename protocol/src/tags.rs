@@ -29,11 +29,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::time::Duration;
 
 use crate::envelope::Envelope;
 use crate::key::{Keyspace, StoreKey};
-use crate::store::{Store, StoreError};
+use crate::store::copies::read_registers;
+use crate::store::{Register, Store, StoreError};
 use crate::time::now_ms;
 
 /// The render answer header that carries a fragment's tags.
@@ -156,17 +156,20 @@ fn check_count(n: usize) -> Result<(), TagError> {
 }
 
 /// Records a purge of `tag` now; returns its instant (Unix ms), the one events carry.
+///
+/// The key only grows ([`Register::raise`]): a purge that lands after a later one (two
+/// gateways purging the tag at once) never moves it back. On a store of several servers
+/// it is kept on two of them, so a purge is neither refused nor lost while one is out.
 pub async fn purge(store: &dyn Store, keys: &Keyspace, tag: &Tag) -> Result<u64, StoreError> {
     let at = now_ms();
-    store
-        .set(&keys.tag(tag), at.to_string().as_bytes(), Duration::ZERO)
-        .await?;
+    Register::of(store, &keys.tag(tag)).raise(at).await?;
     Ok(at)
 }
 
-/// When each of `tags` was last purged (Unix ms; 0 for never), in one `get_many`. Tags
-/// that are not valid (an envelope written by another program) are left out: they can
-/// never have been purged.
+/// When each of `tags` was last purged (Unix ms; 0 for never), in one `get_many` per
+/// server holding copies of their keys (the largest copy counts). Tags that are not valid
+/// (an envelope written by another program) are left out: they can never have been
+/// purged.
 pub async fn purged_at(
     store: &dyn Store,
     keys: &Keyspace,
@@ -180,13 +183,10 @@ pub async fn purged_at(
         return Ok(HashMap::new());
     }
     let store_keys: Vec<StoreKey> = valid.iter().map(|(k, _)| k.clone()).collect();
-    let found = store.get_many(&store_keys).await?;
+    let found = read_registers(store, &store_keys).await?;
     Ok(valid
         .into_iter()
-        .map(|(key, tag)| {
-            let at = found.get(&key).and_then(|v| parse_instant(v)).unwrap_or(0);
-            (tag.to_string(), at)
-        })
+        .map(|(key, tag)| (tag.to_string(), found.get(&key).copied().unwrap_or(0)))
         .collect())
 }
 
@@ -206,13 +206,10 @@ pub async fn retired(
     Ok(envelope.retired_by(|t| purged.get(t).copied()))
 }
 
-/// A tag key's value: a decimal Unix ms. Anything else reads as "never purged".
-fn parse_instant(bytes: &[u8]) -> Option<u64> {
-    std::str::from_utf8(bytes).ok()?.trim().parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::store::MemoryStore;
 

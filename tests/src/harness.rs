@@ -96,26 +96,37 @@ pub async fn backends(kind: Backend, config: &mut Config) -> Backends {
         }
         Backend::Real => {
             require_servers();
-            let ns = unique_namespace();
-            config.backend = tessera_protocol::Backend::Distributed {
-                servers: vec![
-                    memcached_addr()
-                        .parse()
-                        .expect("memcached address is valid"),
-                ],
-                amqp: vec![amqp_url().parse().expect("AMQP URL is valid")],
-            };
-            config.bus.queue_expiry = Some(QUEUE_EXPIRY);
-            for route in &mut config.fragments {
-                route.queue = format!("{ns}.{}", route.queue);
-            }
-            config.store.namespace = ns;
-            config.validate().expect("test config is valid");
-            tessera_backends::connect(config)
-                .await
-                .expect("backends connect")
+            let servers = vec![
+                memcached_addr()
+                    .parse()
+                    .expect("memcached address is valid"),
+            ];
+            real_backends_on(servers, config).await
         }
     }
+}
+
+/// memcached on `servers` and the test RabbitMQ for `config`, in a namespace of the
+/// caller's own.
+pub async fn real_backends_on(
+    servers: Vec<tessera_protocol::config::MemcachedServer>,
+    config: &mut Config,
+) -> Backends {
+    require("RabbitMQ", &amqp_addr());
+    let ns = unique_namespace();
+    config.backend = tessera_protocol::Backend::Distributed {
+        servers,
+        amqp: vec![amqp_url().parse().expect("AMQP URL is valid")],
+    };
+    config.bus.queue_expiry = Some(QUEUE_EXPIRY);
+    for route in &mut config.fragments {
+        route.queue = format!("{ns}.{}", route.queue);
+    }
+    config.store.namespace = ns;
+    config.validate().expect("test config is valid");
+    tessera_backends::connect(config)
+        .await
+        .expect("backends connect")
 }
 
 /// A gateway running in this process.

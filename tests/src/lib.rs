@@ -9,6 +9,7 @@
 //! - [`conformance`]: the `Store` and `Bus` conformance suites, run on every backend.
 //! - [`counting`]: a `Store` wrapper that counts round trips.
 //! - [`harness`]: start and stop gateways; choose memory or real backends.
+//! - [`servers`]: several memcached servers of a test's own, to kill, stop and resume.
 //! - [`eventually`]: wait for a condition with a bounded deadline; [`metric`]: read a sample.
 //! - [`on_both_backends!`]: run a file's scenarios as tests on memory and real backends.
 
@@ -19,6 +20,7 @@ pub mod cluster;
 pub mod conformance;
 pub mod counting;
 pub mod harness;
+pub mod servers;
 pub mod upstream;
 
 use std::future::Future;

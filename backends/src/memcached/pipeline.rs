@@ -69,11 +69,13 @@ pub fn home(index: usize) {
     HOME.with(|home| home.set(Some(index)));
 }
 
-/// One command's answer: its return code and, for `VA`, its data block.
+/// One command's answer: its return code, for `VA` its data block, and the item's CAS
+/// when the command asked for it (`c`).
 #[derive(Debug)]
 pub(super) struct Reply {
     pub rc: ReturnCode,
     pub value: Option<Bytes>,
+    pub cas: Option<u64>,
 }
 
 /// Each command's own answer, in order (a `SERVER_ERROR` or `CLIENT_ERROR` is that
@@ -416,8 +418,8 @@ fn parse(buffer: &mut BytesMut) -> Result<Option<Result<Reply, McError>>, String
     };
     let line = buffer[..end].strip_suffix(b"\r").unwrap_or(&buffer[..end]);
     if let Some(rest) = line.strip_prefix(b"VA ") {
-        let length = rest
-            .split(|&b| b == b' ')
+        let mut tokens = rest.split(|&b| b == b' ');
+        let length = tokens
             .next()
             .and_then(|t| std::str::from_utf8(t).ok())
             .and_then(|t| t.parse::<usize>().ok())
@@ -431,19 +433,39 @@ fn parse(buffer: &mut BytesMut) -> Result<Option<Result<Reply, McError>>, String
         if &buffer[whole - 2..whole] != b"\r\n" {
             return Err("a data block without its CRLF".into());
         }
+        let cas = tokens.find_map(cas_flag);
         let value = Bytes::copy_from_slice(&buffer[end + 1..end + 1 + length]);
         buffer.advance(whole);
         return Ok(Some(Ok(Reply {
             rc: ReturnCode::Va,
             value: Some(value),
+            cas,
         })));
     }
-    let answer = MetaResponse::parse_header(line).map(|r| Reply {
-        rc: r.rc(),
-        value: None,
-    });
+    let answer = if line == b"OK" {
+        // The classic protocol's answer to `flush_all`.
+        Ok(Reply {
+            rc: ReturnCode::Hd,
+            value: None,
+            cas: None,
+        })
+    } else {
+        MetaResponse::parse_header(line).map(|r| Reply {
+            rc: r.rc(),
+            value: None,
+            cas: r.flags().find_map(cas_flag),
+        })
+    };
     buffer.advance(end + 1);
     Ok(Some(answer))
+}
+
+/// The CAS of a `c<cas>` return flag.
+fn cas_flag(flag: &[u8]) -> Option<u64> {
+    std::str::from_utf8(flag.strip_prefix(b"c")?)
+        .ok()?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]

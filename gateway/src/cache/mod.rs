@@ -564,10 +564,11 @@ impl CacheService {
 }
 
 impl CacheService {
-    /// Deletes one fragment everywhere and tells every gateway; whether it was there.
+    /// Deletes one fragment everywhere (from both servers that may hold it, on a store of
+    /// several) and tells every gateway; whether it was there.
     pub(crate) async fn purge_fragment(&self, t: &Fragment<'_>) -> Result<bool, CacheError> {
         let key = &t.keys.envelope;
-        let deleted = self.backends.store.delete(key).await?;
+        let deleted = store::copies::delete_everywhere(self.backends.store.as_ref(), key).await?;
         // Evict here first, so this gateway is right even if the broker is down.
         self.l1.invalidate_key(key).await;
         let event = Event::Purged {

@@ -266,6 +266,7 @@ impl Admin {
                 "recent_failures": failures,
                 "dead_letters": dead,
                 "ready": ready.to_json(),
+                "store_servers": self.backends.store.servers(),
             }),
         )
     }

@@ -100,6 +100,10 @@ pub(super) struct StoreFile {
     pub timeout: Duration,
     pub max_item_size: ByteSize,
     pub memory_capacity: ByteSize,
+    pub eject_after: u32,
+    #[serde(deserialize_with = "duration")]
+    pub probe_interval: Duration,
+    pub flush_on_return: bool,
 }
 
 impl Default for StoreFile {
@@ -111,6 +115,9 @@ impl Default for StoreFile {
             timeout: d.timeout,
             max_item_size: d.max_item_size,
             memory_capacity: d.memory_capacity,
+            eject_after: d.eject_after,
+            probe_interval: d.probe_interval,
+            flush_on_return: d.flush_on_return,
         }
     }
 }
@@ -301,6 +308,9 @@ impl ConfigFile {
             timeout: self.store.timeout,
             max_item_size: self.store.max_item_size,
             memory_capacity: self.store.memory_capacity,
+            eject_after: self.store.eject_after,
+            probe_interval: self.store.probe_interval,
+            flush_on_return: self.store.flush_on_return,
         };
         store.validate()?;
         let amqp = self.bus.amqp.map(AmqpNodesFile::resolve).transpose()?;

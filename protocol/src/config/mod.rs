@@ -188,6 +188,9 @@ memcached = ["127.0.0.1:11211"]
 namespace = "tessera"
 timeout = "250ms"
 max_item_size = "1023KiB"
+eject_after = 3
+probe_interval = "1s"
+flush_on_return = true
 [bus]
 amqp = "amqp://guest:guest@127.0.0.1:5672/%2f"
 [workers]
@@ -255,6 +258,9 @@ queue = "tessera.build"
         assert_eq!(c.store.timeout, Duration::from_millis(250));
         assert_eq!(c.store.max_item_size, ByteSize::kib(1023));
         assert_eq!(c.store.memory_capacity, ByteSize::mib(256));
+        assert_eq!(c.store.eject_after, 3);
+        assert_eq!(c.store.probe_interval, Duration::from_secs(1));
+        assert!(c.store.flush_on_return);
         assert_eq!(c.bus.queue_expiry, None);
         assert_eq!(c.backend, Backend::Embedded);
         assert_eq!(c.workers.embedded, 4);

@@ -250,6 +250,21 @@ pub struct StoreConfig {
     pub max_item_size: ByteSize,
     /// Byte budget of the embedded memory store (unused with memcached). Default 256 MiB.
     pub memory_capacity: ByteSize,
+    /// Calls in a row that must fail on a memcached server (a broken connection, an
+    /// error answer to a whole exchange) before this process judges it down, skips it
+    /// and sends its keys to the next server. A call not answered within `timeout`, or a
+    /// refused connection, judges it down at once. At least 1. Default 3.
+    pub eject_after: u32,
+    /// How often each process checks every memcached server: one it uses, to find a
+    /// hang even without traffic and to empty it if it missed writes; one it judged
+    /// down, to take it back once it answers (retried sooner at first: after 100 ms,
+    /// doubling up to this). Default 1 s.
+    pub probe_interval: Duration,
+    /// Empty a memcached server (`flush_all`) that comes back after writes went
+    /// elsewhere in its place, before using it again, so that nothing purged or rebuilt
+    /// meanwhile is served from it. Only for servers Tessera does not share: turned off,
+    /// a returning server may serve what it held before it left. Default true.
+    pub flush_on_return: bool,
 }
 
 impl Default for StoreConfig {
@@ -259,6 +274,9 @@ impl Default for StoreConfig {
             timeout: Duration::from_millis(250),
             max_item_size: ByteSize::kib(1023),
             memory_capacity: ByteSize::mib(256),
+            eject_after: 3,
+            probe_interval: Duration::from_secs(1),
+            flush_on_return: true,
         }
     }
 }

@@ -243,6 +243,19 @@ impl StoreConfig {
             ));
         }
         positive("store.timeout", self.timeout)?;
+        if self.eject_after == 0 {
+            return Err(invalid(
+                "store.eject_after",
+                "must be at least 1 (calls in a row that fail before a server is judged down)",
+            ));
+        }
+        positive("store.probe_interval", self.probe_interval)?;
+        if self.probe_interval > MAX_PROBE_INTERVAL {
+            return Err(invalid(
+                "store.probe_interval",
+                "must be at most 1h: a server out of service is taken back no later than this",
+            ));
+        }
         if self.max_item_size < ByteSize::kib(4) || self.max_item_size > ByteSize::mib(128) {
             return Err(invalid(
                 "store.max_item_size",
@@ -529,6 +542,9 @@ pub(super) fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigErr
     })
 }
 
+/// Longest `store.probe_interval`.
+const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(3600);
+
 fn positive(key: &str, d: Duration) -> Result<(), ConfigError> {
     if d.is_zero() {
         return Err(invalid(key, "must be greater than zero"));
@@ -594,6 +610,9 @@ mod tests {
             ("[store]\nnamespace = \"a b\"", "store.namespace"),
             ("[store]\ntimeout = \"0ms\"", "store.timeout"),
             ("[store]\nmax_item_size = \"1KiB\"", "store.max_item_size"),
+            ("[store]\neject_after = 0", "store.eject_after"),
+            ("[store]\nprobe_interval = \"0s\"", "store.probe_interval"),
+            ("[store]\nprobe_interval = \"61m\"", "store.probe_interval"),
             ("[bus]\namqp = \"http://x\"", "bus.amqp"),
             ("[bus]\namqp = \"amqp://x\"", "store.memcached"),
             ("[workers]\nembedded = 0", "workers.embedded"),

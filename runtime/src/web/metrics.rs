@@ -1,17 +1,19 @@
 //! `/metrics` and the collectors both binaries register: the exposition in the format the
 //! scraper asks for (Prometheus text 0.0.4 or OpenMetrics 1.0.0), the open connections per
-//! listener ([`ConnectionGauges`]), and the backends' reconnect counters read at scrape
-//! time ([`BackendMetrics`]).
+//! listener ([`ConnectionGauges`]), and the backends' reconnect counters and memcached
+//! servers' states read at scrape time ([`BackendMetrics`]).
 
 use http::{HeaderMap, Response, StatusCode, header};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
 use tessera_protocol::Backends;
+use tessera_protocol::store::ServerState;
 
 use super::body::{Body, text};
 
@@ -103,7 +105,12 @@ pub fn wants_openmetrics(request: &HeaderMap) -> bool {
 }
 
 /// The backends' reconnect counters, read at each scrape: `{prefix}_store_reconnects` and
-/// `{prefix}_bus_reconnects`. Register it in a registry prefixed `tessera`.
+/// `{prefix}_bus_reconnects`; and, for a store of servers, each server's state as this
+/// process sees it: `{prefix}_store_server_up{server}` (1 up, 0 judged down),
+/// `{prefix}_store_server_ejections_total{server}`,
+/// `{prefix}_store_server_readmissions_total{server}` and
+/// `{prefix}_store_server_flushes_total{server}`. Register it in a registry prefixed
+/// `tessera`.
 #[derive(Debug, Clone)]
 pub struct BackendMetrics {
     backends: Backends,
@@ -134,8 +141,63 @@ impl Collector for BackendMetrics {
             let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
             counter.encode(metric)?;
         }
-        Ok(())
+        encode_servers(&self.backends.store.servers(), &mut encoder)
     }
+}
+
+/// Labels of the per-server series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServerLabels {
+    server: String,
+}
+
+/// Each server's state, one family per figure (nothing for a store without servers).
+fn encode_servers(
+    servers: &[ServerState],
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    if servers.is_empty() {
+        return Ok(());
+    }
+    let mut up = encoder.encode_descriptor(
+        "store_server_up",
+        "Whether this process uses the store server (1) or judged it down (0)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for s in servers {
+        let labels = ServerLabels {
+            server: s.server.clone(),
+        };
+        ConstGauge::new(i64::from(s.up)).encode(up.encode_family(&labels)?)?;
+    }
+    type Count = fn(&ServerState) -> u64;
+    for (name, help, count) in [
+        (
+            "store_server_ejections",
+            "Times this process judged the store server down",
+            (|s| s.ejections) as Count,
+        ),
+        (
+            "store_server_readmissions",
+            "Times this process took the store server back after it answered again",
+            |s| s.readmissions,
+        ),
+        (
+            "store_server_flushes",
+            "Times this process emptied the store server (it missed writes while out)",
+            |s| s.flushes,
+        ),
+    ] {
+        let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for s in servers {
+            let labels = ServerLabels {
+                server: s.server.clone(),
+            };
+            ConstCounter::new(count(s)).encode(metric.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -175,6 +237,109 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    /// A memory store that says it has two servers, the second judged down.
+    #[derive(Debug)]
+    struct TwoServers(tessera_protocol::store::MemoryStore);
+
+    #[async_trait::async_trait]
+    impl tessera_protocol::Store for TwoServers {
+        async fn get(
+            &self,
+            k: &tessera_protocol::StoreKey,
+        ) -> Result<Option<bytes::Bytes>, tessera_protocol::StoreError> {
+            self.0.get(k).await
+        }
+        async fn get_many(
+            &self,
+            k: &[tessera_protocol::StoreKey],
+        ) -> Result<
+            std::collections::HashMap<tessera_protocol::StoreKey, bytes::Bytes>,
+            tessera_protocol::StoreError,
+        > {
+            self.0.get_many(k).await
+        }
+        async fn add(
+            &self,
+            k: &tessera_protocol::StoreKey,
+            v: &[u8],
+            t: std::time::Duration,
+        ) -> Result<bool, tessera_protocol::StoreError> {
+            self.0.add(k, v, t).await
+        }
+        async fn set(
+            &self,
+            k: &tessera_protocol::StoreKey,
+            v: &[u8],
+            t: std::time::Duration,
+        ) -> Result<(), tessera_protocol::StoreError> {
+            self.0.set(k, v, t).await
+        }
+        async fn delete(
+            &self,
+            k: &tessera_protocol::StoreKey,
+        ) -> Result<bool, tessera_protocol::StoreError> {
+            self.0.delete(k).await
+        }
+        async fn incr(
+            &self,
+            k: &tessera_protocol::StoreKey,
+            d: u64,
+        ) -> Result<Option<u64>, tessera_protocol::StoreError> {
+            self.0.incr(k, d).await
+        }
+        async fn ping(&self) -> Result<(), tessera_protocol::StoreError> {
+            Ok(())
+        }
+        fn servers(&self) -> Vec<ServerState> {
+            let server = |name: &str, up: bool, n: u64| ServerState {
+                server: name.into(),
+                up,
+                ejections: n,
+                readmissions: n.saturating_sub(1),
+                flushes: 0,
+            };
+            vec![
+                server("10.0.0.1:11211", true, 0),
+                server("10.0.0.2:11211", false, 2),
+            ]
+        }
+    }
+
+    #[tokio::test]
+    async fn each_store_server_has_its_state_and_counters() {
+        let mut backends = Backends::memory(&tessera_protocol::Config::default());
+        backends.store = std::sync::Arc::new(TwoServers(
+            tessera_protocol::store::MemoryStore::new(1 << 20, 1024),
+        ));
+        let mut registry = Registry::with_prefix("tessera");
+        registry.register_collector(Box::new(BackendMetrics::new(backends)));
+        let (_, text) = scrape(&registry, None).await;
+        for line in [
+            "# TYPE tessera_store_server_up gauge\n",
+            "tessera_store_server_up{server=\"10.0.0.1:11211\"} 1\n",
+            "tessera_store_server_up{server=\"10.0.0.2:11211\"} 0\n",
+            "# TYPE tessera_store_server_ejections_total counter\n",
+            "tessera_store_server_ejections_total{server=\"10.0.0.2:11211\"} 2\n",
+            "tessera_store_server_readmissions_total{server=\"10.0.0.2:11211\"} 1\n",
+            "tessera_store_server_flushes_total{server=\"10.0.0.1:11211\"} 0\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        // A store without servers adds nothing.
+        let (_, memory) = scrape(
+            &{
+                let mut r = Registry::with_prefix("tessera");
+                r.register_collector(Box::new(BackendMetrics::new(Backends::memory(
+                    &tessera_protocol::Config::default(),
+                ))));
+                r
+            },
+            None,
+        )
+        .await;
+        assert!(!memory.contains("store_server"), "{memory}");
     }
 
     #[tokio::test]

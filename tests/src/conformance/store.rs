@@ -23,6 +23,7 @@ use tessera_protocol::store::{MemoryStore, Store, StoreError};
 use crate::cluster::{free_port, memcached};
 use crate::eventually;
 use crate::harness::{memcached_addr, require, unique_namespace};
+use crate::servers::all_threads_stopped;
 
 /// One implementation under test, fresh for one case.
 #[derive(Debug)]
@@ -478,8 +479,10 @@ pub mod memcached_only {
     }
 
     /// A fragment's lease lives on its envelope's server, so taking it and reading the
-    /// envelope back is one ordered exchange; across three servers 100 gateways racing
-    /// for one lease still have exactly one winner, and each sees the envelope as stored.
+    /// envelope back is one ordered exchange, and on one other server (its second copy,
+    /// so that no lease is lost with one server); across three servers 100 gateways
+    /// racing for one lease still have exactly one winner, and each sees the envelope as
+    /// stored.
     pub async fn a_lease_lives_with_its_envelope_and_has_one_winner() {
         let ports = [free_port(), free_port(), free_port()];
         let _servers: Vec<_> = ports.iter().map(|&p| memcached(p)).collect();
@@ -507,6 +510,7 @@ pub mod memcached_only {
             lease.acquire("a").await.unwrap().expect("free");
             let (lease_key, envelope) = (lease.key().clone(), fragment.envelope.clone());
             let mut holders = Vec::new();
+            let mut second_copies = 0;
             for (i, single) in singles.iter().enumerate() {
                 let found = single
                     .get_many(&[lease_key.clone(), envelope.clone()])
@@ -517,11 +521,13 @@ pub mod memcached_only {
                     found.contains_key(&envelope),
                 ) {
                     (true, true) => holders.push(i),
+                    (true, false) => second_copies += 1,
                     (false, false) => {}
                     split => panic!("fragment {n}: lease and envelope apart: {split:?}"),
                 }
             }
             assert_eq!(holders.len(), 1, "fragment {n}");
+            assert_eq!(second_copies, 1, "fragment {n}: the lease's second copy");
             servers_used.insert(holders[0]);
         }
         assert!(
@@ -699,20 +705,6 @@ pub mod memcached_only {
             dialed <= LINES as u64,
             "{dialed} connections for 400 concurrent pairs"
         );
-    }
-
-    /// Whether every thread of process `pid` is stopped (state `T` in `/proc`).
-    fn all_threads_stopped(pid: &str) -> bool {
-        let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            return false;
-        };
-        threads.flatten().all(|t| {
-            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
-                // The state follows the command name, which is in parentheses.
-                stat.rsplit_once(')')
-                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
-            })
-        })
     }
 
     /// A lookup that goes away while its batch forms (its client hung up, its deadline

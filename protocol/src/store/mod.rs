@@ -12,6 +12,28 @@
 //!   for one absent key exactly one gets `true`. This is what makes "exactly one build".
 //! - A lost connection is a [`StoreError::Unavailable`]; the implementation reconnects on
 //!   a later call by itself. Every call has a deadline.
+//!
+//! # Several servers, and losing one
+//!
+//! A store may spread keys over several servers and keep serving when one of them is
+//! out (the memcached store does; its module docs say how it finds a server out, skips
+//! it, and takes it back). Then:
+//!
+//! - an **envelope** lives on one server, the first of its placement order that is up;
+//!   a copy lost with its server is rebuilt;
+//! - **invalidation metadata and leases** are kept on the first two servers up
+//!   ([`copies`]), so that no purge and no lease is lost with one server, whichever
+//!   server each process believes out;
+//! - a **purge of one fragment** deletes it from both ([`copies::delete_everywhere`]);
+//!   purges of every kind are accepted while one server is out;
+//! - a server that **comes back** never serves what it held before it left: the store
+//!   empties it (or deletes what was written elsewhere in its place) before using it
+//!   again, so nothing purged or rebuilt meanwhile comes back with it.
+//!
+//! The callers that need it ([`generation`], [`bump_generation`], [`crate::tags`],
+//! [`crate::lease`]) work on the copies; everything else sees one store.
+
+pub mod copies;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -24,6 +46,8 @@ use bytes::Bytes;
 use crate::error::Cause;
 use crate::key::StoreKey;
 use crate::time::{ceil_secs, now_ms};
+
+pub use copies::{COPIES, Register, copies};
 
 /// A store call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -102,13 +126,76 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// value; `Ok(None)` when the key is absent (nothing is created).
     async fn incr(&self, key: &StoreKey, delta: u64) -> Result<Option<u64>, StoreError>;
 
-    /// Checks that the store answers.
+    /// Atomically makes the decimal number at `key` at least `to`, creating it (without
+    /// expiry) when absent, and returns the number then stored: never lowers it, whatever
+    /// runs beside it. A value that is not a number is a [`StoreError::Protocol`].
+    ///
+    /// The default reads and then writes, which a concurrent raise can undo; stores
+    /// shared between processes implement it with an atomic primitive.
+    async fn raise(&self, key: &StoreKey, to: u64) -> Result<u64, StoreError> {
+        for _ in 0..3 {
+            match self.get(key).await? {
+                Some(bytes) => {
+                    let now = parse_generation(&bytes)?;
+                    if now >= to {
+                        return Ok(now);
+                    }
+                    self.set(key, to.to_string().as_bytes(), Duration::ZERO)
+                        .await?;
+                    return Ok(to);
+                }
+                None => {
+                    if self
+                        .add(key, to.to_string().as_bytes(), Duration::ZERO)
+                        .await?
+                    {
+                        return Ok(to);
+                    }
+                }
+            }
+        }
+        Err(StoreError::Protocol(format!("{key} keeps changing")))
+    }
+
+    /// Checks that the store answers (a store of several servers: that every server it
+    /// believes up answers, and that one is).
     async fn ping(&self) -> Result<(), StoreError>;
 
     /// Calls that failed on their connection (which was dropped), since start.
     fn reconnects(&self) -> u64 {
         0
     }
+
+    /// The stores holding the copies of `key` when it is kept twice ([`copies`]): the
+    /// first [`COPIES`] servers up in its placement order, each as a store whose calls go
+    /// to that server only, first copy first (where its envelope lives). Computed at
+    /// once, so the copies are distinct servers. `None` when this store keeps a single
+    /// copy of everything (the memory twin, one memcached server): then the store itself
+    /// is the copy.
+    fn copies(&self, _key: &StoreKey) -> Option<Vec<&dyn Store>> {
+        None
+    }
+
+    /// The state of each server, in configuration order, as this process sees it (empty
+    /// for a store without servers).
+    fn servers(&self) -> Vec<ServerState> {
+        Vec::new()
+    }
+}
+
+/// One server of a store, as this process sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ServerState {
+    /// `host:port`, as configured.
+    pub server: String,
+    /// Whether calls use it (false: judged out, and probed until it answers).
+    pub up: bool,
+    /// Times this process judged it out, since start.
+    pub ejections: u64,
+    /// Times this process took it back, since start.
+    pub readmissions: u64,
+    /// Times this process emptied it (`flush_all`) before taking it back, since start.
+    pub flushes: u64,
 }
 
 /// [`Store::add_then_get`] as two calls, one after the other.
@@ -137,42 +224,26 @@ pub async fn set_then_delete_in_turn<S: Store + ?Sized>(
     Ok(store.delete(then).await)
 }
 
-/// Reads a route's generation, creating it when absent.
+/// Reads a route's generation, creating it when absent. Kept on two servers when the
+/// store has several ([`Register`]): the largest copy is the generation.
 ///
 /// A new generation starts at the current Unix time in milliseconds, not at 0: if the
-/// store ever loses the key (eviction, restart), the recreated generation is still higher
-/// than any generation whose entries may linger, so a purged route never comes back.
+/// store ever loses the key (eviction, restart, the servers holding it lost), the
+/// recreated generation is still higher than any generation whose entries may linger,
+/// so a purged route never comes back.
 pub async fn generation(store: &dyn Store, key: &StoreKey) -> Result<u64, StoreError> {
-    for _ in 0..3 {
-        if let Some(bytes) = store.get(key).await? {
-            return parse_generation(&bytes);
-        }
-        let seed = now_ms();
-        if store
-            .add(key, seed.to_string().as_bytes(), Duration::ZERO)
-            .await?
-        {
-            return Ok(seed);
-        }
-        // Someone else created it between our get and add: read theirs.
+    let register = Register::of(store, key);
+    if let Some(current) = register.read().await? {
+        return Ok(current);
     }
-    Err(StoreError::Protocol(format!(
-        "generation key {key} keeps disappearing"
-    )))
+    // Someone may create it at once: the largest of the two is kept, and read.
+    register.raise(now_ms()).await
 }
 
 /// Moves a route to a new generation and returns it. Entries of older generations are
 /// never looked up again and age out on their own ("ignore rather than expire").
 pub async fn bump_generation(store: &dyn Store, key: &StoreKey) -> Result<u64, StoreError> {
-    for _ in 0..3 {
-        generation(store, key).await?;
-        if let Some(next) = store.incr(key, 1).await? {
-            return Ok(next);
-        }
-    }
-    Err(StoreError::Protocol(format!(
-        "generation key {key} keeps disappearing"
-    )))
+    Register::of(store, key).bump(now_ms).await
 }
 
 pub(crate) fn parse_generation(bytes: &[u8]) -> Result<u64, StoreError> {
@@ -352,6 +423,34 @@ impl Store for MemoryStore {
                     }
                 },
                 _ => moka::ops::compute::Op::Nop,
+            });
+        outcome
+    }
+
+    async fn raise(&self, key: &StoreKey, to: u64) -> Result<u64, StoreError> {
+        let now = tokio::time::Instant::now();
+        let mut outcome = Ok(to);
+        self.items
+            .entry(key.clone())
+            .and_compute_with(|existing| match existing {
+                Some(e) if e.value().live(now) => match parse_generation(&e.value().data) {
+                    Ok(held) if held >= to => {
+                        outcome = Ok(held);
+                        moka::ops::compute::Op::Nop
+                    }
+                    Ok(_) => moka::ops::compute::Op::Put(Self::item(
+                        to.to_string().as_bytes(),
+                        Duration::ZERO,
+                    )),
+                    Err(e) => {
+                        outcome = Err(e);
+                        moka::ops::compute::Op::Nop
+                    }
+                },
+                _ => moka::ops::compute::Op::Put(Self::item(
+                    to.to_string().as_bytes(),
+                    Duration::ZERO,
+                )),
             });
         outcome
     }
