@@ -157,6 +157,43 @@ proptest! {
         }
     }
 
+    /// A push stream looks each fragment up once, by its canonical source: the route
+    /// and `Identity::query_string`. That form must name the same fragment as every
+    /// source it stands for (re-read, it is itself), and junk params a client adds, in
+    /// any place, must not make another one.
+    #[test]
+    fn a_canonical_source_names_the_same_fragment_whatever_junk_is_added(
+        q in query(),
+        junk in proptest::collection::vec(("[a-z_]{1,8}", client_value()), 0..6),
+        at in any::<prop::sample::Index>(),
+    ) {
+        let r = route();
+        let h = HeaderMap::new();
+        let ks = Keyspace::new("tessera");
+        let Ok(id) = Identity::from_request(&r, Some(&q), &h) else {
+            return Ok(());
+        };
+        let canonical = id.query_string();
+        let again = Identity::from_request(&r, Some(&canonical), &h);
+        prop_assert!(again.is_ok(), "{:?} from {:?}", canonical, q);
+        let again = again.unwrap();
+        prop_assert_eq!(ks.fragment(&again, 0), ks.fragment(&id, 0));
+        prop_assert_eq!(again.query_string(), canonical.clone());
+
+        let mut pairs: Vec<String> = q.split('&').filter(|p| !p.is_empty()).map(String::from).collect();
+        for (name, value) in junk {
+            if r.params.contains(&name) {
+                continue;
+            }
+            let place = at.index(pairs.len() + 1);
+            pairs.insert(place, format!("{name}={}", encode(&value)));
+        }
+        let noisy = pairs.join("&");
+        let id = Identity::from_request(&r, Some(&noisy), &h);
+        prop_assert!(id.is_ok(), "{:?}", noisy);
+        prop_assert_eq!(id.unwrap().query_string(), canonical);
+    }
+
     #[test]
     fn different_allow_listed_values_give_different_keys(
         a in client_value(),

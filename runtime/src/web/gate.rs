@@ -119,9 +119,13 @@ pub fn admin_gate<B>(
 /// rebinding is the name, which the attacker's page cannot choose (an SSH tunnel on
 /// another port still works). Anything that is not a valid authority is refused.
 pub(super) fn loopback_host(host: &str, listen: IpAddr) -> bool {
+    // `Host` is `uri-host [":" port]` (RFC 9110): an authority's userinfo has no place.
     let Ok(authority) = host.trim().parse::<http::uri::Authority>() else {
         return false;
     };
+    if authority.as_str().contains('@') {
+        return false;
+    }
     let name = authority.host();
     let bare = name.trim_start_matches('[').trim_end_matches(']');
     match bare.parse::<IpAddr>() {
@@ -250,6 +254,87 @@ mod tests {
         let own = IpAddr::from([10, 0, 0, 5]);
         assert!(loopback_host("10.0.0.5:9090", own));
         assert!(!loopback_host("10.0.0.6:9090", own));
+    }
+
+    mod host_properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A port as a `Host` may carry it: none, or any number.
+        fn port() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just(String::new()),
+                any::<u16>().prop_map(|p| format!(":{p}"))
+            ]
+        }
+
+        /// A DNS name of one to four labels: what an attacker's page can be served from.
+        fn dns_name() -> impl Strategy<Value = String> {
+            proptest::collection::vec("[a-zA-Z0-9][a-zA-Z0-9-]{0,12}", 1..5)
+                .prop_map(|labels| labels.join("."))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn any_text_is_judged_without_panicking(host in any::<String>()) {
+                let _ = loopback_host(&host, IpAddr::from([127, 0, 0, 1]));
+            }
+
+            #[test]
+            fn localhost_in_any_case_and_loopback_addresses_pass(
+                upper in proptest::collection::vec(any::<bool>(), 9),
+                dot in any::<bool>(),
+                octets in any::<[u8; 3]>(),
+                port in port(),
+            ) {
+                let lo = IpAddr::from([127, 0, 0, 1]);
+                let name: String = "localhost".chars().zip(&upper)
+                    .map(|(c, &up)| if up { c.to_ascii_uppercase() } else { c })
+                    .collect();
+                let dot = if dot { "." } else { "" };
+                let [a, b, c] = octets;
+                for host in [
+                    format!("{name}{dot}{port}"),
+                    format!("127.{a}.{b}.{c}{port}"),
+                    format!("[::1]{port}"),
+                ] {
+                    prop_assert!(loopback_host(&host, lo), "{}", host);
+                }
+            }
+
+            /// An attacker chooses the name it rebinds, and nothing it can choose passes:
+            /// no other name, no name that starts or ends like a loopback one, no other
+            /// address.
+            #[test]
+            fn no_other_name_or_address_passes(
+                name in dns_name(),
+                glue in prop_oneof![Just("."), Just("@"), Just("-"), Just("_"), Just("")],
+                ip in any::<[u8; 4]>(),
+                port in port(),
+            ) {
+                let lo = IpAddr::from([127, 0, 0, 1]);
+                prop_assume!(!name.trim_end_matches('.').eq_ignore_ascii_case("localhost"));
+                let mut hosts = vec![format!("{name}{port}")];
+                for loopback in ["localhost", "127.0.0.1"] {
+                    hosts.push(format!("{loopback}{glue}{name}{port}"));
+                    hosts.push(format!("{name}{glue}{loopback}{port}"));
+                }
+                for host in hosts {
+                    // Digits glued to 127.0.0.1 can make another loopback address.
+                    let bare = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
+                    let is_loopback_ip = bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+                    prop_assert_eq!(loopback_host(&host, lo), is_loopback_ip, "{}", host);
+                }
+                let ip = IpAddr::from(ip);
+                prop_assume!(!ip.is_loopback());
+                let host = format!("{ip}{port}");
+                prop_assert!(!loopback_host(&host, lo), "{}", host);
+                // The listener's own address passes, and only it.
+                prop_assert!(loopback_host(&host, ip), "{}", host);
+            }
+        }
     }
 
     #[test]
