@@ -83,20 +83,61 @@ async fn answer(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Byt
     let query = req.uri().query().unwrap_or("");
     let who =
         tessera_protocol::key::cookie(req.headers(), "name").unwrap_or_else(|| "stranger".into());
-    let built = tessera_protocol::time::now_ms() / 1000;
-    let body = match *name {
+    let body = fragment(name, *delay, query, &who, tessera_protocol::time::now_ms());
+    Ok(html(StatusCode::OK, body))
+}
+
+/// The HTML of the fragment `name`, rendered in `delay` ms and finished at `now_ms`.
+fn fragment(name: &str, delay: u64, query: &str, who: &str, now_ms: u64) -> String {
+    let body = match name {
         "weather" => "<p>☀️ 21 °C, light breeze.</p>".to_string(),
-        "greeting" => format!("<p>Hello, {}!</p>", escape(&who)),
+        "greeting" => format!("<p>Hello, {}!</p>", escape(who)),
         "recommendations" => format!(
             "<ul><li>Rust in Action</li><li>Designing Data-Intensive Applications</li></ul><small>for {}</small>",
             escape(query)
         ),
         _ => "<ol><li>Fragment caches are back</li><li>Workers scale out</li></ol>".to_string(),
     };
-    Ok(html(
-        StatusCode::OK,
-        format!("{body}<small> rendered in {delay} ms at {built}</small>"),
-    ))
+    format!(
+        "{body}<small> rendered in {delay} ms, built at {}</small>",
+        clock(now_ms)
+    )
+}
+
+/// A Unix time in ms as a time of day, `19:04:05 UTC`.
+fn clock(unix_ms: u64) -> String {
+    let day_secs = unix_ms / 1000 % 86_400;
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        day_secs / 3600,
+        day_secs / 60 % 60,
+        day_secs % 60
+    )
+}
+
+/// What `--demo` prints once the gateway listens on `page`, its admin listener on `admin`:
+/// the page to open and the dashboard.
+pub fn banner(page: SocketAddr, admin: SocketAddr) -> String {
+    let dashboard = if admin.port() == 0 {
+        "the admin address in the `gateway listening` log line".to_string()
+    } else {
+        format!("http://{}/", reachable(admin))
+    };
+    format!(
+        "Tessera demo\n  page:      http://{}/\n  dashboard: {dashboard}\n",
+        reachable(page)
+    )
+}
+
+/// `addr` as a browser on this machine reaches it: a wildcard address as loopback.
+fn reachable(mut addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    addr
 }
 
 fn escape(s: &str) -> String {
@@ -150,5 +191,44 @@ mod tests {
             assert_eq!(route.render, format!("/_render/{}", route.name));
         }
         assert_eq!(config.upstream.url.as_str(), "http://127.0.0.1:3000");
+    }
+
+    #[test]
+    fn fragments_say_when_they_were_built_as_a_time_of_day() {
+        // 2026-12-07 19:04:05.678 UTC
+        let at = 1_796_670_245_678;
+        assert_eq!(clock(at), "19:04:05 UTC");
+        assert_eq!(clock(0), "00:00:00 UTC");
+        assert_eq!(clock(86_399_999), "23:59:59 UTC");
+        let html = fragment("weather", 300, "", "x", at);
+        assert!(
+            html.ends_with("<small> rendered in 300 ms, built at 19:04:05 UTC</small>"),
+            "{html}"
+        );
+        let html = fragment("greeting", 700, "", "<b>", at);
+        assert!(html.contains("Hello, &lt;b&gt;!"), "{html}");
+    }
+
+    #[test]
+    fn the_banner_names_the_page_and_the_dashboard() {
+        let text = banner(
+            "127.0.0.1:8080".parse().unwrap(),
+            "127.0.0.1:9090".parse().unwrap(),
+        );
+        assert_eq!(
+            text,
+            "Tessera demo\n  page:      http://127.0.0.1:8080/\n  dashboard: http://127.0.0.1:9090/\n"
+        );
+        let text = banner(
+            "0.0.0.0:8080".parse().unwrap(),
+            "[::]:9090".parse().unwrap(),
+        );
+        assert!(text.contains("http://127.0.0.1:8080/"), "{text}");
+        assert!(text.contains("http://[::1]:9090/"), "{text}");
+        let text = banner(
+            "127.0.0.1:8080".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        );
+        assert!(text.contains("log line"), "{text}");
     }
 }

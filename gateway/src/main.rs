@@ -133,7 +133,11 @@ async fn run(mut config: Config, demo: bool) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding gateway.listen = {}", config.gateway.listen))?;
     if demo {
-        println!("Tessera demo: open http://{}/", listener.local_addr()?);
+        let page = listener.local_addr()?;
+        print!(
+            "{}",
+            tessera_gateway::demo::banner(page, config.gateway.admin_listen)
+        );
     }
     tessera_gateway::run(
         listener,
