@@ -8,12 +8,14 @@
 //! long-poll, as client.js would) for every accepted fragment never rendered, and prints
 //! one table row per phase, every figure taken from requests sent within the phase:
 //! - 503s: of misses (cold, long-polls, ESI placeholders), of hits, of the rest (pages,
-//!   purges, reads of purged fragments); refused: requests with no HTTP answer;
+//!   purges, reads of purged fragments); refused: requests with no HTTP answer; hits
+//!   answered 202: fragments of the hit set no longer found (their copy was lost);
 //! - lost: accepted (200 or 202) and never rendered, not even when asked again after the
 //!   load; re-asked: rendered only when asked again (the first request was dropped);
 //! - doubled: renders of one fragment beyond its first (the purge route left out, as a
 //!   purge asks for a rebuild), split into a render less than [`AT_ONCE_MS`] after the
-//!   previous one (built twice at once) and later ones (rebuilt after its copy was lost);
+//!   previous one (built twice at once) and later ones (rebuilt after its copy was lost),
+//!   with how many of those were of the hit set;
 //! - recovered: seconds from the fault to the end of the last second with a miss not
 //!   answered normally before the fault was undone (a 503, no answer, a cold miss slower
 //!   than [`SLOW_MS`], a long-poll not built within its wait); then such misses after it
@@ -22,6 +24,8 @@
 //!   it was undone, against the baseline phase's rate; and their p99;
 //! - stale: reads sent after the fault was undone of a fragment purged while it lasted,
 //!   answered with a copy rendered before the fault (out of all such reads).
+//!
+//! Every answer is also written to MARKS.answers.csv (`kind,status,sent,took,rendered,id`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -96,6 +100,17 @@ pub(super) async fn run(args: &[String]) -> anyhow::Result<()> {
         renders: &renders,
     };
     table(&phases, &seen);
+    let csv: String = answers
+        .iter()
+        .map(|a| {
+            let rendered = a.rendered.map_or(String::new(), |r| r.to_string());
+            format!(
+                "{},{},{},{},{rendered},{}\n",
+                a.kind, a.status, a.sent, a.took, a.id
+            )
+        })
+        .collect();
+    std::fs::write(format!("{marks}.answers.csv"), csv)?;
     for a in lost.iter().take(10) {
         println!(
             "lost {}: sent {}, accepted ({}) {}",
@@ -157,6 +172,7 @@ fn phases(marks: &[(String, u64)], ended: u64) -> Vec<Phase> {
 }
 
 /// What the run saw, to be cut into phases.
+#[derive(Debug)]
 struct Seen<'a> {
     answers: &'a [Answer],
     lost: &'a [Accepted],
@@ -186,10 +202,11 @@ fn hit_rate(answers: &[Answer], from: u64, to: u64) -> f64 {
     n as f64 * 1000.0 / (to.saturating_sub(from).max(1)) as f64
 }
 
-/// (built twice at once, rebuilt later): renders beyond a fragment's first in the phase.
-fn doubled(renders: &HashMap<String, Vec<u64>>, p: &Phase) -> (usize, usize) {
-    let (mut at_once, mut later) = (0, 0);
-    for (_, times) in renders.iter().filter(|(k, _)| !k.starts_with("purge?")) {
+/// (built twice at once, rebuilt later, of them hit fragments): renders beyond a
+/// fragment's first in the phase.
+fn doubled(renders: &HashMap<String, Vec<u64>>, p: &Phase) -> (usize, usize, usize) {
+    let (mut at_once, mut later, mut hot) = (0, 0, 0);
+    for (key, times) in renders.iter().filter(|(k, _)| !k.starts_with("purge?")) {
         let mut times = times.clone();
         times.sort_unstable();
         for pair in times
@@ -200,10 +217,11 @@ fn doubled(renders: &HashMap<String, Vec<u64>>, p: &Phase) -> (usize, usize) {
                 at_once += 1;
             } else {
                 later += 1;
+                hot += usize::from(key.starts_with("hot?"));
             }
         }
     }
-    (at_once, later)
+    (at_once, later, hot)
 }
 
 /// (stale, checked): reads after the fault was undone of fragments purged during it.
@@ -269,7 +287,7 @@ fn row(p: &Phase, seen: &Seen<'_>, baseline: f64) -> String {
             .filter(|a| (p.start..p.end).contains(&a.at))
             .count()
     };
-    let (at_once, later) = doubled(seen.renders, p);
+    let (at_once, later, hot) = doubled(seen.renders, p);
     let (recovered, after) = recovery(&answers, p);
     let undone = p.restore.unwrap_or(p.end);
     let from = if p.restore.is_some() {
@@ -281,13 +299,14 @@ fn row(p: &Phase, seen: &Seen<'_>, baseline: f64) -> String {
     let hits = answers.iter().filter(|a| a.kind == "hit").map(|a| a.took);
     let (old, checked) = stale(&answers, p);
     format!(
-        "| {} | {} s | {} / {} / {} | {} | {} | {} | {} / {} | {} s | {} | {:.0} ({:.2}×) | {} ms | {old} of {checked} |",
+        "| {} | {} s | {} / {} / {} | {} | {} | {} | {} | {} / {} ({hot}) | {} s | {} | {:.0} ({:.2}×) | {} ms | {old} of {checked} |",
         p.name,
         (p.end - p.start) / 1000,
         e503(is_miss),
         e503(|k| k == "hit"),
         e503(|k| !is_miss(k) && k != "hit"),
         count(&|a| a.status == 0),
+        count(&|a| a.kind == "hit" && a.status == 202),
         in_phase(seen.lost),
         in_phase(seen.reasked),
         at_once,
@@ -305,9 +324,9 @@ fn table(phases: &[Phase], seen: &Seen<'_>) {
         .first()
         .map_or(0.0, |p| hit_rate(seen.answers, p.start, p.end));
     println!(
-        "| phase | length | 503s: misses / hits / other | refused | lost | re-asked | doubled: at once / later | recovered | abnormal misses after return | hits/s after detection | hit p99 | stale after return |"
+        "| phase | length | 503s: misses / hits / other | refused | hits answered 202 | lost | re-asked | doubled: at once / later (hit set) | recovered | abnormal misses after return | hits/s after detection | hit p99 | stale after return |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for p in phases {
         println!("{}", row(p, seen, baseline));
     }
