@@ -148,7 +148,7 @@ wait_port "$up" soak-upstream
 start_gateway 1; start_gateway 2
 start_worker 1; start_worker 2
 
-echo "== chaos: namespace $ns, memcached on ${mc_port[*]}, gateways 127.0.0.1:$gw1 and :$gw2, logs in $tmp"
+echo "== chaos: namespace $ns, memcached on ${mc_port[*]}, gateways 127.0.0.1:$gw1 and :$gw2 (admin :$adm1, :$adm2), logs in $tmp"
 nice -n 10 "$bin"/soak-driver chaos "http://127.0.0.1:$gw1,http://127.0.0.1:$gw2" \
   "http://127.0.0.1:$adm1" "http://127.0.0.1:$up" "$tmp/marks" "$tmp/stop" >"$tmp/driver.out" 2>&1 &
 pid[driver]=$!
