@@ -27,6 +27,9 @@
 # normally again, hit rate against the baseline, hit p99, stale answers after a node
 # returns (see bench/src/bin/soak-driver/chaos.rs for each definition).
 #
+# It kills nodes of scripts/rabbitmq-cluster.sh's cluster, which tests share: run it when
+# no test uses that cluster.
+#
 # Installs memcached, rabbitmq-server and jq from Debian's packages when missing. Starts
 # the RabbitMQ cluster when it is not running and leaves it running (other runs and the
 # tests use it) unless this script started all of it: then it is stopped at the end
