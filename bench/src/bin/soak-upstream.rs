@@ -3,8 +3,9 @@
 //! from a doubled one (rendered twice).
 //!
 //! `soak-upstream ADDR [RENDER_MS] [BODY_BYTES]` (defaults 20 ms, 2048 bytes):
-//! - `GET /_render/{route}?{query}`: waits RENDER_MS, answers a BODY_BYTES fragment and
-//!   records the render under `{route}?{query}` with the time it was asked for;
+//! - `GET /_render/{route}?{query}`: waits RENDER_MS, answers a BODY_BYTES fragment
+//!   (`<p>{route}?{query} rendered {MS}</p>` and padding) and records the render under
+//!   `{route}?{query}` with the time it was asked for (Unix ms, the MS of the body);
 //! - `GET /page/{n}`: an ESI page including `/fragments/esi?id={n}` and
 //!   `/fragments/hot?id={n % 50}` (`Surrogate-Control: content="ESI/1.0"`);
 //! - `GET /_renders`: one line per key, `KEY<TAB>COUNT<TAB>MS,MS,…` (Unix ms);
@@ -54,14 +55,15 @@ impl Upstream {
         let path = req.uri().path();
         if let Some(route) = path.strip_prefix("/_render/") {
             let key = format!("{route}?{}", req.uri().query().unwrap_or(""));
+            let at = now_ms();
             self.renders
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .entry(key.clone())
                 .or_default()
-                .push(now_ms());
+                .push(at);
             tokio::time::sleep(self.render).await;
-            let mut body = format!("<p>{key}</p>");
+            let mut body = format!("<p>{key} rendered {at}</p>");
             body.extend(std::iter::repeat_n(
                 'x',
                 self.size.saturating_sub(body.len()),

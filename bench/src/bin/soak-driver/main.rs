@@ -24,9 +24,14 @@
 //!
 //! FAULTS has one line per fault: `KIND UNIX_MS` (`worker-killed`, `memcached-down`,
 //! `memcached-up`, …).
+//!
+//! `soak-driver chaos …`: the same load on several gateways, in phases, for
+//! `bench/chaos.sh` (see [`chaos`]).
+
+mod chaos;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -46,36 +51,127 @@ struct Accepted {
     status: u16,
 }
 
+/// One answer, as the chaos benchmark sorts them into phases.
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    kind: &'static str,
+    status: u16,
+    /// When its request was sent (Unix ms).
+    sent: u64,
+    /// From sending to the answer's end (ms).
+    took: u64,
+    /// For a fragment answered 200: when the upstream rendered it (Unix ms).
+    rendered: Option<u64>,
+    /// The fragment's `id` parameter, or the purged id.
+    id: u64,
+}
+
+/// Request periods, one loop each (two of hits and of long-polls).
+#[derive(Debug, Clone, Copy)]
+struct Rates {
+    hit: Duration,
+    cold: Duration,
+    poll: Duration,
+    esi: Duration,
+    purge: Duration,
+    /// Reads of the purged fragments without waiting (chaos only: stale answers).
+    purged_read: Option<Duration>,
+}
+
+/// The soak's rates: about 1,000 hits, 50 cold misses, 40 long-polls, 10 pages and 2
+/// purges a second.
+const SOAK_RATES: Rates = Rates {
+    hit: Duration::from_millis(2),
+    cold: Duration::from_millis(20),
+    poll: Duration::from_millis(50),
+    esi: Duration::from_millis(100),
+    purge: Duration::from_millis(500),
+    purged_read: None,
+};
+
 /// What every load task shares.
 #[derive(Debug, Clone)]
 struct Load {
     client: reqwest::Client,
-    gateway: String,
+    /// Requests go to each in turn.
+    gateways: Arc<[String]>,
+    turn: Arc<AtomicU64>,
     admin: String,
     until: Instant,
+    /// Set to end the load before `until`.
+    stop: Arc<AtomicBool>,
+    rates: Rates,
     /// Status answers by kind of request; 0 for a transport error.
     counts: Counts,
+    /// Every answer, in order.
+    answers: Arc<Mutex<Vec<Answer>>>,
     /// Builds the gateway accepted.
     accepted: Arc<Mutex<Vec<Accepted>>>,
     next_id: Arc<AtomicU64>,
 }
 
 impl Load {
+    fn new(client: reqwest::Client, gateways: Vec<String>, admin: String, until: Instant) -> Self {
+        Self {
+            client,
+            gateways: gateways.into(),
+            turn: Arc::default(),
+            admin,
+            until,
+            stop: Arc::default(),
+            rates: SOAK_RATES,
+            counts: Counts::default(),
+            answers: Arc::default(),
+            accepted: Arc::default(),
+            next_id: Arc::default(),
+        }
+    }
+
     async fn get(&self, kind: &'static str, path: &str, wait: Option<u32>) -> u16 {
-        let mut req = self.client.get(format!("{}{path}", self.gateway));
+        self.read(kind, path, wait).await.0
+    }
+
+    /// GETs `path` from the next gateway: the status, and for a 200 when the upstream
+    /// rendered it (from the body `soak-upstream` writes).
+    async fn read(&self, kind: &'static str, path: &str, wait: Option<u32>) -> (u16, Option<u64>) {
+        let n = self.turn.fetch_add(1, Ordering::Relaxed) as usize;
+        let gateway = &self.gateways[n % self.gateways.len()];
+        let mut req = self.client.get(format!("{gateway}{path}"));
         if let Some(w) = wait {
             req = req.header("prefer", format!("wait={w}"));
         }
-        let status = match req.send().await {
+        let sent = now_ms();
+        let (status, rendered) = match req.send().await {
             Ok(r) => {
                 let status = r.status().as_u16();
-                let _ = r.bytes().await;
-                status
+                match r.bytes().await {
+                    Ok(body) if status == 200 => (status, rendered_at(&body)),
+                    Ok(_) => (status, None),
+                    Err(_) => (0, None),
+                }
             }
-            Err(_) => 0,
+            Err(_) => (0, None),
         };
         self.count(kind, status);
-        status
+        let id = path.rsplit_once("id=").and_then(|(_, n)| n.parse().ok());
+        self.answer(kind, status, sent, rendered, id.unwrap_or(0));
+        (status, rendered)
+    }
+
+    fn answer(&self, kind: &'static str, status: u16, sent: u64, rendered: Option<u64>, id: u64) {
+        let took = now_ms().saturating_sub(sent);
+        lock(&self.answers).push(Answer {
+            kind,
+            status,
+            sent,
+            took,
+            rendered,
+            id,
+        });
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) || Instant::now() >= self.until
     }
 
     fn count(&self, kind: &'static str, status: u16) {
@@ -100,7 +196,7 @@ impl Load {
     {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        while Instant::now() < self.until {
+        while !self.stopped() {
             tick.tick().await;
             step(self.next_id.fetch_add(1, Ordering::Relaxed)).await;
         }
@@ -111,6 +207,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The render time `soak-upstream` writes into a fragment (`rendered MS`).
+fn rendered_at(body: &[u8]) -> Option<u64> {
+    let at = body.windows(9).position(|w| w == b"rendered ")? + 9;
+    let digits = body[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&body[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -119,10 +225,11 @@ fn now_ms() -> u64 {
 
 /// Every kind of request, each in its own loop at its own rate.
 async fn run_load(load: &Load) {
+    let rates = load.rates;
     let hits = |offset: u64| {
         let load = load.clone();
         async move {
-            load.every(Duration::from_millis(2), |n| {
+            load.every(rates.hit, |n| {
                 let load = load.clone();
                 async move {
                     let path = format!("/fragments/hot?id={}", (n + offset) % 50);
@@ -132,7 +239,7 @@ async fn run_load(load: &Load) {
             .await;
         }
     };
-    let cold = load.every(Duration::from_millis(20), |n| async move {
+    let cold = load.every(rates.cold, |n| async move {
         let path = format!("/fragments/cold?id={n}");
         let sent = now_ms();
         let status = load.get("cold", &path, None).await;
@@ -141,7 +248,7 @@ async fn run_load(load: &Load) {
         }
     });
     let poll = |_: u64| {
-        load.every(Duration::from_millis(50), |n| async move {
+        load.every(rates.poll, |n| async move {
             let path = format!("/fragments/poll?id={n}");
             let sent = now_ms();
             let status = load.get("long-poll", &path, Some(10)).await;
@@ -150,7 +257,7 @@ async fn run_load(load: &Load) {
             }
         })
     };
-    let esi = load.every(Duration::from_millis(100), |n| async move {
+    let esi = load.every(rates.esi, |n| async move {
         // A page answers 200 even when its includes could not be queued (store down):
         // like client.js, long-poll the placeholder; either answer queues the build.
         let sent = now_ms();
@@ -162,17 +269,34 @@ async fn run_load(load: &Load) {
             }
         }
     });
-    let purge = load.every(Duration::from_millis(500), |n| async move {
+    tokio::join!(hits(0), hits(25), cold, poll(0), poll(1), esi, purges(load));
+}
+
+/// Purges of 20 fragments in turn (admin API), each followed by a read that waits for
+/// the rebuild; in chaos runs, also reads of those fragments that do not wait.
+async fn purges(load: &Load) {
+    let purge = load.every(load.rates.purge, |n| async move {
         let url = format!("{}/fragments/purge?id={}", load.admin, n % 20);
+        let sent = now_ms();
         let status = match load.client.delete(url).send().await {
             Ok(r) => r.status().as_u16(),
             Err(_) => 0,
         };
         load.count("purge", status);
+        load.answer("purge", status, sent, None, n % 20);
         let path = format!("/fragments/purge?id={}", n % 20);
         load.get("read-after-purge", &path, Some(5)).await;
     });
-    tokio::join!(hits(0), hits(25), cold, poll(0), poll(1), esi, purge);
+    let reads = async {
+        if let Some(period) = load.rates.purged_read {
+            load.every(period, |n| async move {
+                let path = format!("/fragments/purge?id={}", n % 20);
+                load.get("purged-read", &path, None).await;
+            })
+            .await;
+        }
+    };
+    tokio::join!(purge, reads);
 }
 
 /// Renders by key, as `soak-upstream` reports them.
@@ -352,24 +476,8 @@ fn verdict(
     println!("faults: {faults:?}");
 }
 
-async fn soak(args: &[String]) -> anyhow::Result<()> {
-    let [gateway, admin, upstream, seconds, faults] = args else {
-        anyhow::bail!("usage: soak-driver soak GATEWAY ADMIN UPSTREAM SECONDS FAULTS");
-    };
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(32)
-        .build()?;
-    let load = Load {
-        client: client.clone(),
-        gateway: gateway.clone(),
-        admin: admin.clone(),
-        until: Instant::now() + Duration::from_secs(seconds.parse()?),
-        counts: Counts::default(),
-        accepted: Arc::default(),
-        next_id: Arc::default(),
-    };
-    // Warm the hit set first, so hits are hits.
+/// Builds the hit set first, so hits are hits.
+async fn warm_up(load: &Load) {
     for id in 0..50 {
         let path = format!("/fragments/hot?id={id}");
         let sent = now_ms();
@@ -378,6 +486,19 @@ async fn soak(args: &[String]) -> anyhow::Result<()> {
             load.accept(format!("hot?id={id}"), sent, status);
         }
     }
+}
+
+async fn soak(args: &[String]) -> anyhow::Result<()> {
+    let [gateway, admin, upstream, seconds, faults] = args else {
+        anyhow::bail!("usage: soak-driver soak GATEWAY ADMIN UPSTREAM SECONDS FAULTS");
+    };
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(32)
+        .build()?;
+    let until = Instant::now() + Duration::from_secs(seconds.parse()?);
+    let load = Load::new(client.clone(), vec![gateway.clone()], admin.clone(), until);
+    warm_up(&load).await;
     let started = now_ms();
     run_load(&load).await;
     println!("load: {} s from {started}", (now_ms() - started) / 1000);
@@ -450,6 +571,7 @@ async fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("soak") => soak(&args[1..]).await,
         Some("burst") => burst(&args[1..]).await,
-        _ => anyhow::bail!("usage: soak-driver soak|burst …"),
+        Some("chaos") => chaos::run(&args[1..]).await,
+        _ => anyhow::bail!("usage: soak-driver soak|burst|chaos …"),
     }
 }
