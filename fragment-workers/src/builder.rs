@@ -13,6 +13,7 @@ use tessera_protocol::config::{Config, RENDER_TOKEN_HEADER, VarySource};
 use tessera_protocol::surrogate;
 use tessera_protocol::tags::{self, TagError};
 use tessera_protocol::{BuildRequest, Cause, FragmentRoute};
+use tessera_runtime::otel;
 
 /// A rendered fragment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,6 +210,11 @@ impl HttpBuilder {
             request
                 .headers_mut()
                 .insert(RENDER_TOKEN_HEADER, token.clone());
+        }
+        // The render span (the worker's current one) is this request's parent: the
+        // application's own tracing joins the trace through it.
+        if otel::on() {
+            otel::inject(&otel::Context::current(), request.headers_mut());
         }
         Ok(request)
     }

@@ -66,6 +66,9 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding workers.admin_listen = {}", w.admin_listen))?;
     tracing::info!(admin = %admin.local_addr()?, "worker admin listening");
 
+    // Kept until the worker has stopped: dropping it exports the last spans.
+    let _traces =
+        tessera_runtime::otel::init(&config.otel, "tessera-worker").map_err(anyhow::Error::msg)?;
     let backends = tessera_backends::connect(&config).await?;
     let builder = tessera_workers::HttpBuilder::new(&config)?;
     let metrics = WorkerMetrics::default();

@@ -34,6 +34,7 @@ use tessera_protocol::{
     Backends, BuildRequest, BusError, Claim, Config, Delivery, Envelope, Event, FragmentKeys,
     FragmentRoute, Lease, StoreError, store,
 };
+use tessera_runtime::otel;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -251,7 +252,8 @@ impl Worker {
             trace_id = %req.trace_id,
             attempt = req.attempt,
         );
-        async {
+        let process = self.process_span(route, &req);
+        let work = async {
             match self.attempt(route, &req, &keys).await {
                 None => self.settle(delivery.ack().await),
                 Some(Outcome::Stored(took)) => {
@@ -263,8 +265,36 @@ impl Worker {
                 Some(Outcome::Fail(e)) => self.fail(delivery, route, &req, &keys, e).await,
             }
         }
-        .instrument(span)
-        .await;
+        .instrument(span);
+        otel::FutureExt::with_context(work, process.context()).await;
+    }
+
+    /// The messaging conventions' "process" span of `req`: a child of the gateway's
+    /// "send" span that published it.
+    fn process_span(&self, route: &FragmentRoute, req: &BuildRequest) -> otel::Span {
+        if !otel::on() {
+            return otel::Span::default();
+        }
+        otel::Span::start(
+            format!("process {}", route.queue),
+            otel::Kind::Consumer,
+            &otel::from_traceparent(req.traceparent.as_deref()),
+            vec![
+                otel::KeyValue::new("messaging.system", self.bus_system()),
+                otel::KeyValue::new("messaging.operation.type", "process"),
+                otel::KeyValue::new("messaging.destination.name", route.queue.clone()),
+                otel::KeyValue::new("messaging.message.id", req.id.clone()),
+                otel::KeyValue::new("tessera.attempt", i64::from(req.attempt)),
+            ],
+        )
+    }
+
+    /// `messaging.system` of this worker's bus.
+    fn bus_system(&self) -> &'static str {
+        match self.config.backend.amqp() {
+            Some(_) => "rabbitmq",
+            None => "tessera.memory",
+        }
     }
 
     /// One render-and-store; `None` when the request is obsolete: its route was purged
@@ -343,10 +373,19 @@ impl Worker {
         req: &BuildRequest,
     ) -> Result<Rendered, BuildError> {
         let (builder, r, q) = (self.builder.clone(), route.clone(), req.clone());
-        let task = tokio::spawn(async move { builder.build(&r, &q).await });
+        let span = otel::Span::child(format!("render {}", route.name), otel::Kind::Client, || {
+            vec![otel::KeyValue::new("tessera.route", route.name.clone())]
+        });
+        let build = async move { builder.build(&r, &q).await };
+        let task = tokio::spawn(otel::FutureExt::with_context(build, span.context()));
         let abort = task.abort_handle();
         match tokio::time::timeout(route.build_timeout + RENDER_MARGIN, task).await {
-            Ok(Ok(result)) => result,
+            Ok(Ok(result)) => {
+                if let Err(e) = &result {
+                    span.fail(e);
+                }
+                result
+            }
             Ok(Err(join)) if join.is_panic() => Err(BuildError::Panicked),
             Ok(Err(join)) => Err(BuildError::Connect(tessera_protocol::Cause::context(
                 "build task ended",
@@ -417,7 +456,22 @@ impl Worker {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let lease = Lease::new(self.backends.store.as_ref(), keys, route);
-        let released = lease.finish(bytes, ttl).await?;
+        let span = otel::Span::child("store", otel::Kind::Client, || {
+            let system = match self.config.backend.memcached() {
+                Some(_) => "memcached",
+                None => "tessera.memory",
+            };
+            vec![
+                otel::KeyValue::new("db.system.name", system),
+                otel::KeyValue::new("db.operation.name", "set"),
+                otel::KeyValue::new("tessera.bytes", bytes.len() as i64),
+            ]
+        });
+        let released = lease
+            .finish(bytes, ttl)
+            .await
+            .inspect_err(|e| span.fail(e))?;
+        drop(span);
         if let Err(e) = released {
             self.metrics.store_errors.inc();
             tessera_runtime::warn_throttled!("store", error = %e, "could not release the lease");
@@ -430,8 +484,17 @@ impl Worker {
     /// result once its L1 entry expires (`cache.ttl`).
     fn announce(&self, event: Event) {
         let (bus, metrics) = (self.backends.bus.clone(), self.metrics.clone());
+        let span = otel::Span::child("publish built", otel::Kind::Producer, || {
+            vec![
+                otel::KeyValue::new("messaging.system", self.bus_system()),
+                otel::KeyValue::new("messaging.operation.type", "send"),
+                otel::KeyValue::new("messaging.destination.name", "events"),
+            ]
+        });
         tokio::spawn(async move {
-            if let Err(e) = bus.publish_event(&event).await {
+            let published = bus.publish_event(&event).await;
+            drop(span);
+            if let Err(e) = published {
                 metrics.bus_errors.inc();
                 tessera_runtime::warn_throttled!("bus", error = %e, "could not announce a build's outcome");
             }

@@ -139,6 +139,7 @@ async fn request(s: &Setup, id: &str, generation: u64) -> tessera_protocol::Frag
         requested_at: 0,
         lease_deadline: 0,
         trace_id: String::new(),
+        traceparent: None,
     };
     s.bus.publish_build(&s.route.queue, &req).await.unwrap();
     keys

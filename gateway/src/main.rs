@@ -132,6 +132,9 @@ async fn run(mut config: Config, demo: bool) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.gateway.listen)
         .await
         .with_context(|| format!("binding gateway.listen = {}", config.gateway.listen))?;
+    // Kept until the gateway has stopped: dropping it exports the last spans.
+    let _traces =
+        tessera_runtime::otel::init(&config.otel, "tessera-gateway").map_err(anyhow::Error::msg)?;
     if demo {
         let page = listener.local_addr()?;
         print!(
@@ -175,8 +178,16 @@ fn check(config: &Config) {
     } else {
         format!("routes: {}", routes.join(", "))
     };
+    let traces = if config.otel.endpoint.is_empty() {
+        "traces off".to_string()
+    } else {
+        format!(
+            "traces to {} (sampled at {})",
+            config.otel.endpoint, config.otel.sample_ratio
+        )
+    };
     println!(
-        "configuration OK: store {store}; bus {bus}; {} embedded workers; upstream {}; {routes}",
+        "configuration OK: store {store}; bus {bus}; {} embedded workers; upstream {}; {traces}; {routes}",
         config.workers.embedded, config.upstream.url,
     );
     if config.bus.queue_type == QueueType::Classic

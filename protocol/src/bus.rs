@@ -642,6 +642,7 @@ mod tests {
             requested_at: 0,
             lease_deadline: 0,
             trace_id: String::new(),
+            traceparent: None,
         }
     }
 

@@ -64,6 +64,18 @@ pub fn is_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Whether `s` is a W3C `traceparent` of version 00: `00-{trace id}-{span id}-{flags}`,
+/// 32, 16 and 2 lower-case hex digits, the ids not all zero.
+pub fn is_traceparent(s: &str) -> bool {
+    let hex = |p: &str, n: usize| {
+        p.len() == n && p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let parts: Vec<&str> = s.split('-').collect();
+    matches!(parts.as_slice(), ["00", trace, span, flags]
+        if hex(trace, 32) && hex(span, 16) && hex(flags, 2)
+            && trace.bytes().any(|b| b != b'0') && span.bytes().any(|b| b != b'0'))
+}
+
 /// Whether `s` can be a store key as the keyspace builds them: 1 to [`MAX_KEY`] letters,
 /// digits, `.`, `_`, `:` or `-` (namespace, kind, route, generation, digest). Whether it
 /// is the right key is for its user to check against what it derives.
@@ -184,6 +196,11 @@ pub struct BuildRequest {
     pub lease_deadline: u64,
     /// Trace id of the request that caused the build, carried into worker logs.
     pub trace_id: String,
+    /// W3C `traceparent` of the span that published the request, when traces are on:
+    /// the worker's spans join that trace ([`is_traceparent`]). Also sent as the AMQP
+    /// message's `traceparent` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl BuildRequest {
@@ -218,6 +235,11 @@ impl BuildRequest {
             self.trace_id.is_empty() || is_id(&self.trace_id),
             "trace_id",
             TRACE_RULE,
+        )?;
+        check(
+            self.traceparent.as_deref().is_none_or(is_traceparent),
+            "traceparent",
+            "must be a W3C traceparent: `00-` 32 and 16 lower-case hex digits (not all zero) `-` 2",
         )
     }
 }
@@ -398,6 +420,32 @@ fn redact_vary(vary: &mut serde_json::Value) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn traceparents() {
+        assert!(is_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\n",
+        ] {
+            assert!(!is_traceparent(bad), "{bad}");
+        }
+        let mut req = request();
+        req.traceparent = Some("00-x".into());
+        let e = BuildRequest::decode(&req.encode()).unwrap_err().to_string();
+        assert!(e.contains("traceparent"), "{e}");
+        req.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        assert_eq!(BuildRequest::decode(&req.encode()).unwrap(), req);
+    }
+
     fn request() -> BuildRequest {
         BuildRequest {
             v: VERSION,
@@ -413,6 +461,7 @@ mod tests {
             requested_at: 1,
             lease_deadline: 2,
             trace_id: "t".into(),
+            traceparent: None,
         }
     }
 

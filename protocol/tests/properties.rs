@@ -301,6 +301,8 @@ proptest! {
 
 /// An id as the gateway makes them (request ids, trace ids).
 const ID: &str = "[A-Za-z0-9_-]{1,64}";
+/// A W3C `traceparent` (ids not all zero: one non-zero digit leads).
+const TRACEPARENT: &str = "00-[1-9a-f][0-9a-f]{31}-[1-9a-f][0-9a-f]{15}-0[01]";
 /// Text without control characters (a decoded param value, an error).
 const TEXT: &str = "\\PC{0,40}";
 
@@ -338,13 +340,14 @@ fn build_request() -> impl Strategy<Value = BuildRequest> {
             ID,
             prop_oneof![Just(String::new()), "[A-Za-z0-9._:-]{1,250}"],
             prop_oneof![Just(String::new()), ID.prop_map(String::from)],
+            proptest::option::of(TRACEPARENT),
         ),
         identity(),
         (any::<u64>(), 1..=u32::MAX, any::<u64>(), any::<u64>()),
     )
         .prop_map(
             |(
-                (id, key, trace_id),
+                (id, key, trace_id, traceparent),
                 identity,
                 (generation, attempt, requested_at, lease_deadline),
             )| {
@@ -358,6 +361,7 @@ fn build_request() -> impl Strategy<Value = BuildRequest> {
                     requested_at,
                     lease_deadline,
                     trace_id,
+                    traceparent,
                 }
             },
         )
@@ -393,6 +397,7 @@ fn event() -> impl Strategy<Value = Event> {
 /// Which field of a build request a hostile value goes in.
 #[derive(Debug, Clone, Copy)]
 enum Field {
+    Traceparent,
     Id,
     Key,
     Route,
@@ -510,6 +515,7 @@ proptest! {
                 requested_at: 0,
                 lease_deadline: 0,
                 trace_id: trace,
+                traceparent: None,
             };
             prop_assert!(req.validate().is_ok(), "{:?}: {:?}", req, req.validate());
             prop_assert_eq!(BuildRequest::decode(&req.encode()).unwrap(), req);
@@ -523,7 +529,7 @@ proptest! {
         req in build_request(),
         field in prop::sample::select(vec![
             Field::Id, Field::Key, Field::Route, Field::ParamName, Field::ParamValue,
-            Field::VaryValue, Field::TraceId,
+            Field::VaryValue, Field::TraceId, Field::Traceparent,
         ]),
         bad in prop::sample::select(vec!['\n', '\r', '\u{0}', '\u{1b}', '\u{85}']),
         at in any::<prop::sample::Index>(),
@@ -545,6 +551,11 @@ proptest! {
                 "vary[0].value"
             }
             Field::TraceId => { req.trace_id = hostile(&req.trace_id, at, bad); "trace_id" }
+            Field::Traceparent => {
+                let valid = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+                req.traceparent = Some(hostile(valid, at, bad));
+                "traceparent"
+            }
         };
         let bytes = req.encode();
         let e = BuildRequest::decode(&bytes).unwrap_err().to_string();

@@ -8,9 +8,11 @@
 //! - [`process`]: logging set-up and shutdown signals.
 //! - [`throttle`]: repeated warnings written once per kind per interval, the rest counted
 //!   ([`warn_throttled!`]).
+//! - [`otel`]: OpenTelemetry traces (off by default): spans, W3C context in and out.
 //! - [`coding`]: decoding `gzip`/`deflate`/`br` bodies from the upstream, with a limit.
 
 pub mod coding;
+pub mod otel;
 pub mod process;
 pub mod throttle;
 pub mod upstream;

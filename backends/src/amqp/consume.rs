@@ -78,7 +78,8 @@ impl AmqpBus {
                 reason: header("x-tessera-error").unwrap_or_else(|| "rejected".into()),
             };
             if requeue && !letter.queue.is_empty() {
-                self.publish_to_queue(&letter.queue, &letter.body).await?;
+                self.publish_to_queue(&letter.queue, &letter.body, persistent())
+                    .await?;
                 timed(
                     "ack dead letter",
                     msg.delivery.acker.ack(BasicAckOptions::default()),

@@ -102,6 +102,7 @@ use tessera_protocol::message::{BuildRequest, Event};
 
 use connection::Connector;
 use consume::{AmqpConsumer, AmqpSubscription};
+use publish::build_properties;
 use topology::retry_queue;
 
 pub use connection::Backoff;
@@ -246,7 +247,8 @@ impl Bus for AmqpBus {
     }
 
     async fn publish_build(&self, queue: &str, request: &BuildRequest) -> Result<(), BusError> {
-        self.publish_to_queue(queue, &request.encode()).await
+        self.publish_to_queue(queue, &request.encode(), build_properties(request))
+            .await
     }
 
     async fn publish_retry(
@@ -257,8 +259,14 @@ impl Bus for AmqpBus {
     ) -> Result<(), BusError> {
         let retry = retry_queue(queue, retry_bucket(delay));
         // The default exchange routes straight to the bucket queue.
-        self.publish_declared(queue, "", &retry, &request.encode())
-            .await
+        self.publish_declared(
+            queue,
+            "",
+            &retry,
+            &request.encode(),
+            build_properties(request),
+        )
+        .await
     }
 
     async fn consume(

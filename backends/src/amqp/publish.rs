@@ -7,10 +7,11 @@
 use std::sync::Arc;
 
 use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Confirmation};
 
 use tessera_protocol::bus::BusError;
-use tessera_protocol::message::Event;
+use tessera_protocol::message::{BuildRequest, Event};
 
 use super::connection::Link;
 use super::{AmqpBus, short, timed};
@@ -62,11 +63,16 @@ impl AmqpBus {
 
     /// Publishes raw bytes to a build queue, as any other program could.
     pub async fn publish_raw(&self, queue: &str, body: &[u8]) -> Result<(), BusError> {
-        self.publish_to_queue(queue, body).await
+        self.publish_to_queue(queue, body, persistent()).await
     }
 
-    pub(super) async fn publish_to_queue(&self, queue: &str, body: &[u8]) -> Result<(), BusError> {
-        self.publish_declared(queue, &self.exchange("build"), queue, body)
+    pub(super) async fn publish_to_queue(
+        &self,
+        queue: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), BusError> {
+        self.publish_declared(queue, &self.exchange("build"), queue, body, props)
             .await
     }
 
@@ -93,12 +99,13 @@ impl AmqpBus {
         exchange: &str,
         routing_key: &str,
         body: &[u8],
+        props: BasicProperties,
     ) -> Result<(), BusError> {
         let mut link = self.link().await?;
         for attempt in 0..2 {
             self.declare_queue(&link, queue).await?;
             match self
-                .publish(&link, exchange, routing_key, body, persistent())
+                .publish(&link, exchange, routing_key, body, props.clone())
                 .await
             {
                 Ok(true) => return Ok(()),
@@ -142,6 +149,23 @@ pub(super) fn persistent() -> BasicProperties {
     BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(short("application/json"))
+}
+
+/// The properties of `request`'s message: persistent, with its `traceparent` (when
+/// traces are on) as a header too, where the messaging conventions put trace context.
+pub(super) fn build_properties(request: &BuildRequest) -> BasicProperties {
+    let props = persistent();
+    match &request.traceparent {
+        Some(traceparent) => {
+            let mut headers = FieldTable::default();
+            headers.insert(
+                short("traceparent"),
+                AMQPValue::LongString(traceparent.as_str().into()),
+            );
+            props.with_headers(headers)
+        }
+        None => props,
+    }
 }
 
 #[cfg(test)]

@@ -126,6 +126,7 @@ async fn run(
             requested_at: 0,
             lease_deadline: 0,
             trace_id: String::new(),
+            traceparent: None,
         };
         bus.publish_build(&queue, &req).await?;
     }

@@ -42,6 +42,7 @@ use tessera_protocol::{
     Backends, BuildRequest, BusError, Config, Envelope, Event, FragmentKeys, FragmentRoute,
     Identity, Lease, Purge, StoreError, StoreKey, store,
 };
+use tessera_runtime::otel::{self, KeyValue};
 
 use crate::metrics::{CacheStatus, Metrics};
 use events::{Failure, Failures};
@@ -221,7 +222,11 @@ impl CacheService {
         let read = self
             .l1
             .read(&t.keys.envelope, || async {
-                if let Some(bytes) = self.backends.store.get(&t.keys.envelope).await?
+                let span = self.store_span("get", 1);
+                let got = self.backends.store.get(&t.keys.envelope).await;
+                span.set(|| KeyValue::new("tessera.found", matches!(got, Ok(Some(_)))));
+                drop(span);
+                if let Some(bytes) = got?
                     && let Some(envelope) = self.decode(&t.keys.envelope, &bytes)
                 {
                     return Ok(SlotState::Found(envelope).into());
@@ -376,7 +381,9 @@ impl CacheService {
     ) -> Result<Vec<(StoreKey, Entry)>, CacheError> {
         let started = Instant::now();
         let keys: Vec<StoreKey> = missing.iter().map(|t| t.keys.envelope.clone()).collect();
+        let span = self.store_span("get_many", keys.len());
         let mut values = self.backends.store.get_many(&keys).await?;
+        drop(span);
         let mut slots = Vec::with_capacity(missing.len());
         let mut absent = Vec::new();
         for t in missing {
@@ -518,7 +525,13 @@ impl CacheService {
         let lease = Lease::new(store, &t.keys, t.route);
         let metrics = self.metrics.route(&t.route.name);
         let id = format!("{:016x}", rand::random::<u64>());
-        let Some(won) = lease.acquire(&id).await? else {
+        let span = otel::Span::child("lease", otel::Kind::Internal, || {
+            vec![KeyValue::new("tessera.route", t.route.name.clone())]
+        });
+        let won = lease.acquire(&id).await?;
+        span.set(|| KeyValue::new("tessera.lease.won", won.is_some()));
+        drop(span);
+        let Some(won) = won else {
             metrics.coalesced.inc();
             return Ok(Requested::AlreadyPending);
         };
@@ -534,6 +547,18 @@ impl CacheService {
             lease.release().await?;
             return Ok(Requested::JustBuilt(envelope));
         }
+        let queue = match priority {
+            Priority::Waited => t.route.queue.clone(),
+            Priority::Background => background_queue(&t.route.queue),
+        };
+        let span = otel::Span::child(format!("send {queue}"), otel::Kind::Producer, || {
+            vec![
+                KeyValue::new("messaging.system", self.bus_system()),
+                KeyValue::new("messaging.operation.type", "send"),
+                KeyValue::new("messaging.destination.name", queue.clone()),
+                KeyValue::new("tessera.route", t.route.name.clone()),
+            ]
+        });
         let request = BuildRequest {
             v: VERSION,
             id,
@@ -544,12 +569,11 @@ impl CacheService {
             requested_at: now,
             lease_deadline: won.deadline,
             trace_id: t.trace.trace_id().to_string(),
+            traceparent: span.traceparent(),
         };
-        let queue = match priority {
-            Priority::Waited => t.route.queue.clone(),
-            Priority::Background => background_queue(&t.route.queue),
-        };
+        span.set(|| KeyValue::new("messaging.message.id", request.id.clone()));
         if let Err(e) = self.backends.bus.publish_build(&queue, &request).await {
+            span.fail(&e);
             // Nothing was queued: give the lease back so the next request can try again
             // instead of waiting for it to expire.
             if let Err(se) = lease.release().await {
@@ -560,6 +584,31 @@ impl CacheService {
         metrics.published.inc();
         tracing::debug!(route = %t.route.name, key = %t.keys.envelope, request = %request.id, ?priority, trace_id = %t.trace.trace_id(), "build queued");
         Ok(Requested::Queued)
+    }
+}
+
+impl CacheService {
+    /// A span of a store call `operation` on `keys` keys (nothing when traces are off).
+    fn store_span(&self, operation: &'static str, keys: usize) -> otel::Span {
+        otel::Span::child(operation, otel::Kind::Client, || {
+            let system = match self.config.backend.memcached() {
+                Some(_) => "memcached",
+                None => "tessera.memory",
+            };
+            vec![
+                KeyValue::new("db.system.name", system),
+                KeyValue::new("db.operation.name", operation),
+                KeyValue::new("db.operation.batch.size", keys as i64),
+            ]
+        })
+    }
+
+    /// `messaging.system` of this gateway's bus.
+    fn bus_system(&self) -> &'static str {
+        match self.config.backend.amqp() {
+            Some(_) => "rabbitmq",
+            None => "tessera.memory",
+        }
     }
 }
 

@@ -33,6 +33,7 @@
 //! and what it got was `stored`. `ttl` is the freshness left, negative once stale.
 
 use std::time::Duration;
+use tessera_runtime::otel;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -156,7 +157,12 @@ async fn answer_request<B: Sync>(
                 // Boxed: waiting is the rare path, and its timer would otherwise enlarge
                 // every request's future.
                 waited = true;
-                if Box::pin(wait_for(front, waiter, deadline)).await {
+                // The delivery: from the wait's start to the fragment's arrival.
+                let span = otel::Span::child("wait for build", otel::Kind::Internal, Vec::new);
+                let arrived = Box::pin(wait_for(front, waiter, deadline)).await;
+                span.set(|| otel::KeyValue::new("tessera.arrived", arrived));
+                drop(span);
+                if arrived {
                     identity = fragment.identity;
                     continue;
                 }

@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::CacheService;
 use crate::compress::Encoded;
 use crate::metrics::Metrics;
+use tessera_runtime::otel;
 use tessera_runtime::web::Body;
 
 /// What every endpoint of the public listener shares.
@@ -69,11 +70,53 @@ pub(crate) fn handle(
     peer: SocketAddr,
 ) -> impl Future<Output = Response<Body>> + Send {
     use futures_util::future::Either;
+    if otel::on() {
+        return Either::Right(Either::Right(Box::pin(traced(front, req, peer))));
+    }
     match fragment::hot(&front, &req) {
         Some(response) => Either::Left(std::future::ready(response)),
         // Boxed: hyper moves the future it is handed, and the full path's is large.
-        None => Either::Right(Box::pin(route(front, req, peer))),
+        None => Either::Right(Either::Left(Box::pin(route(front, req, peer)))),
     }
+}
+
+/// [`handle`] with traces on: the request's server span (a child of the `traceparent`
+/// it came with), current while it is answered. Ends when the head is answered.
+async fn traced(
+    front: Arc<Front>,
+    req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    use otel::{FutureExt, KeyValue};
+    let prefix = front.config.gateway.fragment_prefix.as_str();
+    let path = req.uri().path();
+    let name = match path
+        .strip_prefix(prefix)
+        .and_then(|n| front.config.route(n))
+    {
+        Some(route) => format!("{} {prefix}{}", req.method(), route.name),
+        None => req.method().to_string(),
+    };
+    let span = otel::Span::start(
+        name,
+        otel::Kind::Server,
+        &otel::extract(req.headers()),
+        vec![
+            KeyValue::new("http.request.method", req.method().to_string()),
+            KeyValue::new("url.path", path.to_string()),
+            KeyValue::new("client.address", peer.ip().to_string()),
+        ],
+    );
+    let response = match fragment::hot(&front, &req) {
+        Some(response) => response,
+        None => route(front, req, peer).with_context(span.context()).await,
+    };
+    let status = response.status();
+    span.set(|| KeyValue::new("http.response.status_code", i64::from(status.as_u16())));
+    if status.is_server_error() {
+        span.fail(&status);
+    }
+    response
 }
 
 /// Routes a request the hot answers did not answer: the fragment endpoint's full path,

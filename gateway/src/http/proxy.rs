@@ -25,6 +25,7 @@ use hyper_util::rt::TokioIo;
 use super::error::GatewayError;
 use tessera_protocol::config::{IpNet, RENDER_TOKEN_HEADER, UpstreamUrl};
 use tessera_protocol::{Cause, surrogate};
+use tessera_runtime::otel;
 use tessera_runtime::web::Body;
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -95,12 +96,26 @@ impl Upstream {
         let client_side = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         self.prepare(&mut parts, peer, upgrade)?;
+        // The upstream call's client span; the app's own tracing joins through it.
+        let span = otel::Span::child(parts.method.to_string(), otel::Kind::Client, || {
+            vec![
+                otel::KeyValue::new("http.request.method", parts.method.to_string()),
+                otel::KeyValue::new("url.full", parts.uri.to_string()),
+            ]
+        });
+        if span.recording() {
+            otel::inject(&span.context(), &mut parts.headers);
+        }
         let outbound = Request::from_parts(parts, tessera_runtime::web::stream(body));
 
         let response = tokio::time::timeout(self.timeout, self.client.request(outbound))
             .await
-            .map_err(|_| GatewayError::UpstreamTimeout(self.timeout))?
-            .map_err(|e| GatewayError::Upstream(Cause::new(e)))?;
+            .map_err(|_| GatewayError::UpstreamTimeout(self.timeout))
+            .and_then(|r| r.map_err(|e| GatewayError::Upstream(Cause::new(e))))
+            .inspect_err(|e| span.fail(e))?;
+        let status = response.status().as_u16();
+        span.set(|| otel::KeyValue::new("http.response.status_code", i64::from(status)));
+        drop(span);
         if response.status() == http::StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_side) = client_side
         {

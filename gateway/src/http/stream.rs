@@ -41,6 +41,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tessera_runtime::otel;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -96,10 +97,19 @@ pub(crate) fn serve<B>(front: &Arc<Front>, req: &Request<B>) -> Response<Body> {
     let (tx, rx) = mpsc::channel(1);
     let front = front.clone();
     let headers = req.headers().clone();
-    tokio::spawn(async move {
+    let task = async move {
         feed(&front, sources, headers, &tx).await;
         front.metrics.streams.dec();
-    });
+    };
+    if otel::on() {
+        // The stream's deliveries join the request's trace.
+        tokio::spawn(otel::FutureExt::with_context(
+            task,
+            otel::Context::current(),
+        ));
+    } else {
+        tokio::spawn(task);
+    }
     let mut r = Response::new(tessera_runtime::web::stream(Events { rx, html: None }));
     let h = r.headers_mut();
     h.insert(
@@ -128,7 +138,15 @@ async fn feed(front: &Front, sources: Vec<String>, headers: HeaderMap, tx: &mpsc
         .iter()
         .map(|w| {
             let headers = &headers;
-            async move { (w, until_ready(front, w, headers, deadline).await) }
+            async move {
+                let span = otel::Span::child("stream delivery", otel::Kind::Internal, || {
+                    vec![otel::KeyValue::new("tessera.src", w.src.clone())]
+                });
+                let ready = until_ready(front, w, headers, deadline);
+                let ready = otel::FutureExt::with_context(ready, span.context()).await;
+                span.set(|| otel::KeyValue::new("tessera.delivered", ready.is_some()));
+                (w, ready)
+            }
         })
         .collect();
     let mut sent = vec![false; sources.len()];

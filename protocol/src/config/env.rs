@@ -22,6 +22,10 @@ pub const ADMIN_TOKEN: &str = "TESSERA_ADMIN_TOKEN";
 pub const RENDER_TOKEN: &str = "TESSERA_RENDER_TOKEN";
 /// `json` for one JSON object per log line.
 pub const LOG_FORMAT: &str = "TESSERA_LOG_FORMAT";
+/// `otel.endpoint` (OpenTelemetry's own variable): the OTLP collector's base URL.
+pub const OTEL_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+/// `otel.service_name` (OpenTelemetry's own variable).
+pub const OTEL_SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
 
 /// What the environment replaces in the file, read through a lookup (the process
 /// environment, or a test's own) and still text, as the file's values are before their
@@ -45,6 +49,10 @@ pub(super) struct Overrides {
     pub admin_token: Option<String>,
     /// [`RENDER_TOKEN`]: `workers.render_token`, trimmed (a blank value sends none).
     pub render_token: Option<String>,
+    /// [`OTEL_ENDPOINT`]: `otel.endpoint`, trimmed.
+    pub otel_endpoint: Option<String>,
+    /// [`OTEL_SERVICE_NAME`]: `otel.service_name`, trimmed.
+    pub otel_service_name: Option<String>,
 }
 
 impl Overrides {
@@ -76,6 +84,8 @@ impl Overrides {
             admin_listen: env(ADMIN_LISTEN),
             admin_token: env(ADMIN_TOKEN),
             render_token: env(RENDER_TOKEN).map(|v| v.trim().to_string()),
+            otel_endpoint: env(OTEL_ENDPOINT).map(|v| v.trim().to_string()),
+            otel_service_name: env(OTEL_SERVICE_NAME).map(|v| v.trim().to_string()),
         }
     }
 }

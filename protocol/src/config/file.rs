@@ -13,7 +13,8 @@ use super::env::Overrides;
 use super::queues::default_queue;
 use super::schema::{
     AmqpUrl, Backend, BusConfig, CacheConfig, FragmentRoute, GatewayConfig, HttpConfig,
-    MemcachedServer, QueueType, StoreConfig, UpstreamConfig, UpstreamUrl, WorkersConfig, duration,
+    MemcachedServer, OtelConfig, QueueType, StoreConfig, UpstreamConfig, UpstreamUrl,
+    WorkersConfig, duration,
 };
 use super::validate::{ConfigError, invalid, parse_addr};
 
@@ -30,6 +31,7 @@ pub(super) struct ConfigFile {
     pub workers: WorkersFile,
     #[serde(rename = "fragment")]
     pub fragments: Vec<FragmentRoute>,
+    pub otel: OtelConfig,
 }
 
 /// `[gateway]` as written; see [`super::GatewayConfig`].
@@ -275,6 +277,12 @@ impl ConfigFile {
         if let Some(v) = overrides.render_token {
             self.workers.render_token = v;
         }
+        if let Some(v) = overrides.otel_endpoint {
+            self.otel.endpoint = v;
+        }
+        if let Some(v) = overrides.otel_service_name {
+            self.otel.service_name = v;
+        }
     }
 
     /// Parses what is still text and checks every rule, section by section in file order,
@@ -330,7 +338,9 @@ impl ConfigFile {
             backend,
             workers,
             fragments,
+            otel: self.otel,
         };
+        config.otel.validate()?;
         config.validate_routes()?;
         config.validate_listeners()?;
         Ok(config)

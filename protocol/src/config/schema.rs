@@ -124,6 +124,32 @@ impl Default for HttpConfig {
     }
 }
 
+/// `[otel]` — OpenTelemetry traces, exported over OTLP (HTTP/protobuf). Off unless an
+/// endpoint is set, in the file or in `OTEL_EXPORTER_OTLP_ENDPOINT`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtelConfig {
+    /// The collector's base URL, `http://host:4318`; spans go to `{endpoint}/v1/traces`.
+    /// Empty: no traces (the default).
+    pub endpoint: String,
+    /// `service.name` of the spans; empty: the binary's name (`tessera-gateway`,
+    /// `tessera-worker`).
+    pub service_name: String,
+    /// Share of new traces sampled, 0 to 1; a request that comes with a `traceparent`
+    /// follows its sampled flag (parent-based). Default 1.
+    pub sample_ratio: f64,
+}
+
+impl Default for OtelConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            service_name: String::new(),
+            sample_ratio: 1.0,
+        }
+    }
+}
+
 /// Most connections a listener may be configured to hold.
 pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
 

@@ -13,8 +13,8 @@ use bytesize::ByteSize;
 use super::queues::BACKGROUND_SUFFIX;
 use super::schema::{
     AmqpUrl, Backend, CacheConfig, FragmentRoute, GatewayConfig, HttpConfig, MAX_CONNECTIONS_LIMIT,
-    MAX_NAMESPACE, MAX_ROUTE_NAME, MAX_THREADS, MemcachedServer, RENDER_TOKEN_HEADER, StoreConfig,
-    UpstreamConfig, VarySource, WorkersConfig,
+    MAX_NAMESPACE, MAX_ROUTE_NAME, MAX_THREADS, MemcachedServer, OtelConfig, RENDER_TOKEN_HEADER,
+    StoreConfig, UpstreamConfig, VarySource, WorkersConfig,
 };
 use super::{Config, env};
 
@@ -69,6 +69,7 @@ impl Config {
         self.cache.validate()?;
         self.store.validate()?;
         self.workers.validate(&self.backend)?;
+        self.otel.validate()?;
         self.validate_routes()?;
         self.validate_listeners()
     }
@@ -211,6 +212,33 @@ impl HttpConfig {
                 "http.max_header_bytes",
                 "must be between 8KiB and 1MiB",
             ));
+        }
+        Ok(())
+    }
+}
+
+impl OtelConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if !self.endpoint.is_empty() {
+            let uri = self
+                .endpoint
+                .parse::<http::Uri>()
+                .map_err(|e| invalid("otel.endpoint", format!("not a URL: {e}")))?;
+            if uri.scheme_str() != Some("http") || uri.host().is_none() || uri.query().is_some() {
+                return Err(invalid(
+                    "otel.endpoint",
+                    "must be http://host[:port][/path], the collector's OTLP/HTTP base URL",
+                ));
+            }
+        }
+        if self.service_name.len() > 255 || self.service_name.chars().any(char::is_control) {
+            return Err(invalid(
+                "otel.service_name",
+                "must be at most 255 bytes, without control characters",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(invalid("otel.sample_ratio", "must be between 0 and 1"));
         }
         Ok(())
     }
@@ -613,6 +641,12 @@ mod tests {
             ("[store]\neject_after = 0", "store.eject_after"),
             ("[store]\nprobe_interval = \"0s\"", "store.probe_interval"),
             ("[store]\nprobe_interval = \"61m\"", "store.probe_interval"),
+            ("[otel]\nendpoint = \"collector:4318\"", "otel.endpoint"),
+            ("[otel]\nendpoint = \"https://c:4318\"", "otel.endpoint"),
+            ("[otel]\nendpoint = \"http://c:4318/?x=1\"", "otel.endpoint"),
+            ("[otel]\nservice_name = \"a\\nb\"", "otel.service_name"),
+            ("[otel]\nsample_ratio = 1.5", "otel.sample_ratio"),
+            ("[otel]\nsample_ratio = -0.1", "otel.sample_ratio"),
             ("[bus]\namqp = \"http://x\"", "bus.amqp"),
             ("[bus]\namqp = \"amqp://x\"", "store.memcached"),
             ("[workers]\nembedded = 0", "workers.embedded"),

@@ -136,6 +136,7 @@ pub fn request(id: &str) -> BuildRequest {
         requested_at: 0,
         lease_deadline: 0,
         trace_id: String::new(),
+        traceparent: None,
     }
 }
 
