@@ -500,3 +500,70 @@ async fn builds_are_not_doubled_while_processes_disagree_about_servers() {
     // A call in flight when its server was judged down went to the key's new home.
     assert_eq!(refused, 0, "answers 503");
 }
+
+/// One request delivered twice (the broker holds a publish sent again after a lost
+/// confirm, or redelivers one while its first worker still renders), its two copies
+/// picked up at once by two workers: it is built once, and both copies are settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_delivered_twice_is_built_once() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let up = FakeUpstream::start().await;
+    up.script(
+        "/_render/b",
+        Script {
+            delay: Duration::from_millis(1_000),
+            ..Script::default()
+        },
+    );
+    let mut r = tessera_tests::harness::route("b");
+    r.params = vec!["id".into()];
+    let servers = Memcacheds::start(3);
+    let mut c = config(&up.url(), vec![r]);
+    let (gateways, workers, stop) = two_of_each(&servers, &mut c).await;
+    let b = tessera_backends::connect(&c).await.unwrap();
+    let keyspace = Keyspace::new(&c.store.namespace);
+    let generation =
+        tessera_protocol::store::generation(b.store.as_ref(), &keyspace.generation("b"))
+            .await
+            .unwrap();
+    let identity = Identity {
+        route: "b".into(),
+        params: vec![("id".into(), "1".into())],
+        vary: vec![],
+    };
+    let keys = keyspace.fragment(&identity, generation);
+    // What a gateway's miss does: take the lease for the request, then queue it.
+    let route = &c.fragments[0];
+    let lease = tessera_protocol::Lease::new(b.store.as_ref(), &keys, route);
+    assert!(lease.acquire("twice").await.unwrap().is_some());
+    let json = format!(
+        r#"{{"v":1,"id":"twice","key":"{}","route":"b","params":[["id","1"]],"vary":[],
+        "generation":{generation},"attempt":1,"requested_at":0,"lease_deadline":0,"trace_id":""}}"#,
+        keys.envelope
+    );
+    let request = tessera_protocol::BuildRequest::decode(json.as_bytes()).unwrap();
+    eventually("both workers consume", WITHIN, || async {
+        b.bus
+            .queue_stats(&route.queue)
+            .await
+            .is_ok_and(|q| q.consumers == 2)
+    })
+    .await;
+    for _ in 0..2 {
+        b.bus.publish_build(&route.queue, &request).await.unwrap();
+    }
+    let url = gateways[0].at("/fragments/b?id=1");
+    eventually("the fragment is built", WITHIN, || async {
+        get(&url, false).await.0 == StatusCode::OK
+    })
+    .await;
+    // Time for the second copy to come back and be dropped as already built.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let renders = up.requests("/_render/b").len();
+    stop.cancel();
+    for worker in workers {
+        let _ = tokio::time::timeout(WITHIN, worker).await;
+    }
+    assert_eq!(up.overlapping("/_render/b"), 0, "built twice at once");
+    assert_eq!(renders, 1, "built once");
+}
