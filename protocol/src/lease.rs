@@ -52,12 +52,12 @@
 //! `builds_are_not_doubled_while_processes_disagree_about_servers` (`tests/tests/failover.rs`:
 //! two gateways and two workers, each judging servers for itself, under 20 cold misses a
 //! second while one of three servers is killed and restarted empty and another hangs for
-//! 1.5 s): none built twice at once, in 5 runs of 160 fragments (with the lease on one
-//! server, 3–4 per run); 40–59 per run built again later, every one a fragment whose
-//! copy went with the killed server or was emptied from the returning one, none of those
-//! placed on the server that lost nothing. So a fragment is built again only when its
-//! envelope was lost, or its lease: both copies gone at once (two servers lost), or its
-//! holder ran past the lease's TTL, as without failover.
+//! 1.5 s): none built twice at once, in 13 runs of 160 fragments (with the lease on one
+//! server, 3–4 per run); 37–59 per run built again later, every one a fragment placed on
+//! the killed or the emptied server, whose copies were lost, none on the server that lost
+//! nothing. So a fragment is built again when its envelope was lost, and twice at once
+//! only when its lease was: both copies gone at once (two servers lost), or its holder ran
+//! past the lease's TTL, as without failover.
 //!
 //! However long a request waits in its queue, at most one delivery of one request per key
 //! gets past its claim: a lease that expired in the queue lets the next poll publish
