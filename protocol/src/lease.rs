@@ -35,10 +35,11 @@
 //! a new key scheme; it is not adopted (what it would save, measured: `bench/README.md`,
 //! "Lookup-or-lease in one command").
 //!
-//! On a store of several servers the lease is kept on two of them ([`crate::store::copies`]):
-//! the first two of its envelope's placement order that the process believes up. It is
-//! taken on the first, then on the second, and held only when both were won (the loser of
-//! the second gives the first back); a claim reads both, and finding two requests on them
+//! On a store of several servers the lease is kept on two of them
+//! ([`crate::store::copies`](mod@crate::store::copies)): the first two of its envelope's
+//! placement order that the process believes up. It is taken on the first, then on the
+//! second, and held only when both were won (the loser of the second gives the first
+//! back); a claim reads both, and finding two requests on them
 //! looks again briefly (one is being given back) before it steps aside; extending and
 //! releasing write both; the envelope is stored on the first (on the new first copy when
 //! the first fails as the envelope is stored and is judged out for it, so that a finished
