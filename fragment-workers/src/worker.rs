@@ -54,7 +54,7 @@ pub enum WorkerError {
 /// ignores its own deadline.
 const RENDER_MARGIN: Duration = Duration::from_secs(1);
 /// Pause before requeueing a request that could not be settled (store and broker both
-/// in trouble) or whose other delivery is being built, so neither turns into a hot loop.
+/// in trouble), so an outage does not turn into a hot loop.
 const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
 /// Bytes an item takes in memcached beyond its value and key (item header, flags, CAS).
 const ITEM_OVERHEAD: usize = 512;
@@ -175,7 +175,6 @@ fn drop_reason(claim: Claim) -> &'static str {
         Claim::Superseded => "superseded",
         Claim::AlreadyBuilt => "already_built",
         Claim::Held => "held",
-        Claim::Building => "building",
     }
 }
 
@@ -185,8 +184,6 @@ enum Outcome {
     Stored(Duration),
     Retry(BuildError),
     Fail(BuildError),
-    /// Another delivery of the request is being built: put this one back.
-    Requeue,
 }
 
 impl Worker {
@@ -222,7 +219,8 @@ impl Worker {
                 Err(e) => {
                     self.metrics.store_errors.inc();
                     tessera_runtime::warn_throttled!("store", error = %e, "store unavailable; requeueing");
-                    return self.put_back(delivery).await;
+                    tokio::time::sleep(REQUEUE_PAUSE).await;
+                    return self.settle(delivery.requeue().await);
                 }
             }
             if !req.key.is_empty() {
@@ -263,7 +261,6 @@ impl Worker {
                 }
                 Some(Outcome::Retry(e)) => self.retry(delivery, route, &req, &keys, e).await,
                 Some(Outcome::Fail(e)) => self.fail(delivery, route, &req, &keys, e).await,
-                Some(Outcome::Requeue) => self.put_back(delivery).await,
             }
         }
         .instrument(span)
@@ -281,14 +278,10 @@ impl Worker {
     ) -> Option<Outcome> {
         let store = self.backends.store.as_ref();
         match Lease::new(store, keys, route)
-            .claim(&req.id, req.attempt, req.generation)
+            .claim(&req.id, req.generation)
             .await
         {
             Ok(Claim::Held) => {}
-            Ok(Claim::Building) => {
-                tracing::info!("another delivery of this request is being built; put back");
-                return Some(Outcome::Requeue);
-            }
             Ok(claim) => {
                 let reason = drop_reason(claim);
                 // At info, with when the gateway queued it: a build a client was promised
@@ -478,7 +471,8 @@ impl Worker {
             Err(e) => {
                 self.metrics.bus_errors.inc();
                 tessera_runtime::warn_throttled!("bus", error = %e, "could not schedule the retry; requeueing");
-                self.put_back(delivery).await;
+                tokio::time::sleep(REQUEUE_PAUSE).await;
+                self.settle(delivery.requeue().await);
             }
         }
     }
@@ -528,7 +522,9 @@ impl Worker {
             // Nowhere to record the failure: keep the request rather than lose it.
             self.metrics.store_errors.inc();
             tessera_runtime::warn_throttled!("store", %error, store_error = %e, "build failed and the store is unavailable; requeueing");
-            return self.put_back(delivery).await;
+            tokio::time::sleep(REQUEUE_PAUSE).await;
+            self.settle(delivery.requeue().await);
+            return;
         }
         WorkerMetrics::count(&self.metrics.failed, &route.name);
         self.announce(Event::Failed {
@@ -555,13 +551,6 @@ impl Worker {
         tracing::warn!(queue = %delivery.queue, reason, "build request dead-lettered");
         WorkerMetrics::count(&self.metrics.dead_lettered, route);
         self.settle(delivery.dead_letter(reason).await);
-    }
-
-    /// Puts `delivery` back in its queue after [`REQUEUE_PAUSE`]: what cannot be settled
-    /// now is kept, without a hot loop.
-    async fn put_back(&self, delivery: Delivery) {
-        tokio::time::sleep(REQUEUE_PAUSE).await;
-        self.settle(delivery.requeue().await);
     }
 
     /// A settle that fails (the channel died) needs no action: the broker redelivers the

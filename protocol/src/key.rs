@@ -14,7 +14,6 @@
 //! | --- | --- |
 //! | `{ns}:f:{route}:{gen}:{digest}` | the envelope |
 //! | `{ns}:p:{route}:{gen}:{digest}` | the pending lease: the id of the one request allowed to build |
-//! | `{ns}:b:{route}:{gen}:{digest}:{delivery}` | taken by the one delivery of a build request (`delivery`: a hash of its id and attempt) that may build |
 //! | `{ns}:g:{route}` | the route's generation |
 //! | `{ns}:t:{tag}` | when the tag was last purged (Unix ms; see [`crate::tags`]) |
 //! | `{ns}:m:{server}` | how often writes went elsewhere in place of a memcached server (`server`: a hash of its `host:port`) |
@@ -83,20 +82,6 @@ impl FragmentKeys {
     pub(crate) fn lease(&self) -> StoreKey {
         let mut key = self.envelope.0.clone();
         key.replace_range(self.kind_at..self.kind_at + 3, ":p:");
-        StoreKey(key)
-    }
-
-    /// The claim of one delivery of a build request: taken by the one delivery of the
-    /// request `request`, attempt `attempt`, that may build (the broker may deliver a
-    /// request twice). Its own key, placed by its own hash. Only [`crate::lease`] uses it.
-    pub(crate) fn claim(&self, request: &str, attempt: u32) -> StoreKey {
-        let mut key = self.envelope.0.clone();
-        key.replace_range(self.kind_at..self.kind_at + 3, ":b:");
-        key.push(':');
-        let hash = blake3::hash(format!("{request}.{attempt}").as_bytes());
-        for b in &hash.as_bytes()[..8] {
-            let _ = write!(key, "{b:02x}");
-        }
         StoreKey(key)
     }
 
@@ -578,13 +563,7 @@ mod tests {
         let q = format!("q={}", "%E2%9C%93".repeat(300));
         let identity = Identity::from_request(&r, Some(&q), &HeaderMap::new()).unwrap();
         let keys = ks.fragment(&identity, u64::MAX);
-        let claim = keys.claim(&"i".repeat(64), u32::MAX);
-        for k in [
-            &keys.envelope,
-            &keys.lease(),
-            &claim,
-            &ks.generation(&r.name),
-        ] {
+        for k in [&keys.envelope, &keys.lease(), &ks.generation(&r.name)] {
             assert!(k.as_str().len() <= 250, "{k}");
             assert!(k.as_str().bytes().all(|b| b.is_ascii_graphic()), "{k}");
         }

@@ -8,13 +8,7 @@
 //!   "pending";
 //! - a worker that picks a request up **claims** the lease for it before rendering
 //!   (a request from a generation its route has left since is dropped first):
-//!   - held by this request: its delivery takes the request's claim (`add`, a key of
-//!     its own per request and attempt), and, holding it, extends the lease for the
-//!     render and builds. The broker may deliver one request twice (a publish sent
-//!     again after a lost confirm, a delivery redelivered while its first worker still
-//!     renders); the copy that finds the claim taken is put back in the queue for a
-//!     while, and is dropped as already built once the first is stored (if that worker
-//!     died, its claim runs out with the lease, and the copy builds);
+//!   - held by this request: extended for the render, build;
 //!   - held by another request: this one was superseded (its lease expired while it
 //!     waited in a backed-up queue, and a newer request took over): dropped;
 //!   - held by nobody: the worker takes it as a gateway does (`add`, reading the
@@ -46,8 +40,7 @@
 //! render is not done again). While processes disagree about one server being out, their
 //! copies still share a server, so two requests are never both held: a server lost, or
 //! flushed on its return, takes one copy of a lease with it and never the lease. The two
-//! adds cost a queued build one more exchange, and the claim's two adds two more on the
-//! worker; a lookup and a hit cost nothing more.
+//! adds cost a queued build one more exchange; a lookup and a hit cost nothing more.
 //!
 //! The bound on builds doubled while processes disagree about a server, measured by
 //! `builds_are_not_doubled_while_processes_disagree_about_servers` (`tests/tests/failover.rs`:
@@ -60,10 +53,10 @@
 //! only when its lease was: both copies gone at once (two servers lost), or its holder ran
 //! past the lease's TTL, as without failover.
 //!
-//! However long a request waits in its queue, at most one delivery of one request per key
-//! gets past its claim: a lease that expired in the queue lets the next poll publish
-//! again, and the older request then finds the newer one's id and steps aside. A build
-//! nobody waits for any more may be dropped this way; it is never doubled.
+//! However long a request waits in its queue, at most one request per key gets past its
+//! claim: a lease that expired in the queue lets the next poll publish again, and the
+//! older request then finds the newer one's id and steps aside. A build nobody waits for
+//! any more may be dropped this way; it is never doubled.
 //!
 //! Its TTL is [`FragmentRoute::lease_ttl`] (the render deadline plus a margin), so a lease
 //! whose holder died expires by itself and no key stays pending forever. This module is
@@ -92,12 +85,6 @@ pub enum Claim {
     Superseded,
     /// Nobody held it and the fragment is already fresh: drop this one.
     AlreadyBuilt,
-    /// Another delivery of this request (the broker may deliver one twice: a publish
-    /// sent again after a lost confirm, or one redelivered while its first worker still
-    /// renders) took the claim: put this one back for a while. Once that build is stored
-    /// it is dropped as already built; if its worker died, it builds once that claim ran
-    /// out with the lease.
-    Building,
 }
 
 /// What a gateway that took the lease holds.
@@ -113,7 +100,6 @@ pub struct Acquired {
 #[derive(Debug)]
 pub struct Lease<'a> {
     store: &'a dyn Store,
-    keys: &'a FragmentKeys,
     key: StoreKey,
     envelope: &'a StoreKey,
     keyspace: Keyspace,
@@ -126,7 +112,6 @@ impl<'a> Lease<'a> {
     pub fn new(store: &'a dyn Store, keys: &'a FragmentKeys, route: &FragmentRoute) -> Self {
         Self {
             store,
-            keys,
             key: keys.lease(),
             envelope: &keys.envelope,
             keyspace: keys.keyspace(),
@@ -156,35 +141,36 @@ impl<'a> Lease<'a> {
     pub async fn acquire(&self, holder: &str) -> Result<Option<Acquired>, StoreError> {
         let deadline = self.deadline_after(Duration::ZERO);
         let copies = self.copies();
-        let taken = take_on(&copies, &self.key, |copy| {
+        let Some((first, others)) = copies.split_first() else {
+            return Err(no_copy());
+        };
+        let take = |copy: &'a dyn Store| {
             copy.add_then_get(&self.key, holder.as_bytes(), self.ttl, self.envelope)
-        });
-        Ok(taken.await?.map(|envelope| Acquired { deadline, envelope }))
-    }
-
-    /// Takes the claim of the delivery of request `holder`, attempt `attempt`, on its
-    /// copies as the lease is taken: false when another delivery of it took it.
-    async fn take_claim(&self, holder: &str, attempt: u32) -> Result<bool, StoreError> {
-        let key = &self.keys.claim(holder, attempt);
-        let copies = store::copies(self.store, key);
-        let taken = take_on(&copies, key, |copy| async move {
-            Ok(copy
-                .add(key, holder.as_bytes(), self.ttl)
-                .await?
-                .then_some(None))
-        });
-        Ok(taken.await?.is_some())
+        };
+        let Some(mut envelope) = take(*first).await? else {
+            return Ok(None);
+        };
+        for copy in others {
+            match take(*copy).await {
+                // A copy that does not answer is the server out of service: the first
+                // copy, which every view shares with this one, decides.
+                Err(_) => {}
+                Ok(Some(read)) => envelope = envelope.or(read),
+                Ok(None) => {
+                    // Another request holds it there (taken under another view of which
+                    // server is out): it wins, give the first copy back.
+                    let _ = first.delete(&self.key).await;
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(Acquired { deadline, envelope }))
     }
 
     /// A worker picked the request `holder`, made in `generation` of the route, up: may
     /// it build? See the module docs. The route's generation and the lease are read at
     /// once.
-    pub async fn claim(
-        &self,
-        holder: &str,
-        attempt: u32,
-        generation: u64,
-    ) -> Result<Claim, StoreError> {
+    pub async fn claim(&self, holder: &str, generation: u64) -> Result<Claim, StoreError> {
         let generation_key = self.keyspace.generation(self.route);
         let (route_generation, mut holders) = tokio::join!(
             store::generation(self.store, &generation_key),
@@ -197,14 +183,11 @@ impl<'a> Lease<'a> {
             match holders? {
                 Holders::Conflict => {}
                 Holders::Of(Some(current)) if current == holder.as_bytes() => {
-                    if !self.take_claim(holder, attempt).await? {
-                        return Ok(Claim::Building);
-                    }
                     self.extend(holder, Duration::ZERO).await?;
                     return Ok(Claim::Held);
                 }
                 Holders::Of(Some(_)) => return Ok(Claim::Superseded),
-                Holders::Of(None) => return self.claim_unheld(holder, attempt).await,
+                Holders::Of(None) => return self.claim_unheld(holder).await,
             }
             // Two requests on two copies: one is giving its copy back (it lost the other
             // one). Look again shortly.
@@ -216,7 +199,7 @@ impl<'a> Lease<'a> {
 
     /// Nobody held the lease: the worker takes it as a gateway does, reading the
     /// envelope back in the same exchange.
-    async fn claim_unheld(&self, holder: &str, attempt: u32) -> Result<Claim, StoreError> {
+    async fn claim_unheld(&self, holder: &str) -> Result<Claim, StoreError> {
         let Some(won) = self.acquire(holder).await? else {
             return Ok(Claim::Superseded);
         };
@@ -228,13 +211,7 @@ impl<'a> Lease<'a> {
             _ => false,
         };
         if !fresh {
-            if self.take_claim(holder, attempt).await? {
-                return Ok(Claim::Held);
-            }
-            // Another delivery of it took the claim before the lease went (lost with
-            // its copies, or run out): it may still render. The lease, now held again
-            // for this request, keeps a second request from being queued meanwhile.
-            return Ok(Claim::Building);
+            return Ok(Claim::Held);
         }
         // Nothing to build: give it back. One that cannot be given back expires by
         // itself, and the fragment is fresh meanwhile.
@@ -352,41 +329,6 @@ impl<'a> Lease<'a> {
         };
         Ok(held.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
-}
-
-/// Takes `key` on `copies` with `take`, which answers `None` where someone holds it,
-/// else what it read back: the first copy before the others, and held only when every
-/// copy that answered was won (a loser of a later copy gives the first back). What the
-/// takes read back (the first `Some`), or `None` when someone else holds it.
-async fn take_on<'c, F>(
-    copies: &[&'c dyn Store],
-    key: &StoreKey,
-    take: impl Fn(&'c dyn Store) -> F,
-) -> Result<Option<Option<Bytes>>, StoreError>
-where
-    F: std::future::Future<Output = Result<Option<Option<Bytes>>, StoreError>>,
-{
-    let Some((first, others)) = copies.split_first() else {
-        return Err(no_copy());
-    };
-    let Some(mut read) = take(*first).await? else {
-        return Ok(None);
-    };
-    for copy in others {
-        match take(*copy).await {
-            // A copy that does not answer is the server out of service: the first copy,
-            // which every view shares with this one, decides.
-            Err(_) => {}
-            Ok(Some(also)) => read = read.or(also),
-            Ok(None) => {
-                // Someone else holds it there (taken under another view of which server
-                // is out): they win, give the first copy back.
-                let _ = first.delete(key).await;
-                return Ok(None);
-            }
-        }
-    }
-    Ok(Some(read))
 }
 
 /// Who holds a lease, by its copies.
@@ -511,7 +453,7 @@ mod tests {
         assert!(deadline >= before + ttl && deadline <= now_ms() + ttl);
         assert_eq!(lease.holder().await.unwrap().as_deref(), Some("a"));
         assert_eq!(lease.acquire("b").await.unwrap(), None);
-        assert_eq!(lease.claim("a", 1, 1).await.unwrap(), Claim::Held);
+        assert_eq!(lease.claim("a", 1).await.unwrap(), Claim::Held);
     }
 
     #[tokio::test]
@@ -519,48 +461,9 @@ mod tests {
         let (store, keys, route) = setup().await;
         let lease = Lease::new(&store, &keys, &route);
         lease.acquire("newer").await.unwrap();
-        assert_eq!(lease.claim("older", 1, 1).await.unwrap(), Claim::Superseded);
-        assert_eq!(lease.claim("newer", 1, 1).await.unwrap(), Claim::Held);
+        assert_eq!(lease.claim("older", 1).await.unwrap(), Claim::Superseded);
+        assert_eq!(lease.claim("newer", 1).await.unwrap(), Claim::Held);
         assert_eq!(lease.holder().await.unwrap().as_deref(), Some("newer"));
-    }
-
-    #[tokio::test]
-    async fn one_delivery_of_a_request_delivered_twice_builds() {
-        let (servers, keys, route) = servers().await;
-        let all = View::new(&servers, &[]);
-        let without_first = View::new(&servers, &[0]);
-        let lease = |view| Lease::new(view, &keys, &route);
-        assert!(lease(&all).acquire("r").await.unwrap().is_some());
-        // Two copies of one request, picked up at once by workers that disagree about
-        // the first server.
-        assert_eq!(lease(&all).claim("r", 1, 1).await.unwrap(), Claim::Held);
-        assert_eq!(
-            lease(&without_first).claim("r", 1, 1).await.unwrap(),
-            Claim::Building
-        );
-        // Its retry is another attempt: it builds.
-        assert_eq!(lease(&all).claim("r", 2, 1).await.unwrap(), Claim::Held);
-        // A copy picked up after the build was stored is dropped as already built.
-        lease(&all)
-            .finish(&fresh().encode(), Duration::from_secs(60))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            lease(&all).claim("r", 1, 1).await.unwrap(),
-            Claim::AlreadyBuilt
-        );
-    }
-
-    fn fresh() -> Envelope {
-        Envelope::ready(
-            bytes::Bytes::from_static(b"x"),
-            "text/html".into(),
-            Duration::from_secs(60),
-            Duration::from_secs(60),
-            1,
-            1,
-        )
     }
 
     #[tokio::test]
@@ -569,7 +472,7 @@ mod tests {
         let lease = Lease::new(&store, &keys, &route);
         // Nobody holds it and nothing is built (a warming request, or a lease that
         // expired with nobody asking again): the request takes it.
-        assert_eq!(lease.claim("warm", 1, 1).await.unwrap(), Claim::Held);
+        assert_eq!(lease.claim("warm", 1).await.unwrap(), Claim::Held);
         assert_eq!(lease.holder().await.unwrap().as_deref(), Some("warm"));
         lease.release().await.unwrap();
         // A stale copy does not stop a build…
@@ -585,7 +488,7 @@ mod tests {
             .set(&keys.envelope, &stale.encode(), Duration::from_secs(60))
             .await
             .unwrap();
-        assert_eq!(lease.claim("refresh", 1, 1).await.unwrap(), Claim::Held);
+        assert_eq!(lease.claim("refresh", 1).await.unwrap(), Claim::Held);
         lease.release().await.unwrap();
         // …a fresh one does: someone built it while the request waited.
         let fresh = Envelope::ready(
@@ -600,10 +503,7 @@ mod tests {
             .set(&keys.envelope, &fresh.encode(), Duration::from_secs(60))
             .await
             .unwrap();
-        assert_eq!(
-            lease.claim("late", 1, 1).await.unwrap(),
-            Claim::AlreadyBuilt
-        );
+        assert_eq!(lease.claim("late", 1).await.unwrap(), Claim::AlreadyBuilt);
         assert_eq!(lease.holder().await.unwrap(), None, "nothing taken");
     }
 
@@ -624,15 +524,12 @@ mod tests {
             .set(&keys.envelope, &fresh.encode(), Duration::from_secs(60))
             .await
             .unwrap();
-        assert_eq!(
-            lease.claim("late", 1, 1).await.unwrap(),
-            Claim::AlreadyBuilt
-        );
+        assert_eq!(lease.claim("late", 1).await.unwrap(), Claim::AlreadyBuilt);
         let tag = crate::tags::Tag::new("p-1").unwrap();
         crate::tags::purge(&store, &keys.keyspace(), &tag)
             .await
             .unwrap();
-        assert_eq!(lease.claim("after-purge", 1, 1).await.unwrap(), Claim::Held);
+        assert_eq!(lease.claim("after-purge", 1).await.unwrap(), Claim::Held);
     }
 
     #[tokio::test]
@@ -659,14 +556,14 @@ mod tests {
         crate::store::bump_generation(&store, &Keyspace::new("t").generation("recs"))
             .await
             .unwrap();
-        assert_eq!(lease.claim("old", 1, 1).await.unwrap(), Claim::Purged);
-        assert_eq!(lease.claim("old", 1, 2).await.unwrap(), Claim::Held);
+        assert_eq!(lease.claim("old", 1).await.unwrap(), Claim::Purged);
+        assert_eq!(lease.claim("old", 2).await.unwrap(), Claim::Held);
         // A generation the store lost starts over at the current time: older than it.
         store
             .delete(&Keyspace::new("t").generation("recs"))
             .await
             .unwrap();
-        assert_eq!(lease.claim("old", 1, 2).await.unwrap(), Claim::Purged);
+        assert_eq!(lease.claim("old", 2).await.unwrap(), Claim::Purged);
     }
 
     /// Three servers, and the keys of one fragment of route `recs` in generation 1.
@@ -695,11 +592,11 @@ mod tests {
         // Its worker may build the request that holds the lease; the copy it found
         // empty is filled.
         assert_eq!(
-            lease(&without_first).claim("r", 1, 1).await.unwrap(),
+            lease(&without_first).claim("r", 1).await.unwrap(),
             Claim::Held
         );
         assert_eq!(
-            lease(&without_first).claim("q", 1, 1).await.unwrap(),
+            lease(&without_first).claim("q", 1).await.unwrap(),
             Claim::Superseded
         );
         assert!(servers[2].get(&lease(&all).key).await.unwrap().is_some());
@@ -764,12 +661,12 @@ mod tests {
             .set(&lease.key, b"q", Duration::from_secs(30))
             .await
             .unwrap();
-        assert_eq!(lease.claim("r", 1, 1).await.unwrap(), Claim::Superseded);
-        assert_eq!(lease.claim("q", 1, 1).await.unwrap(), Claim::Superseded);
+        assert_eq!(lease.claim("r", 1).await.unwrap(), Claim::Superseded);
+        assert_eq!(lease.claim("q", 1).await.unwrap(), Claim::Superseded);
         assert_eq!(lease.holder().await.unwrap(), None);
         // One copy given back meanwhile (the loser of a split take): the other builds.
         servers[0].delete(&lease.key).await.unwrap();
-        assert_eq!(lease.claim("q", 1, 1).await.unwrap(), Claim::Held);
+        assert_eq!(lease.claim("q", 1).await.unwrap(), Claim::Held);
     }
 
     /// A server that fails every call, and is judged out at its first failure.
@@ -910,7 +807,7 @@ mod tests {
         );
         assert_eq!(
             Lease::new(&unaware, &keys, &route)
-                .claim("r", 1, 1)
+                .claim("r", 1)
                 .await
                 .unwrap(),
             Claim::Held
