@@ -56,7 +56,11 @@
 //! However long a request waits in its queue, at most one request per key gets past its
 //! claim: a lease that expired in the queue lets the next poll publish again, and the
 //! older request then finds the newer one's id and steps aside. A build nobody waits for
-//! any more may be dropped this way; it is never doubled.
+//! any more may be dropped this way; it is never doubled. The lease names the request,
+//! not its delivery: two copies of one request (a publish sent again after a lost
+//! confirm, or one redelivered while its first worker still renders) picked up at once by
+//! two workers are both built. A claim per delivery would stop that, but would make the
+//! copy redelivered from a killed worker wait for the lease to run out.
 //!
 //! Its TTL is [`FragmentRoute::lease_ttl`] (the render deadline plus a margin), so a lease
 //! whose holder died expires by itself and no key stays pending forever. This module is
