@@ -93,7 +93,10 @@
 //! server (see [`tessera_protocol::lease`]): leases are taken on both copies, and any
 //! two views share a copy that is up. A build is done twice only when its lease is lost:
 //! both copies gone at once (two servers lost, or one lost while the other copy was
-//! being refilled), or its holder ran past the lease's TTL, as without failover.
+//! being refilled), or its holder ran past the lease's TTL, as without failover. A call
+//! whose failure judged its server down runs once more at its keys' new home, so the
+//! calls in flight at that moment do not fail either. Measured, with the builds done
+//! again after a lost copy: [`tessera_protocol::lease`].
 
 mod cluster;
 mod commands;

@@ -60,6 +60,11 @@ struct State {
     uploaded: u64,
     /// Connections open now.
     open: usize,
+    /// Renders being answered now, by path and query.
+    rendering: HashMap<(String, Option<String>), usize>,
+    /// Renders that started while another of the same path and query was being
+    /// answered, by path.
+    overlapping: HashMap<String, usize>,
 }
 
 /// Shared between the server tasks and the test.
@@ -145,6 +150,19 @@ impl FakeUpstream {
             .lock()
             .unwrap()
             .renders
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Renders of `path` that started while another of the same path and query was
+    /// being answered: one fragment built twice at once.
+    pub fn overlapping(&self, path: &str) -> usize {
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .overlapping
             .get(path)
             .copied()
             .unwrap_or(0)
@@ -322,6 +340,14 @@ async fn answer(
         let first = *n == 1;
         st.requests
             .push((path.clone(), query.clone(), req.headers().clone()));
+        let rendering = st
+            .rendering
+            .entry((path.clone(), query.clone()))
+            .or_default();
+        *rendering += 1;
+        if *rendering > 1 {
+            *st.overlapping.entry(path.clone()).or_default() += 1;
+        }
         let script = st.scripts.entry(path.clone()).or_default();
         let delay = match script.first_delay {
             Some(d) if first => d,
@@ -341,6 +367,15 @@ async fn answer(
         (delay, status, script.body.clone(), headers, numbered)
     };
     tokio::time::sleep(delay).await;
+    if let Some(n) = shared
+        .state
+        .lock()
+        .unwrap()
+        .rendering
+        .get_mut(&(path.clone(), query.clone()))
+    {
+        *n -= 1;
+    }
     let body = body.unwrap_or_else(|| {
         let cookie = req
             .headers()

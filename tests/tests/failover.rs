@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -15,6 +17,7 @@ use tessera_tests::harness::{TestGateway, client, config, real_backends_on, text
 use tessera_tests::servers::Memcacheds;
 use tessera_tests::upstream::{FakeUpstream, Script};
 use tessera_tests::{eventually, metric};
+use tokio_util::sync::CancellationToken;
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -195,26 +198,22 @@ fn first_on<T: Clone>(
         .expect("a candidate placed on the server")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_returning_memcached_serves_nothing_purged_or_rebuilt_while_it_was_out() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let up = FakeUpstream::start().await;
-    let servers = Memcacheds::start(3);
-    const S: usize = 0;
-    // Candidate routes for the route purge: one whose generation lives on S is used.
-    let mut routes: Vec<FragmentRoute> = (0..8).map(|n| route(&up, &format!("r{n}"))).collect();
-    routes.push(route(&up, "k"));
-    routes.push(route(&up, "t"));
-    // L1 off: every answer is read from memcached.
-    let (gw, c) = gateway(&servers, &up, routes, |c| {
-        c.cache.capacity = tessera_protocol::config::ByteSize::b(0);
-    })
-    .await;
+/// Things kept on server `s`, for the purges of each kind: the generation of route
+/// `r{r}`, the last purge of tag `tag-{tag}` (route `t`'s render carries it) and the
+/// envelope of `/fragments/k?id={id}`. Returns the URLs of a fragment of each, with `r`,
+/// `id` and `tag`.
+async fn placed_on(
+    servers: &Memcacheds,
+    s: usize,
+    up: &FakeUpstream,
+    gw: &TestGateway,
+    c: &Config,
+) -> ([String; 3], usize, usize, usize) {
     let keys = Keyspace::new(&c.store.namespace);
-    let r = first_on(&servers, S, 0..8, |n| {
+    let r = first_on(servers, s, 0..8, |n| {
         keys.generation(&format!("r{n}")).to_string()
     });
-    let tag = first_on(&servers, S, 0..1_000, |n| {
+    let tag = first_on(servers, s, 0..1_000, |n| {
         keys.tag(&tessera_protocol::tags::Tag::new(&format!("tag-{n}")).unwrap())
             .to_string()
     });
@@ -226,7 +225,7 @@ async fn a_returning_memcached_serves_nothing_purged_or_rebuilt_while_it_was_out
             ..Script::default()
         },
     );
-    // The fragment purged by key: one whose envelope lives on S.
+    // The fragment purged by key: one whose envelope lives on `s`.
     assert_eq!(
         get(&gw.at("/fragments/k?id=0"), true).await.0,
         StatusCode::OK
@@ -242,7 +241,7 @@ async fn a_returning_memcached_serves_nothing_purged_or_rebuilt_while_it_was_out
             .await
             .unwrap()
     };
-    let id = first_on(&servers, S, 1..1_000, |id| {
+    let id = first_on(servers, s, 1..1_000, |id| {
         let identity = Identity {
             route: "k".into(),
             params: vec![("id".into(), id.to_string())],
@@ -255,6 +254,25 @@ async fn a_returning_memcached_serves_nothing_purged_or_rebuilt_while_it_was_out
         gw.at(&format!("/fragments/r{r}?id=1")),
         gw.at("/fragments/t?id=1"),
     ];
+    (urls, r, id, tag)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_memcached_serves_nothing_purged_or_rebuilt_while_it_was_out() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let up = FakeUpstream::start().await;
+    let servers = Memcacheds::start(3);
+    const S: usize = 0;
+    // Candidate routes for the route purge: one whose generation lives on S is used.
+    let mut routes: Vec<FragmentRoute> = (0..8).map(|n| route(&up, &format!("r{n}"))).collect();
+    routes.push(route(&up, "k"));
+    routes.push(route(&up, "t"));
+    // L1 off: every answer is read from memcached.
+    let (gw, c) = gateway(&servers, &up, routes, |c| {
+        c.cache.capacity = tessera_protocol::config::ByteSize::b(0);
+    })
+    .await;
+    let (urls, r, id, tag) = placed_on(&servers, S, &up, &gw, &c).await;
     for url in &urls {
         let (status, body) = get(url, true).await;
         assert!(
@@ -321,4 +339,164 @@ async fn a_returning_memcached_serves_nothing_purged_or_rebuilt_while_it_was_out
             "{url}: {status} {body}"
         );
     }
+}
+
+/// Two gateways and two worker processes of route `b` (in this process, each with a
+/// store of its own, so each judges servers for itself), and what stops the workers.
+async fn two_of_each(
+    servers: &Memcacheds,
+    c: &mut Config,
+) -> (
+    [TestGateway; 2],
+    Vec<tokio::task::JoinHandle<()>>,
+    CancellationToken,
+) {
+    c.workers.embedded = 0;
+    let first = real_backends_on(servers.servers(), c).await;
+    let second = tessera_backends::connect(c).await.unwrap();
+    let gateways = [
+        TestGateway::start(c.clone(), first).await,
+        TestGateway::start(c.clone(), second).await,
+    ];
+    let stop = CancellationToken::new();
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let backends = tessera_backends::connect(c).await.unwrap();
+        let builder = Arc::new(tessera_workers::HttpBuilder::new(c).unwrap());
+        let (config, stop) = (Arc::new(c.clone()), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let metrics = tessera_workers::WorkerMetrics::default();
+            tessera_workers::run(
+                backends,
+                config,
+                builder,
+                8,
+                metrics,
+                stop.cancelled_owned(),
+            )
+            .await
+            .unwrap();
+        }));
+    }
+    (gateways, workers, stop)
+}
+
+/// `fragments` new fragments of `b`, 20 a second, each asked at one of `urls` (the
+/// gateways' `/fragments/b?id=`), then polled at both: how many answers were 503.
+fn cold_misses(urls: Vec<String>, fragments: usize) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let refused = Arc::new(AtomicUsize::new(0));
+        let mut asks = Vec::new();
+        for id in 0..fragments {
+            let (urls, refused) = (urls.clone(), refused.clone());
+            asks.push(tokio::spawn(async move {
+                for (after, gw) in [(0, id % 2), (100, 1 - id % 2), (400, 0), (400, 1)] {
+                    tokio::time::sleep(Duration::from_millis(after)).await;
+                    let (status, _) = get(&format!("{}{id}", urls[gw]), false).await;
+                    if status == StatusCode::SERVICE_UNAVAILABLE {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        join_all(asks).await;
+        refused.load(Ordering::Relaxed)
+    })
+}
+
+/// Renders of route `b` after each fragment's first: of fragments placed on servers 1
+/// and 2 (whose copies went with server 1 or were emptied from server 2), and of those
+/// placed on server 0, which lost nothing.
+async fn built_again(up: &FakeUpstream, servers: &Memcacheds, c: &Config) -> (usize, usize) {
+    let keys = Keyspace::new(&c.store.namespace);
+    let generation = {
+        let store = tessera_backends::connect(c).await.unwrap().store;
+        tessera_protocol::store::generation(store.as_ref(), &keys.generation("b"))
+            .await
+            .unwrap()
+    };
+    let mut renders: std::collections::HashMap<String, usize> = Default::default();
+    for (query, _) in up.requests("/_render/b") {
+        *renders.entry(query.unwrap_or_default()).or_default() += 1;
+    }
+    let (mut lost, mut kept) = (0, 0);
+    for (query, n) in renders {
+        let identity = Identity {
+            route: "b".into(),
+            params: vec![("id".into(), query.trim_start_matches("id=").into())],
+            vary: vec![],
+        };
+        let envelope = keys.fragment(&identity, generation).envelope;
+        match servers.home_of(envelope.as_str()) {
+            0 => kept += n - 1,
+            _ => lost += n - 1,
+        }
+    }
+    (lost, kept)
+}
+
+/// Two gateways and two worker processes, each judging servers for itself, under a
+/// stream of cold misses while one server is killed and comes back empty and another
+/// hangs and resumes: no fragment is built twice at once (a second render starting while
+/// the first is being answered), and no answer is a 503 (a call in flight when its
+/// server is judged down goes to the key's new home). Fragments built again later are
+/// counted, by whether their server lost its copy: the figures `lease.rs` states.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_are_not_doubled_while_processes_disagree_about_servers() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let up = FakeUpstream::start().await;
+    up.script(
+        "/_render/b",
+        Script {
+            delay: Duration::from_millis(500),
+            ..Script::default()
+        },
+    );
+    let mut r = tessera_tests::harness::route("b");
+    r.params = vec!["id".into()];
+    r.build_timeout = Duration::from_secs(5);
+    let mut servers = Memcacheds::start(3);
+    let mut c = config(&up.url(), vec![r]);
+    let (gateways, workers, stop) = two_of_each(&servers, &mut c).await;
+    let urls: Vec<String> = gateways.iter().map(|g| g.at("/fragments/b?id=")).collect();
+
+    const FRAGMENTS: usize = 160;
+    let load = cold_misses(urls.clone(), FRAGMENTS);
+    let started = Instant::now();
+    let at = |secs: f64| tokio::time::sleep_until((started + Duration::from_secs_f64(secs)).into());
+    at(1.5).await;
+    servers.kill(1);
+    at(3.5).await;
+    servers.restart(1);
+    at(5.0).await;
+    servers.stop(2).await;
+    at(6.5).await;
+    servers.resume(2);
+    let refused = load.await.unwrap();
+
+    for id in 0..FRAGMENTS {
+        let url = format!("{}{id}", urls[id % 2]);
+        eventually("every fragment is built", WITHIN, || async {
+            get(&url, true).await.0 == StatusCode::OK
+        })
+        .await;
+    }
+    // Time for a second build of anything to show up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let renders = up.requests("/_render/b").len();
+    let doubled = up.overlapping("/_render/b");
+    let (lost, kept) = built_again(&up, &servers, &c).await;
+    eprintln!(
+        "{FRAGMENTS} fragments, {renders} renders: {doubled} built twice at once; built again \
+         later: {lost} on servers 1 and 2, {kept} on server 0; {refused} answers 503"
+    );
+    stop.cancel();
+    for worker in workers {
+        let _ = tokio::time::timeout(WITHIN, worker).await;
+    }
+    assert_eq!(renders, FRAGMENTS + lost + kept, "every fragment built");
+    assert_eq!(doubled, 0, "fragments built twice at once");
+    // A call in flight when its server was judged down went to the key's new home.
+    assert_eq!(refused, 0, "answers 503");
 }

@@ -161,7 +161,18 @@ impl Cluster {
                 self.exchange_on(server, all()).await
             }
             Place::Home if self.servers.len() == 1 => self.exchange_on(0, all()).await,
-            Place::Home => self.run_home(&commands, write).await,
+            Place::Home => {
+                let epoch = self.health.epoch();
+                match self.run_home(&commands, write).await {
+                    // The failure judged a server down: its keys have a new home now,
+                    // where the call goes once more (a write the failed server may
+                    // still apply is wiped from it before it is used again).
+                    Err(StoreError::Unavailable(_)) if self.health.epoch() != epoch => {
+                        self.run_home(&commands, write).await
+                    }
+                    other => other,
+                }
+            }
         }
     }
 

@@ -234,7 +234,7 @@ async fn read_copies<'a, 'k>(
 
 /// Whether `a` and `b` are the same store (compared by address: copies are borrowed
 /// from one store, which hands out one handle per server).
-fn same(a: &dyn Store, b: &dyn Store) -> bool {
+pub(crate) fn same(a: &dyn Store, b: &dyn Store) -> bool {
     std::ptr::addr_eq(a as *const dyn Store, b as *const dyn Store)
 }
 
