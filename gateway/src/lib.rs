@@ -79,6 +79,9 @@ pub enum StartError {
     /// The public listener's threads could not be started.
     #[error("cannot start the gateway.threads: {0}")]
     Threads(std::io::Error),
+    /// The access log could not be opened.
+    #[error("cannot open access_log.path: {0}")]
+    AccessLog(std::io::Error),
     /// A listener could not be bound.
     #[error("cannot listen on {what} = {addr}: {source}")]
     Bind {
@@ -132,18 +135,21 @@ pub async fn serve(
         metrics.clone(),
     ));
     let stopping = CancellationToken::new();
-    let front = Arc::new(Front {
-        config: config.clone(),
-        cache: cache.clone(),
-        upstream: http::proxy::Upstream::new(
-            &config.upstream.url,
-            config.upstream.timeout,
-            &config.gateway.trusted_proxies,
-        ),
-        render_paths: http::render_paths::RenderPaths::new(&config),
-        metrics: metrics.clone(),
-        stopping: stopping.clone(),
-    });
+    let (access_log, log_writer) = match http::access_log::AccessLog::start(&config) {
+        Ok(Some((log, writer))) => (Some(log), Some(writer)),
+        Ok(None) => (None, None),
+        Err(e) => return Err(StartError::AccessLog(e)),
+    };
+    let reopen = log_writer
+        .as_ref()
+        .map(|w| reopen_on_sigusr1(w.reopen.clone()));
+    let front = Arc::new(Front::new(
+        config.clone(),
+        cache.clone(),
+        metrics.clone(),
+        stopping.clone(),
+        access_log.map(Arc::new),
+    ));
     let admin = match admin {
         Some(listener) => {
             let listen = listener.local_addr().map_err(|source| StartError::Bind {
@@ -192,8 +198,40 @@ pub async fn serve(
     // Last: the embedded workers may still have used a memcached connection one of the
     // public threads dialed.
     drop(threads);
+    drop(reopen);
+    if let Some(writer) = log_writer {
+        writer.join(ACCESS_LOG_DRAIN).await;
+    }
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// How long shutdown waits for the access log's last lines to be written.
+const ACCESS_LOG_DRAIN: Duration = Duration::from_secs(2);
+
+/// Sets `reopen` on every SIGUSR1 (logrotate's signal to reopen logs), until dropped.
+fn reopen_on_sigusr1(
+    reopen: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio_util::task::AbortOnDropHandle<()> {
+    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut usr1 = match signal(SignalKind::user_defined1()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGUSR1: the access log will not be reopened");
+                    return;
+                }
+            };
+            while usr1.recv().await.is_some() {
+                tracing::info!("SIGUSR1: reopening the access log");
+                reopen.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        #[cfg(not(unix))]
+        drop(reopen);
+    }))
 }
 
 /// The admin listener as the start-up line shows it: its address, or `off`.

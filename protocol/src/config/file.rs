@@ -12,8 +12,9 @@ use super::Config;
 use super::env::Overrides;
 use super::queues::default_queue;
 use super::schema::{
-    AmqpUrl, Backend, BusConfig, CacheConfig, FragmentRoute, GatewayConfig, HttpConfig,
-    MemcachedServer, QueueType, StoreConfig, UpstreamConfig, UpstreamUrl, WorkersConfig, duration,
+    AccessLogConfig, AmqpUrl, Backend, BusConfig, CacheConfig, FragmentRoute, GatewayConfig,
+    HttpConfig, MemcachedServer, QueueType, StoreConfig, UpstreamConfig, UpstreamUrl,
+    WorkersConfig, duration,
 };
 use super::validate::{ConfigError, invalid, parse_addr};
 
@@ -30,6 +31,7 @@ pub(super) struct ConfigFile {
     pub workers: WorkersFile,
     #[serde(rename = "fragment")]
     pub fragments: Vec<FragmentRoute>,
+    pub access_log: AccessLogConfig,
 }
 
 /// `[gateway]` as written; see [`super::GatewayConfig`].
@@ -293,6 +295,7 @@ impl ConfigFile {
         };
         upstream.validate()?;
         self.cache.validate()?;
+        self.access_log.validate()?;
         let servers = self
             .store
             .memcached
@@ -330,6 +333,7 @@ impl ConfigFile {
             backend,
             workers,
             fragments,
+            access_log: self.access_log,
         };
         config.validate_routes()?;
         config.validate_listeners()?;

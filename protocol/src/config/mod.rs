@@ -30,10 +30,10 @@ mod validate;
 
 pub use queues::{background_queue, default_queue};
 pub use schema::{
-    AmqpUrl, Backend, BusConfig, CacheConfig, FragmentRoute, GatewayConfig, HttpConfig,
-    LEASE_SLACK, MAX_CONNECTIONS_LIMIT, MAX_NAMESPACE, MAX_ROUTE_NAME, MAX_THREADS,
-    MemcachedServer, QueueType, RENDER_TOKEN_HEADER, StoreConfig, UpstreamConfig, UpstreamUrl,
-    VarySource, WorkersConfig,
+    AccessLogConfig, AccessLogFormat, AmqpUrl, Backend, BusConfig, CacheConfig, FragmentRoute,
+    GatewayConfig, HttpConfig, LEASE_SLACK, MAX_CONNECTIONS_LIMIT, MAX_NAMESPACE, MAX_ROUTE_NAME,
+    MAX_THREADS, MemcachedServer, QueueType, RENDER_TOKEN_HEADER, StoreConfig, UpstreamConfig,
+    UpstreamUrl, VarySource, WorkersConfig,
 };
 pub use validate::{ConfigError, admin_listener, is_param_name, is_route_name};
 
@@ -64,6 +64,8 @@ pub struct Config {
     pub workers: WorkersConfig,
     /// Fragment routes, in the file as `[[fragment]]` tables.
     pub fragments: Vec<FragmentRoute>,
+    /// The gateway's access log (off by default).
+    pub access_log: AccessLogConfig,
 }
 
 impl Config {
