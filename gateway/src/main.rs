@@ -105,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Some(Command::Probe { url }) => probe(&load(path), &url).await,
         Some(Command::Admin(command)) => admin_command(&load(path), command).await,
-        None => run(load(path), args.demo).await,
+        None => run(load(path), path, args.demo).await,
     }
 }
 
@@ -120,7 +120,7 @@ fn load(path: Option<&std::path::Path>) -> Config {
     }
 }
 
-async fn run(mut config: Config, demo: bool) -> anyhow::Result<()> {
+async fn run(mut config: Config, path: Option<&std::path::Path>, demo: bool) -> anyhow::Result<()> {
     let stop_demo = CancellationToken::new();
     if demo {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -135,9 +135,13 @@ async fn run(mut config: Config, demo: bool) -> anyhow::Result<()> {
     if demo {
         println!("Tessera demo: open http://{}/", listener.local_addr()?);
     }
-    tessera_gateway::run(
+    // The demo's upstream is made here, not in a file: nothing to reload.
+    let reload =
+        (!demo).then(|| tessera_gateway::ReloadFrom(path.map(std::path::Path::to_path_buf)));
+    tessera_gateway::run_with(
         listener,
         config,
+        reload,
         tessera_runtime::process::shutdown_signal(),
     )
     .await?;

@@ -28,7 +28,8 @@ use std::sync::Arc;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tessera_protocol::tags::Tag;
-use tessera_protocol::{Backends, Config, Identity, QueueStats};
+use tessera_protocol::{Backends, Identity, QueueStats};
+use tessera_runtime::reload::LiveConfig;
 
 use super::error::GatewayError;
 use super::headers::Trace;
@@ -39,8 +40,8 @@ use tessera_runtime::web::{self, Body, READY_TIMEOUT, json, problem, text};
 /// What the admin listener acts on.
 #[derive(Debug)]
 pub(crate) struct Admin {
-    /// The configuration the gateway runs with.
-    pub config: Arc<Config>,
+    /// The configuration the gateway runs with, as reloads leave it.
+    pub config: Arc<LiveConfig>,
     /// Purges, and what L1 holds.
     pub cache: Arc<CacheService>,
     /// The store and bus: readiness, queues, dead letters.
@@ -60,7 +61,7 @@ impl Admin {
     ) -> Response<Body> {
         let gate = web::admin_gate(
             &req,
-            &self.config.gateway.admin_token,
+            &self.config.load().gateway.admin_token,
             "gateway.admin_token",
             self.listen,
         );
@@ -140,8 +141,8 @@ impl Admin {
         name: &str,
         req: &Request<Incoming>,
     ) -> Result<Response<Body>, GatewayError> {
-        let route = self
-            .config
+        let config = self.config.load();
+        let route = config
             .route(name)
             .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
         let identity = Identity::from_request(route, req.uri().query(), req.headers())?;
@@ -170,8 +171,8 @@ impl Admin {
 
     /// Moves a route to a new generation and tells every gateway.
     async fn purge_route(&self, name: &str) -> Result<Response<Body>, GatewayError> {
-        let route = self
-            .config
+        let config = self.config.load();
+        let route = config
             .route(name)
             .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
         let generation = self.cache.purge_route(route).await?;
@@ -205,11 +206,11 @@ impl Admin {
     /// from the broker (all queues at once, each bounded by [`READY_TIMEOUT`]; `None` when
     /// it did not answer).
     async fn queue_stats(&self) -> Vec<(String, Option<QueueStats>)> {
-        let queues: Vec<String> = self
-            .config
+        let config = self.config.load();
+        let queues: Vec<String> = config
             .queues()
             .into_iter()
-            .chain(self.config.background_queues())
+            .chain(config.background_queues())
             .collect();
         let stats = futures_util::future::join_all(queues.iter().map(|queue| async move {
             match tokio::time::timeout(READY_TIMEOUT, self.backends.bus.queue_stats(queue)).await {
@@ -278,8 +279,9 @@ impl Admin {
     /// workers) consumes every queue once, so the queue with the most consumers counts
     /// them (`null` when the broker answered for no queue).
     fn workers(&self, stats: &[(String, Option<QueueStats>)]) -> serde_json::Value {
-        if self.config.backend.amqp().is_none() {
-            return serde_json::json!({ "kind": "embedded", "count": self.config.workers.embedded });
+        let config = self.config.load();
+        if config.backend.amqp().is_none() {
+            return serde_json::json!({ "kind": "embedded", "count": config.workers.embedded });
         }
         let count = stats
             .iter()

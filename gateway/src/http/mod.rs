@@ -94,6 +94,19 @@ impl Front {
     }
 }
 
+impl Front {
+    /// This front with `config`, as a reload makes it.
+    pub(crate) fn reconfigured(&self, config: Arc<Config>) -> Front {
+        Front::new(
+            config,
+            self.cache.clone(),
+            self.metrics.clone(),
+            self.stopping.clone(),
+            self.access_log.clone(),
+        )
+    }
+}
+
 /// Answers one public request, with a line in the access log when it is on (off, it
 /// costs this one branch).
 pub(crate) fn handle(
