@@ -269,6 +269,21 @@ fn access_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A waited request with a trace, a session cookie and a user agent.
+fn headers(trace: &str, secret: &str, agent: &str) -> reqwest::header::HeaderMap {
+    let mut h = reqwest::header::HeaderMap::new();
+    let traceparent = format!("00-{trace}-00f067aa0ba902b7-01");
+    for (name, value) in [
+        ("prefer", "wait=5".to_string()),
+        ("traceparent", traceparent),
+        ("cookie", format!("session_id={secret}")),
+        ("user-agent", agent.to_string()),
+    ] {
+        h.insert(name, value.parse().unwrap());
+    }
+    h
+}
+
 /// The access log (item 2 of issue 32): a line per public request with the route, the
 /// `Cache-Status`, the upstream's time and the trace id; never a cookie or a vary value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,14 +296,8 @@ async fn the_access_log_has_a_line_per_request_and_reopens_on_sigusr1() {
     for _ in 0..2 {
         let r = client()
             .get(format!("{base}/fragments/me"))
-            .header("prefer", "wait=5")
-            .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
-            .header("cookie", format!("session_id={secret}"))
-            .header("user-agent", agent)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), reqwest::StatusCode::OK);
+            .headers(headers(trace, secret, agent));
+        assert_eq!(r.send().await.unwrap().status(), reqwest::StatusCode::OK);
     }
     eventually(
         "three lines are written",
@@ -331,12 +340,14 @@ async fn the_access_log_has_a_line_per_request_and_reopens_on_sigusr1() {
     // logrotate: rename, then SIGUSR1; the lines go to a new file of the old name.
     let rotated = dir.join("access.log.1");
     std::fs::rename(&access, &rotated).unwrap();
-    let signalled = Command::new("kill")
-        .arg("-USR1")
-        .arg(gateway.child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(signalled.success());
+    let pid = gateway.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-USR1", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     eventually(
         "lines go to the reopened file",
         Duration::from_secs(10),

@@ -368,7 +368,7 @@ fn json(out: &mut Vec<u8>, e: &Entry) {
 }
 
 /// UTC year, month, day, hour, minute, second of `t` (Howard Hinnant's days-to-civil).
-fn civil(t: SystemTime) -> (i64, u32, u32, u64, u64, u64) {
+pub(crate) fn civil(t: SystemTime) -> (i64, u32, u32, u64, u64, u64) {
     let secs = t
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

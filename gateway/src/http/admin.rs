@@ -9,8 +9,7 @@
 //! | `DELETE /routes/{name}` | moves the route to a new generation: every fragment of it is gone |
 //! | `DELETE /tags/{tag}` | retires every fragment whose render answer carried the tag (`Surrogate-Key`), on every route |
 //! | `GET /` | the dashboard (refreshes itself from `GET /api/status`; `dashboard.js`, `dashboard.css`) |
-//! | `GET /dead-letters` | dead-lettered build requests with their errors (JSON) |
-//! | `POST /dead-letters/requeue?limit=N` | puts up to N (default 100) back on their queues |
+//! | `/dead-letters…` | list, retry and discard dead letters ([`super::dead_letters`]) |
 //!
 //! When `gateway.admin_token` is set, every request but `/healthz` must carry
 //! `Authorization: Bearer {token}` (or HTTP Basic with the token as password, which is
@@ -31,6 +30,7 @@ use tessera_protocol::tags::Tag;
 use tessera_protocol::{Backends, Identity, QueueStats};
 use tessera_runtime::reload::LiveConfig;
 
+use super::dead_letters;
 use super::error::GatewayError;
 use super::headers::Trace;
 use crate::cache::CacheService;
@@ -87,22 +87,6 @@ impl Admin {
                 text(StatusCode::OK, "text/css; charset=utf-8", DASHBOARD_CSS)
             }
             (&Method::GET, "/api/status") => self.status().await,
-            (&Method::GET, "/dead-letters") => {
-                match self.backends.bus.dead_letters(DEAD_LETTER_PAGE).await {
-                    Ok(letters) => json(
-                        StatusCode::OK,
-                        &serde_json::Value::Array(letters.iter().map(letter_json).collect()),
-                    ),
-                    Err(e) => GatewayError::Bus(e).into_response(),
-                }
-            }
-            (&Method::POST, "/dead-letters/requeue") => {
-                let limit = query_usize(req.uri().query(), "limit").unwrap_or(DEAD_LETTER_PAGE);
-                match self.backends.bus.requeue_dead_letters(limit).await {
-                    Ok(n) => json(StatusCode::OK, &serde_json::json!({ "requeued": n })),
-                    Err(e) => GatewayError::Bus(e).into_response(),
-                }
-            }
             (&Method::GET, "/healthz") => web::alive(),
             (&Method::GET, "/readyz") => web::ready(&self.backends).await,
             (&Method::GET, "/metrics") => {
@@ -127,11 +111,17 @@ impl Admin {
                     .await
                     .unwrap_or_else(GatewayError::into_response)
             }
-            _ => problem(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                &format!("no admin endpoint {} {path}", req.method()),
-            ),
+            (method, p) => {
+                let bus = self.backends.bus.as_ref();
+                match dead_letters::serve(bus, method, p, req.uri().query()).await {
+                    Some(response) => response,
+                    None => problem(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        &format!("no admin endpoint {} {path}", req.method()),
+                    ),
+                }
+            }
         }
     }
 
@@ -181,8 +171,6 @@ impl Admin {
     }
 }
 
-/// Dead letters listed or requeued per request.
-const DEAD_LETTER_PAGE: usize = 100;
 const DASHBOARD: &str = include_str!("../../assets/dashboard.html");
 const DASHBOARD_JS: &str = include_str!("../../assets/dashboard.js");
 const DASHBOARD_CSS: &str = include_str!("../../assets/dashboard.css");
@@ -252,11 +240,15 @@ impl Admin {
                 })
             })
             .collect();
-        let dead =
-            match tokio::time::timeout(READY_TIMEOUT, self.backends.bus.dead_letters(20)).await {
-                Ok(Ok(letters)) => letters.iter().map(letter_json).collect(),
-                _ => Vec::new(),
-            };
+        let dead = match tokio::time::timeout(
+            READY_TIMEOUT,
+            self.backends.bus.dead_letters(dead_letters::PAGE),
+        )
+        .await
+        {
+            Ok(Ok(letters)) => letters.iter().map(dead_letters::letter_json).collect(),
+            _ => Vec::new(),
+        };
         let failures = self.cache.recent_failures();
         let ready = web::readiness(&self.backends).await;
         json(
@@ -289,19 +281,4 @@ impl Admin {
             .max();
         serde_json::json!({ "kind": "broker", "count": count })
     }
-}
-
-/// A dead letter as the admin API and the dashboard show it: its build request with every
-/// `vary` value redacted (see [`tessera_protocol::message::redacted`]).
-fn letter_json(d: &tessera_protocol::DeadLetter) -> serde_json::Value {
-    let body = tessera_protocol::message::redacted(&d.body);
-    serde_json::json!({ "queue": d.queue, "reason": d.reason, "body": body })
-}
-
-fn query_usize(query: Option<&str>, name: &str) -> Option<usize> {
-    query?
-        .split('&')
-        .filter_map(|p| p.split_once('='))
-        .find(|(k, _)| *k == name)
-        .and_then(|(_, v)| v.parse().ok())
 }

@@ -9,6 +9,7 @@
 //!
 //! # Layout
 //! - [`fragment`]: the fragment endpoint: HTTP answers for what the cache found.
+//! - [`dead_letters`]: the admin API's dead-letter workflow (retry, discard, by id or route).
 //! - [`compose`]: pages (proxied, then composed) and ESI composition from cached fragments.
 //! - [`stream`]: the push stream, one connection per page for all its placeholders.
 //! - [`proxy`]: the reverse proxy to the upstream.
@@ -22,6 +23,7 @@
 pub(crate) mod access_log;
 pub(crate) mod admin;
 pub(crate) mod compose;
+pub(crate) mod dead_letters;
 pub(crate) mod encoding;
 pub(crate) mod error;
 pub(crate) mod fragment;
