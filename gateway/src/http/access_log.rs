@@ -17,8 +17,8 @@
 //! line shows.
 //!
 //! Never written: cookies, and the values a route varies on. The only headers a line
-//! carries are `Referer` and `User-Agent`, and each is written as `-` when any route
-//! varies on it (`vary = ["header:user-agent"]`). The request target is written as sent:
+//! carries are `Referer` and `User-Agent`, and each is written as `-` when any route of
+//! the request's configuration varies on it (`vary = ["header:user-agent"]`). The request target is written as sent:
 //! its query holds the routes' params, which are public by definition; vary values never
 //! come from the query.
 
@@ -50,9 +50,6 @@ pub(crate) struct UpstreamTime(pub Duration);
 #[derive(Debug)]
 pub(crate) struct AccessLog {
     lines: SyncSender<Entry>,
-    /// Any route varies on `Referer` / `User-Agent`: never write it.
-    hide_referer: bool,
-    hide_user_agent: bool,
 }
 
 /// The writer thread, joined at shutdown so the last lines reach the file.
@@ -117,19 +114,7 @@ impl AccessLog {
         let thread = std::thread::Builder::new()
             .name("tessera-access-log".into())
             .spawn(move || write_loop(&rx, sink, &path, format, &flag))?;
-        let varies_on = |name: &str| {
-            config.fragments.iter().any(|r| {
-                r.vary
-                    .iter()
-                    .any(|v| matches!(v, VarySource::Header(h) if h == name))
-            })
-        };
-        let log = AccessLog {
-            lines,
-            hide_referer: varies_on("referer"),
-            hide_user_agent: varies_on("user-agent"),
-        };
-        Ok(Some((log, Writer { thread, reopen })))
+        Ok(Some((AccessLog { lines }, Writer { thread, reopen })))
     }
 
     /// The line's fields known before the answer; gives `req` an `X-Request-Id` when it
@@ -164,8 +149,9 @@ impl AccessLog {
             method: req.method().clone(),
             target: req.uri().path_and_query().map(|p| p.as_str().to_string()),
             version: req.version(),
-            referer: header_text(h, header::REFERER, self.hide_referer),
-            user_agent: header_text(h, header::USER_AGENT, self.hide_user_agent),
+            // Checked against the request's configuration: a reload may add such a route.
+            referer: header_text(h, header::REFERER, varies_on(config, "referer")),
+            user_agent: header_text(h, header::USER_AGENT, varies_on(config, "user-agent")),
             route,
             trace,
             status: 0,
@@ -207,6 +193,15 @@ impl Writer {
             tracing::warn!("the access log writer did not stop within {deadline:?}");
         }
     }
+}
+
+/// Whether any route of `config` varies on the header `name`.
+fn varies_on(config: &Config, name: &str) -> bool {
+    config.fragments.iter().any(|r| {
+        r.vary
+            .iter()
+            .any(|v| matches!(v, VarySource::Header(h) if h == name))
+    })
 }
 
 fn header_text(h: &HeaderMap, name: header::HeaderName, hidden: bool) -> Option<String> {
@@ -436,6 +431,17 @@ mod tests {
         assert_eq!(v["upstream_ms"], 2.0);
         assert_eq!(v["referer"], serde_json::Value::Null);
         assert_eq!(v["trace_id"], "0af7651916cd43dd8448eb211c80319c");
+    }
+
+    #[test]
+    fn headers_a_route_varies_on_are_hidden() {
+        let mut config = Config::default();
+        assert!(!varies_on(&config, "user-agent"));
+        let mut route = FragmentRoute::new("me", "/_render/me");
+        route.vary = vec!["header:user-agent".parse().unwrap()];
+        config.fragments.push(route);
+        assert!(varies_on(&config, "user-agent"));
+        assert!(!varies_on(&config, "referer"));
     }
 
     #[test]
