@@ -128,8 +128,17 @@ pub trait FragmentBuilder: Send + Sync + std::fmt::Debug + 'static {
 /// cookies of the request, and nothing else from the browser. It says it is a surrogate
 /// that processes ESI (`Surrogate-Capability`, as proxied requests do) and, when
 /// `workers.render_token` is set, proves it is a worker (`Tessera-Render-Token`).
-#[derive(Debug, Clone)]
+///
+/// A configuration reload gives it a new upstream, timeout and token
+/// ([`HttpBuilder::reconfigure`]); a render under way finishes with the ones it began with.
+#[derive(Debug)]
 pub struct HttpBuilder {
+    settings: arc_swap::ArcSwap<Settings>,
+}
+
+/// What an [`HttpBuilder`] renders with, from one configuration.
+#[derive(Debug)]
+struct Settings {
     client: Client<HttpConnector, Empty<Bytes>>,
     /// `upstream.url` without trailing `/`, which the render path follows.
     base: String,
@@ -142,6 +151,21 @@ pub struct HttpBuilder {
 impl HttpBuilder {
     /// A builder for the upstream and item size limit of `config`.
     pub fn new(config: &Config) -> Result<Self, BuildError> {
+        Ok(Self {
+            settings: arc_swap::ArcSwap::from_pointee(Settings::new(config)?),
+        })
+    }
+
+    /// Renders from now on with `config`'s upstream, timeout, token and size limit.
+    pub fn reconfigure(&self, config: &Config) -> Result<(), BuildError> {
+        self.settings
+            .store(std::sync::Arc::new(Settings::new(config)?));
+        Ok(())
+    }
+}
+
+impl Settings {
+    fn new(config: &Config) -> Result<Self, BuildError> {
         let token = &config.workers.render_token;
         let render_token = if token.is_empty() {
             None
@@ -261,8 +285,9 @@ impl FragmentBuilder for HttpBuilder {
         route: &FragmentRoute,
         req: &BuildRequest,
     ) -> Result<Rendered, BuildError> {
-        let request = self.request(route, req)?;
-        tokio::time::timeout(route.build_timeout, self.fetch(route, request))
+        let settings = self.settings.load_full();
+        let request = settings.request(route, req)?;
+        tokio::time::timeout(route.build_timeout, settings.fetch(route, request))
             .await
             .map_err(|_| BuildError::Timeout(route.build_timeout))?
     }

@@ -18,4 +18,4 @@ pub mod worker;
 
 pub use builder::{BuildError, FragmentBuilder, HttpBuilder, Rendered};
 pub use metrics::WorkerMetrics;
-pub use worker::{WorkerError, run};
+pub use worker::{WorkerError, run, run_live};

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use tessera_protocol::config::admin_listener;
 use tessera_protocol::{Backend, Config};
+use tessera_runtime::reload::LiveConfig;
 use tessera_workers::WorkerMetrics;
 use tokio::net::TcpListener;
 
@@ -81,20 +82,45 @@ async fn main() -> anyhow::Result<()> {
         config.http.clone(),
         std::future::pending(),
     ));
-    tessera_workers::run(
+    let builder = Arc::new(builder);
+    let live = LiveConfig::new(config);
+    let reloading = reload_on_sighup(args.config, live.clone(), builder.clone());
+    tessera_workers::run_live(
         backends,
-        Arc::new(config),
-        Arc::new(builder),
+        live,
+        builder,
         concurrency,
         metrics,
         tessera_runtime::process::shutdown_signal(),
     )
     .await?;
+    reloading.abort();
     tracing::info!("worker stopped");
     Ok(())
 }
 
 /// jemalloc, not glibc's malloc: measured faster on the memcached hit path, and holding
 /// less after a burst of new keys (bench/README.md, "Allocator").
+/// Applies each configuration SIGHUP brings (routes, upstream, render token) to the
+/// build loop and the builder; see [`tessera_runtime::reload`].
+fn reload_on_sighup(
+    path: Option<PathBuf>,
+    live: Arc<LiveConfig>,
+    builder: Arc<tessera_workers::HttpBuilder>,
+) -> tokio::task::JoinHandle<()> {
+    let apply = move |new: Config| {
+        let done = live.replace(new);
+        if let Err(e) = builder.reconfigure(&live.load()) {
+            tracing::warn!(error = %e, "the builder keeps its old upstream settings");
+        }
+        done
+    };
+    tokio::spawn(tessera_runtime::reload::on_sighup(
+        "tessera-worker",
+        path,
+        apply,
+    ))
+}
+
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -26,7 +26,8 @@ pub struct DropLabels {
     pub route: String,
     /// Why: `purged` (its route moved to a newer generation since the request was
     /// made), `superseded` (the lease holds another request's id) or `already_built`
-    /// (the lease was free and the fragment fresh).
+    /// (the lease was free and the fragment fresh), or `route_removed` (a configuration
+    /// reload removed its route).
     pub reason: &'static str,
 }
 

@@ -39,6 +39,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use tessera_runtime::reload::LiveConfig;
+
 use crate::builder::{BuildError, FragmentBuilder, Rendered};
 use crate::metrics::WorkerMetrics;
 use crate::retry::backoff;
@@ -71,6 +73,23 @@ pub async fn run(
     metrics: WorkerMetrics,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), WorkerError> {
+    let live = LiveConfig::shared(config);
+    run_live(backends, live, builder, concurrency, metrics, shutdown).await
+}
+
+/// [`run`] on a configuration that reloads may replace: each build takes the routes
+/// as they are when its request arrives. A request for a route a reload removed is
+/// acknowledged and counted as dropped (`reason="route_removed"`), not dead-lettered.
+/// The queues consumed are those of the configuration at start.
+pub async fn run_live(
+    backends: Backends,
+    live: Arc<LiveConfig>,
+    builder: Arc<dyn FragmentBuilder>,
+    concurrency: usize,
+    metrics: WorkerMetrics,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), WorkerError> {
+    let config = live.load();
     let concurrency = concurrency.max(1);
     let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
     let queues = config.queues();
@@ -79,7 +98,7 @@ pub async fn run(
     tracing::info!(?queues, ?background, concurrency, "worker consuming");
     let worker = Arc::new(Worker {
         backends,
-        config: config.clone(),
+        config: live.clone(),
         builder,
         metrics,
     });
@@ -119,7 +138,8 @@ pub async fn run(
     // are still rendering here (the same request passes the lease's claim: a second
     // render). Deliveries it holds that no build took wait until then, and go back to
     // the queue when it is dropped.
-    let longest = config
+    let longest = live
+        .load()
         .fragments
         .iter()
         .map(|r| r.build_timeout)
@@ -148,7 +168,7 @@ pub async fn run(
 
 struct Worker {
     backends: Backends,
-    config: Arc<Config>,
+    config: Arc<LiveConfig>,
     builder: Arc<dyn FragmentBuilder>,
     metrics: WorkerMetrics,
 }
@@ -188,6 +208,19 @@ enum Outcome {
 }
 
 impl Worker {
+    /// A request for a route the configuration lacks: acknowledged and counted when a
+    /// reload removed the route, dead-lettered otherwise (a file that differs between
+    /// processes).
+    async fn unrouted(&self, delivery: Delivery, route: &str) {
+        if self.config.retired(route) {
+            tracing::info!(route, "build request for a route a reload removed: dropped");
+            self.metrics.dropped(route, "route_removed");
+            return self.settle(delivery.ack().await);
+        }
+        let reason = format!("unknown route {route:?}");
+        self.reject(delivery, "", &reason).await;
+    }
+
     async fn handle(&self, delivery: Delivery) {
         let mut req = match BuildRequest::decode(&delivery.body) {
             Ok(r) => r,
@@ -197,9 +230,9 @@ impl Worker {
                     .await;
             }
         };
-        let Some(route) = self.config.route(&req.identity.route) else {
-            let reason = format!("unknown route {:?}", req.identity.route);
-            return self.reject(delivery, "", &reason).await;
+        let config = self.config.load();
+        let Some(route) = config.route(&req.identity.route) else {
+            return self.unrouted(delivery, &req.identity.route).await;
         };
         if let Err(e) = req.identity.check(route) {
             return self
@@ -291,7 +324,7 @@ impl Worker {
 
     /// `messaging.system` of this worker's bus.
     fn bus_system(&self) -> &'static str {
-        match self.config.backend.amqp() {
+        match self.config.load().backend.amqp() {
             Some(_) => "rabbitmq",
             None => "tessera.memory",
         }
@@ -422,7 +455,7 @@ impl Worker {
         .with_esi(rendered.esi)
         .with_tags(rendered.tags, render_started);
         let bytes = envelope.encode();
-        let max = tessera_protocol::backends::item_limit(&self.config);
+        let max = tessera_protocol::backends::item_limit(&self.config.load());
         let size = bytes.len() + keys.envelope.as_str().len() + ITEM_OVERHEAD;
         if size > max {
             return Err(BuildError::TooLarge { size, max });
@@ -457,7 +490,7 @@ impl Worker {
     ) -> Result<(), StoreError> {
         let lease = Lease::new(self.backends.store.as_ref(), keys, route);
         let span = otel::Span::child("store", otel::Kind::Client, || {
-            let system = match self.config.backend.memcached() {
+            let system = match self.config.load().backend.memcached() {
                 Some(_) => "memcached",
                 None => "tessera.memory",
             };

@@ -15,6 +15,8 @@ use tessera_protocol::message::VERSION;
 use tessera_protocol::{
     Backends, BuildRequest, Bus, Config, Envelope, FragmentRoute, Identity, store,
 };
+use tessera_runtime::reload::LiveConfig;
+use tessera_workers::metrics::DropLabels;
 use tessera_workers::{BuildError, FragmentBuilder, Rendered, WorkerMetrics};
 use tokio_util::sync::CancellationToken;
 
@@ -74,6 +76,8 @@ struct Setup {
     stop: CancellationToken,
     worker: tokio::task::JoinHandle<()>,
     route: FragmentRoute,
+    /// The worker's configuration, which a test may reload.
+    live: Arc<LiveConfig>,
     metrics: WorkerMetrics,
 }
 
@@ -97,17 +101,12 @@ async fn setup() -> Setup {
         builder.clone(),
         metrics.clone(),
     );
+    let live = LiveConfig::new(config);
+    let l = live.clone();
     let worker = tokio::spawn(async move {
-        tessera_workers::run(
-            b,
-            Arc::new(config),
-            f,
-            4,
-            m,
-            async move { s.cancelled().await },
-        )
-        .await
-        .unwrap();
+        tessera_workers::run_live(b, l, f, 4, m, async move { s.cancelled().await })
+            .await
+            .unwrap();
     });
     Setup {
         backends,
@@ -116,6 +115,7 @@ async fn setup() -> Setup {
         stop,
         worker,
         route,
+        live,
         metrics,
     }
 }
@@ -249,6 +249,35 @@ async fn a_build_for_a_purged_generation_is_dropped() {
         0,
         "acknowledged, not left on the queue"
     );
+    s.stop.cancel();
+    s.worker.await.unwrap();
+}
+
+/// Issue 32: a reload removed the route; the build requests already queued for it are
+/// acknowledged and counted as dropped, neither rendered nor dead-lettered.
+#[tokio::test]
+async fn a_build_for_a_route_a_reload_removed_is_dropped_and_counted() {
+    let s = setup().await;
+    let generation = current_generation(&s).await;
+    let reloaded = s.live.replace(Config::default());
+    assert_eq!(reloaded.removed, ["r"]);
+    request(&s, "gone", generation).await;
+    let dropped = s.metrics.dropped.get_or_create(&DropLabels {
+        route: "r".into(),
+        reason: "route_removed",
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while dropped.get() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not dropped; dead letters: {:?}",
+            s.bus.dead_letters()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.builder.calls.load(Ordering::SeqCst), 0, "not rendered");
+    assert!(s.bus.dead_letters().is_empty(), "not dead-lettered");
+    assert_eq!(s.bus.depth(&s.route.queue), 0, "acknowledged");
     s.stop.cancel();
     s.worker.await.unwrap();
 }

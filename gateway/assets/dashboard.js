@@ -240,11 +240,52 @@ async function refresh() {
     rows("queues", s.queues, (q) => [cell(q.name), cell(q.messages ?? "?", "num"), cell(q.consumers ?? "?", "num")], "no queues");
     rows("latency", latency, (l) => [cell(l.route), cell(l.count, "num"), cell(ms_(l.mean), "num"), cell(ms_(l.p50), "num"), cell(ms_(l.p99), "num")], "no builds yet");
     rows("failures", s.recent_failures, (f) => [cell(new Date(f.at).toLocaleTimeString()), cell(f.route), cell(long(f.error), "bad")], "no failures");
-    rows("dead", s.dead_letters, (d) => [cell(d.queue), cell(long(d.reason), "bad"), cell(long(d.body), "mono")], "no dead letters");
+    deadLetters(s.dead_letters);
     record(now);
     $("updated").textContent = "updated " + new Date().toLocaleTimeString();
   } catch (e) {
     $("updated").textContent = "cannot reach the gateway: " + e.message;
+  }
+}
+function button(label, cls, action) {
+  const b = document.createElement("button");
+  b.type = "button"; b.textContent = label; b.className = cls;
+  b.addEventListener("click", action);
+  return b;
+}
+// A dead-letter action through the admin API, then a fresh look.
+async function deadAction(method, path, what) {
+  const r = await fetch(path, { method, credentials: "same-origin" });
+  $("requeued").textContent = r.ok ? `${what}: ${Object.values(await r.json())[0]}` : `${what} failed: HTTP ${r.status}`;
+  refresh();
+}
+// Dead letters grouped by route, with counts; each can be retried or discarded, one or
+// all of a route. Never their message: it may hold `vary` values (redacted, but noise).
+function deadLetters(letters) {
+  const body = $("dead"); body.replaceChildren();
+  if (!letters.length) { const tr = document.createElement("tr"); const td = cell("no dead letters", "empty"); td.colSpan = 6; tr.append(td); body.append(tr); return; }
+  const byRoute = new Map();
+  for (const d of letters) { if (!byRoute.has(d.route)) byRoute.set(d.route, []); byRoute.get(d.route).push(d); }
+  for (const [route, items] of byRoute) {
+    const tr = document.createElement("tr"); tr.className = "group"; tr.dataset.route = route;
+    const name = cell(`${route || "(no route)"} · ${items.length}`); name.colSpan = 5;
+    const actions = cell("");
+    const q = "route=" + encodeURIComponent(route);
+    if (route) actions.append(
+      button("Retry all", "retry-route", () => deadAction("POST", "dead-letters/retry?" + q, `retried ${route}`)),
+      button("Discard all", "discard-route", () => deadAction("DELETE", "dead-letters?" + q, `discarded ${route}`)));
+    tr.append(name, actions); body.append(tr);
+    for (const d of items) {
+      const row = document.createElement("tr"); row.dataset.id = d.id;
+      const acts = cell("");
+      const id = encodeURIComponent(d.id);
+      acts.append(
+        button("Retry", "retry", () => deadAction("POST", `dead-letters/${id}/retry`, "retried")),
+        button("Discard", "discard", () => deadAction("DELETE", `dead-letters/${id}`, "discarded")));
+      row.append(cell(d.id, "mono"), cell(d.fragment ?? "–", "mono"), cell(d.attempts ?? "–", "num"),
+        cell(d.time ? new Date(d.time).toLocaleString() : "–"), cell(long(d.error), "bad"), acts);
+      body.append(row);
+    }
   }
 }
 $("requeue").addEventListener("click", async () => {

@@ -70,6 +70,83 @@ pub async fn call(base: &str, token: &str, method: Method, path: &str) -> Result
     Ok(body)
 }
 
+/// The admin request that retries (`POST`) or discards (`DELETE`) the dead letter `id`,
+/// or every dead letter of `route`.
+pub fn dead_letter_path(method: Method, id: Option<&str>, route: Option<&str>) -> (Method, String) {
+    let encode = |s: &str| {
+        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    let path = match (&method, id, route) {
+        (&Method::POST, Some(id), _) => format!("/dead-letters/{}/retry", encode(id)),
+        (&Method::POST, None, route) => {
+            format!("/dead-letters/retry?route={}", encode(route.unwrap_or("")))
+        }
+        (_, Some(id), _) => format!("/dead-letters/{}", encode(id)),
+        (_, None, route) => format!("/dead-letters?route={}", encode(route.unwrap_or(""))),
+    };
+    (method, path)
+}
+
+/// The admin API's dead-letter list (`GET /dead-letters`) as a table: id, route,
+/// fragment, attempts, time (UTC) and error, one letter a line, oldest first.
+pub fn dead_letter_table(json: &str) -> Result<String, CliError> {
+    use std::fmt::Write;
+    let letters: Vec<serde_json::Value> = serde_json::from_str(json)
+        .map_err(|e| CliError::Usage(format!("the gateway's list is not JSON: {e}")))?;
+    if letters.is_empty() {
+        return Ok("no dead letters\n".into());
+    }
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let rows: Vec<[String; 6]> = letters
+        .iter()
+        .map(|l| {
+            let time = l["time"].as_u64().map_or("-".into(), utc);
+            let mut error = text(&l["error"]).replace(['\n', '\r'], " ");
+            if error.chars().count() > 80 {
+                error = error.chars().take(79).collect::<String>() + "…";
+            }
+            let route = text(&l["route"]);
+            let route = if route.is_empty() { "-".into() } else { route };
+            [
+                text(&l["id"]),
+                route,
+                text(&l["fragment"]),
+                text(&l["attempts"]),
+                time,
+                error,
+            ]
+        })
+        .collect();
+    let head = ["ID", "ROUTE", "FRAGMENT", "ATTEMPTS", "TIME", "ERROR"];
+    let width = |i: usize| {
+        rows.iter()
+            .map(|r| r[i].chars().count())
+            .chain([head[i].len()])
+            .max()
+            .unwrap_or(0)
+    };
+    let widths: Vec<usize> = (0..5).map(width).collect();
+    let mut out = String::new();
+    for row in std::iter::once(head.map(String::from)).chain(rows) {
+        for (i, cell) in row.iter().enumerate().take(5) {
+            let _ = write!(out, "{cell:<w$}  ", w = widths[i]);
+        }
+        let _ = writeln!(out, "{}", row[5]);
+    }
+    Ok(out)
+}
+
+/// `ms` since the epoch as `YYYY-MM-DD HH:MM:SS`, UTC.
+fn utc(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    let (y, mo, d, h, mi, s) = crate::http::access_log::civil(t);
+    format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}")
+}
+
 /// The admin path that purges `fragment`, given as the public path
 /// (`/fragments/recs?user_id=7`) or as `name?query`.
 pub fn fragment_purge_path(fragment: &str, prefix: &str) -> String {
@@ -90,6 +167,50 @@ pub fn tag_purge_path(tag: &str) -> Result<String, CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_letter_actions_name_one_letter_or_a_route() {
+        let p = |m, id, route| dead_letter_path(m, id, route).1;
+        assert_eq!(
+            p(Method::POST, Some("ab12"), None),
+            "/dead-letters/ab12/retry"
+        );
+        assert_eq!(p(Method::DELETE, Some("ab12"), None), "/dead-letters/ab12");
+        assert_eq!(
+            p(Method::POST, None, Some("recs")),
+            "/dead-letters/retry?route=recs"
+        );
+        assert_eq!(
+            p(Method::DELETE, None, Some("recs")),
+            "/dead-letters?route=recs"
+        );
+        assert_eq!(p(Method::DELETE, Some("a/b"), None), "/dead-letters/a%2Fb");
+    }
+
+    #[test]
+    fn dead_letters_print_as_a_table() {
+        let json = r#"[{"id":"0123456789abcdef","route":"recs","fragment":"recs?user_id=7",
+            "attempts":4,"time":1796670036000,"error":"upstream answered 503\nagain"},
+            {"id":"fedcba9876543210","route":"","fragment":null,"attempts":null,"time":null,
+            "error":"undecodable"}]"#;
+        let table = dead_letter_table(json).unwrap();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(
+            lines[0].starts_with("ID  ") && lines[0].ends_with("ERROR"),
+            "{table}"
+        );
+        assert!(lines[1].contains("recs?user_id=7") && lines[1].contains("2026-12-07 19:00:36"));
+        assert!(lines[1].ends_with("upstream answered 503 again"), "{table}");
+        assert!(lines[2].starts_with("fedcba9876543210  -    "), "{table}");
+        let error_at = lines[0].find("ERROR").unwrap();
+        assert_eq!(
+            lines[1].find("upstream").unwrap(),
+            error_at,
+            "columns line up"
+        );
+        assert_eq!(dead_letter_table("[]").unwrap(), "no dead letters\n");
+    }
 
     #[test]
     fn tag_purge_paths() {

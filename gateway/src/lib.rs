@@ -55,7 +55,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tessera_protocol::{Backends, Config};
+use tessera_runtime::reload::LiveConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -79,6 +81,9 @@ pub enum StartError {
     /// The public listener's threads could not be started.
     #[error("cannot start the gateway.threads: {0}")]
     Threads(std::io::Error),
+    /// The access log could not be opened.
+    #[error("cannot open access_log.path: {0}")]
+    AccessLog(std::io::Error),
     /// A listener could not be bound.
     #[error("cannot listen on {what} = {addr}: {source}")]
     Bind {
@@ -94,11 +99,26 @@ pub enum StartError {
 /// How long shutdown waits for embedded workers to finish in-flight builds.
 const WORKER_DRAIN: Duration = Duration::from_secs(15);
 
+/// Where a gateway reads its configuration again on SIGHUP: the file it was started
+/// with (`None`: `$TESSERA_CONFIG`, else the defaults). See [`tessera_runtime::reload`].
+#[derive(Debug, Clone)]
+pub struct ReloadFrom(pub Option<std::path::PathBuf>);
+
 /// Runs a gateway on `listener` (public traffic) and on `gateway.admin_listen`, with the
 /// backends `config` names, until `shutdown`.
 pub async fn run(
     listener: TcpListener,
     config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    run_with(listener, config, None, shutdown).await
+}
+
+/// [`run`], reloading the configuration on SIGHUP when `reload` says from where.
+pub async fn run_with(
+    listener: TcpListener,
+    config: Config,
+    reload: Option<ReloadFrom>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
     let admin = TcpListener::bind(config.gateway.admin_listen)
@@ -109,7 +129,7 @@ pub async fn run(
             source,
         })?;
     let backends = tessera_backends::connect(&config).await?;
-    serve(listener, Some(admin), config, backends, shutdown).await
+    serve_with(listener, Some(admin), config, backends, reload, shutdown).await
 }
 
 /// Runs a gateway on `listener` and, when given, an admin listener, with the given
@@ -121,45 +141,53 @@ pub async fn serve(
     backends: Backends,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
-    let config = Arc::new(config);
+    serve_with(listener, admin, config, backends, None, shutdown).await
+}
+
+/// [`serve`], reloading on SIGHUP when `reload` is given.
+///
+/// A reload swaps the public front whole ([`Front`]: the configuration snapshot, the
+/// upstream client, the render paths), in one `ArcSwap` that each request loads once;
+/// the cache core, the metrics and the access log are shared by every front. The admin
+/// API, the events and the embedded workers read the [`LiveConfig`] the reload replaced.
+async fn serve_with(
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    config: Config,
+    backends: Backends,
+    reload: Option<ReloadFrom>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    let live = LiveConfig::new(config);
+    let config = live.load();
     let metrics = Arc::new(
         metrics::Metrics::new(config.fragments.iter().map(|r| r.name.as_str()))
             .with_backends(backends.clone()),
     );
     let cache = Arc::new(CacheService::new(
-        config.clone(),
+        live.clone(),
         backends.clone(),
         metrics.clone(),
     ));
     let stopping = CancellationToken::new();
-    let front = Arc::new(Front {
-        config: config.clone(),
-        cache: cache.clone(),
-        upstream: http::proxy::Upstream::new(
-            &config.upstream.url,
-            config.upstream.timeout,
-            &config.gateway.trusted_proxies,
-        ),
-        render_paths: http::render_paths::RenderPaths::new(&config),
-        metrics: metrics.clone(),
-        stopping: stopping.clone(),
-    });
+    let (access_log, log_writer) = match http::access_log::AccessLog::start(&config) {
+        Ok(Some((log, writer))) => (Some(log), Some(writer)),
+        Ok(None) => (None, None),
+        Err(e) => return Err(StartError::AccessLog(e)),
+    };
+    let reopen = log_writer
+        .as_ref()
+        .map(|w| reopen_on_sigusr1(w.reopen.clone()));
+    let front = Front::new(
+        config.clone(),
+        cache.clone(),
+        metrics.clone(),
+        stopping.clone(),
+        access_log.map(Arc::new),
+    );
+    let fronts = Arc::new(ArcSwap::from_pointee(front));
     let admin = match admin {
-        Some(listener) => {
-            let listen = listener.local_addr().map_err(|source| StartError::Bind {
-                what: "gateway.admin_listen",
-                addr: config.gateway.admin_listen,
-                source,
-            })?;
-            let admin = Admin {
-                config: config.clone(),
-                cache: cache.clone(),
-                backends: backends.clone(),
-                metrics: metrics.clone(),
-                listen,
-            };
-            Some((listener, Arc::new(admin)))
-        }
+        Some(listener) => Some(admin_on(listener, &live, &cache, &backends, &metrics)?),
         None => None,
     };
     // Subscribe before serving, so no event after the first request is missed.
@@ -178,13 +206,15 @@ pub async fn serve(
             tracing::warn!(error = %e, "bus not ready at start; trying again on first use");
         }
     });
-    let workers = start_workers(&config, &metrics, backends, &stopping)?;
+    let (workers, builder) = start_workers(&live, &metrics, backends, &stopping)?;
+    let reloading = reload.map(|from| reload_on_sighup(from, live, fronts.clone(), builder));
 
     if let Ok(addr) = listener.local_addr() {
         let admin = AdminListen(admin.as_ref().and_then(|(a, _)| a.local_addr().ok()));
         tracing::info!(%addr, %admin, embedded_workers = config.workers.embedded, routes = config.fragments.len(), "gateway listening");
     }
-    let threads = listen(front, listener, admin, shutdown).await?;
+    let threads = listen(fronts, listener, admin, shutdown).await?;
+    drop(reloading);
     if let Some(workers) = workers {
         drain_workers(workers).await;
     }
@@ -192,8 +222,89 @@ pub async fn serve(
     // Last: the embedded workers may still have used a memcached connection one of the
     // public threads dialed.
     drop(threads);
+    drop(reopen);
+    if let Some(writer) = log_writer {
+        writer.join(ACCESS_LOG_DRAIN).await;
+    }
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// The admin API on `listener`.
+fn admin_on(
+    listener: TcpListener,
+    live: &Arc<LiveConfig>,
+    cache: &Arc<CacheService>,
+    backends: &Backends,
+    metrics: &Arc<metrics::Metrics>,
+) -> Result<(TcpListener, Arc<Admin>), StartError> {
+    let listen = listener.local_addr().map_err(|source| StartError::Bind {
+        what: "gateway.admin_listen",
+        addr: live.load().gateway.admin_listen,
+        source,
+    })?;
+    let admin = Admin {
+        config: live.clone(),
+        cache: cache.clone(),
+        backends: backends.clone(),
+        metrics: metrics.clone(),
+        listen,
+    };
+    Ok((listener, Arc::new(admin)))
+}
+
+/// Applies each configuration SIGHUP brings: the live configuration, the embedded
+/// workers' builder, and a new public front; until dropped.
+fn reload_on_sighup(
+    from: ReloadFrom,
+    live: Arc<LiveConfig>,
+    fronts: Arc<ArcSwap<Front>>,
+    builder: Option<Arc<tessera_workers::HttpBuilder>>,
+) -> tokio_util::task::AbortOnDropHandle<()> {
+    let apply = move |new: Config| {
+        let done = live.replace(new);
+        let config = live.load();
+        if let Some(builder) = &builder
+            && let Err(e) = builder.reconfigure(&config)
+        {
+            tracing::warn!(error = %e, "embedded workers keep their old upstream settings");
+        }
+        fronts.store(Arc::new(fronts.load().reconfigured(config)));
+        done
+    };
+    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(tessera_runtime::reload::on_sighup(
+        "tessera-gateway",
+        from.0,
+        apply,
+    )))
+}
+
+/// How long shutdown waits for the access log's last lines to be written.
+const ACCESS_LOG_DRAIN: Duration = Duration::from_secs(2);
+
+/// Sets `reopen` on every SIGUSR1 (logrotate's signal to reopen logs), until dropped.
+fn reopen_on_sigusr1(
+    reopen: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio_util::task::AbortOnDropHandle<()> {
+    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut usr1 = match signal(SignalKind::user_defined1()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGUSR1: the access log will not be reopened");
+                    return;
+                }
+            };
+            while usr1.recv().await.is_some() {
+                tracing::info!("SIGUSR1: reopening the access log");
+                reopen.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        #[cfg(not(unix))]
+        drop(reopen);
+    }))
 }
 
 /// The admin listener as the start-up line shows it: its address, or `off`.
@@ -222,32 +333,40 @@ async fn drain_workers(workers: WorkersTask) {
     }
 }
 
+/// The embedded workers' task and their builder (which a reload reconfigures).
+type Workers = (
+    Option<WorkersTask>,
+    Option<Arc<tessera_workers::HttpBuilder>>,
+);
+
 /// Starts `workers.embedded` workers in this process, if any; they stop when `stopping`
 /// is cancelled.
 fn start_workers(
-    config: &Arc<Config>,
+    live: &Arc<LiveConfig>,
     metrics: &metrics::Metrics,
     backends: Backends,
     stopping: &CancellationToken,
-) -> Result<Option<WorkersTask>, StartError> {
+) -> Result<Workers, StartError> {
+    let config = live.load();
     if config.workers.embedded == 0 {
-        return Ok(None);
+        return Ok((None, None));
     }
-    let builder = tessera_workers::HttpBuilder::new(config)
-        .map_err(|e| StartError::Workers(e.to_string()))?;
+    let builder = Arc::new(
+        tessera_workers::HttpBuilder::new(&config)
+            .map_err(|e| StartError::Workers(e.to_string()))?,
+    );
     let stop = stopping.clone();
     // Abort on drop: if this future is dropped (the task running the gateway was aborted),
     // the embedded workers go with it, like a crashed process.
-    Ok(Some(tokio_util::task::AbortOnDropHandle::new(
-        tokio::spawn(tessera_workers::run(
-            backends,
-            config.clone(),
-            Arc::new(builder),
-            config.workers.embedded,
-            metrics.worker.clone(),
-            async move { stop.cancelled().await },
-        )),
-    )))
+    let task = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(tessera_workers::run_live(
+        backends,
+        live.clone(),
+        builder.clone(),
+        config.workers.embedded,
+        metrics.worker.clone(),
+        async move { stop.cancelled().await },
+    )));
+    Ok((Some(task), Some(builder)))
 }
 
 /// Serves public traffic on `listener`, on `gateway.threads` threads of its own (or, with
@@ -256,11 +375,14 @@ fn start_workers(
 /// any, are returned drained: their runtimes, and what their requests started, end when
 /// they are dropped.
 async fn listen(
-    front: Arc<Front>,
+    fronts: Arc<ArcSwap<Front>>,
     listener: TcpListener,
     admin: Option<(TcpListener, Arc<Admin>)>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<Option<Threads>, StartError> {
+    // What a reload cannot change (`http`, `gateway.threads`) and what every front
+    // shares (stopping, metrics) is read from the first.
+    let front = fronts.load_full();
     let stopping = front.stopping.clone();
     let shutdown = async move {
         shutdown.await;
@@ -271,8 +393,8 @@ async fn listen(
         ServeOptions::new(&front.config.http).counted_by(front.metrics.connections.listener(name))
     };
     let stopped = || front.stopping.clone().cancelled_owned();
-    let public = front.clone();
-    let handler = move |req, peer| http::handle(public.clone(), req, peer);
+    // Each request takes the front of the moment, and keeps it to its end.
+    let handler = move |req, peer| http::handle(fronts.load_full(), req, peer);
     let (mut threads, shared) = match front.config.gateway.threads {
         // The process's runtime, whose threads take work from each other.
         0 => {

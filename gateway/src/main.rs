@@ -60,14 +60,42 @@ enum Admin {
         #[arg(long, global = true)]
         admin: Option<String>,
     },
-    /// List dead-lettered build requests, or put them back on their queues.
+    /// List dead-lettered build requests as a table, or retry or discard them: one by
+    /// its id, or all of a route.
     DeadLetters {
-        /// Re-queue up to this many instead of listing.
+        #[command(subcommand)]
+        action: Option<DeadLetterAction>,
+        /// Re-queue up to this many (oldest first, any route) instead of listing.
         #[arg(long, value_name = "N")]
         requeue: Option<usize>,
-        /// Admin URL (default: http://{gateway.admin_listen}).
+        /// Print the list as JSON (for scripts) instead of a table.
         #[arg(long)]
+        json: bool,
+        /// Admin URL (default: http://{gateway.admin_listen}).
+        #[arg(long, global = true)]
         admin: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetterAction {
+    /// Put a letter (by id) or every letter of a route back on its queue.
+    Retry {
+        /// The letter's id, as the list shows it.
+        #[arg(required_unless_present = "route", conflicts_with = "route")]
+        id: Option<String>,
+        /// Every letter of this route.
+        #[arg(long)]
+        route: Option<String>,
+    },
+    /// Remove a letter (by id) or every letter of a route for good.
+    Discard {
+        /// The letter's id, as the list shows it.
+        #[arg(required_unless_present = "route", conflicts_with = "route")]
+        id: Option<String>,
+        /// Every letter of this route.
+        #[arg(long)]
+        route: Option<String>,
     },
 }
 
@@ -105,7 +133,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Some(Command::Probe { url }) => probe(&load(path), &url).await,
         Some(Command::Admin(command)) => admin_command(&load(path), command).await,
-        None => run(load(path), args.demo).await,
+        None => run(load(path), path, args.demo).await,
     }
 }
 
@@ -120,7 +148,7 @@ fn load(path: Option<&std::path::Path>) -> Config {
     }
 }
 
-async fn run(mut config: Config, demo: bool) -> anyhow::Result<()> {
+async fn run(mut config: Config, path: Option<&std::path::Path>, demo: bool) -> anyhow::Result<()> {
     let stop_demo = CancellationToken::new();
     if demo {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -142,9 +170,13 @@ async fn run(mut config: Config, demo: bool) -> anyhow::Result<()> {
             tessera_gateway::demo::banner(page, config.gateway.admin_listen)
         );
     }
-    tessera_gateway::run(
+    // The demo's upstream is made here, not in a file: nothing to reload.
+    let reload =
+        (!demo).then(|| tessera_gateway::ReloadFrom(path.map(std::path::Path::to_path_buf)));
+    tessera_gateway::run_with(
         listener,
         config,
+        reload,
         tessera_runtime::process::shutdown_signal(),
     )
     .await?;
@@ -216,6 +248,7 @@ async fn probe(config: &Config, url: &str) -> anyhow::Result<()> {
 
 async fn admin_command(config: &Config, command: Admin) -> anyhow::Result<()> {
     let default_admin = format!("http://{}", config.gateway.admin_listen);
+    let mut table = false;
     let (admin, method, path) = match command {
         Admin::Purge { what, admin } => {
             let path = match what {
@@ -235,20 +268,28 @@ async fn admin_command(config: &Config, command: Admin) -> anyhow::Result<()> {
             (admin, Method::DELETE, path)
         }
         Admin::DeadLetters {
-            requeue: Some(n),
+            action,
+            requeue,
+            json,
             admin,
-        } => (
-            admin,
-            Method::POST,
-            format!("/dead-letters/requeue?limit={n}"),
-        ),
-        Admin::DeadLetters {
-            requeue: None,
-            admin,
-        } => (admin, Method::GET, "/dead-letters".into()),
+        } => {
+            let (method, path) = dead_letters_request(action, requeue);
+            table = !json && method == Method::GET;
+            (admin, method, path)
+        }
     };
     let base = admin.unwrap_or(default_admin);
     match tessera_gateway::cli::call(&base, &config.gateway.admin_token, method, &path).await {
+        Ok(body) if table => match tessera_gateway::cli::dead_letter_table(&body) {
+            Ok(table) => {
+                print!("{table}");
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("tessera-gateway: {e}");
+                std::process::exit(1);
+            }
+        },
         Ok(body) => {
             println!("{body}");
             Ok(())
@@ -257,6 +298,24 @@ async fn admin_command(config: &Config, command: Admin) -> anyhow::Result<()> {
             eprintln!("tessera-gateway: {e}");
             std::process::exit(1);
         }
+    }
+}
+
+/// The admin request a `dead-letters` command makes.
+fn dead_letters_request(
+    action: Option<DeadLetterAction>,
+    requeue: Option<usize>,
+) -> (Method, String) {
+    use tessera_gateway::cli::dead_letter_path;
+    match (action, requeue) {
+        (Some(DeadLetterAction::Retry { id, route }), _) => {
+            dead_letter_path(Method::POST, id.as_deref(), route.as_deref())
+        }
+        (Some(DeadLetterAction::Discard { id, route }), _) => {
+            dead_letter_path(Method::DELETE, id.as_deref(), route.as_deref())
+        }
+        (None, Some(n)) => (Method::POST, format!("/dead-letters/requeue?limit={n}")),
+        (None, None) => (Method::GET, "/dead-letters".into()),
     }
 }
 

@@ -307,3 +307,38 @@ fn check_names_the_brokers_nodes_and_warns_about_classic_queues_on_a_cluster() {
     let warning = String::from_utf8_lossy(&classic.stderr);
     assert!(warning.contains("bus.queue_type = \"quorum\""), "{warning}");
 }
+
+/// `dead-letters` prints a table (`--json` for scripts) and retries or discards by id or
+/// route (issue 32); an unknown id exits 1 naming the 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_from_the_command_line() {
+    let (admin, stop) = running_gateway("tok").await;
+    let config = "[gateway]\nadmin_token = \"tok\"\n";
+    let run = |args: &[&str]| {
+        let mut args: Vec<String> = args.iter().map(|a| (*a).to_string()).collect();
+        args.extend(["--admin".to_string(), admin.clone()]);
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            purge(config, &args)
+        })
+    };
+    let out = run(&["dead-letters"]).await.unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "no dead letters\n");
+    let out = run(&["dead-letters", "--json"]).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    let out = run(&["dead-letters", "discard", "--route", "news"])
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["discarded"], 0);
+    let out = run(&["dead-letters", "retry", "0123456789abcdef"])
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
+    let out = run(&["dead-letters", "retry"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "an id or --route is required");
+    stop.cancel();
+}

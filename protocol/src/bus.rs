@@ -74,7 +74,40 @@ pub struct DeadLetter {
     pub body: Bytes,
     /// Why it was dead-lettered.
     pub reason: String,
+    /// When it was dead-lettered, in ms since the Unix epoch; 0 when unknown (a letter
+    /// dead-lettered before the time was kept).
+    pub at_ms: u64,
 }
+
+impl DeadLetter {
+    /// Its id: 16 hex digits of the hash of its queue and body. Stable across listings, so
+    /// an operator can act on the letter a listing showed; identical letters share one.
+    pub fn id(&self) -> String {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(self.queue.as_bytes());
+        hasher.update(&[0]);
+        hasher.update(&self.body);
+        hasher.finalize().to_hex()[..16].to_string()
+    }
+
+    /// Its build request, when the body decodes as one.
+    pub fn request(&self) -> Option<BuildRequest> {
+        BuildRequest::decode(&self.body).ok()
+    }
+}
+
+/// What an operator does with the dead letters picked
+/// ([`Bus::settle_dead_letters`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadAction {
+    /// Put back on the queue it came from, to be built again.
+    Retry,
+    /// Removed for good.
+    Discard,
+}
+
+/// Which dead letters an action takes.
+pub type DeadPick<'a> = &'a (dyn Fn(&DeadLetter) -> bool + Send + Sync);
 
 /// What the broker says about one build queue.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -143,9 +176,22 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     /// Moves up to `limit` dead letters back to the queues they came from; returns how
     /// many moved.
     async fn requeue_dead_letters(&self, limit: usize) -> Result<usize, BusError> {
-        let _ = limit;
+        self.settle_dead_letters(&|_| true, DeadAction::Retry, limit)
+            .await
+    }
+
+    /// Reads up to `scan` dead letters, oldest first, and retries or discards each one
+    /// `pick` takes; the others stay where they were, in order. Returns how many were
+    /// taken. A letter whose queue is unknown is never retried (nor taken by a retry).
+    async fn settle_dead_letters(
+        &self,
+        pick: DeadPick<'_>,
+        action: DeadAction,
+        scan: usize,
+    ) -> Result<usize, BusError> {
+        let _ = (pick, action, scan);
         Err(BusError::Unavailable(
-            "dead-letter requeue is not supported by this bus".into(),
+            "dead-letter actions are not supported by this bus".into(),
         ))
     }
 }
@@ -406,6 +452,7 @@ impl Bus for MemoryBus {
                     queue,
                     body,
                     reason: e.to_string(),
+                    at_ms: crate::time::now_ms(),
                 });
             }
         });
@@ -474,23 +521,40 @@ impl Bus for MemoryBus {
         Ok(dead.iter().take(limit).cloned().collect())
     }
 
-    async fn requeue_dead_letters(&self, limit: usize) -> Result<usize, BusError> {
+    async fn settle_dead_letters(
+        &self,
+        pick: DeadPick<'_>,
+        action: DeadAction,
+        scan: usize,
+    ) -> Result<usize, BusError> {
         let taken: Vec<DeadLetter> = {
             let mut dead = self
                 .inner
                 .dead
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            let n = limit.min(dead.len());
-            dead.drain(..n).collect()
+            let mut taken = Vec::new();
+            let mut kept = VecDeque::with_capacity(dead.len());
+            for (i, letter) in dead.drain(..).enumerate() {
+                let retriable = action == DeadAction::Discard || !letter.queue.is_empty();
+                if i < scan && retriable && pick(&letter) {
+                    taken.push(letter);
+                } else {
+                    kept.push_back(letter);
+                }
+            }
+            *dead = kept;
+            taken
         };
         let moved = taken.len();
-        for letter in taken {
-            let message = Message {
-                body: letter.body,
-                redelivered: false,
-            };
-            self.inner.push(&letter.queue, message, false)?;
+        if action == DeadAction::Retry {
+            for letter in taken {
+                let message = Message {
+                    body: letter.body,
+                    redelivered: false,
+                };
+                self.inner.push(&letter.queue, message, false)?;
+            }
         }
         Ok(moved)
     }
@@ -593,6 +657,7 @@ impl Acker for MemoryAcker {
                 queue: self.queue.clone(),
                 body: self.body.clone(),
                 reason: reason.to_string(),
+                at_ms: crate::time::now_ms(),
             });
         }
         Ok(())

@@ -39,7 +39,10 @@ pub mod tags;
 pub mod time;
 
 pub use backends::Backends;
-pub use bus::{Bus, BusError, Consumer, DeadLetter, Delivery, Notice, QueueStats, Subscription};
+pub use bus::{
+    Bus, BusError, Consumer, DeadAction, DeadLetter, DeadPick, Delivery, Notice, QueueStats,
+    Subscription,
+};
 pub use config::{Backend, Config, ConfigError, FragmentRoute};
 pub use envelope::{Envelope, Status};
 pub use error::Cause;

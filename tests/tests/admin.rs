@@ -916,3 +916,72 @@ async fn dead_letters_show_no_vary_value() {
     assert_ne!(bodies[0], bodies[1], "two users are told apart");
     gw.stop().await;
 }
+
+/// Issue 32: dead letters carry an id, route, fragment, attempts, error and time, and
+/// are retried or discarded one by one or a route at a time.
+#[tokio::test]
+async fn dead_letters_are_retried_and_discarded_by_id_or_route() {
+    let up = FakeUpstream::start().await;
+    let mut routes = Vec::new();
+    for name in ["a", "b"] {
+        up.script(
+            &format!("/_render/{name}"),
+            Script {
+                then: Some(503),
+                ..Script::default()
+            },
+        );
+        let mut r = route(name);
+        r.max_attempts = 1;
+        r.params = vec!["id".into()];
+        routes.push(r);
+    }
+    let mut c = config(&up.url(), routes);
+    let b = backends(Backend::Memory, &mut c).await;
+    let gw = TestGateway::start(c, b).await;
+    for path in [
+        "/fragments/a?id=1",
+        "/fragments/a?id=2",
+        "/fragments/b?id=1",
+    ] {
+        let r = client().get(gw.at(path)).header("prefer", "wait=5").send();
+        assert_eq!(r.await.unwrap().status(), StatusCode::BAD_GATEWAY);
+    }
+    let dead = format!("{}/dead-letters", gw.admin);
+    let list =
+        || async { serde_json::from_str::<Vec<serde_json::Value>>(&text(&dead).await).unwrap() };
+    eventually("three dead letters", Duration::from_secs(10), || async {
+        list().await.len() == 3
+    })
+    .await;
+    let letters = list().await;
+    let first = letters.iter().find(|l| l["fragment"] == "a?id=1").unwrap();
+    assert_eq!(first["route"], "a");
+    assert_eq!(first["attempts"], 1);
+    assert!(first["error"].as_str().unwrap().contains("503"), "{first}");
+    assert!(first["time"].as_u64().unwrap() > 0);
+    let call = |method: reqwest::Method, path: String| {
+        let url = format!("{}{path}", gw.admin);
+        async move { client().request(method, url).send().await.unwrap() }
+    };
+    let id = first["id"].as_str().unwrap();
+    let r = call(reqwest::Method::DELETE, format!("/dead-letters/{id}")).await;
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["discarded"], 1);
+    let again = call(reqwest::Method::DELETE, format!("/dead-letters/{id}")).await;
+    assert_eq!(again.status(), StatusCode::NOT_FOUND, "gone");
+    let r = call(reqwest::Method::POST, "/dead-letters/retry?route=a".into()).await;
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["retried"], 1);
+    let r = call(reqwest::Method::DELETE, "/dead-letters".into()).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::BAD_REQUEST,
+        "discarding all needs a route"
+    );
+    let left = list().await;
+    assert_eq!(left.len(), 1, "a's retried letter left the list: {left:?}");
+    assert_eq!(left[0]["route"], "b");
+    let r = call(reqwest::Method::DELETE, "/dead-letters?route=b".into()).await;
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["discarded"], 1);
+    assert!(list().await.is_empty());
+    gw.stop().await;
+}

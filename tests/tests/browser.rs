@@ -260,6 +260,8 @@ async fn traffic_and_a_dead_letter(up: &FakeUpstream) -> TestGateway {
     }
     let mut flaky = route("flaky");
     flaky.max_attempts = 1;
+    // Its failure is remembered briefly: then a retried letter may build it again.
+    flaky.failed_ttl = FLAKY_FAILED_TTL;
     let routes = vec![up.render("fast", 10, "<p>fast</p>"), route("broken"), flaky];
     let gw = gateway(up, routes).await;
     let http = tessera_tests::harness::client();
@@ -363,6 +365,84 @@ async fn the_dashboard_shows_live_figures() {
         fits_at(&browser, width).await;
     }
     requeue_from_the_page(&browser).await;
+}
+
+/// How long the dead-lettered route's failure is remembered.
+const FLAKY_FAILED_TTL: Duration = Duration::from_secs(1);
+
+/// Issue 32: the dashboard lists dead letters by route with counts; retrying one from the
+/// page puts it back on its queue, and it builds: a build nobody else asked for (the
+/// route's builds published stay at one, the request that failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrying_one_dead_letter_from_the_dashboard_builds_it() {
+    let up = FakeUpstream::start().await;
+    let gw = traffic_and_a_dead_letter(&up).await;
+    // The upstream is well again.
+    up.script("/_render/flaky", Script::default());
+    let http = tessera_tests::harness::client();
+    let browser = Browser::start().await;
+    let _one_at_a_time = BROWSER.lock().await;
+    browser.open(&format!("{}/", gw.admin)).await;
+    eventually(
+        "the letter is listed under its route",
+        Duration::from_secs(10),
+        || async {
+            browser
+            .eval("const g = document.querySelector('#dead tr.group'); return g ? g.innerText : ''")
+            .await
+            .as_str()
+            .is_some_and(|t| t.contains("flaky · 1"))
+        },
+    )
+    .await;
+    // A build is dropped as done while the failure is remembered.
+    tokio::time::sleep(FLAKY_FAILED_TTL).await;
+    browser
+        .eval("document.querySelector('#dead tr[data-id] button.retry').click(); return null")
+        .await;
+    let metrics = format!("{}/metrics", gw.admin);
+    let series =
+        |text: &str, name: &str| tessera_tests::metric(text, &format!("{name}{{route=\"flaky\"}}"));
+    eventually(
+        "the retried letter builds",
+        Duration::from_secs(10),
+        || async {
+            let text = http
+                .get(&metrics)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            series(&text, "tessera_worker_builds_succeeded_total") == 1.0
+        },
+    )
+    .await;
+    let text = http
+        .get(&metrics)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        series(&text, "tessera_builds_published_total"),
+        1.0,
+        "no other build"
+    );
+    let r = http.get(gw.at("/fragments/flaky")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "served as built by the retry");
+    let left = http
+        .get(format!("{}/dead-letters", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        left.json::<Vec<serde_json::Value>>().await.unwrap(),
+        Vec::<serde_json::Value>::new()
+    );
 }
 
 /// Clicks the dashboard's Re-queue button: the page's own POST (same origin, as the

@@ -234,6 +234,28 @@ fn configmap_toml() -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// A changed configuration rolls the pods: both pod templates carry the sha256 of the
+/// ConfigMap's `tessera.toml` (deploy/README.md says how to recompute it).
+#[test]
+fn the_pod_templates_carry_the_configs_checksum() {
+    let mut toml = configmap_toml();
+    toml.pop(); // print's newline
+    let out = Command::new("sha256sum")
+        .arg(temp("tessera.toml", &toml))
+        .output()
+        .expect("sha256sum runs");
+    assert_ok(&out, "sha256sum");
+    let sum = String::from_utf8_lossy(&out.stdout)[..64].to_string();
+    for manifest in ["gateway.yaml", "worker.yaml"] {
+        let text =
+            std::fs::read_to_string(root().join("deploy/kubernetes").join(manifest)).unwrap();
+        assert!(
+            text.contains(&format!("checksum/config: \"{sum}\"")),
+            "{manifest}: set the pod template's checksum/config to {sum}"
+        );
+    }
+}
+
 /// `tessera-gateway --config FILE check` with `env`.
 fn check_config(file: &Path, env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(bin_dir().join("tessera-gateway"));
@@ -398,6 +420,10 @@ fn the_systemd_units_verify() {
     ] {
         let text = std::fs::read_to_string(root().join("deploy/systemd").join(source)).unwrap();
         assert!(text.contains("ProtectSystem=strict") && text.contains("NoNewPrivileges=yes"));
+        assert!(
+            text.contains("ExecReload=/bin/kill -HUP $MAINPID"),
+            "{source}: `systemctl reload` sends SIGHUP"
+        );
         // Verify against the built binaries: the units name /usr/local/bin.
         let text = text.replace("/usr/local/bin/", &format!("{}/", bin.display()));
         let path = dir.join(name);

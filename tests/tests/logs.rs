@@ -223,3 +223,146 @@ async fn an_outage_writes_a_count_not_a_line_per_failure() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A gateway whose access log (JSON lines) goes to `{dir}/access.log`, on a route `me`
+/// that varies on a cookie and on `User-Agent`; answering when this returns.
+async fn gateway_with_access_log(up: &FakeUpstream) -> (Proc, String, std::path::PathBuf) {
+    let (port, admin) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("tessera-access-log-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("tessera.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+             [upstream]\nurl = \"{}\"\n[access_log]\npath = \"{}\"\nformat = \"json\"\n\
+             [[fragment]]\nname = \"me\"\nrender = \"/_render/me\"\n\
+             vary = [\"cookie:session_id\", \"header:user-agent\"]\n",
+            up.url(),
+            dir.join("access.log").display(),
+        ),
+    )
+    .unwrap();
+    let gateway = Proc::spawn(
+        Command::new(bin_dir().join("tessera-gateway"))
+            .arg("--config")
+            .arg(&config)
+            .env_remove("TESSERA_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        "tessera-gateway",
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    eventually("the gateway answers", Duration::from_secs(20), || async {
+        client().get(format!("{base}/up")).send().await.is_ok()
+    })
+    .await;
+    (gateway, base, dir)
+}
+
+/// The lines of an access log in JSON (none when the file is missing).
+fn access_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// A waited request with a trace, a session cookie and a user agent.
+fn headers(trace: &str, secret: &str, agent: &str) -> reqwest::header::HeaderMap {
+    let mut h = reqwest::header::HeaderMap::new();
+    let traceparent = format!("00-{trace}-00f067aa0ba902b7-01");
+    for (name, value) in [
+        ("prefer", "wait=5".to_string()),
+        ("traceparent", traceparent),
+        ("cookie", format!("session_id={secret}")),
+        ("user-agent", agent.to_string()),
+    ] {
+        h.insert(name, value.parse().unwrap());
+    }
+    h
+}
+
+/// The access log (item 2 of issue 32): a line per public request with the route, the
+/// `Cache-Status`, the upstream's time and the trace id; never a cookie or a vary value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_a_line_per_request_and_reopens_on_sigusr1() {
+    let up = FakeUpstream::start().await;
+    let (gateway, base, dir) = gateway_with_access_log(&up).await;
+    let access = dir.join("access.log");
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let (secret, agent) = ("s3cr3t-session-4711", "secret-agent-0099");
+    for _ in 0..2 {
+        let r = client()
+            .get(format!("{base}/fragments/me"))
+            .headers(headers(trace, secret, agent));
+        assert_eq!(r.send().await.unwrap().status(), reqwest::StatusCode::OK);
+    }
+    eventually(
+        "three lines are written",
+        Duration::from_secs(10),
+        || async { access_lines(&access).len() >= 3 },
+    )
+    .await;
+    let text = std::fs::read_to_string(&access).unwrap();
+    assert!(
+        !text.contains(secret),
+        "a cookie in the access log:\n{text}"
+    );
+    assert!(
+        !text.contains(agent),
+        "a vary value in the access log:\n{text}"
+    );
+    let written = access_lines(&access);
+    let fragments: Vec<_> = written.iter().filter(|l| l["route"] == "me").collect();
+    assert_eq!(fragments.len(), 2, "{text}");
+    assert!(
+        fragments
+            .iter()
+            .all(|l| l["trace_id"] == trace && l["status"] == 200)
+    );
+    let cache = |l: &serde_json::Value| l["cache_status"].as_str().unwrap_or("").to_string();
+    assert!(cache(fragments[0]).contains("fwd=miss"), "{text}");
+    assert!(cache(fragments[1]).contains("hit"), "{text}");
+    let page = written.iter().find(|l| l["target"] == "/up").unwrap();
+    assert!(
+        page["upstream_ms"].is_f64(),
+        "a proxied request's upstream time: {page}"
+    );
+    assert_eq!(page["route"], serde_json::Value::Null);
+    assert_eq!(
+        page["trace_id"].as_str().unwrap().len(),
+        32,
+        "a trace id is made up"
+    );
+
+    // logrotate: rename, then SIGUSR1; the lines go to a new file of the old name.
+    let rotated = dir.join("access.log.1");
+    std::fs::rename(&access, &rotated).unwrap();
+    let pid = gateway.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-USR1", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    eventually(
+        "lines go to the reopened file",
+        Duration::from_secs(10),
+        || async {
+            let _ = client().get(format!("{base}/after-rotation")).send().await;
+            access_lines(&access)
+                .iter()
+                .any(|l| l["target"] == "/after-rotation")
+        },
+    )
+    .await;
+    assert!(
+        access_lines(&rotated).len() >= 3,
+        "the rotated file keeps what it had"
+    );
+    drop(gateway);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -31,7 +31,8 @@ use tokio::sync::mpsc;
 
 use async_trait::async_trait;
 use tessera_protocol::bus::{
-    Acker, BusError, Consumer, DeadLetter, Delivery, Notice, Subscription, Turns,
+    Acker, BusError, Consumer, DeadAction, DeadLetter, DeadPick, Delivery, Notice, Subscription,
+    Turns,
 };
 use tessera_protocol::message::Event;
 
@@ -39,18 +40,21 @@ use super::publish::{persistent, unroutable};
 use super::{AmqpBus, Backoff, EVENT_BUFFER, OP_TIMEOUT, close, short, timed, unavailable};
 
 impl AmqpBus {
-    /// Reads up to `limit` dead letters; with `requeue`, publishes each back to its queue
-    /// and removes it, otherwise leaves them all where they were.
+    /// Reads up to `scan` dead letters, and settles those `act` picks as it says (a retry
+    /// publishes the letter back to its queue first); everything else read is returned to
+    /// the dead-letter queue, in order, when the channel closes. Returns the letters read
+    /// and how many were settled.
     pub(super) async fn take_dead_letters(
         &self,
-        limit: usize,
-        requeue: bool,
-    ) -> Result<Vec<DeadLetter>, BusError> {
+        scan: usize,
+        act: Option<(DeadPick<'_>, DeadAction)>,
+    ) -> Result<(Vec<DeadLetter>, usize), BusError> {
         let link = self.link().await?;
         let channel = timed("open channel", link.conn.create_channel()).await?;
         let mut letters = Vec::new();
         let mut held = Vec::new();
-        while letters.len() < limit {
+        let mut settled = 0;
+        while letters.len() < scan {
             let Some(msg) = timed(
                 "read dead letter",
                 channel.basic_get(short(&self.exchange("dead")), BasicGetOptions::default()),
@@ -59,41 +63,55 @@ impl AmqpBus {
             else {
                 break;
             };
-            let header = |name: &str| {
-                msg.delivery
-                    .properties
-                    .headers()
-                    .as_ref()
-                    .and_then(|h| h.inner().get(name))
-                    .map(|v| match v {
-                        AMQPValue::LongString(s) => {
-                            String::from_utf8_lossy(s.as_bytes()).into_owned()
-                        }
-                        other => format!("{other:?}"),
-                    })
-            };
-            let letter = DeadLetter {
-                queue: header("x-tessera-queue").unwrap_or_default(),
-                body: Bytes::from(msg.delivery.data.clone()),
-                reason: header("x-tessera-error").unwrap_or_else(|| "rejected".into()),
-            };
-            if requeue && !letter.queue.is_empty() {
-                self.publish_to_queue(&letter.queue, &letter.body, persistent())
+            let letter = letter_of(&msg.delivery);
+            let action = act.and_then(|(pick, action)| {
+                let retriable = action == DeadAction::Discard || !letter.queue.is_empty();
+                (retriable && pick(&letter)).then_some(action)
+            });
+            match action {
+                Some(action) => {
+                    if action == DeadAction::Retry {
+                        self.publish_to_queue(&letter.queue, &letter.body, persistent())
+                            .await?;
+                    }
+                    timed(
+                        "ack dead letter",
+                        msg.delivery.acker.ack(BasicAckOptions::default()),
+                    )
                     .await?;
-                timed(
-                    "ack dead letter",
-                    msg.delivery.acker.ack(BasicAckOptions::default()),
-                )
-                .await?;
-            } else {
-                held.push(msg.delivery.acker.clone());
+                    settled += 1;
+                }
+                None => held.push(msg.delivery.acker.clone()),
             }
             letters.push(letter);
         }
         // Closing the channel returns everything read but not acknowledged, in order.
         drop(held);
         close(&channel).await;
-        Ok(letters)
+        Ok((letters, settled))
+    }
+}
+
+/// A dead letter as read back: its body and the headers `reject` gave it.
+fn letter_of(delivery: &lapin::message::Delivery) -> DeadLetter {
+    let header = |name: &str| {
+        delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(name))
+            .map(|v| match v {
+                AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                other => format!("{other:?}"),
+            })
+    };
+    DeadLetter {
+        queue: header("x-tessera-queue").unwrap_or_default(),
+        body: Bytes::from(delivery.data.clone()),
+        reason: header("x-tessera-error").unwrap_or_else(|| "rejected".into()),
+        at_ms: header("x-tessera-time")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0),
     }
 }
 
@@ -358,6 +376,12 @@ impl Acker for AmqpAcker {
         headers.insert(
             short("x-tessera-queue"),
             AMQPValue::LongString(LongString::from(self.queue.clone())),
+        );
+        headers.insert(
+            short("x-tessera-time"),
+            AMQPValue::LongString(LongString::from(
+                tessera_protocol::time::now_ms().to_string(),
+            )),
         );
         let props = persistent().with_headers(headers);
         let dead = self.bus.exchange("dead");

@@ -96,7 +96,9 @@ use lapin::Channel;
 use lapin::types::ShortString;
 
 use tessera_protocol::Cause;
-use tessera_protocol::bus::{Bus, BusError, Consumer, DeadLetter, QueueStats, Subscription};
+use tessera_protocol::bus::{
+    Bus, BusError, Consumer, DeadAction, DeadLetter, DeadPick, QueueStats, Subscription,
+};
 use tessera_protocol::config::QueueType;
 use tessera_protocol::message::{BuildRequest, Event};
 
@@ -307,11 +309,16 @@ impl Bus for AmqpBus {
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
-        self.take_dead_letters(limit, false).await
+        Ok(self.take_dead_letters(limit, None).await?.0)
     }
 
-    async fn requeue_dead_letters(&self, limit: usize) -> Result<usize, BusError> {
-        self.take_dead_letters(limit, true).await.map(|l| l.len())
+    async fn settle_dead_letters(
+        &self,
+        pick: DeadPick<'_>,
+        action: DeadAction,
+        scan: usize,
+    ) -> Result<usize, BusError> {
+        Ok(self.take_dead_letters(scan, Some((pick, action))).await?.1)
     }
 }
 

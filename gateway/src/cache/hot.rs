@@ -35,8 +35,11 @@ const OVERHEAD: usize = 512;
 pub(crate) struct Hot {
     /// The request target (path and query) it answers.
     pub target: Box<str>,
-    /// Its route's index in `Config::fragments`.
+    /// Its route's index in `config.fragments`.
     pub route: usize,
+    /// The configuration it was found under: after a reload its front has another one,
+    /// and the entry is no longer served.
+    pub config: Arc<tessera_protocol::Config>,
     /// Its route's counters.
     pub metrics: RouteMetrics,
     /// The slot served.
@@ -152,6 +155,7 @@ mod tests {
         Hot {
             target: target.into(),
             route: 0,
+            config: Arc::default(),
             metrics: crate::metrics::Metrics::new(["news"]).route("news").clone(),
             slot: Arc::new(Slot::new(envelope(0), now)),
             checked_at: now,
@@ -246,6 +250,7 @@ mod tests {
             table.insert(Hot {
                 target: format!("/fragments/news?{i}").into(),
                 metrics: proto.metrics.clone(),
+                config: proto.config.clone(),
                 slot: proto.slot.clone(),
                 headers: LastHeaders::default(),
                 ..proto

@@ -43,6 +43,7 @@ use tessera_protocol::{
     Identity, Lease, Purge, StoreError, StoreKey, store,
 };
 use tessera_runtime::otel::{self, KeyValue};
+use tessera_runtime::reload::LiveConfig;
 
 use crate::metrics::{CacheStatus, Metrics};
 use events::{Failure, Failures};
@@ -167,7 +168,8 @@ pub(crate) enum Requested {
 /// gateway keeps beside it (hot answers, long-poll waiters, recent failures).
 #[derive(Debug)]
 pub(crate) struct CacheService {
-    config: Arc<Config>,
+    /// Read only for what outlives a request (events); a request brings its own snapshot.
+    config: Arc<LiveConfig>,
     backends: Backends,
     l1: L1,
     hot: HotAnswers,
@@ -178,11 +180,13 @@ pub(crate) struct CacheService {
 
 impl CacheService {
     /// The cache of a gateway running `config` on `backends`, counting in `metrics`.
-    pub(crate) fn new(config: Arc<Config>, backends: Backends, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(config: Arc<LiveConfig>, backends: Backends, metrics: Arc<Metrics>) -> Self {
+        // `[cache]` changes only with a restart.
+        let cache = config.load().cache.clone();
         Self {
-            l1: L1::new(config.cache.capacity.as_u64(), config.cache.ttl),
+            l1: L1::new(cache.capacity.as_u64(), cache.ttl),
             // A quarter of L1's budget: what hot answers may keep alive beyond it.
-            hot: HotAnswers::new(config.cache.capacity.as_u64() / 4),
+            hot: HotAnswers::new(cache.capacity.as_u64() / 4),
             waiters: Waiters::default(),
             failures: Failures::default(),
             config,
@@ -591,7 +595,7 @@ impl CacheService {
     /// A span of a store call `operation` on `keys` keys (nothing when traces are off).
     fn store_span(&self, operation: &'static str, keys: usize) -> otel::Span {
         otel::Span::child(operation, otel::Kind::Client, || {
-            let system = match self.config.backend.memcached() {
+            let system = match self.config.load().backend.memcached() {
                 Some(_) => "memcached",
                 None => "tessera.memory",
             };
@@ -605,7 +609,7 @@ impl CacheService {
 
     /// `messaging.system` of this gateway's bus.
     fn bus_system(&self) -> &'static str {
-        match self.config.backend.amqp() {
+        match self.config.load().backend.amqp() {
             Some(_) => "rabbitmq",
             None => "tessera.memory",
         }
@@ -684,7 +688,7 @@ impl CacheService {
         let route = keys
             .as_ref()
             .map(|k| k.route())
-            .filter(|r| self.config.route(r).is_some());
+            .filter(|r| self.config.load().route(r).is_some());
         match event {
             Event::Failed { error, .. } => self.failures.record(route.unwrap_or(""), error),
             Event::Purged {
@@ -728,14 +732,18 @@ impl CacheService {
     /// served at `now` without looking anything up: nothing was invalidated since it was
     /// checked, what it rests on is within `cache.ttl`, and it is fresh and not in its
     /// route's `refresh_ahead` stretch (there, hits take the full path, which may start
-    /// the early rebuild).
-    pub(crate) fn hot(
+    /// the early rebuild); and it was found under `config`, the request's.
+    pub(crate) fn hot<'c>(
         &self,
         request_target: &str,
         now: Instant,
-    ) -> Option<(Arc<Hot>, &FragmentRoute)> {
+        config: &'c Arc<Config>,
+    ) -> Option<(Arc<Hot>, &'c FragmentRoute)> {
         let hot = self.hot.get(request_target)?;
-        let route = self.config.fragments.get(hot.route)?;
+        if !Arc::ptr_eq(&hot.config, config) {
+            return None;
+        }
+        let route = config.fragments.get(hot.route)?;
         if !self.l1.unchanged_since(hot.checked_at, hot.loaded_at, now)
             || now + route.refresh_ahead >= hot.fresh_until
         {
@@ -744,11 +752,12 @@ impl CacheService {
         Some((hot, route))
     }
 
-    /// Makes `slot`, found fresh for `t` by a lookup that started at `checked_at`, the hot
-    /// answer for `request_target` (routes without `vary` only, and only while L1 caches
-    /// slots).
+    /// Makes `slot`, found fresh for `t` (a route of `config`) by a lookup that started
+    /// at `checked_at`, the hot answer for `request_target` (routes without `vary` only,
+    /// and only while L1 caches slots).
     pub(crate) fn remember(
         &self,
+        config: &Arc<Config>,
         request_target: &str,
         t: &Fragment<'_>,
         slot: &Arc<Slot>,
@@ -759,17 +768,13 @@ impl CacheService {
             // Per user, or not cached.
             return;
         }
-        let Some(index) = self
-            .config
-            .fragments
-            .iter()
-            .position(|r| std::ptr::eq(r, route))
-        else {
+        let Some(index) = config.fragments.iter().position(|r| std::ptr::eq(r, route)) else {
             return;
         };
         self.hot.insert(Hot {
             target: request_target.into(),
             route: index,
+            config: config.clone(),
             metrics: self.metrics.route(&route.name).clone(),
             slot: slot.clone(),
             checked_at,

@@ -9,8 +9,7 @@
 //! | `DELETE /routes/{name}` | moves the route to a new generation: every fragment of it is gone |
 //! | `DELETE /tags/{tag}` | retires every fragment whose render answer carried the tag (`Surrogate-Key`), on every route |
 //! | `GET /` | the dashboard (refreshes itself from `GET /api/status`; `dashboard.js`, `dashboard.css`) |
-//! | `GET /dead-letters` | dead-lettered build requests with their errors (JSON) |
-//! | `POST /dead-letters/requeue?limit=N` | puts up to N (default 100) back on their queues |
+//! | `/dead-letters…` | list, retry and discard dead letters ([`super::dead_letters`]) |
 //!
 //! When `gateway.admin_token` is set, every request but `/healthz` must carry
 //! `Authorization: Bearer {token}` (or HTTP Basic with the token as password, which is
@@ -28,8 +27,10 @@ use std::sync::Arc;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tessera_protocol::tags::Tag;
-use tessera_protocol::{Backends, Config, Identity, QueueStats};
+use tessera_protocol::{Backends, Identity, QueueStats};
+use tessera_runtime::reload::LiveConfig;
 
+use super::dead_letters;
 use super::error::GatewayError;
 use super::headers::Trace;
 use crate::cache::CacheService;
@@ -39,8 +40,8 @@ use tessera_runtime::web::{self, Body, READY_TIMEOUT, json, problem, text};
 /// What the admin listener acts on.
 #[derive(Debug)]
 pub(crate) struct Admin {
-    /// The configuration the gateway runs with.
-    pub config: Arc<Config>,
+    /// The configuration the gateway runs with, as reloads leave it.
+    pub config: Arc<LiveConfig>,
     /// Purges, and what L1 holds.
     pub cache: Arc<CacheService>,
     /// The store and bus: readiness, queues, dead letters.
@@ -60,7 +61,7 @@ impl Admin {
     ) -> Response<Body> {
         let gate = web::admin_gate(
             &req,
-            &self.config.gateway.admin_token,
+            &self.config.load().gateway.admin_token,
             "gateway.admin_token",
             self.listen,
         );
@@ -86,22 +87,6 @@ impl Admin {
                 text(StatusCode::OK, "text/css; charset=utf-8", DASHBOARD_CSS)
             }
             (&Method::GET, "/api/status") => self.status().await,
-            (&Method::GET, "/dead-letters") => {
-                match self.backends.bus.dead_letters(DEAD_LETTER_PAGE).await {
-                    Ok(letters) => json(
-                        StatusCode::OK,
-                        &serde_json::Value::Array(letters.iter().map(letter_json).collect()),
-                    ),
-                    Err(e) => GatewayError::Bus(e).into_response(),
-                }
-            }
-            (&Method::POST, "/dead-letters/requeue") => {
-                let limit = query_usize(req.uri().query(), "limit").unwrap_or(DEAD_LETTER_PAGE);
-                match self.backends.bus.requeue_dead_letters(limit).await {
-                    Ok(n) => json(StatusCode::OK, &serde_json::json!({ "requeued": n })),
-                    Err(e) => GatewayError::Bus(e).into_response(),
-                }
-            }
             (&Method::GET, "/healthz") => web::alive(),
             (&Method::GET, "/readyz") => web::ready(&self.backends).await,
             (&Method::GET, "/metrics") => {
@@ -126,11 +111,17 @@ impl Admin {
                     .await
                     .unwrap_or_else(GatewayError::into_response)
             }
-            _ => problem(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                &format!("no admin endpoint {} {path}", req.method()),
-            ),
+            (method, p) => {
+                let bus = self.backends.bus.as_ref();
+                match dead_letters::serve(bus, method, p, req.uri().query()).await {
+                    Some(response) => response,
+                    None => problem(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        &format!("no admin endpoint {} {path}", req.method()),
+                    ),
+                }
+            }
         }
     }
 
@@ -140,8 +131,8 @@ impl Admin {
         name: &str,
         req: &Request<Incoming>,
     ) -> Result<Response<Body>, GatewayError> {
-        let route = self
-            .config
+        let config = self.config.load();
+        let route = config
             .route(name)
             .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
         let identity = Identity::from_request(route, req.uri().query(), req.headers())?;
@@ -170,8 +161,8 @@ impl Admin {
 
     /// Moves a route to a new generation and tells every gateway.
     async fn purge_route(&self, name: &str) -> Result<Response<Body>, GatewayError> {
-        let route = self
-            .config
+        let config = self.config.load();
+        let route = config
             .route(name)
             .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
         let generation = self.cache.purge_route(route).await?;
@@ -180,8 +171,6 @@ impl Admin {
     }
 }
 
-/// Dead letters listed or requeued per request.
-const DEAD_LETTER_PAGE: usize = 100;
 const DASHBOARD: &str = include_str!("../../assets/dashboard.html");
 const DASHBOARD_JS: &str = include_str!("../../assets/dashboard.js");
 const DASHBOARD_CSS: &str = include_str!("../../assets/dashboard.css");
@@ -205,11 +194,11 @@ impl Admin {
     /// from the broker (all queues at once, each bounded by [`READY_TIMEOUT`]; `None` when
     /// it did not answer).
     async fn queue_stats(&self) -> Vec<(String, Option<QueueStats>)> {
-        let queues: Vec<String> = self
-            .config
+        let config = self.config.load();
+        let queues: Vec<String> = config
             .queues()
             .into_iter()
-            .chain(self.config.background_queues())
+            .chain(config.background_queues())
             .collect();
         let stats = futures_util::future::join_all(queues.iter().map(|queue| async move {
             match tokio::time::timeout(READY_TIMEOUT, self.backends.bus.queue_stats(queue)).await {
@@ -251,11 +240,15 @@ impl Admin {
                 })
             })
             .collect();
-        let dead =
-            match tokio::time::timeout(READY_TIMEOUT, self.backends.bus.dead_letters(20)).await {
-                Ok(Ok(letters)) => letters.iter().map(letter_json).collect(),
-                _ => Vec::new(),
-            };
+        let dead = match tokio::time::timeout(
+            READY_TIMEOUT,
+            self.backends.bus.dead_letters(dead_letters::PAGE),
+        )
+        .await
+        {
+            Ok(Ok(letters)) => letters.iter().map(dead_letters::letter_json).collect(),
+            _ => Vec::new(),
+        };
         let failures = self.cache.recent_failures();
         let ready = web::readiness(&self.backends).await;
         json(
@@ -278,8 +271,9 @@ impl Admin {
     /// workers) consumes every queue once, so the queue with the most consumers counts
     /// them (`null` when the broker answered for no queue).
     fn workers(&self, stats: &[(String, Option<QueueStats>)]) -> serde_json::Value {
-        if self.config.backend.amqp().is_none() {
-            return serde_json::json!({ "kind": "embedded", "count": self.config.workers.embedded });
+        let config = self.config.load();
+        if config.backend.amqp().is_none() {
+            return serde_json::json!({ "kind": "embedded", "count": config.workers.embedded });
         }
         let count = stats
             .iter()
@@ -287,19 +281,4 @@ impl Admin {
             .max();
         serde_json::json!({ "kind": "broker", "count": count })
     }
-}
-
-/// A dead letter as the admin API and the dashboard show it: its build request with every
-/// `vary` value redacted (see [`tessera_protocol::message::redacted`]).
-fn letter_json(d: &tessera_protocol::DeadLetter) -> serde_json::Value {
-    let body = tessera_protocol::message::redacted(&d.body);
-    serde_json::json!({ "queue": d.queue, "reason": d.reason, "body": body })
-}
-
-fn query_usize(query: Option<&str>, name: &str) -> Option<usize> {
-    query?
-        .split('&')
-        .filter_map(|p| p.split_once('='))
-        .find(|(k, _)| *k == name)
-        .and_then(|(_, v)| v.parse().ok())
 }

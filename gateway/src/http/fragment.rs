@@ -66,9 +66,10 @@ pub(crate) fn hot<B: Sync>(front: &Front, req: &Request<B>) -> Option<Response<B
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return None;
     }
-    let (hot, route) = front
-        .cache
-        .hot(req.uri().path_and_query()?.as_str(), started)?;
+    let (hot, route) =
+        front
+            .cache
+            .hot(req.uri().path_and_query()?.as_str(), started, &front.config)?;
     let envelope = &hot.slot.envelope;
     let ttl = (hot.fresh_until - started).as_secs();
     // Whether to compress, and the `Vary` that goes with it, decided once per entry.
@@ -185,7 +186,7 @@ async fn answer_request<B: Sync>(
                     && let Some(target) = req.uri().path_and_query()
                 {
                     // Composed answers are built per request: never a hot answer.
-                    cache.remember(target.as_str(), &fragment, slot, checked_at);
+                    cache.remember(&front.config, target.as_str(), &fragment, slot, checked_at);
                 }
                 let (response, status) = answer(front, req, &fragment, found, waited).await;
                 return Ok((response, status.after_waiting(waited)));

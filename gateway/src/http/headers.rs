@@ -98,6 +98,11 @@ impl crate::cache::TraceId for Trace<'_> {
 /// it is a safe token (the rule build requests are held to: [`is_id`](tessera_protocol::message::is_id)), else a new random
 /// one. Never logs raw client bytes.
 pub(crate) fn trace_id(headers: &HeaderMap) -> String {
+    given_trace_id(headers).unwrap_or_else(new_trace_id)
+}
+
+/// The trace id the request brought: its `traceparent`'s, else a safe `X-Request-Id`.
+pub(crate) fn given_trace_id(headers: &HeaderMap) -> Option<String> {
     let safe = tessera_protocol::message::is_id;
     if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
         let mut parts = tp.trim().split('-');
@@ -105,14 +110,19 @@ pub(crate) fn trace_id(headers: &HeaderMap) -> String {
             && id.len() == 32
             && id.bytes().all(|b| b.is_ascii_hexdigit())
         {
-            return id.to_ascii_lowercase();
+            return Some(id.to_ascii_lowercase());
         }
     }
     if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok())
         && safe(id.trim())
     {
-        return id.trim().to_string();
+        return Some(id.trim().to_string());
     }
+    None
+}
+
+/// A new random trace id, for a request that brought none.
+pub(crate) fn new_trace_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 

@@ -9,17 +9,21 @@
 //!
 //! # Layout
 //! - [`fragment`]: the fragment endpoint: HTTP answers for what the cache found.
+//! - [`dead_letters`]: the admin API's dead-letter workflow (retry, discard, by id or route).
 //! - [`compose`]: pages (proxied, then composed) and ESI composition from cached fragments.
 //! - [`stream`]: the push stream, one connection per page for all its placeholders.
 //! - [`proxy`]: the reverse proxy to the upstream.
 //! - [`render_paths`]: the routes' render paths, closed to the public.
+//! - [`access_log`]: one line per public request, written off the request's task.
 //! - [`admin`]: the admin listener: dashboard, metrics, health, purges, dead letters.
 //! - [`encoding`]: which coding an answer gets (`Accept-Encoding`, `Vary`, ETags).
 //! - [`headers`]: small request-header parsers, and the request's trace.
 //! - [`error`]: the one error type and its problem responses.
 
+pub(crate) mod access_log;
 pub(crate) mod admin;
 pub(crate) mod compose;
+pub(crate) mod dead_letters;
 pub(crate) mod encoding;
 pub(crate) mod error;
 pub(crate) mod fragment;
@@ -55,16 +59,91 @@ pub(crate) struct Front {
     pub render_paths: render_paths::RenderPaths,
     /// The gateway's metrics.
     pub metrics: Arc<Metrics>,
+    /// The access log, when `[access_log]` turns it on.
+    pub access_log: Option<Arc<access_log::AccessLog>>,
     /// Cancelled when the gateway starts shutting down: long-polls and streams answer at
     /// once.
     pub stopping: CancellationToken,
+}
+
+impl Front {
+    /// The front for `config`, on the parts every front of a gateway shares.
+    pub(crate) fn new(
+        config: Arc<Config>,
+        cache: Arc<CacheService>,
+        metrics: Arc<Metrics>,
+        stopping: CancellationToken,
+        access_log: Option<Arc<access_log::AccessLog>>,
+    ) -> Front {
+        let upstream = proxy::Upstream::new(
+            &config.upstream.url,
+            config.upstream.timeout,
+            &config.gateway.trusted_proxies,
+        );
+        Front {
+            // The access log wants the upstream's time.
+            upstream: if access_log.is_some() {
+                upstream.timed()
+            } else {
+                upstream
+            },
+            render_paths: render_paths::RenderPaths::new(&config),
+            config,
+            cache,
+            metrics,
+            stopping,
+            access_log,
+        }
+    }
+}
+
+impl Front {
+    /// This front with `config`, as a reload makes it.
+    pub(crate) fn reconfigured(&self, config: Arc<Config>) -> Front {
+        Front::new(
+            config,
+            self.cache.clone(),
+            self.metrics.clone(),
+            self.stopping.clone(),
+            self.access_log.clone(),
+        )
+    }
+}
+
+/// Answers one public request, with a line in the access log when it is on (off, it
+/// costs this one branch).
+pub(crate) fn handle(
+    front: Arc<Front>,
+    req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+) -> impl Future<Output = Response<Body>> + Send {
+    use futures_util::future::Either;
+    match front.access_log {
+        None => Either::Left(answer(front, req, peer)),
+        Some(_) => Either::Right(Box::pin(logged(front, req, peer))),
+    }
+}
+
+/// [`answer`], with a line in the access log.
+async fn logged(
+    front: Arc<Front>,
+    mut req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let log = front.access_log.as_ref();
+    let entry = log.map(|log| log.begin(&front.config, &mut req, peer));
+    let response = answer(front.clone(), req, peer).await;
+    if let (Some(log), Some(entry)) = (front.access_log.as_ref(), entry) {
+        log.finish(entry, &response);
+    }
+    response
 }
 
 /// Routes one public request. A fresh hit is answered at once, before any future exists:
 /// the request, which holds on to hyper's read buffer, is then dropped before hyper reads
 /// on, so the connection keeps reusing one buffer instead of allocating another for each
 /// request.
-pub(crate) fn handle(
+fn answer(
     front: Arc<Front>,
     req: Request<hyper::body::Incoming>,
     peer: SocketAddr,

@@ -59,6 +59,8 @@ pub(crate) struct Upstream {
     base: Uri,
     timeout: Duration,
     trusted: Arc<[IpNet]>,
+    /// Leave the upstream's time on each response, for the access log.
+    timed: bool,
 }
 
 impl Upstream {
@@ -70,6 +72,16 @@ impl Upstream {
             base: base.uri().clone(),
             timeout,
             trusted: trusted.into(),
+            timed: false,
+        }
+    }
+
+    /// Leaves the upstream's time to its answer's head on each response
+    /// ([`UpstreamTime`](super::access_log::UpstreamTime)).
+    pub(crate) fn timed(self) -> Self {
+        Self {
+            timed: true,
+            ..self
         }
     }
 
@@ -108,6 +120,7 @@ impl Upstream {
         }
         let outbound = Request::from_parts(parts, tessera_runtime::web::stream(body));
 
+        let started = self.timed.then(std::time::Instant::now);
         let response = tokio::time::timeout(self.timeout, self.client.request(outbound))
             .await
             .map_err(|_| GatewayError::UpstreamTimeout(self.timeout))
@@ -122,6 +135,11 @@ impl Upstream {
             return Ok(splice(response, client_side));
         }
         let (mut parts, body) = response.into_parts();
+        if let Some(started) = started {
+            parts
+                .extensions
+                .insert(super::access_log::UpstreamTime(started.elapsed()));
+        }
         strip_hop_by_hop(&mut parts.headers);
         append(&mut parts.headers, header::VIA, VIA);
         Ok(Response::from_parts(

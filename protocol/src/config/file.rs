@@ -12,8 +12,8 @@ use super::Config;
 use super::env::Overrides;
 use super::queues::default_queue;
 use super::schema::{
-    AmqpUrl, Backend, BusConfig, CacheConfig, FragmentRoute, GatewayConfig, HttpConfig,
-    MemcachedServer, OtelConfig, QueueType, StoreConfig, UpstreamConfig, UpstreamUrl,
+    AccessLogConfig, AmqpUrl, Backend, BusConfig, CacheConfig, FragmentRoute, GatewayConfig,
+    HttpConfig, MemcachedServer, OtelConfig, QueueType, StoreConfig, UpstreamConfig, UpstreamUrl,
     WorkersConfig, duration,
 };
 use super::validate::{ConfigError, invalid, parse_addr};
@@ -32,6 +32,7 @@ pub(super) struct ConfigFile {
     #[serde(rename = "fragment")]
     pub fragments: Vec<FragmentRoute>,
     pub otel: OtelConfig,
+    pub access_log: AccessLogConfig,
 }
 
 /// `[gateway]` as written; see [`super::GatewayConfig`].
@@ -301,6 +302,7 @@ impl ConfigFile {
         };
         upstream.validate()?;
         self.cache.validate()?;
+        self.access_log.validate()?;
         let servers = self
             .store
             .memcached
@@ -339,6 +341,7 @@ impl ConfigFile {
             workers,
             fragments,
             otel: self.otel,
+            access_log: self.access_log,
         };
         config.otel.validate()?;
         config.validate_routes()?;

@@ -242,6 +242,36 @@ impl fmt::Debug for UpstreamUrl {
     }
 }
 
+/// `[access_log]` — one line per request on the gateway's public listener, as nginx
+/// writes. Off by default (no `path`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLogConfig {
+    /// Where the lines go: `"stdout"`, or a file, appended to and reopened on SIGUSR1
+    /// (for logrotate). Absent: no access log.
+    pub path: Option<String>,
+    /// `combined` (nginx's and Apache's format, Tessera's fields appended) or `json` (one
+    /// object per line). Default `combined`.
+    pub format: AccessLogFormat,
+}
+
+impl AccessLogConfig {
+    /// The `path` that means standard output.
+    pub const STDOUT: &'static str = "stdout";
+}
+
+/// `access_log.format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// `addr - - [time] "request" status bytes "referer" "user-agent"`, then
+    /// `route=… cache="…" upstream_ms=… trace=…`.
+    #[default]
+    Combined,
+    /// One JSON object per line.
+    Json,
+}
+
 /// `[cache]` — L1 inside each gateway.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

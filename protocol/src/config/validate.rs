@@ -12,9 +12,9 @@ use bytesize::ByteSize;
 
 use super::queues::BACKGROUND_SUFFIX;
 use super::schema::{
-    AmqpUrl, Backend, CacheConfig, FragmentRoute, GatewayConfig, HttpConfig, MAX_CONNECTIONS_LIMIT,
-    MAX_NAMESPACE, MAX_ROUTE_NAME, MAX_THREADS, MemcachedServer, OtelConfig, RENDER_TOKEN_HEADER,
-    StoreConfig, UpstreamConfig, VarySource, WorkersConfig,
+    AccessLogConfig, AmqpUrl, Backend, CacheConfig, FragmentRoute, GatewayConfig, HttpConfig,
+    MAX_CONNECTIONS_LIMIT, MAX_NAMESPACE, MAX_ROUTE_NAME, MAX_THREADS, MemcachedServer, OtelConfig,
+    RENDER_TOKEN_HEADER, StoreConfig, UpstreamConfig, VarySource, WorkersConfig,
 };
 use super::{Config, env};
 
@@ -67,6 +67,7 @@ impl Config {
         self.http.validate()?;
         self.upstream.validate()?;
         self.cache.validate()?;
+        self.access_log.validate()?;
         self.store.validate()?;
         self.workers.validate(&self.backend)?;
         self.otel.validate()?;
@@ -247,6 +248,18 @@ impl OtelConfig {
 impl UpstreamConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         positive("upstream.timeout", self.timeout)
+    }
+}
+
+impl AccessLogConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        match self.path.as_deref() {
+            Some(p) if p.trim().is_empty() => Err(invalid(
+                "access_log.path",
+                "is empty: name a file or \"stdout\", or leave it out for no access log",
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -610,6 +623,16 @@ mod tests {
         assert!(matches!(c.backend, Backend::Distributed { .. }));
     }
 
+    #[test]
+    fn the_access_log_is_off_unless_a_path_is_given() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.access_log.path, None);
+        let c = Config::from_toml("[access_log]\npath = \"stdout\"\nformat = \"json\"").unwrap();
+        assert_eq!(c.access_log.path.as_deref(), Some(AccessLogConfig::STDOUT));
+        assert_eq!(c.access_log.format, super::super::AccessLogFormat::Json);
+        assert!(err("[access_log]\nformat = \"common\"").contains("unknown variant"));
+    }
+
     // A table of cases: long by nature, one line per case.
     #[allow(clippy::too_many_lines)]
     #[test]
@@ -633,6 +656,7 @@ mod tests {
             ("[upstream]\nurl = \"https://x\"", "upstream.url"),
             ("[upstream]\nurl = \"http://x/?a=1\"", "upstream.url"),
             ("[upstream]\ntimeout = \"0s\"", "upstream.timeout"),
+            ("[access_log]\npath = \" \"", "access_log.path"),
             ("[cache]\nttl = \"0s\"", "cache.ttl"),
             ("[store]\nmemcached = [\"nohost\"]", "store.memcached[0]"),
             ("[store]\nnamespace = \"a b\"", "store.namespace"),

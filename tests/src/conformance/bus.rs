@@ -100,6 +100,7 @@ macro_rules! bus_conformance {
             requeued_and_dropped_deliveries_come_back_redelivered,
             acks_that_come_together_spare_the_delivery_in_their_midst,
             dead_letters_keep_their_reason_and_can_be_requeued,
+            dead_letters_are_retried_or_discarded_as_picked,
             retries_arrive_on_their_queue_after_the_delay,
             prefetch_bounds_unacked_deliveries,
             one_consumer_reads_several_queues,
@@ -323,6 +324,50 @@ pub async fn dead_letters_keep_their_reason_and_can_be_requeued(t: BusUnderTest)
     let left = t.peer.dead_letters(10).await.unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].reason, "reason 2");
+}
+
+/// `settle_dead_letters` retries or discards exactly the letters picked (by id here), and
+/// leaves the others in order; each letter says when it was dead-lettered.
+pub async fn dead_letters_are_retried_or_discarded_as_picked(t: BusUnderTest) {
+    use tessera_protocol::DeadAction;
+    for i in 0..3 {
+        t.bus
+            .publish_build(&t.queue, &request(&format!("p{i}")))
+            .await
+            .unwrap();
+    }
+    let mut c = t
+        .bus
+        .consume(std::slice::from_ref(&t.queue), &[], 4)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        next(&mut c).await.dead_letter("failed").await.unwrap();
+    }
+    let all = t.peer.dead_letters(10).await.unwrap();
+    assert_eq!(all.len(), 3);
+    assert!(all.iter().all(|l| l.at_ms > 0), "the time is kept");
+    let id_of = |i: usize| all[i].id();
+    let one = id_of(1);
+    let retried = t
+        .peer
+        .settle_dead_letters(&|l| l.id() == one, DeadAction::Retry, 10)
+        .await
+        .unwrap();
+    assert_eq!(retried, 1);
+    let d = next(&mut c).await;
+    assert_eq!(id(&d), "p1", "the one picked is back on its queue");
+    d.ack().await.unwrap();
+    let zero = id_of(0);
+    let discarded = t
+        .peer
+        .settle_dead_letters(&|l| l.id() == zero, DeadAction::Discard, 10)
+        .await
+        .unwrap();
+    assert_eq!(discarded, 1);
+    nothing_arrives(&mut c, "a discarded letter was delivered").await;
+    let left = t.peer.dead_letters(10).await.unwrap();
+    assert_eq!(left, all[2..], "the rest stays, in order");
 }
 
 /// `publish_retry` delivers the request on its own queue, not before the delay.
