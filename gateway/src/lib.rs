@@ -394,7 +394,7 @@ async fn listen(
     };
     let stopped = || front.stopping.clone().cancelled_owned();
     // Each request takes the front of the moment, and keeps it to its end.
-    let handler = move |req, peer| http::handle(fronts.load_full(), req, peer);
+    let handler = move |req, peer| http::handle(&fronts, req, peer);
     let (mut threads, shared) = match front.config.gateway.threads {
         // The process's runtime, whose threads take work from each other.
         0 => {

@@ -36,6 +36,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use tessera_protocol::Config;
 use tokio_util::sync::CancellationToken;
@@ -113,14 +115,21 @@ impl Front {
 /// Answers one public request, with a line in the access log when it is on (off, it
 /// costs this one branch).
 pub(crate) fn handle(
-    front: Arc<Front>,
+    fronts: &ArcSwap<Front>,
     req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
-) -> impl Future<Output = Response<Body>> + Send {
+) -> impl Future<Output = Response<Body>> + Send + use<> {
     use futures_util::future::Either;
+    // Borrowed, not cloned: a hot hit is answered before the front is let go, and only
+    // the futures of the full path keep a reference of their own.
+    let front = fronts.load();
     match front.access_log {
-        None => Either::Left(answer(front, req, peer)),
-        Some(_) => Either::Right(Box::pin(logged(front, req, peer))),
+        None => Either::Left(answer(&front, req, peer)),
+        Some(_) => Either::Right(Box::pin(logged(
+            arc_swap::Guard::into_inner(front),
+            req,
+            peer,
+        ))),
     }
 }
 
@@ -132,7 +141,7 @@ async fn logged(
 ) -> Response<Body> {
     let log = front.access_log.as_ref();
     let entry = log.map(|log| log.begin(&front.config, &mut req, peer));
-    let response = answer(front.clone(), req, peer).await;
+    let response = answer(&front, req, peer).await;
     if let (Some(log), Some(entry)) = (front.access_log.as_ref(), entry) {
         log.finish(entry, &response);
     }
@@ -144,18 +153,18 @@ async fn logged(
 /// on, so the connection keeps reusing one buffer instead of allocating another for each
 /// request.
 fn answer(
-    front: Arc<Front>,
+    front: &Arc<Front>,
     req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
-) -> impl Future<Output = Response<Body>> + Send {
+) -> impl Future<Output = Response<Body>> + Send + use<> {
     use futures_util::future::Either;
     if otel::on() {
-        return Either::Right(Either::Right(Box::pin(traced(front, req, peer))));
+        return Either::Right(Either::Right(Box::pin(traced(front.clone(), req, peer))));
     }
-    match fragment::hot(&front, &req) {
+    match fragment::hot(front, &req) {
         Some(response) => Either::Left(std::future::ready(response)),
         // Boxed: hyper moves the future it is handed, and the full path's is large.
-        None => Either::Right(Either::Left(Box::pin(route(front, req, peer)))),
+        None => Either::Right(Either::Left(Box::pin(route(front.clone(), req, peer)))),
     }
 }
 

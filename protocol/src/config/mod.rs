@@ -32,8 +32,8 @@ pub use queues::{background_queue, default_queue};
 pub use schema::{
     AccessLogConfig, AccessLogFormat, AmqpUrl, Backend, BusConfig, CacheConfig, FragmentRoute,
     GatewayConfig, HttpConfig, LEASE_SLACK, MAX_CONNECTIONS_LIMIT, MAX_NAMESPACE, MAX_ROUTE_NAME,
-    MAX_THREADS, MemcachedServer, OtelConfig, QueueType, RENDER_TOKEN_HEADER, StoreConfig, UpstreamConfig,
-    UpstreamUrl, VarySource, WorkersConfig,
+    MAX_THREADS, MemcachedServer, OtelConfig, QueueType, RENDER_TOKEN_HEADER, StoreConfig,
+    UpstreamConfig, UpstreamUrl, VarySource, WorkersConfig,
 };
 pub use validate::{ConfigError, admin_listener, is_param_name, is_route_name};
 
