@@ -64,7 +64,11 @@ async fn every_outcome_has_its_rfc_9211_cache_status() {
             ..Script::default()
         },
     );
-    let mut c = config(&up.url(), vec![route("plain"), flaky, broken]);
+    // Two fragments of one route: the first stays pending, the second is waited for (its
+    // own build, so it cannot have been built already when asked).
+    let mut plain = route("plain");
+    plain.params = vec!["x".into()];
+    let mut c = config(&up.url(), vec![plain, flaky, broken]);
     let b = backends(Backend::Memory, &mut c).await;
     let gw = TestGateway::start(c, b).await;
     let at = |name: &str| gw.at(&format!("/fragments/{name}"));
@@ -78,11 +82,11 @@ async fn every_outcome_has_its_rfc_9211_cache_status() {
         )
     );
     // Waited: it went forward and was answered with what the build stored; not a hit.
-    let (status, cache) = get(&at("plain"), Some(5)).await;
+    let (status, cache) = get(&at("plain?x=2"), Some(5)).await;
     assert_eq!(status, StatusCode::OK);
     assert_ttl(&cache, "fwd=miss; stored", true, "");
     // Hit: fresh from the cache.
-    let (status, cache) = get(&at("plain"), None).await;
+    let (status, cache) = get(&at("plain?x=2"), None).await;
     assert_eq!(status, StatusCode::OK);
     assert_ttl(&cache, "hit", true, "");
 
