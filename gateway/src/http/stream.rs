@@ -35,8 +35,11 @@
 //!
 //! What a stream holds is bounded, however slowly its client reads: events are made one
 //! at a time, as the connection takes them (a channel of one), and a fragment's HTML is
-//! escaped into the event's JSON a chunk at a time ([`CHUNK`]) from the cached body itself,
-//! never copied whole. A client that takes nothing is cut off after `http.send_timeout`.
+//! escaped into the event's JSON once for every stream sending it (a fragment of more
+//! than [`CHUNK`] bytes: [`escaped`]) and handed on in slices of that copy, so what
+//! hyper queues for a client that reads nothing (up to `http.max_header_bytes`, its
+//! buffer limit) holds no bytes of its own. A client that takes nothing is cut off after
+//! `http.send_timeout`.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -359,12 +362,12 @@ impl Event {
     }
 }
 
-/// The stream's body: events as the feeding task sends them, a fragment's HTML escaped a
+/// The stream's body: events as the feeding task sends them, a fragment's escaped HTML a
 /// [`CHUNK`] at a time as hyper asks for frames; ends when the task is done.
 #[derive(Debug)]
 struct Events {
     rx: mpsc::Receiver<Event>,
-    /// The HTML of the fragment event being sent, and how much of it was.
+    /// The escaped HTML of the fragment event being sent, and how much of it was.
     html: Option<(Bytes, usize)>,
 }
 
@@ -377,9 +380,13 @@ impl hyper::body::Body for Events {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
         let frame = |bytes| Poll::Ready(Some(Ok(hyper::body::Frame::data(bytes))));
-        if let Some((html, at)) = &mut self.html {
-            let chunk = escape_chunk(html, at, CHUNK);
-            if *at == html.len() {
+        if let Some((escaped, at)) = &mut self.html {
+            // Slices of the one escaped copy all streams share: what hyper queues for a
+            // client that reads nothing holds no bytes of its own.
+            let end = (*at + CHUNK).min(escaped.len());
+            let chunk = escaped.slice(*at..end);
+            *at = end;
+            if end == escaped.len() {
                 self.html = None;
             }
             return frame(chunk);
@@ -388,11 +395,43 @@ impl hyper::body::Body for Events {
             None => Poll::Ready(None),
             Some(Event::Text(text)) => frame(text),
             Some(Event::Fragment { head, html }) => {
-                self.html = Some((html, 0));
+                self.html = Some((escaped(&html), 0));
                 frame(head)
             }
         }
     }
+}
+
+/// Most bytes of escaped fragments kept for the streams sending them.
+const ESCAPED_CAPACITY: u64 = 64 * 1024 * 1024;
+
+/// `html` escaped as a JSON string's contents, followed by what ends the event: one copy
+/// per fragment body for every stream sending it at once (keyed by the body's address
+/// and length, and keeping that body alive, so the address cannot be reused for other
+/// bytes while the copy is kept).
+fn escaped(html: &Bytes) -> Bytes {
+    type Copies = moka::sync::Cache<(usize, usize), (Bytes, Bytes)>;
+    static COPIES: std::sync::OnceLock<Copies> = std::sync::OnceLock::new();
+    if html.len() <= CHUNK {
+        let mut at = 0;
+        return escape_chunk(html, &mut at, usize::MAX);
+    }
+    let copies = COPIES.get_or_init(|| {
+        moka::sync::Cache::builder()
+            .max_capacity(ESCAPED_CAPACITY)
+            .weigher(|_, (html, escaped): &(Bytes, Bytes)| {
+                u32::try_from(html.len() + escaped.len()).unwrap_or(u32::MAX)
+            })
+            .time_to_idle(std::time::Duration::from_secs(60))
+            .build()
+    });
+    let key = (html.as_ptr() as usize, html.len());
+    copies
+        .get_with(key, || {
+            let mut at = 0;
+            (html.clone(), escape_chunk(html, &mut at, usize::MAX))
+        })
+        .1
 }
 
 /// The next chunk of `html` from `*at` (at most about `max` bytes once escaped) escaped as
@@ -401,7 +440,7 @@ impl hyper::body::Body for Events {
 /// control characters are escaped as JSON requires; everything else, UTF-8 included, is
 /// copied (a chunk may end inside a character: the frames are one byte stream).
 fn escape_chunk(html: &[u8], at: &mut usize, max: usize) -> Bytes {
-    let mut out = Vec::with_capacity(max + 8);
+    let mut out = Vec::with_capacity(max.min(html.len() - *at).saturating_add(8));
     while *at < html.len() && out.len() < max {
         let b = html[*at];
         match b {
@@ -458,6 +497,18 @@ mod tests {
             frames += 1;
         }
         (String::from_utf8(out).unwrap(), frames)
+    }
+
+    #[test]
+    fn streams_sending_one_large_fragment_share_its_escaped_copy() {
+        let html = Bytes::from("<p>\"x\"\u{1}</p>".repeat(10_000));
+        let (one, two) = (escaped(&html), escaped(&html.clone()));
+        assert_eq!(one.as_ptr(), two.as_ptr(), "one copy for both");
+        let (event, _) = event_of(&html, usize::MAX);
+        assert_eq!(&one[..], &event.as_bytes()[b"{\"html\":\"".len()..]);
+        // Other bytes of the same length are another copy.
+        let other = Bytes::from("<p>\"y\"\u{1}</p>".repeat(10_000));
+        assert_ne!(escaped(&other), one);
     }
 
     #[test]
