@@ -324,10 +324,7 @@ impl Worker {
 
     /// `messaging.system` of this worker's bus.
     fn bus_system(&self) -> &'static str {
-        match self.config.load().backend.amqp() {
-            Some(_) => "rabbitmq",
-            None => "tessera.memory",
-        }
+        otel::bus_system(&self.config.load().backend)
     }
 
     /// One render-and-store; `None` when the request is obsolete: its route was purged
@@ -490,12 +487,11 @@ impl Worker {
     ) -> Result<(), StoreError> {
         let lease = Lease::new(self.backends.store.as_ref(), keys, route);
         let span = otel::Span::child("store", otel::Kind::Client, || {
-            let system = match self.config.load().backend.memcached() {
-                Some(_) => "memcached",
-                None => "tessera.memory",
-            };
             vec![
-                otel::KeyValue::new("db.system.name", system),
+                otel::KeyValue::new(
+                    "db.system.name",
+                    otel::store_system(&self.config.load().backend),
+                ),
                 otel::KeyValue::new("db.operation.name", "set"),
                 otel::KeyValue::new("tessera.bytes", bytes.len() as i64),
             ]

@@ -37,7 +37,7 @@ use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
-use tessera_protocol::config::OtelConfig;
+use tessera_protocol::config::{Backend, OtelConfig};
 
 pub use opentelemetry::trace::{FutureExt, SpanKind as Kind, Status};
 pub use opentelemetry::{Context, KeyValue};
@@ -52,6 +52,22 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Most bytes of a collector's answer read (it is not used).
 const MAX_ANSWER: usize = 64 * 1024;
+
+/// `db.system.name` of the store `backend` runs.
+pub fn store_system(backend: &Backend) -> &'static str {
+    match backend.memcached() {
+        Some(_) => "memcached",
+        None => "tessera.memory",
+    }
+}
+
+/// `messaging.system` of the bus `backend` runs.
+pub fn bus_system(backend: &Backend) -> &'static str {
+    match backend.amqp() {
+        Some(_) => "rabbitmq",
+        None => "tessera.memory",
+    }
+}
 
 /// Whether traces are on in this process.
 #[inline]

@@ -595,12 +595,11 @@ impl CacheService {
     /// A span of a store call `operation` on `keys` keys (nothing when traces are off).
     fn store_span(&self, operation: &'static str, keys: usize) -> otel::Span {
         otel::Span::child(operation, otel::Kind::Client, || {
-            let system = match self.config.load().backend.memcached() {
-                Some(_) => "memcached",
-                None => "tessera.memory",
-            };
             vec![
-                KeyValue::new("db.system.name", system),
+                KeyValue::new(
+                    "db.system.name",
+                    otel::store_system(&self.config.load().backend),
+                ),
                 KeyValue::new("db.operation.name", operation),
                 KeyValue::new("db.operation.batch.size", keys as i64),
             ]
@@ -609,10 +608,7 @@ impl CacheService {
 
     /// `messaging.system` of this gateway's bus.
     fn bus_system(&self) -> &'static str {
-        match self.config.load().backend.amqp() {
-            Some(_) => "rabbitmq",
-            None => "tessera.memory",
-        }
+        otel::bus_system(&self.config.load().backend)
     }
 }
 
