@@ -38,6 +38,7 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
+    tessera_runtime::process::apply_log_level(&config.log);
     if !matches!(config.backend, Backend::Distributed { .. }) {
         eprintln!(
             "tessera-worker: needs `[store] memcached` and `[bus] amqp` in the config (or \

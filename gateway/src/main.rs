@@ -149,6 +149,7 @@ fn load(path: Option<&std::path::Path>) -> Config {
 }
 
 async fn run(mut config: Config, path: Option<&std::path::Path>, demo: bool) -> anyhow::Result<()> {
+    tessera_runtime::process::apply_log_level(&config.log);
     let stop_demo = CancellationToken::new();
     if demo {
         let listener = TcpListener::bind("127.0.0.1:0").await?;

@@ -1,23 +1,55 @@
 //! Process-level conventions both binaries share: how they log and when they stop.
 
-/// Sets up logging to stdout: `RUST_LOG` filters (default `info`);
+/// Sets up logging to stdout: `RUST_LOG` filters (default `info` until the
+/// configuration's `[log] level` is applied, [`apply_log_level`]);
 /// `TESSERA_LOG_FORMAT=json` writes one JSON object per line for log collectors, anything
 /// else human-readable lines, coloured only on a terminal and without `NO_COLOR` set (a
 /// file, a pipe or journald gets plain text).
 pub fn init_logging() {
     use std::io::IsTerminal;
-    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, handle) =
+        tracing_subscriber::reload::Layer::new(log_filter(rust_log().as_deref()));
     let json = std::env::var(tessera_protocol::config::env::LOG_FORMAT)
         .is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let colour = std::io::stdout().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour);
-    if json {
-        builder.json().flatten_event(true).init();
+    let lines = tracing_subscriber::fmt::layer().with_ansi(colour);
+    let logging = tracing_subscriber::registry().with(filter);
+    let set = if json {
+        logging.with(lines.json().flatten_event(true)).try_init()
     } else {
-        builder.init();
+        logging.with(lines).try_init()
+    };
+    if set.is_ok() {
+        let _ = LEVEL.set(handle);
+    }
+}
+
+/// The running filter, replaced by [`apply_log_level`].
+static LEVEL: std::sync::OnceLock<
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+> = std::sync::OnceLock::new();
+
+/// `RUST_LOG`, when set and not empty.
+fn rust_log() -> Option<String> {
+    std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+}
+
+/// Filters the log by the configuration's `[log] level`: at start, once the file is read,
+/// and on every reload. `RUST_LOG`, when set, wins, and this does nothing; so it does in a
+/// process that did not [`init_logging`] (tests serving a gateway in-process).
+pub fn apply_log_level(log: &tessera_protocol::config::LogConfig) {
+    if rust_log().is_some() {
+        return;
+    }
+    if let Some(handle) = LEVEL.get()
+        && let Err(e) = handle.reload(log_filter(Some(&log.level)))
+    {
+        tracing::warn!(error = %e, "cannot change the log level");
     }
 }
 

@@ -16,7 +16,8 @@
 //!
 //! What a reload does change: the routes (added, removed, changed), the upstream (URL
 //! and timeout), the fragment prefix, `max_wait`, compression, trusted proxies, the
-//! render paths' closure and the render token. A route removed is answered 404 from the
+//! render paths' closure, the render token and the log level (`[log] level`, unless
+//! `RUST_LOG` is set). A route removed is answered 404 from the
 //! next request on, and the build requests already queued for it are acknowledged and
 //! counted as dropped by the worker that takes them ([`LiveConfig::retired`]), not
 //! dead-lettered.
@@ -191,7 +192,9 @@ pub fn reload(
             return;
         }
     };
+    let log = config.log.clone();
     let done = apply(config);
+    crate::process::apply_log_level(&log);
     if done.kept.is_empty() {
         tracing::info!(added = ?done.added, removed = ?done.removed, "configuration reloaded");
     } else {

@@ -128,3 +128,76 @@ async fn sighup_adds_and_removes_routes_and_refuses_a_bad_file() {
     drop(gateway);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The gateway on `config`, logging to `log`, with `RUST_LOG` unset so the file's
+/// `[log] level` decides.
+fn spawn_gateway(config: &Path, log: &Path) -> Proc {
+    Proc::spawn(
+        Command::new(bin_dir().join("tessera-gateway"))
+            .arg("--config")
+            .arg(config)
+            .env_remove("TESSERA_CONFIG")
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .stdout(std::fs::File::create(log).unwrap())
+            .stderr(Stdio::null()),
+        "tessera-gateway",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_level_follows_the_file_and_its_reloads() {
+    let up = FakeUpstream::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("tessera-reload-log-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (config, log) = (dir.join("tessera.toml"), dir.join("gateway.log"));
+    let level = |level: &str, routes: &str| format!("[log]\nlevel = \"{level}\"\n{routes}");
+    write_config(&config, port, admin, &up.url(), &level("warn", &route("a")));
+    let gateway = spawn_gateway(&config, &log);
+    let base = format!("http://127.0.0.1:{port}");
+    eventually("the gateway serves", Duration::from_secs(20), || async {
+        status(&base, "a").await == 200
+    })
+    .await;
+    let lines = |what: &str| {
+        let text = std::fs::read_to_string(&log).unwrap();
+        text.lines().filter(|l| l.contains(what)).count()
+    };
+    assert_eq!(lines("gateway listening"), 0, "`warn` hides info lines");
+
+    write_config(&config, port, admin, &up.url(), &level("info", &route("a")));
+    hup(&gateway);
+    eventually(
+        "the reload to `info` is logged at info",
+        Duration::from_secs(10),
+        || async { lines("configuration reloaded") == 1 },
+    )
+    .await;
+
+    let routes = format!("{}{}", route("a"), route("b"));
+    write_config(&config, port, admin, &up.url(), &level("warn", &routes));
+    hup(&gateway);
+    eventually(
+        "the second reload applies",
+        Duration::from_secs(10),
+        || async { status(&base, "b").await == 200 },
+    )
+    .await;
+    assert_eq!(
+        lines("configuration reloaded"),
+        1,
+        "back at `warn`, the second reload's info line is not written"
+    );
+
+    // A level that is no level is refused, and the running one stays.
+    write_config(&config, port, admin, &up.url(), &level("verbose", &routes));
+    hup(&gateway);
+    eventually("the refusal is logged", Duration::from_secs(10), || async {
+        lines("reload refused") == 1
+    })
+    .await;
+    assert!(lines("log.level") >= 1, "the refusal names the key");
+    drop(gateway);
+    let _ = std::fs::remove_dir_all(&dir);
+}

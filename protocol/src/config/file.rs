@@ -13,8 +13,8 @@ use super::env::Overrides;
 use super::queues::default_queue;
 use super::schema::{
     AccessLogConfig, AmqpUrl, Backend, BusConfig, CacheConfig, FragmentRoute, GatewayConfig,
-    HttpConfig, MemcachedServer, OtelConfig, QueueType, StoreConfig, UpstreamConfig, UpstreamUrl,
-    WorkersConfig, duration,
+    HttpConfig, LogConfig, MemcachedServer, OtelConfig, QueueType, StoreConfig, UpstreamConfig,
+    UpstreamUrl, WorkersConfig, duration,
 };
 use super::validate::{ConfigError, invalid, parse_addr};
 
@@ -32,6 +32,7 @@ pub(super) struct ConfigFile {
     #[serde(rename = "fragment")]
     pub fragments: Vec<FragmentRoute>,
     pub otel: OtelConfig,
+    pub log: LogConfig,
     pub access_log: AccessLogConfig,
 }
 
@@ -302,6 +303,7 @@ impl ConfigFile {
         };
         upstream.validate()?;
         self.cache.validate()?;
+        self.log.validate()?;
         self.access_log.validate()?;
         let servers = self
             .store
@@ -341,6 +343,7 @@ impl ConfigFile {
             workers,
             fragments,
             otel: self.otel,
+            log: self.log,
             access_log: self.access_log,
         };
         config.otel.validate()?;

@@ -31,9 +31,9 @@ mod validate;
 pub use queues::{background_queue, default_queue};
 pub use schema::{
     AccessLogConfig, AccessLogFormat, AmqpUrl, Backend, BusConfig, CacheConfig, FragmentRoute,
-    GatewayConfig, HttpConfig, LEASE_SLACK, MAX_CONNECTIONS_LIMIT, MAX_NAMESPACE, MAX_ROUTE_NAME,
-    MAX_THREADS, MemcachedServer, OtelConfig, QueueType, RENDER_TOKEN_HEADER, StoreConfig,
-    UpstreamConfig, UpstreamUrl, VarySource, WorkersConfig,
+    GatewayConfig, HttpConfig, LEASE_SLACK, LogConfig, MAX_CONNECTIONS_LIMIT, MAX_NAMESPACE,
+    MAX_ROUTE_NAME, MAX_THREADS, MemcachedServer, OtelConfig, QueueType, RENDER_TOKEN_HEADER,
+    StoreConfig, UpstreamConfig, UpstreamUrl, VarySource, WorkersConfig,
 };
 pub use validate::{ConfigError, admin_listener, is_param_name, is_route_name};
 
@@ -66,6 +66,8 @@ pub struct Config {
     pub fragments: Vec<FragmentRoute>,
     /// OpenTelemetry traces (off by default).
     pub otel: OtelConfig,
+    /// The process's own log: its level.
+    pub log: LogConfig,
     /// The gateway's access log (off by default).
     pub access_log: AccessLogConfig,
 }

@@ -242,6 +242,24 @@ impl fmt::Debug for UpstreamUrl {
     }
 }
 
+/// `[log]` — the process's own log (the access log is `[access_log]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// What is written, spelled as `RUST_LOG` is: a level (`error`, `warn`, `info`,
+    /// `debug`, `trace`) or directives per module (`info,tessera_gateway=debug`). Applied
+    /// at start and again by every reload; `RUST_LOG`, when set, wins. Default `info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
 /// `[access_log]` — one line per request on the gateway's public listener, as nginx
 /// writes. Off by default (no `path`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]

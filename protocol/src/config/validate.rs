@@ -13,8 +13,8 @@ use bytesize::ByteSize;
 use super::queues::BACKGROUND_SUFFIX;
 use super::schema::{
     AccessLogConfig, AmqpUrl, Backend, CacheConfig, FragmentRoute, GatewayConfig, HttpConfig,
-    MAX_CONNECTIONS_LIMIT, MAX_NAMESPACE, MAX_ROUTE_NAME, MAX_THREADS, MemcachedServer, OtelConfig,
-    RENDER_TOKEN_HEADER, StoreConfig, UpstreamConfig, VarySource, WorkersConfig,
+    LogConfig, MAX_CONNECTIONS_LIMIT, MAX_NAMESPACE, MAX_ROUTE_NAME, MAX_THREADS, MemcachedServer,
+    OtelConfig, RENDER_TOKEN_HEADER, StoreConfig, UpstreamConfig, VarySource, WorkersConfig,
 };
 use super::{Config, env};
 
@@ -67,6 +67,7 @@ impl Config {
         self.http.validate()?;
         self.upstream.validate()?;
         self.cache.validate()?;
+        self.log.validate()?;
         self.access_log.validate()?;
         self.store.validate()?;
         self.workers.validate(&self.backend)?;
@@ -248,6 +249,41 @@ impl OtelConfig {
 impl UpstreamConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         positive("upstream.timeout", self.timeout)
+    }
+}
+
+impl LogConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.level.trim().is_empty() {
+            return Err(invalid(
+                "log.level",
+                "is empty: write a level (error, warn, info, debug, trace) or RUST_LOG's directives",
+            ));
+        }
+        // A bare word names a module to log at `trace`, everything else off: a typo
+        // (`level = "verbose"`) would silence the log. Here a bare word must be a level.
+        const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+        if let Some(word) = self.level.split(',').map(str::trim).find(|d| {
+            !d.is_empty()
+                && !d.contains(['=', '['])
+                && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d))
+        }) {
+            return Err(invalid(
+                "log.level",
+                format!(
+                    "{word:?} is not a level: write error, warn, info, debug or trace, or `module=level`"
+                ),
+            ));
+        }
+        tracing_subscriber::EnvFilter::builder()
+            .parse(&self.level)
+            .map(drop)
+            .map_err(|e| {
+                invalid(
+                    "log.level",
+                    format!("{e}: write a level (error, warn, info, debug, trace) or RUST_LOG's directives such as \"info,tessera_gateway=debug\""),
+                )
+            })
     }
 }
 
@@ -624,6 +660,15 @@ mod tests {
     }
 
     #[test]
+    fn the_log_level_takes_levels_and_module_directives() {
+        assert_eq!(Config::from_toml("").unwrap().log.level, "info");
+        for level in ["warn", "DEBUG", "info,tessera_gateway=debug"] {
+            let c = Config::from_toml(&format!("[log]\nlevel = \"{level}\"")).unwrap();
+            assert_eq!(c.log.level, level);
+        }
+    }
+
+    #[test]
     fn the_access_log_is_off_unless_a_path_is_given() {
         let c = Config::from_toml("").unwrap();
         assert_eq!(c.access_log.path, None);
@@ -657,6 +702,9 @@ mod tests {
             ("[upstream]\nurl = \"http://x/?a=1\"", "upstream.url"),
             ("[upstream]\ntimeout = \"0s\"", "upstream.timeout"),
             ("[access_log]\npath = \" \"", "access_log.path"),
+            ("[log]\nlevel = \"\"", "log.level"),
+            ("[log]\nlevel = \"verbose\"", "log.level"),
+            ("[log]\nlevel = \"info,tessera_gateway=loud\"", "log.level"),
             ("[cache]\nttl = \"0s\"", "cache.ttl"),
             ("[store]\nmemcached = [\"nohost\"]", "store.memcached[0]"),
             ("[store]\nnamespace = \"a b\"", "store.namespace"),
