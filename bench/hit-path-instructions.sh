@@ -8,7 +8,9 @@
 # TAGS and VARY as in hit-path.sh: the fragment's render answer carries TAGS tags; VARY=1
 # takes every hit down the full path (no hot answers). DISTRIBUTED=1 counts the
 # distributed hit instead: L1 off, every hit read from memcached (scripts/services.sh's,
-# on 127.0.0.1:11211).
+# on 127.0.0.1:11211). OTEL=1 turns traces on at sample_ratio 1.0, exported to a local
+# sink (plain-server, answering every export with an empty 200): every request is then a
+# sampled trace (OTEL_RATIO=0.01: one in a hundred), and the count includes the exporter's thread.
 #   bash bench/hit-path-instructions.sh [SECONDS] [TAGS] [VARY]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +31,11 @@ trap cleanup EXIT
 
 # The gateway's upstream, not measured.
 target/release/plain-server 127.0.0.1:18091 2048 "$tags" 2>/dev/null & pids+=($!)
+otel=""
+if [ "${OTEL:-0}" = 1 ]; then
+  target/release/plain-server 127.0.0.1:18093 0 2>/dev/null & pids+=($!)
+  otel=$(printf '[otel]\nendpoint = "http://127.0.0.1:18093"\nsample_ratio = %s\n' "${OTEL_RATIO:-1.0}")
+fi
 cat > "$tmp/tessera.toml" <<TOML
 [gateway]
 listen = "127.0.0.1:18090"
@@ -37,6 +44,7 @@ admin_listen = "127.0.0.1:0"
 [upstream]
 url = "http://127.0.0.1:18091"
 $distributed
+$otel
 [[fragment]]
 name = "bench"
 render = "/_render/bench"
@@ -68,5 +76,5 @@ count() {
 read -r pn pi < <(count plain http://127.0.0.1:18092/_render/bench target/release/plain-server 127.0.0.1:18092 2048)
 read -r gn gi < <(count gateway http://127.0.0.1:18090/fragments/bench target/release/tessera-gateway --config "$tmp/tessera.toml")
 echo "plain hyper server: $pi instructions per request ($pn requests)"
-echo "tessera gateway:    $gi instructions per request ($gn requests; tags: $tags, vary: $vary, distributed: ${DISTRIBUTED:-0})"
+echo "tessera gateway:    $gi instructions per request ($gn requests; tags: $tags, vary: $vary, distributed: ${DISTRIBUTED:-0}, otel: ${OTEL:-0})"
 awk -v g="$gi" -v p="$pi" 'BEGIN { printf "gateway/plain: %.2f\n", g / p }'

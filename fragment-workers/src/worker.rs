@@ -312,13 +312,15 @@ impl Worker {
             format!("process {}", route.queue),
             otel::Kind::Consumer,
             &otel::from_traceparent(req.traceparent.as_deref()),
-            vec![
-                otel::KeyValue::new("messaging.system", self.bus_system()),
-                otel::KeyValue::new("messaging.operation.type", "process"),
-                otel::KeyValue::new("messaging.destination.name", route.queue.clone()),
-                otel::KeyValue::new("messaging.message.id", req.id.clone()),
-                otel::KeyValue::new("tessera.attempt", i64::from(req.attempt)),
-            ],
+            || {
+                vec![
+                    otel::KeyValue::new("messaging.system", self.bus_system()),
+                    otel::KeyValue::new("messaging.operation.type", "process"),
+                    otel::KeyValue::new("messaging.destination.name", route.queue.clone()),
+                    otel::KeyValue::new("messaging.message.id", req.id.clone()),
+                    otel::KeyValue::new("tessera.attempt", i64::from(req.attempt)),
+                ]
+            },
         )
     }
 

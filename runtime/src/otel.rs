@@ -137,21 +137,26 @@ pub fn flush() {
 pub struct Span(Option<Context>);
 
 impl Span {
-    /// A span of kind `kind` named `name`, child of `parent`, with `attributes`.
+    /// A span of kind `kind` named `name`, child of `parent`, with `attributes`, worked
+    /// out only when the span records: a request the sampler leaves out costs no
+    /// attribute.
     pub fn start(
         name: impl Into<Cow<'static, str>>,
         kind: SpanKind,
         parent: &Context,
-        attributes: Vec<KeyValue>,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Span {
+        use opentelemetry::trace::Span as _;
         let Some(tracer) = TRACER.get() else {
             return Span(None);
         };
-        let span = tracer
+        let mut span = tracer
             .span_builder(name)
             .with_kind(kind)
-            .with_attributes(attributes)
             .start_with_context(tracer, parent);
+        if span.is_recording() {
+            span.set_attributes(attributes());
+        }
         Span(Some(parent.with_span(span)))
     }
 
@@ -164,7 +169,14 @@ impl Span {
         if !on() {
             return Span(None);
         }
-        Span::start(name, kind, &Context::current(), attributes())
+        Span::start(name, kind, &Context::current(), attributes)
+    }
+
+    /// Names the span `name`, worked out only when the span records.
+    pub fn rename(&self, name: impl FnOnce() -> String) {
+        if let Some(cx) = self.0.as_ref().filter(|cx| cx.span().is_recording()) {
+            cx.span().update_name(name());
+        }
     }
 
     /// The context to run the span's work in (children, [`inject`]); the current one
@@ -180,7 +192,7 @@ impl Span {
 
     /// Adds an attribute, worked out only when the span records.
     pub fn set(&self, attribute: impl FnOnce() -> KeyValue) {
-        if let Some(cx) = &self.0 {
+        if let Some(cx) = self.0.as_ref().filter(|cx| cx.span().is_recording()) {
             cx.span().set_attribute(attribute());
         }
     }
@@ -219,7 +231,10 @@ impl Drop for Span {
 /// The context a request's `traceparent` names (an empty one when it names none, or
 /// when traces are off).
 pub fn extract(headers: &HeaderMap) -> Context {
-    if !on() {
+    // Most requests come without one: looked up by a header name made once, not by the
+    // propagator's text names, which are parsed at each lookup.
+    static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+    if !on() || !headers.contains_key(&TRACEPARENT) {
         return Context::new();
     }
     TraceContextPropagator::new().extract(&HeaderExtractor(headers))

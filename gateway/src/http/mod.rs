@@ -159,7 +159,19 @@ fn answer(
 ) -> impl Future<Output = Response<Body>> + Send + use<> {
     use futures_util::future::Either;
     if otel::on() {
-        return Either::Right(Either::Right(Box::pin(traced(front.clone(), req, peer))));
+        let span = server_span(front, &req, peer);
+        return match fragment::hot(front, &req) {
+            Some(response) => {
+                answered(&span, &response);
+                Either::Left(std::future::ready(response))
+            }
+            None => Either::Right(Either::Right(Box::pin(traced(
+                front.clone(),
+                req,
+                peer,
+                span,
+            )))),
+        };
     }
     match fragment::hot(front, &req) {
         Some(response) => Either::Left(std::future::ready(response)),
@@ -168,43 +180,62 @@ fn answer(
     }
 }
 
-/// [`handle`] with traces on: the request's server span (a child of the `traceparent`
-/// it came with), current while it is answered. Ends when the head is answered.
+/// The request's server span, a child of the `traceparent` it came with. Its name and
+/// attributes are worked out only when the sampler keeps it.
+fn server_span(
+    front: &Front,
+    req: &Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+) -> otel::Span {
+    use otel::KeyValue;
+    let span = otel::Span::start(
+        "HTTP",
+        otel::Kind::Server,
+        &otel::extract(req.headers()),
+        || {
+            vec![
+                KeyValue::new("http.request.method", req.method().to_string()),
+                KeyValue::new("url.path", req.uri().path().to_string()),
+                KeyValue::new("client.address", peer.ip().to_string()),
+            ]
+        },
+    );
+    span.rename(|| {
+        let prefix = front.config.gateway.fragment_prefix.as_str();
+        match req
+            .uri()
+            .path()
+            .strip_prefix(prefix)
+            .and_then(|n| front.config.route(n))
+        {
+            Some(route) => format!("{} {prefix}{}", req.method(), route.name),
+            None => req.method().to_string(),
+        }
+    });
+    span
+}
+
+/// The full path with traces on: `route` in the request's server span, which ends when
+/// the head is answered.
 async fn traced(
     front: Arc<Front>,
     req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
+    span: otel::Span,
 ) -> Response<Body> {
-    use otel::{FutureExt, KeyValue};
-    let prefix = front.config.gateway.fragment_prefix.as_str();
-    let path = req.uri().path();
-    let name = match path
-        .strip_prefix(prefix)
-        .and_then(|n| front.config.route(n))
-    {
-        Some(route) => format!("{} {prefix}{}", req.method(), route.name),
-        None => req.method().to_string(),
-    };
-    let span = otel::Span::start(
-        name,
-        otel::Kind::Server,
-        &otel::extract(req.headers()),
-        vec![
-            KeyValue::new("http.request.method", req.method().to_string()),
-            KeyValue::new("url.path", path.to_string()),
-            KeyValue::new("client.address", peer.ip().to_string()),
-        ],
-    );
-    let response = match fragment::hot(&front, &req) {
-        Some(response) => response,
-        None => route(front, req, peer).with_context(span.context()).await,
-    };
+    use otel::FutureExt;
+    let response = route(front, req, peer).with_context(span.context()).await;
+    answered(&span, &response);
+    response
+}
+
+/// Records `response`'s status on the request's span.
+fn answered(span: &otel::Span, response: &Response<Body>) {
     let status = response.status();
-    span.set(|| KeyValue::new("http.response.status_code", i64::from(status.as_u16())));
+    span.set(|| otel::KeyValue::new("http.response.status_code", i64::from(status.as_u16())));
     if status.is_server_error() {
         span.fail(&status);
     }
-    response
 }
 
 /// Routes a request the hot answers did not answer: the fragment endpoint's full path,
