@@ -171,9 +171,11 @@ async fn run(mut config: Config, path: Option<&std::path::Path>, demo: bool) -> 
             tessera_gateway::demo::banner(page, config.gateway.admin_listen)
         );
     }
-    // The demo's upstream is made here, not in a file: nothing to reload.
+    // The demo's upstream is made here, not in a file: nothing to reload. SIGHUP is
+    // still caught, so that trying a reload on the demo does not end it.
     let reload =
         (!demo).then(|| tessera_gateway::ReloadFrom(path.map(std::path::Path::to_path_buf)));
+    let _no_reload = demo.then(|| tokio::spawn(demo_sighup()));
     tessera_gateway::run_with(
         listener,
         config,
@@ -183,6 +185,19 @@ async fn run(mut config: Config, path: Option<&std::path::Path>, demo: bool) -> 
     .await?;
     stop_demo.cancel();
     Ok(())
+}
+
+/// Answers SIGHUP in demo mode with a warning: the demo's routes and upstream are made at
+/// start, not read from a file.
+async fn demo_sighup() {
+    #[cfg(unix)]
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        while hup.recv().await.is_some() {
+            tracing::warn!(
+                "SIGHUP: the demo (--demo) does not reload its configuration; run without --demo to reload"
+            );
+        }
+    }
 }
 
 /// Prints what a valid configuration amounts to.

@@ -201,3 +201,43 @@ async fn the_log_level_follows_the_file_and_its_reloads() {
     drop(gateway);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_does_not_end_the_demo() {
+    let (port, admin) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("tessera-reload-demo-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (config, log) = (dir.join("tessera.toml"), dir.join("gateway.log"));
+    write_config(&config, port, admin, "http://127.0.0.1:9", "");
+    let gateway = Proc::spawn(
+        Command::new(bin_dir().join("tessera-gateway"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--demo")
+            .env_remove("TESSERA_CONFIG")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null()),
+        "tessera-gateway",
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    eventually("the demo serves", Duration::from_secs(20), || async {
+        status(&base, "recommendations").await == 200
+    })
+    .await;
+    hup(&gateway);
+    eventually(
+        "the demo says it does not reload",
+        Duration::from_secs(10),
+        || async {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("does not reload")
+        },
+    )
+    .await;
+    assert_eq!(status(&base, "recommendations").await, 200, "still serving");
+    drop(gateway);
+    let _ = std::fs::remove_dir_all(&dir);
+}
