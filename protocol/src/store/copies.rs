@@ -133,6 +133,30 @@ impl<'a> Register<'a> {
             .unwrap_or(to))
     }
 
+    /// Creates the register at `to` where no copy holds one, and returns the value it
+    /// then has: whoever else creates it at the same moment, every creator returns the
+    /// same value. Each copy is `add`ed (the first to add it keeps it), then all are read:
+    /// once a creator's adds are done every copy holds a value no later add changes, so
+    /// every creator reads the same largest one. (A `raise` instead would let a later
+    /// creator's larger `to` win, after an earlier creator went on with its own.)
+    pub async fn create(&self, to: u64) -> Result<u64, StoreError> {
+        let value = to.to_string();
+        let added = join_all(
+            self.copies
+                .iter()
+                .map(|c| c.add(self.key, value.as_bytes(), std::time::Duration::ZERO)),
+        )
+        .await;
+        if let Some(e) = none_answered(&added) {
+            return Err(e);
+        }
+        match self.read().await? {
+            Some(now) => Ok(now),
+            // Gone between the add and the read (evicted, a server lost): as new.
+            None => self.raise(to).await,
+        }
+    }
+
     /// Adds one and returns the new value, greater than any value a read could return
     /// before. A register no copy holds is first created at `seed()`. Copies left lower
     /// (one missed earlier bumps) are raised to the new value.
@@ -407,6 +431,32 @@ mod tests {
         assert_eq!(
             crate::store::bump_generation(&after, &k).await.unwrap(),
             g1 + 1
+        );
+    }
+
+    #[tokio::test]
+    async fn two_that_create_a_register_at_once_agree_on_its_value() {
+        let servers = [server(), server(), server()];
+        let all = View::new(&servers, &[]);
+        let k = key("new");
+        // Both read "absent"; the first creates it at 1000, the second, a moment later
+        // by its own clock, at 2000: the second takes the first's value.
+        assert_eq!(Register::of(&all, &k).create(1_000).await.unwrap(), 1_000);
+        assert_eq!(Register::of(&all, &k).create(2_000).await.unwrap(), 1_000);
+        // Each added one copy first: both read the largest, and the copies agree.
+        let other = key("split");
+        let (first, second) = (
+            Register::on(vec![servers[0].as_ref()], &other),
+            Register::on(vec![servers[1].as_ref()], &other),
+        );
+        first.create(1_000).await.unwrap();
+        second.create(2_000).await.unwrap();
+        let both = Register::on(vec![servers[0].as_ref(), servers[1].as_ref()], &other);
+        assert_eq!(both.create(3_000).await.unwrap(), 2_000);
+        assert_eq!(
+            held(servers[0].as_ref(), &other).await,
+            Some(2_000),
+            "repaired"
         );
     }
 

@@ -236,8 +236,10 @@ pub async fn generation(store: &dyn Store, key: &StoreKey) -> Result<u64, StoreE
     if let Some(current) = register.read().await? {
         return Ok(current);
     }
-    // Someone may create it at once: the largest of the two is kept, and read.
-    register.raise(now_ms()).await
+    // Someone may create it at once: the first to add it wins, and both read its value
+    // (with `raise` the later clock won, and the first went on with a generation the
+    // store no longer held: its builds were dropped as purged).
+    register.create(now_ms()).await
 }
 
 /// Moves a route to a new generation and returns it. Entries of older generations are
