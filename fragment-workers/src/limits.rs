@@ -19,8 +19,8 @@
 //!   span's slack).
 //! - **Order.** A slot first, then the second's token, then the render at once: a token
 //!   taken while waiting for a slot could be spent seconds later, beside tokens of that
-//!   later second. A slot held while waiting for a token has its expiry renewed once the
-//!   token is taken.
+//!   later second. A slot held while waiting for a token has its expiry renewed after
+//!   each second waited.
 //! - **Waiting.** Without a free slot a build polls again after 5 ms, doubling up to
 //!   100 ms (with jitter), and at once when this process frees a slot of its own; so an
 //!   idle waiter costs the store at most ten small reads a second. A worker consumes a
@@ -136,13 +136,9 @@ impl Limits {
         let _waiting = Counted::enter(waiting);
         let started = Instant::now();
         let permit = self.slot(route, stopping).await?;
-        if route.renders_per_second > 0
-            && self.token(route, stopping).await?
-            && let Some(held) = &permit.held
-        {
-            // The slot's expiry counts from the render's start, not from the wait's.
-            let ttl = route.build_timeout.saturating_add(SLOT_SLACK);
-            self.inner.store.set(&held.slot, b"1", ttl).await?;
+        if route.renders_per_second > 0 {
+            let slot = permit.held.as_ref().map(|h| &h.slot);
+            self.token(route, slot, stopping).await?;
         }
         self.inner
             .metrics
@@ -206,25 +202,29 @@ impl Limits {
     }
 
     /// Takes a token of the current second for `route`, waiting for the next second while
-    /// this one's are spent; whether it had to wait.
+    /// this one's are spent. The `slot` held meanwhile has its expiry renewed after each
+    /// wait: it counts from the render's start, not from the wait's.
     async fn token(
         &self,
         route: &FragmentRoute,
+        slot: Option<&StoreKey>,
         stopping: &CancellationToken,
-    ) -> Result<bool, Refused> {
-        let mut waited = false;
+    ) -> Result<(), Refused> {
         loop {
             let now = now_ms();
             let key = self.inner.keys.render_window(&route.name, now / 1000);
             if self.count(&key).await? <= u64::from(route.renders_per_second) {
-                return Ok(waited);
+                return Ok(());
             }
-            waited = true;
             // To the next second, spread a little so that waiters do not all ask at once.
             let next = Duration::from_millis(1000 - now % 1000 + rand::rng().random_range(0..20));
             tokio::select! {
                 () = stopping.cancelled() => return Err(Refused::Stopping),
                 () = tokio::time::sleep(next) => {}
+            }
+            if let Some(slot) = slot {
+                let ttl = route.build_timeout.saturating_add(SLOT_SLACK);
+                self.inner.store.set(slot, b"1", ttl).await?;
             }
         }
     }

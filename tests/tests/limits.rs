@@ -197,11 +197,14 @@ async fn a_dead_worker_s_slot_frees_itself(kind: Backend) {
 }
 
 /// `renders_per_second = 10` over two workers: however the 40 builds fall into seconds,
-/// no span of the renders holds more than 10 per second it touches.
+/// no span of the renders holds more than 10 per second it touches. With
+/// `max_renders = 2` beside it, builds holding a slot wait for their second's token, and
+/// the slot limit holds too.
 async fn renders_per_second_holds(kind: Backend) {
     let up = FakeUpstream::start().await;
-    let mut paced = limited(&up, "paced", 0);
+    let mut paced = limited(&up, "paced", 20);
     paced.renders_per_second = 10;
+    paced.max_renders = 2;
     let mut config = config(&up.url(), vec![paced]);
     let b = backends(kind, &mut config).await;
     let (metrics, stop) = (WorkerMetrics::default(), CancellationToken::new());
@@ -221,6 +224,8 @@ async fn renders_per_second_holds(kind: Backend) {
         40 <= 10 * windows,
         "40 renders within {span:?}: more than 10 per second"
     );
+    let peak = up.peak("/_render/paced");
+    assert!(peak <= 2, "{peak} renders at once; max_renders = 2");
     stop.cancel();
     for pool in pools {
         pool.await.unwrap();
