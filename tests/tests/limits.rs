@@ -196,6 +196,36 @@ async fn a_dead_worker_s_slot_frees_itself(kind: Backend) {
     }
 }
 
+/// A worker whose task is aborted mid-render (its runtime goes on) frees its slot at
+/// once, long before the slot would expire.
+async fn an_aborted_worker_frees_its_slot_at_once(kind: Backend) {
+    let up = FakeUpstream::start().await;
+    let mut route = limited(&up, "hangs", 60_000);
+    route.max_renders = 1;
+    route.build_timeout = Duration::from_secs(30);
+    let mut config = config(&up.url(), vec![route]);
+    let b = backends(kind, &mut config).await;
+    let (metrics, stop) = (WorkerMetrics::default(), CancellationToken::new());
+    let mut pools = workers(kind, &b, &config, 1, 4, &metrics, &stop).await;
+    publish(&b, &config, "hangs", 0..1).await;
+    eventually("the render started", WITHIN, || async {
+        up.renders("/_render/hangs") == 1
+    })
+    .await;
+    let slot = b.keys.render_slot("hangs", 0);
+    assert!(
+        b.store.get(&slot).await.unwrap().is_some(),
+        "held while rendering"
+    );
+    pools.pop().unwrap().abort();
+    // The slot would expire after 33 s.
+    eventually("the slot freed", Duration::from_secs(5), || async {
+        b.store.get(&slot).await.unwrap().is_none()
+    })
+    .await;
+    stop.cancel();
+}
+
 /// `renders_per_second = 10` over two workers: however the 40 builds fall into seconds,
 /// no span of the renders holds more than 10 per second it touches. With
 /// `max_renders = 2` beside it, builds holding a slot wait for their second's token, and
@@ -281,6 +311,7 @@ async fn embedded_workers_hold_max_renders(kind: Backend) {
 
 tessera_tests::on_both_backends!(
     a_dead_worker_s_slot_frees_itself,
+    an_aborted_worker_frees_its_slot_at_once,
     renders_per_second_holds,
     embedded_workers_hold_max_renders,
 );
