@@ -6,12 +6,15 @@
 //! # Layout
 //! - [`worker`]: the build loop and the store → release → announce → acknowledge contract.
 //! - [`builder`]: the [`FragmentBuilder`] trait, its errors, and the default [`HttpBuilder`].
+//! - [`limits`]: routes' render limits over the deployment (`max_renders`,
+//!   `renders_per_second`), kept in the store.
 //! - [`retry`]: exponential backoff with jitter.
 //! - [`metrics`]: build outcomes and durations, for Prometheus.
 //! - [`admin`]: a worker process's metrics and health listener.
 
 pub mod admin;
 pub mod builder;
+pub mod limits;
 pub mod metrics;
 pub mod retry;
 pub mod worker;

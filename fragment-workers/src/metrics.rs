@@ -1,5 +1,6 @@
 //! What a pool of workers counts: build outcomes and durations by route, requests dropped
-//! without a build by route and reason, builds in flight, store and bus errors.
+//! without a build by route and reason, builds in flight, limited routes' renders in
+//! flight and waits ([`crate::limits`]), store and bus errors.
 //!
 //! A `tessera-worker` serves them on its admin listener as `tessera_worker_*`; embedded
 //! workers register them in their gateway's registry under the same names, so one
@@ -49,6 +50,13 @@ pub struct WorkerMetrics {
     pub duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Builds running now.
     pub in_flight: Gauge,
+    /// Renders of a limited route (`max_renders`) in flight over the whole deployment,
+    /// as this process last counted the route's slots.
+    pub limited_renders: Family<RouteLabels, Gauge>,
+    /// Builds of a limited route waiting for a render slot or a second's token now.
+    pub limit_waiting: Family<RouteLabels, Gauge>,
+    /// How long builds of a limited route waited for its limits.
+    pub limit_wait: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Store calls that failed.
     pub store_errors: Counter,
     /// Bus calls (publish, settle) that failed.
@@ -70,6 +78,9 @@ impl Default for WorkerMetrics {
             dropped: Family::default(),
             duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             in_flight: Gauge::default(),
+            limited_renders: Family::default(),
+            limit_waiting: Family::default(),
+            limit_wait: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             store_errors: Counter::default(),
             bus_errors: Counter::default(),
         }
@@ -109,6 +120,21 @@ impl WorkerMetrics {
             "builds_in_flight",
             "Builds running now",
             self.in_flight.clone(),
+        );
+        registry.register(
+            "limited_renders",
+            "Renders of a route with max_renders in flight over the deployment, as last counted",
+            self.limited_renders.clone(),
+        );
+        registry.register(
+            "builds_waiting_for_limit",
+            "Builds of a limited route waiting for a render slot or a second's token",
+            self.limit_waiting.clone(),
+        );
+        registry.register(
+            "limit_wait_seconds",
+            "Time builds of a limited route waited for its limits",
+            self.limit_wait.clone(),
         );
         registry.register(
             "store_errors",

@@ -15,6 +15,10 @@
 //! hands it to another worker; builds are idempotent (same key, same result), so doing
 //! one twice is harmless. The lease expires on its own, so no key stays pending forever.
 //!
+//! A route with render limits (`max_renders`, `renders_per_second`) waits for them
+//! ([`crate::limits`]) before step 0, in a consumer of its own: its builds waiting hold
+//! no delivery or build slot of another route's.
+//!
 //! Failures are decided from the error's type: upstream 5xx, timeouts, unreachable
 //! upstreams and store outages are retried through the broker's retry queue with
 //! exponential backoff and jitter (the lease is extended first); 4xx, redirects,
@@ -29,19 +33,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::gauge::Gauge;
+use tessera_protocol::config::background_queue;
 use tessera_protocol::time::now_ms;
 use tessera_protocol::{
-    Backends, BuildRequest, BusError, Claim, Config, Delivery, Envelope, Event, FragmentKeys,
-    FragmentRoute, Lease, StoreError, store,
+    Backends, BuildRequest, BusError, Claim, Config, Consumer, Delivery, Envelope, Event,
+    FragmentKeys, FragmentRoute, Lease, StoreError, store,
 };
 use tessera_runtime::otel;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use tessera_runtime::reload::LiveConfig;
 
 use crate::builder::{BuildError, FragmentBuilder, Rendered};
+use crate::limits::{Limits, Refused};
 use crate::metrics::WorkerMetrics;
 use crate::retry::backoff;
 
@@ -80,7 +87,11 @@ pub async fn run(
 /// [`run`] on a configuration that reloads may replace: each build takes the routes
 /// as they are when its request arrives. A request for a route a reload removed is
 /// acknowledged and counted as dropped (`reason="route_removed"`), not dead-lettered.
-/// The queues consumed are those of the configuration at start.
+/// The queues consumed are those of the configuration at start: the routes without
+/// render limits share one consumer of `concurrency` builds; each route with limits
+/// (`max_renders`, `renders_per_second`) has a consumer of its own, of at most
+/// `min(max_renders, concurrency)` builds, so that its builds waiting for the limit
+/// hold up no other route's.
 pub async fn run_live(
     backends: Backends,
     live: Arc<LiveConfig>,
@@ -90,43 +101,104 @@ pub async fn run_live(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), WorkerError> {
     let config = live.load();
-    let concurrency = concurrency.max(1);
-    let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
-    let queues = config.queues();
-    let background = config.background_queues();
-    let mut consumer = backends.bus.consume(&queues, &background, prefetch).await?;
-    tracing::info!(?queues, ?background, concurrency, "worker consuming");
+    let stopping = CancellationToken::new();
     let worker = Arc::new(Worker {
+        limits: Limits::new(&backends, metrics.clone()),
         backends,
         config: live.clone(),
         builder,
         metrics,
+        stopping: stopping.clone(),
     });
-    let slots = Arc::new(Semaphore::new(concurrency));
-    let mut builds = JoinSet::new();
-    tokio::pin!(shutdown);
+    let mut loops = Vec::new();
+    for lane in lanes(&config, concurrency.max(1)) {
+        let prefetch = u16::try_from(lane.builds).unwrap_or(u16::MAX);
+        let consumer = worker
+            .backends
+            .bus
+            .consume(&lane.queues, &lane.background, prefetch)
+            .await?;
+        tracing::info!(queues = ?lane.queues, background = ?lane.background, concurrency = lane.builds, "worker consuming");
+        loops.push(consume(worker.clone(), consumer, lane.builds));
+    }
+    let all = futures_util::future::join_all(loops);
+    tokio::pin!(all, shutdown);
+    tokio::select! {
+        _ = &mut all => return Ok(()),
+        () = &mut shutdown => stopping.cancel(),
+    }
+    all.await;
+    Ok(())
+}
+
+/// One consumer of the worker: the queues it reads and how many builds it runs at once.
+#[derive(Debug, PartialEq, Eq)]
+struct Lane {
+    queues: Vec<String>,
+    background: Vec<String>,
+    builds: usize,
+}
+
+/// The consumers a worker of `concurrency` builds runs for `config`: one for every
+/// queue of routes without limits (if any), then one per limited route's queue.
+fn lanes(config: &Config, concurrency: usize) -> Vec<Lane> {
+    let limited = config.limited_queues();
+    let shared: Vec<String> = config
+        .queues()
+        .into_iter()
+        .filter(|q| !limited.contains(q))
+        .collect();
+    let mut lanes = Vec::new();
+    if !shared.is_empty() {
+        lanes.push(Lane {
+            background: shared.iter().map(|q| background_queue(q)).collect(),
+            queues: shared,
+            builds: concurrency,
+        });
+    }
+    for route in config.fragments.iter().filter(|r| r.limited()) {
+        let most = match route.max_renders {
+            0 => concurrency,
+            n => concurrency.min(usize::try_from(n).unwrap_or(usize::MAX)),
+        };
+        lanes.push(Lane {
+            queues: vec![route.queue.clone()],
+            background: vec![background_queue(&route.queue)],
+            builds: most,
+        });
+    }
+    lanes
+}
+
+/// Runs up to `builds` builds at once from `consumer` until the worker stops, then
+/// finishes those in hand (bounded by the longest `build_timeout` + 5 s) and releases
+/// any left to other workers.
+async fn consume(worker: Arc<Worker>, mut consumer: Box<dyn Consumer>, builds: usize) {
+    let slots = Arc::new(Semaphore::new(builds));
+    let mut running = JoinSet::new();
+    let stopping = worker.stopping.clone();
     loop {
-        while let Some(done) = builds.try_join_next() {
+        while let Some(done) = running.try_join_next() {
             if let Err(e) = done {
                 tracing::error!(error = %e, "build task failed");
             }
         }
         let slot = tokio::select! {
-            () = &mut shutdown => break,
+            () = stopping.cancelled() => break,
             slot = slots.clone().acquire_owned() => match slot {
                 Ok(slot) => slot,
                 Err(_) => break,
             },
         };
         let delivery = tokio::select! {
-            () = &mut shutdown => break,
+            () = stopping.cancelled() => break,
             d = consumer.next() => match d {
                 Some(d) => d,
                 None => break,
             },
         };
         let worker = worker.clone();
-        builds.spawn(async move {
+        running.spawn(async move {
             let _slot = slot;
             // Counted down even when the task is aborted at shutdown.
             let _in_flight = InFlight::enter(&worker.metrics.in_flight);
@@ -138,7 +210,8 @@ pub async fn run_live(
     // are still rendering here (the same request passes the lease's claim: a second
     // render). Deliveries it holds that no build took wait until then, and go back to
     // the queue when it is dropped.
-    let longest = live
+    let longest = worker
+        .config
         .load()
         .fragments
         .iter()
@@ -147,23 +220,24 @@ pub async fn run_live(
         .unwrap_or_default();
     let drain = longest + Duration::from_secs(5);
     tracing::info!(
-        in_flight = builds.len(),
+        in_flight = running.len(),
         "worker stopping; finishing in-flight builds"
     );
-    if tokio::time::timeout(drain, async { while builds.join_next().await.is_some() {} })
-        .await
-        .is_err()
+    if tokio::time::timeout(drain, async {
+        while running.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
     {
         tracing::warn!(
-            left = builds.len(),
+            left = running.len(),
             "builds still running after {drain:?}; releasing them to other workers"
         );
         // Dropping their deliveries requeues them (the bus contract).
-        builds.abort_all();
-        while builds.join_next().await.is_some() {}
+        running.abort_all();
+        while running.join_next().await.is_some() {}
     }
     drop(consumer);
-    Ok(())
 }
 
 struct Worker {
@@ -171,6 +245,9 @@ struct Worker {
     config: Arc<LiveConfig>,
     builder: Arc<dyn FragmentBuilder>,
     metrics: WorkerMetrics,
+    limits: Limits,
+    /// Fired when the worker stops: builds waiting for a route's limits give up.
+    stopping: CancellationToken,
 }
 
 /// Holds one unit of a gauge while alive.
@@ -205,6 +282,9 @@ enum Outcome {
     Stored(Duration),
     Retry(BuildError),
     Fail(BuildError),
+    /// Not built: the worker stopped while it waited for the route's limits. The
+    /// delivery goes back to the queue.
+    Release,
 }
 
 impl Worker {
@@ -296,6 +376,8 @@ impl Worker {
                 }
                 Some(Outcome::Retry(e)) => self.retry(delivery, route, &req, &keys, e).await,
                 Some(Outcome::Fail(e)) => self.fail(delivery, route, &req, &keys, e).await,
+                // Dropped undecided: requeued (the bus contract).
+                Some(Outcome::Release) => drop(delivery),
             }
         }
         .instrument(span);
@@ -338,6 +420,12 @@ impl Worker {
         req: &BuildRequest,
         keys: &FragmentKeys,
     ) -> Option<Outcome> {
+        // Before the claim: a request superseded while it waited is then dropped.
+        let permit = match self.limits.admit(route, &self.stopping).await {
+            Ok(permit) => permit,
+            Err(Refused::Stopping) => return Some(Outcome::Release),
+            Err(Refused::Store(e)) => return Some(self.store_failed(route, req, e)),
+        };
         let store = self.backends.store.as_ref();
         match Lease::new(store, keys, route)
             .claim(&req.id, req.generation)
@@ -363,7 +451,10 @@ impl Worker {
         let started = Instant::now();
         // Taken before the render: a tag purged from this instant on retires the result.
         let render_started = now_ms();
-        let rendered = match self.render(route, req).await {
+        let rendered = self.render(route, req).await;
+        // The render is over: its slot is free for the next one.
+        drop(permit);
+        let rendered = match rendered {
             Ok(r) => r,
             Err(e) => return Some(self.classify(route, req, e)),
         };
@@ -654,5 +745,47 @@ impl Worker {
             self.metrics.bus_errors.inc();
             tessera_runtime::warn_throttled!("bus", error = %e, "could not settle a delivery; the broker will redeliver it");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limited_route_has_a_consumer_of_its_own() {
+        let config = Config::from_toml(
+            "[[fragment]]\nname = \"a\"\nrender = \"/a\"\n\
+             [[fragment]]\nname = \"slow\"\nrender = \"/s\"\nmax_renders = 3\n\
+             [[fragment]]\nname = \"paced\"\nrender = \"/p\"\nrenders_per_second = 50\n\
+             [[fragment]]\nname = \"wide\"\nrender = \"/w\"\nmax_renders = 100\n\
+             [[fragment]]\nname = \"b\"\nrender = \"/b\"\nqueue = \"tessera.other\"\n",
+        )
+        .unwrap();
+        let lane = |queue: &str, builds| Lane {
+            queues: vec![queue.to_string()],
+            background: vec![format!("{queue}.background")],
+            builds,
+        };
+        assert_eq!(
+            lanes(&config, 16),
+            vec![
+                Lane {
+                    queues: vec!["tessera.build".into(), "tessera.other".into()],
+                    background: vec![
+                        "tessera.build.background".into(),
+                        "tessera.other.background".into()
+                    ],
+                    builds: 16,
+                },
+                lane("tessera.build.slow", 3),
+                lane("tessera.build.paced", 16),
+                lane("tessera.build.wide", 16),
+            ]
+        );
+        let only_limited =
+            Config::from_toml("[[fragment]]\nname = \"s\"\nrender = \"/s\"\nmax_renders = 2\n")
+                .unwrap();
+        assert_eq!(lanes(&only_limited, 4), vec![lane("tessera.build.s", 2)]);
     }
 }

@@ -238,6 +238,10 @@ async function refresh() {
       return { route, count, mean: count ? secs / count : null, p50: quantile(bs, 0.5), p99: quantile(bs, 0.99) };
     }).filter((l) => l.count > 0);
     rows("queues", s.queues, (q) => [cell(q.name), cell(q.messages ?? "?", "num"), cell(q.consumers ?? "?", "num")], "no queues");
+    const limits = s.limits ?? [];
+    $("limits-section").hidden = !limits.length;
+    const limit = (n) => n ? n : "–";
+    rows("limits", limits, (l) => [cell(l.route), cell(l.rendering ?? "–", "num"), cell(limit(l.max_renders), "num"), cell(limit(l.renders_per_second), "num")], "no limited routes");
     rows("latency", latency, (l) => [cell(l.route), cell(l.count, "num"), cell(ms_(l.mean), "num"), cell(ms_(l.p50), "num"), cell(ms_(l.p99), "num")], "no builds yet");
     rows("failures", s.recent_failures, (f) => [cell(new Date(f.at).toLocaleTimeString()), cell(f.route), cell(long(f.error), "bad")], "no failures");
     deadLetters(s.dead_letters);

@@ -16,6 +16,8 @@
 //! | `{ns}:p:{route}:{gen}:{digest}` | the pending lease: the id of the one request allowed to build |
 //! | `{ns}:g:{route}` | the route's generation |
 //! | `{ns}:t:{tag}` | when the tag was last purged (Unix ms; see [`crate::tags`]) |
+//! | `{ns}:c:{route}:{slot}` | one of a limited route's `max_renders` render slots, held by a render in flight (expires after its `build_timeout` + 3 s) |
+//! | `{ns}:w:{route}:{second}` | renders of a limited route started in one second (Unix s), against its `renders_per_second` (expires after 5 s) |
 //! | `{ns}:m:{server}` | how often writes went elsewhere in place of a memcached server (`server`: a hash of its `host:port`) |
 //! | `{ns}:i` | on each memcached server: the count of `:m:` it was last emptied for |
 //!
@@ -150,6 +152,18 @@ impl Keyspace {
     /// (no `:`, space or control character) and is at most 128 bytes.
     pub fn tag(&self, tag: &Tag) -> StoreKey {
         StoreKey(format!("{}:t:{tag}", self.ns))
+    }
+
+    /// Render slot `slot` (from 0) of `route`, a configured route name: present while a
+    /// render holds it (see `max_renders`).
+    pub fn render_slot(&self, route: &str, slot: u32) -> StoreKey {
+        StoreKey(format!("{}:c:{route}:{slot}", self.ns))
+    }
+
+    /// The count of renders of `route`, a configured route name, started in the Unix
+    /// second `second` (see `renders_per_second`).
+    pub fn render_window(&self, route: &str, second: u64) -> StoreKey {
+        StoreKey(format!("{}:w:{route}:{second}", self.ns))
     }
 
     /// Where the count of writes a memcached server missed is kept, `server` naming it
@@ -593,6 +607,11 @@ mod tests {
                 .starts_with("t:p:recs:7:")
         );
         assert_eq!(ks.generation("recs").as_str(), "t:g:recs");
+        assert_eq!(ks.render_slot("recs", 2).as_str(), "t:c:recs:2");
+        assert_eq!(
+            ks.render_window("recs", 1_765_000_000).as_str(),
+            "t:w:recs:1765000000"
+        );
         assert_eq!(ks.fragment(&i, 7).route(), "recs");
         // A namespace may contain the separator; the route is still found.
         assert_eq!(Keyspace::new("a:b").fragment(&i, 7).route(), "recs");

@@ -14,7 +14,9 @@
 //! L1's size, the workers' number, tokens, the access log): those keep their running
 //! values, and the log line names each one that the file changed.
 //!
-//! What a reload does change: the routes (added, removed, changed), the upstream (URL
+//! What a reload does change: the routes (added, removed, changed; a route's render
+//! limits too, though a route newly limited gets its own consumer in the workers, or a
+//! route no longer limited leaves it, only at their restart), the upstream (URL
 //! and timeout), the fragment prefix, `max_wait`, compression, trusted proxies, the
 //! render paths' closure, the render token and the log level (`[log] level`, unless
 //! `RUST_LOG` is set). A route removed is answered 404 from the
@@ -146,6 +148,14 @@ fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     if new.queues().iter().any(|q| !queues.contains(q)) {
         kept.push("fragment[].queue (a new queue: its builds wait until the workers restart)");
     }
+    // Workers split their consumers by the routes limited at start: the new limits hold
+    // at once, but a route newly limited shares its consumer until they restart.
+    let limited: HashSet<String> = old.limited_queues().into_iter().collect();
+    if new.limited_queues().into_iter().collect::<HashSet<_>>() != limited {
+        kept.push(
+            "fragment[].max_renders / renders_per_second (held at once; a limited route's own consumer in each worker starts or stops at a restart)",
+        );
+    }
     kept
 }
 
@@ -243,6 +253,21 @@ mod tests {
         assert_eq!(now.gateway.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(now.gateway.max_wait.as_secs(), 5, "the rest is applied");
         assert_eq!(now.cache.capacity.as_u64(), 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn limits_are_applied_and_a_new_limited_route_is_named() {
+        let live = LiveConfig::new(config(&format!("{A}queue = \"own\"\n")));
+        let done = live.replace(config(&format!("{A}queue = \"own\"\nmax_renders = 2\n")));
+        assert_eq!(done.kept.len(), 1, "{:?}", done.kept);
+        assert!(done.kept[0].starts_with("fragment[].max_renders"));
+        assert_eq!(
+            live.load().route("a").unwrap().max_renders,
+            2,
+            "held at once"
+        );
+        let done = live.replace(config(&format!("{A}queue = \"own\"\nmax_renders = 5\n")));
+        assert!(done.kept.is_empty(), "a limit changed needs no restart");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -65,6 +65,12 @@ struct State {
     /// Renders that started while another of the same path and query was being
     /// answered, by path.
     overlapping: HashMap<String, usize>,
+    /// Requests being answered now, by path (any query).
+    answering: HashMap<String, usize>,
+    /// The most requests answered at once, by path (any query).
+    peak: HashMap<String, usize>,
+    /// When each request arrived, by path.
+    arrivals: HashMap<String, Vec<Instant>>,
 }
 
 /// Shared between the server tasks and the test.
@@ -166,6 +172,18 @@ impl FakeUpstream {
             .get(path)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The most requests to `path` (with any query) that were answered at once.
+    pub fn peak(&self, path: &str) -> usize {
+        let state = self.shared.state.lock().unwrap();
+        state.peak.get(path).copied().unwrap_or(0)
+    }
+
+    /// When each request to `path` arrived, in order.
+    pub fn arrivals(&self, path: &str) -> Vec<Instant> {
+        let state = self.shared.state.lock().unwrap();
+        state.arrivals.get(path).cloned().unwrap_or_default()
     }
 
     /// Lets a `/download` send the rest of its body.
@@ -340,6 +358,15 @@ async fn answer(
         let first = *n == 1;
         st.requests
             .push((path.clone(), query.clone(), req.headers().clone()));
+        st.arrivals
+            .entry(path.clone())
+            .or_default()
+            .push(Instant::now());
+        let answering = st.answering.entry(path.clone()).or_default();
+        *answering += 1;
+        let now = *answering;
+        let peak = st.peak.entry(path.clone()).or_default();
+        *peak = (*peak).max(now);
         let rendering = st
             .rendering
             .entry((path.clone(), query.clone()))
@@ -367,14 +394,14 @@ async fn answer(
         (delay, status, script.body.clone(), headers, numbered)
     };
     tokio::time::sleep(delay).await;
-    if let Some(n) = shared
-        .state
-        .lock()
-        .unwrap()
-        .rendering
-        .get_mut(&(path.clone(), query.clone()))
     {
-        *n -= 1;
+        let mut state = shared.state.lock().unwrap();
+        if let Some(n) = state.rendering.get_mut(&(path.clone(), query.clone())) {
+            *n -= 1;
+        }
+        if let Some(n) = state.answering.get_mut(&path) {
+            *n -= 1;
+        }
     }
     let body = body.unwrap_or_else(|| {
         let cookie = req

@@ -9,7 +9,12 @@
 //! - `GET /page/{n}`: an ESI page including `/fragments/esi?id={n}` and
 //!   `/fragments/hot?id={n % 50}` (`Surrogate-Control: content="ESI/1.0"`);
 //! - `GET /_renders`: one line per key, `KEY<TAB>COUNT<TAB>MS,MS,…` (Unix ms);
+//! - `GET /_peak`: one line per route, `ROUTE<TAB>PEAK`, the most renders of it answered
+//!   at once since the last `/_peak` (which starts the count afresh);
 //! - anything else: a short 200.
+//!
+//! With `SOAK_TAGS=1` in its environment, each render is tagged with its route's name
+//! (`Surrogate-Key: {route}`), for tag purges.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -28,11 +33,45 @@ use tokio::net::TcpListener;
 /// Render times (Unix ms) by `{route}?{query}`.
 type Renders = Arc<Mutex<HashMap<String, Vec<u64>>>>;
 
+/// Renders answered now and the most at once, by route.
+type Busy = Arc<Mutex<HashMap<String, (usize, usize)>>>;
+
 #[derive(Debug, Clone)]
 struct Upstream {
     render: Duration,
     size: usize,
     renders: Renders,
+    busy: Busy,
+    tags: bool,
+}
+
+/// One render being answered, counted in [`Busy`] until dropped (also when its client
+/// leaves mid-render).
+#[derive(Debug)]
+struct Rendering(Busy, String);
+
+impl Rendering {
+    fn start(busy: &Busy, route: &str) -> Rendering {
+        let mut all = busy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (now, peak) = all.entry(route.to_string()).or_default();
+        *now += 1;
+        *peak = (*peak).max(*now);
+        Rendering(busy.clone(), route.to_string())
+    }
+}
+
+impl Drop for Rendering {
+    fn drop(&mut self) {
+        let mut all = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((now, _)) = all.get_mut(&self.1) {
+            *now -= 1;
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -62,13 +101,21 @@ impl Upstream {
                 .entry(key.clone())
                 .or_default()
                 .push(at);
+            let rendering = Rendering::start(&self.busy, route);
             tokio::time::sleep(self.render).await;
+            drop(rendering);
             let mut body = format!("<p>{key} rendered {at}</p>");
             body.extend(std::iter::repeat_n(
                 'x',
                 self.size.saturating_sub(body.len()),
             ));
-            return html(body);
+            let mut r = html(body);
+            if self.tags
+                && let Ok(tag) = http::HeaderValue::from_str(route)
+            {
+                r.headers_mut().insert("surrogate-key", tag);
+            }
+            return r;
         }
         if let Some(n) = path.strip_prefix("/page/") {
             let n: u64 = n.parse().unwrap_or(0);
@@ -86,6 +133,18 @@ impl Upstream {
         }
         if path == "/_renders" {
             return html(self.report());
+        }
+        if path == "/_peak" {
+            let mut all = self
+                .busy
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut out = String::new();
+            for (route, (now, peak)) in all.iter_mut() {
+                out.push_str(&format!("{route}\t{peak}\n"));
+                *peak = *now;
+            }
+            return html(out);
         }
         html("ok".into())
     }
@@ -114,6 +173,8 @@ async fn main() -> std::io::Result<()> {
         render: Duration::from_millis(render_ms),
         size,
         renders: Renders::default(),
+        busy: Busy::default(),
+        tags: std::env::var("SOAK_TAGS").is_ok_and(|v| v == "1"),
     };
     let listener = TcpListener::bind(&addr).await?;
     eprintln!("soak-upstream on {addr}, {render_ms} ms renders of {size} bytes");

@@ -250,11 +250,13 @@ impl Admin {
             _ => Vec::new(),
         };
         let failures = self.cache.recent_failures();
+        let limits = self.limits().await;
         let ready = web::readiness(&self.backends).await;
         json(
             StatusCode::OK,
             &serde_json::json!({
                 "queues": queues,
+                "limits": limits,
                 "workers": workers,
                 "recent_failures": failures,
                 "dead_letters": dead,
@@ -262,6 +264,39 @@ impl Admin {
                 "store_servers": self.backends.store.servers(),
             }),
         )
+    }
+
+    /// Each route with render limits: its `max_renders` and `renders_per_second`, and
+    /// its renders in flight over the deployment now, counted from its slots in the store
+    /// (`null` when the store did not answer, or the route has no `max_renders`).
+    async fn limits(&self) -> Vec<serde_json::Value> {
+        let config = self.config.load();
+        let limited = config.fragments.iter().filter(|r| r.limited());
+        let counts = futures_util::future::join_all(limited.clone().map(|r| async move {
+            if r.max_renders == 0 {
+                return None;
+            }
+            let keys: Vec<_> = (0..r.max_renders)
+                .map(|i| self.backends.keys.render_slot(&r.name, i))
+                .collect();
+            let held = self.backends.store.get_many(&keys);
+            match tokio::time::timeout(READY_TIMEOUT, held).await {
+                Ok(Ok(held)) => Some(held.len()),
+                _ => None,
+            }
+        }))
+        .await;
+        limited
+            .zip(counts)
+            .map(|(r, rendering)| {
+                serde_json::json!({
+                    "route": r.name,
+                    "max_renders": r.max_renders,
+                    "renders_per_second": r.renders_per_second,
+                    "rendering": rendering,
+                })
+            })
+            .collect()
     }
 
     /// How many workers build this gateway's fragments, as the dashboard shows them.

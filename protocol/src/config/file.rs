@@ -10,7 +10,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::Config;
 use super::env::Overrides;
-use super::queues::default_queue;
+use super::queues::{default_queue, limited_queue};
 use super::schema::{
     AccessLogConfig, AmqpUrl, Backend, BusConfig, CacheConfig, FragmentRoute, GatewayConfig,
     HttpConfig, LogConfig, MemcachedServer, OtelConfig, QueueType, StoreConfig, UpstreamConfig,
@@ -390,10 +390,15 @@ impl WorkersFile {
     }
 }
 
-/// Gives each route that names no queue its namespace's [`default_queue`].
+/// Gives each route that names no queue its namespace's [`default_queue`], or, when its
+/// renders are limited, a [`limited_queue`] of its own.
 fn with_default_queues(mut routes: Vec<FragmentRoute>, namespace: &str) -> Vec<FragmentRoute> {
     for r in routes.iter_mut().filter(|r| r.queue.is_empty()) {
-        r.queue = default_queue(namespace);
+        r.queue = if r.limited() {
+            limited_queue(namespace, &r.name)
+        } else {
+            default_queue(namespace)
+        };
     }
     routes
 }

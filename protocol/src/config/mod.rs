@@ -28,12 +28,13 @@ mod queues;
 mod schema;
 mod validate;
 
-pub use queues::{background_queue, default_queue};
+pub use queues::{background_queue, default_queue, limited_queue};
 pub use schema::{
     AccessLogConfig, AccessLogFormat, AmqpUrl, Backend, BusConfig, CacheConfig, FragmentRoute,
     GatewayConfig, HttpConfig, LEASE_SLACK, LogConfig, MAX_CONNECTIONS_LIMIT, MAX_NAMESPACE,
-    MAX_ROUTE_NAME, MAX_THREADS, MemcachedServer, OtelConfig, QueueType, RENDER_TOKEN_HEADER,
-    StoreConfig, UpstreamConfig, UpstreamUrl, VarySource, WorkersConfig,
+    MAX_RENDERS, MAX_RENDERS_PER_SECOND, MAX_ROUTE_NAME, MAX_THREADS, MemcachedServer, OtelConfig,
+    QueueType, RENDER_TOKEN_HEADER, StoreConfig, UpstreamConfig, UpstreamUrl, VarySource,
+    WorkersConfig,
 };
 pub use validate::{ConfigError, admin_listener, is_param_name, is_route_name};
 

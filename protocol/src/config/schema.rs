@@ -17,6 +17,10 @@ use super::queues::default_queue;
 pub const MAX_ROUTE_NAME: usize = 64;
 /// Longest namespace.
 pub const MAX_NAMESPACE: usize = 32;
+/// Largest `max_renders` of a route: a waiting build reads every slot's key.
+pub const MAX_RENDERS: u32 = 1000;
+/// Largest `renders_per_second` of a route.
+pub const MAX_RENDERS_PER_SECOND: u32 = 100_000;
 
 /// `[gateway]`
 #[derive(Debug, Clone)]
@@ -731,6 +735,16 @@ pub struct FragmentRoute {
     /// [`background_queue`](super::background_queue).
     #[serde(default)]
     pub queue: String,
+    /// At most this many renders of the route at once, over every worker of the
+    /// deployment (embedded ones too): a store-held slot per render. A limited route
+    /// builds on a queue of its own (default `{store.namespace}.build.{name}`). Default 0:
+    /// no limit but the workers' own concurrency.
+    #[serde(default)]
+    pub max_renders: u32,
+    /// At most this many renders of the route start in each second (of the workers'
+    /// clocks), over every worker of the deployment. Default 0: no limit.
+    #[serde(default)]
+    pub renders_per_second: u32,
 }
 
 fn default_fresh() -> Duration {
@@ -774,7 +788,15 @@ impl FragmentRoute {
             placeholder: default_placeholder(),
             fallback: default_fallback(),
             queue: default_queue(&StoreConfig::default().namespace),
+            max_renders: 0,
+            renders_per_second: 0,
         }
+    }
+
+    /// Whether the route's renders are limited over the deployment (`max_renders` or
+    /// `renders_per_second`): its builds then wait for the limit on a queue of its own.
+    pub fn limited(&self) -> bool {
+        self.max_renders > 0 || self.renders_per_second > 0
     }
 
     /// How long a build may hold the pending lease: one attempt plus slack for storing the

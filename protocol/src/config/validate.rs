@@ -13,8 +13,9 @@ use bytesize::ByteSize;
 use super::queues::BACKGROUND_SUFFIX;
 use super::schema::{
     AccessLogConfig, AmqpUrl, Backend, CacheConfig, FragmentRoute, GatewayConfig, HttpConfig,
-    LogConfig, MAX_CONNECTIONS_LIMIT, MAX_NAMESPACE, MAX_ROUTE_NAME, MAX_THREADS, MemcachedServer,
-    OtelConfig, RENDER_TOKEN_HEADER, StoreConfig, UpstreamConfig, VarySource, WorkersConfig,
+    LogConfig, MAX_CONNECTIONS_LIMIT, MAX_NAMESPACE, MAX_RENDERS, MAX_RENDERS_PER_SECOND,
+    MAX_ROUTE_NAME, MAX_THREADS, MemcachedServer, OtelConfig, RENDER_TOKEN_HEADER, StoreConfig,
+    UpstreamConfig, VarySource, WorkersConfig,
 };
 use super::{Config, env};
 
@@ -144,6 +145,26 @@ impl Config {
                     format!("fragment[{i}].queue"),
                     format!(
                         "{:?} ends with {BACKGROUND_SUFFIX:?}, the suffix of the background queue beside every build queue; name it otherwise",
+                        r.queue
+                    ),
+                ));
+            }
+            self.validate_own_queue(i, r)?;
+        }
+        Ok(())
+    }
+
+    /// That a route whose renders are limited shares its queue with no other route: its
+    /// builds wait there for the limit, and would hold up the other route's.
+    fn validate_own_queue(&self, i: usize, r: &FragmentRoute) -> Result<(), ConfigError> {
+        let shared = |other: &FragmentRoute| other.name != r.name && other.queue == r.queue;
+        if let Some(j) = self.fragments.iter().position(shared) {
+            let (limited, other) = if r.limited() { (i, j) } else { (j, i) };
+            if r.limited() || self.fragments[j].limited() {
+                return Err(invalid(
+                    format!("fragment[{}].queue", limited.max(other)),
+                    format!(
+                        "{:?} is the queue of fragment[{limited}], whose renders are limited (max_renders, renders_per_second), and of fragment[{other}]: a limited route builds on a queue of its own, so that its builds waiting for the limit hold up no other route's; leave its `queue` out (it then gets \"{{namespace}}.build.{{name}}\") or name another",
                         r.queue
                     ),
                 ));
@@ -398,7 +419,31 @@ impl FragmentRoute {
         self.validate_render(at)?;
         self.validate_identity(at)?;
         self.validate_timings(at)?;
-        self.validate_delivery(at)
+        self.validate_delivery(at)?;
+        self.validate_limits(at)
+    }
+
+    /// `max_renders` and `renders_per_second`.
+    fn validate_limits(&self, at: &str) -> Result<(), ConfigError> {
+        if self.max_renders > MAX_RENDERS {
+            return Err(invalid(
+                format!("{at}.max_renders"),
+                format!(
+                    "{} is over {MAX_RENDERS}: each render in flight holds a store key, and a waiting build reads them all (0: no limit)",
+                    self.max_renders
+                ),
+            ));
+        }
+        if self.renders_per_second > MAX_RENDERS_PER_SECOND {
+            return Err(invalid(
+                format!("{at}.renders_per_second"),
+                format!(
+                    "{} is over {MAX_RENDERS_PER_SECOND} (0: no limit)",
+                    self.renders_per_second
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn validate_name(&self, at: &str) -> Result<(), ConfigError> {
@@ -879,11 +924,18 @@ mod tests {
             ("queue = \"\"", None),
             ("queue = \"my-app_1.build:slow\"", None),
             ("queue = \"amq\"", None),
+            ("max_renders = 1000", None),
+            ("max_renders = 1001", Some("fragment[0].max_renders")),
+            ("renders_per_second = 100000", None),
+            (
+                "renders_per_second = 100001",
+                Some("fragment[0].renders_per_second"),
+            ),
             ("render = \"/r#top\"", Some("fragment[0].render")),
             ("render = \"/r x\"", Some("fragment[0].render")),
             ("vary = [\"header:x\", \"cookie:x\"]", None),
         ] {
-            let toml = if keys.starts_with("render") {
+            let toml = if keys.starts_with("render =") {
                 format!("[[fragment]]\nname = \"recs\"\n{keys}\n")
             } else {
                 format!("{ROUTE}{keys}\n")

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Purge storm: a tag covering HEAVY (default 2000) fragments of one route ("heavy") is
+# purged while wrk keeps asking for them and for 200 warm fragments of another route
+# ("light"), on a distributed setup on 127.0.0.1: this script's own memcached (a free
+# port), the running RabbitMQ (a namespace of its own per run), one gateway, two
+# tessera-worker processes of 16 builds each and soak-upstream (50 ms renders, each tagged
+# with its route's name; it counts each route's renders answered at once).
+#
+#   bash bench/purge-storm.sh [SECONDS] [LIMIT] [HEAVY]
+#
+# Two runs: the heavy route without limits, then with `max_renders = LIMIT` (default 4).
+# Each: warm every fragment, SECONDS of wrk on the light route alone (before), then the
+# purge and SECONDS of wrk on both routes (storm), during which 20 new light fragments
+# are asked one after the other with `Prefer: wait`. Printed per run: the heavy route's
+# most renders at once at the upstream during the storm, the light route's hit ratio
+# (hit + stale over all, from the gateway's /metrics) and wrk latency before and during,
+# and the time the new light fragments took to be built and served.
+# TESSERA_BENCH_BIN=DIR runs the binaries in DIR instead of building target/release.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-10}; limit=${2:-4}; heavy=${3:-2000}
+bash scripts/services.sh >/dev/null
+for tool in wrk memcached curl; do
+  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq "$tool" >/dev/null; }
+done
+bin=${TESSERA_BENCH_BIN:-}
+if [[ -z $bin ]]; then
+  nice -n 10 cargo build --release -q -p tessera-gateway -p tessera-workers -p tessera-bench
+  bin=target/release
+fi
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/tessera-purge-storm.XXXXXX"); pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+me=purge-storm
+# shellcheck source=bench/ports.sh
+source bench/ports.sh
+mc=$(pick_port); up=$(pick_port)
+memcached -u "$(id -un)" -l 127.0.0.1 -p "$mc" -m 512 -c 4096 & pids+=($!)
+wait_port "$mc" memcached
+SOAK_TAGS=1 "$bin"/soak-upstream "127.0.0.1:$up" 50 2048 2>"$tmp/upstream.log" & pids+=($!)
+wait_port "$up" soak-upstream
+
+cat >"$tmp/random.lua" <<'LUA'
+-- GET {path}?id=N, N uniform in [0, count): set by the script's arguments.
+local path, count
+function init(args) path = args[1]; count = tonumber(args[2]) end
+function request() return wrk.format("GET", path .. "?id=" .. math.random(0, count - 1)) end
+LUA
+
+# hits ADMIN: "hit+stale all" of the light route, from the gateway's /metrics.
+hits() {
+  curl -sf "$1/metrics" | awk '/^tessera_requests_total\{route="light"/ {
+      all += $NF; if ($0 ~ /cache="(hit|stale)"/) hit += $NF } END { print hit + 0, all + 0 }'
+}
+ratio() { awk -v a="$1" -v b="$2" -v c="$3" -v d="$4" 'BEGIN { printf "%.4f", (c - a) / (d > b ? d - b : 1) }'; }
+latency() { grep -E 'Latency |99%' | tr -s ' ' | tr '\n' ' '; }
+
+run() { # name max_renders
+  local name=$1 max=$2 gw adm ns h0 a0 h1 a1 h2 a2 before during peak
+  gw=$(pick_port); adm=$(pick_port); ns="storm$$$name$RANDOM"
+  cat >"$tmp/$name.toml" <<TOML
+[gateway]
+listen = "127.0.0.1:$gw"
+admin_listen = "127.0.0.1:$adm"
+[upstream]
+url = "http://127.0.0.1:$up"
+[store]
+memcached = ["127.0.0.1:$mc"]
+namespace = "$ns"
+[bus]
+amqp = "amqp://guest:guest@127.0.0.1:5672/%2f"
+queue_expiry = "1m"
+[workers]
+embedded = 0
+concurrency = 16
+[[fragment]]
+name = "heavy"
+render = "/_render/heavy"
+params = ["id"]
+fresh = "1h"
+max_renders = $max
+[[fragment]]
+name = "light"
+render = "/_render/light"
+params = ["id"]
+fresh = "1h"
+TOML
+  local own=()
+  RUST_LOG=warn "$bin"/tessera-gateway --config "$tmp/$name.toml" >"$tmp/$name.gateway.log" 2>&1 & own+=($!)
+  wait_port "$gw" gateway
+  for w in 1 2; do
+    RUST_LOG=warn "$bin"/tessera-worker --config "$tmp/$name.toml" --admin-listen 127.0.0.1:0 \
+      >"$tmp/$name.worker$w.log" 2>&1 & own+=($!)
+  done
+  pids+=("${own[@]}")
+  local base="http://127.0.0.1:$gw/fragments"
+  { seq 0 $((heavy - 1)) | sed "s|^|$base/heavy?id=|"; seq 0 199 | sed "s|^|$base/light?id=|"; } |
+    xargs -P 32 -I{} curl -s -o /dev/null -H 'Prefer: wait=30' {} || true
+  curl -sf "http://127.0.0.1:$up/_peak" >/dev/null   # the count starts afresh
+  read -r h0 a0 < <(hits "http://127.0.0.1:$adm")
+  before=$(wrk -t1 -c16 -d"${secs}s" --latency -s "$tmp/random.lua" "$base/light" -- /fragments/light 200 | latency)
+  read -r h1 a1 < <(hits "http://127.0.0.1:$adm")
+  curl -sf -X DELETE "http://127.0.0.1:$adm/tags/heavy" >/dev/null
+  wrk -t1 -c16 -d"${secs}s" -s "$tmp/random.lua" "$base/heavy" -- /fragments/heavy "$heavy" >/dev/null &
+  local heavy_wrk=$!
+  wrk -t1 -c16 -d"${secs}s" --latency -s "$tmp/random.lua" "$base/light" -- /fragments/light 200 >"$tmp/$name.during" &
+  local light_wrk=$!
+  sleep 1
+  local cold=()
+  for i in $(seq 1 20); do
+    cold+=("$(curl -s -o /dev/null -w '%{time_total}' -H 'Prefer: wait=30' "$base/light?id=new$i")")
+  done
+  wait "$heavy_wrk" "$light_wrk"
+  during=$(latency <"$tmp/$name.during")
+  read -r h2 a2 < <(hits "http://127.0.0.1:$adm")
+  peak=$(curl -sf "http://127.0.0.1:$up/_peak" | awk '$1 == "heavy" { print $2 }')
+  echo "== $name (heavy max_renders = $max)"
+  echo "heavy: most renders at once at the upstream during the storm: ${peak:-0}"
+  echo "light hit ratio: before $(ratio "$h0" "$a0" "$h1" "$a1"), during $(ratio "$h1" "$a1" "$h2" "$a2")"
+  echo "light wrk before: $before"
+  echo "light wrk during: $during"
+  printf '%s\n' "${cold[@]}" | sort -n | awk '{ t[NR] = $1 } END {
+    printf "20 new light fragments with Prefer: wait during the storm: median %.3f s, max %.3f s\n", t[int((NR + 1) / 2)], t[NR] }'
+  kill "${own[@]}" 2>/dev/null || true
+  wait "${own[@]}" 2>/dev/null || true
+}
+
+echo "== purge storm: $heavy heavy fragments (50 ms renders), 2 workers x 16, wrk -c16 ${secs} s per phase"
+run unlimited 0
+run limited "$limit"
