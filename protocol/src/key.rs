@@ -16,6 +16,7 @@
 //! | `{ns}:p:{route}:{gen}:{digest}` | the pending lease: the id of the one request allowed to build |
 //! | `{ns}:g:{route}` | the route's generation |
 //! | `{ns}:t:{tag}` | when the tag was last purged (Unix ms; see [`crate::tags`]) |
+//! | `{ns}:j:{tag}` | the tag's purge record: purges of several tags at once (all of them) recorded under it (JSON; see [`crate::tags`]) |
 //! | `{ns}:m:{server}` | how often writes went elsewhere in place of a memcached server (`server`: a hash of its `host:port`) |
 //! | `{ns}:i` | on each memcached server: the count of `:m:` it was last emptied for |
 //!
@@ -181,6 +182,12 @@ impl Keyspace {
             envelope: StoreKey(text.to_string()),
             kind_at: self.ns.len(),
         })
+    }
+
+    /// Where the purge record of `tag` is kept: purges of several tags at once recorded
+    /// under it ([`crate::tags::Record`]).
+    pub fn tag_record(&self, tag: &Tag) -> StoreKey {
+        StoreKey(format!("{}:j:{tag}", self.ns))
     }
 }
 

@@ -247,9 +247,78 @@ pub async fn a_retired_fragment_is_not_served_stale(kind: Backend) {
     two.stop().await;
 }
 
+/// Purges tags through the admin API at `path` (after `/tags/`): the answer.
+async fn purge_tags(gw: &TestGateway, path: &str) -> serde_json::Value {
+    let r = client()
+        .delete(format!("{}/tags/{path}", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    r.json().await.unwrap()
+}
+
+/// Whether `gw` serves the first render of `shelf?i={i}` (asked without waiting).
+async fn serves_first_render(gw: &TestGateway, i: usize) -> bool {
+    let answer = get(&gw.at(&format!("/fragments/shelf?i={i}")), false).await;
+    answer.status() == StatusCode::OK && answer.text().await.unwrap().ends_with(" #1")
+}
+
+/// `?all_of=1` retires only the fragments carrying every tag named (13 carries `item-13`
+/// and `group-3`; 3 carries `group-3` only), in both gateways; a list retires the
+/// fragments of each of its tags. Nothing else is rendered again.
+pub async fn all_of_and_lists_retire_exactly_their_fragments(kind: Backend) {
+    let up = tagging_upstream(&["shelf"]).await;
+    let (one, two) = two_gateways(kind, &up, Duration::from_secs(300)).await;
+    for i in 0..20 {
+        let url = format!("/fragments/shelf?i={i}");
+        assert_eq!(get(&one.at(&url), true).await.status(), StatusCode::OK);
+        assert!(serves_first_render(&two, i).await, "{i}");
+    }
+    let body = purge_tags(&one, "item-13,group-3?all_of=1").await;
+    assert_eq!(body["all_of"], true);
+    assert!(!serves_first_render(&one, 13).await, "retired at once here");
+    eventually("the other gateway heard of the purge", WITHIN, || async {
+        !serves_first_render(&two, 13).await
+    })
+    .await;
+    for gw in [&one, &two] {
+        for i in (0..20).filter(|i| *i != 13) {
+            assert!(serves_first_render(gw, i).await, "{i} stays");
+        }
+    }
+
+    let body = purge_tags(&two, "item-1,item-2").await;
+    assert_eq!(body["tags"], serde_json::json!(["item-1", "item-2"]));
+    for i in [1, 2] {
+        assert!(!serves_first_render(&two, i).await, "{i} retired at once");
+    }
+    eventually("the other gateway heard of the purge", WITHIN, || async {
+        !serves_first_render(&one, 1).await && !serves_first_render(&one, 2).await
+    })
+    .await;
+    for gw in [&one, &two] {
+        for i in [3, 11, 12] {
+            assert!(serves_first_render(gw, i).await, "{i} stays");
+        }
+    }
+    for i in [1, 2, 13] {
+        let url = format!("/fragments/shelf?i={i}");
+        let rebuilt = get(&one.at(&url), true).await;
+        assert_eq!(rebuilt.status(), StatusCode::OK);
+        assert!(!rebuilt.text().await.unwrap().ends_with(" #1"), "{i}");
+    }
+    for i in (0..20).filter(|i| ![1, 2, 13].contains(i)) {
+        assert_eq!(renders(&up, "shelf", i), 1, "{i} never rendered again");
+    }
+    one.stop().await;
+    two.stop().await;
+}
+
 tessera_tests::on_both_backends!(
     a_tag_purge_retires_exactly_its_fragments,
     a_retired_fragment_is_not_served_stale,
+    all_of_and_lists_retire_exactly_their_fragments,
 );
 
 /// A render answer over the tag limit fails its build, naming the limit, and is not

@@ -38,6 +38,7 @@ use tokio::sync::OnceCell;
 use super::CacheError;
 use super::tags::TagPurges;
 use crate::compress::{Encoded, compressible, eligible};
+use tessera_protocol::tags::{AllOf, Purges, Record};
 
 /// What the store said about one envelope key.
 #[derive(Debug)]
@@ -533,7 +534,7 @@ impl L1 {
         let e = &slot.envelope;
         self.still_valid(Logged::Key(key.as_str()), slot.loaded_at)
             && e.servable(now_ms())
-            && !e.retired_by(|t| self.tags.last_known(t))
+            && !self.tags.retires_as_last_known(e)
     }
 
     /// The slot of `key` loaded past `cache.ttl` ago, still valid and servable: what to
@@ -594,8 +595,31 @@ impl L1 {
     /// `tag` was purged at `purged_at` (Unix ms). Hot answers are dropped with it (they
     /// check no tags).
     pub(crate) fn invalidate_tag(&self, tag: &str, purged_at: u64) {
-        self.tags.learn(tag, purged_at, Instant::now());
+        let purges = Purges {
+            at: purged_at,
+            record: Arc::default(),
+        };
+        self.tags.heard(tag, &purges, Instant::now());
         self.log(Logged::Tag(tag));
+    }
+
+    /// The fragments carrying all of `tags` (sorted, the first one their record's) were
+    /// purged at `purged_at` (Unix ms). Hot answers are dropped with them.
+    pub(crate) fn invalidate_all_of(&self, tags: &[String], purged_at: u64) {
+        let Some(home) = tags.first() else { return };
+        let record = Record {
+            folded: 0,
+            all_of: vec![AllOf {
+                at: purged_at,
+                tags: tags.to_vec(),
+            }],
+        };
+        let purges = Purges {
+            at: 0,
+            record: Arc::new(record),
+        };
+        self.tags.heard(home, &purges, Instant::now());
+        self.log(Logged::Tag(home));
     }
 
     /// Events may have been missed: forget everything loaded before now.

@@ -20,8 +20,10 @@
 //! - [`hot`]: the last fresh answer per request target, for the hit path.
 //! - [`tags`]: what this gateway knows of tag purges, for the hit path.
 //! - [`events`]: follows built/failed/purged events from every worker and gateway.
+//! - [`acks`]: heartbeats, and who acknowledged a purge.
 //! - [`waiters`]: long-poll wake-ups for `Prefer: wait`.
 
+pub(crate) mod acks;
 pub(crate) mod events;
 pub(crate) mod hot;
 pub(crate) mod l1;
@@ -46,6 +48,7 @@ use tessera_runtime::otel::{self, KeyValue};
 use tessera_runtime::reload::LiveConfig;
 
 use crate::metrics::{CacheStatus, Metrics};
+use acks::Acks;
 use events::{Failure, Failures};
 use hot::{Hot, HotAnswers, LastHeaders};
 use l1::{Entry, L1, Loaded, Read, Slot, SlotState};
@@ -175,6 +178,8 @@ pub(crate) struct CacheService {
     hot: HotAnswers,
     waiters: Waiters,
     failures: Failures,
+    /// Heartbeats heard, and the purges whose acknowledgements someone waits for.
+    pub(crate) acks: Acks,
     metrics: Arc<Metrics>,
 }
 
@@ -189,6 +194,7 @@ impl CacheService {
             hot: HotAnswers::new(cache.capacity.as_u64() / 4),
             waiters: Waiters::default(),
             failures: Failures::default(),
+            acks: Acks::new(acks::gateway_id()),
             config,
             backends,
             metrics,
@@ -292,7 +298,7 @@ impl CacheService {
         let mut unknown: Vec<&str> = Vec::new();
         for tag in &envelope.tags {
             match known.current(tag, now) {
-                Some(at) if envelope.retired_at(at) => return Ok(true),
+                Some(purges) if purges.retires(envelope) => return Ok(true),
                 Some(_) => {}
                 None => unknown.push(tag),
             }
@@ -300,11 +306,11 @@ impl CacheService {
         if unknown.is_empty() {
             return Ok(false);
         }
-        let read = tag_keys::purged_at(self.backends.store.as_ref(), &self.backends.keys, &unknown);
+        let read = tag_keys::read(self.backends.store.as_ref(), &self.backends.keys, &unknown);
         match read.await {
             Ok(found) => {
-                for (tag, at) in &found {
-                    known.learn(tag, *at, now);
+                for (tag, purges) in &found {
+                    known.learn(tag, purges, now);
                 }
             }
             Err(e) if unknown.iter().all(|t| known.last_known(t).is_some()) => {
@@ -312,7 +318,7 @@ impl CacheService {
             }
             Err(e) => return Err(e.into()),
         }
-        Ok(envelope.retired_by(|t| known.last_known(t)))
+        Ok(known.retires_as_last_known(envelope))
     }
 
     /// Looks every target up at once: L1, then one multi-get for the rest, then one
@@ -614,8 +620,12 @@ impl CacheService {
 
 impl CacheService {
     /// Deletes one fragment everywhere (from both servers that may hold it, on a store of
-    /// several) and tells every gateway; whether it was there.
-    pub(crate) async fn purge_fragment(&self, t: &Fragment<'_>) -> Result<bool, CacheError> {
+    /// several) and tells every gateway, naming the purge `id`; whether it was there.
+    pub(crate) async fn purge_fragment(
+        &self,
+        t: &Fragment<'_>,
+        id: &str,
+    ) -> Result<bool, CacheError> {
         let key = &t.keys.envelope;
         let deleted = store::copies::delete_everywhere(self.backends.store.as_ref(), key).await?;
         // Evict here first, so this gateway is right even if the broker is down.
@@ -624,34 +634,74 @@ impl CacheService {
             purge: Purge::Key {
                 key: key.to_string(),
             },
+            id: Some(id.to_string()),
         };
         self.backends.bus.publish_event(&event).await?;
         tracing::info!(route = %t.route.name, %key, deleted, "fragment purged");
         Ok(deleted)
     }
 
-    /// Purges `tag` everywhere: records the instant in the tag's store key, so every
-    /// fragment rendered before it is retired in every gateway, then tells every gateway
-    /// (whose L1 and hot answers forget it at once). Returns the instant (Unix ms).
-    pub(crate) async fn purge_tag(&self, tag: &Tag) -> Result<u64, CacheError> {
-        let purged_at =
-            tag_keys::purge(self.backends.store.as_ref(), &self.backends.keys, tag).await?;
-        // Here first, so this gateway is right even if the broker is down.
-        self.l1.invalidate_tag(tag.as_str(), purged_at);
-        self.metrics.tag_purges.inc();
-        let event = Event::Purged {
-            purge: Purge::Tag {
-                tag: tag.to_string(),
+    /// Purges `tags` everywhere: each of them, or (`all_of`) the fragments carrying all
+    /// of them. Records the instant in the store (each tag's key, or the record of the
+    /// smallest tag, see [`tessera_protocol::tags`]), so every fragment rendered before it
+    /// is retired in every gateway, then tells every gateway (whose L1 and hot answers
+    /// forget it at once); the last event names the purge `id`. Returns the instant (Unix
+    /// ms).
+    pub(crate) async fn purge_tags(
+        &self,
+        tags: &[Tag],
+        all_of: bool,
+        id: &str,
+    ) -> Result<u64, CacheError> {
+        let (store, keys) = (self.backends.store.as_ref(), &self.backends.keys);
+        let mut names: Vec<String> = tags.iter().map(ToString::to_string).collect();
+        names.sort();
+        names.dedup();
+        // Here first (L1), so this gateway is right even if the broker is down.
+        let (purged_at, mut events): (u64, Vec<Event>) = if all_of && names.len() > 1 {
+            let purged_at = tag_keys::purge_all_of(store, keys, tags).await?;
+            self.l1.invalidate_all_of(&names, purged_at);
+            let purge = Purge::AllOf {
+                all_of: names.clone(),
                 purged_at,
-            },
+            };
+            (purged_at, vec![Event::Purged { purge, id: None }])
+        } else {
+            let purged_at = tag_keys::purge_each(store, keys, tags).await?;
+            let events = names
+                .iter()
+                .map(|tag| {
+                    self.l1.invalidate_tag(tag, purged_at);
+                    Event::Purged {
+                        purge: Purge::Tag {
+                            tag: tag.clone(),
+                            purged_at,
+                        },
+                        id: None,
+                    }
+                })
+                .collect();
+            (purged_at, events)
         };
-        self.backends.bus.publish_event(&event).await?;
-        tracing::info!(%tag, purged_at, "tag purged");
+        // One per event: each is heard once by every gateway (`tag_purges_heard`).
+        self.metrics.tag_purges.inc_by(events.len() as u64);
+        if let Some(Event::Purged { id: last, .. }) = events.last_mut() {
+            *last = Some(id.to_string());
+        }
+        for event in &events {
+            self.backends.bus.publish_event(event).await?;
+        }
+        tracing::info!(tags = %names.join(" "), all_of, purged_at, "tags purged");
         Ok(purged_at)
     }
 
-    /// Moves a route to a new generation and tells every gateway; the new generation.
-    pub(crate) async fn purge_route(&self, route: &FragmentRoute) -> Result<u64, CacheError> {
+    /// Moves a route to a new generation and tells every gateway, naming the purge `id`;
+    /// the new generation.
+    pub(crate) async fn purge_route(
+        &self,
+        route: &FragmentRoute,
+        id: &str,
+    ) -> Result<u64, CacheError> {
         let key = self.backends.keys.generation(&route.name);
         let generation = store::bump_generation(self.backends.store.as_ref(), &key).await?;
         self.l1.invalidate_route(&route.name).await;
@@ -660,6 +710,7 @@ impl CacheService {
                 route: route.name.clone(),
                 generation,
             },
+            id: Some(id.to_string()),
         };
         self.backends.bus.publish_event(&event).await?;
         tracing::info!(route = %route.name, generation, "route purged");
@@ -687,29 +738,74 @@ impl CacheService {
             .filter(|r| self.config.load().route(r).is_some());
         match event {
             Event::Failed { error, .. } => self.failures.record(route.unwrap_or(""), error),
-            Event::Purged {
-                purge: Purge::Route { route, .. },
-            } => self.l1.invalidate_route(route).await,
-            Event::Purged {
-                purge: Purge::Tag { tag, purged_at },
-            } => {
-                self.l1.invalidate_tag(tag, *purged_at);
-                self.metrics.tag_purges_heard.inc();
+            Event::Purged { purge, .. } => self.apply_purge(purge).await,
+            Event::Heartbeat { gateway } => self.acks.heartbeat(gateway, Instant::now()),
+            Event::PurgeApplied { purge_id, gateway } => {
+                self.acks.applied(purge_id, gateway, Instant::now());
             }
-            Event::Built { .. } | Event::Purged { .. } => {}
+            Event::Built { .. } => {}
         }
         if let Some(keys) = &keys {
             // Evict first, then wake: a woken request must not find the old entry.
             self.l1.invalidate_key(&keys.envelope).await;
             self.waiters.wake(keys.envelope.as_str());
         }
+        if let Event::Purged { id: Some(id), .. } = event {
+            self.acknowledge(id);
+        }
         // Counted once applied: whoever reads a count finds L1 already without the old entry.
         let Some(route) = route else { return };
         match event {
             Event::Failed { .. } => self.metrics.build_failed(route),
             Event::Built { build_ms, .. } => self.metrics.build_succeeded(route, *build_ms),
-            Event::Purged { .. } => {}
+            Event::Purged { .. } | Event::Heartbeat { .. } | Event::PurgeApplied { .. } => {}
         }
+    }
+
+    /// Applies what a purge event says beyond its key: a route's generation forgotten,
+    /// a tag purge recorded.
+    async fn apply_purge(&self, purge: &Purge) {
+        match purge {
+            Purge::Route { route, .. } => self.l1.invalidate_route(route).await,
+            Purge::Tag { tag, purged_at } => {
+                self.l1.invalidate_tag(tag, *purged_at);
+                self.metrics.tag_purges_heard.inc();
+            }
+            Purge::AllOf { all_of, purged_at } => {
+                self.l1.invalidate_all_of(all_of, *purged_at);
+                self.metrics.tag_purges_heard.inc();
+            }
+            Purge::Key { .. } => {}
+        }
+    }
+
+    /// Tells the purging gateway that this one applied the purge `id` (sent beside the
+    /// event loop, which does not wait for the broker's confirm).
+    fn acknowledge(&self, id: &str) {
+        let bus = self.backends.bus.clone();
+        let event = Event::PurgeApplied {
+            purge_id: id.to_string(),
+            gateway: self.acks.me().to_string(),
+        };
+        self.metrics.purge_acks.inc();
+        tokio::spawn(async move {
+            if let Err(e) = bus.publish_event(&event).await {
+                tessera_runtime::warn_throttled!("bus", error = %e, "could not acknowledge a purge");
+            }
+        });
+    }
+
+    /// Announces this gateway to the others (sent beside the event loop).
+    fn heartbeat(&self) {
+        let bus = self.backends.bus.clone();
+        let event = Event::Heartbeat {
+            gateway: self.acks.me().to_string(),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = bus.publish_event(&event).await {
+                tessera_runtime::warn_throttled!("bus", error = %e, "could not send a heartbeat");
+            }
+        });
     }
 
     /// Events may have been missed: everything L1 holds is forgotten, and every waiter

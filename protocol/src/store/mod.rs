@@ -157,6 +157,22 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         Err(StoreError::Protocol(format!("{key} keeps changing")))
     }
 
+    /// Atomically replaces the value of `key` with what `change` makes of it (`None`:
+    /// absent), stored without expiry, and returns the value then stored. `change` may run
+    /// more than once (again on a value someone changed meanwhile), so it must depend on
+    /// its input only. A value `change` leaves as it was is not written.
+    ///
+    /// The default reads and then writes, which a concurrent update can undo; stores
+    /// shared between processes implement it with an atomic primitive.
+    async fn update(&self, key: &StoreKey, change: &Change<'_>) -> Result<Bytes, StoreError> {
+        let held = self.get(key).await?;
+        let value = change(held.as_deref());
+        if held.as_deref() != Some(&value[..]) {
+            self.set(key, &value, Duration::ZERO).await?;
+        }
+        Ok(Bytes::from(value))
+    }
+
     /// Checks that the store answers (a store of several servers: that every server it
     /// believes up answers, and that one is).
     async fn ping(&self) -> Result<(), StoreError>;
@@ -182,6 +198,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         Vec::new()
     }
 }
+
+/// What [`Store::update`] makes of a value (`None`: absent).
+pub type Change<'a> = dyn Fn(Option<&[u8]>) -> Vec<u8> + Send + Sync + 'a;
 
 /// One server of a store, as this process sees it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -452,6 +471,26 @@ impl Store for MemoryStore {
                     Duration::ZERO,
                 )),
             });
+        outcome
+    }
+
+    async fn update(&self, key: &StoreKey, change: &Change<'_>) -> Result<Bytes, StoreError> {
+        let now = tokio::time::Instant::now();
+        let mut outcome = Ok(Bytes::new());
+        self.items.entry(key.clone()).and_compute_with(|existing| {
+            let held = existing.map(|e| e.into_value()).filter(|i| i.live(now));
+            let value = change(held.as_ref().map(|i| &i.data[..]));
+            if let Err(e) = check_size(&value, self.max_item_size) {
+                outcome = Err(e);
+                return moka::ops::compute::Op::Nop;
+            }
+            outcome = Ok(Bytes::from(value));
+            match (&outcome, held) {
+                (Ok(v), Some(held)) if *v == held.data => moka::ops::compute::Op::Nop,
+                (Ok(v), _) => moka::ops::compute::Op::Put(Self::item(v, Duration::ZERO)),
+                (Err(_), _) => moka::ops::compute::Op::Nop,
+            }
+        });
         outcome
     }
 

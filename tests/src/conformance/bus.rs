@@ -506,6 +506,7 @@ pub async fn events_reach_every_subscriber(t: BusUnderTest) {
                 route: "r".into(),
                 generation: 8,
             },
+            id: None,
         },
     ];
     for e in &events {
