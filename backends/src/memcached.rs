@@ -307,7 +307,11 @@ impl Store for MemcachedStore {
         self.cluster.raise(Place::Home, key, to).await
     }
 
-    async fn update(&self, key: &StoreKey, change: &Change<'_>) -> Result<Bytes, StoreError> {
+    async fn update(
+        &self,
+        key: &StoreKey,
+        change: &Change<'_>,
+    ) -> Result<Option<Bytes>, StoreError> {
         self.cluster.update(Place::Home, key, change).await
     }
 
@@ -370,7 +374,11 @@ impl Store for Pinned {
         self.cluster.raise(self.place, key, to).await
     }
 
-    async fn update(&self, key: &StoreKey, change: &Change<'_>) -> Result<Bytes, StoreError> {
+    async fn update(
+        &self,
+        key: &StoreKey,
+        change: &Change<'_>,
+    ) -> Result<Option<Bytes>, StoreError> {
         self.cluster.update(self.place, key, change).await
     }
 

@@ -172,11 +172,22 @@ pub fn tag_purge_path(tags: &[String], all_of: bool) -> Result<String, CliError>
     Ok(format!("/tags/{}{query}", segments.join(",")))
 }
 
-/// `path` asking its purge to wait up to `wait` for acknowledgements (`?wait=`).
-pub fn with_wait(path: &str, wait: &str) -> String {
-    let wait = percent_encoding::utf8_percent_encode(wait, percent_encoding::NON_ALPHANUMERIC);
-    let joint = if path.contains('?') { '&' } else { '?' };
-    format!("{path}{joint}wait={wait}")
+/// `path` asking for a `soft` purge (`soft=1`) that waits up to `wait` for
+/// acknowledgements (`wait=`), as asked.
+pub fn with_options(path: &str, soft: bool, wait: Option<&str>) -> String {
+    let mut path = path.to_string();
+    let mut add = |option: String| {
+        path.push(if path.contains('?') { '&' } else { '?' });
+        path.push_str(&option);
+    };
+    if soft {
+        add("soft=1".into());
+    }
+    if let Some(wait) = wait {
+        let wait = percent_encoding::utf8_percent_encode(wait, percent_encoding::NON_ALPHANUMERIC);
+        add(format!("wait={wait}"));
+    }
+    path
 }
 
 #[cfg(test)]
@@ -245,12 +256,23 @@ mod tests {
 
     #[test]
     fn purges_wait_when_asked() {
-        assert_eq!(with_wait("/routes/r", "2s"), "/routes/r?wait=2s");
         assert_eq!(
-            with_wait("/tags/a,b?all_of=1", "500ms"),
+            with_options("/routes/r", false, Some("2s")),
+            "/routes/r?wait=2s"
+        );
+        assert_eq!(
+            with_options("/tags/a,b?all_of=1", false, Some("500ms")),
             "/tags/a,b?all_of=1&wait=500ms"
         );
-        assert_eq!(with_wait("/routes/r", "2 s"), "/routes/r?wait=2%20s");
+        assert_eq!(
+            with_options("/routes/r", false, Some("2 s")),
+            "/routes/r?wait=2%20s"
+        );
+        assert_eq!(
+            with_options("/tags/a", true, Some("1s")),
+            "/tags/a?soft=1&wait=1s"
+        );
+        assert_eq!(with_options("/tags/a", false, None), "/tags/a");
     }
 
     #[test]

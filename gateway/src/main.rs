@@ -63,6 +63,10 @@ enum Admin {
         /// purge; the answer says how many did, of how many known, and which missed.
         #[arg(long, global = true, value_name = "DURATION")]
         wait: Option<String>,
+        /// Make the content stale instead (a fragment or tags): served while one rebuild
+        /// per fragment runs in the background.
+        #[arg(long, global = true)]
+        soft: bool,
     },
     /// List dead-lettered build requests as a table, or retry or discard them: one by
     /// its id, or all of a route.
@@ -260,7 +264,12 @@ async fn admin_command(config: &Config, command: Admin) -> anyhow::Result<()> {
     let default_admin = format!("http://{}", config.gateway.admin_listen);
     let mut table = false;
     let (admin, method, path) = match command {
-        Admin::Purge { what, admin, wait } => {
+        Admin::Purge {
+            what,
+            admin,
+            wait,
+            soft,
+        } => {
             let path = match what {
                 Purge::Fragment { path } => tessera_gateway::cli::fragment_purge_path(
                     &path,
@@ -277,10 +286,7 @@ async fn admin_command(config: &Config, command: Admin) -> anyhow::Result<()> {
                     }
                 }
             };
-            let path = match wait {
-                Some(wait) => tessera_gateway::cli::with_wait(&path, &wait),
-                None => path,
-            };
+            let path = tessera_gateway::cli::with_options(&path, soft, wait.as_deref());
             (admin, Method::DELETE, path)
         }
         Admin::DeadLetters {

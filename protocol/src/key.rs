@@ -16,6 +16,7 @@
 //! | `{ns}:p:{route}:{gen}:{digest}` | the pending lease: the id of the one request allowed to build |
 //! | `{ns}:g:{route}` | the route's generation |
 //! | `{ns}:t:{tag}` | when the tag was last purged (Unix ms; see [`crate::tags`]) |
+//! | `{ns}:s:{route}` | the route's last soft purge (Unix ms): what rendered before it is stale |
 //! | `{ns}:j:{tag}` | the tag's purge record: purges of several tags at once (all of them) recorded under it (JSON; see [`crate::tags`]) |
 //! | `{ns}:m:{server}` | how often writes went elsewhere in place of a memcached server (`server`: a hash of its `host:port`) |
 //! | `{ns}:i` | on each memcached server: the count of `:m:` it was last emptied for |
@@ -188,6 +189,12 @@ impl Keyspace {
     /// under it ([`crate::tags::Record`]).
     pub fn tag_record(&self, tag: &Tag) -> StoreKey {
         StoreKey(format!("{}:j:{tag}", self.ns))
+    }
+
+    /// Where the last soft purge of `route` is kept (Unix ms): what rendered before it
+    /// is stale. `route` must be a configured route name.
+    pub fn route_soft(&self, route: &str) -> StoreKey {
+        StoreKey(format!("{}:s:{route}", self.ns))
     }
 }
 

@@ -305,8 +305,13 @@ pub enum Purge {
     Route {
         /// The route.
         route: String,
-        /// Its new generation.
+        /// Its new generation (its generation, for a soft purge).
         generation: u64,
+        /// A soft purge: the generation stays, and what rendered before the purge is
+        /// stale. Left out when false; a gateway of an earlier release reads it as a route
+        /// purge and reads the (same) generation again.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        soft: bool,
     },
     /// Every fragment carrying a tag (see [`crate::tags`]).
     Tag {
@@ -314,6 +319,11 @@ pub enum Purge {
         tag: String,
         /// When it was purged (Unix ms), as written to its store key.
         purged_at: u64,
+        /// A soft purge: what rendered before it is stale, not retired (recorded in the
+        /// tag's purge record). Left out when false; a gateway of an earlier release
+        /// reads a soft purge as a hard one (over-purging, which is safe).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        soft: bool,
     },
     /// One fragment: its envelope key was deleted.
     Key {
@@ -723,6 +733,7 @@ mod tests {
             purge: Purge::Route {
                 route: "recs".into(),
                 generation: 2,
+                soft: false,
             },
             id: None,
         };
@@ -753,6 +764,7 @@ mod tests {
                 Purge::Route {
                     route: "recs".into(),
                     generation: 4,
+                    soft: false,
                 },
             ),
             (
@@ -766,6 +778,7 @@ mod tests {
                 Purge::Tag {
                     tag: "p-1".into(),
                     purged_at: 1_700_000_000_000,
+                    soft: false,
                 },
             ),
             (
@@ -781,6 +794,40 @@ mod tests {
             assert_eq!(Event::decode(bytes).unwrap(), event);
             assert_eq!(event.encode(), bytes, "{}", String::from_utf8_lossy(bytes));
         }
+        // A purge that names nothing it can act on is refused, not taken for another kind.
+        for bad in [
+            &br#"{"v":1,"type":"purged"}"#[..],
+            br#"{"v":1,"type":"purged","route":"recs"}"#,
+            br#"{"v":1,"type":"purged","tag":"p-1"}"#,
+            br#"{"v":1,"type":"purged","all_of":["a"],"purged_at":1}"#,
+            br#"{"v":1,"type":"purged","all_of":["b","a"],"purged_at":1}"#,
+            br#"{"v":1,"type":"purged","all_of":["a","a b"],"purged_at":1}"#,
+            br#"{"v":1,"type":"purged","key":"k","id":"a b"}"#,
+            br#"{"v":1,"type":"heartbeat","gateway":""}"#,
+            br#"{"v":1,"type":"purge_applied","purge_id":"x"}"#,
+        ] {
+            assert!(
+                Event::decode(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn soft_purges_and_acknowledgements_have_bytes_of_their_own() {
+        // A soft purge says so; a hard one is written as before.
+        let soft = Event::Purged {
+            purge: Purge::Tag {
+                tag: "p-1".into(),
+                purged_at: 1,
+                soft: true,
+            },
+            id: None,
+        };
+        let bytes = br#"{"v":1,"type":"purged","tag":"p-1","purged_at":1,"soft":true}"#;
+        assert_eq!(soft.encode(), bytes);
+        assert_eq!(Event::decode(bytes).unwrap(), soft);
         // Acknowledgements: the purge's id beside its fields, the answer, the heartbeat.
         let acked = [
             (
@@ -789,6 +836,7 @@ mod tests {
                     purge: Purge::Tag {
                         tag: "p-1".into(),
                         purged_at: 1,
+                        soft: false,
                     },
                     id: Some("0123abcd".into()),
                 },
@@ -810,24 +858,6 @@ mod tests {
         for (bytes, event) in acked {
             assert_eq!(Event::decode(bytes).unwrap(), event);
             assert_eq!(event.encode(), bytes, "{}", String::from_utf8_lossy(bytes));
-        }
-        // A purge that names nothing it can act on is refused, not taken for another kind.
-        for bad in [
-            &br#"{"v":1,"type":"purged"}"#[..],
-            br#"{"v":1,"type":"purged","route":"recs"}"#,
-            br#"{"v":1,"type":"purged","tag":"p-1"}"#,
-            br#"{"v":1,"type":"purged","all_of":["a"],"purged_at":1}"#,
-            br#"{"v":1,"type":"purged","all_of":["b","a"],"purged_at":1}"#,
-            br#"{"v":1,"type":"purged","all_of":["a","a b"],"purged_at":1}"#,
-            br#"{"v":1,"type":"purged","key":"k","id":"a b"}"#,
-            br#"{"v":1,"type":"heartbeat","gateway":""}"#,
-            br#"{"v":1,"type":"purge_applied","purge_id":"x"}"#,
-        ] {
-            assert!(
-                Event::decode(bad).is_err(),
-                "{}",
-                String::from_utf8_lossy(bad)
-            );
         }
     }
 
@@ -881,6 +911,7 @@ mod tests {
                 purge: Purge::Route {
                     route: "recs".into(),
                     generation: 3,
+                    soft: false,
                 },
                 id: None,
             },
@@ -892,6 +923,7 @@ mod tests {
                 purge: Purge::Tag {
                     tag: "product-42".into(),
                     purged_at: 1_700_000_000_000,
+                    soft: false,
                 },
                 id: None,
             },

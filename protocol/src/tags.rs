@@ -245,6 +245,22 @@ pub struct Record {
     /// at most [`MAX_ALL_OF`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub all_of: Vec<AllOf>,
+    /// The last soft purge of the record's tag (Unix ms; 0 for none): what rendered
+    /// before it is stale, served while one rebuild runs ([`Verdict::Stale`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub soft: u64,
+}
+
+/// What the purges of its tags make of an envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verdict {
+    /// Untouched.
+    Usable,
+    /// Softly purged: stale, whatever its `fresh_until` says (served within its stale
+    /// window while it is rebuilt).
+    Stale,
+    /// Purged: never served again.
+    Retired,
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
@@ -268,6 +284,7 @@ impl Record {
     /// purges past [`MAX_ALL_OF`] are folded.
     pub fn merge(&mut self, other: &Record) {
         self.folded = self.folded.max(other.folded);
+        self.soft = self.soft.max(other.soft);
         for purge in &other.all_of {
             match self.all_of.iter_mut().find(|p| p.tags == purge.tags) {
                 Some(p) => p.at = p.at.max(purge.at),
@@ -306,10 +323,21 @@ impl Purges {
         envelope.retired_at(self.at) || self.record.retires(envelope)
     }
 
+    /// What they make of `envelope` (which carries the tag).
+    pub fn verdict(&self, envelope: &Envelope) -> Verdict {
+        if self.retires(envelope) {
+            Verdict::Retired
+        } else if envelope.retired_at(self.record.soft) {
+            Verdict::Stale
+        } else {
+            Verdict::Usable
+        }
+    }
+
     /// Adds what `other` says: the later purge, both records.
     pub fn merge(&mut self, other: &Purges) {
         self.at = self.at.max(other.at);
-        if other.record.all_of.is_empty() && other.record.folded == 0 {
+        if *other.record == Record::default() {
             return;
         }
         Arc::make_mut(&mut self.record).merge(&other.record);
@@ -339,14 +367,44 @@ pub async fn purge_all_of(
     let add = Record {
         folded: 0,
         all_of: vec![purge.clone()],
+        soft: 0,
     };
+    update_record(store, &keys.tag_record(home), &add).await?;
+    Ok(purge.at)
+}
+
+/// Records a soft purge of each of `tags` now, in their purge records; returns its
+/// instant (Unix ms). What rendered before it is stale ([`Verdict::Stale`]).
+pub async fn soft_purge(
+    store: &dyn Store,
+    keys: &Keyspace,
+    tags: &[Tag],
+) -> Result<u64, StoreError> {
+    let add = Record {
+        soft: now_ms(),
+        ..Record::default()
+    };
+    let store_keys: Vec<StoreKey> = tags.iter().map(|t| keys.tag_record(t)).collect();
+    let updated = futures_util::future::join_all(
+        store_keys
+            .iter()
+            .map(|k| async { update_record(store, k, &add).await }),
+    )
+    .await;
+    for u in updated {
+        u?;
+    }
+    Ok(add.soft)
+}
+
+/// Merges `add` into the purge record at `key`, on every copy.
+async fn update_record(store: &dyn Store, key: &StoreKey, add: &Record) -> Result<(), StoreError> {
     let change = |held: Option<&[u8]>| {
         let mut record = held.map(Record::decode).unwrap_or_default();
-        record.merge(&add);
-        record.encode()
+        record.merge(add);
+        Some((record.encode(), std::time::Duration::ZERO))
     };
-    update_everywhere(store, &keys.tag_record(home), &change).await?;
-    Ok(purge.at)
+    update_everywhere(store, key, &change).await.map(|_| ())
 }
 
 /// What is known of each of `tags`' purges, read from the store: their instants (in one
@@ -390,19 +448,30 @@ pub async fn read(
 }
 
 /// Whether a tag purge retired `envelope`, read from the store (no cache): for callers
-/// outside the gateway's hit path, e.g. a worker deciding whether a fragment is still
-/// fresh. Envelopes without tags cost nothing.
+/// outside the gateway's hit path, e.g. a worker deciding whether a copy may be kept for
+/// stale-if-error. Envelopes without tags cost nothing.
 pub async fn retired(
     store: &dyn Store,
     keys: &Keyspace,
     envelope: &Envelope,
 ) -> Result<bool, StoreError> {
+    Ok(judge(store, keys, envelope).await? == Verdict::Retired)
+}
+
+/// What the purges of its tags make of `envelope`, read from the store (no cache): the
+/// worst of its tags' verdicts.
+pub async fn judge(
+    store: &dyn Store,
+    keys: &Keyspace,
+    envelope: &Envelope,
+) -> Result<Verdict, StoreError> {
     if envelope.tags.is_empty() {
-        return Ok(false);
+        return Ok(Verdict::Usable);
     }
     let names: Vec<&str> = envelope.tags.iter().map(String::as_str).collect();
     let purged = read(store, keys, &names).await?;
-    Ok(purged.values().any(|p| p.retires(envelope)))
+    let worst = purged.values().map(|p| p.verdict(envelope)).max();
+    Ok(worst.unwrap_or(Verdict::Usable))
 }
 
 #[cfg(test)]
@@ -596,6 +665,7 @@ mod tests {
                     at: 100 + i,
                     tags: vec!["a".into(), format!("b{i}")],
                 }],
+                soft: 0,
             });
         }
         assert_eq!(record.all_of.len(), MAX_ALL_OF);
@@ -611,6 +681,7 @@ mod tests {
                 at: 500,
                 tags: vec!["a".into(), "b3".into()],
             }],
+            soft: 0,
         };
         record.merge(&again);
         assert_eq!(record.all_of.len(), MAX_ALL_OF);
@@ -627,5 +698,27 @@ mod tests {
             br#"{"all_of":[{"at":500,"tags":["a","b3"]}]}"#
         );
         assert_eq!(Record::decode(b"not json"), Record::default());
+    }
+
+    #[tokio::test]
+    async fn a_soft_purge_makes_stale_what_rendered_before_it() {
+        let store = MemoryStore::new(1 << 20, 1 << 20);
+        let ks = Keyspace::new("t");
+        let before = tagged(&["a", "b"], now_ms() - 10);
+        let at = soft_purge(&store, &ks, &tags(&["b"])).await.unwrap();
+        assert_eq!(judge(&store, &ks, &before).await.unwrap(), Verdict::Stale);
+        assert!(
+            !retired(&store, &ks, &before).await.unwrap(),
+            "kept for stale-if-error"
+        );
+        let after = tagged(&["b"], at + 1);
+        assert_eq!(judge(&store, &ks, &after).await.unwrap(), Verdict::Usable);
+        // A hard purge is worse.
+        purge(&store, &ks, &Tag::new("a").unwrap()).await.unwrap();
+        assert_eq!(judge(&store, &ks, &before).await.unwrap(), Verdict::Retired);
+        assert_eq!(
+            read(&store, &ks, &["b"]).await.unwrap()["b"].record.soft,
+            at
+        );
     }
 }

@@ -380,16 +380,29 @@ fn event() -> impl Strategy<Value = Event> {
             }
         ),
         (KEY, TEXT).prop_map(|(key, error)| Event::Failed { key, error }),
-        ("[a-z0-9_-]{1,64}", any::<u64>()).prop_map(|(route, generation)| Event::Purged {
-            purge: Purge::Route { route, generation },
-            id: None
-        }),
-        ("[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}", any::<u64>()).prop_map(|(tag, purged_at)| {
+        ("[a-z0-9_-]{1,64}", any::<u64>(), any::<bool>()).prop_map(|(route, generation, soft)| {
             Event::Purged {
-                purge: Purge::Tag { tag, purged_at },
+                purge: Purge::Route {
+                    route,
+                    generation,
+                    soft,
+                },
                 id: None,
             }
         }),
+        (
+            "[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}",
+            any::<u64>(),
+            any::<bool>()
+        )
+            .prop_map(|(tag, purged_at, soft)| Event::Purged {
+                purge: Purge::Tag {
+                    tag,
+                    purged_at,
+                    soft
+                },
+                id: None,
+            }),
         (KEY, proptest::option::of("[A-Za-z0-9_-]{1,64}")).prop_map(|(key, id)| Event::Purged {
             purge: Purge::Key { key },
             id

@@ -208,7 +208,7 @@ impl Cluster {
             }
             let cas =
                 cas.ok_or_else(|| StoreError::Protocol("memcached: no CAS returned".into()))?;
-            let replace = commands::set_if_unchanged(key, value.as_bytes(), cas)?;
+            let replace = commands::set_if_unchanged(key, value.as_bytes(), Duration::ZERO, cas)?;
             let reply = self.one(place, key, replace, true).await?;
             match reply.rc {
                 ReturnCode::Hd => return Ok(to),
@@ -229,30 +229,32 @@ impl Cluster {
         place: Place,
         key: &StoreKey,
         change: &Change<'_>,
-    ) -> Result<Bytes, StoreError> {
+    ) -> Result<Option<Bytes>, StoreError> {
         for _ in 0..RAISE_TRIES {
             let read = self
                 .one(place, key, commands::get_with_cas(key)?, false)
                 .await?;
             let cas = read.cas;
-            let Some(held) = found(read)? else {
-                let value = change(None);
-                if self.add(place, key, &value, Duration::ZERO).await? {
-                    return Ok(Bytes::from(value));
+            let held = found(read)?;
+            let Some((value, ttl)) = change(held.as_deref()) else {
+                return Ok(held);
+            };
+            let Some(held) = held else {
+                if self.add(place, key, &value, ttl).await? {
+                    return Ok(Some(Bytes::from(value)));
                 }
                 continue;
             };
-            let value = change(Some(&held));
             if value[..] == held[..] {
-                return Ok(held);
+                return Ok(Some(held));
             }
             check_size(&value, self.max_item_size)?;
             let cas =
                 cas.ok_or_else(|| StoreError::Protocol("memcached: no CAS returned".into()))?;
-            let replace = commands::set_if_unchanged(key, &value, cas)?;
+            let replace = commands::set_if_unchanged(key, &value, ttl, cas)?;
             let reply = self.one(place, key, replace, true).await?;
             match reply.rc {
-                ReturnCode::Hd => return Ok(Bytes::from(value)),
+                ReturnCode::Hd => return Ok(Some(Bytes::from(value))),
                 // Changed or gone since it was read: read again.
                 ReturnCode::Ex | ReturnCode::Nf | ReturnCode::Ns => {}
                 _ => return Err(unexpected(&reply)),

@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use tessera_protocol::Envelope;
-use tessera_protocol::tags::Purges;
+use tessera_protocol::tags::{Purges, Verdict};
 
 /// Most tags remembered.
 pub(crate) const CAPACITY: u64 = 100_000;
@@ -76,13 +76,12 @@ impl TagPurges {
             .map(|k| k.purges)
     }
 
-    /// Whether the purges last read of `envelope`'s tags retire it (what is not known
+    /// What the purges last read of `envelope`'s tags make of it (what is not known
     /// counts as never purged): for a store that cannot answer.
-    pub(crate) fn retires_as_last_known(&self, envelope: &Envelope) -> bool {
-        envelope
-            .tags
-            .iter()
-            .any(|t| self.last_known(t).is_some_and(|p| p.retires(envelope)))
+    pub(crate) fn verdict_as_last_known(&self, envelope: &Envelope) -> Verdict {
+        let verdicts = envelope.tags.iter().filter_map(|t| self.last_known(t));
+        let worst = verdicts.map(|p| p.verdict(envelope)).max();
+        worst.unwrap_or(Verdict::Usable)
     }
 
     /// Records what a store read that started at `read_at` said of `tag`. The later
@@ -172,6 +171,7 @@ mod tests {
                     at: 7,
                     tags: vec!["a".into(), "b".into()],
                 }],
+                soft: 0,
             }),
         };
         tags.heard("a", &joint, t0);

@@ -10,6 +10,7 @@
 //! | `DELETE /tags/{tag}` | retires every fragment whose render answer carried the tag (`Surrogate-Key`), on every route |
 //! | `DELETE /tags/{a},{b},…` | the same for each tag of the list (at most 32) |
 //! | `DELETE /tags/{a},{b},…?all_of=1` | retires every fragment carrying all of the tags |
+//! | `…?soft=1` (or `Fastly-Soft-Purge: 1`) on any purge | makes the content stale instead: served while one rebuild runs |
 //! | `…?wait=2s` on any purge | answers once every known gateway applied it (or after the wait), saying who missed ([`crate::cache::acks`]) |
 //! | `GET /` | the dashboard (refreshes itself from `GET /api/status`; `dashboard.js`, `dashboard.css`) |
 //! | `/dead-letters…` | list, retry and discard dead letters ([`super::dead_letters`]) |
@@ -37,8 +38,8 @@ use tessera_runtime::reload::LiveConfig;
 use super::dead_letters;
 use super::error::GatewayError;
 use super::headers::Trace;
-use crate::cache::CacheService;
 use crate::cache::acks::{MAX_WAIT, Ticket};
+use crate::cache::{CacheService, TagPurge};
 use crate::metrics::Metrics;
 use tessera_runtime::web::{self, Body, READY_TIMEOUT, json, problem, text};
 
@@ -106,13 +107,13 @@ impl Admin {
             }
             (&Method::DELETE, p) if p.starts_with("/tags/") => {
                 let name = &p["/tags/".len()..];
-                self.purge_tags(name, req.uri().query())
+                self.purge_tags(name, &req)
                     .await
                     .unwrap_or_else(GatewayError::into_response)
             }
             (&Method::DELETE, p) if p.starts_with("/routes/") => {
                 let name = &p["/routes/".len()..];
-                self.purge_route(name, req.uri().query())
+                self.purge_route(name, &req)
                     .await
                     .unwrap_or_else(GatewayError::into_response)
             }
@@ -137,26 +138,30 @@ impl Admin {
         req: &Request<Incoming>,
     ) -> Result<Response<Body>, GatewayError> {
         let wait = wait_param(req.uri().query())?;
+        let soft = soft_param(req.uri().query(), req.headers())?;
         let config = self.config.load();
         let route = config
             .route(name)
             .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
-        // `wait` is the purge's, not a param of the fragment.
+        // `wait` and `soft` are the purge's, not params of the fragment.
         let params: Vec<&str> = req
             .uri()
             .query()
             .unwrap_or("")
             .split('&')
-            .filter(|p| !p.starts_with("wait="))
+            .filter(|p| !p.starts_with("wait=") && !p.starts_with("soft="))
             .collect();
         let query = params.join("&");
         let identity = Identity::from_request(route, Some(&query), req.headers())?;
         let trace = Trace::new(req.headers());
         let fragment = self.cache.fragment(route, identity, &trace).await?;
         let ticket = self.cache.acks.open();
-        let deleted = self.cache.purge_fragment(&fragment, ticket.id()).await?;
+        let deleted = self
+            .cache
+            .purge_fragment(&fragment, soft, ticket.id())
+            .await?;
         let key = fragment.keys.envelope.as_str();
-        let body = serde_json::json!({ "route": route.name, "key": key, "deleted": deleted });
+        let body = serde_json::json!({ "route": route.name, "key": key, "deleted": deleted, "soft": soft });
         Ok(self.purged(body, &ticket, wait).await)
     }
 
@@ -166,8 +171,9 @@ impl Admin {
     async fn purge_tags(
         &self,
         encoded: &str,
-        query: Option<&str>,
+        req: &Request<Incoming>,
     ) -> Result<Response<Body>, GatewayError> {
+        let query = req.uri().query();
         if encoded.is_empty() {
             return Ok(problem(
                 StatusCode::NOT_FOUND,
@@ -176,32 +182,49 @@ impl Admin {
             ));
         }
         let (all_of, wait) = (flag_param(query, "all_of")?, wait_param(query)?);
+        let soft = soft_param(query, req.headers())?;
         let tags = Tag::list_from_path_segment(encoded)?;
+        let how = match (all_of, soft) {
+            (true, true) if tags.len() > 1 => {
+                return Err(GatewayError::BadPurgeOption(
+                    "a soft purge of all of several tags is not supported: purge them \
+                     softly one by one, or all of them at once without soft"
+                        .into(),
+                ));
+            }
+            (_, true) => TagPurge::Soft,
+            (true, false) => TagPurge::AllOf,
+            (false, false) => TagPurge::Each,
+        };
         let ticket = self.cache.acks.open();
-        let purged_at = self.cache.purge_tags(&tags, all_of, ticket.id()).await?;
+        let purged_at = self.cache.purge_tags(&tags, how, ticket.id()).await?;
         let names: Vec<&str> = tags.iter().map(Tag::as_str).collect();
-        let mut body =
-            serde_json::json!({ "tags": names, "all_of": all_of, "purged_at": purged_at });
+        let mut body = serde_json::json!({
+            "tags": names, "all_of": all_of, "soft": soft, "purged_at": purged_at,
+        });
         if let [one] = &names[..] {
             body["tag"] = (*one).into();
         }
         Ok(self.purged(body, &ticket, wait).await)
     }
 
-    /// Moves a route to a new generation and tells every gateway.
+    /// Moves a route to a new generation (or, soft, makes what it holds stale) and tells
+    /// every gateway.
     async fn purge_route(
         &self,
         name: &str,
-        query: Option<&str>,
+        req: &Request<Incoming>,
     ) -> Result<Response<Body>, GatewayError> {
-        let wait = wait_param(query)?;
+        let query = req.uri().query();
+        let (wait, soft) = (wait_param(query)?, soft_param(query, req.headers())?);
         let config = self.config.load();
         let route = config
             .route(name)
             .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
         let ticket = self.cache.acks.open();
-        let generation = self.cache.purge_route(route, ticket.id()).await?;
-        let body = serde_json::json!({ "route": route.name, "generation": generation });
+        let generation = self.cache.purge_route(route, soft, ticket.id()).await?;
+        let body =
+            serde_json::json!({ "route": route.name, "generation": generation, "soft": soft });
         Ok(self.purged(body, &ticket, wait).await)
     }
 
@@ -236,6 +259,14 @@ fn wait_param(query: Option<&str>) -> Result<Option<Duration>, GatewayError> {
             MAX_WAIT.as_secs()
         ))),
     }
+}
+
+/// Whether a purge is soft: `?soft=1`, or Fastly's `Fastly-Soft-Purge: 1` header.
+fn soft_param(query: Option<&str>, headers: &http::HeaderMap) -> Result<bool, GatewayError> {
+    let header = headers
+        .get("fastly-soft-purge")
+        .is_some_and(|v| v.as_bytes() == b"1");
+    Ok(flag_param(query, "soft")? || header)
 }
 
 /// A yes/no query parameter (`1`, `true`, `0`, `false`; absent: no).

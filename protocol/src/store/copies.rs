@@ -204,21 +204,22 @@ pub async fn read_all_copies(
         .collect())
 }
 
-/// [`Store::update`] on every copy of `key`; fails only when no copy answered.
+/// [`Store::update`] on every copy of `key`; whether any copy holds a value after it.
+/// Fails only when no copy answered.
 pub async fn update_everywhere(
     store: &dyn Store,
     key: &StoreKey,
     change: &super::Change<'_>,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let copies = copies(store, key);
     if copies.is_empty() {
         return Err(no_copy());
     }
     let updated = join_all(copies.iter().map(|c| c.update(key, change))).await;
-    match none_answered(&updated) {
-        Some(e) => Err(e),
-        None => Ok(()),
+    if let Some(e) = none_answered(&updated) {
+        return Err(e);
     }
+    Ok(updated.iter().any(|u| matches!(u, Ok(Some(_)))))
 }
 
 /// One copy's answer about a key: the store holding the copy, and its value there.

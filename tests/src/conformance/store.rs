@@ -316,7 +316,7 @@ pub async fn concurrent_updates_lose_nothing(t: StoreUnderTest) {
                 let add = |held: Option<&[u8]>| {
                     let mut text = String::from_utf8_lossy(held.unwrap_or(b"")).into_owned();
                     text.push_str(&format!("{i},"));
-                    text.into_bytes()
+                    Some((text.into_bytes(), Duration::ZERO))
                 };
                 // memcached's compare-and-swap gives up after a few lost races: the
                 // caller tries again, as a purge's caller would.
@@ -341,9 +341,12 @@ pub async fn concurrent_updates_lose_nothing(t: StoreUnderTest) {
     assert_eq!(numbers, (0..50).collect::<Vec<_>>());
     let same = t
         .store
-        .update(&k, &|held| held.unwrap_or(b"").to_vec())
-        .await;
-    assert_eq!(same.unwrap(), held, "left as it was");
+        .update(&k, &|held| Some((held?.to_vec(), Duration::ZERO)));
+    assert_eq!(same.await.unwrap(), Some(held.clone()), "left as it was");
+    let left = t.store.update(&k, &|_| None).await.unwrap();
+    assert_eq!(left, Some(held), "not written");
+    let absent = t.store.update(&t.key("absent"), &|_| None).await.unwrap();
+    assert_eq!(absent, None, "nothing created");
 }
 
 /// TTLs are durations rounded up to whole seconds (so a sub-second TTL still expires,
