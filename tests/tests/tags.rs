@@ -355,6 +355,10 @@ pub async fn a_soft_purge_serves_stale_while_one_rebuild_runs(kind: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+    for gw in [&one, &two] {
+        let metrics = text(format!("{}/metrics", gw.admin)).await;
+        assert_eq!(metric(&metrics, "tessera_soft_purges_total "), 1.0);
+    }
     for _ in 0..3 {
         for i in [3, 13] {
             let (status, first, cache) = answer(&one, i).await;

@@ -722,6 +722,7 @@ impl CacheService {
             } else {
                 let soft = how == TagPurge::Soft;
                 let purged_at = if soft {
+                    self.metrics.soft_purges.inc_by(names.len() as u64);
                     tag_keys::soft_purge(store, keys, tags).await?
                 } else {
                     tag_keys::purge_each(store, keys, tags).await?
