@@ -116,7 +116,7 @@ use bytes::Bytes;
 use tessera_protocol::config::{MemcachedServer, StoreConfig};
 use tessera_protocol::key::StoreKey;
 use tessera_protocol::store::{
-    ServerState, Store, StoreError, add_then_get_in_turn, set_then_delete_in_turn,
+    Change, ServerState, Store, StoreError, add_then_get_in_turn, set_then_delete_in_turn,
 };
 
 use cluster::{Cluster, Place};
@@ -307,6 +307,14 @@ impl Store for MemcachedStore {
         self.cluster.raise(Place::Home, key, to).await
     }
 
+    async fn update(
+        &self,
+        key: &StoreKey,
+        change: &Change<'_>,
+    ) -> Result<Option<Bytes>, StoreError> {
+        self.cluster.update(Place::Home, key, change).await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.cluster.ping().await
     }
@@ -364,6 +372,14 @@ impl Store for Pinned {
 
     async fn raise(&self, key: &StoreKey, to: u64) -> Result<u64, StoreError> {
         self.cluster.raise(self.place, key, to).await
+    }
+
+    async fn update(
+        &self,
+        key: &StoreKey,
+        change: &Change<'_>,
+    ) -> Result<Option<Bytes>, StoreError> {
+        self.cluster.update(self.place, key, change).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

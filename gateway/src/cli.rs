@@ -11,8 +11,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-/// How long one admin call may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one admin call may take (a purge may wait 10 s for acknowledgements).
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A failed admin call, with what to tell the operator.
 #[derive(Debug, thiserror::Error)]
@@ -156,12 +156,38 @@ pub fn fragment_purge_path(fragment: &str, prefix: &str) -> String {
     format!("/fragments/{rest}")
 }
 
-/// The admin path that purges `tag`; a name that cannot be a tag is refused here, before
-/// any call.
-pub fn tag_purge_path(tag: &str) -> Result<String, CliError> {
-    let tag = tessera_protocol::tags::Tag::new(tag)
-        .map_err(|e| CliError::Usage(format!("{tag:?}: {e}")))?;
-    Ok(format!("/tags/{}", tag.path_segment()))
+/// The admin path that purges `tags` (each, or the fragments carrying all of them); a
+/// name that cannot be a tag is refused here, before any call.
+pub fn tag_purge_path(tags: &[String], all_of: bool) -> Result<String, CliError> {
+    let mut segments = Vec::with_capacity(tags.len());
+    for name in tags {
+        let tag = tessera_protocol::tags::Tag::new(name)
+            .map_err(|e| CliError::Usage(format!("{name:?}: {e}")))?;
+        segments.push(tag.path_segment());
+    }
+    if segments.is_empty() {
+        return Err(CliError::Usage("name at least one tag".into()));
+    }
+    let query = if all_of { "?all_of=1" } else { "" };
+    Ok(format!("/tags/{}{query}", segments.join(",")))
+}
+
+/// `path` asking for a `soft` purge (`soft=1`) that waits up to `wait` for
+/// acknowledgements (`wait=`), as asked.
+pub fn with_options(path: &str, soft: bool, wait: Option<&str>) -> String {
+    let mut path = path.to_string();
+    let mut add = |option: String| {
+        path.push(if path.contains('?') { '&' } else { '?' });
+        path.push_str(&option);
+    };
+    if soft {
+        add("soft=1".into());
+    }
+    if let Some(wait) = wait {
+        let wait = percent_encoding::utf8_percent_encode(wait, percent_encoding::NON_ALPHANUMERIC);
+        add(format!("wait={wait}"));
+    }
+    path
 }
 
 #[cfg(test)]
@@ -214,10 +240,39 @@ mod tests {
 
     #[test]
     fn tag_purge_paths() {
-        assert_eq!(tag_purge_path("product-42").unwrap(), "/tags/product-42");
-        assert_eq!(tag_purge_path("a#b").unwrap(), "/tags/a%23b");
-        assert!(matches!(tag_purge_path("a/b"), Err(CliError::Usage(_))));
-        assert!(matches!(tag_purge_path(""), Err(CliError::Usage(_))));
+        let path = |names: &[&str], all_of| {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            tag_purge_path(&names, all_of)
+        };
+        assert_eq!(path(&["product-42"], false).unwrap(), "/tags/product-42");
+        assert_eq!(path(&["a#b"], false).unwrap(), "/tags/a%23b");
+        assert_eq!(path(&["a", "b"], false).unwrap(), "/tags/a,b");
+        assert_eq!(path(&["a", "b"], true).unwrap(), "/tags/a,b?all_of=1");
+        assert!(matches!(path(&["a/b"], false), Err(CliError::Usage(_))));
+        assert!(matches!(path(&["a,b"], false), Err(CliError::Usage(_))));
+        assert!(matches!(path(&[""], false), Err(CliError::Usage(_))));
+        assert!(matches!(path(&[], false), Err(CliError::Usage(_))));
+    }
+
+    #[test]
+    fn purges_wait_when_asked() {
+        assert_eq!(
+            with_options("/routes/r", false, Some("2s")),
+            "/routes/r?wait=2s"
+        );
+        assert_eq!(
+            with_options("/tags/a,b?all_of=1", false, Some("500ms")),
+            "/tags/a,b?all_of=1&wait=500ms"
+        );
+        assert_eq!(
+            with_options("/routes/r", false, Some("2 s")),
+            "/routes/r?wait=2%20s"
+        );
+        assert_eq!(
+            with_options("/tags/a", true, Some("1s")),
+            "/tags/a?soft=1&wait=1s"
+        );
+        assert_eq!(with_options("/tags/a", false, None), "/tags/a");
     }
 
     #[test]

@@ -59,6 +59,14 @@ enum Admin {
         /// Admin URL (default: http://{gateway.admin_listen}).
         #[arg(long, global = true)]
         admin: Option<String>,
+        /// Wait up to this long (e.g. `2s`, at most 10s) for every gateway to apply the
+        /// purge; the answer says how many did, of how many known, and which missed.
+        #[arg(long, global = true, value_name = "DURATION")]
+        wait: Option<String>,
+        /// Make the content stale instead (a fragment or tags): served while one rebuild
+        /// per fragment runs in the background.
+        #[arg(long, global = true)]
+        soft: bool,
     },
     /// List dead-lettered build requests as a table, or retry or discard them: one by
     /// its id, or all of a route.
@@ -112,10 +120,16 @@ enum Purge {
         name: String,
     },
     /// Every fragment whose render answer carried the tag (`Surrogate-Key`), on every
-    /// route, e.g. `purge tag product-42`.
+    /// route, e.g. `purge tag product-42`; with several tags, each of them
+    /// (`purge tag a b c`), or with `--all-of` the fragments carrying all of them
+    /// (`purge tag --all-of a b`).
     Tag {
-        /// The tag.
-        name: String,
+        /// The tags (at most 32).
+        #[arg(required = true, num_args = 1..)]
+        names: Vec<String>,
+        /// Purge only the fragments carrying every one of the tags.
+        #[arg(long)]
+        all_of: bool,
     },
 }
 
@@ -266,21 +280,29 @@ async fn admin_command(config: &Config, command: Admin) -> anyhow::Result<()> {
     let default_admin = format!("http://{}", config.gateway.admin_listen);
     let mut table = false;
     let (admin, method, path) = match command {
-        Admin::Purge { what, admin } => {
+        Admin::Purge {
+            what,
+            admin,
+            wait,
+            soft,
+        } => {
             let path = match what {
                 Purge::Fragment { path } => tessera_gateway::cli::fragment_purge_path(
                     &path,
                     &config.gateway.fragment_prefix,
                 ),
                 Purge::Route { name } => format!("/routes/{name}"),
-                Purge::Tag { name } => match tessera_gateway::cli::tag_purge_path(&name) {
-                    Ok(path) => path,
-                    Err(e) => {
-                        eprintln!("tessera-gateway: {e}");
-                        std::process::exit(2);
+                Purge::Tag { names, all_of } => {
+                    match tessera_gateway::cli::tag_purge_path(&names, all_of) {
+                        Ok(path) => path,
+                        Err(e) => {
+                            eprintln!("tessera-gateway: {e}");
+                            std::process::exit(2);
+                        }
                     }
-                },
+                }
             };
+            let path = tessera_gateway::cli::with_options(&path, soft, wait.as_deref());
             (admin, Method::DELETE, path)
         }
         Admin::DeadLetters {

@@ -218,6 +218,12 @@ pub(crate) struct Metrics {
     pub tag_purges_heard: Counter,
     /// Envelopes found retired by a tag purge (each then rebuilt).
     pub tag_retired: Counter,
+    /// Soft purges made through this gateway's admin API (per tag, fragment or route).
+    pub soft_purges: Counter,
+    /// Purges this gateway applied and acknowledged, from any gateway.
+    pub purge_acks: Counter,
+    /// Purge answers that waited for acknowledgements and found a gateway missing.
+    pub purges_unacknowledged: Counter,
     /// L1 entries (set at scrape).
     pub l1_entries: Gauge,
     /// L1 bytes (set at scrape).
@@ -277,6 +283,9 @@ impl Metrics {
             tag_purges: Counter::default(),
             tag_purges_heard: Counter::default(),
             tag_retired: Counter::default(),
+            soft_purges: Counter::default(),
+            purge_acks: Counter::default(),
+            purges_unacknowledged: Counter::default(),
             l1_entries: Gauge::default(),
             l1_bytes: Gauge::default(),
             long_polls: Gauge::default(),
@@ -381,6 +390,21 @@ impl Metrics {
             "tag_retired",
             "Fragments this gateway found retired by a tag purge, each then rebuilt",
             self.tag_retired.clone(),
+        );
+        r.register(
+            "soft_purges",
+            "Soft purges made through this gateway's admin API (per tag, fragment or route)",
+            self.soft_purges.clone(),
+        );
+        r.register(
+            "purge_acks_sent",
+            "Purges of any gateway this gateway applied and acknowledged",
+            self.purge_acks.clone(),
+        );
+        r.register(
+            "purges_unacknowledged",
+            "Purge answers that waited for acknowledgements and found a known gateway missing",
+            self.purges_unacknowledged.clone(),
         );
     }
 

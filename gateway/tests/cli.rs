@@ -145,6 +145,39 @@ async fn purge_tag_from_the_command_line() {
     assert_eq!(body["tag"], "50%-off");
     assert!(body["purged_at"].as_u64().unwrap() > 0);
 
+    // Soft, and waiting for the acknowledgements (the one gateway's own).
+    let mut soft = args("p-1");
+    soft.extend(["--soft", "--wait", "2s"].map(str::to_string));
+    let out = run(soft).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["soft"], true, "{body}");
+    assert_eq!(body["acknowledged"]["applied"], 1, "{body}");
+
+    // Several tags: each, or the fragments carrying all of them.
+    for all_of in [false, true] {
+        let mut several = ["purge", "tag", "a", "b", "--admin", &admin]
+            .map(str::to_string)
+            .to_vec();
+        if all_of {
+            several.insert(2, "--all-of".into());
+        }
+        let out = run(several).await.unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(body["tags"], serde_json::json!(["a", "b"]));
+        assert_eq!(body["all_of"], all_of);
+        assert!(body.get("tag").is_none(), "{body}");
+    }
+
     // Refused before any call: not a tag.
     let out = run(args("a/b")).await.unwrap();
     assert_eq!(out.status.code(), Some(2));

@@ -308,6 +308,24 @@ impl Envelope {
         }
     }
 
+    /// The stored envelope `held` as a soft purge at `now` leaves it: no longer fresh
+    /// (`fresh_until` brought to `now`), still servable until its `stale_until`, which is
+    /// never before the `fresh_until` it had (so even a route with `stale = 0` serves it
+    /// while it is rebuilt, until it would have stopped being fresh). The bytes and TTL
+    /// to store, for [`Store::update`](crate::Store::update); `None` when there is none,
+    /// or it is not fresh anyway.
+    pub fn soft_purged(held: Option<&[u8]>, now: u64) -> Option<(Vec<u8>, Duration)> {
+        let envelope = Envelope::decode(&Bytes::copy_from_slice(held?)).ok()?;
+        if envelope.fresh_until <= now {
+            return None;
+        }
+        let envelope = Envelope {
+            fresh_until: now,
+            ..envelope
+        };
+        Some((envelope.encode(), envelope.store_ttl(now)))
+    }
+
     /// How long the store should keep it, from `now`: until the later deadline.
     pub fn store_ttl(&self, now: u64) -> Duration {
         remaining(now, self.fresh_until.max(self.stale_until))
@@ -504,6 +522,35 @@ mod tests {
         let mut flipped = good.clone();
         flipped[2] = 0xff;
         assert!(decode(&flipped).is_err());
+    }
+
+    #[test]
+    fn a_soft_purge_ends_freshness_and_keeps_the_stale_window() {
+        let e = Envelope::ready(
+            Bytes::from_static(b"x"),
+            "text/html".into(),
+            Duration::from_secs(60),
+            Duration::ZERO,
+            1,
+            1,
+        );
+        let now = e.built_at + 1_000;
+        let (bytes, ttl) = Envelope::soft_purged(Some(&e.encode()), now).unwrap();
+        let soft = Envelope::decode(&Bytes::from(bytes)).unwrap();
+        assert_eq!(soft.freshness(now), Freshness::Stale);
+        assert!(
+            soft.servable(now),
+            "served stale until it would have stopped being fresh"
+        );
+        assert_eq!(soft.stale_until, e.fresh_until);
+        assert_eq!(ttl, Duration::from_secs(59));
+        assert_eq!(Envelope::soft_purged(None, now), None);
+        assert_eq!(Envelope::soft_purged(Some(b"junk"), now), None);
+        assert_eq!(
+            Envelope::soft_purged(Some(&e.encode()), e.fresh_until),
+            None,
+            "not fresh"
+        );
     }
 
     #[test]

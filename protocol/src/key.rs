@@ -18,6 +18,8 @@
 //! | `{ns}:t:{tag}` | when the tag was last purged (Unix ms; see [`crate::tags`]) |
 //! | `{ns}:c:{route}:{slot}` | one of a limited route's `max_renders` render slots, held by a render in flight (expires after its `build_timeout` + 3 s) |
 //! | `{ns}:w:{route}:{second}` | renders of a limited route started in one second (Unix s), against its `renders_per_second` (expires after 5 s) |
+//! | `{ns}:s:{route}` | the route's last soft purge (Unix ms): what rendered before it is stale |
+//! | `{ns}:j:{tag}` | the tag's purge record: purges of several tags at once (all of them) recorded under it (JSON; see [`crate::tags`]) |
 //! | `{ns}:m:{server}` | how often writes went elsewhere in place of a memcached server (`server`: a hash of its `host:port`) |
 //! | `{ns}:i` | on each memcached server: the count of `:m:` it was last emptied for |
 //!
@@ -195,6 +197,18 @@ impl Keyspace {
             envelope: StoreKey(text.to_string()),
             kind_at: self.ns.len(),
         })
+    }
+
+    /// Where the purge record of `tag` is kept: purges of several tags at once recorded
+    /// under it ([`crate::tags::Record`]).
+    pub fn tag_record(&self, tag: &Tag) -> StoreKey {
+        StoreKey(format!("{}:j:{tag}", self.ns))
+    }
+
+    /// Where the last soft purge of `route` is kept (Unix ms): what rendered before it
+    /// is stale. `route` must be a configured route name.
+    pub fn route_soft(&self, route: &str) -> StoreKey {
+        StoreKey(format!("{}:s:{route}", self.ns))
     }
 }
 

@@ -208,9 +208,9 @@ impl<'a> Lease<'a> {
             return Ok(Claim::Superseded);
         };
         let fresh = match won.envelope.and_then(|bytes| Envelope::decode(&bytes).ok()) {
-            // A fresh envelope a tag purge retired is as good as none.
+            // A fresh envelope a tag purge retired (or softly purged) is as good as none.
             Some(e) if now_ms() < e.fresh_until => {
-                !tags::retired(self.store, &self.keyspace, &e).await?
+                tags::judge(self.store, &self.keyspace, &e).await? == tags::Verdict::Usable
             }
             _ => false,
         };

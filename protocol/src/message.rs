@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{VarySource, is_param_name, is_route_name};
 use crate::key::{Identity, is_param_value, is_vary_value};
-use crate::tags::Tag;
+use crate::tags::{MAX_TAGS, Tag};
 
 /// Current message format version.
 pub const VERSION: u32 = 1;
@@ -271,12 +271,33 @@ pub enum Event {
         /// What was purged.
         #[serde(flatten)]
         purge: Purge,
+        /// The purge's id: every gateway that applied the event answers with a
+        /// [`Event::PurgeApplied`] naming it. A purge of several events (a list of tags)
+        /// gives it to its last one only: events from one publisher arrive in order.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+    },
+    /// A gateway applied the purge `purge_id` (to its L1, hot answers and tag table).
+    #[serde(rename = "purge_applied")]
+    PurgeApplied {
+        /// The id of the `purged` event applied.
+        purge_id: String,
+        /// The gateway's id.
+        gateway: String,
+    },
+    /// A gateway is running: sent every few seconds, so that gateways know who should
+    /// acknowledge a purge.
+    Heartbeat {
+        /// The gateway's id.
+        gateway: String,
     },
 }
 
 /// What a purge retired. On the wire its fields sit beside the event's `type`, as they
 /// always have: `{"type":"purged","route":"recs","generation":4}`,
-/// `{"type":"purged","key":"…"}`, `{"type":"purged","tag":"p-1","purged_at":1700000000000}`.
+/// `{"type":"purged","key":"…"}`, `{"type":"purged","tag":"p-1","purged_at":1700000000000}`;
+/// a purge of several tags at once (which gateways before it ignore, as undecodable),
+/// `{"type":"purged","all_of":["a","b"],"purged_at":1700000000000}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Purge {
@@ -284,8 +305,13 @@ pub enum Purge {
     Route {
         /// The route.
         route: String,
-        /// Its new generation.
+        /// Its new generation (its generation, for a soft purge).
         generation: u64,
+        /// A soft purge: the generation stays, and what rendered before the purge is
+        /// stale. Left out when false; a gateway of an earlier release reads it as a route
+        /// purge and reads the (same) generation again.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        soft: bool,
     },
     /// Every fragment carrying a tag (see [`crate::tags`]).
     Tag {
@@ -293,11 +319,23 @@ pub enum Purge {
         tag: String,
         /// When it was purged (Unix ms), as written to its store key.
         purged_at: u64,
+        /// A soft purge: what rendered before it is stale, not retired (recorded in the
+        /// tag's purge record). Left out when false; a gateway of an earlier release
+        /// reads a soft purge as a hard one (over-purging, which is safe).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        soft: bool,
     },
     /// One fragment: its envelope key was deleted.
     Key {
         /// The envelope key.
         key: String,
+    },
+    /// Every fragment carrying all of several tags (see [`crate::tags::purge_all_of`]).
+    AllOf {
+        /// The tags, sorted and distinct, at least two.
+        all_of: Vec<String>,
+        /// When they were purged (Unix ms), as recorded under the first tag.
+        purged_at: u64,
     },
 }
 
@@ -348,19 +386,38 @@ impl Event {
                     "must be at most 4096 bytes on one line, without control characters",
                 )
             }
-            Event::Purged { purge } => match purge {
-                Purge::Route { route, .. } => check(
-                    is_route_name(route),
-                    "route",
-                    "must be 1 to 64 lower-case letters, digits, `-` or `_`",
-                ),
-                Purge::Tag { tag, .. } => check(
-                    Tag::new(tag).is_ok(),
-                    "tag",
-                    "must be 1 to 128 token characters",
-                ),
-                Purge::Key { key } => check(is_key_text(key), "key", KEY_RULE),
-            },
+            Event::PurgeApplied { purge_id, gateway } => {
+                check(is_id(purge_id), "purge_id", ID_RULE)?;
+                check(is_id(gateway), "gateway", ID_RULE)
+            }
+            Event::Heartbeat { gateway } => check(is_id(gateway), "gateway", ID_RULE),
+            Event::Purged { purge, id } => {
+                check(id.as_deref().is_none_or(is_id), "id", ID_RULE)?;
+                Self::validate_purge(purge)
+            }
+        }
+    }
+
+    fn validate_purge(purge: &Purge) -> Result<(), MessageError> {
+        match purge {
+            Purge::Route { route, .. } => check(
+                is_route_name(route),
+                "route",
+                "must be 1 to 64 lower-case letters, digits, `-` or `_`",
+            ),
+            Purge::Tag { tag, .. } => check(
+                Tag::new(tag).is_ok(),
+                "tag",
+                "must be 1 to 128 token characters",
+            ),
+            Purge::Key { key } => check(is_key_text(key), "key", KEY_RULE),
+            Purge::AllOf { all_of, .. } => check(
+                (2..=MAX_TAGS).contains(&all_of.len())
+                    && all_of.iter().all(|t| Tag::new(t).is_ok())
+                    && all_of.windows(2).all(|w| w[0] < w[1]),
+                "all_of",
+                "must be 2 to 32 distinct tags of 1 to 128 token characters, sorted",
+            ),
         }
     }
 
@@ -370,8 +427,9 @@ impl Event {
             Event::Built { key, .. } | Event::Failed { key, .. } => Some(key),
             Event::Purged {
                 purge: Purge::Key { key },
+                ..
             } => Some(key),
-            Event::Purged { .. } => None,
+            Event::Purged { .. } | Event::PurgeApplied { .. } | Event::Heartbeat { .. } => None,
         }
     }
 }
@@ -667,6 +725,7 @@ mod tests {
             purge: Purge::Key {
                 key: "t:f:recs:1:cc".into(),
             },
+            id: None,
         };
         assert_eq!(purged_key.key(), Some("t:f:recs:1:cc"));
         // A whole-route purge is about a generation, not one key.
@@ -674,7 +733,9 @@ mod tests {
             purge: Purge::Route {
                 route: "recs".into(),
                 generation: 2,
+                soft: false,
             },
+            id: None,
         };
         assert_eq!(purged_route.key(), None);
     }
@@ -703,6 +764,7 @@ mod tests {
                 Purge::Route {
                     route: "recs".into(),
                     generation: 4,
+                    soft: false,
                 },
             ),
             (
@@ -716,11 +778,19 @@ mod tests {
                 Purge::Tag {
                     tag: "p-1".into(),
                     purged_at: 1_700_000_000_000,
+                    soft: false,
+                },
+            ),
+            (
+                br#"{"v":1,"type":"purged","all_of":["a","b"],"purged_at":1700000000000}"#,
+                Purge::AllOf {
+                    all_of: vec!["a".into(), "b".into()],
+                    purged_at: 1_700_000_000_000,
                 },
             ),
         ];
         for (bytes, purge) in wire {
-            let event = Event::Purged { purge };
+            let event = Event::Purged { purge, id: None };
             assert_eq!(Event::decode(bytes).unwrap(), event);
             assert_eq!(event.encode(), bytes, "{}", String::from_utf8_lossy(bytes));
         }
@@ -729,12 +799,65 @@ mod tests {
             &br#"{"v":1,"type":"purged"}"#[..],
             br#"{"v":1,"type":"purged","route":"recs"}"#,
             br#"{"v":1,"type":"purged","tag":"p-1"}"#,
+            br#"{"v":1,"type":"purged","all_of":["a"],"purged_at":1}"#,
+            br#"{"v":1,"type":"purged","all_of":["b","a"],"purged_at":1}"#,
+            br#"{"v":1,"type":"purged","all_of":["a","a b"],"purged_at":1}"#,
+            br#"{"v":1,"type":"purged","key":"k","id":"a b"}"#,
+            br#"{"v":1,"type":"heartbeat","gateway":""}"#,
+            br#"{"v":1,"type":"purge_applied","purge_id":"x"}"#,
         ] {
             assert!(
                 Event::decode(bad).is_err(),
                 "{}",
                 String::from_utf8_lossy(bad)
             );
+        }
+    }
+
+    #[test]
+    fn soft_purges_and_acknowledgements_have_bytes_of_their_own() {
+        // A soft purge says so; a hard one is written as before.
+        let soft = Event::Purged {
+            purge: Purge::Tag {
+                tag: "p-1".into(),
+                purged_at: 1,
+                soft: true,
+            },
+            id: None,
+        };
+        let bytes = br#"{"v":1,"type":"purged","tag":"p-1","purged_at":1,"soft":true}"#;
+        assert_eq!(soft.encode(), bytes);
+        assert_eq!(Event::decode(bytes).unwrap(), soft);
+        // Acknowledgements: the purge's id beside its fields, the answer, the heartbeat.
+        let acked = [
+            (
+                &br#"{"v":1,"type":"purged","tag":"p-1","purged_at":1,"id":"0123abcd"}"#[..],
+                Event::Purged {
+                    purge: Purge::Tag {
+                        tag: "p-1".into(),
+                        purged_at: 1,
+                        soft: false,
+                    },
+                    id: Some("0123abcd".into()),
+                },
+            ),
+            (
+                br#"{"v":1,"type":"purge_applied","purge_id":"0123abcd","gateway":"web-1-ff"}"#,
+                Event::PurgeApplied {
+                    purge_id: "0123abcd".into(),
+                    gateway: "web-1-ff".into(),
+                },
+            ),
+            (
+                br#"{"v":1,"type":"heartbeat","gateway":"web-1-ff"}"#,
+                Event::Heartbeat {
+                    gateway: "web-1-ff".into(),
+                },
+            ),
+        ];
+        for (bytes, event) in acked {
+            assert_eq!(Event::decode(bytes).unwrap(), event);
+            assert_eq!(event.encode(), bytes, "{}", String::from_utf8_lossy(bytes));
         }
     }
 
@@ -788,16 +911,21 @@ mod tests {
                 purge: Purge::Route {
                     route: "recs".into(),
                     generation: 3,
+                    soft: false,
                 },
+                id: None,
             },
             Event::Purged {
                 purge: Purge::Key { key: "k".into() },
+                id: None,
             },
             Event::Purged {
                 purge: Purge::Tag {
                     tag: "product-42".into(),
                     purged_at: 1_700_000_000_000,
+                    soft: false,
                 },
+                id: None,
             },
         ] {
             assert_eq!(Event::decode(&e.encode()).unwrap(), e);

@@ -380,17 +380,47 @@ fn event() -> impl Strategy<Value = Event> {
             }
         ),
         (KEY, TEXT).prop_map(|(key, error)| Event::Failed { key, error }),
-        ("[a-z0-9_-]{1,64}", any::<u64>()).prop_map(|(route, generation)| Event::Purged {
-            purge: Purge::Route { route, generation }
-        }),
-        ("[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}", any::<u64>()).prop_map(|(tag, purged_at)| {
+        ("[a-z0-9_-]{1,64}", any::<u64>(), any::<bool>()).prop_map(|(route, generation, soft)| {
             Event::Purged {
-                purge: Purge::Tag { tag, purged_at },
+                purge: Purge::Route {
+                    route,
+                    generation,
+                    soft,
+                },
+                id: None,
             }
         }),
-        KEY.prop_map(|key| Event::Purged {
-            purge: Purge::Key { key }
+        (
+            "[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}",
+            any::<u64>(),
+            any::<bool>()
+        )
+            .prop_map(|(tag, purged_at, soft)| Event::Purged {
+                purge: Purge::Tag {
+                    tag,
+                    purged_at,
+                    soft
+                },
+                id: None,
+            }),
+        (KEY, proptest::option::of("[A-Za-z0-9_-]{1,64}")).prop_map(|(key, id)| Event::Purged {
+            purge: Purge::Key { key },
+            id
         }),
+        (
+            proptest::collection::btree_set("[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}", 2..32),
+            any::<u64>()
+        )
+            .prop_map(|(tags, purged_at)| Event::Purged {
+                purge: Purge::AllOf {
+                    all_of: tags.into_iter().collect(),
+                    purged_at
+                },
+                id: None
+            }),
+        ("[A-Za-z0-9_-]{1,64}", "[A-Za-z0-9_-]{1,64}")
+            .prop_map(|(purge_id, gateway)| Event::PurgeApplied { purge_id, gateway }),
+        "[A-Za-z0-9_-]{1,64}".prop_map(|gateway| Event::Heartbeat { gateway }),
     ]
 }
 

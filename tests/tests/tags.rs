@@ -247,9 +247,238 @@ pub async fn a_retired_fragment_is_not_served_stale(kind: Backend) {
     two.stop().await;
 }
 
+/// Purges tags through the admin API at `path` (after `/tags/`): the answer.
+async fn purge_tags(gw: &TestGateway, path: &str) -> serde_json::Value {
+    let r = client()
+        .delete(format!("{}/tags/{path}", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    r.json().await.unwrap()
+}
+
+/// Whether `gw` serves the first render of `shelf?i={i}` (asked without waiting).
+async fn serves_first_render(gw: &TestGateway, i: usize) -> bool {
+    let answer = get(&gw.at(&format!("/fragments/shelf?i={i}")), false).await;
+    answer.status() == StatusCode::OK && answer.text().await.unwrap().ends_with(" #1")
+}
+
+/// `?all_of=1` retires only the fragments carrying every tag named (13 carries `item-13`
+/// and `group-3`; 3 carries `group-3` only), in both gateways; a list retires the
+/// fragments of each of its tags. Nothing else is rendered again.
+pub async fn all_of_and_lists_retire_exactly_their_fragments(kind: Backend) {
+    let up = tagging_upstream(&["shelf"]).await;
+    let (one, two) = two_gateways(kind, &up, Duration::from_secs(300)).await;
+    for i in 0..20 {
+        let url = format!("/fragments/shelf?i={i}");
+        assert_eq!(get(&one.at(&url), true).await.status(), StatusCode::OK);
+        assert!(serves_first_render(&two, i).await, "{i}");
+    }
+    let body = purge_tags(&one, "item-13,group-3?all_of=1").await;
+    assert_eq!(body["all_of"], true);
+    assert!(!serves_first_render(&one, 13).await, "retired at once here");
+    eventually("the other gateway heard of the purge", WITHIN, || async {
+        !serves_first_render(&two, 13).await
+    })
+    .await;
+    for gw in [&one, &two] {
+        for i in (0..20).filter(|i| *i != 13) {
+            assert!(serves_first_render(gw, i).await, "{i} stays");
+        }
+    }
+
+    let body = purge_tags(&two, "item-1,item-2").await;
+    assert_eq!(body["tags"], serde_json::json!(["item-1", "item-2"]));
+    for i in [1, 2] {
+        assert!(!serves_first_render(&two, i).await, "{i} retired at once");
+    }
+    eventually("the other gateway heard of the purge", WITHIN, || async {
+        !serves_first_render(&one, 1).await && !serves_first_render(&one, 2).await
+    })
+    .await;
+    for gw in [&one, &two] {
+        for i in [3, 11, 12] {
+            assert!(serves_first_render(gw, i).await, "{i} stays");
+        }
+    }
+    for i in [1, 2, 13] {
+        let url = format!("/fragments/shelf?i={i}");
+        let rebuilt = get(&one.at(&url), true).await;
+        assert_eq!(rebuilt.status(), StatusCode::OK);
+        assert!(!rebuilt.text().await.unwrap().ends_with(" #1"), "{i}");
+    }
+    for i in (0..20).filter(|i| ![1, 2, 13].contains(i)) {
+        assert_eq!(renders(&up, "shelf", i), 1, "{i} never rendered again");
+    }
+    one.stop().await;
+    two.stop().await;
+}
+
+/// What `gw` answers for `shelf?i={i}`, asked without waiting: status, whether the body
+/// is the first render, and `Cache-Status`.
+async fn answer(gw: &TestGateway, i: usize) -> (StatusCode, bool, String) {
+    let answer = get(&gw.at(&format!("/fragments/shelf?i={i}")), false).await;
+    let status = answer.status();
+    let cache = answer.headers()["cache-status"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let first = answer.text().await.unwrap().ends_with(" #1");
+    (status, first, cache)
+}
+
+/// A soft purge of `group-3` (fragments 3 and 13): both are served stale at once, the
+/// old body with `fwd=stale`, never a placeholder, in both gateways, while exactly one
+/// rebuild each runs (renders take 1.5 s, and are asked for again and again meanwhile);
+/// then the new body is served. A soft purge of one fragment (5) does the same.
+pub async fn a_soft_purge_serves_stale_while_one_rebuild_runs(kind: Backend) {
+    let up = tagging_upstream(&["shelf"]).await;
+    let (one, two) = two_gateways(kind, &up, Duration::from_secs(300)).await;
+    for i in 0..20 {
+        let url = format!("/fragments/shelf?i={i}");
+        assert_eq!(get(&one.at(&url), true).await.status(), StatusCode::OK);
+        assert!(serves_first_render(&two, i).await, "{i}");
+    }
+    let slow = Script {
+        headers_for_query: Some(tags_of),
+        numbered: true,
+        delay: Duration::from_millis(1500),
+        ..Script::default()
+    };
+    up.script("/_render/shelf", slow);
+    let body = purge_tags(&one, "group-3?soft=1").await;
+    assert_eq!(body["soft"], true);
+    let r = client()
+        .delete(format!("{}/fragments/shelf?i=5&soft=1", two.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    for gw in [&one, &two] {
+        let metrics = text(format!("{}/metrics", gw.admin)).await;
+        assert_eq!(metric(&metrics, "tessera_soft_purges_total "), 1.0);
+    }
+    for _ in 0..3 {
+        for i in [3, 13] {
+            let (status, first, cache) = answer(&one, i).await;
+            assert_eq!(status, StatusCode::OK, "{i}: never a placeholder");
+            assert!(first, "{i}: the old body");
+            assert_eq!(cache, "tessera; fwd=stale; detail=soft-purge", "{i}");
+        }
+        let (status, first, _) = answer(&two, 5).await;
+        assert!(status == StatusCode::OK && first, "5: the old body, stale");
+        for gw in [&one, &two] {
+            for i in [3, 5, 13] {
+                let (status, _, cache) = answer(gw, i).await;
+                assert_eq!(status, StatusCode::OK, "{i}: {cache}");
+            }
+            let (status, first, cache) = answer(gw, 4).await;
+            assert!(status == StatusCode::OK && first, "4 untouched");
+            assert!(cache.starts_with("tessera; hit; ttl="), "4: {cache}");
+        }
+    }
+    eventually("the new bodies are served", WITHIN, || async {
+        let mut all = true;
+        for gw in [&one, &two] {
+            for i in [3, 5, 13] {
+                all &= !answer(gw, i).await.1;
+            }
+        }
+        all
+    })
+    .await;
+    for i in 0..20 {
+        let expected = if [3, 5, 13].contains(&i) { 2 } else { 1 };
+        assert_eq!(renders(&up, "shelf", i), expected, "{i}");
+    }
+    one.stop().await;
+    two.stop().await;
+}
+
+/// A soft purge of a whole route (`teaser`, 3 fragments): its generation stays, every
+/// fragment is served stale at once (old body, `fwd=stale`), in both gateways, while one
+/// rebuild each runs; then the new bodies are served. Another route is untouched.
+pub async fn a_soft_route_purge_serves_stale_while_one_rebuild_runs(kind: Backend) {
+    let up = tagging_upstream(&["teaser", "shelf"]).await;
+    let (one, two) = two_gateways(kind, &up, Duration::from_secs(300)).await;
+    let url = |gw: &TestGateway, route: &str, i: usize| gw.at(&format!("/fragments/{route}?i={i}"));
+    for (route, i) in [("teaser", 0), ("teaser", 1), ("teaser", 2), ("shelf", 0)] {
+        assert_eq!(
+            get(&url(&one, route, i), true).await.status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            get(&url(&two, route, i), false).await.status(),
+            StatusCode::OK
+        );
+    }
+    let slow = Script {
+        headers_for_query: Some(tags_of),
+        numbered: true,
+        delay: Duration::from_millis(1500),
+        ..Script::default()
+    };
+    up.script("/_render/teaser", slow);
+    let r = client()
+        .delete(format!("{}/routes/teaser?soft=1", one.admin))
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["soft"], true);
+    let stale = |answer: reqwest::Response| async move {
+        let status = answer.status();
+        let cache = answer.headers()["cache-status"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let old = answer.text().await.unwrap().ends_with(" #1");
+        (status, old, cache)
+    };
+    for i in 0..3 {
+        let (status, old, cache) = stale(get(&url(&one, "teaser", i), false).await).await;
+        assert!(
+            status == StatusCode::OK && old,
+            "{i}: the old body, never a placeholder"
+        );
+        assert_eq!(cache, "tessera; fwd=stale; detail=soft-purge", "{i}");
+    }
+    for gw in [&one, &two] {
+        for i in 0..3 {
+            let status = get(&url(gw, "teaser", i), false).await.status();
+            assert_eq!(status, StatusCode::OK, "{i}");
+        }
+        let (status, old, cache) = stale(get(&url(gw, "shelf", 0), false).await).await;
+        assert!(
+            status == StatusCode::OK && old && cache.contains("hit"),
+            "{cache}"
+        );
+    }
+    eventually("the new bodies are served", WITHIN, || async {
+        let mut all = true;
+        for gw in [&one, &two] {
+            for i in 0..3 {
+                all &= !stale(get(&url(gw, "teaser", i), false).await).await.1;
+            }
+        }
+        all
+    })
+    .await;
+    for i in 0..3 {
+        assert_eq!(renders(&up, "teaser", i), 2, "{i} rebuilt once");
+    }
+    assert_eq!(renders(&up, "shelf", 0), 1);
+    one.stop().await;
+    two.stop().await;
+}
+
 tessera_tests::on_both_backends!(
+    a_soft_route_purge_serves_stale_while_one_rebuild_runs,
     a_tag_purge_retires_exactly_its_fragments,
     a_retired_fragment_is_not_served_stale,
+    all_of_and_lists_retire_exactly_their_fragments,
+    a_soft_purge_serves_stale_while_one_rebuild_runs,
 );
 
 /// A render answer over the tag limit fails its build, naming the limit, and is not

@@ -45,15 +45,16 @@ pub(super) fn set(
     build_set(key.as_str(), value, &options).map_err(classify)
 }
 
-/// `ms <key> <size> T0 C<cas>`: replaces the value only if nobody changed it since it
+/// `ms <key> <size> T<ttl> C<cas>`: replaces the value only if nobody changed it since it
 /// was read with `cas`.
 pub(super) fn set_if_unchanged(
     key: &StoreKey,
     value: &[u8],
+    ttl: Duration,
     cas: u64,
 ) -> Result<MetaCommand, StoreError> {
     let mut options = SetOptions::default();
-    options.ttl = Some(0);
+    options.ttl = Some(expiry(ttl));
     options.compare_cas = Some(cas);
     build_set(key.as_str(), value, &options).map_err(classify)
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use memcache::exp::{MetaCommand, ReturnCode};
 use tessera_protocol::key::StoreKey;
-use tessera_protocol::store::{StoreError, check_size};
+use tessera_protocol::store::{Change, StoreError, check_size};
 
 use super::cluster::{Cluster, Place};
 use super::commands::{self, applied, classify, counted, found, number, too_large, unexpected};
@@ -208,10 +208,53 @@ impl Cluster {
             }
             let cas =
                 cas.ok_or_else(|| StoreError::Protocol("memcached: no CAS returned".into()))?;
-            let replace = commands::set_if_unchanged(key, value.as_bytes(), cas)?;
+            let replace = commands::set_if_unchanged(key, value.as_bytes(), Duration::ZERO, cas)?;
             let reply = self.one(place, key, replace, true).await?;
             match reply.rc {
                 ReturnCode::Hd => return Ok(to),
+                // Changed or gone since it was read: read again.
+                ReturnCode::Ex | ReturnCode::Nf | ReturnCode::Ns => {}
+                _ => return Err(unexpected(&reply)),
+            }
+        }
+        Err(StoreError::Protocol(format!(
+            "memcached: {key} keeps changing"
+        )))
+    }
+
+    /// Read with its CAS, `change` applied, then replaced only if unchanged (or added
+    /// when absent); again when someone changed it in between.
+    pub(super) async fn update(
+        self: &Arc<Self>,
+        place: Place,
+        key: &StoreKey,
+        change: &Change<'_>,
+    ) -> Result<Option<Bytes>, StoreError> {
+        for _ in 0..RAISE_TRIES {
+            let read = self
+                .one(place, key, commands::get_with_cas(key)?, false)
+                .await?;
+            let cas = read.cas;
+            let held = found(read)?;
+            let Some((value, ttl)) = change(held.as_deref()) else {
+                return Ok(held);
+            };
+            let Some(held) = held else {
+                if self.add(place, key, &value, ttl).await? {
+                    return Ok(Some(Bytes::from(value)));
+                }
+                continue;
+            };
+            if value[..] == held[..] {
+                return Ok(Some(held));
+            }
+            check_size(&value, self.max_item_size)?;
+            let cas =
+                cas.ok_or_else(|| StoreError::Protocol("memcached: no CAS returned".into()))?;
+            let replace = commands::set_if_unchanged(key, &value, ttl, cas)?;
+            let reply = self.one(place, key, replace, true).await?;
+            match reply.rc {
+                ReturnCode::Hd => return Ok(Some(Bytes::from(value))),
                 // Changed or gone since it was read: read again.
                 ReturnCode::Ex | ReturnCode::Nf | ReturnCode::Ns => {}
                 _ => return Err(unexpected(&reply)),

@@ -2,7 +2,7 @@
 //! failed or purged something, this gateway's cache applies it
 //! ([`CacheService`](super::CacheService): L1 evicts, long-polls wake, a tag purge is
 //! recorded so every envelope carrying the tag is retired on its next use). Failures are
-//! kept for the dashboard.
+//! kept for the dashboard. It also sends this gateway's heartbeats ([`super::acks`]).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -18,9 +18,15 @@ pub(crate) async fn follow(
     mut events: Box<dyn Subscription>,
     stopping: CancellationToken,
 ) {
+    let mut beat = tokio::time::interval(super::acks::HEARTBEAT);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let notice = tokio::select! {
             () = stopping.cancelled() => return,
+            _ = beat.tick() => {
+                cache.heartbeat();
+                continue;
+            }
             notice = events.next() => notice,
         };
         match notice {

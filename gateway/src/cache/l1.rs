@@ -38,6 +38,7 @@ use tokio::sync::OnceCell;
 use super::CacheError;
 use super::tags::TagPurges;
 use crate::compress::{Encoded, compressible, eligible};
+use tessera_protocol::tags::{AllOf, Purges, Record, Verdict};
 
 /// What the store said about one envelope key.
 #[derive(Debug)]
@@ -182,6 +183,8 @@ const SLOT_OVERHEAD: usize = 512 + std::mem::size_of::<Encoded>();
 #[derive(Debug, Clone, Copy)]
 struct Generation {
     value: u64,
+    /// The route's last soft purge (Unix ms; 0 for none), read with the generation.
+    soft_at: u64,
     loaded_at: Instant,
 }
 
@@ -372,17 +375,18 @@ impl L1 {
         self.last_invalidation.fetch_max(nanos, Ordering::AcqRel);
     }
 
-    /// The generation of `route`, from L1 or from `load`, and when it was read from the
-    /// store. Past `cache.ttl` it is read again; when the store cannot answer then, the
-    /// generation L1 last read serves on (a route purge would have invalidated it).
+    /// The generation of `route` and its last soft purge, from L1 or from `load`, and
+    /// when they were read from the store. Past `cache.ttl` they are read again; when the
+    /// store cannot answer then, what L1 last read serves on (a route purge would have
+    /// invalidated it).
     pub(crate) async fn generation<L, F>(
         &self,
         route: &str,
         load: L,
-    ) -> Result<(u64, Instant), CacheError>
+    ) -> Result<(u64, u64, Instant), CacheError>
     where
         L: FnOnce() -> F,
-        F: Future<Output = Result<u64, CacheError>>,
+        F: Future<Output = Result<(u64, u64), CacheError>>,
     {
         let logged = Logged::Route(route);
         let started = Instant::now();
@@ -390,7 +394,7 @@ impl L1 {
             if self.still_valid(logged, g.loaded_at)
                 && started.saturating_duration_since(g.loaded_at) < self.ttl
             {
-                return Ok((g.value, g.loaded_at));
+                return Ok((g.value, g.soft_at, g.loaded_at));
             }
             self.generations.invalidate(route).await;
         }
@@ -398,8 +402,9 @@ impl L1 {
         let loaded = Box::pin(
             self.generations
                 .try_get_with(route.to_string(), async move {
-                    load().await.map(|value| Generation {
+                    load().await.map(|(value, soft_at)| Generation {
                         value,
+                        soft_at,
                         loaded_at: started,
                     })
                 }),
@@ -414,13 +419,13 @@ impl L1 {
                     // The load straddled a purge: answer it, keep nothing.
                     self.generations.invalidate(route).await;
                 }
-                Ok((g.value, g.loaded_at))
+                Ok((g.value, g.soft_at, g.loaded_at))
             }
             Err(CacheError::Store(e)) => self
                 .known
                 .get(route)
                 .filter(|g| self.still_valid(logged, g.loaded_at))
-                .map(|g| (g.value, g.loaded_at))
+                .map(|g| (g.value, g.soft_at, g.loaded_at))
                 .ok_or(CacheError::Store(e)),
             Err(e) => Err(e),
         }
@@ -533,7 +538,7 @@ impl L1 {
         let e = &slot.envelope;
         self.still_valid(Logged::Key(key.as_str()), slot.loaded_at)
             && e.servable(now_ms())
-            && !e.retired_by(|t| self.tags.last_known(t))
+            && self.tags.verdict_as_last_known(e) != Verdict::Retired
     }
 
     /// The slot of `key` loaded past `cache.ttl` ago, still valid and servable: what to
@@ -591,11 +596,45 @@ impl L1 {
         self.generations.invalidate(route).await;
     }
 
-    /// `tag` was purged at `purged_at` (Unix ms). Hot answers are dropped with it (they
-    /// check no tags).
-    pub(crate) fn invalidate_tag(&self, tag: &str, purged_at: u64) {
-        self.tags.learn(tag, purged_at, Instant::now());
+    /// `tag` was purged at `purged_at` (Unix ms), or softly purged. Hot answers are
+    /// dropped with it (they check no tags).
+    pub(crate) fn invalidate_tag(&self, tag: &str, purged_at: u64, soft: bool) {
+        let purges = if soft {
+            Purges {
+                at: 0,
+                record: Arc::new(Record {
+                    soft: purged_at,
+                    ..Record::default()
+                }),
+            }
+        } else {
+            Purges {
+                at: purged_at,
+                record: Arc::default(),
+            }
+        };
+        self.tags.heard(tag, &purges, Instant::now());
         self.log(Logged::Tag(tag));
+    }
+
+    /// The fragments carrying all of `tags` (sorted, the first one their record's) were
+    /// purged at `purged_at` (Unix ms). Hot answers are dropped with them.
+    pub(crate) fn invalidate_all_of(&self, tags: &[String], purged_at: u64) {
+        let Some(home) = tags.first() else { return };
+        let record = Record {
+            folded: 0,
+            all_of: vec![AllOf {
+                at: purged_at,
+                tags: tags.to_vec(),
+            }],
+            soft: 0,
+        };
+        let purges = Purges {
+            at: 0,
+            record: Arc::new(record),
+        };
+        self.tags.heard(home, &purges, Instant::now());
+        self.log(Logged::Tag(home));
     }
 
     /// Events may have been missed: forget everything loaded before now.
@@ -782,16 +821,25 @@ mod tests {
     #[tokio::test]
     async fn route_invalidation_reloads_the_generation() {
         let l1 = L1::new(1 << 20, Duration::from_secs(60));
-        assert_eq!(l1.generation("r", || async { Ok(1) }).await.unwrap().0, 1);
         assert_eq!(
-            l1.generation("r", || async { Ok(2) }).await.unwrap().0,
+            l1.generation("r", || async { Ok((1, 0)) }).await.unwrap().0,
+            1
+        );
+        assert_eq!(
+            l1.generation("r", || async { Ok((2, 0)) }).await.unwrap().0,
             1,
             "cached"
         );
         l1.invalidate_route("r").await;
-        assert_eq!(l1.generation("r", || async { Ok(2) }).await.unwrap().0, 2);
+        assert_eq!(
+            l1.generation("r", || async { Ok((2, 0)) }).await.unwrap().0,
+            2
+        );
         l1.invalidate_all();
-        assert_eq!(l1.generation("r", || async { Ok(3) }).await.unwrap().0, 3);
+        assert_eq!(
+            l1.generation("r", || async { Ok((3, 0)) }).await.unwrap().0,
+            3
+        );
     }
 
     #[tokio::test]
@@ -899,7 +947,10 @@ mod tests {
         l1.read(&key(1), || async { Ok(found(Duration::from_secs(60))) })
             .await
             .unwrap();
-        assert_eq!(l1.generation("r", || async { Ok(7) }).await.unwrap().0, 7);
+        assert_eq!(
+            l1.generation("r", || async { Ok((7, 0)) }).await.unwrap().0,
+            7
+        );
         std::thread::sleep(TTL * 2);
         // The store hangs a little, then fails: the readers overlap.
         let reads: Vec<_> = (0..20)
@@ -959,11 +1010,17 @@ mod tests {
     #[tokio::test]
     async fn a_generation_outlives_a_dead_store_but_not_a_purge() {
         let l1 = L1::new(1 << 20, TTL);
-        assert_eq!(l1.generation("r", || async { Ok(4) }).await.unwrap().0, 4);
+        assert_eq!(
+            l1.generation("r", || async { Ok((4, 0)) }).await.unwrap().0,
+            4
+        );
         std::thread::sleep(TTL * 2);
         let kept = l1.generation("r", || async { Err(store_down()) }).await;
         assert_eq!(kept.unwrap().0, 4);
-        assert_eq!(l1.generation("r", || async { Ok(5) }).await.unwrap().0, 5);
+        assert_eq!(
+            l1.generation("r", || async { Ok((5, 0)) }).await.unwrap().0,
+            5
+        );
         l1.invalidate_route("r").await;
         std::thread::sleep(TTL * 2);
         assert!(

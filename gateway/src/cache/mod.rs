@@ -20,8 +20,10 @@
 //! - [`hot`]: the last fresh answer per request target, for the hit path.
 //! - [`tags`]: what this gateway knows of tag purges, for the hit path.
 //! - [`events`]: follows built/failed/purged events from every worker and gateway.
+//! - [`acks`]: heartbeats, and who acknowledged a purge.
 //! - [`waiters`]: long-poll wake-ups for `Prefer: wait`.
 
+pub(crate) mod acks;
 pub(crate) mod events;
 pub(crate) mod hot;
 pub(crate) mod l1;
@@ -36,7 +38,7 @@ use futures_util::future::join_all;
 use tessera_protocol::config::background_queue;
 use tessera_protocol::envelope::Freshness;
 use tessera_protocol::message::VERSION;
-use tessera_protocol::tags::{self as tag_keys, Tag};
+use tessera_protocol::tags::{self as tag_keys, Tag, Verdict};
 use tessera_protocol::time::{now_ms, remaining};
 use tessera_protocol::{
     Backends, BuildRequest, BusError, Config, Envelope, Event, FragmentKeys, FragmentRoute,
@@ -46,6 +48,7 @@ use tessera_runtime::otel::{self, KeyValue};
 use tessera_runtime::reload::LiveConfig;
 
 use crate::metrics::{CacheStatus, Metrics};
+use acks::Acks;
 use events::{Failure, Failures};
 use hot::{Hot, HotAnswers, LastHeaders};
 use l1::{Entry, L1, Loaded, Read, Slot, SlotState};
@@ -88,6 +91,9 @@ pub(crate) struct Fragment<'c> {
     pub generation: u64,
     /// Where the fragment lives in that generation.
     pub keys: FragmentKeys,
+    /// The route's last soft purge (Unix ms; 0 for none), read with its generation:
+    /// what rendered before it is stale.
+    pub soft_at: u64,
     /// When that generation was read from the store.
     pub generation_read_at: Instant,
     /// The request's trace, passed on to the build.
@@ -105,6 +111,8 @@ pub(crate) enum Found {
         stale: bool,
         /// The store could not answer: this is L1's last copy (stale-if-error).
         fallback: bool,
+        /// Fresh, but a soft purge made it stale: served while its one rebuild runs.
+        soft_purged: bool,
     },
     /// A build is queued or running.
     Pending,
@@ -153,6 +161,18 @@ pub(crate) enum Priority {
     Background,
 }
 
+/// What a purge of tags retires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TagPurge {
+    /// Every fragment carrying any of the tags.
+    Each,
+    /// Every fragment carrying all of the tags.
+    AllOf,
+    /// Every fragment carrying any of the tags is made stale: served while one rebuild
+    /// runs.
+    Soft,
+}
+
 /// The outcome of asking for a build.
 #[derive(Debug)]
 pub(crate) enum Requested {
@@ -175,6 +195,8 @@ pub(crate) struct CacheService {
     hot: HotAnswers,
     waiters: Waiters,
     failures: Failures,
+    /// Heartbeats heard, and the purges whose acknowledgements someone waits for.
+    pub(crate) acks: Acks,
     metrics: Arc<Metrics>,
 }
 
@@ -189,6 +211,7 @@ impl CacheService {
             hot: HotAnswers::new(cache.capacity.as_u64() / 4),
             waiters: Waiters::default(),
             failures: Failures::default(),
+            acks: Acks::new(acks::gateway_id()),
             config,
             backends,
             metrics,
@@ -203,11 +226,16 @@ impl CacheService {
         identity: Identity,
         trace: &'c dyn TraceId,
     ) -> Result<Fragment<'c>, CacheError> {
-        let (generation, generation_read_at) = self
+        let (generation, soft_at, generation_read_at) = self
             .l1
             .generation(&route.name, || async {
+                let store = self.backends.store.as_ref();
                 let key = self.backends.keys.generation(&route.name);
-                Ok(store::generation(self.backends.store.as_ref(), &key).await?)
+                let soft_key = self.backends.keys.route_soft(&route.name);
+                let soft = store::Register::of(store, &soft_key);
+                let (generation, soft_at) =
+                    tokio::join!(store::generation(store, &key), soft.read());
+                Ok((generation?, soft_at?.unwrap_or(0)))
             })
             .await?;
         Ok(Fragment {
@@ -215,6 +243,7 @@ impl CacheService {
             route,
             identity,
             generation,
+            soft_at,
             generation_read_at,
             trace,
         })
@@ -243,8 +272,8 @@ impl CacheService {
             .await?;
         match read {
             Read::Current(entry) => {
-                let entry = self.screen(t, entry).await?;
-                Ok(self.judge(t, entry))
+                let (entry, soft) = self.screen(t, entry).await?;
+                Ok(self.judge(t, entry, soft))
             }
             Read::Fallback(slot) => {
                 tracing::debug!(key = %t.keys.envelope, "store unavailable; serving L1's last copy");
@@ -252,6 +281,7 @@ impl CacheService {
                     slot,
                     stale: true,
                     fallback: true,
+                    soft_purged: false,
                 })
             }
         }
@@ -259,13 +289,18 @@ impl CacheService {
 
     /// `entry`, unless a tag purge retired its envelope: then the envelope is dropped from
     /// L1, its build requested as for a miss, and what that leaves (pending, or a build
-    /// that just finished) cached and returned instead.
-    async fn screen(&self, t: &Fragment<'_>, entry: Entry) -> Result<Entry, CacheError> {
+    /// that just finished) cached and returned instead. Whether a soft purge made the
+    /// envelope stale comes with it.
+    async fn screen(&self, t: &Fragment<'_>, entry: Entry) -> Result<(Entry, bool), CacheError> {
         let Entry::Found(slot) = &entry else {
-            return Ok(entry);
+            return Ok((entry, false));
         };
-        if !self.retired(&slot.envelope).await? {
-            return Ok(entry);
+        // A soft purge of the route makes stale what rendered before it.
+        let route_soft = slot.envelope.retired_at(t.soft_at);
+        match self.verdict(&slot.envelope).await? {
+            Verdict::Usable => return Ok((entry, route_soft)),
+            Verdict::Stale => return Ok((entry, true)),
+            Verdict::Retired => {}
         }
         self.metrics.tag_retired.inc();
         tracing::debug!(key = %t.keys.envelope, "retired by a tag purge; rebuilding");
@@ -276,35 +311,38 @@ impl CacheService {
             .request_build(t, Priority::Waited, 0)
             .await?
             .into_loaded();
-        Ok(self.l1.insert(&t.keys.envelope, loaded, started).await)
+        Ok((
+            self.l1.insert(&t.keys.envelope, loaded, started).await,
+            false,
+        ))
     }
 
-    /// Whether a tag purge retired `envelope`: its tags are looked up in L1's tag table,
-    /// and those it does not know (within `cache.ttl`) read from the store in one
-    /// `get_many`. When the store cannot answer, what L1 last knew of every tag decides;
-    /// a tag it never knew makes it a store error.
-    async fn retired(&self, envelope: &Envelope) -> Result<bool, CacheError> {
+    /// What the purges of its tags make of `envelope`: its tags are looked up in L1's tag
+    /// table, and those it does not know (within `cache.ttl`) read from the store at once.
+    /// When the store cannot answer, what L1 last knew of every tag decides; a tag it
+    /// never knew makes it a store error.
+    async fn verdict(&self, envelope: &Envelope) -> Result<Verdict, CacheError> {
         if envelope.tags.is_empty() {
-            return Ok(false);
+            return Ok(Verdict::Usable);
         }
         let known = &self.l1.tags;
         let now = Instant::now();
         let mut unknown: Vec<&str> = Vec::new();
+        let mut worst = Verdict::Usable;
         for tag in &envelope.tags {
             match known.current(tag, now) {
-                Some(at) if envelope.retired_at(at) => return Ok(true),
-                Some(_) => {}
+                Some(purges) => worst = worst.max(purges.verdict(envelope)),
                 None => unknown.push(tag),
             }
         }
-        if unknown.is_empty() {
-            return Ok(false);
+        if unknown.is_empty() || worst == Verdict::Retired {
+            return Ok(worst);
         }
-        let read = tag_keys::purged_at(self.backends.store.as_ref(), &self.backends.keys, &unknown);
+        let read = tag_keys::read(self.backends.store.as_ref(), &self.backends.keys, &unknown);
         match read.await {
             Ok(found) => {
-                for (tag, at) in &found {
-                    known.learn(tag, *at, now);
+                for (tag, purges) in &found {
+                    known.learn(tag, purges, now);
                 }
             }
             Err(e) if unknown.iter().all(|t| known.last_known(t).is_some()) => {
@@ -312,7 +350,7 @@ impl CacheService {
             }
             Err(e) => return Err(e.into()),
         }
-        Ok(envelope.retired_by(|t| known.last_known(t)))
+        Ok(known.verdict_as_last_known(envelope))
     }
 
     /// Looks every target up at once: L1, then one multi-get for the rest, then one
@@ -355,6 +393,7 @@ impl CacheService {
                     slot,
                     stale: true,
                     fallback: true,
+                    soft_purged: false,
                 };
                 (key, serve)
             })
@@ -365,8 +404,8 @@ impl CacheService {
             }
             if let Some(entry) = entries.get(&t.keys.envelope) {
                 match self.screen(t, entry.clone()).await {
-                    Ok(entry) => {
-                        found.insert(t.keys.envelope.clone(), self.judge(t, entry));
+                    Ok((entry, soft)) => {
+                        found.insert(t.keys.envelope.clone(), self.judge(t, entry, soft));
                     }
                     Err(e) => {
                         tessera_runtime::warn_throttled!("store", route = %t.route.name, error = %e, "include left out: its tags could not be checked");
@@ -434,14 +473,19 @@ impl CacheService {
     }
 
     /// What to answer for a slot at this instant; requests the one rebuild a stale or
-    /// expired-failure slot calls for (in the background: the answer never waits).
-    fn judge(self: &Arc<Self>, t: &Fragment<'_>, entry: Entry) -> Found {
+    /// expired-failure slot calls for (in the background: the answer never waits). A
+    /// `soft`-purged envelope is stale, however fresh.
+    fn judge(self: &Arc<Self>, t: &Fragment<'_>, entry: Entry, soft: bool) -> Found {
         let now = now_ms();
         let Entry::Found(slot) = entry else {
             return Found::Pending;
         };
         let envelope = &slot.envelope;
-        let freshness = envelope.freshness(now);
+        let mut freshness = envelope.freshness(now);
+        let soft_purged = soft && freshness == Freshness::Fresh;
+        if soft_purged {
+            freshness = Freshness::Stale;
+        }
         let servable = envelope.servable(now);
         if freshness == Freshness::Fresh
             && refresh_early(remaining(now, envelope.fresh_until), t.route.refresh_ahead)
@@ -465,12 +509,14 @@ impl CacheService {
                 slot: slot.clone(),
                 stale: false,
                 fallback: false,
+                soft_purged: false,
             },
             Freshness::Stale | Freshness::Failed | Freshness::FailedExpired if servable => {
                 Found::Serve {
                     slot: slot.clone(),
                     stale: true,
                     fallback: false,
+                    soft_purged,
                 }
             }
             Freshness::Failed => Found::Failed {
@@ -497,6 +543,7 @@ impl CacheService {
             t.keys.clone(),
             t.generation_read_at,
         );
+        let soft_at = t.soft_at;
         let trace = t.trace.trace_id().to_string();
         tokio::spawn(async move {
             let target = Fragment {
@@ -504,6 +551,7 @@ impl CacheService {
                 identity,
                 generation,
                 keys,
+                soft_at,
                 generation_read_at,
                 trace: &trace,
             };
@@ -546,7 +594,7 @@ impl CacheService {
         if let Some(bytes) = won.envelope
             && let Ok(envelope) = Envelope::decode(&bytes)
             && now.max(replaces) < envelope.fresh_until
-            && !self.retired(&envelope).await?
+            && self.verdict(&envelope).await? == Verdict::Usable
         {
             lease.release().await?;
             return Ok(Requested::JustBuilt(envelope));
@@ -614,55 +662,130 @@ impl CacheService {
 
 impl CacheService {
     /// Deletes one fragment everywhere (from both servers that may hold it, on a store of
-    /// several) and tells every gateway; whether it was there.
-    pub(crate) async fn purge_fragment(&self, t: &Fragment<'_>) -> Result<bool, CacheError> {
+    /// several) and tells every gateway, naming the purge `id`; whether it was there.
+    /// A `soft` purge keeps the envelope, made stale ([`Envelope::soft_purged`]): it is
+    /// served stale while one rebuild runs.
+    pub(crate) async fn purge_fragment(
+        &self,
+        t: &Fragment<'_>,
+        soft: bool,
+        id: &str,
+    ) -> Result<bool, CacheError> {
         let key = &t.keys.envelope;
-        let deleted = store::copies::delete_everywhere(self.backends.store.as_ref(), key).await?;
+        let store = self.backends.store.as_ref();
+        let deleted = if soft {
+            self.metrics.soft_purges.inc();
+            let soften = |held: Option<&[u8]>| Envelope::soft_purged(held, now_ms());
+            store::copies::update_everywhere(store, key, &soften).await?
+        } else {
+            store::copies::delete_everywhere(store, key).await?
+        };
         // Evict here first, so this gateway is right even if the broker is down.
         self.l1.invalidate_key(key).await;
         let event = Event::Purged {
             purge: Purge::Key {
                 key: key.to_string(),
             },
+            id: Some(id.to_string()),
         };
         self.backends.bus.publish_event(&event).await?;
-        tracing::info!(route = %t.route.name, %key, deleted, "fragment purged");
+        tracing::info!(route = %t.route.name, %key, deleted, soft, "fragment purged");
         Ok(deleted)
     }
 
-    /// Purges `tag` everywhere: records the instant in the tag's store key, so every
-    /// fragment rendered before it is retired in every gateway, then tells every gateway
-    /// (whose L1 and hot answers forget it at once). Returns the instant (Unix ms).
-    pub(crate) async fn purge_tag(&self, tag: &Tag) -> Result<u64, CacheError> {
-        let purged_at =
-            tag_keys::purge(self.backends.store.as_ref(), &self.backends.keys, tag).await?;
-        // Here first, so this gateway is right even if the broker is down.
-        self.l1.invalidate_tag(tag.as_str(), purged_at);
-        self.metrics.tag_purges.inc();
-        let event = Event::Purged {
-            purge: Purge::Tag {
-                tag: tag.to_string(),
-                purged_at,
-            },
-        };
-        self.backends.bus.publish_event(&event).await?;
-        tracing::info!(%tag, purged_at, "tag purged");
+    /// Purges `tags` everywhere: each of them, or (`all_of`) the fragments carrying all
+    /// of them. Records the instant in the store (each tag's key, or the record of the
+    /// smallest tag, see [`tessera_protocol::tags`]), so every fragment rendered before it
+    /// is retired in every gateway, then tells every gateway (whose L1 and hot answers
+    /// forget it at once); the last event names the purge `id`. Returns the instant (Unix
+    /// ms).
+    pub(crate) async fn purge_tags(
+        &self,
+        tags: &[Tag],
+        how: TagPurge,
+        id: &str,
+    ) -> Result<u64, CacheError> {
+        let (store, keys) = (self.backends.store.as_ref(), &self.backends.keys);
+        let mut names: Vec<String> = tags.iter().map(ToString::to_string).collect();
+        names.sort();
+        names.dedup();
+        // Here first (L1), so this gateway is right even if the broker is down.
+        let (purged_at, mut events): (u64, Vec<Event>) =
+            if how == TagPurge::AllOf && names.len() > 1 {
+                let purged_at = tag_keys::purge_all_of(store, keys, tags).await?;
+                self.l1.invalidate_all_of(&names, purged_at);
+                let purge = Purge::AllOf {
+                    all_of: names.clone(),
+                    purged_at,
+                };
+                (purged_at, vec![Event::Purged { purge, id: None }])
+            } else {
+                let soft = how == TagPurge::Soft;
+                let purged_at = if soft {
+                    self.metrics.soft_purges.inc_by(names.len() as u64);
+                    tag_keys::soft_purge(store, keys, tags).await?
+                } else {
+                    tag_keys::purge_each(store, keys, tags).await?
+                };
+                let events = names
+                    .iter()
+                    .map(|tag| {
+                        self.l1.invalidate_tag(tag, purged_at, soft);
+                        let purge = Purge::Tag {
+                            tag: tag.clone(),
+                            purged_at,
+                            soft,
+                        };
+                        Event::Purged { purge, id: None }
+                    })
+                    .collect();
+                (purged_at, events)
+            };
+        // One per event: each is heard once by every gateway (`tag_purges_heard`).
+        self.metrics.tag_purges.inc_by(events.len() as u64);
+        if let Some(Event::Purged { id: last, .. }) = events.last_mut() {
+            *last = Some(id.to_string());
+        }
+        for event in &events {
+            self.backends.bus.publish_event(event).await?;
+        }
+        tracing::info!(tags = %names.join(" "), ?how, purged_at, "tags purged");
         Ok(purged_at)
     }
 
-    /// Moves a route to a new generation and tells every gateway; the new generation.
-    pub(crate) async fn purge_route(&self, route: &FragmentRoute) -> Result<u64, CacheError> {
+    /// Moves a route to a new generation (or, `soft`, records a soft purge of it, which
+    /// makes stale what rendered before it) and tells every gateway, naming the purge
+    /// `id`; the generation.
+    pub(crate) async fn purge_route(
+        &self,
+        route: &FragmentRoute,
+        soft: bool,
+        id: &str,
+    ) -> Result<u64, CacheError> {
+        let store = self.backends.store.as_ref();
         let key = self.backends.keys.generation(&route.name);
-        let generation = store::bump_generation(self.backends.store.as_ref(), &key).await?;
+        let generation = if soft {
+            // Beside the generation, which stays: what rendered before it is stale.
+            self.metrics.soft_purges.inc();
+            let soft_key = self.backends.keys.route_soft(&route.name);
+            store::Register::of(store, &soft_key)
+                .raise(now_ms())
+                .await?;
+            store::generation(store, &key).await?
+        } else {
+            store::bump_generation(store, &key).await?
+        };
         self.l1.invalidate_route(&route.name).await;
         let event = Event::Purged {
             purge: Purge::Route {
                 route: route.name.clone(),
                 generation,
+                soft,
             },
+            id: Some(id.to_string()),
         };
         self.backends.bus.publish_event(&event).await?;
-        tracing::info!(route = %route.name, generation, "route purged");
+        tracing::info!(route = %route.name, generation, soft, "route purged");
         Ok(generation)
     }
 }
@@ -687,29 +810,78 @@ impl CacheService {
             .filter(|r| self.config.load().route(r).is_some());
         match event {
             Event::Failed { error, .. } => self.failures.record(route.unwrap_or(""), error),
-            Event::Purged {
-                purge: Purge::Route { route, .. },
-            } => self.l1.invalidate_route(route).await,
-            Event::Purged {
-                purge: Purge::Tag { tag, purged_at },
-            } => {
-                self.l1.invalidate_tag(tag, *purged_at);
-                self.metrics.tag_purges_heard.inc();
+            Event::Purged { purge, .. } => self.apply_purge(purge).await,
+            Event::Heartbeat { gateway } => self.acks.heartbeat(gateway, Instant::now()),
+            Event::PurgeApplied { purge_id, gateway } => {
+                self.acks.applied(purge_id, gateway, Instant::now());
             }
-            Event::Built { .. } | Event::Purged { .. } => {}
+            Event::Built { .. } => {}
         }
         if let Some(keys) = &keys {
             // Evict first, then wake: a woken request must not find the old entry.
             self.l1.invalidate_key(&keys.envelope).await;
             self.waiters.wake(keys.envelope.as_str());
         }
+        if let Event::Purged { id: Some(id), .. } = event {
+            self.acknowledge(id);
+        }
         // Counted once applied: whoever reads a count finds L1 already without the old entry.
         let Some(route) = route else { return };
         match event {
             Event::Failed { .. } => self.metrics.build_failed(route),
             Event::Built { build_ms, .. } => self.metrics.build_succeeded(route, *build_ms),
-            Event::Purged { .. } => {}
+            Event::Purged { .. } | Event::Heartbeat { .. } | Event::PurgeApplied { .. } => {}
         }
+    }
+
+    /// Applies what a purge event says beyond its key: a route's generation forgotten,
+    /// a tag purge recorded.
+    async fn apply_purge(&self, purge: &Purge) {
+        match purge {
+            Purge::Route { route, .. } => self.l1.invalidate_route(route).await,
+            Purge::Tag {
+                tag,
+                purged_at,
+                soft,
+            } => {
+                self.l1.invalidate_tag(tag, *purged_at, *soft);
+                self.metrics.tag_purges_heard.inc();
+            }
+            Purge::AllOf { all_of, purged_at } => {
+                self.l1.invalidate_all_of(all_of, *purged_at);
+                self.metrics.tag_purges_heard.inc();
+            }
+            Purge::Key { .. } => {}
+        }
+    }
+
+    /// Tells the purging gateway that this one applied the purge `id` (sent beside the
+    /// event loop, which does not wait for the broker's confirm).
+    fn acknowledge(&self, id: &str) {
+        let bus = self.backends.bus.clone();
+        let event = Event::PurgeApplied {
+            purge_id: id.to_string(),
+            gateway: self.acks.me().to_string(),
+        };
+        self.metrics.purge_acks.inc();
+        tokio::spawn(async move {
+            if let Err(e) = bus.publish_event(&event).await {
+                tessera_runtime::warn_throttled!("bus", error = %e, "could not acknowledge a purge");
+            }
+        });
+    }
+
+    /// Announces this gateway to the others (sent beside the event loop).
+    fn heartbeat(&self) {
+        let bus = self.backends.bus.clone();
+        let event = Event::Heartbeat {
+            gateway: self.acks.me().to_string(),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = bus.publish_event(&event).await {
+                tessera_runtime::warn_throttled!("bus", error = %e, "could not send a heartbeat");
+            }
+        });
     }
 
     /// Events may have been missed: everything L1 holds is forgotten, and every waiter

@@ -8,6 +8,10 @@
 //! | `DELETE /fragments/{name}?{params}` | deletes one fragment (with the request's `vary` cookies/headers) |
 //! | `DELETE /routes/{name}` | moves the route to a new generation: every fragment of it is gone |
 //! | `DELETE /tags/{tag}` | retires every fragment whose render answer carried the tag (`Surrogate-Key`), on every route |
+//! | `DELETE /tags/{a},{b},…` | the same for each tag of the list (at most 32) |
+//! | `DELETE /tags/{a},{b},…?all_of=1` | retires every fragment carrying all of the tags |
+//! | `…?soft=1` (or `Fastly-Soft-Purge: 1`) on any purge | makes the content stale instead: served while one rebuild runs |
+//! | `…?wait=2s` on any purge | answers once every known gateway applied it (or after the wait), saying who missed ([`crate::cache::acks`]) |
 //! | `GET /` | the dashboard (refreshes itself from `GET /api/status`; `dashboard.js`, `dashboard.css`) |
 //! | `/dead-letters…` | list, retry and discard dead letters ([`super::dead_letters`]) |
 //!
@@ -23,6 +27,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -33,7 +38,8 @@ use tessera_runtime::reload::LiveConfig;
 use super::dead_letters;
 use super::error::GatewayError;
 use super::headers::Trace;
-use crate::cache::CacheService;
+use crate::cache::acks::{MAX_WAIT, Ticket};
+use crate::cache::{CacheService, TagPurge};
 use crate::metrics::Metrics;
 use tessera_runtime::web::{self, Body, READY_TIMEOUT, json, problem, text};
 
@@ -101,13 +107,13 @@ impl Admin {
             }
             (&Method::DELETE, p) if p.starts_with("/tags/") => {
                 let name = &p["/tags/".len()..];
-                self.purge_tag(name)
+                self.purge_tags(name, &req)
                     .await
                     .unwrap_or_else(GatewayError::into_response)
             }
             (&Method::DELETE, p) if p.starts_with("/routes/") => {
                 let name = &p["/routes/".len()..];
-                self.purge_route(name)
+                self.purge_route(name, &req)
                     .await
                     .unwrap_or_else(GatewayError::into_response)
             }
@@ -131,43 +137,146 @@ impl Admin {
         name: &str,
         req: &Request<Incoming>,
     ) -> Result<Response<Body>, GatewayError> {
+        let wait = wait_param(req.uri().query())?;
+        let soft = soft_param(req.uri().query(), req.headers())?;
         let config = self.config.load();
         let route = config
             .route(name)
             .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
-        let identity = Identity::from_request(route, req.uri().query(), req.headers())?;
+        // `wait` and `soft` are the purge's, not params of the fragment.
+        let params: Vec<&str> = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.starts_with("wait=") && !p.starts_with("soft="))
+            .collect();
+        let query = params.join("&");
+        let identity = Identity::from_request(route, Some(&query), req.headers())?;
         let trace = Trace::new(req.headers());
         let fragment = self.cache.fragment(route, identity, &trace).await?;
-        let deleted = self.cache.purge_fragment(&fragment).await?;
+        let ticket = self.cache.acks.open();
+        let deleted = self
+            .cache
+            .purge_fragment(&fragment, soft, ticket.id())
+            .await?;
         let key = fragment.keys.envelope.as_str();
-        let body = serde_json::json!({ "route": route.name, "key": key, "deleted": deleted });
-        Ok(json(StatusCode::OK, &body))
+        let body = serde_json::json!({ "route": route.name, "key": key, "deleted": deleted, "soft": soft });
+        Ok(self.purged(body, &ticket, wait).await)
     }
 
-    /// Purges a tag (percent-encoded in the path) and tells every gateway.
-    async fn purge_tag(&self, encoded: &str) -> Result<Response<Body>, GatewayError> {
+    /// Purges a tag, or a list of them (percent-encoded in the path, separated by
+    /// commas), each or (`?all_of=1`) the fragments carrying all of them, and tells
+    /// every gateway.
+    async fn purge_tags(
+        &self,
+        encoded: &str,
+        req: &Request<Incoming>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let query = req.uri().query();
         if encoded.is_empty() {
             return Ok(problem(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "name the tag to purge: DELETE /tags/{tag}",
+                "name the tags to purge: DELETE /tags/{tag} or /tags/{a},{b}",
             ));
         }
-        let tag = Tag::from_path_segment(encoded)?;
-        let purged_at = self.cache.purge_tag(&tag).await?;
-        let body = serde_json::json!({ "tag": tag.as_str(), "purged_at": purged_at });
-        Ok(json(StatusCode::OK, &body))
+        let (all_of, wait) = (flag_param(query, "all_of")?, wait_param(query)?);
+        let soft = soft_param(query, req.headers())?;
+        let tags = Tag::list_from_path_segment(encoded)?;
+        let how = match (all_of, soft) {
+            (true, true) if tags.len() > 1 => {
+                return Err(GatewayError::BadPurgeOption(
+                    "a soft purge of all of several tags is not supported: purge them \
+                     softly one by one, or all of them at once without soft"
+                        .into(),
+                ));
+            }
+            (_, true) => TagPurge::Soft,
+            (true, false) => TagPurge::AllOf,
+            (false, false) => TagPurge::Each,
+        };
+        let ticket = self.cache.acks.open();
+        let purged_at = self.cache.purge_tags(&tags, how, ticket.id()).await?;
+        let names: Vec<&str> = tags.iter().map(Tag::as_str).collect();
+        let mut body = serde_json::json!({
+            "tags": names, "all_of": all_of, "soft": soft, "purged_at": purged_at,
+        });
+        if let [one] = &names[..] {
+            body["tag"] = (*one).into();
+        }
+        Ok(self.purged(body, &ticket, wait).await)
     }
 
-    /// Moves a route to a new generation and tells every gateway.
-    async fn purge_route(&self, name: &str) -> Result<Response<Body>, GatewayError> {
+    /// Moves a route to a new generation (or, soft, makes what it holds stale) and tells
+    /// every gateway.
+    async fn purge_route(
+        &self,
+        name: &str,
+        req: &Request<Incoming>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let query = req.uri().query();
+        let (wait, soft) = (wait_param(query)?, soft_param(query, req.headers())?);
         let config = self.config.load();
         let route = config
             .route(name)
             .ok_or_else(|| GatewayError::UnknownRoute(name.to_string()))?;
-        let generation = self.cache.purge_route(route).await?;
-        let body = serde_json::json!({ "route": route.name, "generation": generation });
-        Ok(json(StatusCode::OK, &body))
+        let ticket = self.cache.acks.open();
+        let generation = self.cache.purge_route(route, soft, ticket.id()).await?;
+        let body =
+            serde_json::json!({ "route": route.name, "generation": generation, "soft": soft });
+        Ok(self.purged(body, &ticket, wait).await)
+    }
+
+    /// The answer to a purge made under `ticket`: `body`, with, when the request asked
+    /// to `wait`, what the acknowledgements amount to (`acknowledged`).
+    async fn purged(
+        &self,
+        mut body: serde_json::Value,
+        ticket: &Ticket<'_>,
+        wait: Option<Duration>,
+    ) -> Response<Body> {
+        if let Some(wait) = wait {
+            let report = ticket.wait(wait).await;
+            if !report.missed.is_empty() {
+                self.metrics.purges_unacknowledged.inc();
+            }
+            body["acknowledged"] = serde_json::json!(report);
+        }
+        json(StatusCode::OK, &body)
+    }
+}
+
+/// A purge's `wait` (`?wait=2s`, `500ms`; at most [`MAX_WAIT`]); a bad value is refused.
+fn wait_param(query: Option<&str>) -> Result<Option<Duration>, GatewayError> {
+    let Some(text) = dead_letters::query_param(query, "wait") else {
+        return Ok(None);
+    };
+    match humantime::parse_duration(text) {
+        Ok(wait) if wait <= MAX_WAIT => Ok(Some(wait)),
+        _ => Err(GatewayError::BadPurgeOption(format!(
+            "wait is a duration of at most {}s, such as 2s or 500ms, not {text:?}",
+            MAX_WAIT.as_secs()
+        ))),
+    }
+}
+
+/// Whether a purge is soft: `?soft=1`, or Fastly's `Fastly-Soft-Purge: 1` header.
+fn soft_param(query: Option<&str>, headers: &http::HeaderMap) -> Result<bool, GatewayError> {
+    let header = headers
+        .get("fastly-soft-purge")
+        .is_some_and(|v| v.as_bytes() == b"1");
+    Ok(flag_param(query, "soft")? || header)
+}
+
+/// A yes/no query parameter (`1`, `true`, `0`, `false`; absent: no).
+fn flag_param(query: Option<&str>, name: &str) -> Result<bool, GatewayError> {
+    match dead_letters::query_param(query, name) {
+        None | Some("0" | "false") => Ok(false),
+        Some("1" | "true") => Ok(true),
+        Some(other) => Err(GatewayError::BadPurgeOption(format!(
+            "{name} is 1 or 0, not {other:?}"
+        ))),
     }
 }
 
@@ -262,6 +371,8 @@ impl Admin {
                 "dead_letters": dead,
                 "ready": ready.to_json(),
                 "store_servers": self.backends.store.servers(),
+                "gateway": self.cache.acks.me(),
+                "gateways": self.cache.acks.known(std::time::Instant::now()),
             }),
         )
     }

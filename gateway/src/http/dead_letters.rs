@@ -158,7 +158,8 @@ pub(crate) fn letter_json(d: &DeadLetter) -> serde_json::Value {
     })
 }
 
-fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+/// The value of the first `name=` in `query`, as it is (not decoded).
+pub(super) fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
     query?
         .split('&')
         .filter_map(|p| p.split_once('='))

@@ -28,6 +28,9 @@ pub(crate) enum GatewayError {
     /// A purge named something that cannot be a tag.
     #[error("not a valid tag: {0}")]
     BadTag(#[from] TagError),
+    /// A purge's option has a value it cannot take (`wait`, `all_of`, `soft`).
+    #[error("{0}")]
+    BadPurgeOption(String),
     /// The method is not served on this path.
     #[error("method {method} is not allowed here; use {allow}")]
     MethodNotAllowed {
@@ -83,6 +86,9 @@ impl GatewayError {
                 (StatusCode::BAD_REQUEST, "bad_request", self.to_string())
             }
             GatewayError::BadTag(_) => (StatusCode::BAD_REQUEST, "bad_tag", self.to_string()),
+            GatewayError::BadPurgeOption(_) => {
+                (StatusCode::BAD_REQUEST, "bad_request", self.to_string())
+            }
             GatewayError::MethodNotAllowed { .. } => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",

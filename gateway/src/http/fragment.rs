@@ -21,6 +21,7 @@
 //! | --- | --- |
 //! | fresh | `tessera; hit; ttl=N` |
 //! | stale, rebuilt meanwhile | `tessera; hit; ttl=-N` |
+//! | softly purged, rebuilt meanwhile | `tessera; fwd=stale; detail=soft-purge` |
 //! | stale-if-error (the last build failed, or the store cannot answer) | `tessera; hit; ttl=±N; detail=stale-if-error` |
 //! | built while the request waited (`Prefer: wait`) | `tessera; fwd=miss; stored; ttl=N` |
 //! | pending (202) | `tessera; fwd=miss; detail=pending` |
@@ -285,9 +286,13 @@ fn respond<B: Sync>(
 fn cache_status(found: &Found, waited: bool, fresh: Duration, now: u64) -> String {
     match found {
         Found::Serve {
+            soft_purged: true, ..
+        } if !waited => "tessera; fwd=stale; detail=soft-purge".into(),
+        Found::Serve {
             slot,
             stale,
             fallback,
+            ..
         } => {
             let envelope: &Envelope = &slot.envelope;
             // A failed build's envelope is fresh until the next build may be tried; the
@@ -519,6 +524,7 @@ mod tests {
             slot: Arc::new(Slot::new(envelope, std::time::Instant::now())),
             stale,
             fallback,
+            soft_purged: false,
         }
     }
 
@@ -528,8 +534,18 @@ mod tests {
             error: "x".into(),
             retry_after: Duration::from_secs(5),
         };
+        let soft_purged = match serve(10, false, false) {
+            Found::Serve { slot, .. } => Found::Serve {
+                slot,
+                stale: true,
+                fallback: false,
+                soft_purged: true,
+            },
+            _ => unreachable!(),
+        };
         for (found, waited, expected) in [
             (serve(10, false, false), false, "tessera; hit; ttl=50"),
+            (soft_purged, false, "tessera; fwd=stale; detail=soft-purge"),
             (serve(70, false, false), false, "tessera; hit; ttl=-10"),
             (
                 serve(70, true, false),

@@ -30,6 +30,7 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
 use futures_util::future::join_all;
 
 use super::{Store, StoreError, parse_generation};
@@ -190,7 +191,7 @@ pub async fn read_registers(
     store: &dyn Store,
     keys: &[StoreKey],
 ) -> Result<HashMap<StoreKey, u64>, StoreError> {
-    let answers = read_copies(store, keys).await?;
+    let answers = read_copies(store, keys, |b| parse_generation(b).ok()).await?;
     let mut values = HashMap::with_capacity(keys.len());
     let mut repairs = Vec::new();
     for (key, answered) in &answers {
@@ -210,16 +211,52 @@ pub async fn read_registers(
     Ok(values)
 }
 
-/// One copy's answer about a register: the store holding the copy, and its value there.
-type Answer<'a> = (&'a dyn Store, Option<u64>);
+/// What every copy that answered holds of each of `keys` (one `get_many` per server that
+/// holds copies of any of them), for values that copies merge (a tag's purge record):
+/// nothing is repaired. Fails when some key had no copy that answered.
+pub async fn read_all_copies(
+    store: &dyn Store,
+    keys: &[StoreKey],
+) -> Result<HashMap<StoreKey, Vec<Bytes>>, StoreError> {
+    let answers = read_copies(store, keys, |b| Some(b.clone())).await?;
+    Ok(answers
+        .into_iter()
+        .map(|(key, answered)| {
+            let held = answered.into_iter().filter_map(|(_, v)| v).collect();
+            (key.clone(), held)
+        })
+        .collect())
+}
 
-/// What each copy of each of `keys` holds, in one `get_many` per store holding copies;
-/// a value that is not a number counts as none. Fails when some key had no copy that
-/// answered.
-async fn read_copies<'a, 'k>(
+/// [`Store::update`] on every copy of `key`; whether any copy holds a value after it.
+/// Fails only when no copy answered.
+pub async fn update_everywhere(
+    store: &dyn Store,
+    key: &StoreKey,
+    change: &super::Change<'_>,
+) -> Result<bool, StoreError> {
+    let copies = copies(store, key);
+    if copies.is_empty() {
+        return Err(no_copy());
+    }
+    let updated = join_all(copies.iter().map(|c| c.update(key, change))).await;
+    if let Some(e) = none_answered(&updated) {
+        return Err(e);
+    }
+    Ok(updated.iter().any(|u| matches!(u, Ok(Some(_)))))
+}
+
+/// One copy's answer about a key: the store holding the copy, and its value there.
+type Answer<'a, T> = (&'a dyn Store, Option<T>);
+
+/// What each copy of each of `keys` holds, in one `get_many` per store holding copies,
+/// as `parse` reads it (`None`: not a value of the kind). Fails when some key had no copy
+/// that answered.
+async fn read_copies<'a, 'k, T>(
     store: &'a dyn Store,
     keys: &'k [StoreKey],
-) -> Result<HashMap<&'k StoreKey, Vec<Answer<'a>>>, StoreError> {
+    parse: impl Fn(&Bytes) -> Option<T>,
+) -> Result<HashMap<&'k StoreKey, Vec<Answer<'a, T>>>, StoreError> {
     // The copies of every key, grouped by the store holding them: the store, and the
     // keys it holds with their places in `keys`.
     let mut groups: Vec<(&dyn Store, Vec<StoreKey>, Vec<usize>)> = Vec::new();
@@ -235,7 +272,7 @@ async fn read_copies<'a, 'k>(
         }
     }
     let read = join_all(groups.iter().map(|(copy, held, _)| copy.get_many(held))).await;
-    let mut answers: HashMap<&StoreKey, Vec<Answer<'a>>> = HashMap::new();
+    let mut answers: HashMap<&StoreKey, Vec<Answer<'a, T>>> = HashMap::new();
     let mut failure = None;
     for ((copy, _, at), found) in groups.iter().zip(read) {
         let found = match found {
@@ -246,7 +283,7 @@ async fn read_copies<'a, 'k>(
             }
         };
         for &n in at {
-            let value = found.get(&keys[n]).and_then(|b| parse_generation(b).ok());
+            let value = found.get(&keys[n]).and_then(&parse);
             answers.entry(&keys[n]).or_default().push((*copy, value));
         }
     }

@@ -157,6 +157,29 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         Err(StoreError::Protocol(format!("{key} keeps changing")))
     }
 
+    /// Atomically replaces the value of `key` with what `change` makes of it (`None`:
+    /// absent): a value and its TTL, or `None` to leave it as it is. Returns the value
+    /// then held. `change` may run more than once (again on a value someone changed
+    /// meanwhile), so it must depend on its input only. A value left as it was is not
+    /// written.
+    ///
+    /// The default reads and then writes, which a concurrent update can undo; stores
+    /// shared between processes implement it with an atomic primitive.
+    async fn update(
+        &self,
+        key: &StoreKey,
+        change: &Change<'_>,
+    ) -> Result<Option<Bytes>, StoreError> {
+        let held = self.get(key).await?;
+        match change(held.as_deref()) {
+            Some((value, ttl)) if held.as_deref() != Some(&value[..]) => {
+                self.set(key, &value, ttl).await?;
+                Ok(Some(Bytes::from(value)))
+            }
+            _ => Ok(held),
+        }
+    }
+
     /// Checks that the store answers (a store of several servers: that every server it
     /// believes up answers, and that one is).
     async fn ping(&self) -> Result<(), StoreError>;
@@ -182,6 +205,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         Vec::new()
     }
 }
+
+/// What [`Store::update`] makes of a value (`None`: absent): the value to write and its
+/// TTL (`Duration::ZERO`: none), or `None` to leave it.
+pub type Change<'a> = dyn Fn(Option<&[u8]>) -> Option<(Vec<u8>, Duration)> + Send + Sync + 'a;
 
 /// One server of a store, as this process sees it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -454,6 +481,33 @@ impl Store for MemoryStore {
                     Duration::ZERO,
                 )),
             });
+        outcome
+    }
+
+    async fn update(
+        &self,
+        key: &StoreKey,
+        change: &Change<'_>,
+    ) -> Result<Option<Bytes>, StoreError> {
+        let now = tokio::time::Instant::now();
+        let mut outcome = Ok(None);
+        self.items.entry(key.clone()).and_compute_with(|existing| {
+            let held = existing.map(|e| e.into_value()).filter(|i| i.live(now));
+            outcome = Ok(held.as_ref().map(|i| i.data.clone()));
+            let Some((value, ttl)) = change(held.as_ref().map(|i| &i.data[..])) else {
+                return moka::ops::compute::Op::Nop;
+            };
+            if let Err(e) = check_size(&value, self.max_item_size) {
+                outcome = Err(e);
+                return moka::ops::compute::Op::Nop;
+            }
+            if held.is_some_and(|i| i.data[..] == value[..]) {
+                return moka::ops::compute::Op::Nop;
+            }
+            let item = Self::item(&value, ttl);
+            outcome = Ok(Some(item.data.clone()));
+            moka::ops::compute::Op::Put(item)
+        });
         outcome
     }
 

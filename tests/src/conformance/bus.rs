@@ -505,7 +505,9 @@ pub async fn events_reach_every_subscriber(t: BusUnderTest) {
             purge: tessera_protocol::message::Purge::Route {
                 route: "r".into(),
                 generation: 8,
+                soft: false,
             },
+            id: None,
         },
     ];
     for e in &events {

@@ -93,6 +93,7 @@ macro_rules! store_conformance {
             add_then_get_reads_after_the_add_and_set_then_delete_deletes_after_the_set,
             get_many_returns_the_present_keys_only,
             incr_counts_in_decimal_and_never_creates,
+            concurrent_updates_lose_nothing,
             ttls_expire_in_whole_seconds_and_zero_never,
             ttls_beyond_30_days_are_durations_too,
             values_up_to_the_limit_fit_and_bigger_ones_fail_whole,
@@ -300,6 +301,52 @@ pub async fn incr_counts_in_decimal_and_never_creates(t: StoreUnderTest) {
     t.store.set(&text, b"abc", Duration::ZERO).await.unwrap();
     let r = t.store.incr(&text, 1).await;
     assert!(matches!(r, Err(StoreError::Protocol(_))), "{r:?}");
+}
+
+/// `update` is atomic: 50 concurrent updates each adding its number to one list keep all
+/// 50; one that changes nothing writes nothing.
+pub async fn concurrent_updates_lose_nothing(t: StoreUnderTest) {
+    let k = t.key("record");
+    let start = Arc::new(tokio::sync::Barrier::new(50));
+    let callers: Vec<_> = (0..50u32)
+        .map(|i| {
+            let (store, k, start) = (t.store.clone(), k.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                let add = |held: Option<&[u8]>| {
+                    let mut text = String::from_utf8_lossy(held.unwrap_or(b"")).into_owned();
+                    text.push_str(&format!("{i},"));
+                    Some((text.into_bytes(), Duration::ZERO))
+                };
+                // memcached's compare-and-swap gives up after a few lost races: the
+                // caller tries again, as a purge's caller would.
+                for _ in 0..20 {
+                    if store.update(&k, &add).await.is_ok() {
+                        return;
+                    }
+                }
+                panic!("update {i} kept losing");
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let held = t.store.get(&k).await.unwrap().unwrap();
+    let mut numbers: Vec<u32> = String::from_utf8_lossy(&held)
+        .split_terminator(',')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, (0..50).collect::<Vec<_>>());
+    let same = t
+        .store
+        .update(&k, &|held| Some((held?.to_vec(), Duration::ZERO)));
+    assert_eq!(same.await.unwrap(), Some(held.clone()), "left as it was");
+    let left = t.store.update(&k, &|_| None).await.unwrap();
+    assert_eq!(left, Some(held), "not written");
+    let absent = t.store.update(&t.key("absent"), &|_| None).await.unwrap();
+    assert_eq!(absent, None, "nothing created");
 }
 
 /// TTLs are durations rounded up to whole seconds (so a sub-second TTL still expires,
