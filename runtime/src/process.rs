@@ -125,6 +125,25 @@ mod tests {
         String::from_utf8(bytes).unwrap()
     }
 
+    #[test]
+    fn every_level_the_config_accepts_parses_as_a_filter() {
+        for level in [
+            "warn",
+            "DEBUG",
+            "off",
+            "info,tessera_gateway=debug",
+            "info,tessera_gateway::cache=trace,lapin=error",
+        ] {
+            let config =
+                tessera_protocol::Config::from_toml(&format!("[log]\nlevel = \"{level}\""))
+                    .unwrap();
+            assert!(
+                tracing_subscriber::EnvFilter::try_new(&config.log.level).is_ok(),
+                "{level}"
+            );
+        }
+    }
+
     struct Sink(Arc<Mutex<Vec<u8>>>);
 
     impl std::io::Write for Sink {
