@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
-# Purge storm: a tag covering HEAVY (default 2000) fragments of one route ("heavy") is
+# Purge storm: a tag covering HEAVY (default 10000) fragments of one route ("heavy") is
 # purged while wrk keeps asking for them and for 200 warm fragments of another route
 # ("light"), on a distributed setup on 127.0.0.1: this script's own memcached (a free
 # port), the running RabbitMQ (a namespace of its own per run), one gateway, two
-# tessera-worker processes of 16 builds each and soak-upstream (50 ms renders, each tagged
+# tessera-worker processes of 16 builds each and soak-upstream (20 ms renders, each tagged
 # with its route's name; it counts each route's renders answered at once).
 #
 #   bash bench/purge-storm.sh [SECONDS] [LIMIT] [HEAVY]
 #
-# Two runs: the heavy route without limits, then with `max_renders = LIMIT` (default 4).
-# Each: warm every fragment, SECONDS of wrk on the light route alone (before), then the
-# purge and SECONDS of wrk on both routes (storm), during which 20 new light fragments
-# are asked one after the other with `Prefer: wait`. Printed per run: the heavy route's
-# most renders at once at the upstream during the storm, the light route's hit ratio
-# (hit + stale over all, from the gateway's /metrics) and wrk latency before and during,
-# and the time the new light fragments took to be built and served.
+# Three runs: the heavy route without limits, then with `max_renders = LIMIT` (default
+# 4), then with the limit and a soft purge (`?soft=1`). Each: warm every fragment, SECONDS
+# of wrk on both routes (before), then the purge and SECONDS of wrk on both routes
+# again (storm), during which 20 new light fragments are asked one after the other with
+# `Prefer: wait` (the heavy route's wrk runs in the "before" phase too, on warm fragments,
+# so both phases load the machine alike). Printed per run: the heavy route's most renders at once at the upstream
+# during the storm and how many of its visitors got a 202 placeholder, the light route's
+# rate (wrk's requests/s, during over before), hit ratio (hit + stale over all, from the
+# gateway's /metrics) and latency before and during, and the time the new light fragments
+# took to be built and served.
 # TESSERA_BENCH_BIN=DIR runs the binaries in DIR instead of building target/release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-secs=${1:-10}; limit=${2:-4}; heavy=${3:-2000}
+secs=${1:-10}; limit=${2:-4}; heavy=${3:-10000}
 bash scripts/services.sh >/dev/null
 for tool in wrk memcached curl; do
   command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq "$tool" >/dev/null; }
@@ -37,7 +40,7 @@ source bench/ports.sh
 mc=$(pick_port); up=$(pick_port)
 memcached -u "$(id -un)" -l 127.0.0.1 -p "$mc" -m 512 -c 4096 & pids+=($!)
 wait_port "$mc" memcached
-SOAK_TAGS=1 "$bin"/soak-upstream "127.0.0.1:$up" 50 2048 2>"$tmp/upstream.log" & pids+=($!)
+SOAK_TAGS=1 "$bin"/soak-upstream "127.0.0.1:$up" 20 2048 2>"$tmp/upstream.log" & pids+=($!)
 wait_port "$up" soak-upstream
 
 cat >"$tmp/random.lua" <<'LUA'
@@ -45,6 +48,19 @@ cat >"$tmp/random.lua" <<'LUA'
 local path, count
 function init(args) path = args[1]; count = tonumber(args[2]) end
 function request() return wrk.format("GET", path .. "?id=" .. math.random(0, count - 1)) end
+-- Answers and 202 placeholders, summed over threads when wrk is done.
+answered, placeholders = 0, 0
+function response(status)
+  answered = answered + 1
+  if status == 202 then placeholders = placeholders + 1 end
+end
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function done()
+  local a, p = 0, 0
+  for _, t in ipairs(threads) do a = a + t:get("answered"); p = p + t:get("placeholders") end
+  io.write(string.format("answers %d placeholders %d\n", a, p))
+end
 LUA
 
 # hits ADMIN: "hit+stale all" of the light route, from the gateway's /metrics.
@@ -54,9 +70,10 @@ hits() {
 }
 ratio() { awk -v a="$1" -v b="$2" -v c="$3" -v d="$4" 'BEGIN { printf "%.4f", (c - a) / (d > b ? d - b : 1) }'; }
 latency() { grep -E 'Latency |99%' | tr -s ' ' | tr '\n' ' '; }
+rate() { awk '/^Requests\/sec:/ { print $2 }'; }
 
-run() { # name max_renders
-  local name=$1 max=$2 gw adm ns h0 a0 h1 a1 h2 a2 before during peak
+run() { # name max_renders [soft]
+  local name=$1 max=$2 soft=${3:+?soft=1} gw adm ns h0 a0 h1 a1 h2 a2 before during peak
   gw=$(pick_port); adm=$(pick_port); ns="storm$$$name$RANDOM"
   cat >"$tmp/$name.toml" <<TOML
 [gateway]
@@ -98,10 +115,16 @@ TOML
     xargs -P 32 -I{} curl -s -o /dev/null -H 'Prefer: wait=30' {} || true
   curl -sf "http://127.0.0.1:$up/_peak" >/dev/null   # the count starts afresh
   read -r h0 a0 < <(hits "http://127.0.0.1:$adm")
-  before=$(wrk -t1 -c16 -d"${secs}s" --latency -s "$tmp/random.lua" "$base/light" -- /fragments/light 200 | latency)
-  read -r h1 a1 < <(hits "http://127.0.0.1:$adm")
-  curl -sf -X DELETE "http://127.0.0.1:$adm/tags/heavy" >/dev/null
+  # Before: the same two loads, heavy all hits, so "during" differs by the purge alone
+  # (on a small machine the two wrk and everything else share the cores).
   wrk -t1 -c16 -d"${secs}s" -s "$tmp/random.lua" "$base/heavy" -- /fragments/heavy "$heavy" >/dev/null &
+  local heavy_before=$!
+  wrk -t1 -c16 -d"${secs}s" --latency -s "$tmp/random.lua" "$base/light" -- /fragments/light 200 >"$tmp/$name.before"
+  wait "$heavy_before"
+  before=$(latency <"$tmp/$name.before")
+  read -r h1 a1 < <(hits "http://127.0.0.1:$adm")
+  curl -sf -X DELETE "http://127.0.0.1:$adm/tags/heavy$soft" >/dev/null
+  wrk -t1 -c16 -d"${secs}s" -s "$tmp/random.lua" "$base/heavy" -- /fragments/heavy "$heavy" >"$tmp/$name.heavy" &
   local heavy_wrk=$!
   wrk -t1 -c16 -d"${secs}s" --latency -s "$tmp/random.lua" "$base/light" -- /fragments/light 200 >"$tmp/$name.during" &
   local light_wrk=$!
@@ -114,8 +137,11 @@ TOML
   during=$(latency <"$tmp/$name.during")
   read -r h2 a2 < <(hits "http://127.0.0.1:$adm")
   peak=$(curl -sf "http://127.0.0.1:$up/_peak" | awk '$1 == "heavy" { print $2 }')
-  echo "== $name (heavy max_renders = $max)"
+  echo "== $name (heavy max_renders = $max${soft:+, soft purge})"
   echo "heavy: most renders at once at the upstream during the storm: ${peak:-0}"
+  echo "heavy visitors during the storm: $(grep '^answers' "$tmp/$name.heavy")"
+  awk -v b="$(rate <"$tmp/$name.before")" -v d="$(rate <"$tmp/$name.during")" \
+    'BEGIN { printf "light rate: before %.0f/s, during %.0f/s: %.2fx\n", b, d, d / b }'
   echo "light hit ratio: before $(ratio "$h0" "$a0" "$h1" "$a1"), during $(ratio "$h1" "$a1" "$h2" "$a2")"
   echo "light wrk before: $before"
   echo "light wrk during: $during"
@@ -125,6 +151,7 @@ TOML
   wait "${own[@]}" 2>/dev/null || true
 }
 
-echo "== purge storm: $heavy heavy fragments (50 ms renders), 2 workers x 16, wrk -c16 ${secs} s per phase"
+echo "== purge storm: $heavy heavy fragments (20 ms renders), 2 workers x 16, wrk -c16 ${secs} s per phase"
 run unlimited 0
 run limited "$limit"
+run soft "$limit" soft
