@@ -18,10 +18,14 @@
 # rate (wrk's requests/s, during over before), hit ratio (hit + stale over all, from the
 # gateway's /metrics) and latency before and during, and the time the new light fragments
 # took to be built and served.
+# PACE_MS=N paces both loads: each of the 16 connections of each waits N ms between
+# requests (a steady offered load, as a site's visitors are, rather than closed loops that
+# take all the cores they can: with PACE_MS=8, about 2,000 requests/s per loop).
 # TESSERA_BENCH_BIN=DIR runs the binaries in DIR instead of building target/release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}; limit=${2:-4}; heavy=${3:-10000}
+pace=${PACE_MS:-0}
 bash scripts/services.sh >/dev/null
 for tool in wrk memcached curl; do
   command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq "$tool" >/dev/null; }
@@ -46,7 +50,11 @@ wait_port "$up" soak-upstream
 cat >"$tmp/random.lua" <<'LUA'
 -- GET {path}?id=N, N uniform in [0, count): set by the script's arguments.
 local path, count
-function init(args) path = args[1]; count = tonumber(args[2]) end
+local pace = 0
+function init(args) path = args[1]; count = tonumber(args[2]); pace = tonumber(args[3] or "0") end
+-- PACE_MS > 0: each connection waits that long between requests, so a loop offers a set
+-- rate (connections x 1000 / PACE_MS per s) instead of all the machine gives it.
+function delay() return pace end
 function request() return wrk.format("GET", path .. "?id=" .. math.random(0, count - 1)) end
 -- Answers and 202 placeholders, summed over threads when wrk is done.
 answered, placeholders = 0, 0
@@ -117,16 +125,16 @@ TOML
   read -r h0 a0 < <(hits "http://127.0.0.1:$adm")
   # Before: the same two loads, heavy all hits, so "during" differs by the purge alone
   # (on a small machine the two wrk and everything else share the cores).
-  wrk -t1 -c16 -d"${secs}s" -s "$tmp/random.lua" "$base/heavy" -- /fragments/heavy "$heavy" >/dev/null &
+  wrk -t1 -c16 -d"${secs}s" -s "$tmp/random.lua" "$base/heavy" -- /fragments/heavy "$heavy" "$pace" >/dev/null &
   local heavy_before=$!
-  wrk -t1 -c16 -d"${secs}s" --latency -s "$tmp/random.lua" "$base/light" -- /fragments/light 200 >"$tmp/$name.before"
+  wrk -t1 -c16 -d"${secs}s" --latency -s "$tmp/random.lua" "$base/light" -- /fragments/light 200 "$pace" >"$tmp/$name.before"
   wait "$heavy_before"
   before=$(latency <"$tmp/$name.before")
   read -r h1 a1 < <(hits "http://127.0.0.1:$adm")
   curl -sf -X DELETE "http://127.0.0.1:$adm/tags/heavy$soft" >/dev/null
-  wrk -t1 -c16 -d"${secs}s" -s "$tmp/random.lua" "$base/heavy" -- /fragments/heavy "$heavy" >"$tmp/$name.heavy" &
+  wrk -t1 -c16 -d"${secs}s" -s "$tmp/random.lua" "$base/heavy" -- /fragments/heavy "$heavy" "$pace" >"$tmp/$name.heavy" &
   local heavy_wrk=$!
-  wrk -t1 -c16 -d"${secs}s" --latency -s "$tmp/random.lua" "$base/light" -- /fragments/light 200 >"$tmp/$name.during" &
+  wrk -t1 -c16 -d"${secs}s" --latency -s "$tmp/random.lua" "$base/light" -- /fragments/light 200 "$pace" >"$tmp/$name.during" &
   local light_wrk=$!
   sleep 1
   local cold=()
@@ -151,7 +159,7 @@ TOML
   wait "${own[@]}" 2>/dev/null || true
 }
 
-echo "== purge storm: $heavy heavy fragments (20 ms renders), 2 workers x 16, wrk -c16 ${secs} s per phase"
+echo "== purge storm: $heavy heavy fragments (20 ms renders), 2 workers x 16, wrk -c16 ${secs} s per phase, pace ${pace} ms"
 run unlimited 0
 run limited "$limit"
 run soft "$limit" soft
