@@ -51,20 +51,9 @@ fn request(route: &str, id: usize) -> BuildRequest {
     }
 }
 
-/// Makes the generation of `route` before any build: processes that make it at once
-/// may each see their own (the later one wins, and builds asked for the earlier one are
-/// dropped as purged), which these tests are not about.
-async fn generation(b: &Backends, route: &str) {
-    let key = b.keys.generation(route);
-    tessera_protocol::store::generation(b.store.as_ref(), &key)
-        .await
-        .unwrap();
-}
-
 /// Publishes builds `ids` of `route` on its queue.
 async fn publish(b: &Backends, config: &Config, route: &str, ids: std::ops::Range<usize>) {
     let queue = &config.route(route).unwrap().queue;
-    generation(b, route).await;
     for id in ids {
         b.bus
             .publish_build(queue, &request(route, id))
@@ -271,7 +260,6 @@ async fn embedded_workers_hold_max_renders(kind: Backend) {
     let mut config = config(&up.url(), vec![slow]);
     config.workers.embedded = 4;
     let b = backends(kind, &mut config).await;
-    generation(&b, "slow").await;
     let one = TestGateway::start(config.clone(), b.clone()).await;
     let two = TestGateway::start(config, b).await;
     // All at once, half through each gateway.

@@ -48,6 +48,25 @@ fn hup(gateway: &Proc) {
     assert!(sent.success());
 }
 
+/// The gateway binary on `config` with `args`, logging to `log`: at `rust_log`, or, with
+/// `None`, `RUST_LOG` unset so the file's `[log] level` decides.
+fn spawn_gateway(config: &Path, log: &Path, args: &[&str], rust_log: Option<&str>) -> Proc {
+    let mut command = Command::new(bin_dir().join("tessera-gateway"));
+    command
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("TESSERA_CONFIG")
+        .env("NO_COLOR", "1")
+        .stdout(std::fs::File::create(log).unwrap())
+        .stderr(Stdio::null());
+    match rust_log {
+        Some(level) => command.env("RUST_LOG", level),
+        None => command.env_remove("RUST_LOG"),
+    };
+    Proc::spawn(&mut command, "tessera-gateway")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_adds_and_removes_routes_and_refuses_a_bad_file() {
     let up = FakeUpstream::start().await;
@@ -56,17 +75,7 @@ async fn sighup_adds_and_removes_routes_and_refuses_a_bad_file() {
     std::fs::create_dir_all(&dir).unwrap();
     let (config, log) = (dir.join("tessera.toml"), dir.join("gateway.log"));
     write_config(&config, port, admin, &up.url(), &route("old"));
-    let gateway = Proc::spawn(
-        Command::new(bin_dir().join("tessera-gateway"))
-            .arg("--config")
-            .arg(&config)
-            .env_remove("TESSERA_CONFIG")
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::null()),
-        "tessera-gateway",
-    );
+    let gateway = spawn_gateway(&config, &log, &[], Some("info"));
     let base = format!("http://127.0.0.1:{port}");
     eventually(
         "the gateway serves `old`",
@@ -129,22 +138,6 @@ async fn sighup_adds_and_removes_routes_and_refuses_a_bad_file() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The gateway on `config`, logging to `log`, with `RUST_LOG` unset so the file's
-/// `[log] level` decides.
-fn spawn_gateway(config: &Path, log: &Path) -> Proc {
-    Proc::spawn(
-        Command::new(bin_dir().join("tessera-gateway"))
-            .arg("--config")
-            .arg(config)
-            .env_remove("TESSERA_CONFIG")
-            .env_remove("RUST_LOG")
-            .env("NO_COLOR", "1")
-            .stdout(std::fs::File::create(log).unwrap())
-            .stderr(Stdio::null()),
-        "tessera-gateway",
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_level_follows_the_file_and_its_reloads() {
     let up = FakeUpstream::start().await;
@@ -154,7 +147,7 @@ async fn the_log_level_follows_the_file_and_its_reloads() {
     let (config, log) = (dir.join("tessera.toml"), dir.join("gateway.log"));
     let level = |level: &str, routes: &str| format!("[log]\nlevel = \"{level}\"\n{routes}");
     write_config(&config, port, admin, &up.url(), &level("warn", &route("a")));
-    let gateway = spawn_gateway(&config, &log);
+    let gateway = spawn_gateway(&config, &log, &[], None);
     let base = format!("http://127.0.0.1:{port}");
     eventually("the gateway serves", Duration::from_secs(20), || async {
         status(&base, "a").await == 200
@@ -209,18 +202,7 @@ async fn sighup_does_not_end_the_demo() {
     std::fs::create_dir_all(&dir).unwrap();
     let (config, log) = (dir.join("tessera.toml"), dir.join("gateway.log"));
     write_config(&config, port, admin, "http://127.0.0.1:9", "");
-    let gateway = Proc::spawn(
-        Command::new(bin_dir().join("tessera-gateway"))
-            .arg("--config")
-            .arg(&config)
-            .arg("--demo")
-            .env_remove("TESSERA_CONFIG")
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::null()),
-        "tessera-gateway",
-    );
+    let gateway = spawn_gateway(&config, &log, &["--demo"], Some("info"));
     let base = format!("http://127.0.0.1:{port}");
     eventually("the demo serves", Duration::from_secs(20), || async {
         status(&base, "recommendations").await == 200
