@@ -259,6 +259,15 @@ async fn purge_tags(gw: &TestGateway, path: &str) -> serde_json::Value {
 }
 
 /// Whether `gw` serves the first render of `shelf?i={i}` (asked without waiting).
+/// Builds shelf fragments 0 to 19 through `one`, and checks `two` serves each first render.
+async fn warm_shelf(one: &TestGateway, two: &TestGateway) {
+    for i in 0..20 {
+        let url = format!("/fragments/shelf?i={i}");
+        assert_eq!(get(&one.at(&url), true).await.status(), StatusCode::OK);
+        assert!(serves_first_render(two, i).await, "{i}");
+    }
+}
+
 async fn serves_first_render(gw: &TestGateway, i: usize) -> bool {
     let answer = get(&gw.at(&format!("/fragments/shelf?i={i}")), false).await;
     answer.status() == StatusCode::OK && answer.text().await.unwrap().ends_with(" #1")
@@ -270,11 +279,7 @@ async fn serves_first_render(gw: &TestGateway, i: usize) -> bool {
 pub async fn all_of_and_lists_retire_exactly_their_fragments(kind: Backend) {
     let up = tagging_upstream(&["shelf"]).await;
     let (one, two) = two_gateways(kind, &up, Duration::from_secs(300)).await;
-    for i in 0..20 {
-        let url = format!("/fragments/shelf?i={i}");
-        assert_eq!(get(&one.at(&url), true).await.status(), StatusCode::OK);
-        assert!(serves_first_render(&two, i).await, "{i}");
-    }
+    warm_shelf(&one, &two).await;
     let body = purge_tags(&one, "item-13,group-3?all_of=1").await;
     assert_eq!(body["all_of"], true);
     assert!(!serves_first_render(&one, 13).await, "retired at once here");
@@ -335,11 +340,7 @@ async fn answer(gw: &TestGateway, i: usize) -> (StatusCode, bool, String) {
 pub async fn a_soft_purge_serves_stale_while_one_rebuild_runs(kind: Backend) {
     let up = tagging_upstream(&["shelf"]).await;
     let (one, two) = two_gateways(kind, &up, Duration::from_secs(300)).await;
-    for i in 0..20 {
-        let url = format!("/fragments/shelf?i={i}");
-        assert_eq!(get(&one.at(&url), true).await.status(), StatusCode::OK);
-        assert!(serves_first_render(&two, i).await, "{i}");
-    }
+    warm_shelf(&one, &two).await;
     let slow = Script {
         headers_for_query: Some(tags_of),
         numbered: true,
