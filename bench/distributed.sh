@@ -8,12 +8,13 @@
 #   2. cold misses (every request a new key: lookup, lease with re-check, confirmed
 #      publish, 202) against RabbitMQ's own publish+confirm rate and publish-to-confirm
 #      time with 64 in flight (amqp-rates, as many messages as a round publishes), on
-#      classic and on quorum queues, with the default HTTP threads and with
-#      gateway.threads = 0; miss traffic starts once the gateway is ready, and each
-#      round on an empty build queue, each with its ratio to RabbitMQ's own rate;
+#      classic and on quorum queues; miss traffic starts once the gateway is ready, and
+#      each round on an empty build queue, each with its ratio to RabbitMQ's own rate;
 #   3. one, two and four tessera-worker processes draining queued builds (instant
 #      upstream with 16 and with 64 builds in flight per process, then 50 ms renders)
 #      against RabbitMQ's own consume+ack rate with prefetch 64.
+# LAYOUTS lists the gateways' `gateway.threads` to compare in 1 and 2 (`default`, or a
+# number; default "default"); PARTS picks the parts (default "1 2 3").
 #   bash bench/distributed.sh [SECONDS] [BUILDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +33,7 @@ trap cleanup EXIT
 me=distributed
 # shellcheck source=bench/ports.sh
 source bench/ports.sh
-mc=$(pick_port); up=$(pick_port); ng=$(pick_port); gw=$(pick_port); adm=$(pick_port)
+mc=$(pick_port); up=$(pick_port); ng=$(pick_port)
 gw2=$(pick_port); adm2=$(pick_port)
 
 memcached -u "$(id -un)" -l 127.0.0.1 -p "$mc" -t 2 -m 256 -c 4096 & pids+=($!); mcpid=$!
@@ -67,10 +68,19 @@ nginx -c "$tmp/nginx.conf" -p "$tmp" -g 'daemon off;' & pids+=($!); ngpid=$!
 wait_port "$ng" nginx
 
 ns="bench$RANDOM"
-cat >"$tmp/hit.toml" <<TOML
+layouts=${LAYOUTS:-default}; parts=${PARTS:-1 2 3}
+part() { [[ " $parts " == *" $1 "* ]]; }
+# threads_line LAYOUT: the `gateway.threads` line of a layout (`default`: none).
+threads_line() { [[ $1 == default ]] || echo "threads = $1"; }
+gws=(); gwpids=()
+for layout in $layouts; do
+  part 1 || break
+  port=$(pick_port); admin=$(pick_port)
+  cat >"$tmp/hit-$layout.toml" <<TOML
 [gateway]
-listen = "127.0.0.1:$gw"
-admin_listen = "127.0.0.1:$adm"
+listen = "127.0.0.1:$port"
+admin_listen = "127.0.0.1:$admin"
+$(threads_line "$layout")
 [upstream]
 url = "http://127.0.0.1:$up"
 [cache]
@@ -85,12 +95,14 @@ name = "bench"
 render = "/_render/bench"
 fresh = "1h"
 TOML
-RUST_LOG=warn $bin/tessera-gateway --config "$tmp/hit.toml" & pids+=($!); gwpid=$!
-wait_port "$gw" gateway
-curl -sf -o /dev/null -H 'Prefer: wait=5' "http://127.0.0.1:$gw/fragments/bench"
-curl -sf -o /dev/null "http://127.0.0.1:$ng/fragment"
+  RUST_LOG=warn $bin/tessera-gateway --config "$tmp/hit-$layout.toml" & pids+=($!); gwpids+=($!)
+  wait_port "$port" gateway
+  curl -sf -o /dev/null -H 'Prefer: wait=5' "http://127.0.0.1:$port/fragments/bench"
+  gws+=("$port")
+done
 summary() { grep -E 'Requests/sec|Latency |99%' | tr -s ' ' | tr '\n' ' '; echo; }
-echo "== 1. memcached hits, L1 off, 2 KB, wrk -t1 -c64, ${secs} s each, alternating"
+if part 1; then
+echo "== 1. memcached hits, L1 off, 2 KB, wrk -t1 -c64, ${secs} s each, alternating (layouts: $layouts)"
 # CPU time (clock ticks) of processes, from /proc, and per request as µs: steadier than
 # throughput on a machine whose load swings, since it does not count what others ran.
 ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
@@ -108,20 +120,29 @@ run_hits() {
 }
 # Throughput on two cores shared by wrk, the server and memcached swings by 15 % from one
 # round to the next, for either server: the target is read off the median of the rounds'
-# ratios (the lower of the two middle ones for an even HIT_ROUNDS), each round of the
+# ratios (the lower of the two middle ones for an even HIT_ROUNDS), each round of a
 # gateway against the nginx round just before it.
-ratios=()
+declare -A ratios=()
 for run in $(seq "${HIT_ROUNDS:-5}"); do
   # nginx's CPU is its workers'.
   run_hits "run $run nginx memcached_pass:" "http://127.0.0.1:$ng/fragment" $(pgrep -P "$ngpid")
   nginx_rate=$rate
-  run_hits "run $run tessera gateway:     " "http://127.0.0.1:$gw/fragments/bench" "$gwpid"
-  ratios+=("$(awk -v g="$rate" -v n="$nginx_rate" 'BEGIN {printf "%.2f", g / n}')")
+  i=0
+  for layout in $layouts; do
+    run_hits "run $run tessera gateway ($layout):" "http://127.0.0.1:${gws[$i]}/fragments/bench" "${gwpids[$i]}"
+    ratios[$layout]+="$(awk -v g="$rate" -v n="$nginx_rate" 'BEGIN {printf "%.2f", g / n}') "
+    i=$((i + 1))
+  done
 done
-echo "gateway / nginx, round by round: ${ratios[*]}; median $(printf '%s\n' "${ratios[@]}" | sort -n | awk '{r[NR] = $1} END {print r[int((NR + 1) / 2)]}')x"
+for layout in $layouts; do
+  # shellcheck disable=SC2086 # one ratio a word
+  echo "gateway ($layout) / nginx, round by round: ${ratios[$layout]}; median $(printf '%s\n' ${ratios[$layout]} | sort -n | awk '{r[NR] = $1} END {print r[int((NR + 1) / 2)]}')x"
+done
 echo "== 1b. the same, one connection (what batching costs a lone request)"
 echo "nginx memcached_pass: $(wrk -t1 -c1 -d"${secs}s" --latency "http://127.0.0.1:$ng/fragment" | summary)"
-echo "tessera gateway:      $(wrk -t1 -c1 -d"${secs}s" --latency "http://127.0.0.1:$gw/fragments/bench" | summary)"
+echo "tessera gateway (${layouts%% *}): $(wrk -t1 -c1 -d"${secs}s" --latency "http://127.0.0.1:${gws[0]}/fragments/bench" | summary)"
+for p in "${gwpids[@]}"; do kill "$p"; done
+fi
 
 # Ids unique across rounds: wrk seeds math.random the same way every run, so a round
 # that reused the ids of the one before would find their leases still held (202 without
@@ -135,6 +156,7 @@ request = function()
 end
 LUA
 }
+if part 2; then
 echo "== 2. cold misses (a new key each: lookup, lease with re-check, confirmed publish, 202), wrk -t1 -c64"
 for kind in classic quorum; do
   # As many messages as one round of misses publishes (about 6,000 a second): a queue
@@ -145,13 +167,13 @@ for kind in classic quorum; do
   broker_rate=$(grep -oE '[0-9]+ msg/s' <<<"$broker" | cut -d' ' -f1)
   # The default (an HTTP thread per core), then the public listener on the shared
   # runtime (gateway.threads = 0), which keeps the tail shorter beside a busy broker.
-  for threads in default 0; do
+  for threads in $layouts; do
     ns_miss="${ns}$kind$threads"
     cat >"$tmp/miss-$kind.toml" <<TOML
 [gateway]
 listen = "127.0.0.1:$gw2"
 admin_listen = "127.0.0.1:$adm2"
-$([[ $threads == 0 ]] && echo "threads = 0")
+$(threads_line "$threads")
 [upstream]
 url = "http://127.0.0.1:$up"
 [store]
@@ -199,6 +221,9 @@ TOML
   done
 done
 
+fi
+
+part 3 || exit 0
 echo "== 3. queued builds drained by tessera-worker processes"
 $bin/amqp-rates "$builds" 64 | grep consume
 $bin/build-throughput $bin "$builds" 0 16 1 2 4
