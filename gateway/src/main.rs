@@ -230,7 +230,10 @@ fn check(config: &Config) {
             format!(
                 "RabbitMQ {} ({} queues)",
                 nodes.join(", "),
-                config.bus.queue_type.as_str()
+                config.bus.queue_type.map_or(
+                    "quorum, or classic where the namespace has them",
+                    QueueType::as_str
+                )
             )
         }
     };
@@ -252,7 +255,7 @@ fn check(config: &Config) {
         "configuration OK: store {store}; bus {bus}; {} embedded workers; upstream {}; {traces}; {routes}",
         config.workers.embedded, config.upstream.url,
     );
-    if config.bus.queue_type == QueueType::Classic
+    if config.bus.queue_type == Some(QueueType::Classic)
         && config.backend.amqp().is_some_and(|nodes| nodes.len() > 1)
     {
         eprintln!(

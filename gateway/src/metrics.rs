@@ -21,6 +21,8 @@ use tessera_runtime::web::{BackendMetrics, ConnectionGauges};
 pub(crate) use tessera_workers::metrics::RouteLabels;
 use tessera_workers::metrics::WorkerMetrics;
 
+mod sharded;
+
 /// How a fragment lookup was answered: a request at the fragment endpoint, or an ESI
 /// include of a composed page.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -73,12 +75,12 @@ fn latency_histogram() -> Histogram {
 /// allocates label strings nor looks labels up.
 #[derive(Debug, Clone)]
 pub(crate) struct RouteMetrics {
-    hit: Counter,
-    stale: Counter,
-    waited: Counter,
-    pending: Counter,
-    error: Counter,
-    latency: Histogram,
+    hit: sharded::Counter,
+    stale: sharded::Counter,
+    waited: sharded::Counter,
+    pending: sharded::Counter,
+    error: sharded::Counter,
+    latency: sharded::Latency,
     /// Builds this gateway queued for the route.
     pub published: Counter,
     /// Build requests for the route that found one already queued.
@@ -89,8 +91,8 @@ impl RouteMetrics {
     /// The handles of `route` in the gateway's families.
     fn new(
         route: &str,
-        requests: &Family<RequestLabels, Counter>,
-        latency: &Family<RouteLabels, Histogram, fn() -> Histogram>,
+        requests: &Family<RequestLabels, sharded::Counter>,
+        latency: &Family<RouteLabels, sharded::Latency>,
         published: &Family<RouteLabels, Counter>,
         coalesced: &Family<RouteLabels, Counter>,
     ) -> Self {
@@ -195,9 +197,9 @@ fn encode_queue_gauge<'q>(
 pub(crate) struct Metrics {
     registry: Registry,
     /// Fragment lookups (endpoint requests and ESI includes) by route and cache status.
-    pub requests: Family<RequestLabels, Counter>,
+    pub requests: Family<RequestLabels, sharded::Counter>,
     /// Fragment request latency by route.
-    pub latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub latency: Family<RouteLabels, sharded::Latency>,
     /// Builds this gateway queued (it won the lease).
     pub builds_published: Family<RouteLabels, Counter>,
     /// Build requests that found one already queued (lost the lease).
@@ -252,8 +254,7 @@ pub(crate) struct Metrics {
 impl Metrics {
     /// A fresh registry with every metric registered, for the given route names.
     pub(crate) fn new<'a>(route_names: impl IntoIterator<Item = &'a str>) -> Self {
-        let requests = Family::default();
-        let latency = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let (requests, latency) = Default::default();
         let (builds_published, builds_coalesced) = Default::default();
         let handles = |route: &str| {
             RouteMetrics::new(
