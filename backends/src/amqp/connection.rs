@@ -228,6 +228,7 @@ impl AmqpBus {
         )
         .await?;
         let set_up = async {
+            self.settle_queue_type(&conn).await?;
             let publish = timed("open channel", conn.create_channel()).await?;
             timed(
                 "confirm_select",

@@ -78,7 +78,8 @@ fn amqp_with(kind: QueueType) -> BusUnderTest {
     let ns = unique_namespace();
     let bus = || {
         Arc::new(
-            AmqpBus::with_queue_expiry(&amqp_url(), &ns, Some(QUEUE_EXPIRY)).with_queue_type(kind),
+            AmqpBus::with_queue_expiry(&amqp_url(), &ns, Some(QUEUE_EXPIRY))
+                .with_queue_type(Some(kind)),
         )
     };
     BusUnderTest {
