@@ -457,6 +457,7 @@ fn the_scripts_pass_shellcheck() {
         "bench/compression.sh",
         "bench/soak.sh",
         "bench/memory.sh",
+        "bench/time-to-content.sh",
         "bench/ports.sh",
         ".ci/run",
     ]);

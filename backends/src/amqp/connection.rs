@@ -2,7 +2,8 @@
 //! confirm-mode channel publishers share), opened on first use and opened again when it
 //! is lost — on behalf of publishers at most every [`RECONNECT_MIN`], by consumers and
 //! subscriptions after a [`Backoff`]. Every new connection declares the shared topology
-//! before anyone uses it.
+//! before anyone uses it. Its socket has `TCP_NODELAY` set, as the memcached and HTTP
+//! sockets do: every frame goes out when written.
 //!
 //! # Several nodes
 //! The broker may be a cluster: a list of node URLs ([`Connector::new`]). A connection
@@ -192,6 +193,32 @@ impl Connector {
     }
 }
 
+/// Opens a connection to `url` on a socket with `TCP_NODELAY`. lapin leaves Nagle's
+/// algorithm on, so a small frame written while an earlier one is unacknowledged (an
+/// ack behind a publish, a publish behind a confirm's read) waits for the peer's ACK,
+/// which a delayed ACK holds back: latency on every build's path (bench/README.md,
+/// "Time to content").
+async fn connect_without_delay(url: &str) -> lapin::Result<Connection> {
+    use lapin::tcp::{AMQPUriTcpExt, AsyncTcpStream};
+    let uri: lapin::uri::AMQPUri = url.parse().map_err(std::io::Error::other)?;
+    let runtime = lapin::runtime::default_runtime()?;
+    let properties = ConnectionProperties::default();
+    Connection::connector(
+        uri,
+        runtime,
+        async |uri, runtime| {
+            let stream = uri.connect_async(&runtime).await?;
+            // TLS streams keep Nagle: their records are written whole.
+            if let AsyncTcpStream::Plain(plain) = &stream {
+                plain.get_ref().set_nodelay(true)?;
+            }
+            Ok(stream)
+        },
+        properties,
+    )
+    .await
+}
+
 impl AmqpBus {
     /// Connects to the first node that answers, trying each once from the one after the
     /// last connection's; the last node's error when none does.
@@ -222,11 +249,7 @@ impl AmqpBus {
     /// Opens a connection to `node`, declares the shared topology; closes the connection
     /// when that fails, so a node that answers but refuses keeps no half-made link.
     async fn connect_to(&self, node: &Node) -> Result<Link, BusError> {
-        let conn = timed(
-            "connect",
-            Connection::connect(&node.url, ConnectionProperties::default()),
-        )
-        .await?;
+        let conn = timed("connect", connect_without_delay(&node.url)).await?;
         let set_up = async {
             self.settle_queue_type(&conn).await?;
             let publish = timed("open channel", conn.create_channel()).await?;

@@ -568,7 +568,10 @@ impl CacheService {
     /// queue or, for a build nobody waits for, its background queue. `replaces` is when
     /// the copy being rebuilt stops being fresh (Unix ms; 0 when there is none): a copy
     /// in the store fresher than both it and now was built meanwhile, and is not built
-    /// again.
+    /// again. When a request waits for the fragment, an event for it heard while the
+    /// publish awaits its confirm answers `Queued` at once (the message reached a
+    /// worker); the confirm is then awaited in the background, and a refusal gives the
+    /// lease back as before.
     async fn request_build(
         &self,
         t: &Fragment<'_>,
@@ -626,7 +629,50 @@ impl CacheService {
             traceparent: span.traceparent(),
         };
         span.set(|| KeyValue::new("messaging.message.id", request.id.clone()));
-        if let Err(e) = self.backends.bus.publish_build(&queue, &request).await {
+        let request_id = request.id.clone();
+        let requested = self.send(t, queue, request, span, &lease).await?;
+        tracing::debug!(route = %t.route.name, key = %t.keys.envelope, request = %request_id, ?priority, trace_id = %t.trace.trace_id(), "build queued");
+        Ok(requested)
+    }
+
+    /// Publishes `request` on `queue` for `t`, whose `lease` this gateway holds; gives
+    /// the lease back when the broker refuses it. See [`CacheService::request_build`]
+    /// for a confirm that comes after the fragment's event.
+    async fn send(
+        &self,
+        t: &Fragment<'_>,
+        queue: String,
+        request: BuildRequest,
+        span: otel::Span,
+        lease: &Lease<'_>,
+    ) -> Result<Requested, CacheError> {
+        let metrics = self.metrics.route(&t.route.name);
+        // A persistent message is confirmed once a worker acknowledged it (or the broker
+        // wrote it to disk): often after the worker's `built` event is here. When a
+        // request waits for the fragment (`Prefer: wait`), an event for it heard while
+        // the confirm is awaited says the message reached a worker; the build is then
+        // answered as queued at once, and the confirm awaited beside it.
+        let bus = self.backends.bus.clone();
+        let mut publish = Box::pin(async move { bus.publish_build(&queue, &request).await });
+        let published = match self.waiters.join(t.keys.envelope.as_str()) {
+            None => publish.await,
+            Some(mut heard) => tokio::select! {
+                biased;
+                published = &mut publish => published,
+                () = heard.woken() => {
+                    tracing::debug!(key = %t.keys.envelope, "fragment heard of before its build request's confirm");
+                    let confirm = Confirm {
+                        store: self.backends.store.clone(),
+                        keys: t.keys.clone(),
+                        route: t.route.clone(),
+                        published: metrics.published.clone(),
+                    };
+                    tokio::spawn(confirm.settle(publish, span));
+                    return Ok(Requested::Queued);
+                }
+            },
+        };
+        if let Err(e) = published {
             span.fail(&e);
             // Nothing was queued: give the lease back so the next request can try again
             // instead of waiting for it to expire.
@@ -636,8 +682,36 @@ impl CacheService {
             return Err(e.into());
         }
         metrics.published.inc();
-        tracing::debug!(route = %t.route.name, key = %t.keys.envelope, request = %request.id, ?priority, trace_id = %t.trace.trace_id(), "build queued");
         Ok(Requested::Queued)
+    }
+}
+
+/// A build request whose confirm is still awaited after its caller was answered (see
+/// [`CacheService::request_build`]), with what settling it needs.
+struct Confirm {
+    store: tessera_protocol::store::SharedStore,
+    keys: FragmentKeys,
+    route: FragmentRoute,
+    published: prometheus_client::metrics::counter::Counter,
+}
+
+impl Confirm {
+    /// Awaits `publish`; a refused one gives the lease back, as when the caller awaits it.
+    async fn settle(
+        self,
+        publish: impl std::future::Future<Output = Result<(), BusError>>,
+        span: otel::Span,
+    ) {
+        let Err(e) = publish.await else {
+            self.published.inc();
+            return;
+        };
+        span.fail(&e);
+        tessera_runtime::warn_throttled!("bus", key = %self.keys.envelope, error = %e, "build request refused after its fragment was heard of; lease given back");
+        let lease = Lease::new(self.store.as_ref(), &self.keys, &self.route);
+        if let Err(se) = lease.release().await {
+            tessera_runtime::warn_throttled!("store", key = %lease.key(), error = %se, "could not release the lease");
+        }
     }
 }
 

@@ -44,6 +44,21 @@ impl Waiters {
         }
     }
 
+    /// Starts listening for `key` beside the requests already waiting on it; `None`
+    /// when none does (so nothing is registered, and [`Waiters::len`] still counts
+    /// long-polls alone).
+    pub(crate) fn join(&self, key: &str) -> Option<Waiter<'_>> {
+        let notify = self.lock().get(key)?.clone();
+        let mut notified = Box::pin(notify.clone().notified_owned());
+        notified.as_mut().enable();
+        Some(Waiter {
+            registry: self,
+            key: key.to_string(),
+            notify,
+            notified,
+        })
+    }
+
     /// Wakes everything waiting on `key`.
     pub(crate) fn wake(&self, key: &str) {
         if let Some(n) = self.lock().get(key) {
@@ -111,6 +126,23 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), a.woken())
             .await
             .expect("woken");
+    }
+
+    #[tokio::test]
+    async fn joining_needs_a_waiter_and_hears_its_wake() {
+        let w = Waiters::default();
+        assert!(w.join("k").is_none());
+        assert_eq!(w.len(), 0);
+        let first = w.register("k");
+        let mut joined = w.join("k").expect("a waiter is registered");
+        drop(first);
+        assert_eq!(w.len(), 1);
+        w.wake("k");
+        tokio::time::timeout(Duration::from_secs(1), joined.woken())
+            .await
+            .expect("woken");
+        drop(joined);
+        assert_eq!(w.len(), 0);
     }
 
     #[tokio::test]
