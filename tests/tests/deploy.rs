@@ -458,6 +458,10 @@ fn the_scripts_pass_shellcheck() {
         "bench/soak.sh",
         "bench/memory.sh",
         "bench/time-to-content.sh",
+        "bench/purge-storm.sh",
+        "bench/purge-ack.sh",
+        "bench/chaos.sh",
+        "bench/slow-readers.sh",
         "bench/ports.sh",
         ".ci/run",
     ]);
