@@ -12,6 +12,14 @@
 //!   with the fewest open: threads that each accepted for themselves on a shared socket
 //!   took connections opened at once unevenly, and the busier thread's requests waited.
 //! - **One limit.** The `max_connections` slots are shared by all threads.
+//! - **Yield before sleeping.** A thread out of work yields its core once before it sleeps
+//!   in `epoll_wait`. Beside a busy neighbour on the same cores (the load generator, a
+//!   sidecar, the app), the neighbour runs then and sends more, which the thread finds
+//!   without sleeping: a sleep and a wake-up per few requests otherwise cost more than
+//!   the requests (one per 3.6 L1 hits, against one per 10 for a multi-threaded runtime).
+//!   With nothing else to run, the yield returns at once. Measured in
+//!   `bench/README.md` (issue 34): the L1 hit went from 0.88× to about 1.03× a plain
+//!   hyper server and the memcached hit rose by about 15 %.
 //! - **Shutdown.** [`Threads::serve_until`] drains every thread's connections, as
 //!   [`serve`](fn@super::serve) does. The threads' runtimes, and whatever their requests
 //!   spawned, live on until the [`Threads`] is dropped, so that the caller's own
@@ -92,6 +100,8 @@ impl Threads {
         for index in 0..count.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                // See the module docs, "Yield before sleeping".
+                .on_thread_park(std::thread::yield_now)
                 .build()?;
             let (hand, handed) = mpsc::unbounded_channel();
             let open = Arc::new(AtomicUsize::new(0));
