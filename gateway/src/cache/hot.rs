@@ -2,6 +2,9 @@
 //! query) of a route without `vary`, so a repeated hit skips routing, identity parsing,
 //! key derivation and both L1 lookups.
 //!
+//! An entry also keeps the headers of its last answer, rebuilt only when the `Cache-Status`
+//! ttl they carry changes (once a second): a hit clones them instead of building them.
+//!
 //! An entry is only a shortcut to what the full path found: it is used only while nothing
 //! at all was invalidated since it was checked (any event, purge — tag purges included,
 //! which is how an entry whose envelope carries a purged tag is never answered — or lost
@@ -9,33 +12,19 @@
 //! it rests on is younger than `cache.ttl` (as L1's own entries), and while its envelope
 //! is fresh. Routes with `vary` never use it: their identity depends on cookies and
 //! headers.
-//!
-//! **Per thread.** The table is shared; each thread answers from its own [`Copy`] of the
-//! entries it served: the body's bytes and the headers of its last answer (rebuilt when
-//! the `Cache-Status` ttl they carry changes, once a second), so that a hit writes no
-//! memory another thread writes. Two HTTP threads answering from one lock, one reference
-//! count and one body's shared count moved those cache lines between the cores on every
-//! hit, and cost more than the rest of the hit (`bench/README.md`, issue 34). A copy
-//! follows its entry: once the table replaces or drops the entry, the copy is dropped at
-//! its next use. Each thread's copies keep to a share of the table's byte budget
-//! ([`HotAnswers::new`]).
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::HeaderMap;
 
 use super::l1::Slot;
 use crate::metrics::RouteMetrics;
 
 /// Most entries; past it, or past its byte budget, the table starts over (entries are
-/// cheap to rebuild). The same holds for each thread's copies.
+/// cheap to rebuild).
 const CAPACITY: usize = 10_000;
 
 /// Bytes an entry holds besides its slot and target: the entry and its kept headers.
@@ -61,35 +50,26 @@ pub(crate) struct Hot {
     pub loaded_at: Instant,
     /// When the envelope stops being fresh.
     pub fresh_until: Instant,
-    /// Set once the table no longer holds it: threads' copies of it are then dropped.
-    pub gone: AtomicBool,
+    /// The headers of its last answer.
+    pub headers: LastHeaders,
 }
 
-impl Hot {
-    fn weight(&self) -> usize {
-        self.slot.weight() + self.target.len() + OVERHEAD
-    }
-}
+/// The headers of an entry's last answer and the `Cache-Status` ttl (seconds) they carry.
+#[derive(Debug, Default)]
+pub(crate) struct LastHeaders(RwLock<Option<(u64, HeaderMap)>>);
 
-/// A thread's copy of an entry: what a hit on this thread reads and clones.
-#[derive(Debug)]
-pub(crate) struct Copy {
-    pub hot: Arc<Hot>,
-    /// The envelope's body, copied: its count of owners is this thread's alone.
-    pub body: Bytes,
-    /// The headers of its last answer on this thread, and the ttl they carry.
-    headers: RefCell<Option<(u64, HeaderMap)>>,
-}
-
-impl Copy {
+impl LastHeaders {
     /// The headers of an answer with ttl `ttl`: the last ones when built for the same
-    /// ttl, else `build`'s (remembered for the next hit).
-    pub(crate) fn headers(&self, ttl: u64, build: impl FnOnce() -> HeaderMap) -> HeaderMap {
-        let mut last = self.headers.borrow_mut();
-        match &*last {
-            Some((built_for, headers)) if *built_for == ttl => headers.clone(),
-            _ => last.insert((ttl, build())).1.clone(),
+    /// ttl, else `build`'s (remembered for the next caller).
+    pub(crate) fn get(&self, ttl: u64, build: impl FnOnce() -> HeaderMap) -> HeaderMap {
+        if let Some((built_for, headers)) = &*self.0.read().unwrap_or_else(PoisonError::into_inner)
+            && *built_for == ttl
+        {
+            return headers.clone();
         }
+        let headers = build();
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Some((ttl, headers.clone()));
+        headers
     }
 }
 
@@ -99,12 +79,8 @@ impl Copy {
 /// holds it, so the table has a byte budget of its own.
 #[derive(Debug)]
 pub(crate) struct HotAnswers {
-    /// Names this table in the threads' copies.
-    id: u64,
     table: RwLock<Table>,
     budget: usize,
-    /// What each thread's copies may hold.
-    copies_budget: usize,
     /// Seeded per process: a client cannot aim targets at one slot of the table.
     hasher: foldhash::fast::RandomState,
 }
@@ -116,96 +92,28 @@ struct Table {
     bytes: usize,
 }
 
-impl Table {
-    /// Drops every entry, telling the threads' copies.
-    fn clear(&mut self) {
-        for hot in self.entries.values() {
-            hot.gone.store(true, Ordering::Relaxed);
-        }
-        *self = Table::default();
+impl Hot {
+    fn weight(&self) -> usize {
+        self.slot.weight() + self.target.len() + OVERHEAD
     }
 }
 
-/// A thread's copies, of one table at a time (the last one it served from).
-#[derive(Default)]
-struct Copies {
-    table: u64,
-    entries: HashMap<u64, Rc<Copy>, foldhash::fast::RandomState>,
-    bytes: usize,
-}
-
-thread_local! {
-    static COPIES: RefCell<Copies> = RefCell::default();
-}
-
 impl HotAnswers {
-    /// A table holding at most `budget` bytes of answers; each thread's copies hold at
-    /// most `budget` divided by the machine's cores (all threads together about
-    /// `budget` more, when one thread per core answers).
+    /// A table holding at most `budget` bytes of answers.
     pub(crate) fn new(budget: u64) -> Self {
-        static IDS: AtomicU64 = AtomicU64::new(1);
-        let budget = usize::try_from(budget).unwrap_or(usize::MAX);
-        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         Self {
-            id: IDS.fetch_add(1, Ordering::Relaxed),
             table: RwLock::default(),
-            budget,
-            copies_budget: budget / cores,
+            budget: usize::try_from(budget).unwrap_or(usize::MAX),
             hasher: foldhash::fast::RandomState::default(),
         }
     }
 
-    /// This thread's copy of the entry for `target`, if there is one (not yet checked
-    /// for validity).
-    pub(crate) fn get(&self, target: &str) -> Option<Rc<Copy>> {
+    /// The entry for `target`, if any (not yet checked for validity).
+    pub(crate) fn get(&self, target: &str) -> Option<Arc<Hot>> {
         let hash = self.hasher.hash_one(target);
-        COPIES.with_borrow_mut(|copies| {
-            if copies.table != self.id {
-                // Another gateway's (a test's): its copies go.
-                *copies = Copies {
-                    table: self.id,
-                    ..Copies::default()
-                };
-            }
-            if let Some(copy) = copies.entries.get(&hash)
-                && !copy.hot.gone.load(Ordering::Relaxed)
-                && *copy.hot.target == *target
-            {
-                return Some(copy.clone());
-            }
-            if let Some(old) = copies.entries.remove(&hash) {
-                copies.bytes -= old.hot.weight();
-            }
-            let hot = self.shared(hash, target)?;
-            Some(self.copy(copies, hash, hot))
-        })
-    }
-
-    /// The table's entry for `target` (hashed: `hash`).
-    fn shared(&self, hash: u64, target: &str) -> Option<Arc<Hot>> {
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
         let hot = table.entries.get(&hash)?;
         (*hot.target == *target).then(|| hot.clone())
-    }
-
-    /// Makes this thread's copy of `hot`, kept unless it alone is over the copies'
-    /// budget (past it, the copies start over).
-    fn copy(&self, copies: &mut Copies, hash: u64, hot: Arc<Hot>) -> Rc<Copy> {
-        let weight = hot.weight();
-        let copy = Rc::new(Copy {
-            body: Bytes::copy_from_slice(&hot.slot.envelope.body),
-            hot,
-            headers: RefCell::default(),
-        });
-        if weight <= self.copies_budget {
-            if copies.entries.len() >= CAPACITY || copies.bytes + weight > self.copies_budget {
-                copies.entries.clear();
-                copies.bytes = 0;
-            }
-            copies.entries.insert(hash, copy.clone());
-            copies.bytes += weight;
-        }
-        copy
     }
 
     /// Remembers what the full path served (unless it alone is over the budget).
@@ -217,11 +125,10 @@ impl HotAnswers {
         let hash = self.hasher.hash_one(&*hot.target);
         let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(old) = table.entries.remove(&hash) {
-            old.gone.store(true, Ordering::Relaxed);
             table.bytes -= old.weight();
         }
         if table.entries.len() >= CAPACITY || table.bytes + weight > self.budget {
-            table.clear();
+            *table = Table::default();
         }
         table.entries.insert(hash, Arc::new(hot));
         table.bytes += weight;
@@ -254,7 +161,7 @@ mod tests {
             checked_at: now,
             loaded_at: now,
             fresh_until: now,
-            gone: AtomicBool::default(),
+            headers: LastHeaders::default(),
         }
     }
 
@@ -272,9 +179,7 @@ mod tests {
 
     #[test]
     fn rebuilds_headers_only_for_a_new_ttl() {
-        let table = HotAnswers::new(1 << 30);
-        table.insert(hot("/fragments/news"));
-        let copy = table.get("/fragments/news").unwrap();
+        let entry = hot("/fragments/news");
         let built = std::cell::Cell::new(0);
         let build = |ttl: &'static str| {
             built.set(built.get() + 1);
@@ -282,50 +187,11 @@ mod tests {
             h.insert("cache-status", http::HeaderValue::from_static(ttl));
             h
         };
-        assert_eq!(copy.headers(9, || build("9"))["cache-status"], "9");
-        assert_eq!(copy.headers(9, || build("other"))["cache-status"], "9");
+        assert_eq!(entry.headers.get(9, || build("9"))["cache-status"], "9");
+        assert_eq!(entry.headers.get(9, || build("other"))["cache-status"], "9");
         assert_eq!(built.get(), 1, "the same ttl reuses the headers");
-        assert_eq!(copy.headers(8, || build("8"))["cache-status"], "8");
+        assert_eq!(entry.headers.get(8, || build("8"))["cache-status"], "8");
         assert_eq!(built.get(), 2);
-    }
-
-    #[test]
-    fn each_thread_answers_from_its_own_copy_while_the_entry_lasts() {
-        let table = HotAnswers::new(1 << 30);
-        let first = Hot {
-            slot: Arc::new(Slot::new(envelope(100), Instant::now())),
-            ..hot("/f")
-        };
-        table.insert(first);
-        let mine = table.get("/f").unwrap();
-        assert!(Rc::ptr_eq(&mine, &table.get("/f").unwrap()), "kept");
-        assert_eq!(mine.body, mine.hot.slot.envelope.body);
-        assert_ne!(
-            mine.body.as_ptr(),
-            mine.hot.slot.envelope.body.as_ptr(),
-            "the body's bytes are the thread's own"
-        );
-        let theirs = std::thread::scope(|s| {
-            s.spawn(|| table.get("/f").map(|c| c.body.as_ptr() as usize))
-                .join()
-                .unwrap()
-        });
-        assert_ne!(theirs, Some(mine.body.as_ptr() as usize));
-        // The table replaces the entry: the copy goes with it.
-        table.insert(Hot {
-            slot: Arc::new(Slot::new(envelope(200), Instant::now())),
-            ..hot("/f")
-        });
-        let now = table.get("/f").unwrap();
-        assert_eq!(now.body.len(), 200);
-        assert!(mine.hot.gone.load(Ordering::Relaxed));
-        // The table starts over: every copy goes.
-        let small = HotAnswers::new(u64::try_from(now.hot.weight()).unwrap());
-        small.insert(hot("/a"));
-        let a = small.get("/a").unwrap();
-        small.insert(hot("/b"));
-        assert!(a.hot.gone.load(Ordering::Relaxed));
-        assert!(small.get("/a").is_none());
     }
 
     #[test]
@@ -386,7 +252,7 @@ mod tests {
                 metrics: proto.metrics.clone(),
                 config: proto.config.clone(),
                 slot: proto.slot.clone(),
-                gone: AtomicBool::default(),
+                headers: LastHeaders::default(),
                 ..proto
             });
         }

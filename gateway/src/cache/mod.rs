@@ -31,9 +31,7 @@ pub(crate) mod tags;
 pub(crate) mod waiters;
 
 use std::collections::HashMap;
-use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -52,7 +50,7 @@ use tessera_runtime::reload::LiveConfig;
 use crate::metrics::{CacheStatus, Metrics};
 use acks::Acks;
 use events::{Failure, Failures};
-use hot::{Hot, HotAnswers};
+use hot::{Hot, HotAnswers, LastHeaders};
 use l1::{Entry, L1, Loaded, Read, Slot, SlotState};
 use waiters::{Waiter, Waiters};
 
@@ -982,9 +980,8 @@ impl CacheService {
         request_target: &str,
         now: Instant,
         config: &'c Arc<Config>,
-    ) -> Option<(Rc<hot::Copy>, &'c FragmentRoute)> {
-        let copy = self.hot.get(request_target)?;
-        let hot = &copy.hot;
+    ) -> Option<(Arc<Hot>, &'c FragmentRoute)> {
+        let hot = self.hot.get(request_target)?;
         if !Arc::ptr_eq(&hot.config, config) {
             return None;
         }
@@ -994,7 +991,7 @@ impl CacheService {
         {
             return None;
         }
-        Some((copy, route))
+        Some((hot, route))
     }
 
     /// Makes `slot`, found fresh for `t` (a route of `config`) by a lookup that started
@@ -1025,7 +1022,7 @@ impl CacheService {
             checked_at,
             loaded_at: t.generation_read_at.min(slot.loaded_at()),
             fresh_until: Instant::now() + remaining(now_ms(), slot.envelope.fresh_until),
-            gone: AtomicBool::default(),
+            headers: LastHeaders::default(),
         });
     }
 

@@ -67,16 +67,15 @@ pub(crate) fn hot<B: Sync>(front: &Front, req: &Request<B>) -> Option<Response<B
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return None;
     }
-    let (copy, route) =
+    let (hot, route) =
         front
             .cache
             .hot(req.uri().path_and_query()?.as_str(), started, &front.config)?;
-    let hot = &copy.hot;
     let envelope = &hot.slot.envelope;
     let ttl = (hot.fresh_until - started).as_secs();
     // Whether to compress, and the `Vary` that goes with it, decided once per entry.
     let compressed = front.config.gateway.compress && hot.slot.compressible;
-    let headers = copy.headers(ttl, || {
+    let headers = hot.headers.get(ttl, || {
         let mut h = answer_headers(route, &hot.slot, hit_status(ttl));
         if compressed {
             encoding::add_vary(&mut h);
@@ -88,7 +87,13 @@ pub(crate) fn hot<B: Sync>(front: &Front, req: &Request<B>) -> Option<Response<B
     } else {
         Compression::Off
     };
-    let response = finish(req, &envelope.etag, copy.body.clone(), headers, compression);
+    let response = finish(
+        req,
+        &envelope.etag,
+        envelope.body.clone(),
+        headers,
+        compression,
+    );
     hot.metrics
         .request(CacheStatus::hit, started.elapsed().as_secs_f64());
     Some(response)
