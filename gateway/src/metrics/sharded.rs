@@ -1,10 +1,9 @@
 //! A counter and a latency histogram counted per thread, for the hit path.
 //!
 //! prometheus-client's `Counter` is one atomic and its `Histogram` one mutex: every thread
-//! counting a route's hits wrote the same cache lines, which then moved between cores on
-//! every hit (with two HTTP threads, more than the rest of an L1 hit cost; issue 34 in
-//! `bench/README.md`). Here each thread counts in a shard of its own, and a scrape adds
-//! the shards up. They encode as the crate's own counter and histogram do.
+//! counting a route's hits took the same lock and wrote the same cache lines, which then
+//! moved between cores on every hit. Here each thread counts in a shard of its own, and a
+//! scrape adds the shards up. They encode as the crate's own counter and histogram do.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
