@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use tokio::sync::mpsc;
@@ -37,6 +37,7 @@ use tessera_protocol::bus::{
 use tessera_protocol::message::Event;
 
 use super::publish::{persistent, unroutable};
+use super::settle::Settler;
 use super::{AmqpBus, Backoff, EVENT_BUFFER, OP_TIMEOUT, close, short, timed, unavailable};
 
 impl AmqpBus {
@@ -123,6 +124,14 @@ struct InHand {
     copies: Mutex<HashMap<Bytes, VecDeque<(usize, Delivery)>>>,
     /// Deliveries of waited builds, then of background ones.
     txs: [mpsc::Sender<Delivery>; 2],
+    /// The settles of the channel consuming now, flushed when the consumer goes.
+    settler: Mutex<Weak<Settler>>,
+}
+
+impl std::fmt::Debug for InHand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InHand").finish_non_exhaustive()
+    }
 }
 
 /// The worker's side of the consumer is gone.
@@ -212,6 +221,14 @@ async fn consume_once(
 ) -> Result<(), BusError> {
     let link = bus.link().await?;
     let channel = timed("open channel", link.conn.create_channel()).await?;
+    let settler = Arc::new(Settler::new(
+        channel.clone(),
+        Settler::hold(usize::from(prefetch)),
+    ));
+    *in_hand
+        .settler
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = Arc::downgrade(&settler);
     timed(
         "qos",
         channel.basic_qos(prefetch, BasicQosOptions::default()),
@@ -242,7 +259,8 @@ async fn consume_once(
         let body = Bytes::from(d.data);
         let acker = AmqpAcker {
             bus: bus.clone(),
-            acker: d.acker,
+            settler: settler.clone(),
+            tag: d.delivery_tag,
             queue: queue.clone(),
             body: body.clone(),
             settled: false,
@@ -261,7 +279,24 @@ pub(super) struct AmqpConsumer {
     /// Deliveries of waited builds, then of background ones.
     rx: [mpsc::Receiver<Delivery>; 2],
     turns: Turns,
+    in_hand: Arc<InHand>,
     _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl Drop for AmqpConsumer {
+    /// Acks held for a delivery below them go out one by one before the channel goes,
+    /// so that builds done are not handed out again.
+    fn drop(&mut self) {
+        let settler = self
+            .in_hand
+            .settler
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .upgrade();
+        if let Some(settler) = settler {
+            settler.flush();
+        }
+    }
 }
 
 impl AmqpConsumer {
@@ -281,16 +316,18 @@ impl AmqpConsumer {
         let in_hand = Arc::new(InHand {
             copies: Mutex::new(HashMap::new()),
             txs: [waited_tx, background_tx],
+            settler: Mutex::new(Weak::new()),
         });
         let task = tokio::spawn(consume_loop(
             bus,
             [queues.to_vec(), background.to_vec()],
             prefetch,
-            in_hand,
+            in_hand.clone(),
         ));
         Self {
             rx: [waited, background_rx],
             turns: Turns::default(),
+            in_hand,
             _task: tokio_util::task::AbortOnDropHandle::new(task),
         }
     }
@@ -322,7 +359,10 @@ impl Consumer for AmqpConsumer {
 
 struct AmqpAcker {
     bus: AmqpBus,
-    acker: lapin::Acker,
+    /// Its channel's settles: acks may go out several to a frame (see `settle`).
+    settler: Arc<Settler>,
+    /// Its delivery tag on that channel.
+    tag: u64,
     queue: String,
     body: Bytes,
     settled: bool,
@@ -352,19 +392,13 @@ impl std::fmt::Debug for AmqpAcker {
 impl Acker for AmqpAcker {
     async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
         self.settled = true;
-        timed("ack", self.acker.ack(BasicAckOptions::default()))
-            .await
-            .map(|_| ())
+        self.settler.ack(self.tag).await
     }
 
     async fn reject(mut self: Box<Self>, requeue: bool, reason: &str) -> Result<(), BusError> {
         self.settled = true;
         if requeue {
-            let options = BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            };
-            return timed("nack", self.acker.nack(options)).await.map(|_| ());
+            return self.settler.nack(self.tag, true).await;
         }
         // Keep the reason: publish a copy with headers to the dead-letter exchange, then
         // acknowledge. If that publish fails, a plain reject still dead-letters it.
@@ -394,16 +428,10 @@ impl Acker for AmqpAcker {
             Err(e) => Err(e),
         };
         match published {
-            Ok(()) => timed("ack", self.acker.ack(BasicAckOptions::default()))
-                .await
-                .map(|_| ()),
+            Ok(()) => self.settler.ack(self.tag).await,
             Err(e) => {
                 tracing::warn!(error = %e, "could not publish the dead letter with its reason; rejecting");
-                let options = BasicNackOptions {
-                    requeue: false,
-                    ..BasicNackOptions::default()
-                };
-                timed("nack", self.acker.nack(options)).await.map(|_| ())
+                self.settler.nack(self.tag, false).await
             }
         }
     }
@@ -413,17 +441,8 @@ impl Acker for AmqpAcker {
             return;
         }
         self.settled = true;
-        let acker = self.acker.clone();
         // Dropped mid-build: hand it back now rather than when the channel closes.
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let options = BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                };
-                let _ = tokio::time::timeout(OP_TIMEOUT, acker.nack(options)).await;
-            });
-        }
+        self.settler.nack_now(self.tag);
     }
 }
 
@@ -558,6 +577,65 @@ mod tests {
     use super::*;
     use tessera_protocol::Bus;
 
+    async fn next(consumer: &mut Box<dyn Consumer>) -> Option<Delivery> {
+        tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Acks sent several to a frame cover only what was settled: after the connection
+    /// closes, the deliveries acknowledged (two, by one `multiple` ack) do not come back,
+    /// the one still in hand does, and so does one acknowledged above it (held for it,
+    /// never sent).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_a_contiguous_settled_prefix_is_acknowledged() {
+        let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+        let ns = format!("settled-prefix-{}", std::process::id());
+        let bus = AmqpBus::with_queue_expiry(url, &ns, Some(Duration::from_secs(60)));
+        let queue = format!("{ns}.build");
+        for body in ["m1", "m2", "m3", "m4"] {
+            bus.publish_raw(&queue, body.as_bytes())
+                .await
+                .expect("publish (is RabbitMQ running on 127.0.0.1:5672?)");
+        }
+        let mut consumer = bus
+            .consume(std::slice::from_ref(&queue), &[], 10)
+            .await
+            .unwrap();
+        let mut taken = Vec::new();
+        for _ in 0..4 {
+            taken.push(next(&mut consumer).await.expect("a delivery"));
+        }
+        let bodies: Vec<&[u8]> = taken.iter().map(|d| &d.body[..]).collect();
+        assert_eq!(bodies, [&b"m1"[..], b"m2", b"m3", b"m4"]);
+        let [m1, m2, m3, m4] = <[Delivery; 4]>::try_from(taken).unwrap();
+        m2.ack().await.unwrap(); // held: m1 is in hand
+        m1.ack().await.unwrap(); // one ack, multiple, for m1 and m2
+        m4.ack().await.unwrap(); // held: m3 is in hand
+        // A reconnection is attempted at most once per RECONNECT_MIN.
+        tokio::time::sleep(crate::amqp::RECONNECT_MIN).await;
+        let link = bus.live_link().expect("connected");
+        let _ = link.conn.close(320, short("closed by the test")).await;
+        drop(m3); // its requeue fails with the channel: the broker requeues it
+        bus.publish_raw(&queue, b"m5")
+            .await
+            .expect("publish on a new connection");
+        // Requeued messages keep their place, ahead of m5: whatever comes back does so
+        // before it.
+        let mut back = Vec::new();
+        loop {
+            let d = next(&mut consumer).await.expect("redeliveries, then m5");
+            let body = String::from_utf8_lossy(&d.body).into_owned();
+            d.ack().await.unwrap();
+            if body == "m5" {
+                break;
+            }
+            back.push(body);
+        }
+        assert_eq!(back, ["m3", "m4"], "acknowledged: m1, m2; not sent: m4");
+    }
+
     /// Two copies of one message (a publish sent again after its confirm was lost) are
     /// not handed on together: the second waits until the first is settled.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -572,12 +650,6 @@ mod tests {
                 .expect("publish (is RabbitMQ running on 127.0.0.1:5672?)");
         }
         let mut consumer = bus.consume(&[queue], &[], 10).await.unwrap();
-        async fn next(consumer: &mut Box<dyn Consumer>) -> Option<Delivery> {
-            tokio::time::timeout(Duration::from_secs(5), consumer.next())
-                .await
-                .ok()
-                .flatten()
-        }
         let first = next(&mut consumer).await.expect("the first copy");
         let other = next(&mut consumer).await.expect("the other message");
         assert_eq!(

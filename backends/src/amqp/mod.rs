@@ -78,12 +78,15 @@
 //! - `publish`: confirmed publishes, the resend on a closed connection, unroutable ones.
 //! - `consume`: build consumers and their ackers (one copy of a message in hand at a
 //!   time), the events subscription, dead letters.
+//! - `settle`: a consumer channel's acks and nacks, several acks to a `multiple` frame
+//!   when they cover a contiguous settled prefix of delivery tags.
 //!
 //! [`Notice::Lagged`]: tessera_protocol::Notice::Lagged
 
 mod connection;
 mod consume;
 mod publish;
+mod settle;
 mod topology;
 
 use std::collections::BTreeSet;
