@@ -227,14 +227,11 @@ fn check(config: &Config) {
         None => "in-process".to_string(),
         Some(nodes) => {
             let nodes: Vec<String> = nodes.iter().map(ToString::to_string).collect();
-            format!(
-                "RabbitMQ {} ({} queues)",
-                nodes.join(", "),
-                config.bus.queue_type.map_or(
-                    "quorum, or classic where the namespace has them",
-                    QueueType::as_str
-                )
-            )
+            let kind = match config.bus.queue_type {
+                Some(kind) => format!("{} queues", kind.as_str()),
+                None => "quorum queues, or classic where the namespace has them".to_string(),
+            };
+            format!("RabbitMQ {} ({kind})", nodes.join(", "))
         }
     };
     let routes: Vec<&str> = config.fragments.iter().map(|r| r.name.as_str()).collect();
