@@ -10,7 +10,7 @@
 #             tessera-worker process.
 # Prints p50, p90, p99 and the largest of each, and p90 against the goals (1 ms embedded,
 # 2 ms over AMQP).
-# QUEUE_TYPE=classic|quorum sets `bus.queue_type` (default: unset, so quorum).
+# QUEUE_TYPE=classic|quorum sets `bus.queue_type` (default: unset, so classic).
 # BASE=DIR also runs both setups from the binaries in DIR (an earlier build) in the same
 # rounds, as embedded-base and amqp-base.
 #   bash bench/time-to-content.sh [REQUESTS]     (default 2000 per setup)

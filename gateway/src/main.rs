@@ -227,11 +227,11 @@ fn check(config: &Config) {
         None => "in-process".to_string(),
         Some(nodes) => {
             let nodes: Vec<String> = nodes.iter().map(ToString::to_string).collect();
-            let kind = match config.bus.queue_type {
-                Some(kind) => format!("{} queues", kind.as_str()),
-                None => "quorum queues, or classic where the namespace has them".to_string(),
-            };
-            format!("RabbitMQ {} ({kind})", nodes.join(", "))
+            format!(
+                "RabbitMQ {} ({} queues)",
+                nodes.join(", "),
+                config.bus.queue_type.as_str()
+            )
         }
     };
     let routes: Vec<&str> = config.fragments.iter().map(|r| r.name.as_str()).collect();
@@ -252,7 +252,7 @@ fn check(config: &Config) {
         "configuration OK: store {store}; bus {bus}; {} embedded workers; upstream {}; {traces}; {routes}",
         config.workers.embedded, config.upstream.url,
     );
-    if config.bus.queue_type == Some(QueueType::Classic)
+    if config.bus.queue_type == QueueType::Classic
         && config.backend.amqp().is_some_and(|nodes| nodes.len() > 1)
     {
         eprintln!(

@@ -251,7 +251,6 @@ impl AmqpBus {
     async fn connect_to(&self, node: &Node) -> Result<Link, BusError> {
         let conn = timed("connect", connect_without_delay(&node.url)).await?;
         let set_up = async {
-            self.settle_queue_type(&conn).await?;
             let publish = timed("open channel", conn.create_channel()).await?;
             timed(
                 "confirm_select",

@@ -66,7 +66,7 @@
 //! with the next node, so losing the node a process is connected to costs what any lost
 //! connection costs — the resend, the reconnections above, a [`Notice::Lagged`] — and
 //! the process carries on with another node at once. Nothing is lost with the node when
-//! the queues are quorum queues (the default of `bus.queue_type`), which the cluster keeps
+//! the queues are quorum queues (`bus.queue_type = "quorum"`), which the cluster keeps
 //! on a majority of nodes: classic queues live on one node and go with it. The event
 //! queues are exclusive to their connection, so they are made anew on the new node.
 //!
@@ -159,11 +159,8 @@ struct Inner {
     ns: String,
     /// `x-expires` for this namespace's durable queues, when set.
     expiry: Option<Duration>,
-    /// The namespace's queues are quorum queues.
+    /// `bus.queue_type` is `quorum`.
     quorum: std::sync::atomic::AtomicBool,
-    /// `bus.queue_type` was not given: a namespace whose queues exist as classic queues
-    /// keeps them (see [`AmqpBus::with_queue_type`]).
-    adapts: std::sync::atomic::AtomicBool,
     /// The broker connection, made and re-made as needed.
     connection: Connector,
     /// Build queues this bus serves (configured, published to or consumed): `ping`
@@ -208,8 +205,7 @@ impl AmqpBus {
         Self {
             inner: Arc::new(Inner {
                 expiry,
-                quorum: std::sync::atomic::AtomicBool::new(true),
-                adapts: std::sync::atomic::AtomicBool::new(true),
+                quorum: std::sync::atomic::AtomicBool::new(false),
                 ns: namespace.to_string(),
                 connection: Connector::new(urls),
                 queues: Mutex::new(BTreeSet::new()),
@@ -229,16 +225,11 @@ impl AmqpBus {
     /// Declares the namespace's durable queues (build, retry, dead-letter) as `kind`
     /// (`bus.queue_type`). A queue that exists as another kind is refused by the broker
     /// (`PRECONDITION_FAILED`), which `/readyz` reports.
-    ///
-    /// With `None` (the default) they are quorum queues, unless the namespace's
-    /// dead-letter queue, the first queue every namespace makes, exists as a classic
-    /// queue: it was made when classic was the default, and the namespace keeps classic
-    /// queues rather than being refused by the broker after an upgrade.
     #[must_use]
-    pub fn with_queue_type(self, kind: Option<QueueType>) -> Self {
-        let quorum = kind != Some(QueueType::Classic);
-        self.inner.quorum.store(quorum, Ordering::Relaxed);
-        self.inner.adapts.store(kind.is_none(), Ordering::Relaxed);
+    pub fn with_queue_type(self, kind: QueueType) -> Self {
+        self.inner
+            .quorum
+            .store(kind == QueueType::Quorum, Ordering::Relaxed);
         self
     }
 

@@ -14,12 +14,11 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 
-use tessera_protocol::Cause;
 use tessera_protocol::bus::{BusError, QueueStats};
 use tessera_protocol::config::QueueType;
 
 use super::connection::Link;
-use super::{AmqpBus, OP_TIMEOUT, RETRY_BUCKETS, close, short, timed, unavailable};
+use super::{AmqpBus, RETRY_BUCKETS, close, short, timed};
 
 /// The route queues declared on one connection (a new connection declares them again).
 #[derive(Default)]
@@ -70,50 +69,6 @@ impl AmqpBus {
             args.insert(short("x-expires"), AMQPValue::LongInt(ms));
         }
         args
-    }
-
-    /// Under the default `bus.queue_type`: whether the namespace's dead-letter queue
-    /// exists as a classic queue, asked by declaring it as a quorum queue on a channel of
-    /// its own (the broker closes a channel whose declaration it refuses). If so, the
-    /// namespace keeps classic queues. A new namespace's dead-letter queue is made here.
-    pub(super) async fn settle_queue_type(&self, conn: &lapin::Connection) -> Result<(), BusError> {
-        let inner = &self.inner;
-        if !inner.adapts.load(Ordering::Relaxed) || !inner.quorum.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let channel = timed("open channel", conn.create_channel()).await?;
-        let dead = self.exchange("dead");
-        let declare = channel.queue_declare(
-            short(&dead),
-            QueueDeclareOptions::durable(),
-            self.queue_args(),
-        );
-        let declared = tokio::time::timeout(OP_TIMEOUT, declare)
-            .await
-            .map_err(|_| {
-                unavailable(format!(
-                    "declare dead-letter queue: no answer within {OP_TIMEOUT:?}"
-                ))
-            })?;
-        match declared {
-            Ok(_) => close(&channel).await,
-            // RabbitMQ: "inequivalent arg 'x-queue-type' for queue …".
-            Err(e) if e.to_string().contains("x-queue-type") => {
-                inner.quorum.store(false, Ordering::Relaxed);
-                tracing::info!(
-                    namespace = %inner.ns,
-                    "the namespace's queues are classic queues (made before quorum queues were \
-                     the default): it keeps them; set bus.queue_type = \"classic\" to say so"
-                );
-            }
-            Err(e) => {
-                return Err(BusError::Unavailable(Cause::context(
-                    "declare dead-letter queue",
-                    e,
-                )));
-            }
-        }
-        Ok(())
     }
 
     /// The namespace's exchanges and dead-letter queue. With a queue expiry the exchanges
@@ -336,45 +291,6 @@ mod tests {
         assert_eq!(retry_bucket(Duration::from_millis(1001)), 2);
         assert_eq!(retry_bucket(Duration::from_secs(9)), 16);
         assert_eq!(retry_bucket(Duration::from_secs(600)), 32);
-    }
-
-    /// Quorum queues unless asked otherwise; a namespace made with classic queues (the
-    /// default before) keeps them under the default, and is refused only when quorum is
-    /// asked for explicitly.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_default_queue_type_is_quorum_and_keeps_a_classic_namespace() {
-        let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
-        let bus = |ns: &str, kind| {
-            AmqpBus::with_queue_expiry(url, ns, Some(Duration::from_secs(60))).with_queue_type(kind)
-        };
-        let pid = std::process::id();
-        let (new, old) = (format!("qt-new-{pid}"), format!("qt-old-{pid}"));
-        bus(&new, None)
-            .publish_raw(&format!("{new}.a"), b"1")
-            .await
-            .expect("publish (is RabbitMQ running on 127.0.0.1:5672?)");
-        let refused = bus(&new, Some(QueueType::Classic))
-            .publish_raw(&format!("{new}.a"), b"2")
-            .await
-            .expect_err("the default made quorum queues");
-        assert!(refused.to_string().contains("x-queue-type"), "{refused}");
-
-        bus(&old, Some(QueueType::Classic))
-            .publish_raw(&format!("{old}.a"), b"1")
-            .await
-            .unwrap();
-        let default = bus(&old, None);
-        for queue in ["a", "b"] {
-            default
-                .publish_raw(&format!("{old}.{queue}"), b"2")
-                .await
-                .expect("the default keeps the namespace's classic queues");
-        }
-        assert!(!default.inner.quorum.load(Ordering::Relaxed));
-        bus(&old, Some(QueueType::Quorum))
-            .publish_raw(&format!("{old}.b"), b"3")
-            .await
-            .expect_err("quorum asked for explicitly is refused on classic queues");
     }
 
     /// The first burst of publishes to a queue not yet declared on the connection (a

@@ -135,7 +135,7 @@ pub(super) struct BusFile {
     pub amqp: Option<AmqpNodesFile>,
     #[serde(default, deserialize_with = "optional_duration")]
     pub queue_expiry: Option<Duration>,
-    pub queue_type: Option<QueueType>,
+    pub queue_type: QueueType,
 }
 
 /// `bus.amqp` as written: one URL (`"amqp://…"`), or a list of them, one per node of a

@@ -234,11 +234,9 @@ queue = "tessera.build"
         assert_eq!(c.bus.queue_expiry, None, "queues never expire unless asked");
         let c = Config::from_toml("[bus]\nqueue_expiry = \"10m\"").unwrap();
         assert_eq!(c.bus.queue_expiry, Some(Duration::from_secs(600)));
-        assert_eq!(c.bus.queue_type, None, "the bus decides unless asked");
+        assert_eq!(c.bus.queue_type, QueueType::Classic, "classic unless asked");
         let c = Config::from_toml("[bus]\nqueue_type = \"quorum\"").unwrap();
-        assert_eq!(c.bus.queue_type, Some(QueueType::Quorum));
-        let c = Config::from_toml("[bus]\nqueue_type = \"classic\"").unwrap();
-        assert_eq!(c.bus.queue_type, Some(QueueType::Classic));
+        assert_eq!(c.bus.queue_type, QueueType::Quorum);
         let e = Config::from_toml("[bus]\nqueue_type = \"stream\"").unwrap_err();
         assert!(
             e.to_string().contains("queue_type") && e.to_string().contains("quorum"),

@@ -432,20 +432,19 @@ pub struct BusConfig {
     /// default, as production queues must never vanish.
     pub queue_expiry: Option<Duration>,
     /// The kind of build, retry and dead-letter queues RabbitMQ makes (`bus.queue_type`).
-    /// Unset: quorum queues, except in a namespace whose queues exist as classic queues
-    /// (made when classic was the default), which keeps them.
-    pub queue_type: Option<QueueType>,
+    pub queue_type: QueueType,
 }
 
 /// `bus.queue_type`: what RabbitMQ keeps the namespace's durable queues in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueType {
-    /// One node holds each queue, lost with its node.
+    /// One node holds each queue: the fastest on one broker, lost with its node.
+    #[default]
     Classic,
     /// Replicated over the cluster by Raft (`x-queue-type: quorum`): survives losing a
-    /// minority of nodes. The default: on one node too it confirmed publishes at about
-    /// twice classic queues' rate, with a fifth of their p99 (`bench/README.md`).
+    /// minority of nodes, costs a write to a majority per message. The choice for a
+    /// cluster (`bus.amqp` listing several nodes).
     Quorum,
 }
 

@@ -78,8 +78,7 @@ fn amqp_with(kind: QueueType) -> BusUnderTest {
     let ns = unique_namespace();
     let bus = || {
         Arc::new(
-            AmqpBus::with_queue_expiry(&amqp_url(), &ns, Some(QUEUE_EXPIRY))
-                .with_queue_type(Some(kind)),
+            AmqpBus::with_queue_expiry(&amqp_url(), &ns, Some(QUEUE_EXPIRY)).with_queue_type(kind),
         )
     };
     BusUnderTest {
