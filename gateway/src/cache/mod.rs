@@ -650,25 +650,29 @@ impl CacheService {
         // request waits for the fragment (`Prefer: wait`), an event for it heard while
         // the confirm is awaited says the message reached a worker; the build is then
         // answered as queued at once, and the confirm awaited beside it.
-        let bus = self.backends.bus.clone();
-        let mut publish = Box::pin(async move { bus.publish_build(&queue, &request).await });
         let published = match self.waiters.join(t.keys.envelope.as_str()) {
-            None => publish.await,
-            Some(mut heard) => tokio::select! {
-                biased;
-                published = &mut publish => published,
-                () = heard.woken() => {
-                    tracing::debug!(key = %t.keys.envelope, "fragment heard of before its build request's confirm");
-                    let confirm = Confirm {
-                        store: self.backends.store.clone(),
-                        keys: t.keys.clone(),
-                        route: t.route.clone(),
-                        published: metrics.published.clone(),
-                    };
-                    tokio::spawn(confirm.settle(publish, span));
-                    return Ok(Requested::Queued);
+            // Nobody waits: the confirm is awaited here, with nothing to box or clone.
+            None => self.backends.bus.publish_build(&queue, &request).await,
+            Some(mut heard) => {
+                let bus = self.backends.bus.clone();
+                let mut publish =
+                    Box::pin(async move { bus.publish_build(&queue, &request).await });
+                tokio::select! {
+                    biased;
+                    published = &mut publish => published,
+                    () = heard.woken() => {
+                        tracing::debug!(key = %t.keys.envelope, "fragment heard of before its build request's confirm");
+                        let confirm = Confirm {
+                            store: self.backends.store.clone(),
+                            keys: t.keys.clone(),
+                            route: t.route.clone(),
+                            published: metrics.published.clone(),
+                        };
+                        tokio::spawn(confirm.settle(publish, span));
+                        return Ok(Requested::Queued);
+                    }
                 }
-            },
+            }
         };
         if let Err(e) = published {
             span.fail(&e);

@@ -34,6 +34,19 @@ impl Waiters {
     /// Starts listening for `key`. Wake-ups from this moment on are not lost.
     pub(crate) fn register(&self, key: &str) -> Waiter<'_> {
         let notify = self.lock().entry(key.to_string()).or_default().clone();
+        self.listen(key, notify)
+    }
+
+    /// Starts listening for `key` beside the requests already waiting on it; `None`
+    /// when none does (so nothing is registered, and [`Waiters::len`] still counts
+    /// long-polls alone).
+    pub(crate) fn join(&self, key: &str) -> Option<Waiter<'_>> {
+        let notify = self.lock().get(key)?.clone();
+        Some(self.listen(key, notify))
+    }
+
+    /// A waiter on `key`'s `notify`, listening from now on.
+    fn listen(&self, key: &str, notify: Arc<Notify>) -> Waiter<'_> {
         let mut notified = Box::pin(notify.clone().notified_owned());
         notified.as_mut().enable();
         Waiter {
@@ -42,21 +55,6 @@ impl Waiters {
             notify,
             notified,
         }
-    }
-
-    /// Starts listening for `key` beside the requests already waiting on it; `None`
-    /// when none does (so nothing is registered, and [`Waiters::len`] still counts
-    /// long-polls alone).
-    pub(crate) fn join(&self, key: &str) -> Option<Waiter<'_>> {
-        let notify = self.lock().get(key)?.clone();
-        let mut notified = Box::pin(notify.clone().notified_owned());
-        notified.as_mut().enable();
-        Some(Waiter {
-            registry: self,
-            key: key.to_string(),
-            notify,
-            notified,
-        })
     }
 
     /// Wakes everything waiting on `key`.
