@@ -104,6 +104,9 @@ async fn connect(name: &str, url: http::Uri) -> anyhow::Result<Target> {
     })
 }
 
+/// How long one request may take, `Prefer: wait=5` included.
+const DEADLINE: Duration = Duration::from_secs(10);
+
 /// Asks `t` for key `n` of this `run` and waits for the whole body; how long it took.
 async fn fetch(t: &mut Target, run: u32, n: u64) -> anyhow::Result<Duration> {
     let path = format!("{}?id={run}-{n}", t.url.path());
@@ -114,11 +117,21 @@ async fn fetch(t: &mut Target, run: u32, n: u64) -> anyhow::Result<Duration> {
         )
         .header("prefer", "wait=5")
         .body(Empty::new())?;
-    t.sender.ready().await?;
     let started = Instant::now();
-    let response = t.sender.send_request(req).await?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
+    // `Prefer: wait=5` answers within 5 s: a gateway that does not is a failure, not a
+    // figure.
+    let answered = tokio::time::timeout(DEADLINE, async {
+        t.sender.ready().await?;
+        let response = t.sender.send_request(req).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, body))
+    })
+    .await;
+    let Ok(answered) = answered else {
+        bail!("{}: key {run}-{n} not answered within {DEADLINE:?}", t.name);
+    };
+    let (status, body) = answered?;
     let took = started.elapsed();
     if status != StatusCode::OK || body.is_empty() {
         bail!(
